@@ -1,0 +1,111 @@
+"""Decode speed and time to first token: a local 3-node swarm against single-process generation.
+
+Both are measured in the same run on the same model and prompt; medians over several
+runs. Usage: python benchmarks/pipeline.py [--model NAME] [--runs 5] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from node.checkpoint import DEFAULT_MODEL, load_tokenizer  # noqa: E402
+from node.client import SwarmClient  # noqa: E402
+from node.generate import SamplingParams, decode_one_token, prefill, sample  # noqa: E402
+from node.head import ClientHead  # noqa: E402
+from node.local_swarm import LocalSwarm  # noqa: E402
+from node.node import start_dht  # noqa: E402
+
+
+def local_run(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, float]:
+    """(time to first token, decode tokens/s) of plain transformers with a KV cache."""
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True)
+        token = out.logits[0, -1].argmax().view(1, 1)
+        ttft = time.perf_counter() - t0
+        cache = out.past_key_values
+        t1 = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+        decode = (new_tokens - 1) / (time.perf_counter() - t1)
+    return ttft, decode
+
+
+async def swarm_run(client: SwarmClient, head: ClientHead, prompt_ids: list[int], new_tokens: int):
+    params = SamplingParams(max_new_tokens=new_tokens)
+    t0 = time.perf_counter()
+    session = await client.open_session(await client.choose_chain(), max_length=len(prompt_ids) + new_tokens)
+    try:
+        token = sample(await prefill(session, head, prompt_ids, 0), params, None)
+        ttft = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for position in range(len(prompt_ids), len(prompt_ids) + new_tokens - 1):
+            token = sample(await decode_one_token(session, head, token, position), params, None)
+        decode = (new_tokens - 1) / (time.perf_counter() - t1)
+    finally:
+        await session.close()
+    return ttft, decode
+
+
+async def measure_swarm(swarm: LocalSwarm, prompt_ids, new_tokens, runs):
+    source = swarm.source
+    dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    try:
+        client, head = SwarmClient(dht, source.name, source.num_layers), ClientHead(source)
+        await swarm_run(client, head, prompt_ids, 4)  # warm-up: connections, allocator
+        return [await swarm_run(client, head, prompt_ids, new_tokens) for _ in range(runs)]
+    finally:
+        dht.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with LocalSwarm(args.model, num_nodes=args.nodes, threads_per_node=args.threads) as swarm:
+        source = swarm.source
+        tokenizer = load_tokenizer(source)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Explain pipeline parallelism in three sentences."}],
+            add_generation_prompt=True,
+        )
+        prompt_ids = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+        swarm_results = asyncio.run(measure_swarm(swarm, prompt_ids, args.new_tokens, args.runs))
+
+    model = AutoModelForCausalLM.from_pretrained(source.root, dtype=torch.float32).eval()
+    local_run(model, prompt_ids, 4)
+    local_results = [local_run(model, prompt_ids, args.new_tokens) for _ in range(args.runs)]
+
+    def med(results, index):
+        return statistics.median(r[index] for r in results)
+
+    rows = [("single process", med(local_results, 0), med(local_results, 1)),
+            (f"{args.nodes}-node loopback swarm", med(swarm_results, 0), med(swarm_results, 1))]
+    print(f"model {source.name}, prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, "
+          f"{args.runs} runs (medians), {args.threads} torch threads")
+    print(f"{'':28} {'TTFT ms':>10} {'decode tok/s':>14}")
+    for name, ttft, decode in rows:
+        print(f"{name:28} {ttft * 1000:10.1f} {decode:14.2f}")
+    print(f"ratio swarm/local: decode {rows[1][2] / rows[0][2]:.2f}x, TTFT {rows[1][1] / rows[0][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

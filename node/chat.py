@@ -1,0 +1,81 @@
+"""Chat through the swarm: chat template in, streamed text out.
+
+`ChatEngine` is what the CLI, the chat window and the API server all use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+
+from node.checkpoint import ModelSource, load_tokenizer
+from node.client import SwarmClient
+from node.generate import SamplingParams, generate
+from node.head import ClientHead
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+class TextStreamer:
+    """Turns a growing list of token ids into text deltas, holding back half-formed characters."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return ""
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
+
+
+class ChatEngine:
+    def __init__(self, client: SwarmClient, source: ModelSource) -> None:
+        self.client, self.source = client, source
+        self.tokenizer = load_tokenizer(source)
+        self.head = ClientHead(source)
+        self.max_context = int(getattr(source.config, "max_position_embeddings", 8192))
+
+    def chat_prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        encoded = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+        if hasattr(encoded, "keys"):  # newer tokenizers return a BatchEncoding
+            encoded = encoded["input_ids"]
+        return list(encoded)
+
+    def stop_token_ids(self) -> tuple[int, ...]:
+        eos = self.tokenizer.eos_token_id
+        generation_eos = getattr(self.source.config, "eos_token_id", None)
+        ids = {i for i in (eos, *(generation_eos if isinstance(generation_eos, list) else [generation_eos]))}
+        return tuple(sorted(i for i in ids if i is not None))
+
+    async def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[int]:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        max_length = len(prompt_ids) + params.max_new_tokens
+        if max_length > self.max_context:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens plus {params.max_new_tokens} new tokens "
+                             f"exceeds the model's context of {self.max_context}")
+        if not params.stop_token_ids:
+            params = replace(params, stop_token_ids=self.stop_token_ids())
+        chain = await self.client.choose_chain()
+        session = await self.client.open_session(chain, max_length=max_length)
+        try:
+            async for token in generate(session, self.head, prompt_ids, params):
+                yield token
+        finally:
+            await session.close()
+
+    async def stream_chat(self, messages: Sequence[Message], params: SamplingParams) -> AsyncIterator[str]:
+        streamer = TextStreamer(self.tokenizer)
+        async for token in self.stream_tokens(self.chat_prompt_ids(messages), params):
+            if delta := streamer.push(token):
+                yield delta

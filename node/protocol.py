@@ -1,0 +1,141 @@
+"""The wire format of a stage's inference stream, and its validation.
+
+One bidirectional stream is one session. The first request opens it
+(`{"open": {...}}`), each later request is a step carrying hidden states
+[1, tokens, hidden] whose first token sits at `position`; each answer carries the
+stage's output hidden states, or `{"error": {"code", "message"}}`. Closing the
+stream frees the session's KV cache. Everything a peer sends is checked here
+before any compute runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+
+INFERENCE_HANDLER = "layerhive.inference"
+INFO_HANDLER = "layerhive.info"
+PROTOCOL_VERSION = 1
+WIRE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+MAX_SESSION_ID_LEN = 64
+
+
+class ProtocolError(Exception):
+    """A request that breaks the protocol; `code` is machine-readable, the message is for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RemoteError(Exception):
+    """An error answer received from a peer."""
+
+    def __init__(self, peer: str, code: str, message: str) -> None:
+        super().__init__(f"{peer}: {code}: {message}")
+        self.peer, self.code, self.message = peer, code, message
+
+
+@dataclass(frozen=True)
+class OpenSession:
+    session_id: str
+    start: int
+    end: int
+    max_length: int  # positions the session may use: prompt plus generated tokens
+
+
+@dataclass(frozen=True)
+class Step:
+    hidden: torch.Tensor
+    position: int
+
+
+def pack(metadata: dict[str, Any], tensors: list[torch.Tensor] = ()) -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(
+        metadata=msgpack.packb(metadata), tensors=[serialize_torch_tensor(t) for t in tensors]
+    )
+
+
+def pack_response(metadata: dict[str, Any], tensors: list[torch.Tensor] = ()) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(
+        metadata=msgpack.packb(metadata), tensors=[serialize_torch_tensor(t) for t in tensors]
+    )
+
+
+def error_response(code: str, message: str) -> runtime_pb2.ExpertResponse:
+    return pack_response({"error": {"code": code, "message": message}})
+
+
+def unpack_metadata(message: runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse) -> dict[str, Any]:
+    try:
+        metadata = msgpack.unpackb(message.metadata, raw=False, strict_map_key=True) if message.metadata else {}
+    except Exception as e:
+        raise ProtocolError("bad_request", f"metadata is not valid msgpack: {e}") from None
+    if not isinstance(metadata, dict):
+        raise ProtocolError("bad_request", "metadata must be a map")
+    return metadata
+
+
+def _int_field(metadata: dict[str, Any], key: str, *, low: int, high: int) -> int:
+    value = metadata.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ProtocolError("bad_request", f"{key!r} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def parse_open(message: runtime_pb2.ExpertRequest, *, max_length_limit: int) -> OpenSession:
+    metadata = unpack_metadata(message)
+    opened = metadata.get("open")
+    if not isinstance(opened, dict):
+        raise ProtocolError("bad_request", "the first message of a session must be {'open': {...}}")
+    session_id = opened.get("session_id")
+    if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_SESSION_ID_LEN:
+        raise ProtocolError("bad_request", f"'session_id' must be a string of 1..{MAX_SESSION_ID_LEN} chars")
+    start = _int_field(opened, "start", low=0, high=1 << 20)
+    end = _int_field(opened, "end", low=start + 1, high=1 << 20)
+    max_length = _int_field(opened, "max_length", low=1, high=max_length_limit)
+    return OpenSession(session_id, start, end, max_length)
+
+
+def parse_step(
+    message: runtime_pb2.ExpertRequest, *, hidden_size: int, expected_position: int, max_length: int
+) -> Step:
+    metadata = unpack_metadata(message)
+    position = _int_field(metadata, "position", low=0, high=max_length - 1)
+    if position != expected_position:
+        raise ProtocolError("bad_step", f"step at position {position}, but the session is at {expected_position}")
+    if len(message.tensors) != 1:
+        raise ProtocolError("bad_request", f"a step carries exactly one tensor, got {len(message.tensors)}")
+    proto = message.tensors[0]
+    dtype_name = proto.dtype
+    if dtype_name not in {str(d).removeprefix("torch.") for d in WIRE_DTYPES}:
+        raise ProtocolError("bad_tensor", f"hidden states must be float32/float16/bfloat16, got {dtype_name!r}")
+    size = list(proto.size)
+    if len(size) != 3 or size[0] != 1 or size[2] != hidden_size or size[1] < 1:
+        raise ProtocolError("bad_tensor", f"hidden states must have shape [1, tokens, {hidden_size}], got {size}")
+    if position + size[1] > max_length:
+        raise ProtocolError(
+            "too_long", f"positions {position}..{position + size[1]} exceed the session's max_length {max_length}"
+        )
+    try:
+        hidden = deserialize_torch_tensor(proto)
+    except Exception as e:
+        raise ProtocolError("bad_tensor", f"cannot decode hidden states: {e}") from None
+    if list(hidden.shape) != size:
+        raise ProtocolError("bad_tensor", f"tensor buffer holds shape {list(hidden.shape)}, header says {size}")
+    if not torch.isfinite(hidden).all():
+        raise ProtocolError("bad_tensor", "hidden states contain NaN or infinity")
+    return Step(hidden, position)
+
+
+def raise_if_error(peer: str, response: runtime_pb2.ExpertResponse) -> dict[str, Any]:
+    metadata = unpack_metadata(response)
+    error = metadata.get("error")
+    if error is not None:
+        raise RemoteError(peer, str(error.get("code", "unknown")), str(error.get("message", "")))
+    return metadata

@@ -1,0 +1,89 @@
+"""The record a node announces on the DHT, and its strict validation.
+
+Pure code: records arrive from strangers, so `ServerRecord.from_dict` checks every
+field's type and range and raises `RecordError` naming the bad field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
+
+STATES = ("joining", "online", "draining", "offline")
+REACHABILITY = ("direct", "relayed", "unreachable")
+MAX_LAYERS = 1 << 12
+
+
+class RecordError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    peer_id: str
+    model: str
+    start: int
+    end: int
+    state: str = "online"
+    layer_latency_s: float = 0.0  # measured decode latency of one layer for one token
+    prefill_s_per_token_per_layer: float = 0.0
+    uplink_bps: float = 0.0
+    memory_bytes: float = 0.0  # memory offered for weights plus KV cache
+    free_kv_tokens: int = 0
+    queue_len: int = 0
+    sessions: int = 0
+    reachability: str = "direct"
+    region: str = ""
+    epoch: int = 0  # the assignment epoch this range follows
+    version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, num_layers: int | None = None) -> ServerRecord:
+        if not isinstance(data, dict):
+            raise RecordError(f"a record must be a map, got {type(data).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for name, f in known.items():
+            if name not in data:
+                if f.default is MISSING:
+                    raise RecordError(f"{name}: missing")
+                continue
+            values[name] = _check(name, data[name], _REQUIRED.get(name) or type(f.default))
+        record = cls(**values)
+        record.validate(num_layers)
+        return record
+
+    def validate(self, num_layers: int | None = None) -> None:
+        limit = num_layers if num_layers is not None else MAX_LAYERS
+        if not 0 <= self.start < self.end <= limit:
+            raise RecordError(f"start/end: range {self.start}:{self.end} is outside the model's {limit} layers")
+        if self.state not in STATES:
+            raise RecordError(f"state: {self.state!r} is not one of {STATES}")
+        if self.reachability not in REACHABILITY:
+            raise RecordError(f"reachability: {self.reachability!r} is not one of {REACHABILITY}")
+        for name in ("layer_latency_s", "prefill_s_per_token_per_layer", "uplink_bps", "memory_bytes"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise RecordError(f"{name}: must be a finite number >= 0, got {value}")
+        if self.memory_bytes > 1e14:  # 100 TB on one node is a lie, not a GPU
+            raise RecordError(f"memory_bytes: {self.memory_bytes:.3g} is not a plausible amount of memory")
+        for name in ("free_kv_tokens", "queue_len", "sessions", "epoch"):
+            if getattr(self, name) < 0:
+                raise RecordError(f"{name}: must be >= 0")
+
+
+_REQUIRED = {"peer_id": str, "model": str, "start": int, "end": int}
+
+
+def _check(name: str, value: Any, expected: type) -> Any:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise RecordError(f"{name}: expected {expected.__name__}, got {type(value).__name__}")
+    if expected is str and len(value) > 256:
+        raise RecordError(f"{name}: longer than 256 characters")
+    return value

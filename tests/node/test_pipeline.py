@@ -1,0 +1,84 @@
+"""Real node processes on loopback generate exactly what single-process transformers generates."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from node.checkpoint import DEFAULT_MODEL, load_tokenizer, resolve_model
+from node.client import SwarmClient
+from node.generate import SamplingParams, generate
+from node.head import ClientHead
+from node.local_swarm import LocalSwarm
+from node.node import start_dht
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def reference_generate(source, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...]) -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(source.root, dtype=torch.float32).eval()
+    out = model.generate(
+        torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=list(stop_ids) or None, pad_token_id=stop_ids[0] if stop_ids else 0,
+    )
+    return out[0, len(prompt_ids):].tolist()
+
+
+async def swarm_generate(swarm: LocalSwarm, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+    source = swarm.source
+    dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    try:
+        client = SwarmClient(dht, source.name, source.num_layers)
+        chain = await client.choose_chain()
+        assert [(hop.start, hop.end) for hop in chain] == swarm.ranges
+        session = await client.open_session(chain, max_length=len(prompt_ids) + params.max_new_tokens)
+        try:
+            return [token async for token in generate(session, ClientHead(source), prompt_ids, params)]
+        finally:
+            await session.close()
+    finally:
+        dht.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smollm2_swarm(tmp_path_factory):
+    with LocalSwarm(DEFAULT_MODEL, num_nodes=3, threads_per_node=1,
+                    log_dir=str(tmp_path_factory.mktemp("smollm2-logs"))) as swarm:
+        yield swarm
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    encoded = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+@pytest.mark.parametrize("prompt_kind", ["short", "long"])
+def test_three_nodes_match_single_process_smollm2(smollm2_swarm, prompt_kind):
+    source = smollm2_swarm.source
+    assert smollm2_swarm.ranges == [(0, 10), (10, 20), (20, 30)]
+    tokenizer = load_tokenizer(source)
+    if prompt_kind == "short":
+        prompt_ids = chat_ids(tokenizer, "What is the capital of France?")
+    else:
+        story = " ".join(f"Step {i}: the hive moved layer {i % 30} to node {i % 7}." for i in range(60))
+        prompt_ids = chat_ids(tokenizer, story + " Summarise the steps above.")
+        assert len(prompt_ids) > 512
+    stop_ids = (tokenizer.eos_token_id,)
+    params = SamplingParams(max_new_tokens=24, stop_token_ids=stop_ids)
+    ours = asyncio.run(swarm_generate(smollm2_swarm, prompt_ids, params))
+    assert ours == reference_generate(source, prompt_ids, 24, stop_ids)
+    assert len(ours) >= 5
+
+
+def test_three_nodes_match_single_process_tiny_qwen2(tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint("qwen2", num_layers=6)
+    source = resolve_model(str(path))
+    prompt_ids = list(range(3, 40))
+    stop_ids = (source.config.eos_token_id,) if source.config.eos_token_id is not None else ()
+    with LocalSwarm(str(path), num_nodes=3, threads_per_node=1, log_dir=str(tmp_path)) as swarm:
+        params = SamplingParams(max_new_tokens=16, stop_token_ids=stop_ids)
+        ours = asyncio.run(swarm_generate(swarm, prompt_ids, params))
+    assert ours == reference_generate(source, prompt_ids, 16, stop_ids)

@@ -1,0 +1,121 @@
+"""A real node on loopback refuses bad input with a clear error and keeps serving its other sessions."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+
+from node.checkpoint import ModelNotFoundError, resolve_model
+from node.client import SwarmClient, _Stream
+from node.node import Node, NodeConfig, start_dht
+from node.protocol import INFERENCE_HANDLER, RemoteError, pack
+from node.stage import Stage
+from swarm.types import Hop
+
+pytestmark = pytest.mark.timeout(180)
+
+
+async def _with_node(source, config: NodeConfig, body):
+    node = Node(source, config)
+    await node.start()
+    dht = start_dht(node.visible_maddrs, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    try:
+        client = SwarmClient(dht, source.name, source.num_layers)
+        return await body(node, client)
+    finally:
+        dht.shutdown()
+        await node.stop()
+
+
+def test_bad_steps_are_refused_and_other_sessions_keep_working(tiny_checkpoint):
+    source = resolve_model(str(tiny_checkpoint("llama", num_layers=4)))
+    hidden_size = source.hidden_size
+
+    async def body(node: Node, client: SwarmClient):
+        hop = Hop(node.record.peer_id, 0, 4)
+        honest = await client.open_session([hop], max_length=32)
+        hostile = await client.open_session([hop], max_length=32)
+        reference = Stage(source, 0, 4, dtype=torch.float32, device=torch.device("cpu"))
+        cache = reference.new_cache()
+        x = torch.randn(1, 5, hidden_size)
+        assert torch.allclose(await honest.step(x, 0), reference.forward(x, 0, cache), atol=1e-5)
+
+        bad_steps = [
+            (pack({"position": 0}, [torch.randn(1, 1, hidden_size + 1)]), "bad_tensor"),  # wrong hidden size
+            (pack({"position": 0}, [torch.ones(1, 1, hidden_size, dtype=torch.int64)]), "bad_tensor"),
+            (pack({"position": 0}, [torch.full((1, 1, hidden_size), float("nan"))]), "bad_tensor"),
+            (pack({"position": 3}, [torch.randn(1, 1, hidden_size)]), "bad_step"),  # out of order
+            (pack({"position": 0}, [torch.randn(1, 40, hidden_size)]), "too_long"),  # over max_length
+            (pack({"position": "zero"}, [torch.randn(1, 1, hidden_size)]), "bad_request"),
+            (pack({"position": 0}, []), "bad_request"),
+            (runtime_pb2.ExpertRequest(metadata=b"\xc1garbage"), "bad_request"),
+        ]
+        for request, code in bad_steps:
+            with pytest.raises(RemoteError) as error:
+                await hostile.streams[0].call(request)
+            assert error.value.code == code, error.value
+
+        # The hostile session is still usable after its refused steps, and so is the honest one.
+        await hostile.step(torch.randn(1, 2, hidden_size), 0)
+        y = torch.randn(1, 1, hidden_size)
+        assert torch.allclose(await honest.step(y, 5), reference.forward(y, 5, cache), atol=1e-5)
+        await honest.close()
+        await hostile.close()
+
+    asyncio.run(_with_node(source, NodeConfig(start=0, end=4), body))
+
+
+def test_session_over_the_memory_budget_gets_no_capacity(tiny_checkpoint):
+    source = resolve_model(str(tiny_checkpoint("llama", num_layers=4)))
+    kv_per_token = Stage(source, 0, 4, dtype=torch.float32, device=torch.device("cpu")).shape.kv_bytes_per_token
+
+    async def body(node: Node, client: SwarmClient):
+        hop = Hop(node.record.peer_id, 0, 4)
+        first = await client.open_session([hop], max_length=80)  # fits in the budget of 100 tokens
+        with pytest.raises(RemoteError) as error:
+            await client.open_session([hop], max_length=80)
+        assert error.value.code == "no_capacity"
+        await first.step(torch.randn(1, 3, source.hidden_size), 0)  # the admitted session still works
+        await first.close()
+        await asyncio.sleep(0.2)  # closing frees the reservation
+        again = await client.open_session([hop], max_length=80)
+        await again.close()
+
+    asyncio.run(_with_node(source, NodeConfig(start=0, end=4, kv_budget_bytes=100 * kv_per_token), body))
+
+
+def test_wrong_range_is_refused(tiny_checkpoint):
+    source = resolve_model(str(tiny_checkpoint("llama", num_layers=4)))
+
+    async def body(node: Node, client: SwarmClient):
+        stream = _Stream(Hop(node.record.peer_id, 0, 3))
+        with pytest.raises(RemoteError) as error:
+            await stream.open(await client.p2p(), "s1", 16)
+        assert error.value.code == "bad_range"
+        p2p = await client.p2p()
+        responses = await p2p.iterate_protobuf_handler(
+            PeerID.from_base58(node.record.peer_id), INFERENCE_HANDLER,
+            _one(pack({"open": {"session_id": "", "start": 0, "end": 4, "max_length": 8}})),
+            runtime_pb2.ExpertResponse,
+        )
+        async for response in responses:
+            assert b"session_id" in response.metadata
+            break
+
+    asyncio.run(_with_node(source, NodeConfig(start=0, end=2), body))
+
+
+async def _one(item):
+    yield item
+
+
+def test_layer_range_outside_the_model_and_unknown_model(tiny_checkpoint):
+    source = resolve_model(str(tiny_checkpoint("llama", num_layers=4)))
+    with pytest.raises(ValueError, match="outside"):
+        Stage(source, 2, 9, dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(ModelNotFoundError):
+        resolve_model("no-such-org/no-such-model-xyz", allow_download=False)
