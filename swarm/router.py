@@ -1,0 +1,553 @@
+"""Phase 2: the chain of least expected per-token latency for one request.
+
+Public API (stable):
+
+    route(model, nodes, assignment, rtt, *, client, load=None, transport="push", alternates=3,
+          exclude=frozenset(), start_layer=0, end_layer=None, sink=None, session_tokens=0,
+          client_uplink_bps=100e6, index=None) -> list[Route]
+    build_route_index(model, nodes, assignment, rtt) -> RouteIndex
+
+`route` keeps the last few RouteIndex objects keyed by the identity of (model, nodes, assignment,
+rtt) plus the epoch and sizes, so pass the same objects between changes (a Mapping for `nodes`: a
+list is never cached), and a new Assignment or an explicit `index=` when node specs or RTTs change.
+
+`route` returns the best chain first, then up to `alternates` others for failover (node-disjoint
+from every earlier one while the swarm allows, otherwise differing in at least one hop), each
+costed exactly by `costmodel.chain_token_s`; [] when no chain covers [start_layer, end_layer).
+A chain is free-form: any node whose range covers the next layers may serve any sub-range of it.
+`client` feeds the chain and `sink` (default: the client) receives its output; with `start_layer`,
+`end_layer`, `exclude` and node ids as client/sink, failover re-routes just the layers a dead
+stage held. `session_tokens` is the KV the session needs: nodes announcing fewer free KV tokens
+cost `NO_KV_PENALTY_S` more (a last resort, not a hard refusal).
+
+How (a DP over layer boundaries, state = the last node of the chain):
+  * M[v] = min over boundaries b where v may take over of (cost of the best chain reaching b, plus
+    the leg into v) - b * c_v, with c_v v's loaded per-layer time. Then v handing over at b' costs
+    M[v] + b' * c_v: a prefix minimum, so every sub-range of v's range is considered in O(1).
+  * Hand-overs happen only at boundaries where some range starts or ends. This is exact when RTTs
+    obey the triangle inequality: in any chain, shift a hand-over that is not at such a boundary
+    towards the cheaper neighbour (cost is linear in it) until it reaches one, or until a hop
+    empties, and dropping an empty hop never costs more.
+  * Node-to-node legs are costed as a region-to-region RTT (one probe per region pair) plus a
+    per-node last-mile term (one probe per node), which makes the predecessor search a per-region
+    minimum: exact whenever RTT = regional core + per-node last mile (cloud regions, home links);
+    otherwise approximate, and the chosen chains are re-costed with the real RTTs. Client legs
+    always use the real RTT of every node.
+  * Loads are read lazily: unloaded costs are lower bounds, so a chain whose own loads leave its
+    cost unchanged is optimal without reading the other nodes' records (see `_Request`).
+  * numpy over the nodes active at each boundary, with everything static cached in a RouteIndex
+    (built once per assignment, see `build_route_index`): under 1 ms per DP on 1,000 nodes x 80
+    layers; alternates cost one DP each.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from swarm.costmodel import (
+    DEFAULT_CLIENT_UPLINK_BPS,
+    NO_KV_PENALTY_S,
+    QUEUE_STEP_WEIGHT,
+    RELAY_EXTRA_LEG_S,
+    TOKEN_ID_BYTES,
+    chain_token_s,
+    kv_penalty_s,
+    loaded_layer_s,
+    region_rtt_matrix,
+)
+from swarm.types import Assignment, Hop, ModelSpec, NodeId, NodeLoad, NodeSpec, Route, RttFn
+
+__all__ = ["RouteIndex", "build_route_index", "route"]
+
+_INF = float("inf")
+_REVEAL_ROUNDS = 3  # DP runs on partially read loads before reading them all
+_LOAD_SAMPLE = 16  # loads read up front to judge whether load is widespread
+
+
+@dataclass
+class RouteIndex:
+    """Everything about (model, nodes, assignment, rtt) that does not change between requests."""
+
+    model: ModelSpec
+    nodes: dict[NodeId, NodeSpec]
+    ids: list[NodeId]  # assigned nodes, sorted by (region, id): regions are contiguous runs
+    position: dict[NodeId, int]
+    region: np.ndarray  # region index of each node
+    rtt_half: np.ndarray  # region x region RTT / 2
+    start: np.ndarray
+    end: np.ndarray
+    latency: np.ndarray
+    prefill: np.ndarray
+    hidden_out: np.ndarray  # serialisation of one hidden state on the node's uplink
+    relay_extra: np.ndarray  # RELAY_EXTRA_LEG_S for relayed nodes
+    offset_half: np.ndarray  # half the node's RTT excess over its region's first node (last mile)
+    uplink_bps: np.ndarray
+    covering: list[np.ndarray]  # covering[l]: nodes holding layer l (sorted like ids)
+    group_offsets: list[np.ndarray]  # per layer: where each region's run starts in covering[l]
+    group_region: list[np.ndarray]  # per layer: the region of each run
+    events: np.ndarray  # boundaries where some range starts or ends
+    rtt: RttFn
+    # The DP's per-boundary gathers, precomputed for every event boundary e > 0 and concatenated so that
+    # a request gathers its costs in a few numpy calls instead of a few per boundary.
+    leave_all: np.ndarray  # covering[e - 1] for each event e, concatenated
+    leave_at: np.ndarray  # the boundary e of each element of leave_all
+    leave_slices: list[slice]
+    enter_all: np.ndarray  # covering[e] (empty for e = L), concatenated
+    enter_at: np.ndarray
+    enter_slices: list[slice]
+    enter_region: np.ndarray  # region of each element of enter_all
+    via_rows: list[np.ndarray]  # rtt_half rows of the region runs of covering[e - 1]
+    _client_rtt: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def rtt_to(self, endpoint: str) -> np.ndarray:
+        """Real RTT from `endpoint` to every node, cached (RTTs are taken as fixed per index)."""
+        cached = self._client_rtt.get(endpoint)
+        if cached is None:
+            cached = np.array([self.rtt(endpoint, n) for n in self.ids], dtype=float)
+            if len(self._client_rtt) > 256:
+                self._client_rtt.clear()
+            self._client_rtt[endpoint] = cached
+        return cached
+
+
+def build_route_index(
+    model: ModelSpec,
+    nodes: Mapping[NodeId, NodeSpec] | Iterable[NodeSpec],
+    assignment: Assignment,
+    rtt: RttFn,
+) -> RouteIndex:
+    """Precompute the static part of routing: O(nodes x layers) numpy, O(regions^2) RTT probes."""
+    node_map = dict(nodes) if isinstance(nodes, Mapping) else {n.node_id: n for n in nodes}
+    L = model.num_layers
+    live = [n for n, r in assignment.ranges.items() if n in node_map and r.end <= L]
+    regions, matrix = region_rtt_matrix([node_map[n] for n in live], rtt)
+    region_index = {r: i for i, r in enumerate(regions)}
+    ids = sorted(live, key=lambda n: (region_index[node_map[n].region], n))
+    specs = [node_map[n] for n in ids]
+    ranges = [assignment.ranges[n] for n in ids]
+    region = np.array([region_index[s.region] for s in specs], dtype=np.int64)
+    start = np.array([r.start for r in ranges], dtype=np.int64)
+    end = np.array([r.end for r in ranges], dtype=np.int64)
+    uplink = np.array([s.uplink_bps for s in specs], dtype=float)
+    rtt_half = matrix / 2 if len(regions) else np.zeros((1, 1))
+    offset = _rtt_offsets(ids, region, rtt)
+    for r in range(len(regions)):  # the diagonal was probed between the first two nodes of the region
+        members = np.flatnonzero(region == r)
+        if len(members) > 1:
+            rtt_half[r, r] -= offset[members[1]] / 2
+    covering, offsets, group_region = [], [], []
+    for layer in range(L):
+        members = np.flatnonzero((start <= layer) & (layer < end))
+        covering.append(members)
+        if len(members):
+            regs = region[members]
+            run_starts = np.flatnonzero(np.concatenate([[True], regs[1:] != regs[:-1]]))
+            offsets.append(run_starts)
+            group_region.append(regs[run_starts])
+        else:
+            offsets.append(np.zeros(0, dtype=np.int64))
+            group_region.append(np.zeros(0, dtype=np.int64))
+    events = np.unique(np.concatenate([start, end, [0, L]])) if ids else np.array([0, L])
+    return RouteIndex(
+        model=model,
+        nodes=node_map,
+        ids=ids,
+        position={n: i for i, n in enumerate(ids)},
+        region=region,
+        rtt_half=rtt_half,
+        start=start,
+        end=end,
+        latency=np.array([s.layer_latency_s for s in specs], dtype=float),
+        prefill=np.array([s.prefill_s_per_token_per_layer for s in specs], dtype=float),
+        hidden_out=model.hidden_bytes_per_token * 8.0 / uplink,
+        relay_extra=np.array([RELAY_EXTRA_LEG_S if s.relayed else 0.0 for s in specs]),
+        offset_half=offset / 2,
+        uplink_bps=uplink,
+        covering=covering,
+        group_offsets=offsets,
+        group_region=group_region,
+        events=events,
+        rtt=rtt,
+        **_event_gathers(events[1:].tolist(), covering, group_region, region, rtt_half, L),
+    )
+
+
+def _rtt_offsets(ids: list[NodeId], region: np.ndarray, rtt: RttFn) -> np.ndarray:
+    """Each node's RTT excess over the first node of its region, probed against one reference node.
+
+    If rtt(u, v) = core(region u, region v) + a_u + a_v (a per-node last mile), then with
+    d_u = a_u - a_first(region u): rtt(u, v) = rtt(first_u, first_v) + d_u + d_v, so node-to-node legs
+    stay a region matrix plus per-node terms, which the DP absorbs exactly. Costs one probe per node.
+    """
+    offset = np.zeros(len(ids))
+    regions = sorted(set(region.tolist()))
+    firsts = {r: int(np.flatnonzero(region == r)[0]) for r in regions}
+    for r in regions:
+        members = np.flatnonzero(region == r).tolist()
+        first = members[0]
+        others = [firsts[s] for s in regions if s != r]
+        if others:  # a reference outside the region: every member can be compared through it
+            ref = others[0]
+            base = rtt(ids[first], ids[ref])
+            for u in members[1:]:
+                offset[u] = rtt(ids[u], ids[ref]) - base
+        elif len(members) >= 3:  # one region only: references inside it
+            ref, alt = members[1], members[2]
+            base = rtt(ids[first], ids[ref])
+            for u in members[2:]:
+                offset[u] = rtt(ids[u], ids[ref]) - base
+            offset[ref] = rtt(ids[ref], ids[alt]) - rtt(ids[first], ids[alt])
+    return offset
+
+
+def _event_gathers(events: list[int], covering: list[np.ndarray], group_region: list[np.ndarray],
+                   region: np.ndarray, rtt_half: np.ndarray, L: int) -> dict:
+    empty = np.zeros(0, dtype=np.int64)
+    leaving = [covering[e - 1] for e in events]
+    entering = [covering[e] if e < L else empty for e in events]
+
+    def slices(parts: list[np.ndarray]) -> list[slice]:
+        bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).tolist()
+        return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+    enter_all = np.concatenate(entering) if entering else empty
+    return {
+        "leave_all": np.concatenate(leaving) if leaving else empty,
+        "leave_at": np.repeat(np.array(events, dtype=float), [len(p) for p in leaving]),
+        "leave_slices": slices(leaving),
+        "enter_all": enter_all,
+        "enter_at": np.repeat(np.array(events, dtype=float), [len(p) for p in entering]),
+        "enter_slices": slices(entering),
+        "enter_region": region[enter_all],
+        "via_rows": [rtt_half[group_region[e - 1]] for e in events],
+    }
+
+
+# A few recent indexes, keyed by the identity of their inputs (held alive here, so ids stay unique).
+_CACHE: OrderedDict[tuple, tuple[tuple, RouteIndex]] = OrderedDict()
+_CACHE_SIZE = 4
+
+
+def _cached_index(model: ModelSpec, nodes: object, assignment: Assignment, rtt: RttFn) -> RouteIndex:
+    size = len(nodes) if isinstance(nodes, Mapping) else -1
+    key = (id(model), id(nodes), id(assignment), id(rtt), assignment.epoch, size, len(assignment.ranges))
+    hit = _CACHE.get(key)
+    if hit is not None and size >= 0:
+        _CACHE.move_to_end(key)
+        return hit[1]
+    index = build_route_index(model, nodes, assignment, rtt)  # type: ignore[arg-type]
+    _CACHE[key] = ((model, nodes, assignment, rtt), index)
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return index
+
+
+class _Request:
+    """Per-request costs over the index's nodes, reading node loads only where they matter.
+
+    A node's load can only make it slower (a bigger batch, a queue, a KV penalty), so its unloaded
+    figures are a lower bound. The DP first runs on lower bounds for every node whose load has not
+    been read; if the best chain's own loads leave its cost unchanged, it is optimal (every other
+    chain costs at least its lower bound). Otherwise those loads are read and the DP runs again.
+    This keeps a request from reading 1,000 load records when a handful decide it.
+    """
+
+    def __init__(self, index: RouteIndex, load: Mapping[NodeId, NodeLoad] | None, session_tokens: int,
+                 enter_first: np.ndarray, enter_next: np.ndarray, leave_next: np.ndarray,
+                 leave_last: np.ndarray, push: bool) -> None:
+        self.index = index
+        self.load = load
+        self.session_tokens = session_tokens
+        self.per_layer = index.latency.copy()  # loaded per-layer time (a lower bound until read)
+        self.penalty = np.zeros(len(index.ids))  # KV penalty of entering the node
+        self.known = np.zeros(len(index.ids), dtype=bool) if load else np.ones(len(index.ids), dtype=bool)
+        self.enter_first = enter_first  # cost of entering a node at start_layer from the client
+        self.enter_next = enter_next  # node-specific part of entering a node after another one
+        self.leave_next = leave_next  # node-specific part of handing over to another node
+        self.leave_last = leave_last  # cost of delivering end_layer's output to the sink
+        self.push = push
+
+    def reveal(self, positions: Iterable[int]) -> int:
+        """Read the loads of these nodes; how many of them it made costlier."""
+        changed = 0
+        for i in positions:
+            if self.known[i]:
+                continue
+            self.known[i] = True
+            node_id = self.index.ids[i]
+            node_load = self.load.get(node_id) if self.load is not None else None
+            if node_load is None:
+                continue
+            per_layer = loaded_layer_s(self.index.nodes[node_id], node_load)
+            penalty = kv_penalty_s(node_load, self.session_tokens)
+            if per_layer != self.per_layer[i] or penalty:
+                self.per_layer[i], self.penalty[i] = per_layer, penalty
+                changed += 1
+        return changed
+
+    def reveal_all(self) -> None:
+        """Read every remaining load at once (the same formulas as costmodel, vectorised)."""
+        unread = np.flatnonzero(~self.known)
+        self.known[unread] = True
+        if self.load is None or not len(unread):
+            return
+        ids = self.index.ids
+        loads = [(i, self.load.get(ids[i])) for i in unread.tolist()]
+        loads = [(i, x) for i, x in loads if x is not None]
+        if not loads:
+            return
+        at = np.array([i for i, _ in loads])
+        active = np.array([x.active_sessions for _, x in loads], dtype=float)
+        queue = np.array([x.queue_len for _, x in loads], dtype=float)
+        free_kv = np.array([x.free_kv_tokens for _, x in loads], dtype=float)
+        step = np.maximum(self.index.latency[at], (active + 1) * self.index.prefill[at])
+        self.per_layer[at] = step * (1.0 + QUEUE_STEP_WEIGHT * queue)
+        self.penalty[at] = np.where(free_kv < max(self.session_tokens, 1), NO_KV_PENALTY_S, 0.0)
+
+
+def _endpoint_props(index: RouteIndex, endpoint: str, client_uplink_bps: float) -> tuple[float, float]:
+    node = index.nodes.get(endpoint)
+    if node is None:
+        return client_uplink_bps, 0.0
+    return node.uplink_bps, RELAY_EXTRA_LEG_S if node.relayed else 0.0
+
+
+def _request(
+    index: RouteIndex,
+    *,
+    client: str,
+    sink: str,
+    load: Mapping[NodeId, NodeLoad] | None,
+    transport: str,
+    start_layer: int,
+    end_layer: int,
+    session_tokens: int,
+    client_uplink_bps: float,
+) -> _Request:
+    model = index.model
+    hidden = model.hidden_bytes_per_token
+    in_bytes = TOKEN_ID_BYTES if start_layer == 0 and model.head_bytes > 0 else hidden
+    out_bytes = TOKEN_ID_BYTES if end_layer == model.num_layers and model.head_bytes > 0 else hidden
+    client_up, client_relay = _endpoint_props(index, client, client_uplink_bps)
+    _, sink_relay = _endpoint_props(index, sink, client_uplink_bps)
+    rtt_in = index.rtt_to(client)
+    rtt_out = rtt_in if sink == client else index.rtt_to(sink)
+    front = rtt_in / 2 + in_bytes * 8.0 / client_up + client_relay + index.relay_extra
+    front_hidden = rtt_in / 2 + hidden * 8.0 / client_up + client_relay + index.relay_extra
+    back_last = rtt_out / 2 + out_bytes * 8.0 / index.uplink_bps + index.relay_extra + sink_relay
+    back_hidden = rtt_out / 2 + index.hidden_out + index.relay_extra + sink_relay
+    if transport == "push":
+        return _Request(index, load, session_tokens, front, index.relay_extra + index.offset_half,
+                        index.hidden_out + index.relay_extra + index.offset_half, back_last, True)
+    if transport == "relay":
+        return _Request(index, load, session_tokens, front, front_hidden, back_hidden, back_last, False)
+    raise ValueError(f"unknown transport {transport!r} (expected 'push' or 'relay')")
+
+
+def _best_chain(
+    index: RouteIndex, req: _Request, banned: list[int], start_layer: int, end_layer: int
+) -> tuple[Hop, ...] | None:
+    """The DP of the module docstring; None if no chain covers [start_layer, end_layer)."""
+    c = req.per_layer
+    enter_first = req.enter_first + req.penalty
+    enter_next = req.enter_next + req.penalty
+    if banned:  # cannot be entered (an infinite per-layer time would give inf * 0 = nan)
+        enter_first[banned] = _INF
+        enter_next[banned] = _INF
+    taken = np.full(len(index.ids), _INF)  # M[v]
+    record = np.full(len(index.ids), -1, dtype=np.int64)  # how v was entered: -1 = from the client
+    first = index.covering[start_layer]
+    if not len(first):
+        return None
+    taken[first] = enter_first[first] - start_layer * c[first]
+    # Hand-over boundaries: the events inside (start_layer, end_layer), then end_layer itself.
+    events = index.events[1:]
+    k0 = int(np.searchsorted(events, start_layer, side="right"))
+    k1 = int(np.searchsorted(events, end_layer, side="left"))
+    # Every event's gathers at once: handing over at e costs taken[u] + e * c_u + leave_next[u];
+    # entering v at e costs what arrives + enter_next[v] - e * c_v.
+    leave_add = req.leave_next[index.leave_all] + index.leave_at * c[index.leave_all]
+    enter_add = enter_next[index.enter_all] - index.enter_at * c[index.enter_all]
+    base = len(index.ids) + index.rtt_half.shape[0]  # record code = step * base + choice
+    history: list[_Step] = []
+    for k in range(k0, k1):
+        b = int(events[k])
+        leaving = index.leave_all[index.leave_slices[k]]
+        entering_slice = index.enter_slices[k]
+        entering = index.enter_all[entering_slice]
+        if not len(leaving) or not len(entering):
+            return None  # layer b - 1 or b is uncovered
+        offered = taken[leaving] + leave_add[index.leave_slices[k]]
+        step = len(history)
+        if req.push:
+            # The leg u -> v depends on u only through its region: keep the best u of each region.
+            offsets = index.group_offsets[b - 1]
+            via = np.minimum.reduceat(offered, offsets)[:, None] + index.via_rows[k]
+            target = index.enter_region[entering_slice]
+            candidate = via.min(axis=0)[target] + enter_add[entering_slice]
+        else:
+            # Relayed legs go through the client: the predecessor does not matter, only its cost.
+            offsets = None
+            best = int(np.argmin(offered))
+            candidate = offered[best] + enter_add[entering_slice]
+        history.append(_Step(b, leaving, offered, record[leaving], offsets))
+        better = candidate < taken[entering]
+        if better.any():
+            winners = entering[better]
+            taken[winners] = candidate[better]
+            # The predecessor run each target region arrives from (push), or the best overall (relay).
+            choice = np.argmin(via, axis=0)[target[better]] if req.push else best
+            record[winners] = step * base + choice
+    leaving = index.covering[end_layer - 1]
+    total = taken[leaving] + end_layer * c[leaving] + req.leave_last[leaving]
+    if not len(total):
+        return None
+    k = int(np.argmin(total))
+    if not np.isfinite(total[k]):
+        return None
+    return _unwind(index, history, start_layer, int(leaving[k]), int(record[leaving[k]]), end_layer, base)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What unwinding needs of one boundary of the DP."""
+
+    boundary: int
+    leaving: np.ndarray  # nodes that could hand over here
+    offered: np.ndarray  # their cost of handing over
+    records: np.ndarray  # their entry records at that time
+    offsets: np.ndarray | None  # region runs of `leaving` (push); None: choice is a position (relay)
+
+
+def _unwind(
+    index: RouteIndex,
+    history: list[_Step],
+    start_layer: int,
+    last: int,
+    last_record: int,
+    end_layer: int,
+    base: int,
+) -> tuple[Hop, ...]:
+    """Follow the entry records back from the last hop to the client."""
+    hops: list[Hop] = []
+    node, code, hop_end = last, last_record, end_layer
+    while code >= 0:
+        step, choice = divmod(code, base)
+        at = history[step]
+        hops.append(Hop(index.ids[node], at.boundary, hop_end))
+        if at.offsets is None:
+            k = choice
+        else:
+            lo = int(at.offsets[choice])
+            hi = int(at.offsets[choice + 1]) if choice + 1 < len(at.offsets) else len(at.leaving)
+            k = lo + int(np.argmin(at.offered[lo:hi]))
+        node, code, hop_end = int(at.leaving[k]), int(at.records[k]), at.boundary
+    hops.append(Hop(index.ids[node], start_layer, hop_end))
+    merged: list[Hop] = []
+    for hop in reversed(hops):  # RTTs off the model could make a node hand over to itself: join them
+        if merged and merged[-1].node_id == hop.node_id:
+            hop = Hop(hop.node_id, merged.pop().start, hop.end)
+        merged.append(hop)
+    return tuple(merged)
+
+
+def route(
+    model: ModelSpec,
+    nodes: Mapping[NodeId, NodeSpec] | Iterable[NodeSpec],
+    assignment: Assignment,
+    rtt: RttFn,
+    *,
+    client: str,
+    load: Mapping[NodeId, NodeLoad] | None = None,
+    transport: str = "push",
+    alternates: int = 3,
+    exclude: frozenset[NodeId] = frozenset(),
+    start_layer: int = 0,
+    end_layer: int | None = None,
+    sink: str | None = None,
+    session_tokens: int = 0,
+    client_uplink_bps: float = DEFAULT_CLIENT_UPLINK_BPS,
+    index: RouteIndex | None = None,
+) -> list[Route]:
+    """Best chain first, then up to `alternates` differing ones; [] when no chain exists."""
+    end_layer = model.num_layers if end_layer is None else end_layer
+    if not 0 <= start_layer < end_layer <= model.num_layers:
+        raise ValueError(f"invalid layer span [{start_layer}, {end_layer}) for {model.num_layers} layers")
+    if index is None:
+        index = _cached_index(model, nodes, assignment, rtt)
+    sink = client if sink is None else sink
+    if not index.ids:
+        return []
+
+    req = _request(index, client=client, sink=sink, load=load, transport=transport, start_layer=start_layer,
+                   end_layer=end_layer, session_tokens=session_tokens, client_uplink_bps=client_uplink_bps)
+    if load:
+        # A small, evenly spread sample tells whether load is everywhere (then read it all at once)
+        # or concentrated on a few busy nodes (then read lazily, see _Request).
+        sample = np.unique(np.linspace(0, len(index.ids) - 1, min(_LOAD_SAMPLE, len(index.ids))).astype(int))
+        if 3 * req.reveal(sample.tolist()) >= len(sample):
+            req.reveal_all()
+
+    def solve(excluded: frozenset[NodeId]) -> tuple[Hop, ...] | None:
+        banned = [index.position[n] for n in excluded if n in index.position]
+        for _ in range(_REVEAL_ROUNDS):
+            chain = _best_chain(index, req, banned, start_layer, end_layer)
+            if chain is None:
+                return None  # not even the lower bounds make a chain
+            changed = req.reveal(index.position[h.node_id] for h in chain)
+            if not changed:
+                return chain  # its real cost is its lower bound, which no other chain beats
+        req.reveal_all()  # heavily loaded: read everything once and solve exactly
+        return _best_chain(index, req, banned, start_layer, end_layer)
+
+    best = solve(frozenset(exclude))
+    if best is None:
+        return []
+    chains = [best]
+    used = {h.node_id for h in best}
+    # Node-disjoint alternates while the swarm has them...
+    while len(chains) <= alternates:
+        alt = solve(frozenset(exclude) | used)
+        if alt is None:
+            break
+        chains.append(alt)
+        used |= {h.node_id for h in alt}
+    # ...then chains that avoid one node of the best chain (its longest stages first).
+    for hop in sorted(best, key=lambda h: (h.start - h.end, h.start)):
+        if len(chains) > alternates:
+            break
+        alt = solve(frozenset(exclude) | {hop.node_id})
+        if alt is not None and alt not in chains:
+            chains.append(alt)
+
+    routes = [_costed(index, hops, client=client, sink=sink, load=load, transport=transport,
+                      session_tokens=session_tokens, client_uplink_bps=client_uplink_bps) for hops in chains]
+    # Stable: the DP's best stays first on ties; real per-node RTTs may reorder the rest.
+    return sorted(routes, key=lambda r: r.expected_token_s)
+
+
+def _costed(
+    index: RouteIndex,
+    hops: tuple[Hop, ...],
+    *,
+    client: str,
+    sink: str,
+    load: Mapping[NodeId, NodeLoad] | None,
+    transport: str,
+    session_tokens: int,
+    client_uplink_bps: float,
+) -> Route:
+    total = chain_token_s(index.model, hops, index.nodes, index.rtt, client=client, sink=sink,
+                          transport=transport, load=load, session_tokens=session_tokens,
+                          client_uplink_bps=client_uplink_bps)
+    load = load or {}
+    compute = sum((h.end - h.start) * loaded_layer_s(index.nodes[h.node_id], load.get(h.node_id)) for h in hops)
+    penalty = sum(kv_penalty_s(load.get(h.node_id), session_tokens) for h in hops)
+    return Route(hops=hops, expected_token_s=total,
+                 details={"compute_s": compute, "network_s": total - compute - penalty, "kv_penalty_s": penalty,
+                          "hops": float(len(hops))})
+
