@@ -1,0 +1,292 @@
+"""Stage compute against transformers, batched and sub-range steps, exact KV memory, and the StepBatcher."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from node.batching import BatcherClosed, StepBatcher
+from node.checkpoint import resolve_model
+from node.stage import Stage, StepInput, kv_bytes_per_token
+
+pytestmark = pytest.mark.timeout(120)
+CPU, F32 = torch.device("cpu"), torch.float32
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded box OpenMP's hand-offs between
+    threads can cost 100x the arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_stage(path, start: int, end: int) -> Stage:
+    return Stage(resolve_model(str(path)), start, end, dtype=F32, device=CPU)
+
+
+@torch.no_grad()
+def reference_hidden_states(path, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """transformers' own XxxModel on the whole sequence at once: the input of each layer, then the output."""
+    model = AutoModel.from_pretrained(path, dtype=F32).eval()
+    model.norm = torch.nn.Identity()  # the final norm is the client's
+    return model(inputs_embeds=x, output_hidden_states=True).hidden_states
+
+
+def run_incrementally(stage: Stage, x: torch.Tensor, layers=None) -> torch.Tensor:
+    """A prefill, a second prefill chunk at position > 0, then one decode step per remaining token."""
+    cache = stage.new_cache(x.shape[1], layers)
+    outs = [stage.forward(x[:, :13], 0, cache, layers), stage.forward(x[:, 13:20], 13, cache, layers)]
+    outs += [stage.forward(x[:, i: i + 1], i, cache, layers) for i in range(20, x.shape[1])]
+    assert cache.length == x.shape[1]
+    return torch.cat(outs, dim=1)
+
+
+@pytest.fixture(scope="module")
+def qwen2_sliding(tiny_checkpoint, tmp_path_factory):
+    """Tiny Qwen2 whose layers 2 and 3 use a sliding window of 8 (layers 0 and 1 attend to everything)."""
+    path = tmp_path_factory.mktemp("qwen2-sliding")
+    shutil.copytree(tiny_checkpoint("qwen2", num_layers=4), path, dirs_exist_ok=True)
+    config = json.loads((path / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=8, max_window_layers=2,
+                  layer_types=["full_attention"] * 2 + ["sliding_attention"] * 2)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen2-sliding"])
+def test_prefill_and_decode_match_transformers(arch, tiny_checkpoint, qwen2_sliding):
+    path = qwen2_sliding if arch == "qwen2-sliding" else tiny_checkpoint(arch, num_layers=4)
+    x = torch.randn(1, 30, 64, generator=torch.Generator().manual_seed(0))
+    states = reference_hidden_states(path, x)
+    whole = make_stage(path, 0, 4)
+    assert torch.allclose(run_incrementally(whole, x), states[4], atol=ATOL)
+    middle = make_stage(path, 1, 3)  # a stage starting mid-model (qwen2-sliding: one full, one sliding layer)
+    assert torch.allclose(run_incrementally(middle, states[1]), states[3], atol=ATOL)
+
+    expected_windows = {"mistral": [16] * 4, "qwen2-sliding": [None, None, 8, 8]}.get(arch, [None] * 4)
+    assert whole.windows == expected_windows
+    if arch in expected_windows:  # 30 tokens overrun the window: ignoring it must change the result
+        whole.windows = [None] * 4
+        assert not torch.allclose(run_incrementally(whole, x), states[4], atol=1e-3)
+
+
+def test_sub_range_equals_the_stage_layers(tiny_checkpoint):
+    path = tiny_checkpoint("mistral", num_layers=4)
+    x = torch.randn(1, 24, 64, generator=torch.Generator().manual_seed(1))
+    states = reference_hidden_states(path, x)
+    whole = make_stage(path, 0, 4)
+    sub = run_incrementally(whole, states[1], layers=(1, 3))  # absolute layer indices
+    assert torch.allclose(sub, run_incrementally(make_stage(path, 1, 3), states[1]), atol=ATOL)
+    assert torch.allclose(sub, states[3], atol=ATOL)
+    with pytest.raises(ValueError, match="absolute"):
+        whole.new_cache(8, layers=(3, 5))
+    cache = whole.new_cache(8, layers=(1, 3))
+    with pytest.raises(ValueError, match="holds layers"):
+        whole.forward(x[:, :2], 0, cache, layers=(0, 4))
+
+
+def test_batched_steps_equal_one_at_a_time(tiny_checkpoint):
+    """Sessions at different lengths (one beyond the sliding window, one on a sub-range) in one pass."""
+    stage = make_stage(tiny_checkpoint("mistral", num_layers=4), 0, 4)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [1, 5, 12, 21, 3]
+    spans = [None, None, None, None, (1, 4)]
+    alone = [stage.new_cache(40, span) for span in spans]
+    batched = [stage.new_cache(40, span) for span in spans]
+    for n, a, b in zip(prompts, alone, batched, strict=True):
+        x = torch.randn(1, n, 64, generator=gen)
+        stage.forward(x, 0, a, a.layers)
+        stage.forward(x, 0, b, b.layers)
+    for step in range(4):
+        xs = [torch.randn(1, 1, 64, generator=gen) for _ in prompts]
+        if step == 2:  # a prefill chunk of one session rides along with the decode steps of the others
+            xs[1] = torch.randn(1, 6, 64, generator=gen)
+        expected = [stage.forward(x, c.length, c) for x, c in zip(xs, alone, strict=True)]
+        got = stage.forward_batch([StepInput(x, c.length, c) for x, c in zip(xs, batched, strict=True)])
+        for e, g in zip(expected, got, strict=True):
+            assert g.shape == e.shape and torch.allclose(g, e, atol=ATOL)
+    assert [c.length for c in batched] == [c.length for c in alone]
+
+
+def test_cache_memory_is_exactly_the_reservation(tiny_checkpoint):
+    stage = make_stage(tiny_checkpoint("llama", num_layers=4), 0, 4)
+    per_layer = kv_bytes_per_token(stage.config, F32)
+    assert per_layer == 2 * 2 * 16 * 4  # K and V, 2 KV heads, head_dim 16, fp32
+    assert stage.shape.kv_bytes_per_token == 4 * per_layer
+    cache = stage.new_cache(100)
+    assert cache.nbytes == 100 * stage.shape.kv_bytes_per_token == stage.cache_bytes(100)
+    assert stage.new_cache(100, layers=(1, 3)).nbytes == 100 * 2 * per_layer == stage.cache_bytes(100, (1, 3))
+
+    stage.forward(torch.randn(1, 98, 64), 0, cache)
+    with pytest.raises(ValueError, match="max_length"):
+        stage.forward(torch.randn(1, 3, 64), 98, cache)
+    assert cache.length == 98 and cache.nbytes == stage.cache_bytes(100)  # refused: nothing moved or grew
+    with pytest.raises(ValueError, match="position"):
+        stage.forward(torch.randn(1, 1, 64), 97, cache)
+    with pytest.raises(ValueError, match="shape"):
+        stage.forward(torch.randn(1, 1, 63), 98, cache)
+    growing = stage.new_cache()  # no max_length: grows on demand (tests, references)
+    stage.forward(torch.randn(1, 40, 64), 0, growing)
+    assert growing.length == 40 and growing.capacity >= 40
+
+
+# --- StepBatcher ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_stage(tiny_checkpoint) -> Stage:
+    return make_stage(tiny_checkpoint("llama", num_layers=4), 0, 4)
+
+
+def recorded_passes(stage: Stage, monkeypatch) -> list[list[tuple[int, int]]]:
+    """Spies on forward_batch: each pass as [(session index, tokens)], sessions named by `cache.tag`."""
+    passes: list[list[tuple[int, int]]] = []
+    real = stage.forward_batch
+
+    def spy(steps):
+        passes.append([(step.cache.tag, step.tokens) for step in steps])
+        return real(steps)
+
+    monkeypatch.setattr(stage, "forward_batch", spy)
+    return passes
+
+
+def tagged_caches(stage: Stage, n: int, max_length: int = 64):
+    caches = [stage.new_cache(max_length) for _ in range(n)]
+    for i, cache in enumerate(caches):
+        cache.tag = i
+    return caches
+
+
+def test_batcher_gathers_concurrent_decodes_and_matches_one_at_a_time(llama_stage, monkeypatch):
+    stage, n, steps = llama_stage, 8, 5
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randn(1, 2 + i, 64, generator=gen) for i in range(n)]
+    tokens = [[torch.randn(1, 1, 64, generator=gen) for _ in range(steps)] for _ in range(n)]
+    expected = []
+    for prompt, xs in zip(prompts, tokens, strict=True):
+        cache = stage.new_cache(64)
+        stage.forward(prompt, 0, cache)
+        expected.append([stage.forward(x, cache.length, cache) for x in xs])
+
+    caches = tagged_caches(stage, n)
+    passes = recorded_passes(stage, monkeypatch)
+
+    async def decode(batcher: StepBatcher, i: int) -> list[torch.Tensor]:
+        return [await batcher.run(caches[i], x, caches[i].length) for x in tokens[i]]
+
+    async def main():
+        batcher = StepBatcher(stage, max_batch_size=32)
+        try:
+            await asyncio.gather(*(batcher.run(caches[i], prompts[i], 0) for i in range(n)))
+            return await asyncio.gather(*(decode(batcher, i) for i in range(n)))
+        finally:
+            batcher.shutdown()
+
+    got = asyncio.run(main())
+    for e_session, g_session in zip(expected, got, strict=True):
+        for e, g in zip(e_session, g_session, strict=True):
+            assert torch.allclose(g, e, atol=ATOL)
+    assert [len(p) for p in passes[:n]] == [1] * n, "prefills run alone"
+    assert [len(p) for p in passes[n:]] == [n] * steps, "each round of decode steps is one pass"
+
+
+def test_batcher_is_fifo_and_bounded(llama_stage, monkeypatch):
+    stage = llama_stage
+    caches = tagged_caches(stage, 8)
+    for cache in caches:
+        stage.forward(torch.randn(1, 3, 64), 0, cache)
+    passes = recorded_passes(stage, monkeypatch)
+
+    async def main():
+        batcher = StepBatcher(stage, max_batch_size=3)
+        # All eight are queued before the worker takes its first batch.
+        await asyncio.gather(*(batcher.run(c, torch.randn(1, 1, 64), 3) for c in caches))
+        assert batcher.queue_len == 0 and batcher.pending == 0
+        batcher.shutdown()
+
+    asyncio.run(main())
+    assert [[tag for tag, _ in p] for p in passes] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+
+
+def test_long_prefill_is_chunked_and_alternates_with_decodes(llama_stage, monkeypatch):
+    stage = llama_stage
+    gen = torch.Generator().manual_seed(4)
+    prompt = torch.randn(1, 40, 64, generator=gen)
+    expected = stage.forward(prompt, 0, stage.new_cache(64))
+    long_cache, *decoders = tagged_caches(stage, 3)
+    for cache in decoders:
+        stage.forward(torch.randn(1, 2, 64), 0, cache)
+    passes = recorded_passes(stage, monkeypatch)
+
+    async def decode_loop(batcher: StepBatcher, cache, prefill: asyncio.Task) -> int:
+        steps = 0
+        while not prefill.done():  # keeps decoding for as long as the prefill runs: must not starve
+            await batcher.run(cache, torch.randn(1, 1, 64), cache.length)
+            steps += 1
+        return steps
+
+    async def main():
+        batcher = StepBatcher(stage, max_batch_tokens=8)
+        prefill = asyncio.ensure_future(batcher.run(long_cache, prompt, 0))
+        counts = await asyncio.gather(*(decode_loop(batcher, c, prefill) for c in decoders))
+        batcher.shutdown()
+        return await prefill, counts
+
+    got, counts = asyncio.run(main())
+    assert torch.allclose(got, expected, atol=ATOL)  # five chunks of 8 give the one-pass result
+    assert [p for p in passes if p[0][0] == 0] == [[(0, 8)]] * 5
+    kinds = ["prefill" if p[0][0] == 0 else "decode" for p in passes]
+    first, last = kinds.index("prefill"), len(kinds) - 1 - kinds[::-1].index("prefill")
+    assert kinds[first: last + 1] == ["prefill", "decode"] * 4 + ["prefill"], kinds  # alternation
+    assert min(counts) >= 4
+
+
+def test_a_failing_step_does_not_fail_its_batch(llama_stage, monkeypatch):
+    stage = llama_stage
+    caches, twins = tagged_caches(stage, 4), tagged_caches(stage, 4)
+    xs = [torch.randn(1, 1, 64) for _ in caches]
+    expected = []
+    for cache, twin, x in zip(caches, twins, xs, strict=True):
+        prompt = torch.randn(1, 2, 64)
+        stage.forward(prompt, 0, cache)
+        stage.forward(prompt, 0, twin)
+        expected.append(stage.forward(x, 2, twin))
+    real = stage.forward_batch
+
+    def poisoned(steps):  # session 2 fails whenever it runs, as a compute error would
+        if any(step.cache.tag == 2 for step in steps):
+            raise RuntimeError("boom")
+        return real(steps)
+
+    monkeypatch.setattr(stage, "forward_batch", poisoned)
+
+    async def main():
+        batcher = StepBatcher(stage)
+        with pytest.raises(ValueError, match="shape"):  # refused up front, never batched
+            await batcher.run(caches[0], torch.randn(1, 1, 65), 2)
+        results = await asyncio.gather(*(batcher.run(c, x, 2) for c, x in zip(caches, xs, strict=True)),
+                                       return_exceptions=True)
+        first = asyncio.ensure_future(batcher.run(caches[0], xs[0], 3))
+        await asyncio.sleep(0)  # queued
+        with pytest.raises(ValueError, match="already has a step"):
+            await batcher.run(caches[0], xs[0], 3)
+        await first
+        batcher.shutdown()
+        with pytest.raises(BatcherClosed):
+            await batcher.run(caches[1], xs[1], 3)
+        return results
+
+    results = asyncio.run(main())
+    assert isinstance(results[2], RuntimeError) and caches[2].length == 2
+    for i in (0, 1, 3):
+        assert torch.allclose(results[i], expected[i], atol=ATOL)
