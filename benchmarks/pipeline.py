@@ -1,7 +1,11 @@
 """Decode speed and time to first token: a local 3-node swarm against single-process generation.
 
 Both are measured in the same run on the same model and prompt; medians over several
-runs. Usage: python benchmarks/pipeline.py [--model NAME] [--runs 5] [--new-tokens 64]
+runs. With --delay-ms D every message any peer sends is held D ms (an emulated WAN
+link per leg; this kernel has no netem) and the table compares stage-to-stage push
+with client relaying against the physical limit: local compute + (stages + 1) x D.
+
+Usage: python benchmarks/pipeline.py [--model NAME] [--runs 5] [--new-tokens 64] [--delay-ms 20]
 """
 
 from __future__ import annotations
@@ -43,10 +47,11 @@ def local_run(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, flo
     return ttft, decode
 
 
-async def swarm_run(client: SwarmClient, head: ClientHead, prompt_ids: list[int], new_tokens: int):
+async def swarm_run(client: SwarmClient, head: ClientHead, prompt_ids: list[int], new_tokens: int, relay: bool):
     params = SamplingParams(max_new_tokens=new_tokens)
     t0 = time.perf_counter()
-    session = await client.open_session(await client.choose_chain(), max_length=len(prompt_ids) + new_tokens)
+    session = await client.open_session(await client.choose_chain(), max_length=len(prompt_ids) + new_tokens,
+                                        relay=relay)
     try:
         token = sample(await prefill(session, head, prompt_ids, 0), params, None)
         ttft = time.perf_counter() - t0
@@ -59,13 +64,20 @@ async def swarm_run(client: SwarmClient, head: ClientHead, prompt_ids: list[int]
     return ttft, decode
 
 
-async def measure_swarm(swarm: LocalSwarm, prompt_ids, new_tokens, runs):
+async def measure_swarm(swarm: LocalSwarm, prompt_ids, new_tokens, runs, delay_s: float):
+    """{transport: [(ttft, decode tok/s), ...]} for push and relay, interleaved run by run against drift."""
     source = swarm.source
     dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
-        client, head = SwarmClient(dht, source.name, source.num_layers), ClientHead(source)
-        await swarm_run(client, head, prompt_ids, 4)  # warm-up: connections, allocator
-        return [await swarm_run(client, head, prompt_ids, new_tokens) for _ in range(runs)]
+        client = SwarmClient(dht, source.name, source.num_layers, send_delay_s=delay_s)
+        head = ClientHead(source)
+        results: dict[str, list] = {"push": [], "relay": []}
+        for relay in (False, True):
+            await swarm_run(client, head, prompt_ids, 4, relay)  # warm-up: connections
+        for _ in range(runs):
+            for name in results:
+                results[name].append(await swarm_run(client, head, prompt_ids, new_tokens, name == "relay"))
+        return results
     finally:
         dht.shutdown()
 
@@ -77,10 +89,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="emulated one-way delay of every leg")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    delay_s = args.delay_ms / 1000
+    node_args = ["--emulate-delay-ms", str(args.delay_ms)] if args.delay_ms else []
 
-    with LocalSwarm(args.model, num_nodes=args.nodes, threads_per_node=args.threads) as swarm:
+    with LocalSwarm(args.model, num_nodes=args.nodes, threads_per_node=args.threads, node_args=node_args) as swarm:
         source = swarm.source
         tokenizer = load_tokenizer(source)
         prompt = tokenizer.apply_chat_template(
@@ -88,7 +103,7 @@ def main() -> None:
             add_generation_prompt=True,
         )
         prompt_ids = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
-        swarm_results = asyncio.run(measure_swarm(swarm, prompt_ids, args.new_tokens, args.runs))
+        swarm_results = asyncio.run(measure_swarm(swarm, prompt_ids, args.new_tokens, args.runs, delay_s))
 
     model = AutoModelForCausalLM.from_pretrained(source.root, dtype=torch.float32).eval()
     local_run(model, prompt_ids, 4)
@@ -97,14 +112,21 @@ def main() -> None:
     def med(results, index):
         return statistics.median(r[index] for r in results)
 
-    rows = [("single process", med(local_results, 0), med(local_results, 1)),
-            (f"{args.nodes}-node loopback swarm", med(swarm_results, 0), med(swarm_results, 1))]
+    local_ttft, local_decode = med(local_results, 0), med(local_results, 1)
+    legs = {"push": args.nodes + 1, "relay": 2 * args.nodes}
     print(f"model {source.name}, prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, "
-          f"{args.runs} runs (medians), {args.threads} torch threads")
-    print(f"{'':28} {'TTFT ms':>10} {'decode tok/s':>14}")
-    for name, ttft, decode in rows:
-        print(f"{name:28} {ttft * 1000:10.1f} {decode:14.2f}")
-    print(f"ratio swarm/local: decode {rows[1][2] / rows[0][2]:.2f}x, TTFT {rows[1][1] / rows[0][1]:.2f}x")
+          f"{args.runs} runs (medians), {args.threads} torch threads, {args.delay_ms:g} ms per leg")
+    print(f"{'':30} {'TTFT ms':>9} {'decode tok/s':>13} {'ms/token':>9} {'limit ms':>9} {'vs limit':>9}")
+    print(f"{'single process':30} {local_ttft * 1000:9.1f} {local_decode:13.2f} {1000 / local_decode:9.1f}")
+    for name, results in swarm_results.items():
+        ttft, decode = med(results, 0), med(results, 1)
+        limit_ms = 1000 / local_decode + legs[name] * args.delay_ms  # compute + one-way legs per token
+        print(f"{args.nodes}-node swarm, {name:5} ({legs[name]} legs) {ttft * 1000:9.1f} {decode:13.2f} "
+              f"{1000 / decode:9.1f} {limit_ms:9.1f} {1000 / decode / limit_ms:8.2f}x")
+    push_decode, relay_decode = med(swarm_results["push"], 1), med(swarm_results["relay"], 1)
+    push_ttft = med(swarm_results["push"], 0)
+    print(f"ratio push/local: decode {push_decode / local_decode:.2f}x, TTFT {push_ttft / local_ttft:.2f}x; "
+          f"push/relay decode {push_decode / relay_decode:.2f}x")
 
 
 if __name__ == "__main__":

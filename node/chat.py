@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 from node.checkpoint import ModelSource, load_tokenizer
 from node.client import SwarmClient
+from node.failover import ResilientSession
 from node.generate import SamplingParams, generate
 from node.head import ClientHead
 
@@ -51,6 +52,10 @@ class ChatEngine:
             encoded = encoded["input_ids"]
         return list(encoded)
 
+    def completion_prompt_ids(self, text: str) -> list[int]:
+        """A raw prompt (no chat template), with whatever special tokens the tokenizer adds itself (e.g. BOS)."""
+        return list(self.tokenizer(text)["input_ids"])
+
     def stop_token_ids(self) -> tuple[int, ...]:
         eos = self.tokenizer.eos_token_id
         generation_eos = getattr(self.source.config, "eos_token_id", None)
@@ -66,8 +71,8 @@ class ChatEngine:
                              f"exceeds the model's context of {self.max_context}")
         if not params.stop_token_ids:
             params = replace(params, stop_token_ids=self.stop_token_ids())
-        chain = await self.client.choose_chain()
-        session = await self.client.open_session(chain, max_length=max_length)
+        session = ResilientSession(self.client, max_length=max_length)
+        await session.open()
         try:
             async for token in generate(session, self.head, prompt_ids, params):
                 yield token

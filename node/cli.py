@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import sys
 
 from node.checkpoint import DEFAULT_MODEL
+from node.cli_simulate import add_simulate_parser
 
 
 def parse_layers(text: str) -> tuple[int, int]:
@@ -39,7 +39,8 @@ async def _run_node(args: argparse.Namespace) -> int:
     start, end = args.layers
     node = Node(source, NodeConfig(
         start=start, end=end, initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
-        device=args.device, max_length=args.max_length,
+        device=args.device, max_length=args.max_length, send_delay_s=args.emulate_delay_ms / 1000,
+        identity=args.identity,
     ))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -66,14 +67,16 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_swarm_local(args: argparse.Namespace) -> int:
     from node.local_swarm import LocalSwarm
 
+    # Block the signals before waiting for them, or SIGINT/SIGTERM would kill us before sigwait sees them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     with LocalSwarm(args.model, num_nodes=args.nodes, threads_per_node=args.threads) as swarm:
         print("local swarm online:")
         for (start, end), process in zip(swarm.ranges, swarm.processes, strict=True):
             print(f"  node pid {process.pid}: layers {start}:{end}")
         print("initial peers:", " ".join(swarm.initial_peers), flush=True)
         print("join with: layerhive chat --initial-peers", swarm.initial_peers[0], '"Hello!"', flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        print("stopping the local swarm...", flush=True)
     return 0
 
 
@@ -109,6 +112,44 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return asyncio.run(_chat(args, swarm.initial_peers))
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    from node.api import serve
+
+    if args.initial_peers:
+        return serve(args.model, args.initial_peers, host=args.host, port=args.port)
+    from node.local_swarm import LocalSwarm
+
+    print("no --initial-peers given: starting a local swarm of 3 nodes...", file=sys.stderr, flush=True)
+    with LocalSwarm(args.model, num_nodes=3) as swarm:
+        print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        return serve(args.model, swarm.initial_peers, host=args.host, port=args.port)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from node.benchmark import BenchError, format_result, run_bench
+    from node.checkpoint import CheckpointError, ModelNotFoundError, UnsupportedModelError, tqdm_progress
+
+    if args.max_memory_gb is not None and args.max_memory_gb <= 0:
+        print("layerhive bench: error: --max-memory-gb must be positive", file=sys.stderr)
+        return 2
+    cap = None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9)
+    if args.threads:  # measure with the threads the node will serve with (part of the cache key)
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        with tqdm_progress("bench") as progress:
+            result = run_bench(args.model, device=args.device, initial_peers=args.initial_peers,
+                               max_memory_bytes=cap, force=args.force, progress=progress)
+    except (BenchError, ModelNotFoundError, UnsupportedModelError, CheckpointError) as e:
+        print(f"layerhive bench: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerhive", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the node does")
@@ -122,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     node.add_argument("--max-length", type=int, default=8192, help="longest session, in tokens")
     node.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    node.add_argument("--identity", default=None,
+                      help="name of a persistent identity (keeps the peer id across restarts); default: a new one")
+    node.add_argument("--emulate-delay-ms", type=float, default=0.0,
+                      help="testing aid: delay everything this node sends by this many ms (a WAN link)")
     node.set_defaults(func=cmd_node)
 
     swarm = commands.add_parser("swarm", help="run a whole swarm").add_subparsers(dest="where", required=True)
@@ -141,12 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None)
     chat.set_defaults(func=cmd_chat)
 
-    try:
-        from node.cli_simulate import add_simulate_parser
-    except ImportError:  # the simulator is optional at import time only while it is being written
-        pass
-    else:
-        add_simulate_parser(commands)
+    api = commands.add_parser("api", help="serve an OpenAI-compatible HTTP API through the swarm")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--model", default=DEFAULT_MODEL)
+    api.add_argument("--initial-peers", nargs="*", default=[])
+    api.set_defaults(func=cmd_api)
+
+    bench = commands.add_parser("bench", help="measure this machine's compute, memory and network for a model")
+    bench.add_argument("--model", default=DEFAULT_MODEL)
+    bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    bench.add_argument("--initial-peers", nargs="*", default=[], help="measure RTT and uplink to this swarm")
+    bench.add_argument("--max-memory-gb", type=float, default=None, help="offer at most this much memory (GB)")
+    bench.add_argument("--json", action="store_true", help="print the result as JSON")
+    bench.add_argument("--force", action="store_true", help="re-measure compute even if cached")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads, as for `layerhive node`")
+    bench.set_defaults(func=cmd_bench)
+
+    add_simulate_parser(commands)
     return parser
 
 

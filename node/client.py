@@ -1,15 +1,16 @@
 """The client side of the swarm: find servers, pick a chain, run a session through it.
 
-The client relays every hop (client -> stage -> client); it owns the embedding and
-the LM head (`node.head`), so servers see only hidden states.
+By default steps are pushed stage to stage and only the last stage answers (see
+`node.protocol`); relaying every hop through the client is the fallback. The client
+owns the embedding and the LM head (`node.head`), so servers see only hidden states.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from hivemind import DHT
@@ -18,7 +19,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from node.membership import list_servers
-from node.protocol import INFERENCE_HANDLER, pack, raise_if_error
+from node.protocol import INFERENCE_HANDLER, RemoteError, pack, raise_if_error
 from swarm.records import ServerRecord
 from swarm.types import Hop
 
@@ -27,9 +28,9 @@ class NoChainError(RuntimeError):
     pass
 
 
-def any_chain(records: Sequence[ServerRecord], num_layers: int) -> list[Hop]:
+def any_chain(records: Sequence[ServerRecord], num_layers: int, exclude: frozenset[str] = frozenset()) -> list[Hop]:
     """A valid chain over whole server ranges, greedily reaching furthest at each step."""
-    online = [r for r in records if r.state == "online"]
+    online = [r for r in records if r.state == "online" and r.peer_id not in exclude]
     chain: list[Hop] = []
     layer = 0
     while layer < num_layers:
@@ -43,63 +44,118 @@ def any_chain(records: Sequence[ServerRecord], num_layers: int) -> list[Hop]:
     return chain
 
 
-class _Stream:
-    """One open inference stream to one server: send a request, await its answer."""
+class StageFailure(ConnectionError):
+    """A stage of the chain broke, stalled or refused a step; `peer` is the stage at fault."""
 
-    def __init__(self, hop: Hop) -> None:
-        self.hop = hop
+    def __init__(self, peer: str, reason: str, code: str = "unreachable") -> None:
+        super().__init__(f"stage {peer}: {reason}")
+        self.peer, self.code = peer, code
+
+
+class _Stream:
+    """One open inference stream to one stage; answers are delivered to the session's event queue."""
+
+    def __init__(self, hop: Hop, index: int, events: asyncio.Queue, send_delay_s: float = 0.0) -> None:
+        self.hop, self.index, self.events = hop, index, events
+        self.send_delay_s = send_delay_s
         self._outbox: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
-        self._responses: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self._reader: asyncio.Task | None = None
 
     async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while (item := await self._outbox.get()) is not None:
             yield item
 
-    async def open(self, p2p: P2P, session_id: str, max_length: int) -> None:
-        self._responses = await p2p.iterate_protobuf_handler(
+    async def open(self, p2p: P2P, opening: dict) -> None:
+        """Sends the opening request and waits for the stage to accept it."""
+        self.send(pack({"open": opening}))
+        responses = await p2p.iterate_protobuf_handler(
             PeerID.from_base58(self.hop.node_id), INFERENCE_HANDLER, self._requests(), runtime_pb2.ExpertResponse
         )
-        opening = {"session_id": session_id, "start": self.hop.start, "end": self.hop.end, "max_length": max_length}
-        await self.call(pack({"open": opening}))
-
-    async def call(self, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
-        assert self._responses is not None
-        await self._outbox.put(request)
         try:
-            response = await anext(self._responses)
+            first = await anext(responses)
         except StopAsyncIteration:
-            raise ConnectionError(f"{self.hop.node_id} closed the stream") from None
-        raise_if_error(self.hop.node_id, response)
-        return response
+            raise StageFailure(self.hop.node_id, "closed the stream while opening") from None
+        raise_if_error(self.hop.node_id, first)
+        self._reader = asyncio.create_task(self._read(responses))
 
-    async def close(self) -> None:
-        await self._outbox.put(None)
+    async def _read(self, responses: AsyncIterator[runtime_pb2.ExpertResponse]) -> None:
+        try:
+            async for response in responses:
+                self.events.put_nowait((self.index, response))
+            failure = StageFailure(self.hop.node_id, "closed the stream")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            failure = StageFailure(self.hop.node_id, f"stream broke: {e}")
+        self.events.put_nowait((self.index, failure))
+
+    def send(self, request: runtime_pb2.ExpertRequest) -> None:
+        if self.send_delay_s > 0:  # emulated one-way link latency (tests and benchmarks)
+            asyncio.get_running_loop().call_later(self.send_delay_s, self._outbox.put_nowait, request)
+        else:
+            self._outbox.put_nowait(request)
+
+    def close(self) -> None:
+        self._outbox.put_nowait(None)
+        if self._reader is not None:
+            self._reader.cancel()
 
 
-@dataclass
 class ChainSession:
-    """A session through a chain of stages; `step` runs hidden states through all of them."""
+    """A session through a chain of stages; `step` runs hidden states through all of them.
 
-    chain: list[Hop]
-    streams: list[_Stream]
-    max_length: int
+    In push mode the client sends a step to the first stage and awaits the last stage's
+    answer; in relay mode it carries each stage's output to the next itself.
+    """
+
+    def __init__(self, chain: list[Hop], streams: list[_Stream], events: asyncio.Queue, *, max_length: int,
+                 relay: bool, wire: str, step_timeout_s: float) -> None:
+        self.chain, self.streams, self.events = chain, streams, events
+        self.max_length, self.relay, self.wire = max_length, relay, wire
+        self.step_timeout_s = step_timeout_s
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        for stream in self.streams:
-            response = await stream.call(pack({"position": position}, [hidden]))
-            hidden = deserialize_torch_tensor(response.tensors[0])
-        return hidden
+        if self.relay:
+            for stream in self.streams:
+                stream.send(pack({"position": position}, [hidden], wire=self.wire))
+                hidden = await self._answer_from(stream.index, position)
+            return hidden
+        self.streams[0].send(pack({"position": position}, [hidden], wire=self.wire))
+        return await self._answer_from(len(self.streams) - 1, position)
+
+    async def _answer_from(self, index: int, position: int) -> torch.Tensor:
+        """Waits for stage `index`'s output at `position`; any stage's error or silence raises StageFailure."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.step_timeout_s
+        while True:
+            try:
+                source, item = await asyncio.wait_for(self.events.get(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise StageFailure(self.chain[index].node_id, f"no answer in {self.step_timeout_s:.0f} s",
+                                   code="timeout") from None
+            peer = self.chain[source].node_id
+            if isinstance(item, StageFailure):
+                raise item
+            try:
+                metadata = raise_if_error(peer, item)
+            except RemoteError as e:
+                raise StageFailure(e.peer, e.message, code=e.code) from e
+            if source == index and metadata.get("position") == position and len(item.tensors) == 1:
+                return deserialize_torch_tensor(item.tensors[0])
 
     async def close(self) -> None:
-        await asyncio.gather(*(s.close() for s in self.streams), return_exceptions=True)
+        for stream in self.streams:
+            stream.close()
 
 
 class SwarmClient:
     """A DHT client for one model's swarm."""
 
-    def __init__(self, dht: DHT, model: str, num_layers: int) -> None:
+    def __init__(self, dht: DHT, model: str, num_layers: int, *, send_delay_s: float = 0.0) -> None:
         self.dht, self.model, self.num_layers = dht, model, num_layers
+        self.send_delay_s = send_delay_s  # emulated one-way latency on every message this client sends
         self._p2p: P2P | None = None
+        self._banned_until: dict[str, float] = {}
 
     async def p2p(self) -> P2P:
         if self._p2p is None:
@@ -109,19 +165,48 @@ class SwarmClient:
     async def servers(self) -> list[ServerRecord]:
         return await list_servers(self.dht, self.model, num_layers=self.num_layers)
 
-    async def choose_chain(self) -> list[Hop]:
-        return any_chain(await self.servers(), self.num_layers)
+    def ban(self, peer: str, for_s: float = 120.0) -> None:
+        """Keeps a failed peer out of this client's chains (its DHT record may outlive it by a TTL)."""
+        self._banned_until[peer] = time.monotonic() + for_s
 
-    async def open_session(self, chain: list[Hop], *, max_length: int) -> ChainSession:
+    @property
+    def banned(self) -> frozenset[str]:
+        now = time.monotonic()
+        return frozenset(peer for peer, until in self._banned_until.items() if until > now)
+
+    async def choose_chain(self) -> list[Hop]:
+        return any_chain(await self.servers(), self.num_layers, exclude=self.banned)
+
+    async def open_session(self, chain: list[Hop], *, max_length: int, relay: bool = False, wire: str = "none",
+                           step_timeout_s: float = 60.0) -> ChainSession:
+        """Opens the session on every stage at once (in push mode a stage may start its push link
+        before its successor has seen the session; the successor waits for it)."""
         p2p = await self.p2p()
         session_id = uuid.uuid4().hex
-        streams = [_Stream(hop) for hop in chain]
-        opened: list[_Stream] = []
-        try:
+        events: asyncio.Queue = asyncio.Queue()
+        streams = [_Stream(hop, i, events, self.send_delay_s) for i, hop in enumerate(chain)]
+
+        def opening(i: int) -> dict:
+            hop = chain[i]
+            return {
+                "session_id": session_id, "start": hop.start, "end": hop.end, "max_length": max_length,
+                "prev": chain[i - 1].node_id if i > 0 else None,
+                "next": chain[i + 1].node_id if i + 1 < len(chain) else None,
+                "relay": relay, "wire": wire,
+            }
+
+        results = await asyncio.gather(
+            *(stream.open(p2p, opening(i)) for i, stream in enumerate(streams)), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
             for stream in streams:
-                await stream.open(p2p, session_id, max_length)
-                opened.append(stream)
-        except BaseException:
-            await asyncio.gather(*(s.close() for s in opened), return_exceptions=True)
-            raise
-        return ChainSession(chain, streams, max_length)
+                stream.close()
+            failure = failures[0]
+            if isinstance(failure, RemoteError):
+                raise StageFailure(failure.peer, failure.message, code=failure.code) from failure
+            if isinstance(failure, StageFailure | asyncio.CancelledError):
+                raise failure
+            raise StageFailure(chain[results.index(failure)].node_id, f"cannot open: {failure}") from failure
+        return ChainSession(chain, streams, events, max_length=max_length, relay=relay, wire=wire,
+                            step_timeout_s=step_timeout_s)

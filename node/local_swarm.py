@@ -6,18 +6,21 @@ the tests and benchmarks, so they all exercise real processes talking over libp2
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 from hivemind import DHT
 
 from node.checkpoint import resolve_model
-from node.membership import servers_key
-from swarm.records import RecordError, ServerRecord
+from node.membership import list_servers_blocking, open_dht
+from swarm.records import ServerRecord
 
 
 def even_split(num_layers: int, parts: int) -> list[tuple[int, int]]:
@@ -42,9 +45,10 @@ class LocalSwarm:
         self.ranges = list(ranges) if ranges else even_split(self.source.num_layers, num_nodes)
         self.threads_per_node = threads_per_node
         self.node_args = list(node_args)
-        self.log_dir = log_dir
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="layerhive-swarm-")
         self.bootstrap: DHT | None = None
         self.processes: list[subprocess.Popen] = []
+        self.dead_peers: set[str] = set()  # killed nodes whose records may linger until they expire
 
     @property
     def initial_peers(self) -> list[str]:
@@ -52,7 +56,7 @@ class LocalSwarm:
         return [str(m) for m in self.bootstrap.get_visible_maddrs()]
 
     def start(self, timeout_s: float = 180.0) -> list[str]:
-        self.bootstrap = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        self.bootstrap = open_dht([], ["/ip4/127.0.0.1/tcp/0"])  # validates records like every Layerhive peer
         for index, (start, end) in enumerate(self.ranges):
             self.processes.append(self._spawn_node(index, start, end))
         self.wait_until_covered(timeout_s)
@@ -67,42 +71,60 @@ class LocalSwarm:
         if self.threads_per_node:
             env["OMP_NUM_THREADS"] = str(self.threads_per_node)
             command += ["--threads", str(self.threads_per_node)]
-        if not self.log_dir:
-            return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        # Each node gets its own process group, so `kill` takes down its DHT process and p2p daemon too,
+        # as a crash of the volunteer's machine would.
         with open(os.path.join(self.log_dir, f"node{index}.log"), "w") as log:  # the child keeps its own handle
-            return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def online_records(self) -> list[ServerRecord]:
         assert self.bootstrap is not None
-        found = self.bootstrap.get(servers_key(self.source.name), latest=True)
-        records = []
-        for item in (found.value if found is not None and isinstance(found.value, dict) else {}).values():
-            try:
-                record = ServerRecord.from_dict(item.value, num_layers=self.source.num_layers)
-            except RecordError:
-                continue
-            if record.state == "online":
-                records.append(record)
-        return records
+        records = list_servers_blocking(self.bootstrap, self.source.name, num_layers=self.source.num_layers)
+        return [record for record in records if record.state == "online"]
 
     def wait_until_covered(self, timeout_s: float) -> None:
+        """Waits until every node process has announced its range (each range as many times as it was given)."""
         deadline = time.monotonic() + timeout_s
-        wanted = set(self.ranges)
+        wanted = Counter(self.ranges)
         while time.monotonic() < deadline:
             for process in self.processes:
-                if process.poll() is not None:
-                    raise RuntimeError(f"a node process exited with code {process.returncode} while starting"
-                                       + (f"; see logs in {self.log_dir}" if self.log_dir else ""))
-            online = {(r.start, r.end) for r in self.online_records()}
-            if wanted <= online:
+                if process.poll() is not None and process.returncode != -signal.SIGKILL:
+                    raise RuntimeError(f"a node process exited with code {process.returncode} while starting; "
+                                       f"see logs in {self.log_dir}")
+            live = [r for r in self.online_records() if r.peer_id not in self.dead_peers]
+            if not wanted - Counter((r.start, r.end) for r in live):
                 return
-            time.sleep(0.5)
-        raise TimeoutError(f"the local swarm did not come online within {timeout_s:.0f} s")
+            time.sleep(0.2)
+        raise TimeoutError(f"the local swarm did not come online within {timeout_s:.0f} s; logs in {self.log_dir}")
+
+    def peer_id(self, index: int, timeout_s: float = 60.0) -> str:
+        """Node `index`'s peer id, from the line it prints once it serves."""
+        deadline = time.monotonic() + timeout_s
+        path = os.path.join(self.log_dir, f"node{index}.log")
+        while True:
+            with open(path) as log:
+                for line in log:
+                    if line.startswith("serving ") and "/p2p/" in line:
+                        return line.rsplit("/p2p/", 1)[1].split()[0]
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        raise TimeoutError(f"node {index} did not report its peer id; see {path}")
 
     def kill(self, index: int) -> None:
-        """SIGKILLs node `index`, as a crash would."""
-        self.processes[index].kill()
-        self.processes[index].wait()
+        """SIGKILLs node `index` with its DHT process and p2p daemon, as a crash of its machine would."""
+        process = self.processes[index]
+        with contextlib.suppress(TimeoutError):
+            self.dead_peers.add(self.peer_id(index, timeout_s=0))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def respawn(self, index: int) -> None:
+        """Starts a fresh node (a new peer id) in place of dead node `index`; returns without waiting."""
+        if self.processes[index].poll() is None:
+            raise RuntimeError(f"node {index} is still running")
+        start, end = self.ranges[index]
+        self.processes[index] = self._spawn_node(index, start, end)
 
     def stop(self) -> None:
         for process in self.processes:
@@ -114,6 +136,8 @@ class LocalSwarm:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+            with contextlib.suppress(ProcessLookupError):  # whatever the node left behind in its group
+                os.killpg(process.pid, signal.SIGKILL)
         self.processes.clear()
         if self.bootstrap is not None:
             self.bootstrap.shutdown()

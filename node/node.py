@@ -12,7 +12,9 @@ import torch
 from hivemind import DHT
 
 from node.checkpoint import ModelSource
-from node.membership import DEFAULT_TTL_S, announce
+from node.identity import NodeIdentity, load_identity
+from node.membership import DEFAULT_TTL_S, announce, open_dht
+from node.probe import add_probe_handlers
 from node.server import StageServer
 from node.stage import Stage, default_device, default_dtype
 from swarm.records import ServerRecord
@@ -30,16 +32,14 @@ class NodeConfig:
     kv_budget_bytes: int | None = None  # default: a quarter of the memory left after loading
     max_length: int = 8192
     ttl_s: float = DEFAULT_TTL_S
-    identity_path: str | None = None
+    identity: str | None = None  # name of a persistent identity (peer id + signing key); None: a new one per run
+    send_delay_s: float = 0.0  # emulated one-way latency on everything this node sends (WAN tests)
 
 
 def start_dht(initial_peers: Sequence[str], host_maddrs: Sequence[str], *, client_mode: bool = False,
-              identity_path: str | None = None) -> DHT:
-    kwargs = {"identity_path": identity_path} if identity_path else {}
-    return DHT(
-        initial_peers=list(initial_peers) or None, host_maddrs=list(host_maddrs), start=True,
-        client_mode=client_mode, **kwargs,
-    )
+              identity: NodeIdentity | None = None) -> DHT:
+    """A DHT peer that signs its records with `identity` (an ephemeral one if None) and validates everyone's."""
+    return open_dht(initial_peers, host_maddrs, client_mode=client_mode, identity=identity)
 
 
 class Node:
@@ -54,15 +54,18 @@ class Node:
         config = self.config
         device = torch.device(config.device) if config.device else default_device()
         dtype = default_dtype(device)
-        self.dht = start_dht(config.initial_peers, config.host_maddrs, identity_path=config.identity_path)
+        identity = load_identity(config.identity) if config.identity else None
+        self.dht = start_dht(config.initial_peers, config.host_maddrs, identity=identity)
         loop = asyncio.get_running_loop()
         stage = await loop.run_in_executor(
             None, lambda: Stage(self.source, config.start, config.end, dtype=dtype, device=device)
         )
         budget = config.kv_budget_bytes or default_kv_budget(device)
-        self.server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length)
+        self.server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
+                                  send_delay_s=config.send_delay_s)
         p2p = await self.dht.replicate_p2p()
         await self.server.add_handlers(p2p)
+        await add_probe_handlers(p2p)  # peers measure their RTT and uplink to us through these
         self.record = ServerRecord(
             peer_id=self.dht.peer_id.to_base58(), model=self.source.name,
             start=config.start, end=config.end, state="online",

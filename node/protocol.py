@@ -1,11 +1,19 @@
 """The wire format of a stage's inference stream, and its validation.
 
-One bidirectional stream is one session. The first request opens it
-(`{"open": {...}}`), each later request is a step carrying hidden states
-[1, tokens, hidden] whose first token sits at `position`; each answer carries the
-stage's output hidden states, or `{"error": {"code", "message"}}`. Closing the
-stream frees the session's KV cache. Everything a peer sends is checked here
-before any compute runs.
+A client opens one bidirectional stream per stage of its chain; that stream is the
+session there, and closing it frees the session's KV cache. The first request opens
+it (`{"open": {...}}`), naming the stage's neighbours in the chain. A step carries
+hidden states [1, tokens, hidden] whose first token sits at `position`.
+
+Two ways to move a step along the chain:
+- push (default): the client sends the step to the first stage only; each stage
+  pushes its output to the next stage over a stage-to-stage stream (`PUSH_HANDLER`,
+  accepted only from the peer the client named as `prev`), and the last stage answers
+  on its client stream: stages + 1 one-way legs per token.
+- relay: every stage answers its client stream and the client forwards (2 legs per
+  stage); the fallback when stages cannot reach each other.
+Errors come back as `{"error": {"code", "message"}}` on the stage's client stream.
+Everything a peer sends is checked here before any compute runs.
 """
 
 from __future__ import annotations
@@ -19,9 +27,13 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.proto import runtime_pb2
 
 INFERENCE_HANDLER = "layerhive.inference"
+PUSH_HANDLER = "layerhive.push"
 INFO_HANDLER = "layerhive.info"
 PROTOCOL_VERSION = 1
 WIRE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+# How hidden states travel: as they are, or cast to fp16 on the wire (half the bytes; lossy for fp32 models).
+WIRE_CODECS = {"none": runtime_pb2.CompressionType.NONE, "fp16": runtime_pb2.CompressionType.FLOAT16}
+MAX_PEER_ID_LEN = 128
 MAX_SESSION_ID_LEN = 64
 
 
@@ -34,7 +46,7 @@ class ProtocolError(Exception):
 
 
 class RemoteError(Exception):
-    """An error answer received from a peer."""
+    """An error answer received from a peer; `peer` is the stage at fault."""
 
     def __init__(self, peer: str, code: str, message: str) -> None:
         super().__init__(f"{peer}: {code}: {message}")
@@ -47,7 +59,10 @@ class OpenSession:
     start: int
     end: int
     max_length: int  # positions the session may use: prompt plus generated tokens
-
+    prev_peer: str | None = None  # the stage that pushes steps here (None: the client sends them)
+    next_peer: str | None = None  # the stage this one pushes its output to (None: answer the client)
+    relay: bool = False  # answer every step on the client stream instead of pushing
+    wire: str = "none"
 
 @dataclass(frozen=True)
 class Step:
@@ -55,20 +70,26 @@ class Step:
     position: int
 
 
-def pack(metadata: dict[str, Any], tensors: list[torch.Tensor] = ()) -> runtime_pb2.ExpertRequest:
+def pack(metadata: dict[str, Any], tensors: list[torch.Tensor] = (), wire: str = "none") -> runtime_pb2.ExpertRequest:
     return runtime_pb2.ExpertRequest(
-        metadata=msgpack.packb(metadata), tensors=[serialize_torch_tensor(t) for t in tensors]
+        metadata=msgpack.packb(metadata), tensors=[serialize_torch_tensor(t, WIRE_CODECS[wire]) for t in tensors]
     )
 
 
-def pack_response(metadata: dict[str, Any], tensors: list[torch.Tensor] = ()) -> runtime_pb2.ExpertResponse:
+def pack_response(
+    metadata: dict[str, Any], tensors: list[torch.Tensor] = (), wire: str = "none"
+) -> runtime_pb2.ExpertResponse:
     return runtime_pb2.ExpertResponse(
-        metadata=msgpack.packb(metadata), tensors=[serialize_torch_tensor(t) for t in tensors]
+        metadata=msgpack.packb(metadata), tensors=[serialize_torch_tensor(t, WIRE_CODECS[wire]) for t in tensors]
     )
 
 
-def error_response(code: str, message: str) -> runtime_pb2.ExpertResponse:
-    return pack_response({"error": {"code": code, "message": message}})
+def error_response(code: str, message: str, peer: str | None = None) -> runtime_pb2.ExpertResponse:
+    """`peer` names the stage at fault when it is not the one answering (e.g. an unreachable next stage)."""
+    error = {"code": code, "message": message}
+    if peer is not None:
+        error["peer"] = peer
+    return pack_response({"error": error})
 
 
 def unpack_metadata(message: runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse) -> dict[str, Any]:
@@ -99,7 +120,29 @@ def parse_open(message: runtime_pb2.ExpertRequest, *, max_length_limit: int) -> 
     start = _int_field(opened, "start", low=0, high=1 << 20)
     end = _int_field(opened, "end", low=start + 1, high=1 << 20)
     max_length = _int_field(opened, "max_length", low=1, high=max_length_limit)
-    return OpenSession(session_id, start, end, max_length)
+    prev_peer, next_peer = _peer_field(opened, "prev"), _peer_field(opened, "next")
+    relay = opened.get("relay", False)
+    if not isinstance(relay, bool):
+        raise ProtocolError("bad_request", f"'relay' must be a boolean, got {relay!r}")
+    wire = opened.get("wire", "none")
+    if not isinstance(wire, str) or wire not in WIRE_CODECS:
+        raise ProtocolError("bad_request", f"'wire' must be one of {sorted(WIRE_CODECS)}, got {wire!r}")
+    return OpenSession(session_id, start, end, max_length, prev_peer, next_peer, relay, wire)
+
+
+def _peer_field(metadata: dict[str, Any], key: str) -> str | None:
+    value = metadata.get(key)
+    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_PEER_ID_LEN):
+        raise ProtocolError("bad_request", f"{key!r} must be a peer id string or null, got {value!r}")
+    return value
+
+
+def parse_push_open(message: runtime_pb2.ExpertRequest) -> str:
+    """The first message of a stage-to-stage push stream names the session it feeds."""
+    session_id = unpack_metadata(message).get("push")
+    if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_SESSION_ID_LEN:
+        raise ProtocolError("bad_request", "the first message of a push stream must be {'push': session_id}")
+    return session_id
 
 
 def parse_step(
@@ -112,6 +155,8 @@ def parse_step(
     if len(message.tensors) != 1:
         raise ProtocolError("bad_request", f"a step carries exactly one tensor, got {len(message.tensors)}")
     proto = message.tensors[0]
+    if proto.compression not in WIRE_CODECS.values():
+        raise ProtocolError("bad_tensor", f"unsupported tensor compression {proto.compression}")
     dtype_name = proto.dtype
     if dtype_name not in {str(d).removeprefix("torch.") for d in WIRE_DTYPES}:
         raise ProtocolError("bad_tensor", f"hidden states must be float32/float16/bfloat16, got {dtype_name!r}")
@@ -137,5 +182,8 @@ def raise_if_error(peer: str, response: runtime_pb2.ExpertResponse) -> dict[str,
     metadata = unpack_metadata(response)
     error = metadata.get("error")
     if error is not None:
-        raise RemoteError(peer, str(error.get("code", "unknown")), str(error.get("message", "")))
+        if not isinstance(error, dict):
+            raise RemoteError(peer, "bad_response", f"malformed error: {error!r}")
+        at_fault = error.get("peer") if isinstance(error.get("peer"), str) else peer
+        raise RemoteError(at_fault, str(error.get("code", "unknown")), str(error.get("message", "")))
     return metadata

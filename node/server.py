@@ -1,45 +1,44 @@
-"""Serving a stage over hivemind's P2P streams: sessions, their KV caches, and a memory budget.
+"""Serving a stage over hivemind's P2P streams: sessions, their KV caches, a memory budget, push links.
 
-Compute runs on one worker thread so the event loop stays free to accept, validate
-and answer other sessions while a step runs; steps of different sessions queue
-there in arrival order.
+Each session has an outbox: whatever the client should hear (the opening answer,
+errors, and — at the chain's last stage or in relay mode — step outputs) is queued
+there and written to the client's stream. Steps arrive from the client's stream or,
+in push mode, from the previous stage's push stream; both run `_process_step`.
+Compute runs on one worker thread, so the event loop stays free to accept, validate
+and forward other sessions' traffic while a step runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
+from node.batching import StepBatcher
 from node.protocol import (
     INFERENCE_HANDLER,
     INFO_HANDLER,
+    PUSH_HANDLER,
+    OpenSession,
     ProtocolError,
     error_response,
+    pack,
     pack_response,
     parse_open,
+    parse_push_open,
     parse_step,
+    unpack_metadata,
 )
 from node.stage import Stage
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Session:
-    session_id: str
-    peer: str
-    max_length: int
-    reserved_bytes: int
-    cache: object
-    position: int = 0
-    opened_at: float = field(default_factory=time.monotonic)
 
 
 class CapacityError(Exception):
@@ -67,41 +66,153 @@ class KVBudget:
         return self.budget_bytes - self.reserved_bytes
 
 
+class Outbox:
+    """Messages for one stream, optionally delayed by a fixed one-way latency (WAN emulation in tests)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.delay_s = delay_s
+
+    def put(self, item) -> None:
+        if self.delay_s > 0 and item is not None:
+            # A constant delay keeps messages in order; the sender is not held up meanwhile.
+            asyncio.get_running_loop().call_later(self.delay_s, self.queue.put_nowait, item)
+        else:
+            self.queue.put_nowait(item)
+
+    async def drain(self) -> AsyncIterator:
+        while (item := await self.queue.get()) is not None:
+            yield item
+
+
+@dataclass
+class Session:
+    opened: OpenSession
+    client: str
+    reserved_bytes: int
+    cache: object
+    outbox: Outbox
+    position: int = 0
+    last_active: float = field(default_factory=time.monotonic)
+    push_link: PushLink | None = None
+
+    @property
+    def session_id(self) -> str:
+        return self.opened.session_id
+
+    @property
+    def pushes(self) -> bool:
+        return self.opened.next_peer is not None and not self.opened.relay
+
+
+class PushLink:
+    """The stream on which a stage pushes one session's outputs to the next stage.
+
+    It is opened as soon as the session is, in the background, so the first token does
+    not wait for a stream setup; steps queue in the outbox meanwhile.
+    """
+
+    def __init__(self, session: Session, delay_s: float) -> None:
+        self.session = session
+        self.outbox = Outbox(delay_s)
+        self._watcher: asyncio.Task | None = None
+
+    def start(self, p2p: P2P) -> None:
+        self._watcher = asyncio.create_task(self._run(p2p))
+
+    async def _run(self, p2p: P2P) -> None:
+        next_peer = self.session.opened.next_peer
+        self.outbox.put(pack({"push": self.session.session_id}))
+        try:
+            responses = await p2p.iterate_protobuf_handler(
+                PeerID.from_base58(next_peer), PUSH_HANDLER, self.outbox.drain(), runtime_pb2.ExpertResponse
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.session.outbox.put(
+                error_response("push_failed", f"cannot reach the next stage {next_peer}: {e}", peer=next_peer)
+            )
+            return
+        await self._watch(responses)
+
+    async def _watch(self, responses: AsyncIterator[runtime_pb2.ExpertResponse]) -> None:
+        """The next stage answers a push stream only to refuse it; any answer or a broken stream is reported."""
+        next_peer = self.session.opened.next_peer
+        try:
+            async for response in responses:
+                self.session.outbox.put(_with_peer(response, next_peer))
+                return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.session.outbox.put(
+                error_response("push_failed", f"cannot reach the next stage {next_peer}: {e}", peer=next_peer)
+            )
+
+    def send(self, request: runtime_pb2.ExpertRequest) -> None:
+        self.outbox.put(request)
+
+    def close(self) -> None:
+        self.outbox.queue.put_nowait(None)
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+
+def _with_peer(response: runtime_pb2.ExpertResponse, peer: str) -> runtime_pb2.ExpertResponse:
+    error = unpack_metadata(response).get("error") or {}
+    return error_response(str(error.get("code", "push_failed")), str(error.get("message", "")), peer=peer)
+
+
 class StageServer:
-    """Answers inference streams for one stage."""
+    """Answers inference and push streams for one stage."""
 
     def __init__(self, stage: Stage, *, kv_budget_bytes: int, max_length: int = 8192,
-                 idle_timeout_s: float = 300.0) -> None:
+                 idle_timeout_s: float = 300.0, send_delay_s: float = 0.0) -> None:
         self.stage = stage
         self.budget = KVBudget(kv_budget_bytes)
         self.max_length = max_length
         self.idle_timeout_s = idle_timeout_s
+        self.send_delay_s = send_delay_s
         self.sessions: dict[str, Session] = {}
         self.steps_served = 0
         self.tokens_served = 0
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
-        self._queued = 0
+        # Decode steps of concurrent sessions that queue while a pass runs go through the layers together.
+        self.batcher = StepBatcher(stage, executor=self._compute)
+        self._p2p: P2P | None = None
+        self._sweeper: asyncio.Task | None = None
 
     @property
     def queue_len(self) -> int:
-        return self._queued
+        return self.batcher.pending
 
     @property
     def free_kv_tokens(self) -> int:
         return self.budget.free_bytes // max(1, self.stage.shape.kv_bytes_per_token)
 
     async def add_handlers(self, p2p: P2P) -> None:
+        self._p2p = p2p
         await p2p.add_protobuf_handler(
-            INFERENCE_HANDLER, self.rpc_inference, runtime_pb2.ExpertRequest,
-            stream_input=True, stream_output=True,
+            INFERENCE_HANDLER, self.rpc_inference, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        )
+        await p2p.add_protobuf_handler(
+            PUSH_HANDLER, self.rpc_push, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
         await p2p.add_protobuf_handler(INFO_HANDLER, self.rpc_info, runtime_pb2.ExpertRequest)
+        self._sweeper = asyncio.create_task(self._sweep_idle_sessions())
 
     async def remove_handlers(self, p2p: P2P) -> None:
         await p2p.remove_protobuf_handler(INFERENCE_HANDLER, stream_input=True, stream_output=True)
+        await p2p.remove_protobuf_handler(PUSH_HANDLER, stream_input=True, stream_output=True)
         await p2p.remove_protobuf_handler(INFO_HANDLER)
 
     def shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for session in list(self.sessions.values()):
+            session.outbox.queue.put_nowait(None)
+        self.batcher.shutdown()
         self._compute.shutdown(wait=False, cancel_futures=True)
 
     async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
@@ -120,47 +231,91 @@ class StageServer:
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        peer = context.remote_id.to_base58()
-        session: Session | None = None
+        client = context.remote_id.to_base58()
         try:
             first = await asyncio.wait_for(anext(requests), self.idle_timeout_s)
-            try:
-                session = self._open(first, peer)
-            except (ProtocolError, CapacityError) as e:
-                yield _error_for(e)
-                return
+            session = self._open(first, client)
+        except (StopAsyncIteration, asyncio.TimeoutError):
+            return
+        except Exception as e:
+            if not isinstance(e, ProtocolError | CapacityError):  # a validation gap costs the sender, not the node
+                logger.exception("unexpected error opening a session for %s", client)
+                e = ProtocolError("bad_request", f"cannot open the session: {type(e).__name__}")
+            yield _error_for(e)
+            await _linger(requests)
+            return
+        reader = asyncio.create_task(self._read_client_steps(session, requests))
+        try:
             yield pack_response({"opened": session.session_id, "start": self.stage.start, "end": self.stage.end})
-            while True:
-                request = await asyncio.wait_for(anext(requests), self.idle_timeout_s)
-                try:
-                    yield await self._step(session, request)
-                except ProtocolError as e:
-                    # A bad step is refused without touching the cache; the session stays usable.
-                    yield _error_for(e)
-                except Exception as e:  # a compute failure may leave the cache half-updated: end the session
-                    logger.exception("step failed in session %s", session.session_id)
-                    yield error_response("internal", f"step failed: {type(e).__name__}: {e}")
-                    return
-        except (StopAsyncIteration, asyncio.CancelledError):
-            pass
-        except asyncio.TimeoutError:
-            logger.info("session from %s idle for %.0f s, closing", peer, self.idle_timeout_s)
+            async for message in session.outbox.drain():
+                yield message
         finally:
-            if session is not None:
-                self._close(session)
+            reader.cancel()
+            self._close(session)
 
-    def _open(self, request: runtime_pb2.ExpertRequest, peer: str) -> Session:
+    async def _read_client_steps(self, session: Session, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> None:
+        try:
+            async for request in requests:
+                if session.opened.prev_peer is not None and not session.opened.relay:
+                    session.outbox.put(error_response("bad_request", "this stage takes its steps from the previous "
+                                                      "stage's push stream, not from the client"))
+                    continue
+                await self._process_step(session, request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the client's stream broke: nothing more will come
+            logger.debug("client stream of session %s ended: %s", session.session_id, e)
+        session.outbox.queue.put_nowait(None)  # the client closed its side: end the session
+
+    async def rpc_push(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        pusher = context.remote_id.to_base58()
+        try:
+            session_id = parse_push_open(await asyncio.wait_for(anext(requests), self.idle_timeout_s))
+        except ProtocolError as e:
+            yield _error_for(e)
+            await _linger(requests)
+            return
+        except (StopAsyncIteration, asyncio.TimeoutError):
+            return
+        session = await self._wait_for_session(session_id)
+        if session is None or session.opened.prev_peer != pusher:
+            # Only the stage the client named as our predecessor may feed its session.
+            yield error_response("bad_request", f"no session {session_id!r} here expects pushes from {pusher}")
+            return
+        with contextlib.suppress(StopAsyncIteration, ConnectionError):
+            async for request in requests:
+                if session.session_id not in self.sessions:
+                    return
+                await self._process_step(session, request)
+        return
+        yield  # makes this an async generator: a push stream gets no answers while all is well
+
+    async def _wait_for_session(self, session_id: str, timeout_s: float = 10.0) -> Session | None:
+        """The client opens all stages at once, so a push may arrive just before its session here."""
+        deadline = time.monotonic() + timeout_s
+        while (session := self.sessions.get(session_id)) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return session
+
+    def _open(self, request: runtime_pb2.ExpertRequest, client: str) -> Session:
         opened = parse_open(request, max_length_limit=self.max_length)
-        if (opened.start, opened.end) != (self.stage.start, self.stage.end):
+        if not self.stage.start <= opened.start < opened.end <= self.stage.end:
             raise ProtocolError(
                 "bad_range", f"this node serves layers {self.stage.start}:{self.stage.end}, "
-                f"not {opened.start}:{opened.end}"
+                f"which do not include {opened.start}:{opened.end}"
             )
         if opened.session_id in self.sessions:
             raise ProtocolError("bad_request", f"session {opened.session_id!r} is already open here")
-        nbytes = opened.max_length * self.stage.shape.kv_bytes_per_token
+        layers = (opened.start, opened.end)  # a chain may use any sub-range of what this node holds
+        nbytes = self.stage.cache_bytes(opened.max_length, layers=layers)
         self.budget.reserve(nbytes)
-        session = Session(opened.session_id, peer, opened.max_length, nbytes, self.stage.new_cache())
+        cache = self.stage.new_cache(opened.max_length, layers=layers)
+        session = Session(opened, client, nbytes, cache, Outbox(self.send_delay_s))
+        if session.pushes:
+            session.push_link = PushLink(session, self.send_delay_s)
+            session.push_link.start(self._p2p)
         self.sessions[session.session_id] = session
         return session
 
@@ -168,25 +323,58 @@ class StageServer:
         if self.sessions.pop(session.session_id, None) is not None:
             self.budget.release(session.reserved_bytes)
             session.cache = None
+            if session.push_link is not None:
+                session.push_link.close()
 
-    async def _step(self, session: Session, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
-        step = parse_step(
-            request, hidden_size=self.stage.shape.hidden_size,
-            expected_position=session.position, max_length=session.max_length,
-        )
-        loop = asyncio.get_running_loop()
-        self._queued += 1
+    async def _process_step(self, session: Session, request: runtime_pb2.ExpertRequest) -> None:
+        """Validates and runs one step, then sends its output on: to the next stage or to the client."""
         try:
-            hidden = await loop.run_in_executor(
-                self._compute, self.stage.forward, step.hidden, step.position, session.cache
+            step = parse_step(
+                request, hidden_size=self.stage.shape.hidden_size,
+                expected_position=session.position, max_length=session.opened.max_length,
             )
-        finally:
-            self._queued -= 1
+        except ProtocolError as e:
+            # A bad step is refused without touching the cache; the session stays usable.
+            session.outbox.put(_error_for(e))
+            return
+        session.last_active = time.monotonic()
+        try:
+            hidden = await self.batcher.run(session.cache, step.hidden, step.position,
+                                            layers=(session.opened.start, session.opened.end))
+        except Exception as e:  # a compute failure: end the session rather than trust its cache
+            logger.exception("step failed in session %s", session.session_id)
+            session.outbox.put(error_response("internal", f"step failed: {type(e).__name__}: {e}"))
+            session.outbox.put(None)
+            return
         tokens = step.hidden.shape[1]
         session.position += tokens
         self.steps_served += 1
         self.tokens_served += tokens
-        return pack_response({"position": step.position}, [hidden.to(step.hidden.dtype)])
+        output = hidden.to(step.hidden.dtype)
+        if session.session_id not in self.sessions:
+            return  # closed while the step ran
+        if session.pushes:
+            session.push_link.send(pack({"position": step.position}, [output], wire=session.opened.wire))
+        else:
+            session.outbox.put(pack_response({"position": step.position}, [output], wire=session.opened.wire))
+
+    async def _sweep_idle_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.idle_timeout_s / 2))
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                if now - session.last_active > self.idle_timeout_s:
+                    logger.info("session %s idle for %.0f s, closing", session.session_id, self.idle_timeout_s)
+                    session.outbox.queue.put_nowait(None)
+
+
+async def _linger(requests: AsyncIterator, timeout_s: float = 2.0) -> None:
+    """Waits for the peer to end its side before we close ours: closing at once can reset the stream
+    and lose the refusal we just sent."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(timeout_s):
+            async for _ in requests:
+                pass
 
 
 def _error_for(e: Exception) -> runtime_pb2.ExpertResponse:

@@ -27,14 +27,15 @@ def reference_generate(source, prompt_ids: list[int], max_new_tokens: int, stop_
     return out[0, len(prompt_ids):].tolist()
 
 
-async def swarm_generate(swarm: LocalSwarm, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+async def swarm_generate(swarm: LocalSwarm, prompt_ids: list[int], params: SamplingParams, *,
+                         relay: bool = False) -> list[int]:
     source = swarm.source
     dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
         client = SwarmClient(dht, source.name, source.num_layers)
         chain = await client.choose_chain()
         assert [(hop.start, hop.end) for hop in chain] == swarm.ranges
-        session = await client.open_session(chain, max_length=len(prompt_ids) + params.max_new_tokens)
+        session = await client.open_session(chain, max_length=len(prompt_ids) + params.max_new_tokens, relay=relay)
         try:
             return [token async for token in generate(session, ClientHead(source), prompt_ids, params)]
         finally:
@@ -80,5 +81,6 @@ def test_three_nodes_match_single_process_tiny_qwen2(tiny_checkpoint, tmp_path):
     stop_ids = (source.config.eos_token_id,) if source.config.eos_token_id is not None else ()
     with LocalSwarm(str(path), num_nodes=3, threads_per_node=1, log_dir=str(tmp_path)) as swarm:
         params = SamplingParams(max_new_tokens=16, stop_token_ids=stop_ids)
-        ours = asyncio.run(swarm_generate(swarm, prompt_ids, params))
-    assert ours == reference_generate(source, prompt_ids, 16, stop_ids)
+        pushed = asyncio.run(swarm_generate(swarm, prompt_ids, params))
+        relayed = asyncio.run(swarm_generate(swarm, prompt_ids, params, relay=True))
+    assert pushed == relayed == reference_generate(source, prompt_ids, 16, stop_ids)

@@ -10,9 +10,9 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from node.checkpoint import ModelNotFoundError, resolve_model
-from node.client import SwarmClient, _Stream
+from node.client import ChainSession, StageFailure, SwarmClient
 from node.node import Node, NodeConfig, start_dht
-from node.protocol import INFERENCE_HANDLER, RemoteError, pack
+from node.protocol import INFERENCE_HANDLER, pack
 from node.stage import Stage
 from swarm.types import Hop
 
@@ -55,9 +55,7 @@ def test_bad_steps_are_refused_and_other_sessions_keep_working(tiny_checkpoint):
             (runtime_pb2.ExpertRequest(metadata=b"\xc1garbage"), "bad_request"),
         ]
         for request, code in bad_steps:
-            with pytest.raises(RemoteError) as error:
-                await hostile.streams[0].call(request)
-            assert error.value.code == code, error.value
+            assert await refusal(hostile, request) == code
 
         # The hostile session is still usable after its refused steps, and so is the honest one.
         await hostile.step(torch.randn(1, 2, hidden_size), 0)
@@ -76,7 +74,7 @@ def test_session_over_the_memory_budget_gets_no_capacity(tiny_checkpoint):
     async def body(node: Node, client: SwarmClient):
         hop = Hop(node.record.peer_id, 0, 4)
         first = await client.open_session([hop], max_length=80)  # fits in the budget of 100 tokens
-        with pytest.raises(RemoteError) as error:
+        with pytest.raises(StageFailure) as error:
             await client.open_session([hop], max_length=80)
         assert error.value.code == "no_capacity"
         await first.step(torch.randn(1, 3, source.hidden_size), 0)  # the admitted session still works
@@ -92,9 +90,8 @@ def test_wrong_range_is_refused(tiny_checkpoint):
     source = resolve_model(str(tiny_checkpoint("llama", num_layers=4)))
 
     async def body(node: Node, client: SwarmClient):
-        stream = _Stream(Hop(node.record.peer_id, 0, 3))
-        with pytest.raises(RemoteError) as error:
-            await stream.open(await client.p2p(), "s1", 16)
+        with pytest.raises(StageFailure) as error:
+            await client.open_session([Hop(node.record.peer_id, 0, 3)], max_length=16)
         assert error.value.code == "bad_range"
         p2p = await client.p2p()
         responses = await p2p.iterate_protobuf_handler(
@@ -107,6 +104,14 @@ def test_wrong_range_is_refused(tiny_checkpoint):
             break
 
     asyncio.run(_with_node(source, NodeConfig(start=0, end=2), body))
+
+
+async def refusal(session: ChainSession, request) -> str:
+    """Sends a raw request on the session's first stream and returns the error code it is answered with."""
+    session.streams[0].send(request)
+    with pytest.raises(StageFailure) as error:
+        await session._answer_from(0, position=-1)
+    return error.value.code
 
 
 async def _one(item):

@@ -1,0 +1,119 @@
+"""A chain session that survives stages dying or stalling mid-answer.
+
+It remembers the hidden states it fed the chain (the embeddings of every position so
+far). When a stage fails, the client bans that peer, picks a new chain without it,
+replays the history as a chunked prefill to rebuild every stage's KV cache, and
+retries the step. The replay recomputes exactly what the lost caches held, so the
+answer continues as if nothing happened; sampling state lives on the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from node.client import ChainSession, NoChainError, StageFailure, SwarmClient
+
+logger = logging.getLogger(__name__)
+
+REPLAY_CHUNK_TOKENS = 512
+# Codes that mean "this stage cannot take the session", not "this stage is broken".
+REFUSALS = {"no_capacity", "busy"}
+
+
+@dataclass(frozen=True)
+class FailoverEvent:
+    peer: str
+    code: str
+    position: int
+    recovery_s: float  # from noticing the failure to the retried step's answer
+
+
+class ResilientSession:
+    """Implements the `Chain` protocol of `node.generate` on top of replaceable chain sessions."""
+
+    def __init__(self, client: SwarmClient, *, max_length: int, relay: bool = False, wire: str = "none",
+                 max_failovers: int = 5, backoff_s: float = 0.2, step_timeout_s: float = 30.0) -> None:
+        self.client, self.max_length = client, max_length
+        self.relay, self.wire = relay, wire
+        self.max_failovers, self.backoff_s, self.step_timeout_s = max_failovers, backoff_s, step_timeout_s
+        self.session: ChainSession | None = None
+        self.history: list[torch.Tensor] = []  # chain inputs, in position order
+        self.history_len = 0
+        self.events: list[FailoverEvent] = []
+        self._pending_event: tuple[StageFailure, int, float] | None = None  # a failure not yet recovered from
+
+    async def open(self) -> None:
+        self.session = await self._open_new_chain()
+
+    async def _open_new_chain(self) -> ChainSession:
+        chain = await self.client.choose_chain()
+        return await self.client.open_session(
+            chain, max_length=self.max_length, relay=self.relay, wire=self.wire, step_timeout_s=self.step_timeout_s
+        )
+
+    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        if position != self.history_len:
+            raise ValueError(f"step at position {position}, but {self.history_len} positions were fed so far")
+        failovers = 0
+        while True:
+            try:
+                if self.session is None:
+                    self.session = await self._open_new_chain()
+                    await self._replay()
+                output = await self.session.step(hidden, position)
+                break
+            except StageFailure as failure:
+                failovers += 1
+                started = time.perf_counter()
+                await self._abandon(failure, position)
+                if failovers > self.max_failovers:
+                    raise NoChainError(f"gave up after {self.max_failovers} failovers; last: {failure}") from failure
+                self._pending_event = self._pending_event or (failure, position, started)
+                await asyncio.sleep(_backoff(self.backoff_s, failovers))
+            except NoChainError:
+                if failovers == 0 or failovers > self.max_failovers:
+                    raise
+                failovers += 1
+                await asyncio.sleep(_backoff(self.backoff_s, failovers))  # the swarm may still be re-forming
+        self._record_recovery()
+        self.history.append(hidden.detach().cpu())
+        self.history_len += hidden.shape[1]
+        return output
+
+    async def _abandon(self, failure: StageFailure, position: int) -> None:
+        logger.warning("stage %s failed at position %d (%s); failing over", failure.peer, position, failure)
+        if failure.code not in REFUSALS:
+            self.client.ban(failure.peer)
+        if self.session is not None:
+            await self.session.close()
+        self.session = None
+
+    async def _replay(self) -> None:
+        """Rebuilds the new chain's KV caches from the inputs fed so far."""
+        if not self.history:
+            return
+        inputs = torch.cat(self.history, dim=1)
+        for offset in range(0, inputs.shape[1], REPLAY_CHUNK_TOKENS):
+            await self.session.step(inputs[:, offset : offset + REPLAY_CHUNK_TOKENS], offset)
+
+    def _record_recovery(self) -> None:
+        if self._pending_event is None:
+            return
+        failure, position, started = self._pending_event
+        self.events.append(FailoverEvent(failure.peer, failure.code, position, time.perf_counter() - started))
+        self._pending_event = None
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+
+def _backoff(base_s: float, attempt: int) -> float:
+    """The first retry goes at once (another replica is usually there); later ones back off exponentially."""
+    return 0.0 if attempt <= 1 else base_s * 2 ** (attempt - 2)
