@@ -1,0 +1,298 @@
+"""The OpenAI-compatible API, driven by the official `openai` client against a live local swarm."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+import requests
+import uvicorn
+from fastapi import FastAPI
+
+from node.api import StopSequences, create_app
+from node.checkpoint import DEFAULT_MODEL, load_tokenizer
+from node.local_swarm import LocalSwarm
+
+pytestmark = pytest.mark.timeout(300)
+
+STORY = [{"role": "user", "content": "Tell me a long story about a bee who learns to fly."}]
+MAX_TOKENS = 12
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@contextlib.contextmanager
+def running(app: FastAPI) -> Iterator[str]:
+    """Serves `app` with uvicorn in a background thread on a free loopback port; yields the /v1 base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound here and handed over, so no other process can take the port meanwhile
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the API server did not start (its lifespan failed?)")
+        time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory) -> Iterator[LocalSwarm]:
+    with LocalSwarm(DEFAULT_MODEL, num_nodes=3, threads_per_node=1,
+                    log_dir=str(tmp_path_factory.mktemp("api-swarm-logs"))) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def api_url(swarm) -> Iterator[str]:
+    with running(create_app(DEFAULT_MODEL, swarm.initial_peers)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(api_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=api_url, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(swarm):
+    return load_tokenizer(swarm.source)
+
+
+@pytest.fixture(scope="module")
+def story(client) -> openai.types.chat.ChatCompletion:
+    """The greedy, non-streamed answer to STORY that several tests compare against."""
+    return client.chat.completions.create(model=DEFAULT_MODEL, messages=STORY, max_tokens=MAX_TOKENS, temperature=0)
+
+
+def chat_prompt_tokens(tokenizer, messages) -> int:
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return len(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def assert_still_serves(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=STORY, max_tokens=2, temperature=0)
+    assert reply.choices[0].message.content
+    assert reply.usage.completion_tokens == 2
+
+
+# ----------------------------------------------------------------------------------------- stop sequences
+
+
+def test_stop_sequences_hold_back_a_possible_start_and_cut_across_deltas():
+    stops = StopSequences(["END", "xy"])
+    assert stops.push("Hello E") == ("Hello ", False)  # "E" may begin "END": held back
+    assert stops.push("N") == ("", False)
+    assert stops.push("D and more") == ("", True)
+    stops = StopSequences(["END"])
+    assert stops.push("Hello E") == ("Hello ", False)
+    assert stops.push("arth") == ("Earth", False)  # not a stop after all: released
+    assert stops.push(" E") == (" ", False)
+    assert stops.flush() == "E"
+
+
+def test_stop_sequences_cut_at_the_earliest_match():
+    assert StopSequences(["c", "ab"]).push("xxabc") == ("xx", True)
+    assert StopSequences([]).push("anything") == ("anything", False)
+
+
+# ------------------------------------------------------------------------------------------------ endpoints
+
+
+def test_models_lists_the_swarm_model(client):
+    assert [m.id for m in client.models.list().data] == [DEFAULT_MODEL]
+    assert client.models.retrieve("smollm2-135m").id == DEFAULT_MODEL  # aliases resolve
+
+
+def test_chat_non_streaming_counts_usage(story, tokenizer):
+    assert story.object == "chat.completion" and story.model == DEFAULT_MODEL
+    choice = story.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason == "length"  # a long story does not end in MAX_TOKENS tokens
+    assert story.usage.prompt_tokens == chat_prompt_tokens(tokenizer, STORY)
+    assert story.usage.completion_tokens == MAX_TOKENS
+    assert story.usage.total_tokens == story.usage.prompt_tokens + MAX_TOKENS
+
+
+def test_chat_streaming_matches_non_streaming(client, story):
+    chunks = list(client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=STORY, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    ))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == story.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage == story.usage
+
+
+def test_completion_uses_no_chat_template(client, tokenizer):
+    prompt = "The capital of France is"
+    reply = client.completions.create(model=DEFAULT_MODEL, prompt=prompt, max_tokens=6, temperature=0)
+    assert reply.object == "text_completion" and reply.choices[0].text
+    assert reply.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
+    if reply.choices[0].finish_reason == "length":
+        assert reply.usage.completion_tokens == 6
+
+
+def test_completion_stream_is_server_sent_events(api_url):
+    body = {"model": DEFAULT_MODEL, "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with requests.post(f"{api_url}/completions", json=body, stream=True, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in events[:-1]]
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] <= 4
+
+
+def test_stop_sequence_cuts_the_text(client, story):
+    full = story.choices[0].message.content
+    words = full.split(" ")
+    stop = " " + words[len(words) // 2]
+    expected = full[: full.index(stop)]
+    for stream in (False, True):
+        request = dict(model=DEFAULT_MODEL, messages=STORY, max_tokens=MAX_TOKENS, temperature=0,
+                       stop=[stop, "no such text"])
+        if stream:
+            chunks = list(client.chat.completions.create(**request, stream=True))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            assert (text, finish) == (expected, ["stop"])
+        else:
+            reply = client.chat.completions.create(**request)
+            assert reply.choices[0].message.content == expected
+            assert reply.choices[0].finish_reason == "stop"
+            assert reply.usage.completion_tokens < MAX_TOKENS
+
+
+def test_concurrent_requests_are_served_at_once(client):
+    """Three streams in flight together: each starts before any ends, and each gets its own answer."""
+    prompts = ["Name a colour.", "Count to five.", "What is a bee?"]
+    alone = [client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": p}],
+                                            max_tokens=8, temperature=0).choices[0].message.content
+             for p in prompts]
+    barrier = threading.Barrier(len(prompts))
+    results: dict[int, tuple[str, float, float]] = {}
+
+    def run(index: int) -> None:
+        barrier.wait()
+        stream = client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=[{"role": "user", "content": prompts[index]}], max_tokens=8,
+            temperature=0, stream=True,
+        )
+        pieces, first_at = [], None
+        for chunk in stream:
+            first_at = first_at or time.monotonic()
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+        results[index] = ("".join(pieces), first_at, time.monotonic())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(results) == [0, 1, 2]
+    assert [results[i][0] for i in range(3)] == alone
+    assert max(first for _, first, _ in results.values()) < min(last for _, _, last in results.values())
+
+
+# --------------------------------------------------------------------------------------------------- errors
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-4o", messages=STORY, max_tokens=2)
+    assert caught.value.status_code == 404
+    assert (caught.value.code, caught.value.param, caught.value.type) == ("model_not_found", "model",
+                                                                          "invalid_request_error")
+    assert_still_serves(client)
+
+
+def test_prompt_over_the_context_is_400(client):
+    long_messages = [{"role": "user", "content": "hello " * 9000}]  # ~9000 tokens, the context is 8192
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=long_messages, max_tokens=2)
+    assert caught.value.code == "context_length_exceeded" and "8192" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:  # a short prompt asking for too many tokens
+        client.completions.create(model=DEFAULT_MODEL, prompt="Hi", max_tokens=9000)
+    assert caught.value.code == "context_length_exceeded"
+    assert_still_serves(client)
+
+
+def test_malformed_json_is_400(client, api_url):
+    response = requests.post(f"{api_url}/chat/completions", data='{"model": "x", "messages": [',
+                             headers={"Content-Type": "application/json"}, timeout=30)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and "JSON" in error["message"]
+    assert_still_serves(client)
+
+
+@pytest.mark.parametrize(("param", "value"), [("max_tokens", -5), ("max_tokens", 0), ("temperature", 3.0),
+                                              ("top_p", 0), ("n", 2)])
+def test_bad_sampling_parameters_are_400(client, param, value):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=STORY, **{param: value})
+    assert caught.value.status_code == 400
+    assert (caught.value.type, caught.value.param) == ("invalid_request_error", param)
+
+
+def test_bad_request_then_good_request(client):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=STORY, max_tokens=-1)
+    assert_still_serves(client)
+
+
+def test_model_the_swarm_does_not_serve_is_503(swarm, tiny_checkpoint):
+    """An API for a model nobody in the swarm serves: no chain, 503, and the server keeps answering."""
+    path = str(tiny_checkpoint("llama", num_layers=2))
+    with running(create_app(path, swarm.initial_peers)) as url:
+        tiny = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError) as caught:
+                tiny.chat.completions.create(model=path, messages=[{"role": "user", "content": "hello"}],
+                                             max_tokens=2)
+            assert (caught.value.status_code, caught.value.code) == (503, "no_chain")
+        assert [m.id for m in tiny.models.list().data] == [path]
+
+
+def test_a_node_crash_mid_stream_is_an_error_event_then_an_error_status(client, swarm):
+    """Runs last: it kills a node of the module's swarm, which has no replica of its layers, so failover
+    finds no chain. A failure after the headers went out can only be reported inside the stream (an
+    OpenAI-style `error` event, which the client raises as APIError); later requests get a 503, and the
+    server keeps answering."""
+    stream = client.chat.completions.create(model=DEFAULT_MODEL, messages=STORY, max_tokens=16, temperature=0,
+                                            stream=True)
+    chunks = iter(stream)
+    next(chunks)  # the role chunk: the session is open and the first token decided
+    swarm.kill(2)  # the last stage: the client holds a stream to it, so the crash shows at once
+    with pytest.raises(openai.APIError) as caught:
+        for _ in chunks:
+            pass
+    assert caught.value.type == "service_unavailable" and caught.value.code == "no_chain"
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=STORY, max_tokens=2)
+    assert caught.value.status_code == 503
+    assert [m.id for m in client.models.list().data] == [DEFAULT_MODEL]
