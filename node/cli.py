@@ -40,7 +40,7 @@ async def _run_node(args: argparse.Namespace) -> int:
     node = Node(source, NodeConfig(
         start=start, end=end, initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
         device=args.device, max_length=args.max_length, send_delay_s=args.emulate_delay_ms / 1000,
-        identity=args.identity,
+        identity=args.identity, test_perturb_scale=args.test_perturb,
     ))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -90,7 +90,7 @@ async def _chat(args: argparse.Namespace, initial_peers: list[str]) -> int:
     source = resolve_model(args.model)
     dht = start_dht(initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
-        engine = ChatEngine(SwarmClient(dht, source.name, source.num_layers), source)
+        engine = ChatEngine(SwarmClient(dht, source.name, source.num_layers, hidden_size=source.hidden_size), source)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
         messages = [Message("user", args.prompt)]
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="name of a persistent identity (keeps the peer id across restarts); default: a new one")
     node.add_argument("--emulate-delay-ms", type=float, default=0.0,
                       help="testing aid: delay everything this node sends by this many ms (a WAN link)")
+    # Testing aid, hidden from --help: add noise of SCALE × RMS to every output, i.e. make this node lie,
+    # so the client's spot checks (node.verify) can be exercised. Never useful to a real volunteer.
+    node.add_argument("--test-perturb", type=float, default=0.0, metavar="SCALE", help=argparse.SUPPRESS)
     node.set_defaults(func=cmd_node)
 
     swarm = commands.add_parser("swarm", help="run a whole swarm").add_subparsers(dest="where", required=True)

@@ -19,29 +19,20 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from node.membership import list_servers
+from node.probe import measure_rtt
 from node.protocol import INFERENCE_HANDLER, RemoteError, pack, raise_if_error
+from node.routing import plan_chains
 from swarm.records import ServerRecord
-from swarm.types import Hop
+from swarm.types import Hop, ModelSpec
 
 
 class NoChainError(RuntimeError):
     pass
 
 
-def any_chain(records: Sequence[ServerRecord], num_layers: int, exclude: frozenset[str] = frozenset()) -> list[Hop]:
-    """A valid chain over whole server ranges, greedily reaching furthest at each step."""
-    online = [r for r in records if r.state == "online" and r.peer_id not in exclude]
-    chain: list[Hop] = []
-    layer = 0
-    while layer < num_layers:
-        candidates = [r for r in online if r.start == layer]
-        if not candidates:
-            covered = sorted({(r.start, r.end) for r in online})
-            raise NoChainError(f"no server starts at layer {layer} (ranges online: {covered or 'none'})")
-        best = max(candidates, key=lambda r: (r.end, -r.queue_len, r.free_kv_tokens, r.peer_id))
-        chain.append(Hop(best.peer_id, best.start, best.end))
-        layer = best.end
-    return chain
+def coverage_summary(records: Sequence[ServerRecord]) -> str:
+    ranges = sorted({(r.start, r.end) for r in records if r.state == "online"})
+    return ", ".join(f"{a}:{b}" for a, b in ranges) or "none"
 
 
 class StageFailure(ConnectionError):
@@ -151,11 +142,16 @@ class ChainSession:
 class SwarmClient:
     """A DHT client for one model's swarm."""
 
-    def __init__(self, dht: DHT, model: str, num_layers: int, *, send_delay_s: float = 0.0) -> None:
+    def __init__(self, dht: DHT, model: str, num_layers: int, *, hidden_size: int = 4096,
+                 send_delay_s: float = 0.0) -> None:
         self.dht, self.model, self.num_layers = dht, model, num_layers
+        # What the router needs of the model: hidden states' size on the wire (fp32 on CPU swarms).
+        self.spec = ModelSpec(model, num_layers, hidden_size, layer_bytes=0.0, kv_bytes_per_token_per_layer=0.0,
+                              wire_bytes_per_element=4)
         self.send_delay_s = send_delay_s  # emulated one-way latency on every message this client sends
         self._p2p: P2P | None = None
         self._banned_until: dict[str, float] = {}
+        self._rtt_s: dict[str, tuple[float, float]] = {}  # peer -> (rtt, measured at)
 
     async def p2p(self) -> P2P:
         if self._p2p is None:
@@ -174,13 +170,39 @@ class SwarmClient:
         now = time.monotonic()
         return frozenset(peer for peer, until in self._banned_until.items() if until > now)
 
-    async def choose_chain(self) -> list[Hop]:
-        return any_chain(await self.servers(), self.num_layers, exclude=self.banned)
+    async def choose_chain(self, *, session_tokens: int = 0, relay: bool = False) -> list[Hop]:
+        """The chain of least expected latency (`swarm.router`) over live records and our measured RTTs."""
+        records = await self.servers()
+        banned = self.banned
+        await self._measure_rtts([r.peer_id for r in records if r.peer_id not in banned])
+        chains = plan_chains(self.spec, records, {peer: rtt for peer, (rtt, _) in self._rtt_s.items()},
+                             exclude=banned, session_tokens=session_tokens, relay=relay, alternates=0)
+        if not chains:
+            live = [r for r in records if r.peer_id not in banned]
+            raise NoChainError(f"no chain covers layers 0:{self.num_layers} of {self.model} "
+                               f"(ranges online: {coverage_summary(live)})")
+        return chains[0]
+
+    async def _measure_rtts(self, peers: list[str], max_age_s: float = 60.0) -> None:
+        """Pings peers we have no fresh RTT for, all at once; a peer that does not answer keeps the default."""
+        now = time.monotonic()
+        stale = [p for p in peers if p not in self._rtt_s or now - self._rtt_s[p][1] > max_age_s]
+        if not stale:
+            return
+        p2p = await self.p2p()
+        results = await asyncio.gather(
+            *(measure_rtt(p2p, PeerID.from_base58(peer), n=2, timeout_s=2.0) for peer in stale),
+            return_exceptions=True,
+        )
+        for peer, result in zip(stale, results, strict=True):
+            if isinstance(result, float):
+                self._rtt_s[peer] = (result, now)
 
     async def open_session(self, chain: list[Hop], *, max_length: int, relay: bool = False, wire: str = "none",
-                           step_timeout_s: float = 60.0) -> ChainSession:
+                           step_timeout_s: float = 60.0, audit: bool = False) -> ChainSession:
         """Opens the session on every stage at once (in push mode a stage may start its push link
-        before its successor has seen the session; the successor waits for it)."""
+        before its successor has seen the session; the successor waits for it). `audit`: pushing stages
+        echo their outputs to the client for spot checks (`node.verify`)."""
         p2p = await self.p2p()
         session_id = uuid.uuid4().hex
         events: asyncio.Queue = asyncio.Queue()
@@ -192,7 +214,7 @@ class SwarmClient:
                 "session_id": session_id, "start": hop.start, "end": hop.end, "max_length": max_length,
                 "prev": chain[i - 1].node_id if i > 0 else None,
                 "next": chain[i + 1].node_id if i + 1 < len(chain) else None,
-                "relay": relay, "wire": wire,
+                "relay": relay, "wire": wire, **({"audit": True} if audit else {}),
             }
 
         results = await asyncio.gather(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from node.client import ChainSession, NoChainError, StageFailure, SwarmClient
+from node.verify import Auditor, EchoRecorder, attach_recorder
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,11 @@ class ResilientSession:
     """Implements the `Chain` protocol of `node.generate` on top of replaceable chain sessions."""
 
     def __init__(self, client: SwarmClient, *, max_length: int, relay: bool = False, wire: str = "none",
-                 max_failovers: int = 5, backoff_s: float = 0.2, step_timeout_s: float = 30.0) -> None:
+                 max_failovers: int = 5, backoff_s: float = 0.2, step_timeout_s: float = 30.0,
+                 auditor: Auditor | None = None) -> None:
         self.client, self.max_length = client, max_length
+        self.auditor = auditor  # spot checks of stages' outputs (node.verify); None or p = 0: none, no echoes
+        self.recorder: EchoRecorder | None = None  # the current chain's stage outputs, when audited
         self.relay, self.wire = relay, wire
         self.max_failovers, self.backoff_s, self.step_timeout_s = max_failovers, backoff_s, step_timeout_s
         self.session: ChainSession | None = None
@@ -51,10 +55,14 @@ class ResilientSession:
         self.session = await self._open_new_chain()
 
     async def _open_new_chain(self) -> ChainSession:
-        chain = await self.client.choose_chain()
-        return await self.client.open_session(
-            chain, max_length=self.max_length, relay=self.relay, wire=self.wire, step_timeout_s=self.step_timeout_s
+        chain = await self.client.choose_chain(session_tokens=self.max_length, relay=self.relay)
+        audit = self.auditor is not None and self.auditor.probability > 0
+        session = await self.client.open_session(
+            chain, max_length=self.max_length, relay=self.relay, wire=self.wire, step_timeout_s=self.step_timeout_s,
+            audit=audit,
         )
+        self.recorder = attach_recorder(session) if audit else None
+        return session
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         if position != self.history_len:
@@ -66,6 +74,9 @@ class ResilientSession:
                     self.session = await self._open_new_chain()
                     await self._replay()
                 output = await self.session.step(hidden, position)
+                if self.recorder is not None and self.auditor.sample():
+                    inputs = torch.cat([*self.history, hidden.detach().cpu()], dim=1)
+                    await self.auditor.check_step(self.session, self.recorder, inputs, position)
                 break
             except StageFailure as failure:
                 failovers += 1
@@ -87,7 +98,7 @@ class ResilientSession:
 
     async def _abandon(self, failure: StageFailure, position: int) -> None:
         logger.warning("stage %s failed at position %d (%s); failing over", failure.peer, position, failure)
-        if failure.code not in REFUSALS:
+        if failure.code not in REFUSALS and failure.peer not in self.client.banned:  # keep a liar's longer ban
             self.client.ban(failure.peer)
         if self.session is not None:
             await self.session.close()

@@ -34,6 +34,7 @@ class NodeConfig:
     ttl_s: float = DEFAULT_TTL_S
     identity: str | None = None  # name of a persistent identity (peer id + signing key); None: a new one per run
     send_delay_s: float = 0.0  # emulated one-way latency on everything this node sends (WAN tests)
+    test_perturb_scale: float = 0.0  # testing aid: noise added to every output (a lying node; see node.verify)
 
 
 def start_dht(initial_peers: Sequence[str], host_maddrs: Sequence[str], *, client_mode: bool = False,
@@ -62,7 +63,7 @@ class Node:
         )
         budget = config.kv_budget_bytes or default_kv_budget(device)
         self.server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
-                                  send_delay_s=config.send_delay_s)
+                                  send_delay_s=config.send_delay_s, test_perturb_scale=config.test_perturb_scale)
         p2p = await self.dht.replicate_p2p()
         await self.server.add_handlers(p2p)
         await add_probe_handlers(p2p)  # peers measure their RTT and uplink to us through these
@@ -85,6 +86,7 @@ class Node:
         self.record = replace(
             self.record, state=state or self.record.state, free_kv_tokens=self.server.free_kv_tokens,
             queue_len=self.server.queue_len, sessions=len(self.server.sessions),
+            layer_latency_s=self.server.layer_latency_s,
         )
         await announce(self.dht, self.record, ttl_s=self.config.ttl_s)
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
@@ -168,8 +169,9 @@ class StageServer:
     """Answers inference and push streams for one stage."""
 
     def __init__(self, stage: Stage, *, kv_budget_bytes: int, max_length: int = 8192,
-                 idle_timeout_s: float = 300.0, send_delay_s: float = 0.0) -> None:
+                 idle_timeout_s: float = 300.0, send_delay_s: float = 0.0, test_perturb_scale: float = 0.0) -> None:
         self.stage = stage
+        self.test_perturb_scale = test_perturb_scale  # testing aid only: makes this node lie (see _perturb)
         self.budget = KVBudget(kv_budget_bytes)
         self.max_length = max_length
         self.idle_timeout_s = idle_timeout_s
@@ -177,6 +179,7 @@ class StageServer:
         self.sessions: dict[str, Session] = {}
         self.steps_served = 0
         self.tokens_served = 0
+        self.layer_latency_s = 0.0  # moving average of measured decode time per layer (queueing included)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
         # Decode steps of concurrent sessions that queue while a pass runs go through the layers together.
         self.batcher = StepBatcher(stage, executor=self._compute)
@@ -337,7 +340,7 @@ class StageServer:
             # A bad step is refused without touching the cache; the session stays usable.
             session.outbox.put(_error_for(e))
             return
-        session.last_active = time.monotonic()
+        session.last_active = started = time.monotonic()
         try:
             hidden = await self.batcher.run(session.cache, step.hidden, step.position,
                                             layers=(session.opened.start, session.opened.end))
@@ -347,14 +350,22 @@ class StageServer:
             session.outbox.put(None)
             return
         tokens = step.hidden.shape[1]
+        if tokens == 1:  # a decode step: what the router needs to know of this node's speed
+            per_layer = (time.monotonic() - started) / (session.opened.end - session.opened.start)
+            previous = self.layer_latency_s or per_layer
+            self.layer_latency_s = 0.8 * previous + 0.2 * per_layer
         session.position += tokens
         self.steps_served += 1
         self.tokens_served += tokens
         output = hidden.to(step.hidden.dtype)
+        if self.test_perturb_scale > 0:
+            output = _perturb(output, self.test_perturb_scale)
         if session.session_id not in self.sessions:
             return  # closed while the step ran
         if session.pushes:
             session.push_link.send(pack({"position": step.position}, [output], wire=session.opened.wire))
+            if session.opened.audit:  # a copy for the client's spot checks; the push above is already on its way
+                session.outbox.put(pack_response({"echo": step.position}, [output], wire=session.opened.wire))
         else:
             session.outbox.put(pack_response({"position": step.position}, [output], wire=session.opened.wire))
 
@@ -366,6 +377,14 @@ class StageServer:
                 if now - session.last_active > self.idle_timeout_s:
                     logger.info("session %s idle for %.0f s, closing", session.session_id, self.idle_timeout_s)
                     session.outbox.queue.put_nowait(None)
+
+
+def _perturb(output: torch.Tensor, scale: float) -> torch.Tensor:
+    """TESTING AID, the one place a node lies: adds Gaussian noise of `scale` × the output's RMS to every
+    output it sends (pushed, answered and echoed alike, as a consistent cheat would). Enabled only by the
+    hidden `layerhive node --test-perturb SCALE`; the verification tests and benchmark use it."""
+    rms = output.float().pow(2).mean().sqrt()
+    return (output.float() + scale * rms * torch.randn_like(output, dtype=torch.float32)).to(output.dtype)
 
 
 async def _linger(requests: AsyncIterator, timeout_s: float = 2.0) -> None:
