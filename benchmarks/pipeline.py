@@ -64,7 +64,15 @@ async def swarm_run(client: SwarmClient, head: ClientHead, prompt_ids: list[int]
     return ttft, decode
 
 
-async def measure_swarm(swarm: LocalSwarm, prompt_ids, new_tokens, runs, delay_s: float):
+async def aggregate_rate(client: SwarmClient, head: ClientHead, prompt_ids: list[int], new_tokens: int,
+                         sessions: int) -> float:
+    """Tokens/s of `sessions` concurrent greedy generations on the chain, prefill included."""
+    t0 = time.perf_counter()
+    await asyncio.gather(*(swarm_run(client, head, prompt_ids, new_tokens, relay=False) for _ in range(sessions)))
+    return sessions * new_tokens / (time.perf_counter() - t0)
+
+
+async def measure_swarm(swarm: LocalSwarm, prompt_ids, new_tokens, runs, delay_s: float, concurrency: int):
     """{transport: [(ttft, decode tok/s), ...]} for push and relay, interleaved run by run against drift."""
     source = swarm.source
     dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
@@ -78,7 +86,11 @@ async def measure_swarm(swarm: LocalSwarm, prompt_ids, new_tokens, runs, delay_s
         for _ in range(runs):
             for name in results:
                 results[name].append(await swarm_run(client, head, prompt_ids, new_tokens, name == "relay"))
-        return results
+        rates: dict[int, list[float]] = {1: [], concurrency: []}
+        for _ in range(runs if concurrency > 1 else 0):
+            for sessions in rates:
+                rates[sessions].append(await aggregate_rate(client, head, prompt_ids, new_tokens, sessions))
+        return results, rates
     finally:
         dht.shutdown()
 
@@ -91,6 +103,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--delay-ms", type=float, default=0.0, help="emulated one-way delay of every leg")
+    parser.add_argument("--concurrency", type=int, default=8, help="concurrent sessions for the aggregate rate")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     delay_s = args.delay_ms / 1000
@@ -104,7 +117,9 @@ def main() -> None:
             add_generation_prompt=True,
         )
         prompt_ids = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
-        swarm_results = asyncio.run(measure_swarm(swarm, prompt_ids, args.new_tokens, args.runs, delay_s))
+        swarm_results, rates = asyncio.run(
+            measure_swarm(swarm, prompt_ids, args.new_tokens, args.runs, delay_s, args.concurrency)
+        )
 
     model = AutoModelForCausalLM.from_pretrained(source.root, dtype=torch.float32).eval()
     local_run(model, prompt_ids, 4)
@@ -128,6 +143,10 @@ def main() -> None:
     push_ttft = med(swarm_results["push"], 0)
     print(f"ratio push/local: decode {push_decode / local_decode:.2f}x, TTFT {push_ttft / local_ttft:.2f}x; "
           f"push/relay decode {push_decode / relay_decode:.2f}x")
+    if args.concurrency > 1:
+        one, many = statistics.median(rates[1]), statistics.median(rates[args.concurrency])
+        print(f"aggregate tok/s (prefill included, push): 1 session {one:.2f}, {args.concurrency} sessions "
+              f"{many:.2f}, ratio {many / one:.2f}x")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Sequence
 
 import torch
 from hivemind import DHT
-from hivemind.compression import deserialize_torch_tensor
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
@@ -22,6 +21,8 @@ from node.membership import list_servers
 from node.probe import measure_rtt
 from node.protocol import INFERENCE_HANDLER, RemoteError, pack, raise_if_error
 from node.routing import plan_chains
+from node.wire import decode as wire_decode
+from node.wire import for_links as wire_for_links
 from swarm.records import ServerRecord
 from swarm.types import Hop, ModelSpec
 
@@ -132,7 +133,7 @@ class ChainSession:
             except RemoteError as e:
                 raise StageFailure(e.peer, e.message, code=e.code) from e
             if source == index and metadata.get("position") == position and len(item.tensors) == 1:
-                return deserialize_torch_tensor(item.tensors[0])
+                return wire_decode(item.tensors[0])
 
     async def close(self) -> None:
         for stream in self.streams:
@@ -152,6 +153,7 @@ class SwarmClient:
         self._p2p: P2P | None = None
         self._banned_until: dict[str, float] = {}
         self._rtt_s: dict[str, tuple[float, float]] = {}  # peer -> (rtt, measured at)
+        self._uplink_bps: dict[str, float] = {}  # as announced in the records last read
 
     async def p2p(self) -> P2P:
         if self._p2p is None:
@@ -170,9 +172,14 @@ class SwarmClient:
         now = time.monotonic()
         return frozenset(peer for peer, until in self._banned_until.items() if until > now)
 
+    def wire_for(self, chain: list[Hop]) -> str:
+        """The wire codec the chain's slowest announced uplink calls for (see `node.wire.for_links`)."""
+        return wire_for_links([self._uplink_bps.get(hop.node_id, 0.0) for hop in chain])
+
     async def choose_chain(self, *, session_tokens: int = 0, relay: bool = False) -> list[Hop]:
         """The chain of least expected latency (`swarm.router`) over live records and our measured RTTs."""
         records = await self.servers()
+        self._uplink_bps = {r.peer_id: r.uplink_bps for r in records}
         banned = self.banned
         await self._measure_rtts([r.peer_id for r in records if r.peer_id not in banned])
         chains = plan_chains(self.spec, records, {peer: rtt for peer, (rtt, _) in self._rtt_s.items()},

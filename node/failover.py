@@ -57,8 +57,9 @@ class ResilientSession:
     async def _open_new_chain(self) -> ChainSession:
         chain = await self.client.choose_chain(session_tokens=self.max_length, relay=self.relay)
         audit = self.auditor is not None and self.auditor.probability > 0
+        wire = self.client.wire_for(chain) if self.wire == "auto" else self.wire
         session = await self.client.open_session(
-            chain, max_length=self.max_length, relay=self.relay, wire=self.wire, step_timeout_s=self.step_timeout_s,
+            chain, max_length=self.max_length, relay=self.relay, wire=wire, step_timeout_s=self.step_timeout_s,
             audit=audit,
         )
         self.recorder = attach_recorder(session) if audit else None

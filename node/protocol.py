@@ -13,6 +13,8 @@ Two ways to move a step along the chain:
 - relay: every stage answers its client stream and the client forwards (2 legs per
   stage); the fallback when stages cannot reach each other.
 Errors come back as `{"error": {"code", "message"}}` on the stage's client stream.
+With `audit` set at open, a pushing stage also echoes each step's output to its client
+stream as `{"echo": position}` + tensor, for the client's spot checks (`node.verify`).
 Everything a peer sends is checked here before any compute runs.
 """
 
@@ -23,16 +25,18 @@ from typing import Any
 
 import msgpack
 import torch
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
+
+from node.wire import ACCEPTED_COMPRESSIONS
+from node.wire import CODECS as WIRE_CODECS
+from node.wire import decode as wire_decode
+from node.wire import encode as wire_encode
 
 INFERENCE_HANDLER = "layerhive.inference"
 PUSH_HANDLER = "layerhive.push"
 INFO_HANDLER = "layerhive.info"
 PROTOCOL_VERSION = 1
 WIRE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
-# How hidden states travel: as they are, or cast to fp16 on the wire (half the bytes; lossy for fp32 models).
-WIRE_CODECS = {"none": runtime_pb2.CompressionType.NONE, "fp16": runtime_pb2.CompressionType.FLOAT16}
 MAX_PEER_ID_LEN = 128
 MAX_SESSION_ID_LEN = 64
 
@@ -63,6 +67,10 @@ class OpenSession:
     next_peer: str | None = None  # the stage this one pushes its output to (None: answer the client)
     relay: bool = False  # answer every step on the client stream instead of pushing
     wire: str = "none"
+    # Also copy every step's output to the client stream as {"echo": position}, so the client can
+    # spot-check this stage against another node (node.verify); off unless the client audits.
+    audit: bool = False
+
 
 @dataclass(frozen=True)
 class Step:
@@ -72,7 +80,7 @@ class Step:
 
 def pack(metadata: dict[str, Any], tensors: list[torch.Tensor] = (), wire: str = "none") -> runtime_pb2.ExpertRequest:
     return runtime_pb2.ExpertRequest(
-        metadata=msgpack.packb(metadata), tensors=[serialize_torch_tensor(t, WIRE_CODECS[wire]) for t in tensors]
+        metadata=msgpack.packb(metadata), tensors=[wire_encode(t, wire) for t in tensors]
     )
 
 
@@ -80,7 +88,7 @@ def pack_response(
     metadata: dict[str, Any], tensors: list[torch.Tensor] = (), wire: str = "none"
 ) -> runtime_pb2.ExpertResponse:
     return runtime_pb2.ExpertResponse(
-        metadata=msgpack.packb(metadata), tensors=[serialize_torch_tensor(t, WIRE_CODECS[wire]) for t in tensors]
+        metadata=msgpack.packb(metadata), tensors=[wire_encode(t, wire) for t in tensors]
     )
 
 
@@ -126,8 +134,11 @@ def parse_open(message: runtime_pb2.ExpertRequest, *, max_length_limit: int) -> 
         raise ProtocolError("bad_request", f"'relay' must be a boolean, got {relay!r}")
     wire = opened.get("wire", "none")
     if not isinstance(wire, str) or wire not in WIRE_CODECS:
-        raise ProtocolError("bad_request", f"'wire' must be one of {sorted(WIRE_CODECS)}, got {wire!r}")
-    return OpenSession(session_id, start, end, max_length, prev_peer, next_peer, relay, wire)
+        raise ProtocolError("bad_request", f"'wire' must be one of {WIRE_CODECS}, got {wire!r}")
+    audit = opened.get("audit", False)
+    if not isinstance(audit, bool):
+        raise ProtocolError("bad_request", f"'audit' must be a boolean, got {audit!r}")
+    return OpenSession(session_id, start, end, max_length, prev_peer, next_peer, relay, wire, audit)
 
 
 def _peer_field(metadata: dict[str, Any], key: str) -> str | None:
@@ -155,7 +166,7 @@ def parse_step(
     if len(message.tensors) != 1:
         raise ProtocolError("bad_request", f"a step carries exactly one tensor, got {len(message.tensors)}")
     proto = message.tensors[0]
-    if proto.compression not in WIRE_CODECS.values():
+    if proto.compression not in ACCEPTED_COMPRESSIONS:
         raise ProtocolError("bad_tensor", f"unsupported tensor compression {proto.compression}")
     dtype_name = proto.dtype
     if dtype_name not in {str(d).removeprefix("torch.") for d in WIRE_DTYPES}:
@@ -168,7 +179,7 @@ def parse_step(
             "too_long", f"positions {position}..{position + size[1]} exceed the session's max_length {max_length}"
         )
     try:
-        hidden = deserialize_torch_tensor(proto)
+        hidden = wire_decode(proto)
     except Exception as e:
         raise ProtocolError("bad_tensor", f"cannot decode hidden states: {e}") from None
     if list(hidden.shape) != size:

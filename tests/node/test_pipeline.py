@@ -28,14 +28,15 @@ def reference_generate(source, prompt_ids: list[int], max_new_tokens: int, stop_
 
 
 async def swarm_generate(swarm: LocalSwarm, prompt_ids: list[int], params: SamplingParams, *,
-                         relay: bool = False) -> list[int]:
+                         relay: bool = False, wire: str = "none") -> list[int]:
     source = swarm.source
     dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
         client = SwarmClient(dht, source.name, source.num_layers)
         chain = await client.choose_chain()
         assert [(hop.start, hop.end) for hop in chain] == swarm.ranges
-        session = await client.open_session(chain, max_length=len(prompt_ids) + params.max_new_tokens, relay=relay)
+        session = await client.open_session(chain, max_length=len(prompt_ids) + params.max_new_tokens, relay=relay,
+                                            wire=wire)
         try:
             return [token async for token in generate(session, ClientHead(source), prompt_ids, params)]
         finally:
@@ -83,4 +84,9 @@ def test_three_nodes_match_single_process_tiny_qwen2(tiny_checkpoint, tmp_path):
         params = SamplingParams(max_new_tokens=16, stop_token_ids=stop_ids)
         pushed = asyncio.run(swarm_generate(swarm, prompt_ids, params))
         relayed = asyncio.run(swarm_generate(swarm, prompt_ids, params, relay=True))
+        no_stop = SamplingParams(max_new_tokens=16)
+        halved = asyncio.run(swarm_generate(swarm, prompt_ids, no_stop, wire="fp16"))
+        quantised = asyncio.run(swarm_generate(swarm, prompt_ids, no_stop, wire="int8"))
     assert pushed == relayed == reference_generate(source, prompt_ids, 16, stop_ids)
+    # Lossy codecs run end to end; how far they drift on a real model is measured in benchmarks/wire.py.
+    assert len(halved) == len(quantised) == 16
