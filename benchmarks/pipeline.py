@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from node.chat import Message, chat_template_ids  # noqa: E402
 from node.checkpoint import DEFAULT_MODEL, load_tokenizer  # noqa: E402
 from node.client import SwarmClient  # noqa: E402
 from node.generate import SamplingParams, decode_one_token, prefill, sample  # noqa: E402
@@ -112,11 +113,7 @@ def main() -> None:
     with LocalSwarm(args.model, num_nodes=args.nodes, threads_per_node=args.threads, node_args=node_args) as swarm:
         source = swarm.source
         tokenizer = load_tokenizer(source)
-        prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "Explain pipeline parallelism in three sentences."}],
-            add_generation_prompt=True,
-        )
-        prompt_ids = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+        prompt_ids = chat_template_ids(tokenizer, [Message("user", "Explain pipeline parallelism in three sentences.")])
         swarm_results, rates = asyncio.run(
             measure_swarm(swarm, prompt_ids, args.new_tokens, args.runs, delay_s, args.concurrency)
         )

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from node.chat import Message, chat_template_ids  # noqa: E402
 from node.checkpoint import DEFAULT_MODEL, load_tokenizer  # noqa: E402
 from node.client import SwarmClient  # noqa: E402
 from node.generate import SamplingParams, generate  # noqa: E402
@@ -38,11 +39,6 @@ PROMPTS = [
     "Why is the sky blue?",
     "List five prime numbers and explain what makes them prime.",
 ]
-
-
-def chat_ids(tokenizer, text: str) -> list[int]:
-    encoded = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
 def message_bytes(hidden: torch.Tensor, codec: str) -> int:
@@ -78,7 +74,7 @@ def main() -> None:
     with LocalSwarm(args.model, num_nodes=3, threads_per_node=1) as swarm:
         source = swarm.source
         tokenizer = load_tokenizer(source)
-        prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
+        prompts = [chat_template_ids(tokenizer, [Message("user", p)]) for p in PROMPTS]
         outputs = {codec: asyncio.run(greedy(swarm, prompts, args.new_tokens, codec)) for codec in CODECS}
 
     # Real boundary hidden states: the output of layers 0:10 on the first prompt.

@@ -38,6 +38,15 @@ class TextStreamer:
         return delta
 
 
+def chat_template_ids(tokenizer, messages: Sequence[Message]) -> list[int]:
+    """Token ids of a conversation in the model's chat template, ready for the assistant's turn."""
+    conversation = [{"role": m.role, "content": m.content} for m in messages]
+    encoded = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    if hasattr(encoded, "keys"):  # newer tokenizers return a BatchEncoding
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
 class ChatEngine:
     def __init__(self, client: SwarmClient, source: ModelSource) -> None:
         self.client, self.source = client, source
@@ -46,11 +55,7 @@ class ChatEngine:
         self.max_context = int(getattr(source.config, "max_position_embeddings", 8192))
 
     def chat_prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
-        encoded = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-        if hasattr(encoded, "keys"):  # newer tokenizers return a BatchEncoding
-            encoded = encoded["input_ids"]
-        return list(encoded)
+        return chat_template_ids(self.tokenizer, messages)
 
     def completion_prompt_ids(self, text: str) -> list[int]:
         """A raw prompt (no chat template), with whatever special tokens the tokenizer adds itself (e.g. BOS)."""

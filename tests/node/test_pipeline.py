@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from node.chat import Message, chat_template_ids
 from node.checkpoint import DEFAULT_MODEL, load_tokenizer, resolve_model
 from node.client import SwarmClient
 from node.generate import SamplingParams, generate
@@ -52,21 +53,16 @@ def smollm2_swarm(tmp_path_factory):
         yield swarm
 
 
-def chat_ids(tokenizer, text: str) -> list[int]:
-    encoded = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-
 @pytest.mark.parametrize("prompt_kind", ["short", "long"])
 def test_three_nodes_match_single_process_smollm2(smollm2_swarm, prompt_kind):
     source = smollm2_swarm.source
     assert smollm2_swarm.ranges == [(0, 10), (10, 20), (20, 30)]
     tokenizer = load_tokenizer(source)
     if prompt_kind == "short":
-        prompt_ids = chat_ids(tokenizer, "What is the capital of France?")
+        prompt_ids = chat_template_ids(tokenizer, [Message("user", "What is the capital of France?")])
     else:
         story = " ".join(f"Step {i}: the hive moved layer {i % 30} to node {i % 7}." for i in range(60))
-        prompt_ids = chat_ids(tokenizer, story + " Summarise the steps above.")
+        prompt_ids = chat_template_ids(tokenizer, [Message("user", story + " Summarise the steps above.")])
         assert len(prompt_ids) > 512
     stop_ids = (tokenizer.eos_token_id,)
     params = SamplingParams(max_new_tokens=24, stop_token_ids=stop_ids)
