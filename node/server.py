@@ -165,11 +165,30 @@ def _with_peer(response: runtime_pb2.ExpertResponse, peer: str) -> runtime_pb2.E
     return error_response(str(error.get("code", "push_failed")), str(error.get("message", "")), peer=peer)
 
 
+class RateLimiter:
+    """A token bucket per peer: `allow(peer)` spends one token, refilled at `rate_per_s` up to `burst`."""
+
+    def __init__(self, rate_per_s: float, burst: float) -> None:
+        self.rate_per_s, self.burst = rate_per_s, burst
+        self._buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, at)
+
+    def allow(self, peer: str) -> bool:
+        now = time.monotonic()
+        tokens, at = self._buckets.get(peer, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate_per_s)
+        if len(self._buckets) > 10_000:  # forget idle peers rather than grow without bound
+            self._buckets = {p: v for p, v in self._buckets.items() if now - v[1] < 60}
+        allowed = tokens >= 1
+        self._buckets[peer] = (tokens - 1 if allowed else tokens, now)
+        return allowed
+
+
 class StageServer:
     """Answers inference and push streams for one stage."""
 
     def __init__(self, stage: Stage, *, kv_budget_bytes: int, max_length: int = 8192,
-                 idle_timeout_s: float = 300.0, send_delay_s: float = 0.0, test_perturb_scale: float = 0.0) -> None:
+                 idle_timeout_s: float = 300.0, send_delay_s: float = 0.0, test_perturb_scale: float = 0.0,
+                 max_sessions_per_peer: int = 64, max_steps_per_s_per_peer: float = 1000.0) -> None:
         self.stage = stage
         self.test_perturb_scale = test_perturb_scale  # testing aid only: makes this node lie (see _perturb)
         self.budget = KVBudget(kv_budget_bytes)
@@ -177,6 +196,9 @@ class StageServer:
         self.idle_timeout_s = idle_timeout_s
         self.send_delay_s = send_delay_s
         self.sessions: dict[str, Session] = {}
+        # Per-peer limits, so one client cannot crowd out the others.
+        self.max_sessions_per_peer = max_sessions_per_peer
+        self.step_limiter = RateLimiter(rate_per_s=max_steps_per_s_per_peer, burst=2 * max_steps_per_s_per_peer)
         self.steps_served = 0
         self.tokens_served = 0
         self.layer_latency_s = 0.0  # moving average of measured decode time per layer (queueing included)
@@ -185,6 +207,9 @@ class StageServer:
         self.batcher = StepBatcher(stage, executor=self._compute)
         self._p2p: P2P | None = None
         self._sweeper: asyncio.Task | None = None
+        # Set when this stage is leaving (the node pauses or moved to other layers): new sessions are
+        # refused with code "draining", open ones run to their end.
+        self.draining = False
 
     @property
     def queue_len(self) -> int:
@@ -194,8 +219,14 @@ class StageServer:
     def free_kv_tokens(self) -> int:
         return self.budget.free_bytes // max(1, self.stage.shape.kv_bytes_per_token)
 
-    async def add_handlers(self, p2p: P2P) -> None:
+    def attach(self, p2p: P2P) -> None:
+        """Serve through `p2p` without registering handlers (a node's dispatcher calls ours); starts the sweeper."""
         self._p2p = p2p
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_idle_sessions())
+
+    async def add_handlers(self, p2p: P2P) -> None:
+        self.attach(p2p)
         await p2p.add_protobuf_handler(
             INFERENCE_HANDLER, self.rpc_inference, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
@@ -203,7 +234,6 @@ class StageServer:
             PUSH_HANDLER, self.rpc_push, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
         await p2p.add_protobuf_handler(INFO_HANDLER, self.rpc_info, runtime_pb2.ExpertRequest)
-        self._sweeper = asyncio.create_task(self._sweep_idle_sessions())
 
     async def remove_handlers(self, p2p: P2P) -> None:
         await p2p.remove_protobuf_handler(INFERENCE_HANDLER, stream_input=True, stream_output=True)
@@ -263,6 +293,9 @@ class StageServer:
                     session.outbox.put(error_response("bad_request", "this stage takes its steps from the previous "
                                                       "stage's push stream, not from the client"))
                     continue
+                if not self.step_limiter.allow(session.client):
+                    session.outbox.put(error_response("busy", "too many steps per second from this peer; slow down"))
+                    continue
                 await self._process_step(session, request)
         except asyncio.CancelledError:
             raise
@@ -304,6 +337,9 @@ class StageServer:
 
     def _open(self, request: runtime_pb2.ExpertRequest, client: str) -> Session:
         opened = parse_open(request, max_length_limit=self.max_length)
+        if self.draining:
+            raise ProtocolError("draining", f"this node is leaving layers {self.stage.start}:{self.stage.end}; "
+                                "sessions open here finish, new ones go elsewhere")
         if not self.stage.start <= opened.start < opened.end <= self.stage.end:
             raise ProtocolError(
                 "bad_range", f"this node serves layers {self.stage.start}:{self.stage.end}, "
@@ -311,6 +347,8 @@ class StageServer:
             )
         if opened.session_id in self.sessions:
             raise ProtocolError("bad_request", f"session {opened.session_id!r} is already open here")
+        if sum(s.client == client for s in self.sessions.values()) >= self.max_sessions_per_peer:
+            raise ProtocolError("busy", f"a peer may hold at most {self.max_sessions_per_peer} sessions here")
         layers = (opened.start, opened.end)  # a chain may use any sub-range of what this node holds
         nbytes = self.stage.cache_bytes(opened.max_length, layers=layers)
         self.budget.reserve(nbytes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from node.checkpoint import ModelNotFoundError, resolve_model
 from node.client import ChainSession, StageFailure, SwarmClient
 from node.node import Node, NodeConfig, start_dht
 from node.protocol import INFERENCE_HANDLER, pack
+from node.server import RateLimiter
 from node.stage import Stage
 from swarm.types import Hop
 
@@ -124,3 +126,31 @@ def test_layer_range_outside_the_model_and_unknown_model(tiny_checkpoint):
         Stage(source, 2, 9, dtype=torch.float32, device=torch.device("cpu"))
     with pytest.raises(ModelNotFoundError):
         resolve_model("no-such-org/no-such-model-xyz", allow_download=False)
+
+
+def test_per_peer_limits_answer_busy(tiny_checkpoint):
+    source = resolve_model(str(tiny_checkpoint("llama", num_layers=4)))
+
+    async def body(node: Node, client: SwarmClient):
+        node.server.max_sessions_per_peer = 2
+        hop = Hop(node.record.peer_id, 0, 4)
+        sessions = [await client.open_session([hop], max_length=16) for _ in range(2)]
+        with pytest.raises(StageFailure) as error:
+            await client.open_session([hop], max_length=16)
+        assert error.value.code == "busy"
+        # A flood of steps beyond the rate limit is answered "busy", without touching the cache.
+        node.server.step_limiter = RateLimiter(rate_per_s=0.001, burst=1)
+        await sessions[0].step(torch.randn(1, 1, source.hidden_size), 0)
+        assert await refusal(sessions[0], pack({"position": 1}, [torch.randn(1, 1, source.hidden_size)])) == "busy"
+        for session in sessions:
+            await session.close()
+
+    asyncio.run(_with_node(source, NodeConfig(start=0, end=4), body))
+
+
+def test_rate_limiter_refills_over_time():
+    limiter = RateLimiter(rate_per_s=1000.0, burst=3)
+    assert [limiter.allow("p") for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("other")  # buckets are per peer
+    time.sleep(0.01)
+    assert limiter.allow("p")
