@@ -40,9 +40,15 @@ class LocalSwarm:
         threads_per_node: int | None = None,
         node_args: Sequence[str] = (),
         log_dir: str | None = None,
+        join: bool = False,
     ) -> None:
+        """`join=True`: `num_nodes` nodes started without ranges, taking the ones the swarm's plan gives them."""
         self.source = resolve_model(model)
-        self.ranges = list(ranges) if ranges else even_split(self.source.num_layers, num_nodes)
+        self.join = join
+        if join:
+            self.ranges: list[tuple[int, int] | None] = [None] * num_nodes
+        else:
+            self.ranges = list(ranges) if ranges else even_split(self.source.num_layers, num_nodes)
         self.threads_per_node = threads_per_node
         self.node_args = list(node_args)
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="layerhive-swarm-")
@@ -57,15 +63,16 @@ class LocalSwarm:
 
     def start(self, timeout_s: float = 180.0) -> list[str]:
         self.bootstrap = open_dht([], ["/ip4/127.0.0.1/tcp/0"])  # validates records like every Layerhive peer
-        for index, (start, end) in enumerate(self.ranges):
-            self.processes.append(self._spawn_node(index, start, end))
+        for index, layers in enumerate(self.ranges):
+            self.processes.append(self._spawn_node(index, layers))
         self.wait_until_covered(timeout_s)
         return self.initial_peers
 
-    def _spawn_node(self, index: int, start: int, end: int) -> subprocess.Popen:
+    def _spawn_node(self, index: int, layers: tuple[int, int] | None) -> subprocess.Popen:
+        fixed = ["--layers", f"{layers[0]}:{layers[1]}"] if layers is not None else []
         command = [
             sys.executable, "-m", "node.cli", "node", "--model", self.source.name,
-            "--layers", f"{start}:{end}", "--initial-peers", *self.initial_peers, *self.node_args,
+            *fixed, "--initial-peers", *self.initial_peers, *self.node_args,
         ]
         env = dict(os.environ)
         if self.threads_per_node:
@@ -82,7 +89,8 @@ class LocalSwarm:
         return [record for record in records if record.state == "online"]
 
     def wait_until_covered(self, timeout_s: float) -> None:
-        """Waits until every node process has announced its range (each range as many times as it was given)."""
+        """Waits until every node process has announced its range (each range as many times as it was given);
+        in join mode, until every live node is online and every layer covered."""
         deadline = time.monotonic() + timeout_s
         wanted = Counter(self.ranges)
         while time.monotonic() < deadline:
@@ -91,7 +99,12 @@ class LocalSwarm:
                     raise RuntimeError(f"a node process exited with code {process.returncode} while starting; "
                                        f"see logs in {self.log_dir}")
             live = [r for r in self.online_records() if r.peer_id not in self.dead_peers]
-            if not wanted - Counter((r.start, r.end) for r in live):
+            if self.join:  # nodes started elsewhere (e.g. in-process by a test) count too
+                alive = sum(process.poll() is None for process in self.processes)
+                covered = {layer for r in live for layer in range(r.start, r.end)}
+                if len(live) >= alive and len(covered) == self.source.num_layers:
+                    return
+            elif not wanted - Counter((r.start, r.end) for r in live):
                 return
             time.sleep(0.2)
         raise TimeoutError(f"the local swarm did not come online within {timeout_s:.0f} s; logs in {self.log_dir}")
@@ -123,8 +136,7 @@ class LocalSwarm:
         """Starts a fresh node (a new peer id) in place of dead node `index`; returns without waiting."""
         if self.processes[index].poll() is None:
             raise RuntimeError(f"node {index} is still running")
-        start, end = self.ranges[index]
-        self.processes[index] = self._spawn_node(index, start, end)
+        self.processes[index] = self._spawn_node(index, self.ranges[index])
 
     def stop(self) -> None:
         for process in self.processes:
