@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 REPLAY_CHUNK_TOKENS = 512
 # Codes that mean "this stage cannot take the session", not "this stage is broken".
-REFUSALS = {"no_capacity", "busy"}
+REFUSALS = {"no_capacity", "busy", "draining"}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,193 @@
+"""Spot checks (node.verify): honest-vs-honest error by dtype, false positives, detection of a lying node.
+
+1. Tolerance: in-process, one stage run as a server would (prefill, then decode steps batched with
+   other sessions) against a verifier's replay (one prefill, then the step); the relative error per
+   token, max over tokens, in fp32, fp16 and bf16. Honest errors above `node.verify.TOLERANCES` are the
+   false positives of a swarm computing in that dtype.
+2. False positives on real nodes: a local swarm of honest CPU fp32 nodes, every step audited
+   (p = 1), over a long run, with the wire as is (fp32 tolerance) and with the fp16 wire codec.
+3. Detection: one node adds noise of SCALE × RMS to its outputs (`layerhive node --test-perturb`);
+   it is forced into every chain (the harness's router prefers it) until caught; per generation we
+   record whether it was caught and after how many tokens (the tainted tokens the user already got).
+
+Usage: python benchmarks/verification.py [--model tiny|PATH] [--generations 20] [--tokens 16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from node.checkpoint import resolve_model  # noqa: E402
+from node.client import SwarmClient  # noqa: E402
+from node.failover import ResilientSession  # noqa: E402
+from node.generate import SamplingParams, generate  # noqa: E402
+from node.head import ClientHead  # noqa: E402
+from node.node import start_dht  # noqa: E402
+from node.stage import Stage, StepInput  # noqa: E402
+from node.verify import TOLERANCES, Auditor, relative_error  # noqa: E402
+from tests.node.test_verify import SwarmWithLiar  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def honest_errors(source, start: int, end: int, dtype: torch.dtype, *, prompt: int = 32, decode: int = 32,
+                  others: int = 3, every: int = 2, seed: int = 0) -> list[float]:
+    """Relative errors between a served run and a verifier's replay of the same stage steps."""
+    stage = Stage(source, start, end, dtype=dtype, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(seed)
+    hidden = stage.shape.hidden_size
+
+    def noise(tokens: int) -> torch.Tensor:
+        return torch.randn(1, tokens, hidden, generator=gen).to(dtype)
+
+    inputs = noise(prompt + decode)
+    cache = stage.new_cache(prompt + decode)
+    neighbours = [stage.new_cache(prompt + decode) for _ in range(others)]
+    for neighbour in neighbours:  # concurrent sessions whose decode steps share our passes
+        stage.forward(noise(prompt), 0, neighbour)
+    served = {0: stage.forward(inputs[:, :prompt], 0, cache)}
+    for position in range(prompt, prompt + decode):
+        batch = [StepInput(inputs[:, position:position + 1], position, cache)]
+        batch += [StepInput(noise(1), position, neighbour) for neighbour in neighbours]
+        served[position] = stage.forward_batch(batch)[0]
+    errors = []
+    for position in [0, *range(prompt, prompt + decode, every)]:
+        end_position = prompt if position == 0 else position + 1
+        replay = stage.new_cache(end_position)
+        if position:
+            stage.forward(inputs[:, :position], 0, replay)
+        errors.append(relative_error(served[position], stage.forward(inputs[:, position:end_position], position,
+                                                                     replay)))
+    return errors
+
+
+class LiarFirstClient(SwarmClient):
+    """Routes through `liar` whenever it is not banned (to measure detection per exposure)."""
+
+    liar: str = ""
+
+    async def choose_chain(self, **kwargs):
+        chain = await super().choose_chain(**kwargs)
+        if self.liar in self.banned:
+            return chain
+        records = {r.peer_id: r for r in await self.servers()}
+        liar = records[self.liar]
+        return [type(hop)(self.liar, hop.start, hop.end) if liar.start <= hop.start and hop.end <= liar.end else hop
+                for hop in chain]
+
+
+async def run_generation(client, head, prompt_ids, tokens, auditor) -> tuple[list[int], ResilientSession]:
+    session = ResilientSession(client, max_length=len(prompt_ids) + tokens, step_timeout_s=30, auditor=auditor)
+    await session.open()
+    try:
+        out = [t async for t in generate(session, head, prompt_ids, SamplingParams(max_new_tokens=tokens))]
+    finally:
+        await session.close()
+    return out, session
+
+
+async def swarm_figures(swarm: SwarmWithLiar, args) -> dict:
+    source, liar = swarm.source, swarm.peer_id(swarm.liar)
+    head = ClientHead(source)
+    rng = random.Random(7)
+    prompt_ids = [rng.randrange(5, 250) for _ in range(24)]
+    dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    figures: dict = {"false_positives": {}, "detection": {}}
+    try:
+        for wire in ("none", "fp16"):  # honest run, every step audited
+            client = SwarmClient(dht, source.name, source.num_layers)
+            client.ban(liar, for_s=1e6)
+            auditor = Auditor(client, 1.0, compute_dtype=torch.float32, wire=wire, rng=random.Random(1))
+            started = time.perf_counter()
+            for _ in range(args.generations):
+                await run_generation(client, head, prompt_ids, args.tokens, auditor)
+            checked = [r for r in auditor.reports if r.verdict != "unchecked"]
+            errors = [r.error for r in checked]
+            figures["false_positives"][wire] = {
+                "checks": len(checked), "flagged": sum(r.verdict != "honest" for r in checked),
+                "unchecked": len(auditor.reports) - len(checked), "tolerance": auditor.tolerance,
+                "max_error": max(errors), "median_error": statistics.median(errors),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+            print("false positives, wire", wire, figures["false_positives"][wire], flush=True)
+        for p in args.probabilities:
+            caught, tainted, generations = 0, [], 0
+            for g in range(args.generations):
+                client = LiarFirstClient(dht, source.name, source.num_layers)
+                client.liar = liar
+                auditor = Auditor(client, p, compute_dtype=torch.float32, rng=random.Random(1000 + g))
+                _, session = await run_generation(client, head, prompt_ids, args.tokens, auditor)
+                generations += 1
+                flagged = [r for r in auditor.reports if liar in (r.peer, r.verifier) and r.verdict != "honest"]
+                wrong = [r for r in auditor.reports if r.verdict != "honest" and liar not in (r.peer, r.verifier)]
+                assert not wrong, f"an honest node was flagged: {wrong}"
+                if flagged:
+                    caught += 1
+                    # tokens already handed out from tainted states: one per step before the one that was caught
+                    tainted.append(flagged[0].position - len(prompt_ids) + 1 if flagged[0].position else 0)
+            figures["detection"][str(p)] = {
+                "generations": generations, "tokens_per_generation": args.tokens, "caught": caught,
+                "detection_rate": caught / generations,
+                "tokens_until_detection_mean": statistics.mean(tainted) if tainted else None,
+                "tokens_until_detection_median": statistics.median(tainted) if tainted else None,
+                "expected_steps_until_the_liar_is_checked": len(set(swarm.ranges)) / p,
+            }
+            print("detection, p =", p, figures["detection"][str(p)], flush=True)
+    finally:
+        dht.shutdown()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="'tiny' (a random 6-layer llama) or a model name/path")
+    parser.add_argument("--tolerance-model", default="SmolLM2-135M-Instruct", help="model for the dtype study")
+    parser.add_argument("--generations", type=int, default=20)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--scale", type=float, default=0.01, help="the liar's noise, × the output's RMS")
+    parser.add_argument("--probabilities", type=float, nargs="*", default=[0.05, 0.2])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    results: dict = {"tolerances": {k: TOLERANCES[v] for k, v in DTYPES.items()}, "honest_error": {}}
+    study = resolve_model(args.tolerance_model)
+    for name, dtype in DTYPES.items():
+        errors = honest_errors(study, 0, min(10, study.num_layers), dtype)
+        results["honest_error"][name] = {
+            "samples": len(errors), "max": max(errors), "median": statistics.median(errors),
+            "above_tolerance": sum(e > TOLERANCES[dtype] for e in errors),
+        }
+        print(f"honest error {name}:", results["honest_error"][name], flush=True)
+
+    if args.model == "tiny":
+        from tests.conftest import build_tiny_checkpoint
+
+        path = str(build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="verify-tiny-")), "llama", 6))
+    else:
+        path = args.model
+    source = resolve_model(path)
+    half = source.num_layers // 2
+    ranges = [(0, half)] * 3 + [(half, source.num_layers)] * 2
+    with SwarmWithLiar(path, ranges, threads_per_node=1, liar=0, scale=args.scale) as swarm:
+        results.update(asyncio.run(swarm_figures(swarm, args)))
+    results["liar_scale"] = args.scale
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
