@@ -31,25 +31,43 @@ def _quiet_logs(verbose: bool) -> None:
         logging.getLogger("hivemind").setLevel(logging.ERROR)
 
 
-async def _run_node(args: argparse.Namespace) -> int:
-    from node.checkpoint import resolve_model
-    from node.node import Node, NodeConfig
+def node_config(args: argparse.Namespace):
+    """The NodeConfig of `layerhive node` arguments (also used by the tray app's controller)."""
+    from node.membership import DEFAULT_TTL_S
+    from node.node import NodeConfig
 
-    source = resolve_model(args.model)
-    start, end = args.layers
-    node = Node(source, NodeConfig(
+    start, end = args.layers if args.layers else (None, None)
+    return NodeConfig(
         start=start, end=end, initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
         device=args.device, max_length=args.max_length, send_delay_s=args.emulate_delay_ms / 1000,
-        identity=args.identity, test_perturb_scale=args.test_perturb,
-    ))
+        identity=args.identity, test_perturb_scale=args.test_perturb, region=args.region,
+        test_slowdown_s=args.test_slowdown_ms / 1000,
+        max_memory_bytes=None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9),
+        ttl_s=args.ttl or DEFAULT_TTL_S, bench=not args.quick_measure,
+        announce_maddrs=args.announce_maddrs, relays=args.relay or None,
+    )
+
+
+async def _run_node(args: argparse.Namespace) -> int:
+    from node.checkpoint import resolve_model
+    from node.node import Node
+
+    source = resolve_model(args.model)
+    node = Node(source, node_config(args))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await node.start()
-        print(f"serving {source.name} layers {start}:{end}; peer addresses: {' '.join(node.visible_maddrs)}",
-              flush=True)
+        starting = asyncio.create_task(node.start())
+        await asyncio.wait([starting, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # stopped while still joining
+            starting.cancel()
+            return 0
+        starting.result()
+        record = node.record
+        print(f"serving {source.name} layers {record.start}:{record.end}; peer addresses: "
+              f"{' '.join(node.visible_maddrs)}", flush=True)
         await stop.wait()
     finally:
         await node.stop()
@@ -64,6 +82,36 @@ def cmd_node(args: argparse.Namespace) -> int:
     return asyncio.run(_run_node(args))
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from node.assignment import format_status, model_spec, swarm_status
+    from node.checkpoint import resolve_model
+    from node.membership import list_servers_blocking
+    from node.node import start_dht
+
+    if not args.initial_peers:
+        print("layerhive status: error: give --initial-peers of the swarm", file=sys.stderr)
+        return 2
+    source = resolve_model(args.model)
+    dht = start_dht(args.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    try:
+        records = list_servers_blocking(dht, source.name, num_layers=source.num_layers)
+    finally:
+        dht.shutdown()
+    status = swarm_status(model_spec(source), records)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from node.bootstrap import run_bootstrap
+
+    asyncio.run(run_bootstrap(args.host_maddrs, announce_maddrs=args.announce_maddrs,
+                              initial_peers=args.initial_peers, identity=args.identity))
+    return 0
+
+
 def cmd_swarm_local(args: argparse.Namespace) -> int:
     from node.local_swarm import LocalSwarm
 
@@ -71,8 +119,8 @@ def cmd_swarm_local(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     with LocalSwarm(args.model, num_nodes=args.nodes, threads_per_node=args.threads) as swarm:
         print("local swarm online:")
-        for (start, end), process in zip(swarm.ranges, swarm.processes, strict=True):
-            print(f"  node pid {process.pid}: layers {start}:{end}")
+        for layers, process in zip(swarm.ranges, swarm.processes, strict=True):
+            print(f"  node pid {process.pid}: layers {layers[0]}:{layers[1]}")
         print("initial peers:", " ".join(swarm.initial_peers), flush=True)
         print("join with: layerhive chat --initial-peers", swarm.initial_peers[0], '"Hello!"', flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
@@ -157,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     node = commands.add_parser("node", help="serve a range of layers in a swarm")
     node.add_argument("--model", default=DEFAULT_MODEL)
-    node.add_argument("--layers", type=parse_layers, required=True, help="START:END, end exclusive")
+    node.add_argument("--layers", type=parse_layers, default=None,
+                      help="START:END, end exclusive (a manual override; default: the range the swarm assigns)")
     node.add_argument("--initial-peers", nargs="*", default=[])
     node.add_argument("--host-maddrs", nargs="*", default=["/ip4/127.0.0.1/tcp/0"])
     node.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
@@ -165,12 +214,37 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     node.add_argument("--identity", default=None,
                       help="name of a persistent identity (keeps the peer id across restarts); default: a new one")
+    node.add_argument("--announce-maddrs", nargs="*", default=[],
+                      help="addresses peers should dial (e.g. your public address behind port forwarding)")
+    node.add_argument("--relay", nargs="*", default=[], metavar="MADDR",
+                      help="serve through these relay peers (e.g. a bootstrap peer) when peers cannot dial you")
     node.add_argument("--emulate-delay-ms", type=float, default=0.0,
                       help="testing aid: delay everything this node sends by this many ms (a WAN link)")
     # Testing aid, hidden from --help: add noise of SCALE × RMS to every output, i.e. make this node lie,
     # so the client's spot checks (node.verify) can be exercised. Never useful to a real volunteer.
     node.add_argument("--test-perturb", type=float, default=0.0, metavar="SCALE", help=argparse.SUPPRESS)
+    node.add_argument("--test-slowdown-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # a slower GPU
+    node.add_argument("--max-memory-gb", type=float, default=None, help="offer at most this much memory (GB)")
+    node.add_argument("--region", default="", help="where this machine is (e.g. eu-west); nearby nodes pipeline")
+    node.add_argument("--quick-measure", action="store_true",
+                      help="estimate memory only instead of running (or reading the cached) `layerhive bench`")
+    node.add_argument("--ttl", type=float, default=None,
+                      help="seconds a record lives without heartbeat (default 30); re-planning runs every ttl/3")
     node.set_defaults(func=cmd_node)
+
+    status = commands.add_parser("status", help="the swarm as seen from the DHT: nodes, ranges, coverage")
+    status.add_argument("--model", default=DEFAULT_MODEL)
+    status.add_argument("--initial-peers", nargs="*", default=[])
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=cmd_status)
+
+    bootstrap = commands.add_parser("bootstrap", help="host a long-lived bootstrap and relay peer")
+    bootstrap.add_argument("--host-maddrs", nargs="*", default=["/ip4/0.0.0.0/tcp/31337"])
+    bootstrap.add_argument("--announce-maddrs", nargs="*", default=[], help="public addresses to announce")
+    bootstrap.add_argument("--initial-peers", nargs="*", default=[], help="other bootstrap peers to join")
+    bootstrap.add_argument("--identity", default="bootstrap",
+                           help="name of the persistent identity that keeps this peer's id across restarts")
+    bootstrap.set_defaults(func=cmd_bootstrap)
 
     swarm = commands.add_parser("swarm", help="run a whole swarm").add_subparsers(dest="where", required=True)
     local = swarm.add_parser("local", help="a bootstrap peer and N nodes on 127.0.0.1")

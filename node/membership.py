@@ -26,7 +26,9 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
+from node.config import load_config
 from node.identity import IdentityError, NodeIdentity, ephemeral_identity, peer_id_from_owner_key
+from node.reachability import measure_in_dht, peer_ids_of, relay_p2p_options
 from swarm.records import RecordError, ServerRecord
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ _LOG_EVERY_S = 60.0  # the same rejection is logged at most this often: a hostil
 
 # The signing identity of each DHT opened by `open_dht`, so `announce` knows which key it signs with.
 _identities: WeakKeyDictionary[DHT, NodeIdentity] = WeakKeyDictionary()
+# How peers reach each server DHT opened by `open_dht`, so `announce` can put it in the record.
+_reachability: WeakKeyDictionary[DHT, str] = WeakKeyDictionary()
 
 
 def servers_key(model: str) -> str:
@@ -49,25 +53,56 @@ def owner_subkey(identity: NodeIdentity) -> str:
 
 
 def open_dht(initial_peers: Sequence[str], host_maddrs: Sequence[str], *, client_mode: bool = False,
-             identity: NodeIdentity | None = None) -> DHT:
+             identity: NodeIdentity | None = None, announce_maddrs: Sequence[str] = (),
+             relays: Sequence[str] | None = None, relay_service: bool = False) -> DHT:
     """A running DHT peer that signs its own records and validates everyone's. p2pd runs with the
     identity's key, so the DHT's peer id is the one its records are signed for; without an identity,
-    an ephemeral key (fine for clients, bootstrap peers and throwaway nodes)."""
+    an ephemeral key (fine for clients, bootstrap peers and throwaway nodes).
+
+    `announce_maddrs`: the addresses peers are told to dial (e.g. a public address behind port forwarding).
+    `relays`: relay peers' multiaddrs to serve through when peers cannot dial us (see node.reachability);
+    None: a server DHT takes them from the user's configuration (node.config), a client or relay none.
+    `relay_service`: this peer is publicly reachable and relays for others (a bootstrap peer).
+    A server DHT measures its reachability once it has joined; records `announce` signs carry it."""
     persistent = identity is not None and identity.name is not None
     identity = identity or ephemeral_identity()
+    if relays is None:
+        relays = () if client_mode or relay_service else load_config().relays
+    network = _network_options(announce_maddrs, relays, relay_service)
     with identity.p2pd_identity_file() as identity_path:  # p2pd has read the key once the DHT is ready
         dht = DHT(
             initial_peers=list(initial_peers) or None, host_maddrs=list(host_maddrs), start=True,
             client_mode=client_mode, record_validators=record_validators(identity.private_key),
             identity_path=identity_path,
             # A fresh key cannot be in use elsewhere; a persistent one may be (the same node started twice).
-            check_if_identity_free=persistent,
+            check_if_identity_free=persistent, **network,
         )
     if dht.peer_id.to_base58() != identity.peer_id:
         dht.shutdown()
         raise IdentityError(f"p2pd runs as {dht.peer_id} instead of the identity's {identity.peer_id}")
     _identities[dht] = identity
+    if not client_mode and not relay_service and initial_peers:
+        probers = peer_ids_of([*relays, *initial_peers])
+        _reachability[dht] = dht.run_coroutine(functools.partial(measure_in_dht, probers=probers,
+                                                                 relayed=bool(relays)))
+        logger.info("reachability: %s", _reachability[dht])
     return dht
+
+
+def measured_reachability(dht: DHT) -> str | None:
+    """What `open_dht` measured for this DHT: "direct", "relayed" or "unreachable"; None if it did not."""
+    return _reachability.get(dht)
+
+
+def _network_options(announce_maddrs: Sequence[str], relays: Sequence[str], relay_service: bool) -> dict[str, Any]:
+    if relays and relay_service:
+        raise ValueError("a relay peer must be publicly reachable: it cannot itself serve through relays")
+    if relays:
+        return relay_p2p_options(relays, announce_maddrs)
+    options: dict[str, Any] = {"announce_maddrs": list(announce_maddrs)} if announce_maddrs else {}
+    if relay_service:  # go-libp2p runs the relay service only while it believes it is publicly reachable
+        options.update(use_relay=True, force_reachability="public")
+    return options
 
 
 def record_validators(private_key: RSAPrivateKey) -> list[RecordValidatorBase]:
@@ -80,6 +115,8 @@ async def announce(dht: DHT, record: ServerRecord, *, ttl_s: float = DEFAULT_TTL
         raise ValueError("this DHT cannot sign records: open it with node.membership.open_dht")
     if record.peer_id != identity.peer_id:
         raise ValueError(f"record for {record.peer_id} cannot be signed by {identity.peer_id}")
+    if dht in _reachability:  # measured by this process's DHT peer: more current than what the caller set
+        record = dataclasses.replace(record, reachability=_reachability[dht])
     return await dht.store(
         servers_key(record.model), subkey=owner_subkey(identity), value=record.to_dict(),
         expiration_time=get_dht_time() + ttl_s, return_future=True,

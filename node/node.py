@@ -63,6 +63,9 @@ class NodeConfig:
     identity: str | None = None  # name of a persistent identity (peer id + signing key); None: a new one per run
     send_delay_s: float = 0.0  # emulated one-way latency on everything this node sends (WAN tests)
     test_perturb_scale: float = 0.0  # testing aid: noise added to every output (a lying node; see node.verify)
+    test_slowdown_s: float = 0.0  # testing aid: extra time per step, as on a slower GPU
+    announce_maddrs: Sequence[str] = ()  # addresses peers should dial (e.g. behind port forwarding)
+    relays: Sequence[str] | None = None  # relay peers to serve through; None: from the user's config
     max_memory_bytes: int | None = None  # offer at most this much memory for weights + KV cache
     region: str = ""
     bench: bool = True  # measure with `layerhive bench` (cached); False: a quick estimate (memory only)
@@ -79,9 +82,11 @@ class NodeConfig:
 
 
 def start_dht(initial_peers: Sequence[str], host_maddrs: Sequence[str], *, client_mode: bool = False,
-              identity: NodeIdentity | None = None) -> DHT:
+              identity: NodeIdentity | None = None, announce_maddrs: Sequence[str] = (),
+              relays: Sequence[str] | None = None) -> DHT:
     """A DHT peer that signs its records with `identity` (an ephemeral one if None) and validates everyone's."""
-    return open_dht(initial_peers, host_maddrs, client_mode=client_mode, identity=identity)
+    return open_dht(initial_peers, host_maddrs, client_mode=client_mode, identity=identity,
+                    announce_maddrs=announce_maddrs, relays=relays)
 
 
 class Node:
@@ -116,10 +121,12 @@ class Node:
         config = self.config
         self._set_state("starting")
         identity = load_identity(config.identity) if config.identity else None
-        self.dht = start_dht(config.initial_peers, config.host_maddrs, identity=identity)
+        self.dht = start_dht(config.initial_peers, config.host_maddrs, identity=identity,
+                             announce_maddrs=config.announce_maddrs, relays=config.relays)
         self.p2p = await self.dht.replicate_p2p()
         await self._add_handlers(self.p2p)
-        await add_probe_handlers(self.p2p)  # peers measure their RTT and uplink to us through these
+        # peers measure their RTT and uplink to us through these
+        await add_probe_handlers(self.p2p, send_delay_s=self.config.send_delay_s)
         self._capabilities = await asyncio.get_running_loop().run_in_executor(None, self._measure)
         await self._go_online()
 
@@ -270,7 +277,8 @@ class Node:
         )
         budget = config.kv_budget_bytes or default_kv_budget(self.device)
         server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
-                             send_delay_s=config.send_delay_s, test_perturb_scale=config.test_perturb_scale)
+                             send_delay_s=config.send_delay_s, test_perturb_scale=config.test_perturb_scale,
+                             test_slowdown_s=config.test_slowdown_s)
         server.attach(self.p2p)
         return server
 
