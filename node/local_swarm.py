@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from hivemind import DHT
 
@@ -39,6 +39,7 @@ class LocalSwarm:
         num_nodes: int = 3,
         threads_per_node: int | None = None,
         node_args: Sequence[str] = (),
+        per_node_args: Mapping[int, Sequence[str]] | None = None,
         log_dir: str | None = None,
         join: bool = False,
     ) -> None:
@@ -51,6 +52,7 @@ class LocalSwarm:
             self.ranges = list(ranges) if ranges else even_split(self.source.num_layers, num_nodes)
         self.threads_per_node = threads_per_node
         self.node_args = list(node_args)
+        self.per_node_args = {index: list(args) for index, args in (per_node_args or {}).items()}
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="layerhive-swarm-")
         self.bootstrap: DHT | None = None
         self.processes: list[subprocess.Popen] = []
@@ -72,7 +74,7 @@ class LocalSwarm:
         fixed = ["--layers", f"{layers[0]}:{layers[1]}"] if layers is not None else []
         command = [
             sys.executable, "-m", "node.cli", "node", "--model", self.source.name,
-            *fixed, "--initial-peers", *self.initial_peers, *self.node_args,
+            *fixed, "--initial-peers", *self.initial_peers, *self.node_args, *self.per_node_args.get(index, ()),
         ]
         env = dict(os.environ)
         if self.threads_per_node:

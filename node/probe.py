@@ -36,9 +36,16 @@ class ProbeError(RuntimeError):
 # --- server side ------------------------------------------------------------------------------------
 
 
-async def add_probe_handlers(p2p: P2P) -> None:
-    """Let peers measure their RTT and uplink to this node."""
-    await p2p.add_protobuf_handler(PING_HANDLER, _ping, runtime_pb2.ExpertRequest)
+async def add_probe_handlers(p2p: P2P, *, send_delay_s: float = 0.0) -> None:
+    """Let peers measure their RTT and uplink to this node. `send_delay_s` is the node's emulated link
+    latency (a testing aid): pings answer that much later, as every message the node sends does."""
+
+    async def ping(request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        if send_delay_s > 0:
+            await asyncio.sleep(send_delay_s)
+        return await _ping(request, context)
+
+    await p2p.add_protobuf_handler(PING_HANDLER, ping, runtime_pb2.ExpertRequest)
     await p2p.add_protobuf_handler(SINK_HANDLER, _sink, runtime_pb2.ExpertRequest, stream_input=True)
 
 

@@ -188,9 +188,11 @@ class StageServer:
 
     def __init__(self, stage: Stage, *, kv_budget_bytes: int, max_length: int = 8192,
                  idle_timeout_s: float = 300.0, send_delay_s: float = 0.0, test_perturb_scale: float = 0.0,
-                 max_sessions_per_peer: int = 64, max_steps_per_s_per_peer: float = 1000.0) -> None:
+                 max_sessions_per_peer: int = 64, max_steps_per_s_per_peer: float = 1000.0,
+                 test_slowdown_s: float = 0.0) -> None:
         self.stage = stage
         self.test_perturb_scale = test_perturb_scale  # testing aid only: makes this node lie (see _perturb)
+        self.test_slowdown_s = test_slowdown_s  # testing aid only: every step takes this much longer
         self.budget = KVBudget(kv_budget_bytes)
         self.max_length = max_length
         self.idle_timeout_s = idle_timeout_s
@@ -382,6 +384,8 @@ class StageServer:
         try:
             hidden = await self.batcher.run(session.cache, step.hidden, step.position,
                                             layers=(session.opened.start, session.opened.end))
+            if self.test_slowdown_s:
+                await asyncio.sleep(self.test_slowdown_s)
         except Exception as e:  # a compute failure: end the session rather than trust its cache
             logger.exception("step failed in session %s", session.session_id)
             session.outbox.put(error_response("internal", f"step failed: {type(e).__name__}: {e}"))
