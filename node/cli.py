@@ -41,7 +41,7 @@ def node_config(args: argparse.Namespace):
         start=start, end=end, initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
         device=args.device, max_length=args.max_length, send_delay_s=args.emulate_delay_ms / 1000,
         identity=args.identity, test_perturb_scale=args.test_perturb, region=args.region,
-        test_slowdown_s=args.test_slowdown_ms / 1000,
+        test_slowdown_s=args.test_slowdown_ms / 1000, send_bandwidth_bps=args.emulate_bandwidth_mbps * 1e6,
         max_memory_bytes=None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9),
         ttl_s=args.ttl or DEFAULT_TTL_S, bench=not args.quick_measure,
         announce_maddrs=args.announce_maddrs, relays=args.relay or None,
@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="addresses peers should dial (e.g. your public address behind port forwarding)")
     node.add_argument("--relay", nargs="*", default=[], metavar="MADDR",
                       help="serve through these relay peers (e.g. a bootstrap peer) when peers cannot dial you")
+    node.add_argument("--emulate-bandwidth-mbps", type=float, default=0.0,
+                      help="testing aid: limit what this node sends to this many Mbit/s (a WAN uplink)")
     node.add_argument("--emulate-delay-ms", type=float, default=0.0,
                       help="testing aid: delay everything this node sends by this many ms (a WAN link)")
     # Testing aid, hidden from --help: add noise of SCALE × RMS to every output, i.e. make this node lie,

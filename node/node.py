@@ -62,6 +62,7 @@ class NodeConfig:
     ttl_s: float = DEFAULT_TTL_S  # records expire after this; heartbeats and re-planning run every ttl_s / 3
     identity: str | None = None  # name of a persistent identity (peer id + signing key); None: a new one per run
     send_delay_s: float = 0.0  # emulated one-way latency on everything this node sends (WAN tests)
+    send_bandwidth_bps: float = 0.0  # emulated uplink bandwidth for what this node sends (0: unlimited)
     test_perturb_scale: float = 0.0  # testing aid: noise added to every output (a lying node; see node.verify)
     test_slowdown_s: float = 0.0  # testing aid: extra time per step, as on a slower GPU
     announce_maddrs: Sequence[str] = ()  # addresses peers should dial (e.g. behind port forwarding)
@@ -278,7 +279,7 @@ class Node:
         budget = config.kv_budget_bytes or default_kv_budget(self.device)
         server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
                              send_delay_s=config.send_delay_s, test_perturb_scale=config.test_perturb_scale,
-                             test_slowdown_s=config.test_slowdown_s)
+                             test_slowdown_s=config.test_slowdown_s, send_bandwidth_bps=config.send_bandwidth_bps)
         server.attach(self.p2p)
         return server
 

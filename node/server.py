@@ -67,17 +67,39 @@ class KVBudget:
         return self.budget_bytes - self.reserved_bytes
 
 
-class Outbox:
-    """Messages for one stream, optionally delayed by a fixed one-way latency (WAN emulation in tests)."""
+class EmulatedLink:
+    """This node's uplink as WAN tests emulate it (the kernel here has no netem): every message it sends
+    queues behind the previous ones for its bytes at `bandwidth_bps`, then travels `delay_s`."""
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, bandwidth_bps: float = 0.0) -> None:
+        self.delay_s, self.bandwidth_bps = delay_s, bandwidth_bps
+        self._free_at = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.delay_s > 0 or self.bandwidth_bps > 0
+
+    def arrival_in(self, nbytes: int) -> float:
+        now = asyncio.get_running_loop().time()
+        departs = now
+        if self.bandwidth_bps > 0:
+            self._free_at = max(now, self._free_at) + nbytes * 8 / self.bandwidth_bps
+            departs = self._free_at
+        return departs - now + self.delay_s
+
+
+class Outbox:
+    """Messages for one stream, sent through the node's emulated link when there is one."""
+
+    def __init__(self, link: EmulatedLink | None = None) -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.delay_s = delay_s
+        self.link = link
 
     def put(self, item) -> None:
-        if self.delay_s > 0 and item is not None:
-            # A constant delay keeps messages in order; the sender is not held up meanwhile.
-            asyncio.get_running_loop().call_later(self.delay_s, self.queue.put_nowait, item)
+        if self.link is not None and self.link.active and item is not None:
+            # Arrival times only grow, so messages stay in order; the sender is not held up meanwhile.
+            delay = self.link.arrival_in(item.ByteSize())
+            asyncio.get_running_loop().call_later(delay, self.queue.put_nowait, item)
         else:
             self.queue.put_nowait(item)
 
@@ -113,9 +135,9 @@ class PushLink:
     not wait for a stream setup; steps queue in the outbox meanwhile.
     """
 
-    def __init__(self, session: Session, delay_s: float) -> None:
+    def __init__(self, session: Session, link: EmulatedLink) -> None:
         self.session = session
-        self.outbox = Outbox(delay_s)
+        self.outbox = Outbox(link)
         self._watcher: asyncio.Task | None = None
 
     def start(self, p2p: P2P) -> None:
@@ -189,14 +211,14 @@ class StageServer:
     def __init__(self, stage: Stage, *, kv_budget_bytes: int, max_length: int = 8192,
                  idle_timeout_s: float = 300.0, send_delay_s: float = 0.0, test_perturb_scale: float = 0.0,
                  max_sessions_per_peer: int = 64, max_steps_per_s_per_peer: float = 1000.0,
-                 test_slowdown_s: float = 0.0) -> None:
+                 test_slowdown_s: float = 0.0, send_bandwidth_bps: float = 0.0) -> None:
         self.stage = stage
         self.test_perturb_scale = test_perturb_scale  # testing aid only: makes this node lie (see _perturb)
         self.test_slowdown_s = test_slowdown_s  # testing aid only: every step takes this much longer
         self.budget = KVBudget(kv_budget_bytes)
         self.max_length = max_length
         self.idle_timeout_s = idle_timeout_s
-        self.send_delay_s = send_delay_s
+        self.link = EmulatedLink(send_delay_s, send_bandwidth_bps)  # testing aid: a WAN uplink
         self.sessions: dict[str, Session] = {}
         # Per-peer limits, so one client cannot crowd out the others.
         self.max_sessions_per_peer = max_sessions_per_peer
@@ -355,9 +377,9 @@ class StageServer:
         nbytes = self.stage.cache_bytes(opened.max_length, layers=layers)
         self.budget.reserve(nbytes)
         cache = self.stage.new_cache(opened.max_length, layers=layers)
-        session = Session(opened, client, nbytes, cache, Outbox(self.send_delay_s))
+        session = Session(opened, client, nbytes, cache, Outbox(self.link))
         if session.pushes:
-            session.push_link = PushLink(session, self.send_delay_s)
+            session.push_link = PushLink(session, self.link)
             session.push_link.start(self._p2p)
         self.sessions[session.session_id] = session
         return session

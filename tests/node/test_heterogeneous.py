@@ -2,7 +2,8 @@
 
 Five real node processes: two replicas of each half of the model plus one node holding
 everything. One replica is slowed down (a slower GPU: extra time per step), one sits
-behind a slow link (everything it sends, pings included, is held 60 ms), and the
+behind a slow link (60 ms one way, 20 Mbit/s: everything it sends queues for it, pings
+included), and the
 whole-model node sits behind one too. After the nodes have served a few steps (so their
 announced per-layer latency is measured) the client's DP router must pick the two fast
 nodes, and the answer must still equal single-process generation.
@@ -26,8 +27,11 @@ pytestmark = pytest.mark.timeout(300)
 
 RANGES = [(0, 3), (0, 3), (3, 6), (3, 6), (0, 6)]
 FAST_FIRST, SLOW_LINK, FAST_SECOND, SLOW_GPU, FAR_WHOLE = range(5)
-SLOW = {SLOW_LINK: ["--emulate-delay-ms", "60"], SLOW_GPU: ["--test-slowdown-ms", "60"],
-        FAR_WHOLE: ["--emulate-delay-ms", "60"]}
+SLOW = {
+    SLOW_LINK: ["--emulate-delay-ms", "60", "--emulate-bandwidth-mbps", "20"],
+    SLOW_GPU: ["--test-slowdown-ms", "60"],
+    FAR_WHOLE: ["--emulate-delay-ms", "60"],
+}
 
 
 async def _warm_up(client: SwarmClient, chain: list[Hop]) -> None:

@@ -122,7 +122,10 @@ def _wait_for_settled_plan(swarm: LocalSwarm, spec: ModelSpec, nodes: int, timeo
 def test_nodes_started_together_take_the_plan_and_cover_a_killed_one(tiny_checkpoint):
     path = tiny_checkpoint("llama", num_layers=6)
     spec = model_spec(resolve_model(str(path)))
-    with LocalSwarm(str(path), num_nodes=5, join=True, threads_per_node=1, node_args=NODE_ARGS) as swarm:
+    # Heterogeneous: a slower GPU, and a slow link (20 ms one way, 10 Mbit/s up).
+    heterogeneous = {0: ["--test-slowdown-ms", "30"], 1: ["--emulate-delay-ms", "20", "--emulate-bandwidth-mbps", "10"]}
+    with LocalSwarm(str(path), num_nodes=5, join=True, threads_per_node=1, node_args=NODE_ARGS,
+                    per_node_args=heterogeneous) as swarm:
         records = _wait_for_settled_plan(swarm, spec, 5, 60)
         ranges = _layers(records)
         # Each node serves exactly its range in the plan over everyone's records (checked above), and
