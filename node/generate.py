@@ -60,12 +60,12 @@ async def prefill(chain: Chain, head: ClientHead, token_ids: Sequence[int], posi
         chunk = torch.tensor([list(token_ids[offset : offset + PREFILL_CHUNK_TOKENS])])
         hidden = await chain.step(head.embed(chunk), position + offset)
     assert hidden is not None, "prefill needs at least one token"
-    return head.logits(hidden[:, -1:])[0, -1]
+    return await head.next_logits(hidden)
 
 
 async def decode_one_token(chain: Chain, head: ClientHead, token_id: int, position: int) -> torch.Tensor:
     hidden = await chain.step(head.embed(torch.tensor([[token_id]])), position)
-    return head.logits(hidden)[0, -1]
+    return await head.next_logits(hidden)
 
 
 async def generate(
