@@ -3,9 +3,10 @@
 Public API (stable):
 
     allocate(model, nodes, rtt, *, previous=None, expected_sessions=16, context_tokens=2048, seed=0,
-             replan_threshold=0.25) -> Assignment
+             replan_threshold=0.25, clients=()) -> Assignment
     layer_capacity(model, node, *, sessions=1, context_tokens=2048, embedding=False, lm_head=False) -> int
-    kv_sessions_per_node(model, nodes, *, expected_sessions=16, context_tokens=2048) -> int
+    kv_sessions_per_node(model, nodes, *, expected_sessions=16, context_tokens=2048) -> float
+    explain_allocation(model, nodes, assignment=None, *, expected_sessions=16, context_tokens=2048) -> list[str]
     layer_throughput(model, nodes, assignment, *, batch=1) -> numpy.ndarray   # tokens/s per layer
     swarm_throughput(model, nodes, assignment, *, batch=1) -> float           # min over layers
     uncovered_layers(model, assignment) -> list[int]
@@ -16,26 +17,38 @@ Public API (stable):
 `nodes` may be a sequence of NodeSpec or a mapping id -> NodeSpec everywhere.
 
 Global plan (no `previous`):
-  1. KV budget. Each node reserves KV cache for its share of the expected concurrent sessions
-     (sessions / number of replicas the swarm can carry), at `context_tokens` each. If that budget
-     would leave some layer uncovered, the share shrinks (to one session at least): coverage first.
+  1. KV budget. Each node reserves KV cache for a share of the expected concurrent sessions, at
+     `context_tokens` each. The even share is sessions / replicas the swarm's memory holds; if that
+     would leave some layer uncovered, it shrinks: to one session, then below one (a shorter context),
+     then to none, so that whatever the memory can hold is covered: coverage first.
   2. Zones. Regions closer than ZONE_RTT_S (e.g. London-Frankfurt) form a zone, so that a pipeline
      never zigzags across continents.
   3. Pipelines. Inside each zone, as many disjoint node groups as possible that can each hold all
-     layers (greedy bin covering: largest nodes first, closed by the smallest node that completes
-     the group, which wastes the least memory). Nodes of zones that cannot make one pipeline alone
-     are pooled into cross-zone pipelines, ordered zone by zone (one long leg, not many).
-  4. Water-filling inside each pipeline: find the stage time lambda by bisection with
-     sum_i min(cap_i, (lambda - leg_i) / latency_i) = L, then largest-remainder rounding. Unlike
-     Parallax the stage time includes the node's outgoing network leg (RTT/2 + hidden state /
-     uplink, relays penalised) and uses the node's measured per-layer latency. Nodes are ordered
-     zone by zone and region by region, slow uplinks last (a last stage holding the LM head sends
-     only token ids).
+     layers (greedy bin covering: largest nodes first, closed by one of the few smallest nodes that
+     complete the group, which waste the least memory: the one adding the least per-token time). Nodes
+     of zones that cannot make one pipeline alone are pooled into cross-zone pipelines, ordered zone by
+     zone (one long leg, not many).
+  4. Water-filling inside each pipeline: the stage time lambda solving
+     sum_i min(cap_i, (lambda - leg_i) / latency_i) = L (exactly: the sum is piecewise linear), then
+     largest-remainder rounding. Unlike Parallax the stage time includes the node's outgoing network
+     leg (RTT/2 + hidden state / uplink, relays penalised) and uses the node's measured per-layer
+     latency. Nodes are ordered zone by zone and region by region, slow uplinks last (a last stage
+     holding the LM head sends only token ids).
   5. Reinforcement. Nodes left over take the window of their capacity that covers uncovered layers
      first, then the weakest layers of their own zone, then of the swarm (Petals' rule, zone aware).
-
+  6. Tight memory. If a gap remains, one chain over as many nodes as it takes (`_chain_cover`) is laid
+     first and everyone else placed around it, so every layer is covered whenever the memory allows.
+  7. The latency/throughput trade-off. Steps 2-6 run for a few KV shares: the even one, then doubling
+     up to the whole load (twice the expected sessions plus two standard deviations: batches slow down
+     under load, so sessions stay open longer). Each plan is scored by filling the expected sessions
+     into its pipelines as the router would, fastest first for each client (`clients`: (endpoint,
+     weight), their legs included), where a pipeline slows once its batch turns compute bound and a
+     session without KV room waits (`_plan_cost`, with Little's law for the slowdown). The plan of
+     least mean time per token wins: few stages and fast chains under light load, more KV room (a
+     stage more) when the load needs it. A swarm that cannot meet the load keeps its fastest plan.
 Incremental plan (`previous` given): survivors keep their ranges (shrunk only if they no longer fit
-with one session of KV), joiners take the weakest window as in step 5, and a gap left by a departure
+with one session of KV, or with the even share when that is below one), joiners take the weakest
+window as in step 5 at the even share, and a gap left by a departure
 is closed by extending a neighbour or moving one redundant node, so a join or a leave changes one or
 two ranges. The global plan replaces it only if it raises the swarm's min-layer throughput by more than
 `replan_threshold`, or if it covers layers the incremental one cannot.
@@ -44,6 +57,7 @@ two ranges. The global plan replaces it only if it raises the swarm's min-layer 
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -53,6 +67,7 @@ import numpy as np
 
 from swarm.costmodel import (
     RELAY_EXTRA_LEG_S,
+    kv_bytes_per_layer,
     layer_capacity,
     node_rate_tokens_per_s,
     range_fits,
@@ -67,6 +82,7 @@ __all__ = [
     "ZONE_RTT_S",
     "allocate",
     "as_node_map",
+    "explain_allocation",
     "kv_sessions_per_node",
     "layer_capacity",
     "layer_throughput",
@@ -75,6 +91,8 @@ __all__ = [
     "uncovered_layers",
     "zones_of",
 ]
+
+_log = logging.getLogger("swarm.allocator")
 
 DEFAULT_EXPECTED_SESSIONS = 16
 DEFAULT_CONTEXT_TOKENS = 2048
@@ -188,64 +206,166 @@ class _Info:
         return self.spec.node_id
 
 
+KV_FRACTION_STEPS = 64  # below one session, the reservation shrinks in 1/64ths of one context
+
+
+def _capacities(model: ModelSpec, memory: np.ndarray, sessions: float, context_tokens: int, *,
+                first: bool, last: bool) -> np.ndarray:
+    """`layer_capacity` of many nodes at once (the same arithmetic, vectorised)."""
+    per_layer = model.layer_bytes + kv_bytes_per_layer(model, sessions, context_tokens)
+    free = memory - model.head_bytes / 2 * (int(first) + int(last))
+    if per_layer <= 0:
+        return np.zeros(len(memory), dtype=np.int64)
+    caps = np.minimum(model.num_layers, np.floor(free / per_layer + 1e-9))
+    return np.where(free > 0, np.maximum(caps, 0), 0).astype(np.int64)
+
+
+def _chain_coverable(model: ModelSpec, memory: np.ndarray, sessions: float, context_tokens: int) -> bool:
+    """Whether some chain of distinct nodes holds every layer at this KV share (exact, heads counted).
+
+    One node holding everything, or a first node (with the embedding), a last one (with the LM head)
+    and every other node's full interior capacity in between.
+    """
+    L = model.num_layers
+    if not len(memory):
+        return False
+    cap = _capacities(model, memory, sessions, context_tokens, first=False, last=False)
+    if _capacities(model, memory, sessions, context_tokens, first=True, last=True).max() >= L:
+        return True
+    if len(memory) < 2:
+        return False
+    first = _capacities(model, memory, sessions, context_tokens, first=True, last=False)
+    last = _capacities(model, memory, sessions, context_tokens, first=False, last=True)
+    lose_first = np.where(first > 0, cap - first, np.iinfo(np.int64).max // 4)
+    lose_last = np.where(last > 0, cap - last, np.iinfo(np.int64).max // 4)
+    f = np.argsort(lose_first, kind="stable")[:2]
+    g = np.argsort(lose_last, kind="stable")[:2]
+    best_loss = min(int(lose_first[i] + lose_last[j]) for i in f for j in g if i != j)
+    return int(cap.sum()) - best_loss >= L
+
+
 def kv_sessions_per_node(
     model: ModelSpec,
     nodes: Mapping[NodeId, NodeSpec] | Iterable[NodeSpec],
     *,
     expected_sessions: int = DEFAULT_EXPECTED_SESSIONS,
     context_tokens: int = DEFAULT_CONTEXT_TOKENS,
-) -> int:
+) -> float:
     """Sessions each node reserves KV cache for: its share of the expected concurrent sessions.
 
     The share is sessions / replicas (the number of full copies the swarm's memory holds), rounded
-    up; it is lowered (down to 1) if reserving it would leave some layer uncovered.
+    up; it is lowered if reserving it would leave some layer uncovered: first down to one session,
+    then below one (a fraction of one `context_tokens` context, in 1/64ths: shorter sessions still
+    fit), and to 0 (weights only) when the swarm cannot even hold the weights, so that the allocator
+    covers what it can. Whole shares are ints; fractions are floats in (0, 1).
     """
-    specs = list(as_node_map(nodes).values())
+    memory = np.array([n.memory_bytes for n in as_node_map(nodes).values()], dtype=float)
     L = model.num_layers
+    heads = model.head_bytes > 0
 
-    def total(sessions: int) -> int:
+    def total(sessions: float) -> int:
         """Layers the swarm can hold, as if every node held both head parts: conservative, so that
         a share this allows is sure to leave the allocator room to cover every layer."""
-        heads = model.head_bytes > 0
-        return sum(layer_capacity(model, n, sessions=sessions, context_tokens=context_tokens, embedding=heads,
-                                  lm_head=heads) for n in specs)
+        return int(_capacities(model, memory, sessions, context_tokens, first=heads, last=heads).sum())
 
-    replicas = max(1, total(1) // max(L, 1))
-    share = max(1, math.ceil(expected_sessions / replicas))
-    if total(share) >= L or total(1) < L:
-        return share
-    lo, hi = 1, share  # total(lo) >= L > total(hi): largest share that still covers
+    if total(1) >= L:
+        replicas = total(1) / max(L, 1)  # copies of the model the memory holds (fractional)
+        share = max(1, math.ceil(expected_sessions / replicas))
+        if total(share) >= L:
+            return share
+        lo, hi = 1, share  # total(lo) >= L > total(hi): largest share that still covers
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if total(mid) >= L else (lo, mid)
+        return lo
+    if _chain_coverable(model, memory, 1, context_tokens):
+        return 1
+    # Not one full session next to the weights: shrink the reservation rather than leave layers out.
+    if not _chain_coverable(model, memory, 0.0, context_tokens):
+        return 0.0  # not even the weights fit: cover what can be covered
+    lo, hi = 0, KV_FRACTION_STEPS  # coverable at lo / KV_FRACTION_STEPS, not at hi / KV_FRACTION_STEPS
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if total(mid) >= L else (lo, mid)
-    return lo
+        lo, hi = (mid, hi) if _chain_coverable(model, memory, mid / KV_FRACTION_STEPS, context_tokens) else (lo, mid)
+    return lo / KV_FRACTION_STEPS
+
+
+def explain_allocation(
+    model: ModelSpec,
+    nodes: Mapping[NodeId, NodeSpec] | Iterable[NodeSpec],
+    assignment: Assignment | Mapping[NodeId, LayerRange] | None = None,
+    *,
+    expected_sessions: int = DEFAULT_EXPECTED_SESSIONS,
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS,
+) -> list[str]:
+    """Plain-language notes on what limits an allocation: empty when nothing does.
+
+    States the KV reservation when it had to shrink below one full session, and, when layers stay
+    uncovered, why: which layers, how many layers the swarm's memory holds without any KV cache, and
+    the largest node against the size of one layer (plus the head parts a chain end holds).
+    """
+    node_map = as_node_map(nodes)
+    notes: list[str] = []
+    L = model.num_layers
+    if not node_map:
+        return [f"no nodes: none of the {L} layers can be served"]
+    share = kv_sessions_per_node(model, node_map, expected_sessions=expected_sessions,
+                                 context_tokens=context_tokens)
+    one_session = kv_bytes_per_layer(model, 1, context_tokens) / 1e9
+    if 0 < share < 1:
+        notes.append(
+            f"KV reservation shrunk to {share:g} of one {context_tokens}-token session per node "
+            f"(~{int(share * context_tokens)} tokens): one full session's KV ({one_session:.3g} GB per layer) "
+            "does not fit next to the weights on enough nodes to cover every layer"
+        )
+    elif share == 0:
+        notes.append(
+            f"no KV cache reserved: the weights alone take the memory needed to cover the layers (one "
+            f"{context_tokens}-token session needs {one_session:.3g} GB per layer); sessions get only what "
+            "memory is left"
+        )
+    if assignment is None:
+        assignment = allocate(model, node_map, lambda a, b: 0.0, expected_sessions=expected_sessions,
+                              context_tokens=context_tokens)
+    missing = uncovered_layers(model, assignment)
+    if missing:
+        memory = np.array([n.memory_bytes for n in node_map.values()], dtype=float)
+        weights_only = int(_capacities(model, memory, 0.0, context_tokens, first=False, last=False).sum())
+        largest = max(node_map.values(), key=lambda n: (n.memory_bytes, n.node_id))
+        runs = ", ".join(f"{a}:{b}" for a, b in _gaps(np.isin(np.arange(L), missing, invert=True)))
+        notes.append(
+            f"layers {runs} uncovered ({len(missing)} of {L}): even without KV cache the {len(node_map)} nodes "
+            f"hold {weights_only} layers; the largest, {largest.node_id}, has {largest.memory_bytes / 1e9:.3g} GB "
+            f"and one layer needs {model.layer_bytes / 1e9:.3g} GB"
+            + (f" (a chain end also holds {model.head_bytes / 2e9:.3g} GB of embedding or LM head)"
+               if model.head_bytes > 0 else "")
+        )
+    return notes
 
 
 def _infos(
-    model: ModelSpec, node_map: Mapping[NodeId, NodeSpec], rtt: RttFn, sessions: int, context_tokens: int,
-    seed: int,
+    model: ModelSpec, node_map: Mapping[NodeId, NodeSpec], rtt: RttFn, sessions: float, context_tokens: int,
+    seed: int, zones: Mapping[NodeId, int] | None = None,
 ) -> dict[NodeId, _Info]:
-    zones = zones_of(node_map, rtt)
+    zones = zones if zones is not None else zones_of(node_map, rtt)
+    ids = sorted(node_map)
+    memory = np.array([node_map[n].memory_bytes for n in ids], dtype=float)
+    caps = [
+        _capacities(model, memory, sessions, context_tokens, first=first, last=last).tolist()
+        for first, last in ((False, False), (True, False), (False, True), (True, True))
+    ]
     out: dict[NodeId, _Info] = {}
-    for nid in sorted(node_map):
-        spec = node_map[nid]
-
-        def cap(first: bool, last: bool, spec: NodeSpec = spec) -> int:
-            return layer_capacity(
-                model, spec, sessions=sessions, context_tokens=context_tokens, embedding=first, lm_head=last
+    for i, nid in enumerate(ids):
+        if caps[0][i] > 0 or caps[3][i] > 0:
+            out[nid] = _Info(
+                spec=node_map[nid],
+                cap=caps[0][i],
+                cap_first=caps[1][i],
+                cap_last=caps[2][i],
+                cap_both=caps[3][i],
+                zone=zones[nid],
+                tiebreak=zlib.crc32(f"{seed}:{nid}".encode()),
             )
-
-        info = _Info(
-            spec=spec,
-            cap=cap(False, False),
-            cap_first=cap(True, False),
-            cap_last=cap(False, True),
-            cap_both=cap(True, True),
-            zone=zones[nid],
-            tiebreak=zlib.crc32(f"{seed}:{nid}".encode()),
-        )
-        if info.cap > 0 or info.cap_both > 0:
-            out[nid] = info
     return out
 
 
@@ -279,13 +399,19 @@ def _stage_caps(ordered: Sequence[_Info], L: int) -> list[int]:
 
 
 def _build_pipelines(
-    cands: Sequence[_Info], L: int, zone_rtt: np.ndarray
+    cands: Sequence[_Info], L: int, zone_rtt: np.ndarray, rtt: RttFn
 ) -> tuple[list[list[_Info]], list[_Info]]:
-    """Greedy bin covering: as many groups as possible whose ordered capacities sum to >= L."""
+    """Greedy bin covering: as many groups as possible whose ordered capacities sum to >= L.
+
+    A group takes the largest nodes until one more completes it; the closing node is chosen among the
+    few smallest that would (which waste the least memory) as the one adding the least per-token time:
+    its share of layers at its speed plus its hop from the nearest member.
+    """
     pool = sorted(cands, key=lambda g: (-g.cap, g.spec.layer_latency_s, g.tiebreak))
     neg_caps = [-g.cap for g in pool]
     pipelines: list[list[_Info]] = []
-    while pool and sum(min(g.cap_both if len(pool) == 1 else g.cap, L) for g in pool) >= L:
+    pool_caps = sum(min(g.cap, L) for g in pool)
+    while pool and (pool_caps if len(pool) > 1 else min(pool[0].cap_both, L)) >= L:
         group: list[_Info] = []
         taken: list[int] = []  # indices into pool, removed when the group completes
         remaining = set(range(len(pool)))
@@ -293,17 +419,20 @@ def _build_pipelines(
         while remaining and not done:
             have = sum(_stage_caps(_order_pipeline(group, zone_rtt), L)) if group else 0
             need = L - have
-            # Smallest node that completes the group: scan upwards from the first one big enough.
+            # Smallest nodes that complete the group: scan upwards from the first one big enough.
             idx = bisect.bisect_right(neg_caps, -need) - 1
-            for j in range(idx, -1, -1):
+            closing: list[tuple[float, int, int]] = []
+            for j in range(idx, max(-1, idx - 9), -1):
                 if j in remaining and _covers(group + [pool[j]], L, zone_rtt):
-                    group.append(pool[j])
-                    taken.append(j)
-                    done = True
-                    break
-                if idx - j > 8:
-                    break
-            if not done:
+                    g = pool[j]
+                    hop = min((rtt(g.node_id, m.node_id) for m in group), default=0.0) / 2
+                    closing.append((min(need, g.cap) * g.spec.layer_latency_s + hop, g.cap, j))
+            if closing:
+                j = min(closing)[2]
+                group.append(pool[j])
+                taken.append(j)
+                done = True
+            else:
                 largest = min(remaining)
                 group.append(pool[largest])
                 taken.append(largest)
@@ -313,6 +442,7 @@ def _build_pipelines(
         if not done:
             break
         keep = sorted(set(range(len(pool))) - set(taken))
+        pool_caps -= sum(min(pool[i].cap, L) for i in taken)
         pool = [pool[i] for i in keep]
         neg_caps = [neg_caps[i] for i in keep]
         pipelines.append(group)
@@ -332,11 +462,21 @@ def _water_fill(L: int, caps: Sequence[int], latency: Sequence[float], legs: Seq
     def layers_at(stage_s: float) -> np.ndarray:
         return np.minimum(cap, np.maximum(0.0, (stage_s - leg) / lat))
 
-    lo, hi = 0.0, float(np.max(leg + cap * lat)) + 1e-9
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if layers_at(mid).sum() < L else (lo, mid)
-    exact = layers_at(hi)
+    # The total is piecewise linear in the stage time, with breakpoints where a stage starts taking
+    # layers (its leg) or fills up (leg + cap x latency): find the segment that reaches L, solve it.
+    points = np.unique(np.concatenate([leg, leg + cap * lat]))
+    totals = np.minimum(cap[None, :], np.maximum(0.0, (points[:, None] - leg[None, :]) / lat[None, :])).sum(axis=1)
+    k = int(np.searchsorted(totals, L, side="left"))
+    if k >= len(points):
+        stage_s = float(points[-1]) + 1e-9  # not enough room: everyone at their cap
+    elif k == 0:
+        stage_s = float(points[0])
+    else:
+        p0, f0 = float(points[k - 1]), float(totals[k - 1])
+        active = (leg <= p0) & (p0 < leg + cap * lat)
+        slope = float((1.0 / lat[active]).sum())
+        stage_s = p0 + (L - f0) / slope if slope > 0 else float(points[k])
+    exact = layers_at(stage_s)
     base = np.minimum(np.floor(exact + 1e-9), cap).astype(int)
     short = L - int(base.sum())
     # Largest remainder first; ties to the faster node. Anyone with room can absorb a remainder.
@@ -428,7 +568,7 @@ def node_windows(
     model: ModelSpec,
     node: NodeSpec,
     *,
-    sessions: int = 1,
+    sessions: float = 1,
     context_tokens: int = DEFAULT_CONTEXT_TOKENS,
 ) -> list[tuple[int, int]]:
     """Every range [start, end) of maximal length the node can hold (edge ones hold the head parts)."""
@@ -506,8 +646,10 @@ class _Coverage:
 
 
 def _global_plan(
-    model: ModelSpec, infos: Mapping[NodeId, _Info], rtt: RttFn, sessions: int, context_tokens: int
+    model: ModelSpec, infos: Mapping[NodeId, _Info], rtt: RttFn, sessions: float, context_tokens: int,
+    pipelines_out: list[list[NodeId]] | None = None,
 ) -> dict[NodeId, LayerRange]:
+    """Steps 2-6 of the module docstring; `pipelines_out` receives each pipeline's nodes in chain order."""
     L = model.num_layers
     all_specs = [i.spec for i in infos.values()]
     regions, region_rtt = region_rtt_matrix(all_specs, rtt)
@@ -520,10 +662,10 @@ def _global_plan(
     local_leftovers: list[_Info] = []
     pooled: list[_Info] = []
     for zone in sorted(by_zone):
-        made, rest = _build_pipelines(by_zone[zone], L, zone_rtt)
+        made, rest = _build_pipelines(by_zone[zone], L, zone_rtt, rtt)
         pipelines.extend(made)
         (local_leftovers if made else pooled).extend(rest)
-    made, rest = _build_pipelines(pooled, L, zone_rtt)
+    made, rest = _build_pipelines(pooled, L, zone_rtt, rtt)
     pipelines.extend(made)
     leftovers = local_leftovers + rest
 
@@ -532,6 +674,8 @@ def _global_plan(
         laid, dropped = _layout_pipeline(model, group, rtt, zone_rtt)
         ranges.update(laid)
         leftovers.extend(dropped)
+        if pipelines_out is not None:
+            pipelines_out.append(list(laid))
 
     # Safety net: a range that water-filling's rounding pushed past memory is cut back.
     for node_id in list(ranges):
@@ -550,6 +694,55 @@ def _global_plan(
         if rng is not None:
             ranges[info.node_id] = rng
     _close_gaps(model, infos, ranges, coverage, sessions, context_tokens)
+    if coverage.count.min() == 0:
+        # Memory is tight: the pipelines left a gap. Lay one chain over every node it takes, if memory
+        # allows one at all, and place everyone else around it.
+        chain = _chain_cover(model, infos)
+        if chain is not None:
+            fallback = _Coverage(model, infos)
+            for node_id, rng in chain.items():
+                fallback.add(node_id, rng)
+            rest = [infos[n] for n in infos if n not in chain]
+            for info in sorted(rest, key=lambda g: (-g.cap, g.spec.layer_latency_s, g.tiebreak)):
+                rng = fallback.place(info)
+                if rng is not None:
+                    chain[info.node_id] = rng
+            _close_gaps(model, infos, chain, fallback, sessions, context_tokens)
+            if (fallback.count == 0).sum() < (coverage.count == 0).sum():
+                return chain
+    return ranges
+
+
+def _chain_cover(model: ModelSpec, infos: Mapping[NodeId, _Info]) -> dict[NodeId, LayerRange] | None:
+    """One chain holding every layer, built as `_chain_coverable` proves it exists; None if none does.
+
+    A node that holds everything alone (the fastest); else the pair of chain ends losing the least
+    capacity to the head parts, with the largest other nodes in between.
+    """
+    L = model.num_layers
+    items = sorted(infos.values(), key=lambda g: (g.spec.layer_latency_s, g.tiebreak))
+    solo = [g for g in items if g.cap_both >= L]
+    if solo:
+        return {solo[0].node_id: LayerRange(0, L)}
+    firsts = sorted((g for g in items if g.cap_first > 0), key=lambda g: g.cap - g.cap_first)[:2]
+    lasts = sorted((g for g in items if g.cap_last > 0), key=lambda g: g.cap - g.cap_last)[:2]
+    pairs = [(f, g) for f in firsts for g in lasts if f.node_id != g.node_id]
+    if not pairs:
+        return None
+    first, last = min(pairs, key=lambda p: p[0].cap - p[0].cap_first + p[1].cap - p[1].cap_last)
+    ranges = {first.node_id: LayerRange(0, min(first.cap_first, L - 1))}
+    pos = ranges[first.node_id].end
+    middle = sorted((g for g in items if g.node_id not in (first.node_id, last.node_id)),
+                    key=lambda g: (-g.cap, g.spec.layer_latency_s, g.tiebreak))
+    for g in middle:
+        if L - pos <= last.cap_last:
+            break
+        take = min(g.cap, L - pos - 1)
+        ranges[g.node_id] = LayerRange(pos, pos + take)
+        pos += take
+    if L - pos > last.cap_last:
+        return None
+    ranges[last.node_id] = LayerRange(pos, L)
     return ranges
 
 
@@ -572,6 +765,166 @@ def _zone_rtt(infos: Mapping[NodeId, _Info], regions: list[str], region_rtt: np.
     return out
 
 
+# --- the KV reservation: latency against concurrency -----------------------------------------------
+
+
+
+FIXED_POINT_ROUNDS = 6
+WAIT_FACTOR = 4.0  # a session that finds no KV room waits for a slot: about two sessions, twice as slow
+
+
+def _peak_sessions(expected_sessions: float) -> float:
+    """Concurrent sessions to provision for: the mean plus two standard deviations (Poisson)."""
+    return expected_sessions + 2.0 * math.sqrt(max(expected_sessions, 0.0))
+
+
+def _share_candidates(model: ModelSpec, memory: np.ndarray, base: float, expected_sessions: int,
+                      context_tokens: int) -> list[float]:
+    """KV shares worth comparing: the even share, then doubling while coverable, up to the whole load.
+
+    The whole load is taken at twice the expected sessions: under load a session decodes up to about
+    twice slower (batches turn compute bound), so about twice as many are open at once.
+    """
+    if base < 1:
+        return [base]
+    heads = model.head_bytes > 0
+    top = max(base, math.ceil(_peak_sessions(2 * expected_sessions)))
+    out, share = [base], base
+    while share < top:
+        share = min(top, share * 2)
+        caps = _capacities(model, memory, share, context_tokens, first=heads, last=heads)
+        if int(caps.sum()) < model.num_layers:
+            break
+        out.append(share)
+    return out
+
+
+def _plan_cost(
+    model: ModelSpec,
+    infos: Mapping[NodeId, _Info],
+    ranges: Mapping[NodeId, LayerRange],
+    pipelines: Sequence[Sequence[NodeId]],
+    rtt: RttFn,
+    clients: Sequence[tuple[str, float]],
+    expected_sessions: int,
+    context_tokens: int,
+) -> float:
+    """Mean per-token time of the expected sessions (plus 2 sd) filled into the plan's pipelines, fastest first.
+
+    This is what the router does with them: each session takes the pipeline (chain) of least per-token
+    time for its client (client legs included) among those with KV room, where a pipeline's time grows
+    once its batch turns compute bound. `expected_sessions` is taken as estimated at unloaded speed: the
+    concurrency is scaled by how much slower the loaded plan decodes (a short fixed point). A session
+    that finds no room waits for one: it costs WAIT_FACTOR x the slowest pipeline's time per token.
+    Reinforcement nodes and mixed chains are left out: conservative.
+    """
+    L = model.num_layers
+    kv_session = context_tokens * model.kv_bytes_per_token_per_layer
+    lat, pre, layers, legs, room, ends = [], [], [], [], [], []
+    for group in pipelines:
+        chain = sorted((n for n in group if n in ranges), key=lambda n: ranges[n].start)
+        pos = 0
+        for n in chain:
+            if ranges[n].start != pos:
+                break
+            pos = ranges[n].end
+        if pos != L or not chain:
+            continue  # cut by the safety net: no longer a chain of its own
+        specs = [infos[n].spec for n in chain]
+        n_layers = np.array([len(ranges[n]) for n in chain], dtype=float)
+        head = [model.head_bytes / 2 * ((ranges[n].start == 0) + (ranges[n].end == L)) for n in chain]
+        free = np.array([sp.memory_bytes - k * model.layer_bytes - h for sp, k, h in zip(specs, n_layers, head,
+                                                                                          strict=True)])
+        room.append(max(0.0, float(np.floor(np.min(free / (n_layers * kv_session))))))
+        lat.append(np.array([sp.layer_latency_s for sp in specs]))
+        pre.append(np.array([sp.prefill_s_per_token_per_layer for sp in specs]))
+        layers.append(n_layers)
+        legs.append(sum(
+            rtt(a.node_id, b.node_id) / 2 + transfer_s(model.hidden_bytes_per_token, a.uplink_bps)
+            + RELAY_EXTRA_LEG_S * (int(a.relayed) + int(b.relayed))
+            for a, b in zip(specs, specs[1:], strict=False)))
+        ends.append((chain[0], chain[-1]))
+    if not room or expected_sessions <= 0:
+        return math.inf if expected_sessions > 0 else 0.0
+    P = len(room)
+    client_list = list(clients) or [("", 1.0)]
+    weight = np.array([max(w, 0.0) for _, w in client_list], dtype=float)
+    leg = np.array([[(rtt(c, a) + rtt(b, c)) / 2 if c else 0.0 for a, b in ends] for c, _ in client_list])
+    limit = np.array([max(1.0, float(np.min(la / np.maximum(pr, 1e-15)))) for la, pr in zip(lat, pre, strict=True)])
+    room_arr = np.array(room)
+
+    def token_s(p: int, batch: float) -> float:
+        return float(np.sum(layers[p] * np.maximum(lat[p], batch * pre[p]))) + legs[p]
+
+    def fill(sessions: float) -> tuple[float, float]:
+        """Mean per-token time of `sessions` filled in fastest first (client legs included), with sessions
+        left without room waiting (WAIT_FACTOR x the slowest chain), and with them served by the slowest
+        chain once a slot frees (what sets how long sessions hold KV)."""
+        demand = sessions * weight / max(weight.sum(), 1e-12)
+        filled = np.zeros(P)
+        legs_total = 0.0
+        now = np.array([token_s(p, 1.0) if room[p] >= 1 else math.inf for p in range(P)])  # the next session's
+        for _ in range(64 * P + 64):  # chunks: a few per pipeline; bounded
+            want = demand > 1e-9
+            if not np.isfinite(now).any() or not want.any():
+                break
+            cost = np.where(want[:, None], now[None, :] + leg, math.inf)
+            c, p = np.unravel_index(int(np.argmin(cost)), cost.shape)
+            # Take sessions while this pipeline's time stays flat (memory bound), else a tenth of its batch.
+            flat = limit[p] - filled[p] if filled[p] + 1 <= limit[p] else max(1.0, 0.1 * filled[p])
+            chunk = min(demand[c], room_arr[p] - filled[p], max(1.0, flat))
+            filled[p] += chunk
+            demand[c] -= chunk
+            legs_total += chunk * leg[c, p]
+            now[p] = token_s(p, filled[p] + 1) if filled[p] + 1 <= room_arr[p] else math.inf
+        placed = legs_total + sum(filled[p] * token_s(p, filled[p]) for p in range(P) if filled[p] > 0)
+        # A session left without room waits for a slot: WAIT_FACTOR x the slowest chain's time per token.
+        worst = max(token_s(p, max(filled[p], 1.0)) for p in range(P)) + float(leg.max())
+        waiting = float(demand.sum())
+        return (placed + waiting * WAIT_FACTOR * worst) / sessions, (placed + waiting * worst) / sessions
+
+    # Little's law again: sessions hold KV longer when a loaded plan decodes slower, so more are open at once.
+    alone = fill(1.0)[1]
+    sessions = float(expected_sessions)
+    for _ in range(FIXED_POINT_ROUNDS):
+        sessions = expected_sessions * fill(_peak_sessions(sessions))[1] / alone
+    return fill(_peak_sessions(sessions))[0]
+
+
+def _choose_plan(
+    model: ModelSpec,
+    node_map: Mapping[NodeId, NodeSpec],
+    rtt: RttFn,
+    base: float,
+    expected_sessions: int,
+    context_tokens: int,
+    seed: int,
+    clients: Sequence[tuple[str, float]],
+) -> tuple[dict[NodeId, LayerRange], float]:
+    """Global plans for a few KV shares; the one whose pipelines serve the expected load fastest."""
+    memory = np.array([n.memory_bytes for n in node_map.values()], dtype=float)
+    shares = _share_candidates(model, memory, base, expected_sessions, context_tokens)
+    zones = zones_of(node_map, rtt)
+    best: tuple[float, dict[NodeId, LayerRange], float] | None = None
+    seen: set[tuple[tuple[int, int, int, int], ...]] = set()
+    for share in shares:
+        infos = _infos(model, node_map, rtt, share, context_tokens, seed, zones)
+        caps = tuple((i.cap, i.cap_first, i.cap_last, i.cap_both) for i in infos.values())
+        if not infos or caps in seen:
+            continue  # the same capacities make the same plan, and more KV only costs what it held
+        seen.add(caps)
+        pipelines: list[list[NodeId]] = []
+        ranges = _global_plan(model, infos, rtt, share, context_tokens, pipelines)
+        gaps = len(uncovered_layers(model, ranges))
+        cost = _plan_cost(model, infos, ranges, pipelines, rtt, clients, expected_sessions, context_tokens)
+        key = gaps * 1e9 + cost
+        if best is None or key < best[0] * (1 - 1e-9):
+            best = (key, ranges, share)
+    if best is None:
+        return {}, base
+    return best[1], best[2]
+
+
 # --- incremental plan ------------------------------------------------------------------------------
 
 
@@ -579,6 +932,7 @@ def _incremental_plan(
     model: ModelSpec,
     infos: Mapping[NodeId, _Info],
     previous: Assignment,
+    floor_sessions: float,
     context_tokens: int,
 ) -> dict[NodeId, LayerRange]:
     L = model.num_layers
@@ -590,7 +944,7 @@ def _incremental_plan(
         # A survivor keeps its range while it fits with the minimum KV reservation (one session):
         # the share of sessions moves with the swarm's size, and re-laying everyone out whenever it
         # moves would be churn for little gain. New placements use the full share.
-        fitted = _fit(model, info.spec, rng, 1, context_tokens)
+        fitted = _fit(model, info.spec, rng, floor_sessions, context_tokens)
         if fitted is not None:  # else it is placed from scratch below, like a joiner
             ranges[node_id] = fitted
 
@@ -602,11 +956,11 @@ def _incremental_plan(
         rng = coverage.place(info)
         if rng is not None:
             ranges[info.node_id] = rng
-    _close_gaps(model, infos, ranges, coverage, 1, context_tokens)  # coverage before KV headroom
+    _close_gaps(model, infos, ranges, coverage, floor_sessions, context_tokens)  # coverage before KV headroom
     return ranges
 
 
-def _fit(model: ModelSpec, spec: NodeSpec, rng: LayerRange, sessions: int, context_tokens: int
+def _fit(model: ModelSpec, spec: NodeSpec, rng: LayerRange, sessions: float, context_tokens: int
          ) -> LayerRange | None:
     """`rng`, or its longest prefix the node can hold (keeping the layers it has loaded); None if none."""
     for end in range(rng.end, rng.start, -1):
@@ -636,7 +990,7 @@ def _close_gaps(
     infos: Mapping[NodeId, _Info],
     ranges: dict[NodeId, LayerRange],
     coverage: _Coverage,
-    sessions: int,
+    sessions: float,
     context_tokens: int,
 ) -> None:
     """Close uncovered runs with as few changes as possible: extend a neighbour, else move a spare."""
@@ -730,12 +1084,18 @@ def allocate(
     context_tokens: int = DEFAULT_CONTEXT_TOKENS,
     seed: int = 0,
     replan_threshold: float = 0.25,
+    clients: Sequence[tuple[str, float]] = (),
 ) -> Assignment:
     """Give every useful node a contiguous layer range (see the module docstring).
 
     Deterministic given its inputs and `seed` (which only breaks ties between identical nodes).
     With `previous`, changes as few ranges as possible; `replan_threshold=math.inf` never replans.
     Nodes that cannot hold a single layer are left out of the assignment.
+
+    When one full session's KV cannot sit next to the weights on enough nodes, the KV reservation
+    shrinks below one session (down to none) so that every layer the swarm's memory can hold is still
+    covered (`kv_sessions_per_node`). When layers stay uncovered anyway, or nothing fits at all, the
+    reason is logged as a warning of the "swarm.allocator" logger; `explain_allocation` returns it.
     """
     node_map = as_node_map(nodes)
     sessions = kv_sessions_per_node(
@@ -743,15 +1103,21 @@ def allocate(
     )
     infos = _infos(model, node_map, rtt, sessions, context_tokens, seed)
     if not infos:
+        if node_map:
+            _warn_uncovered(model, node_map, {}, expected_sessions, context_tokens)
         return Assignment({}, previous.epoch + 1 if previous else 0)
     if previous is None:
-        return Assignment(_sorted(_global_plan(model, infos, rtt, sessions, context_tokens)), 0)
+        ranges = _sorted(_choose_plan(model, node_map, rtt, sessions, expected_sessions, context_tokens, seed,
+                                      clients)[0])
+        if uncovered_layers(model, ranges):
+            _warn_uncovered(model, node_map, ranges, expected_sessions, context_tokens)
+        return Assignment(ranges, 0)
 
-    kept = _incremental_plan(model, infos, previous, context_tokens)
+    kept = _incremental_plan(model, infos, previous, min(1, sessions), context_tokens)
     chosen = kept
     kept_gaps = len(uncovered_layers(model, kept))
     if kept_gaps or math.isfinite(replan_threshold):
-        fresh = _global_plan(model, infos, rtt, sessions, context_tokens)
+        fresh = _choose_plan(model, node_map, rtt, sessions, expected_sessions, context_tokens, seed, clients)[0]
         fresh_gaps = len(uncovered_layers(model, fresh))
         if fresh_gaps < kept_gaps:
             chosen = fresh
@@ -762,7 +1128,17 @@ def allocate(
             ):
                 chosen = fresh
     changed = dict(previous.ranges) != chosen
+    if uncovered_layers(model, chosen):
+        _warn_uncovered(model, node_map, chosen, expected_sessions, context_tokens)
     return Assignment(_sorted(chosen), previous.epoch + 1 if changed else previous.epoch)
+
+
+def _warn_uncovered(model: ModelSpec, node_map: Mapping[NodeId, NodeSpec], ranges: Mapping[NodeId, LayerRange],
+                    expected_sessions: int, context_tokens: int) -> None:
+    if _log.isEnabledFor(logging.WARNING):
+        notes = explain_allocation(model, node_map, ranges, expected_sessions=expected_sessions,
+                                   context_tokens=context_tokens)
+        _log.warning("allocation leaves layers uncovered: %s", "; ".join(notes))
 
 
 def _sorted(ranges: Mapping[NodeId, LayerRange]) -> dict[NodeId, LayerRange]:

@@ -6,7 +6,7 @@ Public API (stable):
     RebalanceState(last_moved_s={}, last_check_s=-inf)
     plan_rebalance(model, nodes, assignment, rtt, *, load=None, state, now_s, expected_sessions=16,
                    context_tokens=2048, improvement_threshold=0.2, cooldown_s=300.0, check_interval_s=60.0,
-                   seed=0) -> tuple[list[Move], RebalanceState]
+                   seed=0, clients=()) -> tuple[list[Move], RebalanceState]
     apply_moves(assignment, moves, *, live=None) -> Assignment
 
 Call `plan_rebalance` whenever something happens (a join, a leave) and periodically; apply the moves
@@ -97,6 +97,7 @@ def plan_rebalance(
     cooldown_s: float = 300.0,
     check_interval_s: float = 60.0,
     seed: int = 0,
+    clients: Sequence[tuple[str, float]] = (),
 ) -> tuple[list[Move], RebalanceState]:
     """Moves to apply now and the state for the next call (see the module docstring)."""
     node_map = as_node_map(nodes)
@@ -133,7 +134,7 @@ def plan_rebalance(
         moves = [Move(node_id, current[node_id], rng)]
     else:
         fresh = allocate(model, node_map, rtt, expected_sessions=expected_sessions,
-                         context_tokens=context_tokens, seed=seed).ranges
+                         context_tokens=context_tokens, seed=seed, clients=clients).ranges
         moves = _fewest_moves(board, current, fresh, movable, target)
     for move in moves:
         last_moved[move.node_id] = now_s

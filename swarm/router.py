@@ -4,8 +4,9 @@ Public API (stable):
 
     route(model, nodes, assignment, rtt, *, client, load=None, transport="push", alternates=3,
           exclude=frozenset(), start_layer=0, end_layer=None, sink=None, session_tokens=0,
-          client_uplink_bps=100e6, index=None) -> list[Route]
+          client_uplink_bps=100e6, index=None, prompt_tokens=0, output_tokens=0, ttft_weight=1.0) -> list[Route]
     build_route_index(model, nodes, assignment, rtt) -> RouteIndex
+    LoadTable(node_ids)   # a Mapping[NodeId, NodeLoad] kept as arrays; `route` reads it vectorised
 
 `route` keeps the last few RouteIndex objects keyed by the identity of (model, nodes, assignment,
 rtt) plus the epoch and sizes, so pass the same objects between changes (a Mapping for `nodes`: a
@@ -34,7 +35,10 @@ How (a DP over layer boundaries, state = the last node of the chain):
     otherwise approximate, and the chosen chains are re-costed with the real RTTs. Client legs
     always use the real RTT of every node.
   * Loads are read lazily: unloaded costs are lower bounds, so a chain whose own loads leave its
-    cost unchanged is optimal without reading the other nodes' records (see `_Request`).
+    cost unchanged is optimal without reading the other nodes' records (see `_Request`). The best
+    *unloaded* chain of each (client, sink, span, exclusions) is remembered in the index, so a request
+    whose best unloaded chain is still unloaded costs no DP at all. A `LoadTable` is read whole in a
+    few numpy operations (no per-node lookups), and then one DP is exact.
   * numpy over the nodes active at each boundary, with everything static cached in a RouteIndex
     (built once per assignment, see `build_route_index`): under 1 ms per DP on 1,000 nodes x 80
     layers; alternates cost one DP each.
@@ -54,6 +58,7 @@ from swarm.costmodel import (
     QUEUE_STEP_WEIGHT,
     RELAY_EXTRA_LEG_S,
     TOKEN_ID_BYTES,
+    chain_prefill_s,
     chain_token_s,
     kv_penalty_s,
     loaded_layer_s,
@@ -61,11 +66,72 @@ from swarm.costmodel import (
 )
 from swarm.types import Assignment, Hop, ModelSpec, NodeId, NodeLoad, NodeSpec, Route, RttFn
 
-__all__ = ["RouteIndex", "build_route_index", "route"]
+__all__ = ["LoadTable", "RouteIndex", "build_route_index", "route"]
 
 _INF = float("inf")
 _REVEAL_ROUNDS = 3  # DP runs on partially read loads before reading them all
 _LOAD_SAMPLE = 16  # loads read up front to judge whether load is widespread
+_UNLOADED_CACHE_SIZE = 4096  # remembered best unloaded chains per index
+_MISSING = object()
+
+
+class LoadTable(Mapping):
+    """Node loads kept as arrays: a `Mapping[NodeId, NodeLoad]` that `route` reads vectorised.
+
+    For callers that track loads themselves (the simulator; a client caching DHT records): create it
+    over every node id that may ever carry a load, then `set` or `clear` rows as records change. Rows
+    never set read as absent (no record: unloaded). Any other code may use it as a plain Mapping.
+    """
+
+    def __init__(self, node_ids: Iterable[NodeId]) -> None:
+        self.position: dict[NodeId, int] = {}
+        for node_id in node_ids:
+            self.position.setdefault(node_id, len(self.position))
+        self.ids = list(self.position)
+        n = len(self.ids)
+        self.queue_len = np.zeros(n, dtype=np.int64)
+        self.active_sessions = np.zeros(n, dtype=np.int64)
+        self.free_kv_tokens = np.full(n, 1 << 30, dtype=np.int64)
+        self.present = np.zeros(n, dtype=bool)
+        self._count = 0
+
+    def set(self, node_id: NodeId, *, queue_len: int = 0, active_sessions: int = 0,
+            free_kv_tokens: int = 1 << 30) -> None:
+        i = self.position[node_id]
+        if not self.present[i]:
+            self.present[i] = True
+            self._count += 1
+        self.queue_len[i] = queue_len
+        self.active_sessions[i] = active_sessions
+        self.free_kv_tokens[i] = free_kv_tokens
+
+    def clear(self, node_id: NodeId) -> None:
+        i = self.position[node_id]
+        if self.present[i]:
+            self.present[i] = False
+            self._count -= 1
+
+    def get(self, node_id: object, default: NodeLoad | None = None) -> NodeLoad | None:
+        i = self.position.get(node_id)  # type: ignore[arg-type]
+        if i is None or not self.present[i]:
+            return default
+        return NodeLoad(int(self.queue_len[i]), int(self.active_sessions[i]), int(self.free_kv_tokens[i]))
+
+    def __getitem__(self, node_id: NodeId) -> NodeLoad:
+        value = self.get(node_id)
+        if value is None:
+            raise KeyError(node_id)
+        return value
+
+    def __contains__(self, node_id: object) -> bool:
+        i = self.position.get(node_id)  # type: ignore[arg-type]
+        return i is not None and bool(self.present[i])
+
+    def __iter__(self):
+        return (n for n, i in self.position.items() if self.present[i])
+
+    def __len__(self) -> int:
+        return self._count
 
 
 @dataclass
@@ -101,7 +167,19 @@ class RouteIndex:
     enter_slices: list[slice]
     enter_region: np.ndarray  # region of each element of enter_all
     via_rows: list[np.ndarray]  # rtt_half rows of the region runs of covering[e - 1]
+    region_range: np.ndarray  # arange(number of regions)
     _client_rtt: dict[str, np.ndarray] = field(default_factory=dict)
+    # Best chain under no load per (client, sink, transport, span, client uplink, exclusions).
+    unloaded_best: dict[tuple, tuple[Hop, ...] | None] = field(default_factory=dict)
+    _table_positions: tuple[object, np.ndarray] | None = None
+
+    def table_positions(self, table: LoadTable) -> np.ndarray:
+        """Row of each indexed node in `table` (-1: not in it), cached per table."""
+        cached = self._table_positions
+        if cached is None or cached[0] is not table.position:
+            rows = np.array([table.position.get(n, -1) for n in self.ids], dtype=np.int64)
+            self._table_positions = cached = (table.position, rows)
+        return cached[1]
 
     def rtt_to(self, endpoint: str) -> np.ndarray:
         """Real RTT from `endpoint` to every node, cached (RTTs are taken as fixed per index)."""
@@ -172,6 +250,7 @@ def build_route_index(
         group_region=group_region,
         events=events,
         rtt=rtt,
+        region_range=np.arange(rtt_half.shape[0]),
         **_event_gathers(events[1:].tolist(), covering, group_region, region, rtt_half, L),
     )
 
@@ -258,7 +337,8 @@ class _Request:
 
     def __init__(self, index: RouteIndex, load: Mapping[NodeId, NodeLoad] | None, session_tokens: int,
                  enter_first: np.ndarray, enter_next: np.ndarray, leave_next: np.ndarray,
-                 leave_last: np.ndarray, push: bool) -> None:
+                 leave_last: np.ndarray, push: bool, prefill_layer: np.ndarray | None = None,
+                 rtt_scale: float = 1.0) -> None:
         self.index = index
         self.load = load
         self.session_tokens = session_tokens
@@ -269,6 +349,8 @@ class _Request:
         self.enter_next = enter_next  # node-specific part of entering a node after another one
         self.leave_next = leave_next  # node-specific part of handing over to another node
         self.leave_last = leave_last  # cost of delivering end_layer's output to the sink
+        self.prefill_layer = prefill_layer  # amortised prefill per layer (static), or None
+        self.rtt_scale = rtt_scale  # node-to-node RTT halves count this often (1 + prefill weight)
         self.push = push
 
     def reveal(self, positions: Iterable[int]) -> int:
@@ -288,6 +370,24 @@ class _Request:
                 self.per_layer[i], self.penalty[i] = per_layer, penalty
                 changed += 1
         return changed
+
+    def read_table(self, table: LoadTable) -> None:
+        """Read every load of a LoadTable at once (the same formulas as costmodel, vectorised)."""
+        rows = self.index.table_positions(table)
+        at = np.flatnonzero(rows >= 0)
+        at = at[table.present[rows[at]]]
+        self.known[:] = True
+        if not len(at):
+            return
+        r = rows[at]
+        step = np.maximum(self.index.latency[at], (table.active_sessions[r] + 1) * self.index.prefill[at])
+        self.per_layer[at] = step * (1.0 + QUEUE_STEP_WEIGHT * table.queue_len[r])
+        self.penalty[at] = np.where(table.free_kv_tokens[r] < max(self.session_tokens, 1), NO_KV_PENALTY_S, 0.0)
+
+    def at_lower_bound(self, positions: list[int]) -> bool:
+        """Read these nodes' loads; True if none of them costs more than unloaded."""
+        self.reveal(positions)
+        return all(self.per_layer[i] == self.index.latency[i] and not self.penalty[i] for i in positions)
 
     def reveal_all(self) -> None:
         """Read every remaining load at once (the same formulas as costmodel, vectorised)."""
@@ -327,24 +427,43 @@ def _request(
     end_layer: int,
     session_tokens: int,
     client_uplink_bps: float,
+    prompt_tokens: int = 0,
+    output_tokens: int = 0,
+    ttft_weight: float = 1.0,
 ) -> _Request:
+    """Per-node cost terms of one request; with a prompt, its prefill is amortised over the output.
+
+    The objective is per-token decode time + w x prefill time with w = ttft_weight / output_tokens (0
+    without a prompt): every leg's RTT / 2 and relay detours count 1 + w times, the prompt's serialisation w times,
+    and every layer adds w x max(decode latency, prompt x prefill time per token), as in costmodel.
+    """
     model = index.model
     hidden = model.hidden_bytes_per_token
+    w = ttft_weight / output_tokens if prompt_tokens > 0 and output_tokens > 0 else 0.0
+    f = 1.0 + w
     in_bytes = TOKEN_ID_BYTES if start_layer == 0 and model.head_bytes > 0 else hidden
     out_bytes = TOKEN_ID_BYTES if end_layer == model.num_layers and model.head_bytes > 0 else hidden
+    last_prefill = out_bytes * (1 if end_layer == model.num_layers else prompt_tokens)
     client_up, client_relay = _endpoint_props(index, client, client_uplink_bps)
     _, sink_relay = _endpoint_props(index, sink, client_uplink_bps)
     rtt_in = index.rtt_to(client)
     rtt_out = rtt_in if sink == client else index.rtt_to(sink)
-    front = rtt_in / 2 + in_bytes * 8.0 / client_up + client_relay + index.relay_extra
-    front_hidden = rtt_in / 2 + hidden * 8.0 / client_up + client_relay + index.relay_extra
-    back_last = rtt_out / 2 + out_bytes * 8.0 / index.uplink_bps + index.relay_extra + sink_relay
-    back_hidden = rtt_out / 2 + index.hidden_out + index.relay_extra + sink_relay
+    into = f * (rtt_in / 2 + client_relay + index.relay_extra)
+    out_of = f * (rtt_out / 2 + index.relay_extra + sink_relay)
+    front = into + (in_bytes + w * prompt_tokens * in_bytes) * 8.0 / client_up
+    front_hidden = into + (hidden + w * prompt_tokens * hidden) * 8.0 / client_up
+    back_last = out_of + (out_bytes + w * last_prefill) * 8.0 / index.uplink_bps
+    back_hidden = out_of + index.hidden_out * (1 + w * prompt_tokens)
+    prefill_layer = None
+    if w:
+        prefill_layer = w * np.maximum(index.latency, prompt_tokens * index.prefill)
     if transport == "push":
-        return _Request(index, load, session_tokens, front, index.relay_extra + index.offset_half,
-                        index.hidden_out + index.relay_extra + index.offset_half, back_last, True)
+        between = f * (index.relay_extra + index.offset_half)
+        return _Request(index, load, session_tokens, front, between,
+                        index.hidden_out * (1 + w * prompt_tokens) + between, back_last, True, prefill_layer, f)
     if transport == "relay":
-        return _Request(index, load, session_tokens, front, front_hidden, back_hidden, back_last, False)
+        return _Request(index, load, session_tokens, front, front_hidden, back_hidden, back_last, False,
+                        prefill_layer, f)
     raise ValueError(f"unknown transport {transport!r} (expected 'push' or 'relay')")
 
 
@@ -352,7 +471,7 @@ def _best_chain(
     index: RouteIndex, req: _Request, banned: list[int], start_layer: int, end_layer: int
 ) -> tuple[Hop, ...] | None:
     """The DP of the module docstring; None if no chain covers [start_layer, end_layer)."""
-    c = req.per_layer
+    c = req.per_layer if req.prefill_layer is None else req.per_layer + req.prefill_layer
     enter_first = req.enter_first + req.penalty
     enter_next = req.enter_next + req.penalty
     if banned:  # cannot be entered (an infinite per-layer time would give inf * 0 = nan)
@@ -373,35 +492,39 @@ def _best_chain(
     leave_add = req.leave_next[index.leave_all] + index.leave_at * c[index.leave_all]
     enter_add = enter_next[index.enter_all] - index.enter_at * c[index.enter_all]
     base = len(index.ids) + index.rtt_half.shape[0]  # record code = step * base + choice
-    history: list[_Step] = []
+    history: list[tuple] = []  # per boundary: (b, leaving, offered, their records, region runs or None)
+    leave_all, enter_all, leave_slices, enter_slices = (index.leave_all, index.enter_all, index.leave_slices,
+                                                        index.enter_slices)
+    push, scale = req.push, req.rtt_scale
     for k in range(k0, k1):
         b = int(events[k])
-        leaving = index.leave_all[index.leave_slices[k]]
-        entering_slice = index.enter_slices[k]
-        entering = index.enter_all[entering_slice]
+        ls, es = leave_slices[k], enter_slices[k]
+        leaving = leave_all[ls]
+        entering = enter_all[es]
         if not len(leaving) or not len(entering):
             return None  # layer b - 1 or b is uncovered
-        offered = taken[leaving] + leave_add[index.leave_slices[k]]
+        offered = taken[leaving] + leave_add[ls]
         step = len(history)
-        if req.push:
+        if push:
             # The leg u -> v depends on u only through its region: keep the best u of each region.
             offsets = index.group_offsets[b - 1]
-            via = np.minimum.reduceat(offered, offsets)[:, None] + index.via_rows[k]
-            target = index.enter_region[entering_slice]
-            candidate = via.min(axis=0)[target] + enter_add[entering_slice]
+            rows = index.via_rows[k] if scale == 1.0 else index.via_rows[k] * scale
+            via = np.minimum.reduceat(offered, offsets)[:, None] + rows
+            arg = via.argmin(axis=0)
+            target = index.enter_region[es]
+            candidate = via[arg, index.region_range][target] + enter_add[es]
         else:
             # Relayed legs go through the client: the predecessor does not matter, only its cost.
             offsets = None
             best = int(np.argmin(offered))
-            candidate = offered[best] + enter_add[entering_slice]
-        history.append(_Step(b, leaving, offered, record[leaving], offsets))
+            candidate = offered[best] + enter_add[es]
+        history.append((b, leaving, offered, record[leaving], offsets))
         better = candidate < taken[entering]
         if better.any():
             winners = entering[better]
             taken[winners] = candidate[better]
             # The predecessor run each target region arrives from (push), or the best overall (relay).
-            choice = np.argmin(via, axis=0)[target[better]] if req.push else best
-            record[winners] = step * base + choice
+            record[winners] = step * base + (arg[target[better]] if push else best)
     leaving = index.covering[end_layer - 1]
     total = taken[leaving] + end_layer * c[leaving] + req.leave_last[leaving]
     if not len(total):
@@ -412,20 +535,9 @@ def _best_chain(
     return _unwind(index, history, start_layer, int(leaving[k]), int(record[leaving[k]]), end_layer, base)
 
 
-@dataclass(frozen=True)
-class _Step:
-    """What unwinding needs of one boundary of the DP."""
-
-    boundary: int
-    leaving: np.ndarray  # nodes that could hand over here
-    offered: np.ndarray  # their cost of handing over
-    records: np.ndarray  # their entry records at that time
-    offsets: np.ndarray | None  # region runs of `leaving` (push); None: choice is a position (relay)
-
-
 def _unwind(
     index: RouteIndex,
-    history: list[_Step],
+    history: list[tuple],
     start_layer: int,
     last: int,
     last_record: int,
@@ -437,15 +549,15 @@ def _unwind(
     node, code, hop_end = last, last_record, end_layer
     while code >= 0:
         step, choice = divmod(code, base)
-        at = history[step]
-        hops.append(Hop(index.ids[node], at.boundary, hop_end))
-        if at.offsets is None:
+        boundary, leaving, offered, records, offsets = history[step]
+        hops.append(Hop(index.ids[node], boundary, hop_end))
+        if offsets is None:
             k = choice
         else:
-            lo = int(at.offsets[choice])
-            hi = int(at.offsets[choice + 1]) if choice + 1 < len(at.offsets) else len(at.leaving)
-            k = lo + int(np.argmin(at.offered[lo:hi]))
-        node, code, hop_end = int(at.leaving[k]), int(at.records[k]), at.boundary
+            lo = int(offsets[choice])
+            hi = int(offsets[choice + 1]) if choice + 1 < len(offsets) else len(leaving)
+            k = lo + int(np.argmin(offered[lo:hi]))
+        node, code, hop_end = int(leaving[k]), int(records[k]), boundary
     hops.append(Hop(index.ids[node], start_layer, hop_end))
     merged: list[Hop] = []
     for hop in reversed(hops):  # RTTs off the model could make a node hand over to itself: join them
@@ -472,8 +584,18 @@ def route(
     session_tokens: int = 0,
     client_uplink_bps: float = DEFAULT_CLIENT_UPLINK_BPS,
     index: RouteIndex | None = None,
+    prompt_tokens: int = 0,
+    output_tokens: int = 0,
+    ttft_weight: float = 1.0,
 ) -> list[Route]:
-    """Best chain first, then up to `alternates` differing ones; [] when no chain exists."""
+    """Best chain first, then up to `alternates` differing ones; [] when no chain exists.
+
+    With `prompt_tokens` and `output_tokens`, chains are ranked by the time of the whole answer per
+    output token: decode per token + ttft_weight x prefill / output_tokens (so a chain whose slow uplink
+    would take seconds to carry the prompt is avoided; ttft_weight > 1 counts a second of waiting for
+    the first token as worse than a second of decoding); `Route.expected_token_s` stays the per-token
+    decode time and `details["prefill_s"]` holds the prefill time.
+    """
     end_layer = model.num_layers if end_layer is None else end_layer
     if not 0 <= start_layer < end_layer <= model.num_layers:
         raise ValueError(f"invalid layer span [{start_layer}, {end_layer}) for {model.num_layers} layers")
@@ -484,20 +606,46 @@ def route(
         return []
 
     req = _request(index, client=client, sink=sink, load=load, transport=transport, start_layer=start_layer,
-                   end_layer=end_layer, session_tokens=session_tokens, client_uplink_bps=client_uplink_bps)
-    if load:
+                   end_layer=end_layer, session_tokens=session_tokens, client_uplink_bps=client_uplink_bps,
+                   prompt_tokens=prompt_tokens, output_tokens=output_tokens, ttft_weight=ttft_weight)
+    if isinstance(load, LoadTable):
+        req.read_table(load)
+    elif load:
         # A small, evenly spread sample tells whether load is everywhere (then read it all at once)
         # or concentrated on a few busy nodes (then read lazily, see _Request).
         sample = np.unique(np.linspace(0, len(index.ids) - 1, min(_LOAD_SAMPLE, len(index.ids))).astype(int))
         if 3 * req.reveal(sample.tolist()) >= len(sample):
             req.reveal_all()
+    unloaded_req: list[_Request] = []
+
+    def unloaded_best(excluded: frozenset[NodeId], banned: list[int]) -> tuple[Hop, ...] | None:
+        """The best chain with every node unloaded: a lower bound on every chain, remembered per index."""
+        key = (client, sink, transport, start_layer, end_layer, client_uplink_bps, prompt_tokens, output_tokens,
+               ttft_weight, excluded)
+        chain = index.unloaded_best.get(key, _MISSING)
+        if chain is _MISSING:
+            if not unloaded_req:
+                unloaded_req.append(_request(
+                    index, client=client, sink=sink, load=None, transport=transport, start_layer=start_layer,
+                    end_layer=end_layer, session_tokens=session_tokens, client_uplink_bps=client_uplink_bps,
+                    prompt_tokens=prompt_tokens, output_tokens=output_tokens, ttft_weight=ttft_weight))
+            chain = _best_chain(index, unloaded_req[0], banned, start_layer, end_layer)
+            if len(index.unloaded_best) >= _UNLOADED_CACHE_SIZE:
+                index.unloaded_best.clear()
+            index.unloaded_best[key] = chain
+        return chain  # type: ignore[return-value]
 
     def solve(excluded: frozenset[NodeId]) -> tuple[Hop, ...] | None:
         banned = [index.position[n] for n in excluded if n in index.position]
+        chain = unloaded_best(excluded, banned)
+        if chain is None:
+            return None  # not even the lower bounds make a chain
+        if not load or req.at_lower_bound([index.position[h.node_id] for h in chain]):
+            return chain  # it costs its lower bound, which no other chain beats
         for _ in range(_REVEAL_ROUNDS):
             chain = _best_chain(index, req, banned, start_layer, end_layer)
             if chain is None:
-                return None  # not even the lower bounds make a chain
+                return None
             changed = req.reveal(index.position[h.node_id] for h in chain)
             if not changed:
                 return chain  # its real cost is its lower bound, which no other chain beats
@@ -525,9 +673,11 @@ def route(
             chains.append(alt)
 
     routes = [_costed(index, hops, client=client, sink=sink, load=load, transport=transport,
-                      session_tokens=session_tokens, client_uplink_bps=client_uplink_bps) for hops in chains]
+                      session_tokens=session_tokens, client_uplink_bps=client_uplink_bps,
+                      prompt_tokens=prompt_tokens, output_tokens=output_tokens, ttft_weight=ttft_weight)
+              for hops in chains]
     # Stable: the DP's best stays first on ties; real per-node RTTs may reorder the rest.
-    return sorted(routes, key=lambda r: r.expected_token_s)
+    return sorted(routes, key=lambda r: r.details["objective_s"])
 
 
 def _costed(
@@ -540,14 +690,23 @@ def _costed(
     transport: str,
     session_tokens: int,
     client_uplink_bps: float,
+    prompt_tokens: int = 0,
+    output_tokens: int = 0,
+    ttft_weight: float = 1.0,
 ) -> Route:
     total = chain_token_s(index.model, hops, index.nodes, index.rtt, client=client, sink=sink,
                           transport=transport, load=load, session_tokens=session_tokens,
                           client_uplink_bps=client_uplink_bps)
+    prefill = 0.0
+    if prompt_tokens > 0 and output_tokens > 0:
+        prefill = chain_prefill_s(index.model, hops, index.nodes, index.rtt, client=client, sink=sink,
+                                  prompt_tokens=prompt_tokens, transport=transport,
+                                  client_uplink_bps=client_uplink_bps)
     load = load or {}
     compute = sum((h.end - h.start) * loaded_layer_s(index.nodes[h.node_id], load.get(h.node_id)) for h in hops)
     penalty = sum(kv_penalty_s(load.get(h.node_id), session_tokens) for h in hops)
     return Route(hops=hops, expected_token_s=total,
                  details={"compute_s": compute, "network_s": total - compute - penalty, "kv_penalty_s": penalty,
-                          "hops": float(len(hops))})
+                          "hops": float(len(hops)), "prefill_s": prefill,
+                          "objective_s": total + (ttft_weight * prefill / output_tokens if prefill else 0.0)})
 

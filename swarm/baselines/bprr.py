@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from swarm.sim.policies import Load, Policy, PolicyContext, RouteMemo, boundary_shortest_path, has_free_kv
+from swarm.sim.policies import Load, Policy, PolicyContext, RouteMemo, boundary_shortest_path_arrays
 from swarm.types import Assignment, LayerRange, NodeSpec, Route
 
 
@@ -101,24 +101,23 @@ class BprrPolicy(Policy):
         end = self.model.num_layers if end_layer is None else end_layer
         tokens = self.ctx.session_tokens
         key = (client, start_layer, end, exclude)
-        memo = self.memo.get(key, self.epoch, load, tokens)
+        arr = self.node_arrays()
+        free = arr.free_kv(load, tokens)
+        memo = self.memo.get(key, self.epoch, free)
         if memo is not None:
             return memo
-        lacking: list[str] = []
-        cands = []
-        for nid, r in self.ranges.items():
-            if nid in exclude or r.end <= start_layer or r.start >= end:
-                continue
-            fixed = self.ctx.rtt(client, nid)
-            if not has_free_kv(load, nid, tokens):
-                lacking.append(nid)
-                # Waiting penalty: expected time until one of its sessions ends and frees a slot.
-                active = max(1, load[nid].active_sessions)
-                fixed += self.session_time_s / active
-            cands.append((nid, r.start, r.end, fixed, self.nodes[nid].layer_latency_s))
-        found = boundary_shortest_path(cands, start_layer, end)
+        sel = np.flatnonzero(~arr.excluded(exclude) & (arr.end > start_layer) & (arr.start < end))
+        fixed = arr.rtt_from(client)[sel]
+        lacking = sel[~free[sel]]
+        if len(lacking):
+            # Waiting penalty: expected time until one of its sessions ends and frees a slot.
+            active = np.maximum(1, arr.active_sessions(load)[sel])
+            fixed = fixed + np.where(free[sel], 0.0, self.session_time_s / active)
+        found = boundary_shortest_path_arrays([arr.ids[i] for i in sel], arr.start[sel], arr.end[sel], fixed,
+                                              arr.latency[sel], start_layer, end)
         if found is None:
             return None
         route = Route(tuple(found[0]), found[1])
-        self.memo.put(key, route, lacking)
+        hops = np.array([arr.position[h.node_id] for h in route.hops], dtype=np.int64)
+        self.memo.put(key, route, lacking, hops)
         return route

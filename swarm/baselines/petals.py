@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from swarm.sim.policies import Load, Policy, PolicyContext, RouteMemo, boundary_shortest_path, has_free_kv
+from swarm.sim.policies import Load, Policy, PolicyContext, RouteMemo, boundary_shortest_path_arrays
 from swarm.types import Assignment, LayerRange, NodeSpec, Route
 
 GIB = 1024**3
@@ -182,24 +182,20 @@ class PetalsPolicy(Policy):
         end = self.model.num_layers if end_layer is None else end_layer
         tokens = self.ctx.session_tokens
         key = (client, start_layer, end, exclude)
-        memo = self.memo.get(key, self.epoch, load, tokens)
+        arr = self.node_arrays()
+        free = arr.free_kv(load, tokens)
+        memo = self.memo.get(key, self.epoch, free)
         if memo is not None:
             return memo
-        lacking: list[str] = []
-        cands = []
-        for nid, r in self.ranges.items():
-            if nid in exclude or r.end <= start_layer or r.start >= end:
-                continue
-            node = self.nodes[nid]
-            rtt = self.ctx.rtt(client, nid)
-            fixed = (rtt if rtt == rtt else UNKNOWN_RTT_S * 2) / 2 + HOP_OVERHEAD_S
-            if not has_free_kv(load, nid, tokens):
-                lacking.append(nid)
-                fixed += NO_CACHE_PENALTY_S
-            cands.append((nid, r.start, r.end, fixed, node.layer_latency_s))  # 1 / inference_rps
-        found = boundary_shortest_path(cands, start_layer, end)
+        sel = np.flatnonzero(~arr.excluded(exclude) & (arr.end > start_layer) & (arr.start < end))
+        rtt = arr.rtt_from(client)[sel]
+        fixed = np.where(rtt == rtt, rtt, UNKNOWN_RTT_S * 2) / 2 + HOP_OVERHEAD_S
+        fixed = fixed + np.where(free[sel], 0.0, NO_CACHE_PENALTY_S)  # 1 / inference_rps per block below
+        found = boundary_shortest_path_arrays([arr.ids[i] for i in sel], arr.start[sel], arr.end[sel], fixed,
+                                              arr.latency[sel], start_layer, end)
         if found is None:
             return None
         route = Route(tuple(found[0]), found[1])
-        self.memo.put(key, route, lacking)
+        hops = np.array([arr.position[h.node_id] for h in route.hops], dtype=np.int64)
+        self.memo.put(key, route, sel[~free[sel]], hops)
         return route

@@ -6,7 +6,10 @@ scheduler_ms). The physics is the same for every policy:
 * compute: a node's step serves all its sessions at once (continuous batching), so one layer costs
   max(memory-bound decode time, batch x compute-bound time per token) -- the roofline;
 * network: a leg costs RTT/2 + bytes / sender's uplink; push transport crosses stages+1 legs per
-  token, client relaying crosses 2 legs per stage;
+  token, client relaying crosses 2 legs per stage; a leg carries hidden states, except that with push
+  transport and a model whose head is served by the swarm (head_bytes > 0: the chain's ends hold the
+  embedding and the LM head, and are charged its memory) the client sends token ids and receives the
+  sampled token (costmodel.chain_token_s / chain_prefill_s, as scenario-format.md describes head_bytes);
 * KV memory: a session reserves (prompt + output) tokens of KV for each layer it runs on a node;
   a node whose KV is full admits nobody (the policy decides whether the request waits or fails);
 * churn: a leaving node kills its sessions, which fail over by re-routing the lost layers and
@@ -28,6 +31,10 @@ Metric definitions (scenario-format.md, plus a few extra keys):
                            not counted); failovers: sessions re-routed after losing a stage.
 Arrivals are drawn once from the scenario seed, so every policy sees the same requests. The swarm
 is already loaded at t=0; later joins and moves load weights at LOAD_BYTES_PER_S before serving.
+Every node's announcement (active sessions, free KV tokens) is kept current in a `router.LoadTable`,
+which policies receive as their `load` mapping (the live swarm's records, without their staleness).
+`simulate(..., measure_from_s, measure_until_s)` restricts the latency percentiles to the sessions
+arriving in that interval (swarm/sim/capacity.py leaves out warm-up and cool-down that way).
 """
 
 from __future__ import annotations
@@ -37,15 +44,16 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from swarm.costmodel import TOKEN_ID_BYTES
+from swarm.router import LoadTable
 from swarm.sim.metrics import Recorder
 from swarm.sim.policies import Policy, PolicyContext, covered, registry, weights_bytes
 from swarm.sim.scenario import Scenario
-from swarm.types import Assignment, Hop, LayerRange, NodeLoad, NodeSpec
+from swarm.types import Assignment, Hop, LayerRange, NodeSpec
 
 CHUNKS_PER_ANSWER = 8  # decode is advanced in about this many steps per request
 LOAD_BYTES_PER_S = 2e9  # reading a layer's weights from local disk when (re)loading it
@@ -64,10 +72,8 @@ class _Node:
     kv_used: float = 0.0
     sessions: set[int] = field(default_factory=set)
     step: float = 0.0  # current time of one layer's decode step for one token
-    load: NodeLoad | None = None  # cached announcement; None when it must be rebuilt
 
     def refresh_step(self) -> None:
-        self.load = None
         b = max(1, len(self.sessions))
         self.step = max(self.spec.layer_latency_s, b * self.spec.prefill_s_per_token_per_layer)
 
@@ -94,7 +100,9 @@ _JOIN, _LEAVE, _READY, _REBALANCE, _PREFILL_DONE, _CHUNK_DONE, _ARRIVAL = range(
 
 
 class Simulator:
-    def __init__(self, scenario: Scenario, policy: Policy) -> None:
+    def __init__(self, scenario: Scenario, policy: Policy, *, measure_from_s: float = 0.0,
+                 measure_until_s: float = math.inf) -> None:
+        self.measure_from_s, self.measure_until_s = measure_from_s, measure_until_s
         self.sc = scenario
         self.model = scenario.model
         self.policy = policy
@@ -103,6 +111,10 @@ class Simulator:
         self.session_tokens = self.wl.prompt_tokens + self.wl.output_tokens
         self.chunk = max(1, math.ceil(self.wl.output_tokens / CHUNKS_PER_ANSWER))
         self.nodes = {n.node_id: _Node(n.spec) for n in scenario.nodes}
+        # What every node announces (sessions, free KV), kept current as arrays the router reads whole.
+        self.loads = LoadTable(self.nodes)
+        for nid in self.nodes:
+            self._announce(nid)
         self.sessions: dict[int, _Session] = {}
         self.queue: deque[_Session] = deque()  # admitted nowhere yet, waiting for KV memory
         self.events: list[tuple[float, int, int, int, int]] = []
@@ -193,7 +205,7 @@ class Simulator:
 
     def _route(self, client: str, start: int, end: int, exclude: frozenset[str]):
         t0 = time.perf_counter()
-        r = self.policy.route(client, _LoadView(self), exclude=exclude, start_layer=start, end_layer=end)
+        r = self.policy.route(client, self.loads, exclude=exclude, start_layer=start, end_layer=end)
         memo = getattr(self.policy, "memo", None)
         if memo is None or not memo.last_was_hit:  # a simulator-side memo hit is not scheduler work
             self.rec.route_s.append(time.perf_counter() - t0)
@@ -237,6 +249,7 @@ class Simulator:
             n.kv_used += b
             n.sessions.add(s.sid)
             n.refresh_step()
+            self._announce(nid)
             s.kv[nid] = s.kv.get(nid, 0.0) + b
 
     def _release(self, s: _Session, only: str | None = None) -> None:
@@ -246,6 +259,7 @@ class Simulator:
             n.kv_used = max(0.0, n.kv_used - b)
             n.sessions.discard(s.sid)
             n.refresh_step()
+            self._announce(nid)
 
     def _start_prefill(self, s: _Session, hops: list[Hop], tokens: int) -> None:
         """Run `tokens` tokens through `hops` (a prompt, or a replay after failover), then decode."""
@@ -268,10 +282,19 @@ class Simulator:
                 rtt(client, h.node_id) + size / CLIENT_UPLINK_BPS + size / nodes[h.node_id].spec.uplink_bps
                 for h in hops
             )
-        t = rtt(client, hops[0].node_id) / 2 + size / CLIENT_UPLINK_BPS
+        # Push: with model.head_bytes > 0 the chain's ends hold the embedding and the LM head (that is
+        # what they are charged memory for), so the client sends token ids and gets back one sampled token.
+        holds_head = self.model.head_bytes > 0
+        first = tokens * TOKEN_ID_BYTES * 8 if holds_head and hops[0].start == 0 else size
+        last = TOKEN_ID_BYTES * 8 if holds_head and hops[-1].end == self.model.num_layers else size
+        t = rtt(client, hops[0].node_id) / 2 + first / CLIENT_UPLINK_BPS
         for a, b in itertools.pairwise(hops):
             t += rtt(a.node_id, b.node_id) / 2 + size / self.nodes[a.node_id].spec.uplink_bps
-        return t + rtt(hops[-1].node_id, client) / 2 + size / self.nodes[hops[-1].node_id].spec.uplink_bps
+        return t + rtt(hops[-1].node_id, client) / 2 + last / self.nodes[hops[-1].node_id].spec.uplink_bps
+
+    def _measured(self, s: _Session) -> bool:
+        """Whether this session's latencies count (sessions arriving inside the measured interval)."""
+        return self.measure_from_s <= s.arrival < self.measure_until_s
 
     def _per_token(self, s: _Session) -> float:
         nodes = self.nodes
@@ -284,7 +307,8 @@ class Simulator:
         s.net_s = self._net_s(s.client, s.hops, 1)
         if not s.first_token_seen:
             s.first_token_seen = True
-            self.rec.ttft.append(self.now + self._per_token(s) - s.arrival)
+            if self._measured(s):
+                self.rec.ttft.append(self.now + self._per_token(s) - s.arrival)
         self._next_chunk(s)
 
     def _next_chunk(self, s: _Session) -> None:
@@ -299,7 +323,7 @@ class Simulator:
         s = self.sessions.get(sid)
         if s is None or s.version != version:
             return
-        self.rec.tokens(s.per_token, s.chunk_start, s.chunk_tokens)
+        self.rec.tokens(s.per_token, s.chunk_start, s.chunk_tokens, measured=self._measured(s))
         s.tokens_done += s.chunk_tokens
         if s.tokens_done >= self.wl.output_tokens:
             self.rec.completed += 1
@@ -327,7 +351,7 @@ class Simulator:
         """Node `lost` stopped serving `s`: credit tokens made so far, then fail over or fail."""
         if s.decoding:
             done = min(s.chunk_tokens, int((self.now - s.chunk_start) / s.per_token)) if s.per_token else 0
-            self.rec.tokens(s.per_token, s.chunk_start, done)
+            self.rec.tokens(s.per_token, s.chunk_start, done, measured=self._measured(s))
             s.tokens_done += done
         s.version += 1
         s.decoding = False
@@ -365,8 +389,8 @@ class Simulator:
             return
         n.alive = False
         n.rng = None
-        n.load = None
         n.load_version += 1
+        self._announce(node_id)
         victims = sorted(n.sessions)
         self._update_unusable()
         assignment = self.policy.on_leave(node_id)
@@ -383,7 +407,7 @@ class Simulator:
                 self._interrupt(s, lost)
 
     def _rebalance(self) -> None:
-        assignment = self.policy.rebalance(self.now, _LoadView(self))
+        assignment = self.policy.rebalance(self.now, self.loads)
         if assignment is not None:
             for nid, sids in self._apply(assignment):
                 self._reroute(sids, nid)
@@ -408,7 +432,6 @@ class Simulator:
             if new == n.rng:
                 continue
             old = n.rng
-            n.load = None
             if new is not None and not preloaded and nid != joining:
                 # Layer loads caused by re-planning (a joining node's first load is not a move).
                 self.rec.layers_moved += len(new) - (_overlap_len(new, old) if old is not None else 0)
@@ -418,11 +441,13 @@ class Simulator:
                 changed.append((nid, sorted(n.sessions)))
             if new is None:
                 n.kv_cap = 0.0
+                self._announce(nid)
                 continue
             cap = n.spec.memory_bytes - weights_bytes(
                 self.model, new, holds_head=self.policy.transport == "push")
             sw_cap = self.policy.kv_capacity_bytes(n.spec, new)
             n.kv_cap = max(0.0, cap if sw_cap is None else min(cap, sw_cap))
+            self._announce(nid)
             to_load = len(new) - (_overlap_len(new, old) if old is not None else 0)
             if preloaded or to_load == 0:
                 n.ready_at = self.now
@@ -432,6 +457,14 @@ class Simulator:
                            self._node_index[nid], n.load_version)
         self._update_unusable()
         return changed
+
+    def _announce(self, node_id: str) -> None:
+        """Refresh the node's load record: its sessions and the KV tokens it can still admit."""
+        n = self.nodes[node_id]
+        layers = len(n.rng) if n.rng is not None else 0
+        per_token = layers * self.model.kv_bytes_per_token_per_layer
+        free = int(max(0.0, n.kv_cap - n.kv_used) / per_token) if per_token else 0
+        self.loads.set(node_id, queue_len=0, active_sessions=len(n.sessions), free_kv_tokens=free)
 
     def _update_unusable(self) -> None:
         self.unusable = frozenset(
@@ -451,40 +484,6 @@ class Simulator:
         self.is_covered = now_covered
 
 
-class _LoadView(Mapping):
-    """A lazy Mapping node_id -> NodeLoad, so routing over 1,000 nodes does not build 1,000 objects."""
-
-    def __init__(self, sim: Simulator) -> None:
-        self.sim = sim
-
-    def get(self, node_id: str, default: NodeLoad | None = None) -> NodeLoad | None:
-        n = self.sim.nodes.get(node_id)
-        if n is None:
-            return default
-        if n.load is None:
-            layers = len(n.rng) if n.rng is not None else 0
-            per_token = layers * self.sim.model.kv_bytes_per_token_per_layer
-            free = int(max(0.0, n.kv_cap - n.kv_used) / per_token) if per_token else 0
-            n.load = NodeLoad(queue_len=0, active_sessions=len(n.sessions), free_kv_tokens=free)
-        return n.load
-
-    def __getitem__(self, node_id: str) -> NodeLoad:
-        v = self.get(node_id)
-        if v is None:
-            raise KeyError(node_id)
-        return v
-
-    def __contains__(self, node_id: object) -> bool:
-        return node_id in self.sim.nodes
-
-    def __iter__(self):
-        return iter(self.sim.nodes)
-
-    def __len__(self) -> int:
-        return len(self.sim.nodes)
-
-
-
 def _overlap_len(a: LayerRange, b: LayerRange) -> int:
     return max(0, min(a.end, b.end) - max(a.start, b.start))
 
@@ -498,8 +497,13 @@ def _is_chain(hops: list[Hop], start: int, end: int) -> bool:
     return pos == end
 
 
-def simulate(scenario: Scenario, policy_name: str) -> dict:
-    """Run one policy on a scenario and return its metrics (scenario-format.md)."""
+def simulate(scenario: Scenario, policy_name: str, *, measure_from_s: float = 0.0,
+             measure_until_s: float = math.inf) -> dict:
+    """Run one policy on a scenario and return its metrics (scenario-format.md).
+
+    Latency percentiles (per-token, TTFT) cover the sessions arriving in [measure_from_s,
+    measure_until_s) (default: all), e.g. to leave out a warm-up; counts and throughput cover all.
+    """
     factories = registry()
     if policy_name not in factories:
         raise KeyError(f"unknown policy {policy_name!r}; known: {', '.join(sorted(factories))}")
@@ -514,4 +518,5 @@ def simulate(scenario: Scenario, policy_name: str) -> dict:
         expected_rate_per_s=wl.arrival_rate_per_s,
         clients=tuple((c.endpoint, c.weight) for c in scenario.clients),
     )
-    return Simulator(scenario, factories[policy_name](ctx)).run()
+    return Simulator(scenario, factories[policy_name](ctx), measure_from_s=measure_from_s,
+                     measure_until_s=measure_until_s).run()

@@ -37,12 +37,16 @@ class Recorder:
     allocate_s: float = 0.0
     route_s: list[float] = field(default_factory=list)
 
-    def tokens(self, per_token_s: float, start: float, count: int) -> None:
-        """Record `count` decode tokens at `per_token_s` each, produced from time `start` on."""
+    def tokens(self, per_token_s: float, start: float, count: int, *, measured: bool = True) -> None:
+        """Record `count` decode tokens at `per_token_s` each, produced from time `start` on.
+
+        Every token counts towards throughput; only `measured` ones towards the latency percentiles.
+        """
         if count <= 0:
             return
-        self.token_latency.append(per_token_s)
-        self.token_weight.append(count)
+        if measured:
+            self.token_latency.append(per_token_s)
+            self.token_weight.append(count)
         if start < self.duration_s:
             in_window = count if per_token_s <= 0 else int((self.duration_s - start) / per_token_s)
             self.window_tokens += min(count, in_window)

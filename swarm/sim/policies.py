@@ -15,10 +15,13 @@ from typing import ClassVar
 
 import numpy as np
 
+from swarm.router import LoadTable
 from swarm.sim.scenario import SimNode
 from swarm.types import Assignment, Hop, LayerRange, ModelSpec, NodeLoad, NodeSpec, Route, RttFn
 
 Load = Mapping[str, NodeLoad]
+TTFT_WEIGHT = 4.0  # ours: a second of waiting for the first token weighs as much as four of decoding
+STAGE_LEG_ESTIMATE_S = 0.005  # a hand-over between nearby stages, for session-time estimates
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,13 @@ class Policy:
         return None
 
     # --- helpers ---------------------------------------------------------------------------
+    def node_arrays(self) -> NodeArrays:
+        """The current ranges as arrays (rebuilt when the epoch moves)."""
+        cached = getattr(self, "_node_arrays", None)
+        if cached is None or cached[0] != self.epoch:
+            cached = self._node_arrays = (self.epoch, NodeArrays(self.ranges, self.nodes, self.ctx.rtt))
+        return cached[1]
+
     def assignment(self) -> Assignment:
         self.epoch += 1
         return Assignment(dict(self.ranges), self.epoch)
@@ -108,6 +118,62 @@ def has_free_kv(load: Load, node_id: str, tokens: int) -> bool:
     return nl is None or nl.free_kv_tokens >= tokens
 
 
+class NodeArrays:
+    """A policy's ranges as arrays (in the ranges' own order), for vectorised client-centric routing.
+
+    Pure speed: the decisions are the same as looping over the nodes one by one. Loads are read from a
+    `LoadTable` in one gather, from any other Mapping one node at a time.
+    """
+
+    def __init__(self, ranges: Mapping[str, LayerRange], nodes: Mapping[str, NodeSpec], rtt: RttFn) -> None:
+        self.ids = list(ranges)
+        self.position = {n: i for i, n in enumerate(self.ids)}
+        self.start = np.array([r.start for r in ranges.values()], dtype=np.int64)
+        self.end = np.array([r.end for r in ranges.values()], dtype=np.int64)
+        self.latency = np.array([nodes[n].layer_latency_s for n in self.ids], dtype=float)
+        self.rtt = rtt
+        self._rtt_from: dict[str, np.ndarray] = {}
+        self._rows: tuple[object, np.ndarray] | None = None
+
+    def rtt_from(self, client: str) -> np.ndarray:
+        got = self._rtt_from.get(client)
+        if got is None:
+            got = self._rtt_from[client] = np.array([self.rtt(client, n) for n in self.ids], dtype=float)
+        return got
+
+    def excluded(self, exclude: frozenset[str]) -> np.ndarray:
+        if not exclude:
+            return np.zeros(len(self.ids), dtype=bool)
+        return np.fromiter((n in exclude for n in self.ids), dtype=bool, count=len(self.ids))
+
+    def _table_rows(self, table: LoadTable) -> np.ndarray:
+        if self._rows is None or self._rows[0] is not table.position:
+            self._rows = (table.position, np.array([table.position.get(n, -1) for n in self.ids], dtype=np.int64))
+        return self._rows[1]
+
+    def free_kv(self, load: Load, tokens: int) -> np.ndarray:
+        """has_free_kv of every node."""
+        if isinstance(load, LoadTable):
+            rows = self._table_rows(load)
+            ok = rows >= 0
+            r = np.where(ok, rows, 0)
+            return ~(ok & load.present[r]) | (load.free_kv_tokens[r] >= tokens)
+        return np.fromiter((has_free_kv(load, n, tokens) for n in self.ids), dtype=bool, count=len(self.ids))
+
+    def active_sessions(self, load: Load) -> np.ndarray:
+        """Announced active sessions of every node (0 without a record)."""
+        if isinstance(load, LoadTable):
+            rows = self._table_rows(load)
+            ok = rows >= 0
+            r = np.where(ok, rows, 0)
+            return np.where(ok & load.present[r], load.active_sessions[r], 0)
+        out = np.zeros(len(self.ids), dtype=np.int64)
+        for i, n in enumerate(self.ids):
+            nl = load.get(n)
+            out[i] = nl.active_sessions if nl is not None else 0
+        return out
+
+
 def covered(ranges: Mapping[str, LayerRange], num_layers: int, usable: Callable[[str], bool]) -> bool:
     """True when the usable nodes' ranges together cover every layer (sub-range hops make a chain)."""
     reach = np.zeros(num_layers + 1, dtype=np.int64)
@@ -130,17 +196,23 @@ def boundary_shortest_path(
     cands = [c for c in candidates if c[1] < end and c[2] > start]
     if not cands:
         return None
-    ids = [c[0] for c in cands]
-    s = np.array([c[1] for c in cands])
-    e = np.array([c[2] for c in cands])
-    fixed = np.array([c[3] for c in cands], dtype=float)
-    per = np.array([c[4] for c in cands], dtype=float)
+    return boundary_shortest_path_arrays(
+        [c[0] for c in cands], np.array([c[1] for c in cands]), np.array([c[2] for c in cands]),
+        np.array([c[3] for c in cands], dtype=float), np.array([c[4] for c in cands], dtype=float), start, end)
+
+
+def boundary_shortest_path_arrays(
+    ids: Sequence[str], s: np.ndarray, e: np.ndarray, fixed: np.ndarray, per: np.ndarray, start: int, end: int
+) -> tuple[list[Hop], float] | None:
+    """`boundary_shortest_path` over candidates given as arrays (all overlapping [start, end))."""
+    if not len(ids):
+        return None
     n_b = end - start + 1
     dist = np.full(n_b, np.inf)
     dist[0] = 0.0
     parent: list[tuple[int, int] | None] = [None] * n_b  # (candidate index, entry boundary)
-    run = np.full(len(cands), np.inf)  # min over entry boundaries b of dist[b] - b * per + fixed
-    run_arg = np.zeros(len(cands), dtype=np.int64)
+    run = np.full(len(ids), np.inf)  # min over entry boundaries b of dist[b] - b * per + fixed
+    run_arg = np.zeros(len(ids), dtype=np.int64)
     for b in range(start, end):
         active = (s <= b) & (b < e)
         if not active.any():
@@ -175,7 +247,12 @@ def boundary_shortest_path(
 class LayerhivePolicy(Policy):
     """Ours: an adapter over swarm.allocator / swarm.router / swarm.rebalancer, push transport.
 
-    The simulator calls the very functions the live swarm runs; this class only keeps their state.
+    The simulator calls the very functions the live swarm runs; this class only keeps their state:
+    * the expected concurrent sessions for the KV reservation (Little's law, `_estimate_sessions`) and
+      the client regions are passed to `allocate`, which weighs latency against KV room with them;
+    * a join or a leave is repaired incrementally, global improvements wait for the periodic rebalance;
+    * each request is routed with the prompt-aware objective (decode per token + TTFT_WEIGHT x prefill
+      / output tokens) over the loads every node announces.
     """
 
     name = "layerhive"
@@ -192,19 +269,53 @@ class LayerhivePolicy(Policy):
         self.expected_sessions = 16
 
     def _estimate_sessions(self, nodes: Sequence[NodeSpec]) -> int:
+        """Little's law: concurrent sessions = arrival rate x session time.
+
+        A session lasts its prompt's upload and prefill plus `output_tokens` decode steps on the chains most
+        requests take:
+        the fastest nodes that together hold one copy of the model, plus a leg per stage and the client's
+        round trip to its nearest node. (Sizing KV for a slow median chain over-reserves it, and fewer
+        layers fit per node.)
+        """
+        from swarm.costmodel import layer_capacity
+
         if not nodes:
             return 16
-        lat = sorted(n.layer_latency_s for n in nodes)[len(nodes) // 2]
-        token_s = self.model.num_layers * lat + 0.2
-        return max(1, math.ceil(self.ctx.expected_rate_per_s * self.ctx.output_tokens * token_s))
+        m, ctx = self.model, self.ctx
+        left, decode, prefill, chain = m.num_layers, 0.0, 0.0, []
+        for n in sorted(nodes, key=lambda n: (n.layer_latency_s, n.node_id)):
+            take = min(left, layer_capacity(m, n, sessions=1, context_tokens=ctx.session_tokens))
+            if take > 0:
+                decode += take * n.layer_latency_s
+                prefill += take * n.prefill_s_per_token_per_layer
+                chain.append(n)
+                left -= take
+            if not left:
+                break
+        if left:  # the swarm cannot hold the model: any estimate will do until it can
+            lat = sorted(n.layer_latency_s for n in nodes)[len(nodes) // 2]
+            return max(1, math.ceil(ctx.expected_rate_per_s * ctx.output_tokens * (m.num_layers * lat + 0.2)))
+        from swarm.costmodel import DEFAULT_CLIENT_UPLINK_BPS
+
+        # Each client takes a chain near it: its round trip to the nearest node (weighted over clients).
+        total_w = sum(w for _, w in ctx.clients)
+        near = (sum(w * min(ctx.rtt(c, n.node_id) for n in nodes) for c, w in ctx.clients) / total_w
+                if total_w > 0 else 0.0)
+        token_s = decode + STAGE_LEG_ESTIMATE_S * len(chain) + near
+        prompt = ctx.session_tokens - ctx.output_tokens
+        upload_s = prompt * m.hidden_bytes_per_token * 8 / DEFAULT_CLIENT_UPLINK_BPS  # the prompt's hidden states
+        session_s = prompt * prefill + upload_s + ctx.output_tokens * token_s
+        return max(1, math.ceil(ctx.expected_rate_per_s * session_s))
 
     def _allocate(self, previous: Assignment | None) -> Assignment:
         from swarm.allocator import allocate
 
+        # A join or a leave is repaired incrementally (one or two ranges change, as the rebalancer's
+        # urgent rule does); whether a global re-plan pays off is the periodic rebalance's call.
         self.current = allocate(
             self.model, self.nodes, self.ctx.rtt, previous=previous,
             expected_sessions=self.expected_sessions, context_tokens=self.ctx.session_tokens,
-            seed=self.ctx.seed,
+            seed=self.ctx.seed, replan_threshold=math.inf, clients=self.ctx.clients,
         )
         self.ranges = dict(self.current.ranges)
         return self.current
@@ -232,7 +343,7 @@ class LayerhivePolicy(Policy):
         moves, self.rebalance_state = plan_rebalance(
             self.model, self.nodes, self.current, self.ctx.rtt, load=load, state=self.rebalance_state,
             now_s=now, expected_sessions=self.expected_sessions, context_tokens=self.ctx.session_tokens,
-            seed=self.ctx.seed,
+            seed=self.ctx.seed, clients=self.ctx.clients,
         )
         if not moves:
             return None
@@ -250,6 +361,8 @@ class LayerhivePolicy(Policy):
             self.model, self.nodes, self.current, self.ctx.rtt, client=client, load=load,
             transport=self.transport, alternates=0, exclude=exclude, start_layer=start_layer,
             end_layer=end_layer, session_tokens=self.ctx.session_tokens,
+            prompt_tokens=self.ctx.session_tokens - self.ctx.output_tokens, output_tokens=self.ctx.output_tokens,
+            ttft_weight=TTFT_WEIGHT,
         )
         return routes[0] if routes else None
 
@@ -260,37 +373,36 @@ class RouteMemo:
     A remembered route stays optimal while the assignment is unchanged, its own nodes still have
     free KV (its cost is unchanged) and every node that lacked KV still lacks it (no other chain got
     cheaper). With `penalty_depends_on_load`, only routes computed when no node lacked KV are reused.
+    Nodes are positions in the policy's `NodeArrays`; `free` is its `free_kv` vector for this request.
     """
 
     def __init__(self, penalty_depends_on_load: bool = False) -> None:
         self.epoch = -1
-        self.memo: dict[tuple, tuple[Route, tuple[str, ...]]] = {}
+        self.memo: dict[tuple, tuple[Route, np.ndarray, np.ndarray]] = {}
         self.strict = penalty_depends_on_load
         self.last_was_hit = False  # the simulator times only real route computations
 
-    def get(self, key: tuple, epoch: int, load: Load, tokens: int) -> Route | None:
-        route = self._get(key, epoch, load, tokens)
+    def get(self, key: tuple, epoch: int, free: np.ndarray) -> Route | None:
+        route = self._get(key, epoch, free)
         self.last_was_hit = route is not None
         return route
 
-    def _get(self, key: tuple, epoch: int, load: Load, tokens: int) -> Route | None:
+    def _get(self, key: tuple, epoch: int, free: np.ndarray) -> Route | None:
         if epoch != self.epoch:
             self.epoch, self.memo = epoch, {}
             return None
         hit = self.memo.get(key)
         if hit is None:
             return None
-        route, lacking = hit
-        if self.strict and lacking:
+        route, lacking, hops = hit
+        if self.strict and len(lacking):
             return None
-        if any(has_free_kv(load, x, tokens) for x in lacking):
-            return None
-        if not all(has_free_kv(load, h.node_id, tokens) for h in route.hops):
+        if free[lacking].any() or not free[hops].all():
             return None
         return route
 
-    def put(self, key: tuple, route: Route, lacking: list[str]) -> None:
-        self.memo[key] = (route, tuple(lacking))
+    def put(self, key: tuple, route: Route, lacking: np.ndarray, hops: np.ndarray) -> None:
+        self.memo[key] = (route, lacking, hops)
 
 
 PolicyFactory = Callable[[PolicyContext], Policy]

@@ -7,7 +7,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarm.allocator import allocate, layer_capacity, swarm_throughput, uncovered_layers
+from swarm.allocator import allocate, kv_sessions_per_node, layer_capacity, swarm_throughput, uncovered_layers
 from swarm.costmodel import range_fits
 from swarm.rebalancer import Move, RebalanceState, apply_moves, plan_rebalance
 from swarm.types import Assignment, LayerRange, ModelSpec, NodeLoad, NodeSpec
@@ -132,8 +132,9 @@ def test_settles_after_churn_stops(seed, pool_size, churn_events):
             break
     assert quiet_calls >= 12, "the rebalancer keeps moving layers after churn stopped"
     assert total_moves_after_churn <= 2 * len(live) + 2
+    floor = min(1, kv_sessions_per_node(MODEL, live))  # below one session only if memory is that tight
     for node_id, rng in assignment.ranges.items():
-        assert range_fits(MODEL, live[node_id], rng, sessions=1, context_tokens=2048)
+        assert range_fits(MODEL, live[node_id], rng, sessions=floor, context_tokens=2048)
     coverable = sum(layer_capacity(MODEL, n, sessions=1) for n in live.values()) >= MODEL.num_layers
     if coverable:
         assert uncovered_layers(MODEL, assignment) == []

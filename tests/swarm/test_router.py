@@ -216,3 +216,85 @@ def test_region_aggregation_is_exact_with_last_mile_rtts(seed):
     per_node = [dataclasses.replace(n, region=n.node_id) for n in nodes]
     exact = route(model, per_node, assignment, rtt, client="c", alternates=0)[0]
     assert got.expected_token_s == pytest.approx(exact.expected_token_s, rel=1e-9)
+
+
+def all_chains(assignment, start, end, exclude):
+    """Every chain over integer boundaries (consecutive hops on different nodes)."""
+    usable = [n for n in sorted(assignment.ranges) if n not in exclude]
+    out = []
+
+    def extend(b, prev, hops):
+        if b == end:
+            out.append(tuple(hops))
+            return
+        for node_id in usable:
+            held = assignment.ranges[node_id]
+            if node_id == prev or not held.start <= b < held.end:
+                continue
+            for b2 in range(b + 1, min(held.end, end) + 1):
+                extend(b2, node_id, [*hops, Hop(node_id, b, b2)])
+
+    extend(start, None, [])
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(small_swarm(), st.sampled_from([16, 512]), st.sampled_from([8, 128]), st.sampled_from([1.0, 4.0]))
+def test_prefill_aware_route_minimises_the_whole_answer_against_brute_force(case, prompt, output, weight):
+    """With a prompt, the best chain minimises decode + weight x prefill / output over every chain."""
+    from swarm.costmodel import chain_prefill_s
+
+    model, nodes, assignment, rtt, load, start, end, exclude, transport = case
+    kw = dict(client="client", transport=transport, client_uplink_bps=100e6)
+    routes = route(model, nodes, assignment, rtt, load=load, exclude=exclude, start_layer=start, end_layer=end,
+                   session_tokens=100, alternates=1, prompt_tokens=prompt, output_tokens=output,
+                   ttft_weight=weight, **kw)
+
+    def objective(hops):
+        return (chain_token_s(model, hops, nodes, rtt, load=load, session_tokens=100, **kw)
+                + weight * chain_prefill_s(model, hops, nodes, rtt, prompt_tokens=prompt, **kw) / output)
+
+    chains = all_chains(assignment, start, end, exclude)
+    if not chains:
+        assert routes == []
+        return
+    best = min(objective(h) for h in chains)
+    assert routes[0].details["objective_s"] == pytest.approx(best, rel=1e-9, abs=1e-12)
+    for r in routes:
+        assert_valid_chain(r.hops, assignment, start, end, exclude)
+        assert r.expected_token_s == pytest.approx(chain_token_s(model, r.hops, nodes, rtt, load=load,
+                                                                 session_tokens=100, **kw))
+
+
+@settings(max_examples=100, deadline=None)
+@given(small_swarm())
+def test_a_load_table_routes_exactly_like_the_same_loads_in_a_dict(case):
+    from swarm.router import LoadTable
+
+    model, nodes, assignment, rtt, load, start, end, exclude, transport = case
+    table = LoadTable([*nodes, "someone-else"])
+    for node_id, node_load in (load or {}).items():
+        table.set(node_id, queue_len=node_load.queue_len, active_sessions=node_load.active_sessions,
+                  free_kv_tokens=node_load.free_kv_tokens)
+    assert dict(table) == dict(load or {})
+    kw = dict(client="client", exclude=exclude, transport=transport, start_layer=start, end_layer=end,
+              session_tokens=100, alternates=2)
+    got = route(model, nodes, assignment, rtt, load=table, **kw)
+    want = route(model, nodes, assignment, rtt, load=load, **kw)
+    assert [r.expected_token_s for r in got] == pytest.approx([r.expected_token_s for r in want])
+    if got:
+        assert got[0].expected_token_s == pytest.approx(want[0].expected_token_s)
+
+
+def test_remembered_unloaded_chains_never_hide_a_better_loaded_one():
+    # The fastest node fills up between two requests: the second must not reuse the remembered chain.
+    nodes = {n: NodeSpec(n, "r0", 1e12, lat, 1e-5) for n, lat in [("fast", 0.005), ("slow", 0.01)]}
+    assignment = Assignment({"fast": LayerRange(0, 8), "slow": LayerRange(0, 8)})
+    rtt = metric_rtt({"r0": (0, 0)}, {n: "r0" for n in [*nodes, "x"]})
+    node_map = dict(nodes)
+    assert route(SMALL, node_map, assignment, rtt, client="x")[0].hops[0].node_id == "fast"
+    full = {"fast": NodeLoad(free_kv_tokens=0)}
+    assert route(SMALL, node_map, assignment, rtt, client="x", load=full,
+                 session_tokens=10)[0].hops[0].node_id == "slow"
+    assert route(SMALL, node_map, assignment, rtt, client="x", load={},
+                 session_tokens=10)[0].hops[0].node_id == "fast"

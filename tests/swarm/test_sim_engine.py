@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,64 @@ def test_cli_json_and_bad_scenario(tmp_path):
     assert res.stderr.strip().splitlines() == [
         'layerhive simulate: nodes[3].memory_gb: expected a positive number, got "24GB"'
     ]
+
+
+def test_measured_interval_limits_the_latency_percentiles_only():
+    sc = parse_scenario(toy_scenario([gpu("a1"), gpu("a2")], rate=2.0, duration=40, output=32))
+    everything = simulate(sc, "layerhive")
+    assert strip_timing(simulate(sc, "layerhive", measure_from_s=0.0, measure_until_s=1e9)) == strip_timing(everything)
+    none = simulate(sc, "layerhive", measure_from_s=1e9)
+    for key in ("throughput_tokens_per_s", "completed", "failed", "arrivals"):
+        assert none[key] == everything[key]  # counts and throughput cover every session...
+    assert math.isnan(none["per_token_latency_ms"]["p50"]) and math.isnan(none["ttft_ms"]["p95"])  # ...latency not
+
+
+def test_chain_ends_carry_token_ids_when_the_swarm_holds_the_head():
+    # Push transport: with head_bytes > 0 the first stage embeds and the last samples, so the prompt
+    # enters as token ids and one token comes back; with the head at the client, hidden states both ways.
+    from swarm.sim.engine import CLIENT_UPLINK_BPS, Simulator
+    from swarm.sim.policies import PolicyContext, registry
+    from swarm.types import Hop
+
+    obj = toy_scenario([gpu("a1"), gpu("a2")])
+    obj["model"]["head_bytes"] = 2e8
+    with_head = parse_scenario(obj)
+    without = parse_scenario(toy_scenario([gpu("a1"), gpu("a2")]))
+    hops = [Hop("a1", 0, 4), Hop("a2", 4, 8)]
+
+    def net(sc, tokens):
+        ctx = PolicyContext(sc.model, sc.rtt_fn(), {n.node_id: n for n in sc.nodes}, 0, 96, 32, 1.0)
+        return Simulator(sc, registry()["layerhive"](ctx))._net_s("client:eu", hops, tokens)
+
+    hidden = with_head.model.hidden_bytes_per_token * 8
+    saved = net(without, 512) - net(with_head, 512)
+    assert saved == pytest.approx(512 * (hidden - 4 * 8) / CLIENT_UPLINK_BPS + (512 * hidden - 4 * 8) / 1000e6)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda o: o["workload"].pop("output_tokens"), "workload.output_tokens: missing"),
+    (lambda o: o["nodes"][2].update(region="mars"), 'nodes[2].region: unknown region "mars"'),
+    (lambda o: o["clients"][0].update(weight=-1), "clients[0].weight: expected a positive number, got -1"),
+    (lambda o: o["model"].update(num_layers=0), "model.num_layers: expected an integer >= 1, got 0"),
+])
+def test_cli_names_the_bad_key_and_exits_2(tmp_path, capsys, mutate, message):
+    from node.cli_simulate import main
+
+    obj = json.loads(LAB6.read_text())
+    mutate(obj)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(obj))
+    assert main(["simulate", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"layerhive simulate: {message}")
+
+
+def test_cli_unreadable_or_invalid_json_exits_2(tmp_path, capsys):
+    from node.cli_simulate import main
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{\"name\": ")
+    assert main(["simulate", str(broken)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main(["simulate", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
