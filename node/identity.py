@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import filelock
 import keyring
 import keyring.backends.fail
 import keyring.backends.null
@@ -93,6 +94,22 @@ class NodeIdentity:
             yield path
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def claim(identity: NodeIdentity) -> filelock.BaseFileLock:
+    """Holds a named identity for this process until the returned lock is released: the same node started
+    twice on one machine is refused at once, with a clear error. (hivemind's `check_if_identity_free` asks
+    the swarm instead, which catches a copied key on another machine but races a peer that has just joined.)"""
+    if identity.name is None:
+        raise ValueError("an ephemeral identity cannot be in use elsewhere; there is nothing to claim")
+    identity_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = filelock.FileLock(identity_dir() / f"{identity.name}.lock", blocking=False, thread_local=False)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise IdentityError(f"node identity {identity.name!r} is already in use by another Layerhive process "
+                            f"on this machine; stop it first or start this one under another name") from None
+    return lock
 
 
 def peer_id_from_owner_key(owner_key: bytes) -> str:

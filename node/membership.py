@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 from weakref import WeakKeyDictionary
 
+import filelock
 from hivemind import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
@@ -27,7 +28,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from node.config import load_config
-from node.identity import IdentityError, NodeIdentity, ephemeral_identity, peer_id_from_owner_key
+from node.identity import IdentityError, NodeIdentity, claim, ephemeral_identity, peer_id_from_owner_key
 from node.reachability import measure_in_dht, peer_ids_of, relay_p2p_options
 from swarm.records import RecordError, ServerRecord
 
@@ -42,6 +43,19 @@ _LOG_EVERY_S = 60.0  # the same rejection is logged at most this often: a hostil
 _identities: WeakKeyDictionary[DHT, NodeIdentity] = WeakKeyDictionary()
 # How peers reach each server DHT opened by `open_dht`, so `announce` can put it in the record.
 _reachability: WeakKeyDictionary[DHT, str] = WeakKeyDictionary()
+
+
+class _ClaimedDHT(DHT):
+    """A DHT running under a named identity: it gives the identity back (see `node.identity.claim`) on shutdown."""
+
+    claimed: filelock.BaseFileLock | None = None
+
+    def shutdown(self) -> None:
+        try:
+            super().shutdown()
+        finally:
+            if self.claimed is not None:
+                self.claimed.release()
 
 
 def servers_key(model: str) -> str:
@@ -69,14 +83,21 @@ def open_dht(initial_peers: Sequence[str], host_maddrs: Sequence[str], *, client
     if relays is None:
         relays = () if client_mode or relay_service else load_config().relays
     network = _network_options(announce_maddrs, relays, relay_service)
-    with identity.p2pd_identity_file() as identity_path:  # p2pd has read the key once the DHT is ready
-        dht = DHT(
-            initial_peers=list(initial_peers) or None, host_maddrs=list(host_maddrs), start=True,
-            client_mode=client_mode, record_validators=record_validators(identity.private_key),
-            identity_path=identity_path,
-            # A fresh key cannot be in use elsewhere; a persistent one may be (the same node started twice).
-            check_if_identity_free=persistent, **network,
-        )
+    claimed = claim(identity) if persistent else None
+    try:
+        with identity.p2pd_identity_file() as identity_path:  # p2pd has read the key once the DHT is ready
+            dht = _ClaimedDHT(
+                initial_peers=list(initial_peers) or None, host_maddrs=list(host_maddrs), start=True,
+                client_mode=client_mode, record_validators=record_validators(identity.private_key),
+                identity_path=identity_path,
+                # A fresh key cannot be in use elsewhere; a persistent one may be (a copied key elsewhere).
+                check_if_identity_free=persistent, **network,
+            )
+    except BaseException:
+        if claimed is not None:
+            claimed.release()
+        raise
+    dht.claimed = claimed
     if dht.peer_id.to_base58() != identity.peer_id:
         dht.shutdown()
         raise IdentityError(f"p2pd runs as {dht.peer_id} instead of the identity's {identity.peer_id}")

@@ -18,7 +18,7 @@ import pytest
 from hivemind import DHT
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import CompositeValidator, DHTRecord
-from hivemind.p2p import P2PDaemonError, PeerID
+from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from node import membership
@@ -315,7 +315,7 @@ def test_same_name_keeps_its_peer_id_across_restarts(swarm, home):
         try:
             peer_ids.append(dht.peer_id.to_base58())
             if len(peer_ids) == 1:  # the same node started twice at once is refused, not given a twin
-                with pytest.raises(P2PDaemonError, match="already taken"):
+                with pytest.raises(IdentityError, match="already in use"):
                     open_dht(swarm.peers, LOOPBACK, identity=load_identity("restarting-node")).shutdown()
             record = ServerRecord(peer_id=peer_ids[-1], model=model, start=0, end=1, epoch=len(peer_ids))
             assert asyncio.run(announce(dht, record))
