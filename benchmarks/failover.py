@@ -34,7 +34,7 @@ async def run(swarm: LocalSwarm, ranges, prompt_ids: list[int], args) -> None:
     source = swarm.source
     dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
-        client = SwarmClient(dht, source.name, source.num_layers, hidden_size=source.hidden_size)
+        client = SwarmClient(dht, source)
         runner = ChaosRunner(swarm, client, ClientHead(source), seed=args.seed)
         params = SamplingParams(max_new_tokens=args.new_tokens)
         t0 = time.perf_counter()

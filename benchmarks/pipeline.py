@@ -78,8 +78,7 @@ async def measure_swarm(swarm: LocalSwarm, prompt_ids, new_tokens, runs, delay_s
     source = swarm.source
     dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
-        client = SwarmClient(dht, source.name, source.num_layers, hidden_size=source.hidden_size,
-                             send_delay_s=delay_s)
+        client = SwarmClient(dht, source, send_delay_s=delay_s)
         head = ClientHead(source)
         results: dict[str, list] = {"push": [], "relay": []}
         for relay in (False, True):

@@ -108,7 +108,7 @@ async def swarm_figures(swarm: SwarmWithLiar, args) -> dict:
     figures: dict = {"false_positives": {}, "detection": {}}
     try:
         for wire in ("none", "fp16"):  # honest run, every step audited
-            client = SwarmClient(dht, source.name, source.num_layers)
+            client = SwarmClient(dht, source)
             client.ban(liar, for_s=1e6)
             auditor = Auditor(client, 1.0, compute_dtype=torch.float32, wire=wire, rng=random.Random(1))
             started = time.perf_counter()

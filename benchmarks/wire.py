@@ -49,7 +49,7 @@ async def greedy(swarm: LocalSwarm, prompts: list[list[int]], new_tokens: int, c
     source = swarm.source
     dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
-        client = SwarmClient(dht, source.name, source.num_layers, hidden_size=source.hidden_size)
+        client = SwarmClient(dht, source)
         head, outputs = ClientHead(source), []
         for prompt in prompts:
             session = await client.open_session(await client.choose_chain(), max_length=len(prompt) + new_tokens,

@@ -382,7 +382,7 @@ def create_app(model: str, initial_peers: Sequence[str], *, default_max_tokens: 
         source = await asyncio.to_thread(resolve_model, model)
         dht = await asyncio.to_thread(start_dht, list(initial_peers), list(host_maddrs), client_mode=True)
         try:
-            client = SwarmClient(dht, source.name, source.num_layers, hidden_size=source.hidden_size)
+            client = SwarmClient(dht, source)
             await client.p2p()  # replicate now, in this loop, rather than racing on the first requests
             engine = await asyncio.to_thread(ChatEngine, client, source)
             names = {source.name, *(alias for alias, name in MODEL_ALIASES.items() if name == source.name)}

@@ -138,7 +138,7 @@ async def _chat(args: argparse.Namespace, initial_peers: list[str]) -> int:
     source = resolve_model(args.model)
     dht = start_dht(initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
-        engine = ChatEngine(SwarmClient(dht, source.name, source.num_layers, hidden_size=source.hidden_size), source)
+        engine = ChatEngine(SwarmClient(dht, source), source)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
         messages = [Message("user", args.prompt)]

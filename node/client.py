@@ -17,6 +17,7 @@ from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
+from node.checkpoint import ModelSource
 from node.membership import list_servers
 from node.probe import measure_rtt
 from node.protocol import INFERENCE_HANDLER, RemoteError, pack, raise_if_error
@@ -143,12 +144,11 @@ class ChainSession:
 class SwarmClient:
     """A DHT client for one model's swarm."""
 
-    def __init__(self, dht: DHT, model: str, num_layers: int, *, hidden_size: int = 4096,
-                 send_delay_s: float = 0.0) -> None:
-        self.dht, self.model, self.num_layers = dht, model, num_layers
+    def __init__(self, dht: DHT, source: ModelSource, *, send_delay_s: float = 0.0) -> None:
+        self.dht, self.model, self.num_layers = dht, source.name, source.num_layers
         # What the router needs of the model: hidden states' size on the wire (fp32 on CPU swarms).
-        self.spec = ModelSpec(model, num_layers, hidden_size, layer_bytes=0.0, kv_bytes_per_token_per_layer=0.0,
-                              wire_bytes_per_element=4)
+        self.spec = ModelSpec(source.name, source.num_layers, source.hidden_size, layer_bytes=0.0,
+                              kv_bytes_per_token_per_layer=0.0, wire_bytes_per_element=4)
         self.send_delay_s = send_delay_s  # emulated one-way latency on every message this client sends
         self._p2p: P2P | None = None
         self._banned_until: dict[str, float] = {}

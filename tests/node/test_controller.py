@@ -40,7 +40,7 @@ async def _generate(swarm: LocalSwarm, prompt_ids: list[int], on_token=None) -> 
     source = swarm.source
     dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
-        client = SwarmClient(dht, source.name, source.num_layers)
+        client = SwarmClient(dht, source)
         session = ResilientSession(client, max_length=len(prompt_ids) + NEW_TOKENS, step_timeout_s=30)
         await session.open()
         tokens: list[int] = []

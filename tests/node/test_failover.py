@@ -26,7 +26,7 @@ async def _chaos(swarm: LocalSwarm, ranges, prompt_ids: list[int]):
     dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     params = SamplingParams(max_new_tokens=NEW_TOKENS)
     try:
-        client = SwarmClient(dht, source.name, source.num_layers, hidden_size=source.hidden_size)
+        client = SwarmClient(dht, source)
         runner = ChaosRunner(swarm, client, ClientHead(source))
         undisturbed = await runner.generate(prompt_ids, params, kill_at=None)
         assert not undisturbed.events and len(undisturbed.tokens) == NEW_TOKENS

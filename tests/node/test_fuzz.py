@@ -44,7 +44,7 @@ class LiveNode:
         self.node = Node(source, NodeConfig(start=0, end=2, max_length=64))
         self.run(self.node.start())
         self.dht = start_dht(self.node.visible_maddrs, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
-        self.client = SwarmClient(self.dht, source.name, source.num_layers)
+        self.client = SwarmClient(self.dht, source)
         self.hop = Hop(self.node.record.peer_id, 0, 2)
 
     def run(self, coro, timeout: float = 60):
@@ -111,7 +111,9 @@ def hostile_steps(draw) -> runtime_pb2.ExpertRequest:
     if kind == "tensor":
         return runtime_pb2.ExpertRequest(metadata=msgpack.packb({"position": 0}), tensors=[_tensor_proto(draw)])
     if kind == "position":
-        position = draw(st.one_of(st.integers(-(2**63), -1), st.integers(1, 2**63 - 1), st.floats(), st.text()))
+        # In range but out of order (the session is at 0: "bad_step"), out of range, or not an integer at all.
+        position = draw(st.one_of(st.integers(1, 63), st.integers(-(2**63), -1), st.integers(64, 2**63 - 1),
+                                  st.floats(), st.text()))
         return runtime_pb2.ExpertRequest(metadata=msgpack.packb({"position": position}), tensors=[good_tensor])
     count = draw(st.sampled_from([0, 2, 3]))
     return runtime_pb2.ExpertRequest(metadata=msgpack.packb({"position": 0}), tensors=[good_tensor] * count)

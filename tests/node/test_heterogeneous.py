@@ -50,7 +50,7 @@ async def _scenario(swarm: LocalSwarm, prompt_ids: list[int]):
     source = swarm.source
     dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
-        client = SwarmClient(dht, source.name, source.num_layers, hidden_size=source.hidden_size)
+        client = SwarmClient(dht, source)
         peers = [swarm.peer_id(i) for i in range(len(RANGES))]
         for first, second in ((FAST_FIRST, FAST_SECOND), (SLOW_LINK, SLOW_GPU)):
             await _warm_up(client, [Hop(peers[first], 0, 3), Hop(peers[second], 3, 6)])

@@ -10,11 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from node.chat import Message, chat_template_ids
 from node.checkpoint import DEFAULT_MODEL, load_tokenizer, resolve_model
-from node.client import SwarmClient
-from node.generate import SamplingParams, generate
-from node.head import ClientHead
+from node.generate import SamplingParams
 from node.local_swarm import LocalSwarm
-from node.node import start_dht
+from tests.node.swarm_client import generate_through
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -30,20 +28,8 @@ def reference_generate(source, prompt_ids: list[int], max_new_tokens: int, stop_
 
 async def swarm_generate(swarm: LocalSwarm, prompt_ids: list[int], params: SamplingParams, *,
                          relay: bool = False, wire: str = "none") -> list[int]:
-    source = swarm.source
-    dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
-    try:
-        client = SwarmClient(dht, source.name, source.num_layers)
-        chain = await client.choose_chain()
-        assert [(hop.start, hop.end) for hop in chain] == swarm.ranges
-        session = await client.open_session(chain, max_length=len(prompt_ids) + params.max_new_tokens, relay=relay,
-                                            wire=wire)
-        try:
-            return [token async for token in generate(session, ClientHead(source), prompt_ids, params)]
-        finally:
-            await session.close()
-    finally:
-        dht.shutdown()
+    return await generate_through(swarm.initial_peers, swarm.source, prompt_ids, params, expect_ranges=swarm.ranges,
+                                  relay=relay, wire=wire)
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,10 @@ from pathlib import Path
 import pytest
 
 from node.checkpoint import resolve_model
-from node.client import SwarmClient
-from node.generate import SamplingParams, generate
-from node.head import ClientHead
+from node.generate import SamplingParams
 from node.membership import list_servers_blocking
 from node.node import start_dht
+from tests.node.swarm_client import generate_through
 from tests.node.test_pipeline import reference_generate
 
 pytestmark = pytest.mark.timeout(180)
@@ -168,21 +167,6 @@ def tcp_connect_from(topo: Topology, role: str, host: str, port: int) -> str:
                           ).stdout.strip()
 
 
-async def generate_through(initial_peers: list[str], host: str, source, prompt_ids, params) -> list[int]:
-    dht = start_dht(initial_peers, [f"/ip4/{host}/tcp/0"], client_mode=True)
-    try:
-        client = SwarmClient(dht, source.name, source.num_layers)
-        chain = await client.choose_chain()
-        assert [(hop.start, hop.end) for hop in chain] == [(0, 3), (3, 6)]
-        session = await client.open_session(chain, max_length=len(prompt_ids) + params.max_new_tokens)
-        try:
-            return [token async for token in generate(session, ClientHead(source), prompt_ids, params)]
-        finally:
-            await session.close()
-    finally:
-        dht.shutdown()
-
-
 def test_chain_generates_through_a_relay(topology: Topology, tiny_checkpoint, tmp_path):
     path = tiny_checkpoint("llama", num_layers=6)
     source = resolve_model(str(path))
@@ -224,7 +208,8 @@ def test_chain_generates_through_a_relay(topology: Topology, tiny_checkpoint, tm
         prompt_ids = list(range(3, 30))
         stop_ids = (source.config.eos_token_id,)
         params = SamplingParams(max_new_tokens=12, stop_token_ids=stop_ids)
-        ours = asyncio.run(generate_through([relay], topology.ip["root"], source, prompt_ids, params))
+        ours = asyncio.run(generate_through([relay], source, prompt_ids, params, expect_ranges=[(0, 3), (3, 6)],
+                                              host=topology.ip["root"]))
         assert ours == reference_generate(source, prompt_ids, 12, stop_ids)
         assert len(ours) >= 3
     finally:

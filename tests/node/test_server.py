@@ -26,7 +26,7 @@ async def _with_node(source, config: NodeConfig, body):
     await node.start()
     dht = start_dht(node.visible_maddrs, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
-        client = SwarmClient(dht, source.name, source.num_layers)
+        client = SwarmClient(dht, source)
         return await body(node, client)
     finally:
         dht.shutdown()

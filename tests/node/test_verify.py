@@ -96,7 +96,7 @@ async def _scenario(swarm: SwarmWithLiar, prompt_ids: list[int]) -> None:
     dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
         # The honest answer, with the liar kept out; p = 0 opens no audit (no echo traffic).
-        honest_client = SwarmClient(dht, source.name, source.num_layers)
+        honest_client = SwarmClient(dht, source)
         honest_client.ban(liar, for_s=3600)
         reference, _, plain = await _generate(honest_client, head, prompt_ids, Auditor(honest_client, 0.0))
         assert plain.recorder is None and len(reference) == NEW_TOKENS
@@ -109,7 +109,7 @@ async def _scenario(swarm: SwarmWithLiar, prompt_ids: list[int]) -> None:
         assert max(r.error for r in auditor.reports) < auditor.tolerance / 10
 
         # With the liar routable, audits catch it whenever it serves, ban it, and the answer goes on without it.
-        client = SwarmClient(dht, source.name, source.num_layers)
+        client = SwarmClient(dht, source)
         detected = None
         for attempt in range(6):
             auditor = Auditor(client, 1.0, compute_dtype=torch.float32, rng=random.Random(attempt))
