@@ -73,6 +73,13 @@ async def aggregate_rate(client: SwarmClient, head: ClientHead, prompt_ids: list
     return sessions * new_tokens / (time.perf_counter() - t0)
 
 
+def decode_passes(before: dict, after: dict) -> dict[int, int]:
+    """{decode steps in a pass: passes} a node ran between two of its info answers."""
+    sizes = {int(k) for k in after["decode_batches"]}
+    counts = {k: after["decode_batches"].get(str(k), 0) - before["decode_batches"].get(str(k), 0) for k in sizes}
+    return {k: n for k, n in sorted(counts.items()) if n}
+
+
 async def measure_swarm(swarm: LocalSwarm, prompt_ids, new_tokens, runs, delay_s: float, concurrency: int):
     """{transport: [(ttft, decode tok/s), ...]} for push and relay, interleaved run by run against drift."""
     source = swarm.source
@@ -87,10 +94,13 @@ async def measure_swarm(swarm: LocalSwarm, prompt_ids, new_tokens, runs, delay_s
             for name in results:
                 results[name].append(await swarm_run(client, head, prompt_ids, new_tokens, name == "relay"))
         rates: dict[int, list[float]] = {1: [], concurrency: []}
+        chain = await client.choose_chain()
+        before = [await client.node_info(hop.node_id) for hop in chain]
         for _ in range(runs if concurrency > 1 else 0):
             for sessions in rates:
                 rates[sessions].append(await aggregate_rate(client, head, prompt_ids, new_tokens, sessions))
-        return results, rates
+        after = [await client.node_info(hop.node_id) for hop in chain]
+        return results, rates, [decode_passes(b, a) for b, a in zip(before, after, strict=True)]
     finally:
         dht.shutdown()
 
@@ -113,7 +123,7 @@ def main() -> None:
         source = swarm.source
         tokenizer = load_tokenizer(source)
         prompt_ids = chat_template_ids(tokenizer, [Message("user", "Explain pipeline parallelism in three sentences.")])
-        swarm_results, rates = asyncio.run(
+        swarm_results, rates, passes = asyncio.run(
             measure_swarm(swarm, prompt_ids, args.new_tokens, args.runs, delay_s, args.concurrency)
         )
 
@@ -143,6 +153,10 @@ def main() -> None:
         one, many = statistics.median(rates[1]), statistics.median(rates[args.concurrency])
         print(f"aggregate tok/s (prefill included, push): 1 session {one:.2f}, {args.concurrency} sessions "
               f"{many:.2f}, ratio {many / one:.2f}x")
+        for index, counts in enumerate(passes):  # how well the stages batched the concurrent sessions
+            steps = sum(size * n for size, n in counts.items())
+            print(f"  stage {index}: {steps} decode steps in {sum(counts.values())} passes "
+                  f"(mean {steps / max(1, sum(counts.values())):.1f} per pass; by size {counts})")
 
 
 if __name__ == "__main__":

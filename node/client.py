@@ -20,7 +20,7 @@ from hivemind.proto import runtime_pb2
 from node.checkpoint import ModelSource
 from node.membership import list_servers
 from node.probe import measure_rtt
-from node.protocol import INFERENCE_HANDLER, RemoteError, pack, raise_if_error
+from node.protocol import INFERENCE_HANDLER, INFO_HANDLER, RemoteError, pack, raise_if_error
 from node.routing import plan_chains
 from node.wire import decode as wire_decode
 from node.wire import for_links as wire_for_links
@@ -162,6 +162,13 @@ class SwarmClient:
 
     async def servers(self) -> list[ServerRecord]:
         return await list_servers(self.dht, self.model, num_layers=self.num_layers)
+
+    async def node_info(self, peer: str, timeout_s: float = 10.0) -> dict:
+        """What a node says of itself now: its layers, state, sessions, queue and work done."""
+        p2p = await self.p2p()
+        response = await asyncio.wait_for(p2p.call_protobuf_handler(
+            PeerID.from_base58(peer), INFO_HANDLER, pack({}), runtime_pb2.ExpertResponse), timeout_s)
+        return raise_if_error(peer, response)
 
     def ban(self, peer: str, for_s: float = 120.0) -> None:
         """Keeps a failed peer out of this client's chains (its DHT record may outlive it by a TTL)."""

@@ -283,6 +283,10 @@ class StageServer:
             "sessions": len(self.sessions),
             "queue_len": self.queue_len,
             "free_kv_tokens": self.free_kv_tokens,
+            "steps_served": self.batcher.steps_done,
+            "compute_s": round(self.batcher.compute_s, 3),
+            "decode_batches": {str(size): n for size, n in sorted(self.batcher.batch_sizes.items())},
+            "gather_waits": self.batcher.gather_waits,
         }
 
     async def rpc_inference(
@@ -387,6 +391,7 @@ class StageServer:
     def _close(self, session: Session) -> None:
         if self.sessions.pop(session.session_id, None) is not None:
             self.budget.release(session.reserved_bytes)
+            self.batcher.forget(session.cache)
             session.cache = None
             if session.push_link is not None:
                 session.push_link.close()

@@ -196,8 +196,8 @@ def test_batcher_gathers_concurrent_decodes_and_matches_one_at_a_time(llama_stag
     for e_session, g_session in zip(expected, got, strict=True):
         for e, g in zip(e_session, g_session, strict=True):
             assert torch.allclose(g, e, atol=ATOL)
-    assert [len(p) for p in passes[:n]] == [1] * n, "prefills run alone"
-    assert [len(p) for p in passes[n:]] == [n] * steps, "each round of decode steps is one pass"
+    assert passes[0] == [(i, 2 + i) for i in range(n)], "the prompts that came together share one pass"
+    assert [len(p) for p in passes[1:]] == [n] * steps, "each round of decode steps is one pass"
 
 
 def test_batcher_is_fifo_and_bounded(llama_stage, monkeypatch):
@@ -218,7 +218,7 @@ def test_batcher_is_fifo_and_bounded(llama_stage, monkeypatch):
     assert [[tag for tag, _ in p] for p in passes] == [[0, 1, 2], [3, 4, 5], [6, 7]]
 
 
-def test_long_prefill_is_chunked_and_alternates_with_decodes(llama_stage, monkeypatch):
+def test_long_prefill_is_chunked_and_shares_its_passes_with_decodes(llama_stage, monkeypatch):
     stage = llama_stage
     gen = torch.Generator().manual_seed(4)
     prompt = torch.randn(1, 40, 64, generator=gen)
@@ -243,12 +243,61 @@ def test_long_prefill_is_chunked_and_alternates_with_decodes(llama_stage, monkey
         return await prefill, counts
 
     got, counts = asyncio.run(main())
-    assert torch.allclose(got, expected, atol=ATOL)  # five chunks of 8 give the one-pass result
-    assert [p for p in passes if p[0][0] == 0] == [[(0, 8)]] * 5
-    kinds = ["prefill" if p[0][0] == 0 else "decode" for p in passes]
-    first, last = kinds.index("prefill"), len(kinds) - 1 - kinds[::-1].index("prefill")
-    assert kinds[first: last + 1] == ["prefill", "decode"] * 4 + ["prefill"], kinds  # alternation
-    assert min(counts) >= 4
+    assert torch.allclose(got, expected, atol=ATOL)  # the chunks give the one-pass result
+    assert all(sum(tokens for _, tokens in p) <= 8 for p in passes), passes
+    chunks = [[tokens for tag, tokens in p if tag == 0] for p in passes]
+    assert sum(sum(c) for c in chunks) == 40 and all(len(c) <= 1 for c in chunks)
+    with_chunk = [sorted(tag for tag, _ in p) for p, c in zip(passes, chunks, strict=True) if c]
+    assert with_chunk[1:] == [[0, 1, 2]] * (len(with_chunk) - 1), "both decoders ride along every chunk"
+    assert len(with_chunk) <= 7 and min(counts) >= 5
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_sessions_arriving_out_of_step_are_gathered_into_one_pass(llama_stage, monkeypatch, gather):
+    """Two sessions step in the same rhythm (30 ms elsewhere per round), 12 ms apart. Without gathering
+    each keeps its own pass for good; with it, the stage waits for the due one once, and they stay together."""
+    stage = llama_stage
+    caches = tagged_caches(stage, 2)
+    for cache in caches:
+        stage.forward(torch.randn(1, 2, 64), 0, cache)
+    passes = recorded_passes(stage, monkeypatch)
+
+    async def session(batcher: StepBatcher, cache, start_s: float) -> None:
+        await asyncio.sleep(start_s)
+        for _ in range(12):
+            await batcher.run(cache, torch.randn(1, 1, 64), cache.length)
+            await asyncio.sleep(0.03)  # the rest of the chain and the client
+
+    async def main():
+        batcher = StepBatcher(stage, max_gather_s=0.05 if gather else 0.0)
+        await asyncio.gather(session(batcher, caches[0], 0.0), session(batcher, caches[1], 0.012))
+        batcher.shutdown()
+        return batcher.gather_waits
+
+    waits = asyncio.run(main())
+    sizes = [len(p) for p in passes]
+    if gather:
+        together = sizes.index(2)  # one session has run a step more than the other when they meet
+        assert together <= 4 and sizes[together: together + 10] == [2] * 10, sizes
+        assert 1 <= waits <= 3, waits  # paid once (plus a jittery round at most), not every round
+    else:
+        assert sizes == [1] * 24 and waits == 0, sizes
+
+
+def test_a_lone_session_is_never_held_back(llama_stage):
+    stage = llama_stage
+    cache = stage.new_cache(64)
+    stage.forward(torch.randn(1, 2, 64), 0, cache)
+
+    async def main():
+        batcher = StepBatcher(stage, max_gather_s=1.0)
+        for _ in range(8):
+            await batcher.run(cache, torch.randn(1, 1, 64), cache.length)
+            await asyncio.sleep(0.01)
+        batcher.shutdown()
+        return batcher.gather_waits
+
+    assert asyncio.run(main()) == 0
 
 
 def test_a_failing_step_does_not_fail_its_batch(llama_stage, monkeypatch):
