@@ -46,8 +46,7 @@ class ResilientSession:
         self.relay, self.wire = relay, wire
         self.max_failovers, self.backoff_s, self.step_timeout_s = max_failovers, backoff_s, step_timeout_s
         self.session: ChainSession | None = None
-        self.history: list[torch.Tensor] = []  # chain inputs, in position order
-        self.history_len = 0
+        self.history = _Inputs()  # chain inputs fed so far, in position order
         self.events: list[FailoverEvent] = []
         self._pending_event: tuple[StageFailure, int, float] | None = None  # a failure not yet recovered from
 
@@ -66,8 +65,8 @@ class ResilientSession:
         return session
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        if position != self.history_len:
-            raise ValueError(f"step at position {position}, but {self.history_len} positions were fed so far")
+        if position != self.history.length:
+            raise ValueError(f"step at position {position}, but {self.history.length} positions were fed so far")
         failovers = 0
         while True:
             try:
@@ -76,7 +75,7 @@ class ResilientSession:
                     await self._replay()
                 output = await self.session.step(hidden, position)
                 if self.recorder is not None and self.auditor.sample():
-                    inputs = torch.cat([*self.history, hidden.detach().cpu()], dim=1)
+                    inputs = self.history.through(hidden)
                     await self.auditor.check_step(self.session, self.recorder, inputs, position)
                 break
             except StageFailure as failure:
@@ -93,8 +92,7 @@ class ResilientSession:
                 failovers += 1
                 await asyncio.sleep(_backoff(self.backoff_s, failovers))  # the swarm may still be re-forming
         self._record_recovery()
-        self.history.append(hidden.detach().cpu())
-        self.history_len += hidden.shape[1]
+        self.history.append(hidden)
         return output
 
     async def _abandon(self, failure: StageFailure, position: int) -> None:
@@ -107,9 +105,9 @@ class ResilientSession:
 
     async def _replay(self) -> None:
         """Rebuilds the new chain's KV caches from the inputs fed so far."""
-        if not self.history:
+        if not self.history.length:
             return
-        inputs = torch.cat(self.history, dim=1)
+        inputs = self.history.fed()
         for offset in range(0, inputs.shape[1], REPLAY_CHUNK_TOKENS):
             await self.session.step(inputs[:, offset : offset + REPLAY_CHUNK_TOKENS], offset)
 
@@ -124,6 +122,34 @@ class ResilientSession:
         if self.session is not None:
             await self.session.close()
             self.session = None
+
+
+class _Inputs:
+    """Hidden states fed to the chain, in one buffer that doubles as it fills: appending a step and
+    viewing everything fed so far cost O(step), not a copy of the whole history each time."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None  # [1, capacity, hidden] on the CPU
+        self.length = 0
+
+    def fed(self) -> torch.Tensor:
+        """[1, length, hidden]: everything appended so far (a view; valid until the next append)."""
+        return self._buffer[:, : self.length]
+
+    def through(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What `fed()` will be once `hidden` is appended, without appending it."""
+        end = self.length + hidden.shape[1]
+        if self._buffer is None or end > self._buffer.shape[1] or self._buffer.dtype != hidden.dtype:
+            grown = torch.empty(1, max(end, 2 * self.length, 64), hidden.shape[2], dtype=hidden.dtype)
+            if self._buffer is not None:
+                grown[:, : self.length] = self._buffer[:, : self.length]
+            self._buffer = grown
+        self._buffer[:, self.length: end] = hidden.detach().cpu()
+        return self._buffer[:, :end]
+
+    def append(self, hidden: torch.Tensor) -> None:
+        self.through(hidden)
+        self.length += hidden.shape[1]
 
 
 def _backoff(base_s: float, attempt: int) -> float:
