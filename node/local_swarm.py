@@ -77,6 +77,11 @@ class LocalSwarm:
             *fixed, "--initial-peers", *self.initial_peers, *self.node_args, *self.per_node_args.get(index, ()),
         ]
         env = dict(os.environ)
+        # Nodes here share the machine's cores and take turns (a chain runs one stage at a time). GNU OpenMP's
+        # threads spin ~300k rounds after each op before sleeping, so a stage that has just finished keeps
+        # cores busy that the next stage needs: measured on 2 cores, 3 stages of 2 threads, 37.9 -> 30.5 ms
+        # per token with 10k. A node alone on its machine (the usual case) keeps the default.
+        env.setdefault("GOMP_SPINCOUNT", "10000")
         if self.threads_per_node:
             env["OMP_NUM_THREADS"] = str(self.threads_per_node)
             command += ["--threads", str(self.threads_per_node)]
