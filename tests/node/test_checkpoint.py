@@ -524,7 +524,7 @@ def test_embedded_model_is_a_faithful_conversion(smollm2):
     assert tokenizer.decode(next_token).strip() == "Paris"
 
 
-def test_second_resolve_is_fast_and_does_not_convert(smollm2, monkeypatch):
+def test_second_resolve_neither_fetches_nor_converts(smollm2, monkeypatch):
     marker = smollm2.root / embedded_model.MARKER
     before = marker.stat().st_mtime_ns
 
@@ -533,7 +533,5 @@ def test_second_resolve_is_fast_and_does_not_convert(smollm2, monkeypatch):
 
     monkeypatch.setattr(embedded_model, "pip_download", forbidden)
     monkeypatch.setattr(embedded_model, "convert_gguf", forbidden)
-    started = time.perf_counter()
     again = resolve_model("smollm2-135m", allow_download=False)
-    assert time.perf_counter() - started < 1.0
     assert again == smollm2 and marker.stat().st_mtime_ns == before
