@@ -1,4 +1,4 @@
-"""Driving a node from a UI: start, pause (drain and withdraw), resume (rejoin), stop, status.
+"""Driving a node from a UI: start, pause (drain and withdraw), resume (rejoin), stop, status, and chat.
 
 `NodeController` runs the node's asyncio loop in a background thread, so a Qt UI thread never blocks:
 every method returns at once, with a `concurrent.futures.Future` for the ones that take time, and is
@@ -14,13 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from hivemind import DHT
+
+from node.chat import ChatEngine, Message
 from node.checkpoint import ModelSource, resolve_model
-from node.node import Node, NodeConfig
+from node.client import SwarmClient
+from node.generate import SamplingParams
+from node.node import Node, NodeConfig, start_dht
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +59,9 @@ class NodeController:
         self._node = self._call_soon(self._make_node).result()  # built on its loop, which owns its tasks
         self._lock: asyncio.Lock | None = None
         self._current: asyncio.Task | None = None
+        self._chat_engine: ChatEngine | None = None
+        self._chat_dht: DHT | None = None
+        self._chat_lock: asyncio.Lock | None = None
 
     # --- the API --------------------------------------------------------------------------------------
 
@@ -83,6 +91,8 @@ class NodeController:
             try:
                 await self._node.stop()
             finally:
+                if self._chat_dht is not None:
+                    self._chat_dht.shutdown()
                 self._loop.call_soon(self._loop.stop)
 
         stopping = asyncio.run_coroutine_threadsafe(stop(), self._loop)
@@ -97,6 +107,33 @@ class NodeController:
 
         threading.Thread(target=finish, name="layerhive-node-stop", daemon=True).start()
         return future
+
+    def chat(self, messages: Sequence[Message], params: SamplingParams, on_text: Callable[[str], None]) -> Future:
+        """Streams an answer from the swarm: `on_text(piece)` gets each piece of text as it comes (on the node's
+        thread); the future resolves to the whole answer, and cancelling it stops the answer. The chain is
+        routed and failed over like any client's (`node.chat.ChatEngine`); it runs beside start/pause/resume."""
+        return asyncio.run_coroutine_threadsafe(self._chat(list(messages), params, on_text), self._loop)
+
+    async def _chat(self, messages: list[Message], params: SamplingParams, on_text: Callable[[str], None]) -> str:
+        self._chat_lock = self._chat_lock or asyncio.Lock()
+        async with self._chat_lock:  # the first answers of a session must not each start a client
+            await self._start_chat_engine()
+        pieces = []
+        async for piece in self._chat_engine.stream_chat(messages, params):
+            pieces.append(piece)
+            on_text(piece)
+        return "".join(pieces)
+
+    async def _start_chat_engine(self) -> None:
+        if self._chat_engine is None:
+            # A peer of its own, in client mode: a chain may run through this very node (p2pd cannot dial
+            # itself), and chatting goes on while the node is paused. Started and loaded (tokenizer, head)
+            # off the loop, which is serving.
+            def make_engine() -> ChatEngine:
+                self._chat_dht = start_dht(self.config.initial_peers, self.config.host_maddrs, client_mode=True)
+                return ChatEngine(SwarmClient(self._chat_dht, self.source), self.source)
+
+            self._chat_engine = await asyncio.get_running_loop().run_in_executor(None, make_engine)
 
     def status(self) -> NodeStatus:
         """A snapshot, read without waiting for the node's thread (its fields are updated atomically)."""

@@ -51,7 +51,17 @@ class ResilientSession:
         self._pending_event: tuple[StageFailure, int, float] | None = None  # a failure not yet recovered from
 
     async def open(self) -> None:
-        self.session = await self._open_new_chain()
+        """Opens a chain; a stage that cannot open the session is failed over as in `step`."""
+        attempt = 0
+        while self.session is None:
+            try:
+                self.session = await self._open_new_chain()
+            except StageFailure as failure:
+                attempt += 1
+                await self._abandon(failure, 0)
+                if attempt > self.max_failovers:
+                    raise NoChainError(f"gave up after {self.max_failovers} failovers; last: {failure}") from failure
+                await asyncio.sleep(_backoff(self.backoff_s, attempt))
 
     async def _open_new_chain(self) -> ChainSession:
         chain = await self.client.choose_chain(session_tokens=self.max_length, relay=self.relay)

@@ -1,0 +1,77 @@
+"""`layerhive-app`: the tray app. It starts a node that joins the swarm and serves the layers it is
+given, and offers the chat window. Without --initial-peers it first starts a small local swarm of
+the model on this machine (a bootstrap peer and two nodes), so the app can be tried alone."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from PySide6.QtWidgets import QApplication, QSystemTrayIcon
+
+from desktop.bridge import NodeBridge
+from desktop.chat_window import ChatWindow
+from desktop.tray import Tray
+from node.checkpoint import DEFAULT_MODEL
+from node.controller import NodeController
+from node.node import NodeConfig
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="layerhive-app", description=__doc__)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of swarm peers")
+    parser.add_argument("--identity", default="desktop", help="name of this node's persistent identity")
+    parser.add_argument("--max-memory-gb", type=float, default=None, help="offer at most this much memory")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = QApplication(sys.argv[:1])
+    app.setApplicationName("Layerhive")
+    app.setQuitOnLastWindowClosed(False)  # closing the chat window leaves the node serving from the tray
+
+    local_swarm = None
+    initial_peers = list(args.initial_peers)
+    if not initial_peers:
+        from node.local_swarm import LocalSwarm
+
+        local_swarm = LocalSwarm(args.model, num_nodes=2)
+        local_swarm.start()  # before the UI: the node needs a swarm to join (about 20 s the first time)
+        initial_peers = local_swarm.initial_peers
+    memory = int(args.max_memory_gb * 1e9) if args.max_memory_gb else None
+    controller = NodeController(args.model, NodeConfig(initial_peers=initial_peers, identity=args.identity,
+                                                       max_memory_bytes=memory))
+    bridge = NodeBridge(controller)
+    chat = ChatWindow(bridge)
+
+    def open_chat() -> None:
+        chat.show()
+        chat.raise_()
+        chat.activateWindow()
+
+    tray = Tray(bridge, open_chat=open_chat, quit_app=app.quit)
+    if QSystemTrayIcon.isSystemTrayAvailable():
+        tray.show()
+    else:  # no tray on this desktop: the chat window is the app, and closing it quits
+        app.setQuitOnLastWindowClosed(True)
+    open_chat()
+    bridge.start()
+    try:
+        return app.exec()
+    finally:
+        try:
+            bridge.stop().result(timeout=30)  # leaves the swarm: peers stop routing to us at once
+        except Exception:
+            logger.exception("the node did not stop cleanly")
+        if local_swarm is not None:
+            local_swarm.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The tray icon and its menu: what the node serves and has contributed, pause/resume, chat, quit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from PySide6.QtGui import QAction
+from PySide6.QtWidgets import QMenu, QSystemTrayIcon
+
+from desktop.bridge import NodeBridge
+from desktop.icons import FAILED, IDLE, SERVING, hive_icon
+from node.controller import NodeStatus
+
+_ACTIVE = ("starting", "joining", "online", "draining")
+
+
+def describe(status: NodeStatus) -> tuple[str, str]:
+    """(what the node does now, what it has contributed) in words for the menu."""
+    if status.state == "online" and status.layers is not None:
+        doing = f"Serving layers {status.layers[0]}–{status.layers[1]} · {status.sessions} open sessions"
+    elif status.state == "failed":
+        doing = f"Stopped by an error: {status.error or 'unknown'}"
+    else:
+        doing = {"stopped": "Not started", "starting": "Starting…", "joining": "Joining the swarm…",
+                 "draining": "Pausing: finishing open answers…", "paused": "Paused"}.get(status.state, status.state)
+    minutes = status.online_s / 60
+    contributed = (f"Contributed {status.tokens_served:,} tokens to {status.sessions_opened:,} sessions "
+                   f"in {minutes:.0f} min online")
+    return doing, contributed
+
+
+class Tray(QSystemTrayIcon):
+    def __init__(self, bridge: NodeBridge, *, open_chat: Callable[[], None], quit_app: Callable[[], None]) -> None:
+        super().__init__(hive_icon(IDLE))
+        self.bridge = bridge
+        self.menu = QMenu()
+        self.doing_action = self._info_action()
+        self.contributed_action = self._info_action()
+        self.menu.addSeparator()
+        self.toggle_action = self.menu.addAction("Pause contributing")
+        self.toggle_action.triggered.connect(self.toggle)
+        self.menu.addAction("Open chat").triggered.connect(open_chat)
+        self.menu.addSeparator()
+        self.menu.addAction("Quit Layerhive").triggered.connect(quit_app)
+        self.setContextMenu(self.menu)
+        self.activated.connect(lambda reason: open_chat() if reason == QSystemTrayIcon.ActivationReason.Trigger
+                               else None)
+        bridge.status_changed.connect(self.show_status)
+        bridge.failed.connect(lambda text: self.showMessage("Layerhive", text, QSystemTrayIcon.MessageIcon.Warning))
+        self.show_status(bridge.status())
+
+    def _info_action(self) -> QAction:
+        action = self.menu.addAction("")
+        action.setEnabled(False)
+        return action
+
+    def show_status(self, status: NodeStatus) -> None:
+        doing, contributed = describe(status)
+        self.doing_action.setText(doing)
+        self.contributed_action.setText(contributed)
+        self.toggle_action.setText("Pause contributing" if status.state in _ACTIVE else "Resume contributing")
+        self.toggle_action.setEnabled(status.state != "draining")
+        color = SERVING if status.state == "online" else FAILED if status.state == "failed" else IDLE
+        self.setIcon(hive_icon(color))
+        self.setToolTip(f"Layerhive: {doing}")
+
+    def toggle(self) -> None:
+        """Pause is a graceful drain: answers in flight finish first. Resume rejoins with a new assignment."""
+        state = self.bridge.status().state
+        if state in _ACTIVE:
+            self.bridge.pause()
+        elif state == "stopped":
+            self.bridge.start()
+        else:
+            self.bridge.resume()

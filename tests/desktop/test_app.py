@@ -1,0 +1,130 @@
+"""The tray app's widgets driving a real node in a real local swarm (Qt offscreen, hivemind on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before Qt starts: no display needed
+
+from PySide6.QtCore import Qt  # noqa: E402
+from PySide6.QtTest import QTest  # noqa: E402
+from PySide6.QtWidgets import QApplication  # noqa: E402
+
+from desktop.bridge import NodeBridge  # noqa: E402
+from desktop.chat_window import ChatWindow  # noqa: E402
+from desktop.tray import Tray  # noqa: E402
+from node.chat import ChatEngine, Message  # noqa: E402
+from node.checkpoint import resolve_model  # noqa: E402
+from node.client import SwarmClient  # noqa: E402
+from node.controller import NodeController  # noqa: E402
+from node.generate import SamplingParams  # noqa: E402
+from node.local_swarm import LocalSwarm  # noqa: E402
+from node.node import NodeConfig, start_dht  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+GREEDY = SamplingParams(max_new_tokens=12)
+QUESTION = "hello what is the capital of paris"
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> None:
+    """Runs the Qt event loop (queued signals land) until `predicate()` holds."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout_s:.0f} s")
+        QTest.qWait(20)
+
+
+@pytest.fixture(scope="module")
+def app():
+    yield QApplication.instance() or QApplication([])
+
+
+@pytest.fixture(scope="module")
+def hive(tiny_checkpoint, app):
+    """A local swarm of a tiny model, and the app's own node serving layers 0:2 of it."""
+    path = str(tiny_checkpoint("llama", num_layers=4))
+    with LocalSwarm(path, ranges=[(0, 2), (2, 4)], threads_per_node=1) as swarm:
+        controller = NodeController(path, NodeConfig(start=0, end=2, initial_peers=swarm.initial_peers,
+                                                     bench=False, ttl_s=6.0))
+        bridge = NodeBridge(controller, poll_ms=200)
+        try:
+            yield swarm, bridge
+        finally:
+            bridge.stop().result(timeout=60)
+
+
+def headless_answer(swarm: LocalSwarm, messages: list[Message], params: SamplingParams) -> str:
+    async def run() -> str:
+        source = resolve_model(swarm.source.name)
+        dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+        try:
+            engine = ChatEngine(SwarmClient(dht, source), source)
+            return "".join([piece async for piece in engine.stream_chat(messages, params)])
+        finally:
+            dht.shutdown()
+
+    return asyncio.run(run())
+
+
+def test_tray_shows_what_the_node_serves_and_pauses_and_resumes_it(hive):
+    _, bridge = hive
+    opened = []
+    tray = Tray(bridge, open_chat=lambda: opened.append(True), quit_app=lambda: None)
+    assert tray.doing_action.text() == "Not started" and tray.toggle_action.text() == "Resume contributing"
+    tray.toggle_action.trigger()  # a stopped node starts
+    wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the node online")
+    assert tray.toggle_action.text() == "Pause contributing"
+    assert tray.contributed_action.text().startswith("Contributed 0 tokens")
+
+    tray.toggle_action.trigger()  # pause: a graceful drain, then the node withdraws
+    wait_until(lambda: tray.doing_action.text() == "Paused", 90, "the node paused")
+    assert tray.toggle_action.text() == "Resume contributing" and bridge.status().layers is None
+
+    tray.toggle_action.trigger()
+    wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the node online again")
+    tray.menu.actions()[-3].trigger()  # "Open chat"
+    assert opened == [True]
+
+
+def test_chat_window_streams_the_swarms_answer(hive, tmp_path):
+    swarm, bridge = hive
+    if bridge.status().state != "online":
+        bridge.start().result(timeout=90)
+    window = ChatWindow(bridge, sampling=GREEDY)
+    window.show()
+    pieces: list[str] = []
+    bridge.chat_text.connect(pieces.append)
+    window.prompt.setText(QUESTION)
+    QTest.mouseClick(window.send_button, Qt.MouseButton.LeftButton)
+    assert window.busy and not window.send_button.isEnabled() and window.prompt.text() == ""
+    wait_until(lambda: not window.busy, 60, "the answer")
+
+    expected = headless_answer(swarm, [Message("user", QUESTION)], GREEDY)
+    assert expected and window.messages == [Message("user", QUESTION), Message("assistant", expected)]
+    assert "".join(pieces) == expected and len(pieces) > 1  # streamed piece by piece, not all at the end
+    assert window.transcript.toPlainText().endswith(expected)
+    assert window.send_button.isEnabled() and window.status_line.text() == ""
+    window.grab().save(str(tmp_path / "chat.png"))
+    window.close()
+
+
+def test_stop_ends_the_answer_and_forgets_the_question(hive):
+    _, bridge = hive
+    if bridge.status().state != "online":
+        bridge.start().result(timeout=90)
+    never_stops = SamplingParams(max_new_tokens=200, stop_token_ids=(-1,))  # no token ends it early
+    window = ChatWindow(bridge, sampling=never_stops)
+    pieces: list[str] = []
+    bridge.chat_text.connect(lambda piece: (pieces.append(piece), window.stop() if len(pieces) == 2 else None))
+    window.prompt.setText(QUESTION)
+    window.send()
+    wait_until(lambda: not window.busy, 60, "the stop")
+    assert window.transcript.toPlainText().endswith("(stopped)")
+    assert window.messages == [] and window.send_button.isEnabled()
+    assert 2 <= len(pieces) < 200
