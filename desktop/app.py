@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
+from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
 from desktop.bridge import NodeBridge
@@ -62,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         app.setQuitOnLastWindowClosed(True)
     open_chat()
     bridge.start()
+    # Ctrl-C or a service manager's SIGTERM quits like the menu's Quit: the node leaves the swarm cleanly.
+    # Python runs signal handlers only between bytecodes, so a timer lets it in while Qt's loop waits.
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: app.quit())
+    wake = QTimer()
+    wake.timeout.connect(lambda: None)
+    wake.start(200)
     try:
         return app.exec()
     finally:
