@@ -1,9 +1,11 @@
-"""The tray icon and its menu: what the node serves and has contributed, pause/resume, chat, quit."""
+"""The tray icon and its menu: what the node serves and has contributed, pause/resume, snooze, chat, quit."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 
+from PySide6.QtCore import QTimer
 from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 
@@ -29,8 +31,12 @@ def describe(status: NodeStatus) -> tuple[str, str]:
     return doing, contributed
 
 
+SNOOZES = (("for 1 hour", 3600.0), ("for 4 hours", 4 * 3600.0), ("for 12 hours", 12 * 3600.0))
+
+
 class Tray(QSystemTrayIcon):
-    def __init__(self, bridge: NodeBridge, *, open_chat: Callable[[], None], quit_app: Callable[[], None]) -> None:
+    def __init__(self, bridge: NodeBridge, *, open_chat: Callable[[], None], quit_app: Callable[[], None],
+                 snoozes: Sequence[tuple[str, float]] = SNOOZES) -> None:
         super().__init__(hive_icon(IDLE))
         self.bridge = bridge
         self.menu = QMenu()
@@ -39,6 +45,13 @@ class Tray(QSystemTrayIcon):
         self.menu.addSeparator()
         self.toggle_action = self.menu.addAction("Pause contributing")
         self.toggle_action.triggered.connect(self.toggle)
+        self.snooze_menu = self.menu.addMenu("Snooze")
+        for label, seconds in snoozes:
+            self.snooze_menu.addAction(label).triggered.connect(lambda _=False, s=seconds: self.snooze(s))
+        self._wake = QTimer(self)  # ends a snooze
+        self._wake.setSingleShot(True)
+        self._wake.timeout.connect(self._end_snooze)
+        self.snoozed_until: datetime | None = None
         self.menu.addAction("Open chat").triggered.connect(open_chat)
         self.menu.addSeparator()
         self.menu.addAction("Quit Layerhive").triggered.connect(quit_app)
@@ -56,16 +69,20 @@ class Tray(QSystemTrayIcon):
 
     def show_status(self, status: NodeStatus) -> None:
         doing, contributed = describe(status)
+        if status.state == "paused" and self.snoozed_until is not None:
+            doing = f"Snoozed until {self.snoozed_until:%H:%M}"
         self.doing_action.setText(doing)
         self.contributed_action.setText(contributed)
         self.toggle_action.setText("Pause contributing" if status.state in _ACTIVE else "Resume contributing")
         self.toggle_action.setEnabled(status.state != "draining")
+        self.snooze_menu.setEnabled(status.state in _ACTIVE and status.state != "draining")
         color = SERVING if status.state == "online" else FAILED if status.state == "failed" else IDLE
         self.setIcon(hive_icon(color))
         self.setToolTip(f"Layerhive: {doing}")
 
     def toggle(self) -> None:
         """Pause is a graceful drain: answers in flight finish first. Resume rejoins with a new assignment."""
+        self._cancel_snooze()
         state = self.bridge.status().state
         if state in _ACTIVE:
             self.bridge.pause()
@@ -73,3 +90,18 @@ class Tray(QSystemTrayIcon):
             self.bridge.start()
         else:
             self.bridge.resume()
+
+    def snooze(self, seconds: float) -> None:
+        """Pauses (the same graceful drain) and resumes by itself after `seconds`."""
+        self.snoozed_until = datetime.now() + timedelta(seconds=seconds)
+        self._wake.start(int(seconds * 1000))
+        self.bridge.pause()
+
+    def _end_snooze(self) -> None:
+        self.snoozed_until = None
+        if self.bridge.status().state in ("paused", "draining"):
+            self.bridge.resume()  # queued after a pause still draining: the controller runs them in order
+
+    def _cancel_snooze(self) -> None:
+        self._wake.stop()
+        self.snoozed_until = None

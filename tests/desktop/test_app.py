@@ -75,7 +75,8 @@ def headless_answer(swarm: LocalSwarm, messages: list[Message], params: Sampling
 def test_tray_shows_what_the_node_serves_and_pauses_and_resumes_it(hive):
     _, bridge = hive
     opened = []
-    tray = Tray(bridge, open_chat=lambda: opened.append(True), quit_app=lambda: None)
+    tray = Tray(bridge, open_chat=lambda: opened.append(True), quit_app=lambda: None,
+                snoozes=[("for 2 seconds", 2.0)])
     assert tray.doing_action.text() == "Not started" and tray.toggle_action.text() == "Resume contributing"
     tray.toggle_action.trigger()  # a stopped node starts
     wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the node online")
@@ -88,7 +89,13 @@ def test_tray_shows_what_the_node_serves_and_pauses_and_resumes_it(hive):
 
     tray.toggle_action.trigger()
     wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the node online again")
-    tray.menu.actions()[-3].trigger()  # "Open chat"
+
+    tray.snooze_menu.actions()[0].trigger()  # pauses, then resumes by itself
+    wait_until(lambda: tray.doing_action.text().startswith("Snoozed until"), 90, "the node snoozing")
+    assert tray.toggle_action.text() == "Resume contributing" and not tray.snooze_menu.isEnabled()
+    wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the snooze over")
+
+    next(a for a in tray.menu.actions() if a.text() == "Open chat").trigger()
     assert opened == [True]
 
 
