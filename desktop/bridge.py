@@ -47,6 +47,9 @@ class NodeBridge(QObject):
     def resume(self) -> Future:
         return self._watch("resume", self.controller.resume())
 
+    def set_memory_cap(self, max_memory_bytes: int | None) -> Future:
+        return self._watch("change the memory cap", self.controller.set_memory_cap(max_memory_bytes))
+
     def stop(self) -> Future:
         self._timer.stop()
         self._unsubscribe()

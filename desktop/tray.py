@@ -1,4 +1,5 @@
-"""The tray icon and its menu: what the node serves and has contributed, pause/resume, snooze, chat, quit."""
+"""The tray icon and its menu: what the node serves and has contributed, pause/resume, snooze, a memory cap,
+chat, quit."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 from PySide6.QtCore import QTimer
-from PySide6.QtGui import QAction
+from PySide6.QtGui import QAction, QActionGroup
 from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 
 from desktop.bridge import NodeBridge
@@ -31,12 +32,14 @@ def describe(status: NodeStatus) -> tuple[str, str]:
     return doing, contributed
 
 
+MEMORY_CAPS_GB = (None, 2, 4, 8, 16, 32)  # None: no cap
 SNOOZES = (("for 1 hour", 3600.0), ("for 4 hours", 4 * 3600.0), ("for 12 hours", 12 * 3600.0))
 
 
 class Tray(QSystemTrayIcon):
     def __init__(self, bridge: NodeBridge, *, open_chat: Callable[[], None], quit_app: Callable[[], None],
-                 snoozes: Sequence[tuple[str, float]] = SNOOZES) -> None:
+                 snoozes: Sequence[tuple[str, float]] = SNOOZES,
+                 memory_caps_gb: Sequence[float | None] = MEMORY_CAPS_GB) -> None:
         super().__init__(hive_icon(IDLE))
         self.bridge = bridge
         self.menu = QMenu()
@@ -52,6 +55,15 @@ class Tray(QSystemTrayIcon):
         self._wake.setSingleShot(True)
         self._wake.timeout.connect(self._end_snooze)
         self.snoozed_until: datetime | None = None
+        self.memory_menu = self.menu.addMenu("Memory for the swarm")
+        self._memory_group = QActionGroup(self)
+        for gigabytes in memory_caps_gb:
+            action = self.memory_menu.addAction("No cap" if gigabytes is None else f"At most {gigabytes:g} GB")
+            action.setCheckable(True)
+            cap = None if gigabytes is None else int(gigabytes * 1e9)
+            action.setChecked(cap == bridge.controller.config.max_memory_bytes)
+            self._memory_group.addAction(action)
+            action.triggered.connect(lambda _=False, c=cap: self.bridge.set_memory_cap(c))
         self.menu.addAction("Open chat").triggered.connect(open_chat)
         self.menu.addSeparator()
         self.menu.addAction("Quit Layerhive").triggered.connect(quit_app)

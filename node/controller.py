@@ -78,6 +78,10 @@ class NodeController:
         """Rejoins with a new assignment; the future resolves once online again."""
         return self._submit(self._node.resume)
 
+    def set_memory_cap(self, max_memory_bytes: int | None) -> Future:
+        """Caps the memory offered to the swarm (None: no cap); a serving node drains and rejoins with it."""
+        return self._submit(lambda: self._node.set_memory_cap(max_memory_bytes))
+
     def stop(self) -> Future:
         """Cancels what is under way, leaves the swarm and ends the node's thread."""
         future: Future = Future()

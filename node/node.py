@@ -185,6 +185,21 @@ class Node:
         self._last_plan_key = None
         await self._go_online()
 
+    async def set_memory_cap(self, max_memory_bytes: int | None) -> None:
+        """Offers at most `max_memory_bytes` for weights and KV cache from now on (None: no cap). A serving
+        node drains as in `pause` and rejoins with the new offer, so the swarm's plan takes it into account."""
+        if max_memory_bytes is not None and max_memory_bytes <= 0:
+            raise ValueError(f"the memory cap must be positive, got {max_memory_bytes} bytes")
+        self.config = replace(self.config, max_memory_bytes=max_memory_bytes)
+        if self.dht is None:  # not started: `start` measures with the new cap
+            return
+        serving = self.state == "online"
+        if serving:
+            await self.pause()
+        self._capabilities = await asyncio.get_running_loop().run_in_executor(None, self._measure)
+        if serving:
+            await self.resume()
+
     async def stop(self) -> None:
         self._cancel_move()
         for task in list(self._retirements):

@@ -95,6 +95,14 @@ def test_tray_shows_what_the_node_serves_and_pauses_and_resumes_it(hive):
     assert tray.toggle_action.text() == "Resume contributing" and not tray.snooze_menu.isEnabled()
     wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the snooze over")
 
+    assert tray.memory_menu.actions()[0].isChecked()  # "No cap"
+    assert bridge.controller.node.record.memory_bytes > 2e9
+    two_gb = next(a for a in tray.memory_menu.actions() if a.text() == "At most 2 GB")
+    two_gb.trigger()  # the node drains and rejoins, offering at most 2 GB
+    assert two_gb.isChecked()
+    wait_until(lambda: bridge.controller.node.record.memory_bytes <= 2e9
+               and tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the node back with the cap")
+
     next(a for a in tray.menu.actions() if a.text() == "Open chat").trigger()
     assert opened == [True]
 
