@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -20,6 +22,7 @@ from node.client import ChainSession, NoChainError, StageFailure, SwarmClient
 from node.verify import Auditor, EchoRecorder, attach_recorder
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REPLAY_CHUNK_TOKENS = 512
 # Codes that mean "this stage cannot take the session", not "this stage is broken".
@@ -51,17 +54,8 @@ class ResilientSession:
         self._pending_event: tuple[StageFailure, int, float] | None = None  # a failure not yet recovered from
 
     async def open(self) -> None:
-        """Opens a chain; a stage that cannot open the session is failed over as in `step`."""
-        attempt = 0
-        while self.session is None:
-            try:
-                self.session = await self._open_new_chain()
-            except StageFailure as failure:
-                attempt += 1
-                await self._abandon(failure, 0)
-                if attempt > self.max_failovers:
-                    raise NoChainError(f"gave up after {self.max_failovers} failovers; last: {failure}") from failure
-                await asyncio.sleep(_backoff(self.backoff_s, attempt))
+        """Opens a chain now rather than at the first step; a stage that cannot open is failed over as in `step`."""
+        await self._with_failover(0, self._ensure_chain)
 
     async def _open_new_chain(self) -> ChainSession:
         chain = await self.client.choose_chain(session_tokens=self.max_length, relay=self.relay)
@@ -77,16 +71,31 @@ class ResilientSession:
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         if position != self.history.length:
             raise ValueError(f"step at position {position}, but {self.history.length} positions were fed so far")
+
+        async def attempt() -> torch.Tensor:
+            await self._ensure_chain()
+            output = await self.session.step(hidden, position)
+            if self.recorder is not None and self.auditor.sample():
+                await self.auditor.check_step(self.session, self.recorder, self.history.through(hidden), position)
+            return output
+
+        output = await self._with_failover(position, attempt)
+        self.history.append(hidden)
+        return output
+
+    async def _ensure_chain(self) -> None:
+        """A chain with every input fed so far: the current one, or a new one rebuilt by replay."""
+        if self.session is None:
+            self.session = await self._open_new_chain()
+            await self._replay()
+
+    async def _with_failover(self, position: int, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Runs `attempt` until it succeeds: a failed stage is banned (unless it only refused) and its chain
+        dropped, so the next attempt routes around it; gives up after `max_failovers`."""
         failovers = 0
         while True:
             try:
-                if self.session is None:
-                    self.session = await self._open_new_chain()
-                    await self._replay()
-                output = await self.session.step(hidden, position)
-                if self.recorder is not None and self.auditor.sample():
-                    inputs = self.history.through(hidden)
-                    await self.auditor.check_step(self.session, self.recorder, inputs, position)
+                result = await attempt()
                 break
             except StageFailure as failure:
                 failovers += 1
@@ -102,8 +111,7 @@ class ResilientSession:
                 failovers += 1
                 await asyncio.sleep(_backoff(self.backoff_s, failovers))  # the swarm may still be re-forming
         self._record_recovery()
-        self.history.append(hidden)
-        return output
+        return result
 
     async def _abandon(self, failure: StageFailure, position: int) -> None:
         logger.warning("stage %s failed at position %d (%s); failing over", failure.peer, position, failure)
