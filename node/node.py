@@ -434,17 +434,14 @@ class Node:
 
     async def _rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
                              ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        try:
-            first = await asyncio.wait_for(anext(requests), 60.0)
-        except (StopAsyncIteration, asyncio.TimeoutError):
+        if (first := await _first_message(requests)) is None:
             return
         server = None
         with contextlib.suppress(ProtocolError):  # a bad opening is refused by the stage's own checks
             opened = parse_open(first, max_length_limit=self.config.max_length)
             server = self._server_for(opened.start, opened.end)
-        server = server or self.server
-        if server is None:
-            yield error_response("draining", f"this node is {self.state}, it serves no layers now")
+        if (server := server or self.server) is None:
+            yield self._no_layers()
             return
         self.sessions_opened += 1
         async for response in server.rpc_inference(_prepend(first, requests), context):
@@ -452,9 +449,7 @@ class Node:
 
     async def _rpc_push(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
                         ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        try:
-            first = await asyncio.wait_for(anext(requests), 60.0)
-        except (StopAsyncIteration, asyncio.TimeoutError):
+        if (first := await _first_message(requests)) is None:
             return
         server = None
         with contextlib.suppress(ProtocolError):
@@ -464,17 +459,28 @@ class Node:
                 server = next((s for s in self._servers() if session_id in s.sessions), None)
                 if server is None:
                     await asyncio.sleep(0.005)
-        server = server or self.server
-        if server is None:
-            yield error_response("draining", f"this node is {self.state}, it serves no layers now")
+        if (server := server or self.server) is None:
+            yield self._no_layers()
             return
         async for response in server.rpc_push(_prepend(first, requests), context):
             yield response
+
+    def _no_layers(self) -> runtime_pb2.ExpertResponse:
+        return error_response("draining", f"this node is {self.state}, it serves no layers now")
 
     async def _rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext
                         ) -> runtime_pb2.ExpertResponse:
         info = self.server.info() if self.server is not None else {"model": self.source.name}
         return pack_response({**info, "state": self.state})
+
+
+async def _first_message(requests: AsyncIterator[runtime_pb2.ExpertRequest], timeout_s: float = 60.0
+                         ) -> runtime_pb2.ExpertRequest | None:
+    """A stream's opening message; None if the peer closes or stays silent first."""
+    try:
+        return await asyncio.wait_for(anext(requests), timeout_s)
+    except (StopAsyncIteration, asyncio.TimeoutError):
+        return None
 
 
 async def _prepend(first: runtime_pb2.ExpertRequest, rest: AsyncIterator[runtime_pb2.ExpertRequest]
