@@ -40,7 +40,9 @@ class Tray(QSystemTrayIcon):
     def __init__(self, bridge: NodeBridge, *, open_chat: Callable[[], None], quit_app: Callable[[], None],
                  snoozes: Sequence[tuple[str, float]] = SNOOZES,
                  memory_caps_gb: Sequence[float | None] = MEMORY_CAPS_GB) -> None:
-        super().__init__(hive_icon(IDLE))
+        icons = {"online": hive_icon(SERVING), "failed": hive_icon(FAILED), "idle": hive_icon(IDLE)}
+        super().__init__(icons["idle"])
+        self._icons, self._icon_shown = icons, "idle"
         self.bridge = bridge
         self.menu = QMenu()
         self.doing_action = self._info_action()
@@ -88,8 +90,10 @@ class Tray(QSystemTrayIcon):
         self.toggle_action.setText("Pause contributing" if status.state in _ACTIVE else "Resume contributing")
         self.toggle_action.setEnabled(status.state != "draining")
         self.snooze_menu.setEnabled(status.state in _ACTIVE and status.state != "draining")
-        color = SERVING if status.state == "online" else FAILED if status.state == "failed" else IDLE
-        self.setIcon(hive_icon(color))
+        icon = status.state if status.state in ("online", "failed") else "idle"
+        if icon != self._icon_shown:  # status arrives every second: repaint the tray only on a change
+            self._icon_shown = icon
+            self.setIcon(self._icons[icon])
         self.setToolTip(f"Layerhive: {doing}")
 
     def toggle(self) -> None:
