@@ -63,6 +63,10 @@ def test_bad_steps_are_refused_and_other_sessions_keep_working(tiny_checkpoint):
         await hostile.step(torch.randn(1, 2, hidden_size), 0)
         y = torch.randn(1, 1, hidden_size)
         assert torch.allclose(await honest.step(y, 5), reference.forward(y, 5, cache), atol=1e-5)
+        # What the node reports of its work (benchmarks and status read it): refused steps never ran.
+        info = await client.node_info(hop.node_id)
+        assert info["state"] == "online" and (info["start"], info["end"]) == (0, 4)
+        assert info["steps_served"] == 3 and info["decode_batches"] == {"1": 1} and info["compute_s"] > 0
         await honest.close()
         await hostile.close()
 
