@@ -11,7 +11,7 @@ from PySide6.QtWidgets import QHBoxLayout, QLabel, QLineEdit, QPushButton, QText
 from desktop.bridge import NodeBridge
 from desktop.icons import SERVING, hive_icon
 from node.chat import Message
-from node.generate import SamplingParams
+from node.sampling import SamplingParams
 
 
 class ChatWindow(QWidget):
@@ -72,6 +72,8 @@ class ChatWindow(QWidget):
             self._answer.cancel()
 
     def _on_text(self, piece: str) -> None:
+        if self._answer is None:  # queued by the swarm thread before Stop reached it: the answer has ended
+            return
         cursor = self.transcript.textCursor()
         cursor.movePosition(QTextCursor.MoveOperation.End)
         cursor.insertText(piece)
