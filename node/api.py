@@ -40,9 +40,9 @@ from node.api_schema import (
 from node.chat import ChatEngine, Message, TextStreamer
 from node.checkpoint import MODEL_ALIASES, resolve_model
 from node.client import NoChainError, SwarmClient
-from node.generate import SamplingParams
 from node.node import start_dht
 from node.protocol import RemoteError
+from node.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ def _add_routes(app: FastAPI) -> None:
         prompt = body.prompt
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             prompt_ids = [int(t) for t in prompt]
-            vocab = model.engine.head.lm_head.weight.shape[0]
+            vocab = model.engine.vocab_size
             if any(not 0 <= t < vocab for t in prompt_ids):
                 raise invalid_request(f"Token ids in the prompt must be in [0, {vocab}).", "prompt")
         else:

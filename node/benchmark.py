@@ -332,7 +332,7 @@ def measure_compute(
     report = _Progress(progress)
     n = 2 if num_layers >= 2 and source.num_layers >= 2 else 1
     report(f"loading {n} layer{'s' if n > 1 else ''} of {source.name} to {device}", 0.0)
-    stage = Stage(source, 0, n, dtype=dtype, device=device)
+    stage = Stage(source, 0, n, dtype=dtype, device=device, with_ends=False)
     sync = _synchronizer(device)
     max_positions = int(getattr(source.config, "max_position_embeddings", 0) or 1 << 20)
     steps = settings.decode_warmup + settings.decode_steps

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from node.client import SwarmClient
 from node.failover import FailoverEvent, ResilientSession
-from node.generate import SamplingParams, generate
 from node.head import ClientHead
 from node.local_swarm import LocalSwarm
+from node.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,9 @@ class ChaosResult:
 
 
 class ChaosRunner:
-    def __init__(self, swarm: LocalSwarm, client: SwarmClient, head: ClientHead, *, seed: int = 1234) -> None:
+    """`head`: the client embeds and samples with it; None: generations run as rings."""
+
+    def __init__(self, swarm: LocalSwarm, client: SwarmClient, head: ClientHead | None, *, seed: int = 1234) -> None:
         self.swarm, self.client, self.head = swarm, client, head
         self.rng = random.Random(seed)
         self.peer_to_index = {swarm.peer_id(i): i for i in range(len(swarm.processes))}
@@ -47,10 +49,9 @@ class ChaosRunner:
     async def generate(self, prompt_ids: list[int], params: SamplingParams, kill_at: int | None) -> ChaosResult:
         """Greedy generation; after `kill_at` tokens a random stage of the current chain is killed and respawned."""
         session = ResilientSession(self.client, max_length=len(prompt_ids) + params.max_new_tokens, step_timeout_s=20)
-        await session.open()
         tokens: list[int] = []
         try:
-            async for token in generate(session, self.head, prompt_ids, params):
+            async for token in session.generate(prompt_ids, params, self.head):
                 tokens.append(token)
                 if len(tokens) == kill_at:
                     await self._kill_a_stage(session)

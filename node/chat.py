@@ -1,18 +1,22 @@
 """Chat through the swarm: chat template in, streamed text out.
 
-`ChatEngine` is what the CLI, the chat window and the API server all use.
+`ChatEngine` is what the CLI, the chat window and the API server all use. It runs each
+answer as a ring (the chain's last stage samples; `node.protocol`), or with `ring=False`
+embeds and samples on the client, which then needs the model's embedding and LM head.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from node.checkpoint import ModelSource, load_tokenizer
 from node.client import SwarmClient
 from node.failover import ResilientSession
-from node.generate import SamplingParams, generate
 from node.head import ClientHead
+from node.sampling import MAX_SEED, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -48,11 +52,16 @@ def chat_template_ids(tokenizer, messages: Sequence[Message]) -> list[int]:
 
 
 class ChatEngine:
-    def __init__(self, client: SwarmClient, source: ModelSource) -> None:
-        self.client, self.source = client, source
+    def __init__(self, client: SwarmClient, source: ModelSource, *, ring: bool = True) -> None:
+        self.client, self.source, self.ring = client, source, ring
         self.tokenizer = load_tokenizer(source)
-        self.head = ClientHead(source)
         self.max_context = int(getattr(source.config, "max_position_embeddings", 8192))
+        self.vocab_size = int(source.config.vocab_size)
+
+    @cached_property
+    def head(self) -> ClientHead:
+        """The embedding and LM head, loaded only for a client that samples itself (`ring=False`)."""
+        return ClientHead(self.source)
 
     def chat_prompt_ids(self, messages: Sequence[Message]) -> list[int]:
         return chat_template_ids(self.tokenizer, messages)
@@ -76,10 +85,11 @@ class ChatEngine:
                              f"exceeds the model's context of {self.max_context}")
         if not params.stop_token_ids:
             params = replace(params, stop_token_ids=self.stop_token_ids())
+        if params.seed is None and params.temperature > 0:  # seeded, a chain rebuilt mid-answer draws the same
+            params = replace(params, seed=random.randrange(MAX_SEED))
         session = ResilientSession(self.client, max_length=max_length)
-        await session.open()
         try:
-            async for token in generate(session, self.head, prompt_ids, params):
+            async for token in session.generate(prompt_ids, params, None if self.ring else self.head):
                 yield token
         finally:
             await session.close()

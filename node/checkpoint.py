@@ -417,6 +417,16 @@ def _embedding_key(source: ModelSource) -> str:
     return f"{_prefix(source)}embed_tokens.weight"
 
 
+def stage_config(config: PretrainedConfig, start: int, end: int) -> PretrainedConfig:
+    """The model's config cut down to layers [start, end)."""
+    cut = copy.deepcopy(config)
+    cut.num_hidden_layers = end - start
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:  # per-layer attention kinds (e.g. sliding window) follow the layers
+        cut.layer_types = list(layer_types[start:end])
+    return cut
+
+
 def load_embedding(
     source: ModelSource, *, dtype: torch.dtype, device: str | torch.device = "cpu"
 ) -> torch.Tensor:

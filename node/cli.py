@@ -132,8 +132,8 @@ async def _chat(args: argparse.Namespace, initial_peers: list[str]) -> int:
     from node.chat import ChatEngine, Message
     from node.checkpoint import resolve_model
     from node.client import SwarmClient
-    from node.generate import SamplingParams
     from node.node import start_dht
+    from node.sampling import SamplingParams
 
     source = resolve_model(args.model)
     dht = start_dht(initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)

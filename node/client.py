@@ -1,8 +1,9 @@
 """The client side of the swarm: find servers, pick a chain, run a session through it.
 
-By default steps are pushed stage to stage and only the last stage answers (see
-`node.protocol`); relaying every hop through the client is the fallback. The client
-owns the embedding and the LM head (`node.head`), so servers see only hidden states.
+A session runs in one of three ways (see `node.protocol`): as a ring, where the client
+feeds the prompt's token ids and the chain's last stage samples each next token and
+sends it back to the first stage itself; pushed stage to stage with the client
+embedding and sampling (`node.head`); or relayed through the client, the fallback.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import torch
 from hivemind import DHT
@@ -20,12 +22,24 @@ from hivemind.proto import runtime_pb2
 from node.checkpoint import ModelSource
 from node.membership import list_servers
 from node.probe import measure_rtt
-from node.protocol import INFERENCE_HANDLER, INFO_HANDLER, RemoteError, pack, raise_if_error
+from node.protocol import (
+    INFERENCE_HANDLER,
+    INFO_HANDLER,
+    PREFILL_CHUNK_TOKENS,
+    RemoteError,
+    pack,
+    ping,
+    raise_if_error,
+)
 from node.routing import plan_chains
+from node.sampling import SamplingParams
 from node.wire import decode as wire_decode
 from node.wire import for_links as wire_for_links
 from swarm.records import ServerRecord
 from swarm.types import Hop, ModelSpec
+
+# Silence after which a waiting client pings its stages (see `node.protocol`).
+PING_AFTER_S = 0.5
 
 
 class NoChainError(RuntimeError):
@@ -95,35 +109,69 @@ class _Stream:
 
 
 class ChainSession:
-    """A session through a chain of stages; `step` runs hidden states through all of them.
+    """A session through a chain of stages.
 
-    In push mode the client sends a step to the first stage and awaits the last stage's
-    answer; in relay mode it carries each stage's output to the next itself.
+    Opened as a ring (`sampling` given), `tokens` feeds token ids and yields what the last
+    stage samples. Otherwise `step` runs hidden states through every stage: in push mode
+    the client sends a step to the first stage and awaits the last stage's answer; in relay
+    mode it carries each stage's output to the next itself.
     """
 
     def __init__(self, chain: list[Hop], streams: list[_Stream], events: asyncio.Queue, *, max_length: int,
-                 relay: bool, wire: str, step_timeout_s: float) -> None:
+                 relay: bool, wire: str, step_timeout_s: float, sampling: SamplingParams | None = None) -> None:
         self.chain, self.streams, self.events = chain, streams, events
         self.max_length, self.relay, self.wire = max_length, relay, wire
         self.step_timeout_s = step_timeout_s
+        self.sampling = sampling
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        if self.sampling is not None:
+            raise RuntimeError("a ring session takes token ids (tokens), not hidden states")
         if self.relay:
             for stream in self.streams:
                 stream.send(pack({"position": position}, [hidden], wire=self.wire))
-                hidden = await self._answer_from(stream.index, position)
+                hidden = wire_decode((await self._answer_from(stream.index, position))[1].tensors[0])
             return hidden
         self.streams[0].send(pack({"position": position}, [hidden], wire=self.wire))
-        return await self._answer_from(len(self.streams) - 1, position)
+        return wire_decode((await self._answer_from(len(self.streams) - 1, position))[1].tensors[0])
 
-    async def _answer_from(self, index: int, position: int) -> torch.Tensor:
-        """Waits for stage `index`'s output at `position`; any stage's error or silence raises StageFailure."""
+    async def tokens(self, token_ids: Sequence[int], position: int) -> AsyncIterator[int]:
+        """A ring: feeds `token_ids` from `position` to the first stage, then yields each token the last
+        stage samples, up to the one that ends generation (a stop token, max_new_tokens or max_length)."""
+        if self.sampling is None:
+            raise RuntimeError("tokens needs a session opened as a ring (open_session(..., sampling=...))")
+        offsets = range(0, len(token_ids), PREFILL_CHUNK_TOKENS)
+        for offset in offsets:
+            step: dict[str, Any] = {"position": position + offset,
+                                    "tokens": list(token_ids[offset: offset + PREFILL_CHUNK_TOKENS])}
+            if offset == offsets[-1]:
+                step["sample"] = True
+            self.streams[0].send(pack(step))
+        position += len(token_ids)
+        for produced in range(1, self.sampling.max_new_tokens + 1):
+            token = (await self._answer_from(len(self.streams) - 1, position, "token"))[0]["token"]
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise StageFailure(self.chain[-1].node_id, f"sent a malformed token {token!r}", code="bad_response")
+            yield token
+            position += 1
+            if self.sampling.is_last(token, produced) or position >= self.max_length:
+                return
+
+    async def _answer_from(self, index: int, position: int,
+                           field: str | None = None) -> tuple[dict[str, Any], runtime_pb2.ExpertResponse]:
+        """Waits for stage `index`'s answer at `position`: hidden states, or with `field` a message carrying
+        that field; any stage's error or silence raises StageFailure."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.step_timeout_s
         while True:
+            wait_s = max(0.0, min(PING_AFTER_S, deadline - loop.time()))
             try:
-                source, item = await asyncio.wait_for(self.events.get(), max(0.0, deadline - loop.time()))
+                source, item = await asyncio.wait_for(self.events.get(), wait_s)
             except asyncio.TimeoutError:
+                if loop.time() < deadline:  # a stage that died while no one was writing to it is found now
+                    for stream in self.streams:
+                        stream.send(ping())
+                    continue
                 raise StageFailure(self.chain[index].node_id, f"no answer in {self.step_timeout_s:.0f} s",
                                    code="timeout") from None
             peer = self.chain[source].node_id
@@ -133,8 +181,10 @@ class ChainSession:
                 metadata = raise_if_error(peer, item)
             except RemoteError as e:
                 raise StageFailure(e.peer, e.message, code=e.code) from e
-            if source == index and metadata.get("position") == position and len(item.tensors) == 1:
-                return wire_decode(item.tensors[0])
+            if source != index or metadata.get("position") != position:
+                continue
+            if (field in metadata) if field is not None else len(item.tensors) == 1:
+                return metadata, item
 
     async def close(self) -> None:
         for stream in self.streams:
@@ -213,10 +263,14 @@ class SwarmClient:
                 self._rtt_s[peer] = (result, now)
 
     async def open_session(self, chain: list[Hop], *, max_length: int, relay: bool = False, wire: str = "none",
-                           step_timeout_s: float = 60.0, audit: bool = False) -> ChainSession:
+                           step_timeout_s: float = 60.0, audit: bool = False,
+                           sampling: SamplingParams | None = None) -> ChainSession:
         """Opens the session on every stage at once (in push mode a stage may start its push link
         before its successor has seen the session; the successor waits for it). `audit`: pushing stages
-        echo their outputs to the client for spot checks (`node.verify`)."""
+        echo their outputs to the client for spot checks (`node.verify`). `sampling`: open it as a ring
+        whose last stage samples with these parameters (`ChainSession.tokens`)."""
+        if sampling is not None and (relay or audit):
+            raise ValueError("a ring session is neither relayed nor audited: the client sees no hidden states")
         p2p = await self.p2p()
         session_id = uuid.uuid4().hex
         events: asyncio.Queue = asyncio.Queue()
@@ -224,12 +278,19 @@ class SwarmClient:
 
         def opening(i: int) -> dict:
             hop = chain[i]
-            return {
+            first, last = i == 0, i + 1 == len(chain)
+            ring = sampling is not None and len(chain) > 1  # a ring's ends are each other's neighbours
+            fields = {
                 "session_id": session_id, "start": hop.start, "end": hop.end, "max_length": max_length,
-                "prev": chain[i - 1].node_id if i > 0 else None,
-                "next": chain[i + 1].node_id if i + 1 < len(chain) else None,
+                "prev": chain[-1].node_id if first and ring else None if first else chain[i - 1].node_id,
+                "next": chain[0].node_id if last and ring else None if last else chain[i + 1].node_id,
                 "relay": relay, "wire": wire, **({"audit": True} if audit else {}),
             }
+            if sampling is not None and first:
+                fields["embed"] = True
+            if sampling is not None and last:
+                fields["sampling"] = sampling.to_wire()
+            return fields
 
         results = await asyncio.gather(
             *(stream.open(p2p, opening(i)) for i, stream in enumerate(streams)), return_exceptions=True
@@ -245,4 +306,4 @@ class SwarmClient:
                 raise failure
             raise StageFailure(chain[results.index(failure)].node_id, f"cannot open: {failure}") from failure
         return ChainSession(chain, streams, events, max_length=max_length, relay=relay, wire=wire,
-                            step_timeout_s=step_timeout_s)
+                            step_timeout_s=step_timeout_s, sampling=sampling)

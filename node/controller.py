@@ -24,8 +24,8 @@ from hivemind import DHT
 from node.chat import ChatEngine, Message
 from node.checkpoint import ModelSource, resolve_model
 from node.client import SwarmClient
-from node.generate import SamplingParams
 from node.node import Node, NodeConfig, start_dht
+from node.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 

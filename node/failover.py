@@ -1,10 +1,13 @@
 """A chain session that survives stages dying or stalling mid-answer.
 
-It remembers the hidden states it fed the chain (the embeddings of every position so
-far). When a stage fails, the client bans that peer, picks a new chain without it,
-replays the history as a chunked prefill to rebuild every stage's KV cache, and
-retries the step. The replay recomputes exactly what the lost caches held, so the
-answer continues as if nothing happened; sampling state lives on the client.
+When a stage fails, the client bans that peer, picks a new chain without it, replays
+what the old chain had been fed as a chunked prefill to rebuild every stage's KV cache,
+and goes on. The replay recomputes exactly what the lost caches held, so the answer
+continues as if nothing happened:
+- `generate` (a ring: the last stage samples) replays the prompt and the tokens received
+  so far, and asks the new ring for the rest. Sampling depends only on (seed, position)
+  (`node.sampling`), so the new last stage draws what the old one would have.
+- `step` (the client embeds and samples) remembers the hidden states it fed and replays them.
 """
 
 from __future__ import annotations
@@ -12,19 +15,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import torch
 
 from node.client import ChainSession, NoChainError, StageFailure, SwarmClient
+from node.generate import generate
+from node.head import ClientHead
+from node.protocol import PREFILL_CHUNK_TOKENS
+from node.sampling import SamplingParams
 from node.verify import Auditor, EchoRecorder, attach_recorder
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-REPLAY_CHUNK_TOKENS = 512
 # Codes that mean "this stage cannot take the session", not "this stage is broken".
 REFUSALS = {"no_capacity", "busy", "draining"}
 
@@ -38,7 +44,8 @@ class FailoverEvent:
 
 
 class ResilientSession:
-    """Implements the `Chain` protocol of `node.generate` on top of replaceable chain sessions."""
+    """Generation on replaceable chain sessions: as a ring (`generate`), or step by step with the client
+    embedding and sampling (`step`, the `Chain` protocol of `node.generate`). Use one or the other."""
 
     def __init__(self, client: SwarmClient, *, max_length: int, relay: bool = False, wire: str = "none",
                  max_failovers: int = 5, backoff_s: float = 0.2, step_timeout_s: float = 30.0,
@@ -57,16 +64,43 @@ class ResilientSession:
         """Opens a chain now rather than at the first step; a stage that cannot open is failed over as in `step`."""
         await self._with_failover(0, self._ensure_chain)
 
-    async def _open_new_chain(self) -> ChainSession:
+    async def _open_new_chain(self, sampling: SamplingParams | None = None) -> ChainSession:
         chain = await self.client.choose_chain(session_tokens=self.max_length, relay=self.relay)
         audit = self.auditor is not None and self.auditor.probability > 0
         wire = self.client.wire_for(chain) if self.wire == "auto" else self.wire
         session = await self.client.open_session(
             chain, max_length=self.max_length, relay=self.relay, wire=wire, step_timeout_s=self.step_timeout_s,
-            audit=audit,
+            audit=audit, sampling=sampling,
         )
         self.recorder = attach_recorder(session) if audit else None
         return session
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                       head: ClientHead | None = None) -> AsyncIterator[int]:
+        """Yields generated tokens, up to a stop token (yielded) or max_new_tokens. Without `head` the
+        chain runs as a ring, and a failed ring is replaced by a new one fed the prompt and the tokens so
+        far, which samples the rest; with `head` the client embeds and samples (`node.generate`)."""
+        if head is not None:
+            await self.open()
+            async for token in generate(self, head, prompt_ids, params):
+                yield token
+            return
+        if self.relay or self.auditor is not None:
+            raise ValueError("a ring is neither relayed nor audited: pass the client's head")
+        produced: list[int] = []
+        failovers = 0
+        while True:
+            try:
+                if self.session is None:
+                    rest = replace(params, max_new_tokens=params.max_new_tokens - len(produced))
+                    self.session = await self._open_new_chain(sampling=rest)
+                async for token in self.session.tokens([*prompt_ids, *produced], 0):
+                    produced.append(token)
+                    self._record_recovery()
+                    yield token
+                return
+            except (StageFailure, NoChainError) as error:
+                failovers = await self._recover(error, len(prompt_ids) + len(produced), failovers)
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         if position != self.history.length:
@@ -90,28 +124,34 @@ class ResilientSession:
             await self._replay()
 
     async def _with_failover(self, position: int, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Runs `attempt` until it succeeds: a failed stage is banned (unless it only refused) and its chain
-        dropped, so the next attempt routes around it; gives up after `max_failovers`."""
+        """Runs `attempt` until it succeeds or `_recover` gives up."""
         failovers = 0
         while True:
             try:
                 result = await attempt()
                 break
-            except StageFailure as failure:
-                failovers += 1
-                started = time.perf_counter()
-                await self._abandon(failure, position)
-                if failovers > self.max_failovers:
-                    raise NoChainError(f"gave up after {self.max_failovers} failovers; last: {failure}") from failure
-                self._pending_event = self._pending_event or (failure, position, started)
-                await asyncio.sleep(_backoff(self.backoff_s, failovers))
-            except NoChainError:
-                if failovers == 0 or failovers > self.max_failovers:
-                    raise
-                failovers += 1
-                await asyncio.sleep(_backoff(self.backoff_s, failovers))  # the swarm may still be re-forming
+            except (StageFailure, NoChainError) as error:
+                failovers = await self._recover(error, position, failovers)
         self._record_recovery()
         return result
+
+    async def _recover(self, error: StageFailure | NoChainError, position: int, failovers: int) -> int:
+        """After a failed attempt: the failed stage is banned (unless it only refused) and its chain dropped,
+        so the next attempt routes around it. Returns the failovers so far; re-raises after `max_failovers`."""
+        if isinstance(error, NoChainError):
+            if failovers == 0 or failovers > self.max_failovers:
+                raise error
+            failovers += 1
+            await asyncio.sleep(_backoff(self.backoff_s, failovers))  # the swarm may still be re-forming
+            return failovers
+        failovers += 1
+        started = time.perf_counter()
+        await self._abandon(error, position)
+        if failovers > self.max_failovers:
+            raise NoChainError(f"gave up after {self.max_failovers} failovers; last: {error}") from error
+        self._pending_event = self._pending_event or (error, position, started)
+        await asyncio.sleep(_backoff(self.backoff_s, failovers))
+        return failovers
 
     async def _abandon(self, failure: StageFailure, position: int) -> None:
         logger.warning("stage %s failed at position %d (%s); failing over", failure.peer, position, failure)
@@ -126,8 +166,8 @@ class ResilientSession:
         if not self.history.length:
             return
         inputs = self.history.fed()
-        for offset in range(0, inputs.shape[1], REPLAY_CHUNK_TOKENS):
-            await self.session.step(inputs[:, offset : offset + REPLAY_CHUNK_TOKENS], offset)
+        for offset in range(0, inputs.shape[1], PREFILL_CHUNK_TOKENS):
+            await self.session.step(inputs[:, offset : offset + PREFILL_CHUNK_TOKENS], offset)
 
     def _record_recovery(self) -> None:
         if self._pending_event is None:

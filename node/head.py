@@ -1,65 +1,79 @@
-"""The chain's two ends, held by the client: token embedding in, final norm + LM head out.
+"""The chain's two ends: token embedding in, final norm + LM head out.
 
-Keeping them on the client means no volunteer ever sees token ids or logits, only
-hidden states, and any node can serve any middle range. The LM head is the client's
-one big matmul (vocab x hidden): `next_logits` runs it off the event loop, and the
-last positions of all sessions waiting at that moment go through it together, so one
-client serving many sessions (the API server) reads the head's weights once per round.
+A chain's first stage holds the embedding and its last stage the norm and LM head, so a
+session can run as a ring (`node.server`): the last stage samples and sends the token
+straight back to the first, and the client is off the per-token path. The client holds
+both ends too (`ClientHead`) for the paths where it computes them itself: client-relayed
+chains, and audited sessions that check every stage's hidden states (`node.verify`).
+Volunteers see token ids either way: a first stage's input embeddings map one-to-one to
+token ids, and a last stage can apply the public LM head to its own output.
+
+The LM head is the one big matmul at the end (vocab x hidden): `LMHead.next_logits` runs
+it off the event loop, and the last positions of all sessions waiting at that moment go
+through it together, so the head's weights are read once per round, not once per session.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from node.checkpoint import ModelSource, load_embedding, load_head
-from node.stage import stage_config
+from node.checkpoint import ModelSource, load_embedding, load_head, stage_config
 
 
-class ClientHead:
+class Embedder:
+    """Token ids -> the first layer's input."""
+
     def __init__(self, source: ModelSource, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
-        self.dtype, self.device = dtype, torch.device(device)
-        config = stage_config(source.config, 0, 0)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        norm_weight, lm_head_weight = load_head(source, dtype=dtype, device=device)
-        weights = {
-            "model.embed_tokens.weight": load_embedding(source, dtype=dtype, device=device),
-            "model.norm.weight": norm_weight,
-            "lm_head.weight": lm_head_weight,
-        }
-        model.load_state_dict(weights, strict=False, assign=True)
-        self.embed_tokens = model.model.embed_tokens
-        self.norm = model.model.norm
-        self.lm_head = model.lm_head
-        self.hidden_size = config.hidden_size
-        self._pending: list[tuple[torch.Tensor, asyncio.Future]] = []  # last positions waiting for the LM head
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="client-head")
+        self.weight = load_embedding(source, dtype=dtype, device=device)
+        self.vocab_size = self.weight.shape[0]
 
     @torch.inference_mode()
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[batch, tokens] ids -> [batch, tokens, hidden] states."""
-        return self.embed_tokens(token_ids.to(self.device))
+        return torch.nn.functional.embedding(token_ids.to(self.weight.device), self.weight)
+
+
+class LMHead:
+    """The last layer's output -> next-token logits: the architecture's final norm, then the LM head."""
+
+    def __init__(self, source: ModelSource, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 executor: Executor | None = None) -> None:
+        self.dtype, self.device = dtype, torch.device(device)
+        with torch.device("meta"):  # a model without layers, for the architecture's own norm module
+            model = AutoModelForCausalLM.from_config(stage_config(source.config, 0, 0), dtype=dtype)
+        norm_weight, lm_head_weight = load_head(source, dtype=dtype, device=device)
+        model.load_state_dict({"model.norm.weight": norm_weight, "lm_head.weight": lm_head_weight},
+                              strict=False, assign=True)
+        self.norm, self.lm_head = model.model.norm, model.lm_head
+        self._pending: list[tuple[torch.Tensor, asyncio.Future]] = []  # last positions waiting for the head
+        # The server passes its compute thread, so the head queues behind layer passes instead of racing them.
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-head")
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[batch, tokens, hidden] states of the last layer -> [batch, tokens, vocab] logits (fp32)."""
         return self.lm_head(self.norm(hidden.to(device=self.device, dtype=self.dtype))).float()
 
-    async def next_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[vocab] logits after the last position of `hidden` [1, tokens, hidden], batched with other callers."""
-        future = asyncio.get_running_loop().create_future()
+    async def next_logits(self, hidden: torch.Tensor, *, alone_on_loop: bool = False) -> torch.Tensor:
+        """[vocab] logits after the last position of `hidden` [1, tokens, hidden], batched with other callers.
+        `alone_on_loop`: a batch of this call alone runs on the event loop, not on the head's thread (a
+        server whose only session this is; see `StepBatcher._alone`)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._pending.append((hidden[0, -1:], future))
         if len(self._pending) == 1:  # the first waiter runs the batch; later ones join it until it starts
             await asyncio.sleep(0)
             batch, self._pending = self._pending, []
+            rows_in = torch.cat([h for h, _ in batch]).unsqueeze(0)
             try:
-                rows = await asyncio.get_running_loop().run_in_executor(
-                    self._worker, self.logits, torch.cat([h for h, _ in batch]).unsqueeze(0)
-                )
+                if alone_on_loop and len(batch) == 1:
+                    rows = self.logits(rows_in)
+                else:
+                    rows = await loop.run_in_executor(self._executor, self.logits, rows_in)
             except Exception as e:
                 for _, waiter in batch:
                     if not waiter.done():
@@ -70,3 +84,20 @@ class ClientHead:
                         waiter.set_result(rows[0, index])
         return await future
 
+
+class ClientHead:
+    """Both ends, for a client that embeds and samples itself."""
+
+    def __init__(self, source: ModelSource, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
+        self.embedder = Embedder(source, dtype=dtype, device=device)
+        self.head = LMHead(source, dtype=dtype, device=device)
+        self.hidden_size = source.hidden_size
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedder.embed(token_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head.logits(hidden)
+
+    async def next_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return await self.head.next_logits(hidden)

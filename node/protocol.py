@@ -5,14 +5,25 @@ session there, and closing it frees the session's KV cache. The first request op
 it (`{"open": {...}}`), naming the stage's neighbours in the chain. A step carries
 hidden states [1, tokens, hidden] whose first token sits at `position`.
 
-Two ways to move a step along the chain:
-- push (default): the client sends the step to the first stage only; each stage
-  pushes its output to the next stage over a stage-to-stage stream (`PUSH_HANDLER`,
-  accepted only from the peer the client named as `prev`), and the last stage answers
-  on its client stream: stages + 1 one-way legs per token.
+Three ways to move a step along the chain:
+- ring (what chat uses): the first stage is opened with `embed` and takes token ids
+  (`{"position", "tokens": [...]}`, no tensor); the last stage is opened with
+  `sampling` and `next` naming the first stage. Hidden states are pushed stage to
+  stage; after a step flagged `sample` the last stage computes the logits, samples
+  the token, pushes it back to the first stage as the next step and tells the client
+  `{"token", "position"}`. The client only feeds the prompt and listens: stages
+  one-way legs per token, and the client is off the per-token path.
+- push: the client embeds and samples itself; it sends each step's hidden states to
+  the first stage, each stage pushes its output to the next over a stage-to-stage
+  stream (`PUSH_HANDLER`, accepted only from the peer the client named as `prev`), and
+  the last stage answers on its client stream: stages + 1 legs per token.
 - relay: every stage answers its client stream and the client forwards (2 legs per
   stage); the fallback when stages cannot reach each other.
 Errors come back as `{"error": {"code", "message"}}` on the stage's client stream.
+A client waiting a while for an answer sends `{"ping": true}` on each stage's stream,
+which the stage ignores: a connection to a crashed peer is only found broken when
+something is written to it, and a ring whose stage died mid-token would otherwise go
+silent, with no one left writing.
 With `audit` set at open, a pushing stage also echoes each step's output to its client
 stream as `{"echo": position}` + tensor, for the client's spot checks (`node.verify`).
 Everything a peer sends is checked here before any compute runs.
@@ -27,6 +38,7 @@ import msgpack
 import torch
 from hivemind.proto import runtime_pb2
 
+from node.sampling import SamplingParams
 from node.wire import ACCEPTED_COMPRESSIONS
 from node.wire import CODECS as WIRE_CODECS
 from node.wire import decode as wire_decode
@@ -39,6 +51,9 @@ PROTOCOL_VERSION = 1
 WIRE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 MAX_PEER_ID_LEN = 128
 MAX_SESSION_ID_LEN = 64
+# Long prompts (and failover replays) are sent in steps of at most this many tokens, so one message
+# stays small and the stages start on a prompt sooner.
+PREFILL_CHUNK_TOKENS = 512
 
 
 class ProtocolError(Exception):
@@ -70,12 +85,33 @@ class OpenSession:
     # Also copy every step's output to the client stream as {"echo": position}, so the client can
     # spot-check this stage against another node (node.verify); off unless the client audits.
     audit: bool = False
+    embed: bool = False  # a ring's first stage: steps carry token ids, which this stage embeds
+    # A ring's last stage: after a step flagged `sample`, sample the next token with these parameters and
+    # feed it to `next_peer` (the first stage), or to itself when it is the whole chain.
+    sampling: SamplingParams | None = None
 
 
 @dataclass(frozen=True)
 class Step:
-    hidden: torch.Tensor
+    hidden: torch.Tensor | None  # None when the step carries token ids
     position: int
+    token_ids: torch.Tensor | None = None  # [1, tokens] int64, for a session opened with `embed`
+    sample: bool = False  # a ring's last stage samples a token after this step
+
+    @property
+    def tokens(self) -> int:
+        return (self.hidden if self.hidden is not None else self.token_ids).shape[1]
+
+
+_PING_METADATA = msgpack.packb({"ping": True})
+
+
+def ping() -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(metadata=_PING_METADATA)
+
+
+def is_ping(message: runtime_pb2.ExpertRequest) -> bool:
+    return message.metadata == _PING_METADATA and not message.tensors
 
 
 def pack(metadata: dict[str, Any], tensors: list[torch.Tensor] = (), wire: str = "none") -> runtime_pb2.ExpertRequest:
@@ -135,10 +171,18 @@ def parse_open(message: runtime_pb2.ExpertRequest, *, max_length_limit: int) -> 
     wire = opened.get("wire", "none")
     if not isinstance(wire, str) or wire not in WIRE_CODECS:
         raise ProtocolError("bad_request", f"'wire' must be one of {WIRE_CODECS}, got {wire!r}")
-    audit = opened.get("audit", False)
-    if not isinstance(audit, bool):
-        raise ProtocolError("bad_request", f"'audit' must be a boolean, got {audit!r}")
-    return OpenSession(session_id, start, end, max_length, prev_peer, next_peer, relay, wire, audit)
+    audit, embed = (opened.get(key, False) for key in ("audit", "embed"))
+    if not isinstance(audit, bool) or not isinstance(embed, bool):
+        raise ProtocolError("bad_request", f"'audit' and 'embed' must be booleans, got {audit!r}, {embed!r}")
+    sampling = None
+    if opened.get("sampling") is not None:
+        try:
+            sampling = SamplingParams.from_wire(opened["sampling"])
+        except ValueError as e:
+            raise ProtocolError("bad_request", f"bad 'sampling': {e}") from None
+        if relay:
+            raise ProtocolError("bad_request", "a relayed session cannot sample at its last stage")
+    return OpenSession(session_id, start, end, max_length, prev_peer, next_peer, relay, wire, audit, embed, sampling)
 
 
 def _peer_field(metadata: dict[str, Any], key: str) -> str | None:
@@ -157,12 +201,19 @@ def parse_push_open(message: runtime_pb2.ExpertRequest) -> str:
 
 
 def parse_step(
-    message: runtime_pb2.ExpertRequest, *, hidden_size: int, expected_position: int, max_length: int
+    message: runtime_pb2.ExpertRequest, *, hidden_size: int, expected_position: int, max_length: int,
+    vocab_size: int | None = None,
 ) -> Step:
+    """A step of hidden states, or with `vocab_size` (a session opened with `embed`) a step of token ids."""
     metadata = unpack_metadata(message)
     position = _int_field(metadata, "position", low=0, high=max_length - 1)
     if position != expected_position:
         raise ProtocolError("bad_step", f"step at position {position}, but the session is at {expected_position}")
+    sample = metadata.get("sample", False)
+    if not isinstance(sample, bool):
+        raise ProtocolError("bad_request", f"'sample' must be a boolean, got {sample!r}")
+    if vocab_size is not None:
+        return Step(None, position, _token_ids(metadata, message, vocab_size, position, max_length), sample)
     if len(message.tensors) != 1:
         raise ProtocolError("bad_request", f"a step carries exactly one tensor, got {len(message.tensors)}")
     proto = message.tensors[0]
@@ -186,7 +237,22 @@ def parse_step(
         raise ProtocolError("bad_tensor", f"tensor buffer holds shape {list(hidden.shape)}, header says {size}")
     if not torch.isfinite(hidden).all():
         raise ProtocolError("bad_tensor", "hidden states contain NaN or infinity")
-    return Step(hidden, position)
+    return Step(hidden, position, sample=sample)
+
+
+def _token_ids(metadata: dict[str, Any], message: runtime_pb2.ExpertRequest, vocab_size: int, position: int,
+               max_length: int) -> torch.Tensor:
+    ids = metadata.get("tokens")
+    if message.tensors or not isinstance(ids, list) or not ids:
+        raise ProtocolError("bad_request", "a step of this session carries token ids, {'tokens': [...]}, "
+                            "and no tensor")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+        raise ProtocolError("bad_request", f"token ids must be integers in [0, {vocab_size})")
+    if position + len(ids) > max_length:
+        raise ProtocolError(
+            "too_long", f"positions {position}..{position + len(ids)} exceed the session's max_length {max_length}"
+        )
+    return torch.tensor([ids], dtype=torch.long)
 
 
 def raise_if_error(peer: str, response: runtime_pb2.ExpertResponse) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Serving a stage over hivemind's P2P streams: sessions, their KV caches, a memory budget, push links.
 
 Each session has an outbox: whatever the client should hear (the opening answer,
-errors, and — at the chain's last stage or in relay mode — step outputs) is queued
-there and written to the client's stream. Steps arrive from the client's stream or,
-in push mode, from the previous stage's push stream; both run `_process_step`.
+errors, and — at the chain's last stage or in relay mode — step outputs, or a ring's
+sampled tokens) is queued there and written to the client's stream. Steps arrive from
+the client's stream or from the previous stage's push stream (a ring's first stage
+takes both: the prompt from the client, then each token from the last stage); all of
+them run `_process_step`.
 Compute runs on one worker thread, so the event loop stays free to accept, validate
 and forward other sessions' traffic while a step runs.
 """
@@ -29,7 +31,9 @@ from node.protocol import (
     PUSH_HANDLER,
     OpenSession,
     ProtocolError,
+    Step,
     error_response,
+    is_ping,
     pack,
     pack_response,
     parse_open,
@@ -37,6 +41,7 @@ from node.protocol import (
     parse_step,
     unpack_metadata,
 )
+from node.sampling import SamplingParams, sample
 from node.stage import Stage
 
 logger = logging.getLogger(__name__)
@@ -118,6 +123,14 @@ class Session:
     position: int = 0
     last_active: float = field(default_factory=time.monotonic)
     push_link: PushLink | None = None
+    produced: int = 0  # tokens this stage sampled (a ring's last stage)
+    feeding: asyncio.Task | None = None  # a one-stage ring's step on the token it just sampled
+
+    @property
+    def takes_client_steps(self) -> bool:
+        """The client feeds the first stage (a ring's first stage: the prompt) and, when relaying, every stage."""
+        opened = self.opened
+        return opened.prev_peer is None or opened.relay or opened.embed
 
     @property
     def session_id(self) -> str:
@@ -317,7 +330,9 @@ class StageServer:
     async def _read_client_steps(self, session: Session, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> None:
         try:
             async for request in requests:
-                if session.opened.prev_peer is not None and not session.opened.relay:
+                if is_ping(request):
+                    continue
+                if not session.takes_client_steps:
                     session.outbox.put(error_response("bad_request", "this stage takes its steps from the previous "
                                                       "stage's push stream, not from the client"))
                     continue
@@ -373,6 +388,13 @@ class StageServer:
                 "bad_range", f"this node serves layers {self.stage.start}:{self.stage.end}, "
                 f"which do not include {opened.start}:{opened.end}"
             )
+        if opened.embed and (opened.start != 0 or self.stage.embedder is None):
+            raise ProtocolError("bad_request", "only a session's first stage, at layer 0, takes token ids")
+        if opened.sampling is not None and (opened.end != self.stage.source.num_layers or self.stage.head is None):
+            raise ProtocolError("bad_request", "only a session's last stage, at the model's last layer, samples")
+        if opened.sampling is not None and opened.next_peer is None and not opened.embed:
+            raise ProtocolError("bad_request", "a sampling stage feeds its tokens to the first stage: name it as "
+                                "'next', or also 'embed' when this stage is the whole chain")
         if opened.session_id in self.sessions:
             raise ProtocolError("bad_request", f"session {opened.session_id!r} is already open here")
         if sum(s.client == client for s in self.sessions.values()) >= self.max_sessions_per_peer:
@@ -397,46 +419,80 @@ class StageServer:
                 session.push_link.close()
 
     async def _process_step(self, session: Session, request: runtime_pb2.ExpertRequest) -> None:
-        """Validates and runs one step, then sends its output on: to the next stage or to the client."""
+        """Validates a step from the client or the previous stage, then runs it."""
         try:
             step = parse_step(
-                request, hidden_size=self.stage.shape.hidden_size,
-                expected_position=session.position, max_length=session.opened.max_length,
+                request, hidden_size=self.stage.shape.hidden_size, expected_position=session.position,
+                max_length=session.opened.max_length,
+                vocab_size=self.stage.embedder.vocab_size if session.opened.embed else None,
             )
         except ProtocolError as e:
             # A bad step is refused without touching the cache; the session stays usable.
             session.outbox.put(_error_for(e))
             return
+        await self._run_step(session, step)
+
+    async def _run_step(self, session: Session, step: Step) -> None:
+        """Runs one step, then sends its output on: to the next stage or to the client; a ring's last
+        stage instead samples the next token and feeds it back to the first stage."""
+        if session.session_id not in self.sessions:
+            return  # closed meanwhile (a one-stage ring feeds itself after its client left)
         session.last_active = started = time.monotonic()
+        sampling = session.opened.sampling if step.sample else None
         try:
-            hidden = await self.batcher.run(session.cache, step.hidden, step.position,
+            hidden = step.hidden if step.token_ids is None else self.stage.embedder.embed(step.token_ids)
+            hidden = await self.batcher.run(session.cache, hidden, step.position,
                                             layers=(session.opened.start, session.opened.end))
             if self.test_slowdown_s:
                 await asyncio.sleep(self.test_slowdown_s)
+            if self.test_perturb_scale > 0:
+                hidden = _perturb(hidden, self.test_perturb_scale)
+            token = await self._sample(hidden, sampling, step.position + step.tokens) if sampling else None
         except Exception as e:  # a compute failure: end the session rather than trust its cache
             logger.exception("step failed in session %s", session.session_id)
             session.outbox.put(error_response("internal", f"step failed: {type(e).__name__}: {e}"))
             session.outbox.put(None)
             return
-        tokens = step.hidden.shape[1]
-        if tokens == 1:  # a decode step: what the router needs to know of this node's speed
+        if step.tokens == 1:  # a decode step: what the router needs to know of this node's speed
             per_layer = (time.monotonic() - started) / (session.opened.end - session.opened.start)
             previous = self.layer_latency_s or per_layer
             self.layer_latency_s = 0.8 * previous + 0.2 * per_layer
-        session.position += tokens
+        session.position += step.tokens
         self.steps_served += 1
-        self.tokens_served += tokens
-        output = hidden.to(step.hidden.dtype)
-        if self.test_perturb_scale > 0:
-            output = _perturb(output, self.test_perturb_scale)
+        self.tokens_served += step.tokens
         if session.session_id not in self.sessions:
             return  # closed while the step ran
+        if session.opened.sampling is not None:  # a ring's last stage sends tokens, not hidden states
+            if token is not None:
+                self._feed_token(session, token)
+            return
+        output = hidden.to(step.hidden.dtype) if step.hidden is not None else hidden
+        metadata = {"position": step.position, **({"sample": True} if step.sample else {})}
         if session.pushes:
-            session.push_link.send(pack({"position": step.position}, [output], wire=session.opened.wire))
+            session.push_link.send(pack(metadata, [output], wire=session.opened.wire))
             if session.opened.audit:  # a copy for the client's spot checks; the push above is already on its way
                 session.outbox.put(pack_response({"echo": step.position}, [output], wire=session.opened.wire))
         else:
-            session.outbox.put(pack_response({"position": step.position}, [output], wire=session.opened.wire))
+            session.outbox.put(pack_response(metadata, [output], wire=session.opened.wire))
+
+    async def _sample(self, hidden: torch.Tensor, params: SamplingParams, position: int) -> int:
+        logits = await self.stage.head.next_logits(hidden, alone_on_loop=len(self.sessions) == 1)
+        if params.temperature == 0:  # an argmax: cheap enough for the event loop
+            return sample(logits, params, position)
+        return await asyncio.get_running_loop().run_in_executor(None, sample, logits, params, position)
+
+    def _feed_token(self, session: Session, token: int) -> None:
+        """A ring's last stage: the token it sampled goes to the first stage (first, as that is the
+        critical path) as the next step, unless generation ends with it, then to the client."""
+        session.produced += 1
+        position = session.position
+        if not session.opened.sampling.is_last(token, session.produced) and position < session.opened.max_length:
+            if session.pushes:
+                session.push_link.send(pack({"position": position, "tokens": [token], "sample": True}))
+            else:  # this stage is the whole chain: it feeds itself
+                step = Step(None, position, torch.tensor([[token]]), sample=True)
+                session.feeding = asyncio.create_task(self._run_step(session, step))
+        session.outbox.put(pack_response({"token": token, "position": position}))
 
     async def _sweep_idle_sessions(self) -> None:
         while True:

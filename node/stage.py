@@ -13,12 +13,12 @@ the MLP and the rotary embedding; the forward itself is orchestrated here, gpt-f
 
 Layer ranges here (`layers=`, `KVCache.layers`) are absolute model layer indices, like the protocol's
 `open {start, end}`: a stage serving 10:20 runs `layers=(12, 20)`, never `(2, 10)`.
-Embeddings and the final norm are not part of a stage: the client holds them (see `node.head`).
+A stage that starts at layer 0 also holds the token embedding, and one that ends at the last layer
+the final norm and LM head (`node.head`), for sessions run as a ring.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib
 import itertools
 from collections.abc import Callable, Sequence
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, PretrainedConfig
 
-from node.checkpoint import ModelSource, load_layers
+from node.checkpoint import ModelSource, load_layers, stage_config
+from node.head import Embedder, LMHead
 
 LayerSpan = tuple[int, int]  # absolute [a, b) model layer indices
 
@@ -48,16 +49,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
     if device.type == "mps":
         return torch.float16
     return torch.float32
-
-
-def stage_config(config: PretrainedConfig, start: int, end: int) -> PretrainedConfig:
-    """The model's config cut down to layers [start, end)."""
-    cut = copy.deepcopy(config)
-    cut.num_hidden_layers = end - start
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:  # per-layer attention kinds (e.g. sliding window) follow the layers
-        cut.layer_types = list(layer_types[start:end])
-    return cut
 
 
 def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
@@ -153,8 +144,10 @@ class Stage:
     """Runs hidden states through layers [start, end); stateless apart from the caches it hands out."""
 
     def __init__(
-        self, source: ModelSource, start: int, end: int, *, dtype: torch.dtype, device: torch.device
+        self, source: ModelSource, start: int, end: int, *, dtype: torch.dtype, device: torch.device,
+        with_ends: bool = True,
     ) -> None:
+        """`with_ends=False`: layers only, even at the model's ends (timing layers, nothing served)."""
         if not 0 <= start < end <= source.num_layers:
             raise ValueError(
                 f"layer range {start}:{end} is outside {source.name}, which has {source.num_layers} layers"
@@ -180,6 +173,10 @@ class Stage:
         self.windows = sliding_windows(self.config)
         self.head_dim, self.kv_heads = _head_dim(self.config), _kv_heads(self.config)
         self.num_heads = self.config.num_attention_heads
+        # A chain's ends, so it can close into a ring (node.server): the first stage embeds the tokens it
+        # is sent, the last one computes logits and samples.
+        self.embedder = Embedder(source, dtype=dtype, device=device) if with_ends and start == 0 else None
+        self.head = LMHead(source, dtype=dtype, device=device) if with_ends and end == source.num_layers else None
         self.shape = StageShape(
             hidden_size=self.config.hidden_size,
             num_layers=end - start,

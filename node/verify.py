@@ -35,7 +35,7 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from node.client import ChainSession, StageFailure, SwarmClient
-from node.protocol import ProtocolError, unpack_metadata
+from node.protocol import PREFILL_CHUNK_TOKENS, ProtocolError, unpack_metadata
 from node.wire import decode as wire_decode
 from swarm.types import Hop
 
@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 # Relative error allowed between two honest runs of a step, by the least precise dtype involved:
 # about 30x (fp32), 4x (fp16) and 5x (bf16) the largest honest error measured (see the docstring).
 TOLERANCES = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 1e-1}
-REPLAY_CHUNK_TOKENS = 512
 ECHO_WAIT_S = 10.0  # an echo leaves a stage before its push reaches the end of the chain; this is slack
 
 
@@ -229,8 +228,8 @@ class Auditor:
         session = await self.client.open_session([hop], max_length=inputs.shape[1], wire=self.wire,
                                                  step_timeout_s=self.step_timeout_s)
         try:
-            for offset in range(0, position, REPLAY_CHUNK_TOKENS):
-                await session.step(inputs[:, offset:min(position, offset + REPLAY_CHUNK_TOKENS)], offset)
+            for offset in range(0, position, PREFILL_CHUNK_TOKENS):
+                await session.step(inputs[:, offset:min(position, offset + PREFILL_CHUNK_TOKENS)], offset)
             return await session.step(inputs[:, position:], position)
         finally:
             await session.close()

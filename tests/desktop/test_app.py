@@ -21,9 +21,9 @@ from node.chat import ChatEngine, Message  # noqa: E402
 from node.checkpoint import resolve_model  # noqa: E402
 from node.client import SwarmClient  # noqa: E402
 from node.controller import NodeController  # noqa: E402
-from node.generate import SamplingParams  # noqa: E402
 from node.local_swarm import LocalSwarm  # noqa: E402
 from node.node import NodeConfig, start_dht  # noqa: E402
+from node.sampling import SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -6,23 +6,27 @@ from collections.abc import Sequence
 
 from node.checkpoint import ModelSource
 from node.client import SwarmClient
-from node.generate import SamplingParams, generate
+from node.generate import generate
 from node.head import ClientHead
 from node.node import start_dht
+from node.sampling import SamplingParams
 
 
 async def generate_through(initial_peers: Sequence[str], source: ModelSource, prompt_ids: list[int],
                            params: SamplingParams, *, expect_ranges: list[tuple[int, int]], host: str = "127.0.0.1",
-                           relay: bool = False, wire: str = "none") -> list[int]:
-    """The tokens a fresh client generates; asserts that the router chose a chain of `expect_ranges`."""
+                           relay: bool = False, wire: str = "none", ring: bool = False) -> list[int]:
+    """The tokens a fresh client generates (the client embedding and sampling, or with `ring` the chain's
+    last stage sampling); asserts that the router chose a chain of `expect_ranges`."""
     dht = start_dht(list(initial_peers), [f"/ip4/{host}/tcp/0"], client_mode=True)
     try:
         client = SwarmClient(dht, source)
         chain = await client.choose_chain()
         assert [(hop.start, hop.end) for hop in chain] == expect_ranges
         session = await client.open_session(chain, max_length=len(prompt_ids) + params.max_new_tokens, relay=relay,
-                                            wire=wire)
+                                            wire=wire, sampling=params if ring else None)
         try:
+            if ring:
+                return [token async for token in session.tokens(prompt_ids, 0)]
             return [token async for token in generate(session, ClientHead(source), prompt_ids, params)]
         finally:
             await session.close()

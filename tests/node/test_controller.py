@@ -15,10 +15,11 @@ from node.checkpoint import resolve_model
 from node.client import SwarmClient
 from node.controller import NodeController
 from node.failover import ResilientSession
-from node.generate import SamplingParams, generate
+from node.generate import generate
 from node.head import ClientHead
 from node.local_swarm import LocalSwarm
 from node.node import NodeConfig, start_dht
+from node.sampling import SamplingParams
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -9,43 +9,52 @@ import pytest
 from node.chaos import ChaosRunner
 from node.checkpoint import resolve_model
 from node.client import SwarmClient
-from node.generate import SamplingParams
 from node.head import ClientHead
 from node.local_swarm import LocalSwarm
 from node.node import start_dht
+from node.sampling import SamplingParams
 
 pytestmark = pytest.mark.timeout(900)
 
 GENERATIONS = 20
+RING_GENERATIONS = 10
 NEW_TOKENS = 20
 REPLICAS = 3  # nodes per layer range; one is killed per generation and a fresh one started in its place
 
 
-async def _chaos(swarm: LocalSwarm, ranges, prompt_ids: list[int]):
+async def _chaos(swarm: LocalSwarm, ranges, prompt_ids: list[int], params: SamplingParams, *, ring: bool,
+                 generations: int):
     source = swarm.source
     dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
-    params = SamplingParams(max_new_tokens=NEW_TOKENS)
     try:
         client = SwarmClient(dht, source)
-        runner = ChaosRunner(swarm, client, ClientHead(source))
+        runner = ChaosRunner(swarm, client, None if ring else ClientHead(source))
         undisturbed = await runner.generate(prompt_ids, params, kill_at=None)
         assert not undisturbed.events and len(undisturbed.tokens) == NEW_TOKENS
         results = []
-        for _ in range(GENERATIONS):
+        for _ in range(generations):
             await runner.wait_for_replicas(ranges, at_least=2)
-            results.append(await runner.generate(prompt_ids, params, kill_at=runner.rng.randrange(1, NEW_TOKENS - 1)))
+            # A ring runs ahead of the client by the tokens in flight: kill while several are still to come.
+            kill_at = runner.rng.randrange(1, NEW_TOKENS - (5 if ring else 1))
+            results.append(await runner.generate(prompt_ids, params, kill_at=kill_at))
         return undisturbed.tokens, [(r.tokens, r.events) for r in results]
     finally:
         dht.shutdown()
 
 
-def test_twenty_generations_survive_a_killed_stage(tiny_checkpoint):
+@pytest.mark.parametrize("ring", [False, True], ids=["client-samples", "ring"])
+def test_generations_survive_a_killed_stage(tiny_checkpoint, ring):
     path = tiny_checkpoint("llama", num_layers=6)
     source = resolve_model(str(path))
     ranges = [(0, 2), (2, 4), (4, 6)]
     prompt_ids = list(range(5, 30))
-    with LocalSwarm(str(path), ranges * REPLICAS, threads_per_node=1) as swarm:
-        undisturbed, results = asyncio.run(_chaos(swarm, ranges, prompt_ids))
+    # Sampled, not greedy: after a failover the new chain must draw exactly what the old one would have.
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.8, seed=5)
+    # The ring's nodes are slowed (10 ms a step) so that a kill lands while the answer is still being made.
+    node_args = ["--test-slowdown-ms", "10"] if ring else []
+    with LocalSwarm(str(path), ranges * REPLICAS, threads_per_node=1, node_args=node_args) as swarm:
+        undisturbed, results = asyncio.run(_chaos(swarm, ranges, prompt_ids, params, ring=ring,
+                                                  generations=RING_GENERATIONS if ring else GENERATIONS))
     assert source.num_layers == 6
     for tokens, events in results:
         assert tokens == undisturbed

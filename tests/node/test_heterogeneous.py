@@ -17,10 +17,11 @@ import pytest
 
 from node.checkpoint import resolve_model
 from node.client import SwarmClient
-from node.generate import SamplingParams, generate
+from node.generate import generate
 from node.head import ClientHead
 from node.local_swarm import LocalSwarm
 from node.node import start_dht
+from node.sampling import SamplingParams
 from swarm.types import Hop
 
 pytestmark = pytest.mark.timeout(300)

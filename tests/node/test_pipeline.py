@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from node.chat import Message, chat_template_ids
 from node.checkpoint import DEFAULT_MODEL, load_tokenizer, resolve_model
-from node.generate import SamplingParams
 from node.local_swarm import LocalSwarm
+from node.sampling import SamplingParams
 from tests.node.swarm_client import generate_through
 
 pytestmark = pytest.mark.timeout(600)
@@ -27,9 +28,9 @@ def reference_generate(source, prompt_ids: list[int], max_new_tokens: int, stop_
 
 
 async def swarm_generate(swarm: LocalSwarm, prompt_ids: list[int], params: SamplingParams, *,
-                         relay: bool = False, wire: str = "none") -> list[int]:
+                         relay: bool = False, wire: str = "none", ring: bool = False) -> list[int]:
     return await generate_through(swarm.initial_peers, swarm.source, prompt_ids, params, expect_ranges=swarm.ranges,
-                                  relay=relay, wire=wire)
+                                  relay=relay, wire=wire, ring=ring)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,8 @@ def test_three_nodes_match_single_process_smollm2(smollm2_swarm, prompt_kind):
     stop_ids = (tokenizer.eos_token_id,)
     params = SamplingParams(max_new_tokens=24, stop_token_ids=stop_ids)
     ours = asyncio.run(swarm_generate(smollm2_swarm, prompt_ids, params))
-    assert ours == reference_generate(source, prompt_ids, 24, stop_ids)
+    ring = asyncio.run(swarm_generate(smollm2_swarm, prompt_ids, params, ring=True))
+    assert ours == ring == reference_generate(source, prompt_ids, 24, stop_ids)
     assert len(ours) >= 5
 
 
@@ -66,9 +68,17 @@ def test_three_nodes_match_single_process_tiny_qwen2(tiny_checkpoint, tmp_path):
         params = SamplingParams(max_new_tokens=16, stop_token_ids=stop_ids)
         pushed = asyncio.run(swarm_generate(swarm, prompt_ids, params))
         relayed = asyncio.run(swarm_generate(swarm, prompt_ids, params, relay=True))
+        ring = asyncio.run(swarm_generate(swarm, prompt_ids, params, ring=True))
+        # Sampled at the last stage or at the client, a seeded draw is the same: it depends on (seed, position).
+        sampled = SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.95, seed=11)
+        sampled_push = asyncio.run(swarm_generate(swarm, prompt_ids, sampled))
+        sampled_ring = asyncio.run(swarm_generate(swarm, prompt_ids, sampled, ring=True))
+        other_seed = asyncio.run(swarm_generate(swarm, prompt_ids, replace(sampled, seed=12), ring=True))
         no_stop = SamplingParams(max_new_tokens=16)
         halved = asyncio.run(swarm_generate(swarm, prompt_ids, no_stop, wire="fp16"))
         quantised = asyncio.run(swarm_generate(swarm, prompt_ids, no_stop, wire="int8"))
-    assert pushed == relayed == reference_generate(source, prompt_ids, 16, stop_ids)
+    assert pushed == relayed == ring == reference_generate(source, prompt_ids, 16, stop_ids)
+    assert sampled_push == sampled_ring != other_seed
+    assert sampled_ring != ring  # the draw did sample, not just take the argmax
     # Lossy codecs run end to end; how far they drift on a real model is measured in benchmarks/wire.py.
     assert len(halved) == len(quantised) == 16

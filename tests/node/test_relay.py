@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from node.checkpoint import resolve_model
-from node.generate import SamplingParams
 from node.membership import list_servers_blocking
 from node.node import start_dht
+from node.sampling import SamplingParams
 from tests.node.swarm_client import generate_through
 from tests.node.test_pipeline import reference_generate
 

@@ -12,8 +12,11 @@ from hivemind.proto import runtime_pb2
 
 from node.checkpoint import ModelNotFoundError, resolve_model
 from node.client import ChainSession, StageFailure, SwarmClient
+from node.generate import generate
+from node.head import ClientHead
 from node.node import Node, NodeConfig, start_dht
 from node.protocol import INFERENCE_HANDLER, pack
+from node.sampling import SamplingParams
 from node.server import RateLimiter
 from node.stage import Stage
 from swarm.types import Hop
@@ -158,3 +161,72 @@ def test_rate_limiter_refills_over_time():
     assert limiter.allow("other")  # buckets are per peer
     time.sleep(0.01)
     assert limiter.allow("p")
+
+
+def test_one_node_ring_samples_itself_and_refuses_bad_token_steps(tiny_checkpoint):
+    """A ring whose one stage is the whole model: it embeds the prompt, samples, and feeds itself each token."""
+    source = resolve_model(str(tiny_checkpoint("llama", num_layers=4)))
+    vocab = source.config.vocab_size
+    prompt = [5, 17, 3, 99, 42]
+    params = SamplingParams(max_new_tokens=8)
+    reference = Stage(source, 0, 4, dtype=torch.float32, device=torch.device("cpu"))
+    head = ClientHead(source)
+
+    async def expected() -> list[int]:
+        return [t async for t in generate(_LocalChain(reference), head, prompt, params)]
+
+    async def body(node: Node, client: SwarmClient):
+        hop = Hop(node.record.peer_id, 0, 4)
+        ring = await client.open_session([hop], max_length=32, sampling=params)
+        assert [t async for t in ring.tokens(prompt, 0)] == await expected()
+        await ring.close()
+
+        hostile = await client.open_session([hop], max_length=32, sampling=params)
+        bad_steps = [
+            (pack({"position": 0, "tokens": [vocab]}), "bad_request"),  # outside the vocabulary
+            (pack({"position": 0, "tokens": [-1, 2]}), "bad_request"),
+            (pack({"position": 0, "tokens": []}), "bad_request"),
+            (pack({"position": 0, "tokens": [1.5]}), "bad_request"),
+            (pack({"position": 0, "tokens": [1], "sample": "yes"}), "bad_request"),
+            (pack({"position": 0, "tokens": list(range(40))}), "too_long"),
+            (pack({"position": 0}, [torch.randn(1, 1, source.hidden_size)]), "bad_request"),  # states, not ids
+            (pack({"position": 4, "tokens": [1]}), "bad_step"),
+        ]
+        for request, code in bad_steps:
+            assert await refusal(hostile, request) == code
+        assert [t async for t in hostile.tokens(prompt, 0)] == await expected()  # still usable
+        await hostile.close()
+
+    asyncio.run(_with_node(source, NodeConfig(start=0, end=4), body))
+
+
+def test_ring_ends_are_refused_where_the_node_does_not_hold_them(tiny_checkpoint):
+    source = resolve_model(str(tiny_checkpoint("llama", num_layers=4)))
+
+    async def body(node: Node, client: SwarmClient):
+        hop = Hop(node.record.peer_id, 0, 2)
+        with pytest.raises(StageFailure, match="last stage") as error:  # layers 0:2 of 4 cannot sample
+            await client.open_session([hop], max_length=16, sampling=SamplingParams(max_new_tokens=4))
+        assert error.value.code == "bad_request"
+        malformed = {"session_id": "s1", "start": 0, "end": 2, "max_length": 8, "embed": True,
+                     "sampling": {"max_new_tokens": 0, "temperature": 0, "top_p": 1, "seed": None, "stop": []}}
+        p2p = await client.p2p()
+        responses = await p2p.iterate_protobuf_handler(
+            PeerID.from_base58(node.record.peer_id), INFERENCE_HANDLER, _one(pack({"open": malformed})),
+            runtime_pb2.ExpertResponse,
+        )
+        async for response in responses:
+            assert b"max_new_tokens must be >= 1" in response.metadata
+            break
+
+    asyncio.run(_with_node(source, NodeConfig(start=0, end=2), body))
+
+
+class _LocalChain:
+    """A whole model in this process, as a chain for `node.generate` (the reference)."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage, self.cache = stage, stage.new_cache()
+
+    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        return self.stage.forward(hidden, position, self.cache)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 
 import pytest
 import torch
@@ -284,20 +285,32 @@ def test_sessions_arriving_out_of_step_are_gathered_into_one_pass(llama_stage, m
         assert sizes == [1] * 24 and waits == 0, sizes
 
 
-def test_a_lone_session_is_never_held_back(llama_stage):
+def test_a_lone_session_is_never_held_back_and_skips_the_thread_handoff(llama_stage, monkeypatch):
     stage = llama_stage
-    cache = stage.new_cache(64)
-    stage.forward(torch.randn(1, 2, 64), 0, cache)
+    cache, other = stage.new_cache(64), stage.new_cache(64)
+    for c in (cache, other):
+        stage.forward(torch.randn(1, 2, 64), 0, c)
+    threads: list[str] = []
+    real = stage.forward_batch
+    monkeypatch.setattr(stage, "forward_batch", lambda steps: (threads.append(threading.current_thread().name),
+                                                                real(steps))[1])
 
     async def main():
         batcher = StepBatcher(stage, max_gather_s=1.0)
         for _ in range(8):
             await batcher.run(cache, torch.randn(1, 1, 64), cache.length)
             await asyncio.sleep(0.01)
+        waits = batcher.gather_waits
+        # Once a second session decodes here, passes go back to the compute thread: the loop stays free.
+        await batcher.run(other, torch.randn(1, 1, 64), other.length)
+        await batcher.run(cache, torch.randn(1, 1, 64), cache.length)
         batcher.shutdown()
-        return batcher.gather_waits
+        return waits
 
     assert asyncio.run(main()) == 0
+    loop_thread = threading.current_thread().name
+    assert threads[:8] == [loop_thread] * 8, "a lone session's decode passes run on the event loop"
+    assert all(name.startswith("stage-compute") for name in threads[8:]) and len(threads) == 10
 
 
 def test_a_failing_step_does_not_fail_its_batch(llama_stage, monkeypatch):

@@ -11,11 +11,12 @@ import torch
 
 from node.client import SwarmClient
 from node.failover import ResilientSession
-from node.generate import SamplingParams, generate
+from node.generate import generate
 from node.head import ClientHead
 from node.local_swarm import LocalSwarm
 from node.node import start_dht
 from node.protocol import ProtocolError, pack, pack_response, parse_open
+from node.sampling import SamplingParams
 from node.verify import Auditor, EchoRecorder, relative_error, tolerance_for
 
 pytestmark = pytest.mark.timeout(300)
