@@ -24,10 +24,10 @@ from node.chaos import ChaosRunner  # noqa: E402
 from node.chat import Message, chat_template_ids  # noqa: E402
 from node.checkpoint import DEFAULT_MODEL, load_tokenizer, resolve_model  # noqa: E402
 from node.client import SwarmClient  # noqa: E402
-from node.generate import SamplingParams  # noqa: E402
 from node.head import ClientHead  # noqa: E402
 from node.local_swarm import LocalSwarm, even_split  # noqa: E402
 from node.node import start_dht  # noqa: E402
+from node.sampling import SamplingParams  # noqa: E402
 
 
 async def run(swarm: LocalSwarm, ranges, prompt_ids: list[int], args) -> None:

@@ -33,9 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from node.checkpoint import resolve_model  # noqa: E402
 from node.client import SwarmClient  # noqa: E402
 from node.failover import ResilientSession  # noqa: E402
-from node.generate import SamplingParams, generate  # noqa: E402
+from node.generate import generate  # noqa: E402
 from node.head import ClientHead  # noqa: E402
 from node.node import start_dht  # noqa: E402
+from node.sampling import SamplingParams  # noqa: E402
 from node.stage import Stage, StepInput  # noqa: E402
 from node.verify import TOLERANCES, Auditor, relative_error  # noqa: E402
 from tests.node.test_verify import SwarmWithLiar  # noqa: E402

@@ -23,11 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from node.chat import Message, chat_template_ids  # noqa: E402
 from node.checkpoint import DEFAULT_MODEL, load_tokenizer  # noqa: E402
 from node.client import SwarmClient  # noqa: E402
-from node.generate import SamplingParams, generate  # noqa: E402
+from node.generate import generate  # noqa: E402
 from node.head import ClientHead  # noqa: E402
 from node.local_swarm import LocalSwarm  # noqa: E402
 from node.node import start_dht  # noqa: E402
 from node.protocol import pack  # noqa: E402
+from node.sampling import SamplingParams  # noqa: E402
 from node.stage import Stage  # noqa: E402
 from node.wire import CODECS, decode, encode  # noqa: E402
 

@@ -14,7 +14,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 
 from node.chat import Message
 from node.controller import NodeController, NodeStatus
-from node.generate import SamplingParams
+from node.sampling import SamplingParams
 
 
 class NodeBridge(QObject):
