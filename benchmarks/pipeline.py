@@ -1,9 +1,12 @@
 """Decode speed and time to first token: a local 3-node swarm against single-process generation.
 
 Both are measured in the same run on the same model and prompt; medians over several
-runs. With --delay-ms D every message any peer sends is held D ms (an emulated WAN
-link per leg; this kernel has no netem) and the table compares stage-to-stage push
-with client relaying against the physical limit: local compute + (stages + 1) x D.
+runs. Three ways through the chain (see `node.protocol`): ring (the last stage samples
+and feeds the token back to the first: stages legs per token), push (the client embeds
+and samples: stages + 1 legs) and relay (through the client: 2 x stages legs). With
+--delay-ms D every message any peer sends is held D ms (an emulated WAN link per leg;
+this kernel has no netem) and the table compares each against its physical limit:
+local compute + legs x D.
 
 Usage: python benchmarks/pipeline.py [--model NAME] [--runs 5] [--new-tokens 64] [--delay-ms 20]
 """
@@ -16,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -25,10 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from node.chat import Message, chat_template_ids  # noqa: E402
 from node.checkpoint import DEFAULT_MODEL, load_tokenizer  # noqa: E402
 from node.client import SwarmClient  # noqa: E402
-from node.generate import SamplingParams, decode_one_token, prefill, sample  # noqa: E402
+from node.generate import decode_one_token, prefill  # noqa: E402
 from node.head import ClientHead  # noqa: E402
 from node.local_swarm import LocalSwarm  # noqa: E402
 from node.node import start_dht  # noqa: E402
+from node.sampling import SamplingParams, sample  # noqa: E402
 
 
 def local_run(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, float]:
@@ -48,17 +53,26 @@ def local_run(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, flo
     return ttft, decode
 
 
-async def swarm_run(client: SwarmClient, head: ClientHead, prompt_ids: list[int], new_tokens: int, relay: bool):
+LEGS = {"ring": lambda stages: stages, "push": lambda stages: stages + 1, "relay": lambda stages: 2 * stages}
+
+
+async def swarm_run(client: SwarmClient, head: ClientHead, prompt_ids: list[int], new_tokens: int, mode: str):
+    """(time to first token, decode tokens/s) of one greedy generation; `mode` is ring, push or relay."""
     params = SamplingParams(max_new_tokens=new_tokens)
     t0 = time.perf_counter()
     session = await client.open_session(await client.choose_chain(), max_length=len(prompt_ids) + new_tokens,
-                                        relay=relay)
+                                        relay=mode == "relay", sampling=params if mode == "ring" else None)
     try:
-        token = sample(await prefill(session, head, prompt_ids, 0), params, None)
+        if mode == "ring":
+            times = [time.perf_counter() async for _ in session.tokens(prompt_ids, 0)]
+            assert len(times) == new_tokens
+            return times[0] - t0, (new_tokens - 1) / (times[-1] - times[0])
+        start = len(prompt_ids)
+        token = sample(await prefill(session, head, prompt_ids, 0), params, start)
         ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
-        for position in range(len(prompt_ids), len(prompt_ids) + new_tokens - 1):
-            token = sample(await decode_one_token(session, head, token, position), params, None)
+        for position in range(start, start + new_tokens - 1):
+            token = sample(await decode_one_token(session, head, token, position), params, position + 1)
         decode = (new_tokens - 1) / (time.perf_counter() - t1)
     finally:
         await session.close()
@@ -67,9 +81,9 @@ async def swarm_run(client: SwarmClient, head: ClientHead, prompt_ids: list[int]
 
 async def aggregate_rate(client: SwarmClient, head: ClientHead, prompt_ids: list[int], new_tokens: int,
                          sessions: int) -> float:
-    """Tokens/s of `sessions` concurrent greedy generations on the chain, prefill included."""
+    """Tokens/s of `sessions` concurrent greedy ring generations on the chain, prefill included."""
     t0 = time.perf_counter()
-    await asyncio.gather(*(swarm_run(client, head, prompt_ids, new_tokens, relay=False) for _ in range(sessions)))
+    await asyncio.gather(*(swarm_run(client, head, prompt_ids, new_tokens, "ring") for _ in range(sessions)))
     return sessions * new_tokens / (time.perf_counter() - t0)
 
 
@@ -80,19 +94,22 @@ def decode_passes(before: dict, after: dict) -> dict[int, int]:
     return {k: n for k, n in sorted(counts.items()) if n}
 
 
-async def measure_swarm(swarm: LocalSwarm, prompt_ids, new_tokens, runs, delay_s: float, concurrency: int):
-    """{transport: [(ttft, decode tok/s), ...]} for push and relay, interleaved run by run against drift."""
+async def measure_swarm(swarm: LocalSwarm, local: Callable[[], tuple[float, float]], prompt_ids, new_tokens, runs,
+                        delay_s: float, concurrency: int):
+    """{mode: [(ttft, decode tok/s), ...]} for local (single process), ring, push and relay, interleaved
+    run by run: this machine's speed drifts by 15% over minutes, and each run's ratios share one moment."""
     source = swarm.source
     dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
         client = SwarmClient(dht, source, send_delay_s=delay_s)
         head = ClientHead(source)
-        results: dict[str, list] = {"push": [], "relay": []}
-        for relay in (False, True):
-            await swarm_run(client, head, prompt_ids, 4, relay)  # warm-up: connections
+        results: dict[str, list] = {"local": [], **{mode: [] for mode in LEGS}}
+        for mode in LEGS:
+            await swarm_run(client, head, prompt_ids, 4, mode)  # warm-up: connections
         for _ in range(runs):
-            for name in results:
-                results[name].append(await swarm_run(client, head, prompt_ids, new_tokens, name == "relay"))
+            results["local"].append(local())  # the nodes sit idle meanwhile
+            for mode in LEGS:
+                results[mode].append(await swarm_run(client, head, prompt_ids, new_tokens, mode))
         rates: dict[int, list[float]] = {1: [], concurrency: []}
         chain = await client.choose_chain()
         before = [await client.node_info(hop.node_id) for hop in chain]
@@ -123,19 +140,23 @@ def main() -> None:
         source = swarm.source
         tokenizer = load_tokenizer(source)
         prompt_ids = chat_template_ids(tokenizer, [Message("user", "Explain pipeline parallelism in three sentences.")])
-        swarm_results, rates, passes = asyncio.run(
-            measure_swarm(swarm, prompt_ids, args.new_tokens, args.runs, delay_s, args.concurrency)
-        )
-
-    model = AutoModelForCausalLM.from_pretrained(source.root, dtype=torch.float32).eval()
-    local_run(model, prompt_ids, 4)
-    local_results = [local_run(model, prompt_ids, args.new_tokens) for _ in range(args.runs)]
+        model = AutoModelForCausalLM.from_pretrained(source.root, dtype=torch.float32).eval()
+        local_run(model, prompt_ids, 4)  # warm-up
+        swarm_results, rates, passes = asyncio.run(measure_swarm(
+            swarm, lambda: local_run(model, prompt_ids, args.new_tokens), prompt_ids, args.new_tokens, args.runs,
+            delay_s, args.concurrency,
+        ))
+    local_results = swarm_results.pop("local")
 
     def med(results, index):
         return statistics.median(r[index] for r in results)
 
+    def paired(mode: str) -> float:
+        """Median over runs of the run's decode rate against the local run just before it."""
+        return statistics.median(run[1] / base[1] for run, base in zip(swarm_results[mode], local_results, strict=True))
+
     local_ttft, local_decode = med(local_results, 0), med(local_results, 1)
-    legs = {"push": args.nodes + 1, "relay": 2 * args.nodes}
+    legs = {mode: count(args.nodes) for mode, count in LEGS.items()}
     print(f"model {source.name}, prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, "
           f"{args.runs} runs (medians), {args.threads} torch threads, {args.delay_ms:g} ms per leg")
     print(f"{'':30} {'TTFT ms':>9} {'decode tok/s':>13} {'ms/token':>9} {'limit ms':>9} {'vs limit':>9}")
@@ -145,13 +166,16 @@ def main() -> None:
         limit_ms = 1000 / local_decode + legs[name] * args.delay_ms  # compute + one-way legs per token
         print(f"{args.nodes}-node swarm, {name:5} ({legs[name]} legs) {ttft * 1000:9.1f} {decode:13.2f} "
               f"{1000 / decode:9.1f} {limit_ms:9.1f} {1000 / decode / limit_ms:8.2f}x")
-    push_decode, relay_decode = med(swarm_results["push"], 1), med(swarm_results["relay"], 1)
-    push_ttft = med(swarm_results["push"], 0)
-    print(f"ratio push/local: decode {push_decode / local_decode:.2f}x, TTFT {push_ttft / local_ttft:.2f}x; "
-          f"push/relay decode {push_decode / relay_decode:.2f}x")
+    decode = {mode: med(results, 1) for mode, results in swarm_results.items()}
+    ring_ttft = med(swarm_results["ring"], 0)
+    runs = ", ".join(f"{run[1] / base[1]:.2f}" for run, base in zip(swarm_results["ring"], local_results, strict=True))
+    print(f"decode against local (median of paired runs): ring {paired('ring'):.2f}x (runs {runs}), "
+          f"push {paired('push'):.2f}x, relay {paired('relay'):.2f}x; ring TTFT {ring_ttft / local_ttft:.2f}x")
+    print(f"ring/push decode {decode['ring'] / decode['push']:.2f}x; push/relay decode "
+          f"{decode['push'] / decode['relay']:.2f}x")
     if args.concurrency > 1:
         one, many = statistics.median(rates[1]), statistics.median(rates[args.concurrency])
-        print(f"aggregate tok/s (prefill included, push): 1 session {one:.2f}, {args.concurrency} sessions "
+        print(f"aggregate tok/s (prefill included, ring): 1 session {one:.2f}, {args.concurrency} sessions "
               f"{many:.2f}, ratio {many / one:.2f}x")
         for index, counts in enumerate(passes):  # how well the stages batched the concurrent sessions
             steps = sum(size * n for size, n in counts.items())
