@@ -32,12 +32,15 @@ QUESTION = "hello what is the capital of paris"
 
 
 def wait_until(predicate, timeout_s: float, what: str) -> None:
-    """Runs the Qt event loop (queued signals land) until `predicate()` holds."""
+    """Runs the Qt event loop (queued signals land) until `predicate()` holds. Not QTest.qWait: it keeps the
+    GIL while it waits, which starves the node's threads in this process (16 s to a SmolLM2 answer's first
+    piece, against 1 s under app.exec(), which releases it)."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} within {timeout_s:.0f} s")
-        QTest.qWait(20)
+        QApplication.processEvents()
+        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
