@@ -2,11 +2,12 @@
 
 Each generation kills one stage of its chain at a random token; a fresh node takes the
 dead one's place in the background. Prints every failure's recovery time (from noticing
-the failure to the retried step's answer: re-route, reopen, replay, step) next to the
+the failure to the retried step's answer: re-route, reopen, replay, step) and the stall
+the user sees (the longest gap between two tokens: noticing included) next to the
 undisturbed per-token time measured in the same run, and checks each answer against
-the undisturbed one.
+the undisturbed one. Answers run as rings (the default) or with --client-samples.
 
-Usage: python benchmarks/failover.py [--generations 8] [--new-tokens 32] [--replicas 2]
+Usage: python benchmarks/failover.py [--generations 8] [--new-tokens 32] [--replicas 2] [--client-samples]
 """
 
 from __future__ import annotations
@@ -35,26 +36,29 @@ async def run(swarm: LocalSwarm, ranges, prompt_ids: list[int], args) -> None:
     dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
         client = SwarmClient(dht, source)
-        runner = ChaosRunner(swarm, client, ClientHead(source), seed=args.seed)
+        runner = ChaosRunner(swarm, client, ClientHead(source) if args.client_samples else None, seed=args.seed)
         params = SamplingParams(max_new_tokens=args.new_tokens)
         t0 = time.perf_counter()
         undisturbed = await runner.generate(prompt_ids, params, kill_at=None)
         per_token_s = (time.perf_counter() - t0) / args.new_tokens
         print(f"undisturbed: {per_token_s * 1000:.1f} ms per token (prefill included)")
-        print(f"{'run':>4} {'killed after':>13} {'failovers':>10} {'recovery ms':>12} {'x token':>8} {'answer':>10}")
-        recoveries = []
+        print(f"{'run':>4} {'killed after':>13} {'failovers':>10} {'recovery ms':>12} {'x token':>8} "
+              f"{'stall ms':>9} {'answer':>10}")
+        recoveries, stalls = [], []
         for index in range(args.generations):
             await runner.wait_for_replicas(ranges, at_least=2)
             result = await runner.generate(prompt_ids, params, kill_at=runner.rng.randrange(1, args.new_tokens - 1))
             for event in result.events:
                 recoveries.append(event.recovery_s)
             recovery = sum(e.recovery_s for e in result.events)
+            stalls.append(result.longest_gap_s)
             same = "identical" if result.tokens == undisturbed.tokens else "DIFFERENT"
             print(f"{index:4d} {result.killed_at:13d} {len(result.events):10d} {recovery * 1000:12.1f} "
-                  f"{recovery / per_token_s:8.1f} {same:>10}")
+                  f"{recovery / per_token_s:8.1f} {result.longest_gap_s * 1000:9.1f} {same:>10}")
         print(f"recovery per failure: median {statistics.median(recoveries) * 1000:.1f} ms, "
               f"max {max(recoveries) * 1000:.1f} ms over {len(recoveries)} failures; "
-              f"median = {statistics.median(recoveries) / per_token_s:.1f}x one token")
+              f"median = {statistics.median(recoveries) / per_token_s:.1f}x one token; longest stall per answer: "
+              f"median {statistics.median(stalls) * 1000:.1f} ms")
     finally:
         dht.shutdown()
 
@@ -66,6 +70,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--client-samples", action="store_true", help="the client embeds and samples (no ring)")
     args = parser.parse_args()
     source = resolve_model(args.model)
     ranges = even_split(source.num_layers, 3)

@@ -38,8 +38,9 @@ from node.wire import for_links as wire_for_links
 from swarm.records import ServerRecord
 from swarm.types import Hop, ModelSpec
 
-# Silence after which a waiting client pings its stages (see `node.protocol`).
-PING_AFTER_S = 0.5
+# Silence after which a waiting client pings its stages (see `node.protocol`): four times the last gap
+# between answers, within these bounds, so a dead stage of a fast chain is found within a few tokens' time.
+PING_AFTER_S = (0.05, 0.5)
 
 
 class NoChainError(RuntimeError):
@@ -123,6 +124,8 @@ class ChainSession:
         self.max_length, self.relay, self.wire = max_length, relay, wire
         self.step_timeout_s = step_timeout_s
         self.sampling = sampling
+        self._ping_after_s = PING_AFTER_S[1]
+        self._last_answer_at: float | None = None
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         if self.sampling is not None:
@@ -164,7 +167,7 @@ class ChainSession:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.step_timeout_s
         while True:
-            wait_s = max(0.0, min(PING_AFTER_S, deadline - loop.time()))
+            wait_s = max(0.0, min(self._ping_after_s, deadline - loop.time()))
             try:
                 source, item = await asyncio.wait_for(self.events.get(), wait_s)
             except asyncio.TimeoutError:
@@ -184,6 +187,11 @@ class ChainSession:
             if source != index or metadata.get("position") != position:
                 continue
             if (field in metadata) if field is not None else len(item.tensors) == 1:
+                now = loop.time()
+                if self._last_answer_at is not None:
+                    low, high = PING_AFTER_S
+                    self._ping_after_s = min(high, max(low, 4 * (now - self._last_answer_at)))
+                self._last_answer_at = now
                 return metadata, item
 
     async def close(self) -> None:
