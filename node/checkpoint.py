@@ -427,11 +427,28 @@ def stage_config(config: PretrainedConfig, start: int, end: int) -> PretrainedCo
     return cut
 
 
-def load_embedding(
-    source: ModelSource, *, dtype: torch.dtype, device: str | torch.device = "cpu"
-) -> torch.Tensor:
-    key = _embedding_key(source)
-    return _read_tensors(source, [key], dtype, device, "the token embedding")[key]
+class EmbeddingRows:
+    """The token embedding, read row by row from the checkpoint's memory-mapped file as tokens need them:
+    a first stage embeds a few tokens a step, and the whole matrix (vocab x hidden: 2 GB on a 70B model)
+    would otherwise sit in its memory for that."""
+
+    def __init__(self, source: ModelSource) -> None:
+        key = _embedding_key(source)
+        _check_present(source, [key], "the token embedding")
+        filename = weight_map(source)[key]
+        path = _local_files(source, [filename])[filename]
+        try:
+            self._file = safe_open(str(path), framework="pt")  # kept open: the slice reads through it
+            self._slice = self._file.get_slice(key)
+        except Exception as e:
+            raise CheckpointError(f"cannot read the token embedding of {source.name} from {path}: "
+                                  f"{_first_line(e)}") from e
+        self.vocab_size, self.hidden_size = (int(n) for n in self._slice.get_shape())
+
+    def rows(self, token_ids: list[int]) -> torch.Tensor:
+        """[len(token_ids), hidden] in the checkpoint's dtype; each distinct id is read once."""
+        read = {i: self._slice[i: i + 1] for i in set(token_ids)}
+        return torch.cat([read[i] for i in token_ids])
 
 
 def load_head(

@@ -21,20 +21,24 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 import torch
 from transformers import AutoModelForCausalLM
 
-from node.checkpoint import ModelSource, load_embedding, load_head, stage_config
+from node.checkpoint import EmbeddingRows, ModelSource, load_head, stage_config
 
 
 class Embedder:
-    """Token ids -> the first layer's input."""
+    """Token ids -> the first layer's input, from the checkpoint's mapped file (`EmbeddingRows`)."""
 
     def __init__(self, source: ModelSource, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
-        self.weight = load_embedding(source, dtype=dtype, device=device)
-        self.vocab_size = self.weight.shape[0]
+        self.dtype, self.device = dtype, torch.device(device)
+        self._rows = EmbeddingRows(source)
+        self.vocab_size = self._rows.vocab_size
 
     @torch.inference_mode()
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[batch, tokens] ids -> [batch, tokens, hidden] states."""
-        return torch.nn.functional.embedding(token_ids.to(self.weight.device), self.weight)
+        if token_ids.numel() and not 0 <= int(token_ids.min()) <= int(token_ids.max()) < self.vocab_size:
+            raise IndexError(f"token ids must be in [0, {self.vocab_size})")
+        rows = self._rows.rows(token_ids.reshape(-1).tolist())
+        return rows.to(device=self.device, dtype=self.dtype).view(*token_ids.shape, -1)
 
 
 class LMHead:

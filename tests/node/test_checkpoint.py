@@ -24,12 +24,12 @@ from node import checkpoint, embedded_model
 from node.checkpoint import (
     DEFAULT_MODEL,
     CheckpointError,
+    EmbeddingRows,
     ModelNotFoundError,
     UnsupportedModelError,
     files_for_keys,
     layer_bytes,
     layerhive_home,
-    load_embedding,
     load_head,
     load_layers,
     load_tokenizer,
@@ -134,10 +134,13 @@ def test_embedding_and_head_read_only_their_tensors(tiny_checkpoint, spy):
     full = full_state(path)
     weight_map = index_of(path)
 
-    embedding = load_embedding(source, dtype=torch.float32)
+    embedding = EmbeddingRows(source)
     assert spy.read == ["model.embed_tokens.weight"]
     assert spy.opened == [weight_map["model.embed_tokens.weight"]]
-    assert torch.equal(embedding, full["model.embed_tokens.weight"])
+    expected = full["model.embed_tokens.weight"]
+    assert torch.equal(embedding.rows(list(range(embedding.vocab_size))), expected)
+    ids = [7, 3, 7, 0, expected.shape[0] - 1]  # repeats and the last row
+    assert torch.equal(embedding.rows(ids), expected[ids])
 
     spy.read.clear()
     norm, head = load_head(source, dtype=torch.float32)
@@ -145,11 +148,16 @@ def test_embedding_and_head_read_only_their_tensors(tiny_checkpoint, spy):
     assert torch.equal(norm, full["model.norm.weight"]) and torch.equal(head, full["lm_head.weight"])
 
 
+def _all_rows(source) -> torch.Tensor:
+    rows = EmbeddingRows(source)
+    return rows.rows(list(range(rows.vocab_size)))
+
+
 def test_tied_head_is_the_embedding(tiny_checkpoint):
     source = resolve_model(str(tiny_checkpoint("qwen2", num_layers=6)))
     assert source.config.tie_word_embeddings
     norm, head = load_head(source, dtype=torch.float32)
-    assert torch.equal(head, load_embedding(source, dtype=torch.float32))
+    assert torch.equal(head, _all_rows(source))
     assert norm.shape == (source.hidden_size,)
 
 
@@ -191,7 +199,7 @@ def test_checkpoint_of_a_bare_model_without_the_model_prefix(tmp_path):
     weights = load_layers(source, 1, 2, dtype=torch.float32)
     assert "layers.0.self_attn.q_proj.weight" in weights
     norm, head = load_head(source, dtype=torch.float32)  # no lm_head in a bare model: the embedding
-    assert torch.equal(head, load_embedding(source, dtype=torch.float32))
+    assert torch.equal(head, _all_rows(source))
 
 
 def test_layer_bytes_reads_headers_only(tiny_checkpoint, spy):
