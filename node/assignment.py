@@ -38,10 +38,16 @@ _LOG_EVERY_S = 60.0
 
 
 def model_spec(source: ModelSource) -> ModelSpec:
-    """The model as the planner sees it, identical on every node (reference dtype, not the local one)."""
+    """The model as the planner sees it, identical on every node (reference dtype, not the local one).
+
+    `head_bytes` is the embedding plus the LM head, one vocab x hidden matrix each, of which the planner
+    charges half to each end of a chain: the last stage does hold its LM head (node.stage), while the first
+    reads embedding rows from the mapped file (node.checkpoint.EmbeddingRows), so its half is slack."""
+    itemsize = torch.empty((), dtype=REFERENCE_DTYPE).element_size()
     return ModelSpec(source.name, source.num_layers, source.hidden_size,
                      layer_bytes=float(layer_bytes(source, REFERENCE_DTYPE)),
-                     kv_bytes_per_token_per_layer=float(kv_bytes_per_token(source.config, REFERENCE_DTYPE)))
+                     kv_bytes_per_token_per_layer=float(kv_bytes_per_token(source.config, REFERENCE_DTYPE)),
+                     head_bytes=float(2 * source.config.vocab_size * source.hidden_size * itemsize))
 
 
 def reference_memory(memory_bytes: float, local_dtype: torch.dtype) -> float:

@@ -6,10 +6,12 @@ import random
 import time
 
 import pytest
+import torch
 
 from node.assignment import EpochTracker, check_records, model_spec, plan
 from node.checkpoint import resolve_model
 from node.local_swarm import LocalSwarm
+from node.stage import Stage
 from swarm.allocator import allocate
 from swarm.records import ServerRecord
 from swarm.types import LayerRange, ModelSpec
@@ -141,6 +143,18 @@ def test_nodes_started_together_take_the_plan_and_cover_a_killed_one(tiny_checkp
         after = _wait_for_settled_plan(swarm, spec, 4, TTL_S + 45)
         print(f"layers covered again {time.monotonic() - started:.1f} s after the kill: {_layers(after)}")
         assert all(r.peer_id not in swarm.dead_peers for r in after)
+
+
+def test_the_plan_charges_chain_ends_for_what_a_ring_loads_there(tiny_checkpoint):
+    """A ring's last stage holds the LM head (one vocab x hidden matrix): the plan charges each end half of
+    embedding + LM head, which covers it (the first stage reads embedding rows from the mapped file)."""
+    source = resolve_model(str(tiny_checkpoint("qwen2", num_layers=6)))
+    spec = model_spec(source)
+    last = Stage(source, 4, 6, dtype=torch.bfloat16, device=torch.device("cpu"))  # the planning dtype
+    lm_head = last.head.lm_head.weight
+    assert spec.head_bytes / 2 == lm_head.numel() * lm_head.element_size() > 0
+    layers = sum(p.numel() * p.element_size() for p in last.layers.parameters())
+    assert layers == 2 * spec.layer_bytes
 
 
 def test_status_reports_nodes_coverage_and_the_plan():
