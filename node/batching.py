@@ -181,7 +181,7 @@ class StepBatcher:
                 inputs = [pending.next_input(budget) for pending, budget in batch]
                 self._running = len(batch)
                 try:
-                    if self._alone(inputs):
+                    if len(inputs) == 1 and inputs[0].tokens == 1 and self.alone:
                         results = self._compute(inputs)
                     else:
                         results = await loop.run_in_executor(self._executor, self._compute, inputs)
@@ -201,13 +201,14 @@ class StepBatcher:
                 self._finish(self._waiting.popleft(), error=BatcherClosed("the stage is shutting down"))
             self._worker = None
 
-    def _alone(self, inputs: list[StepInput]) -> bool:
-        """Whether this pass is the decode step of the only session decoding here, with nothing else waiting.
-        Such a pass runs on the event loop itself: handing it to the compute thread and back costs about
-        0.25 ms each way on an idle machine (two thread wake-ups), 3% of a token on a 3-stage chain, and
-        there is nothing for the loop to do meanwhile. With other sessions about, the loop must stay free
-        to send their outputs on while a pass runs."""
-        return len(inputs) == 1 and inputs[0].tokens == 1 and not self._waiting and len(self._rhythms) <= 1
+    @property
+    def alone(self) -> bool:
+        """Whether at most one session decodes here and nothing else waits. Its decode pass then runs on the
+        event loop itself (and so does a server's LM head for it): handing it to the compute thread and back
+        costs about 0.25 ms each way on an idle machine (two thread wake-ups), 3% of a token on a 3-stage
+        chain, and there is nothing for the loop to do meanwhile. With other sessions about, the loop must
+        stay free to send their outputs on while a pass runs."""
+        return not self._waiting and len(self._rhythms) <= 1
 
     async def _gather(self) -> None:
         """Holds a decode pass back until the sessions due within `max_gather_s` have arrived, or are overdue."""

@@ -284,14 +284,16 @@ class SwarmClient:
         events: asyncio.Queue = asyncio.Queue()
         streams = [_Stream(hop, i, events, self.send_delay_s) for i, hop in enumerate(chain)]
 
+        ring = sampling is not None and len(chain) > 1  # a ring's ends are each other's neighbours
+        around = [chain[-1], *chain, chain[0]] if ring else [None, *chain, None]
+
         def opening(i: int) -> dict:
             hop = chain[i]
             first, last = i == 0, i + 1 == len(chain)
-            ring = sampling is not None and len(chain) > 1  # a ring's ends are each other's neighbours
+            prev, nxt = around[i], around[i + 2]  # chain[i] sits at around[i + 1]
             fields = {
                 "session_id": session_id, "start": hop.start, "end": hop.end, "max_length": max_length,
-                "prev": chain[-1].node_id if first and ring else None if first else chain[i - 1].node_id,
-                "next": chain[0].node_id if last and ring else None if last else chain[i + 1].node_id,
+                "prev": prev.node_id if prev else None, "next": nxt.node_id if nxt else None,
                 "relay": relay, "wire": wire, **({"audit": True} if audit else {}),
             }
             if sampling is not None and first:

@@ -131,8 +131,8 @@ class NodeController:
     async def _start_chat_engine(self) -> None:
         if self._chat_engine is None:
             # A peer of its own, in client mode: a chain may run through this very node (p2pd cannot dial
-            # itself), and chatting goes on while the node is paused. Started and loaded (tokenizer, head)
-            # off the loop, which is serving.
+            # itself), and chatting goes on while the node is paused. Started (DHT, tokenizer) off the loop,
+            # which is serving.
             def make_engine() -> ChatEngine:
                 self._chat_dht = start_dht(self.config.initial_peers, self.config.host_maddrs, client_mode=True)
                 return ChatEngine(SwarmClient(self._chat_dht, self.source), self.source)

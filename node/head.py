@@ -16,7 +16,7 @@ through it together, so the head's weights are read once per round, not once per
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -44,8 +44,7 @@ class Embedder:
 class LMHead:
     """The last layer's output -> next-token logits: the architecture's final norm, then the LM head."""
 
-    def __init__(self, source: ModelSource, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 executor: Executor | None = None) -> None:
+    def __init__(self, source: ModelSource, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
         self.dtype, self.device = dtype, torch.device(device)
         with torch.device("meta"):  # a model without layers, for the architecture's own norm module
             model = AutoModelForCausalLM.from_config(stage_config(source.config, 0, 0), dtype=dtype)
@@ -54,8 +53,7 @@ class LMHead:
                               strict=False, assign=True)
         self.norm, self.lm_head = model.model.norm, model.lm_head
         self._pending: list[tuple[torch.Tensor, asyncio.Future]] = []  # last positions waiting for the head
-        # The server passes its compute thread, so the head queues behind layer passes instead of racing them.
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-head")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-head")
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -65,7 +63,7 @@ class LMHead:
     async def next_logits(self, hidden: torch.Tensor, *, alone_on_loop: bool = False) -> torch.Tensor:
         """[vocab] logits after the last position of `hidden` [1, tokens, hidden], batched with other callers.
         `alone_on_loop`: a batch of this call alone runs on the event loop, not on the head's thread (a
-        server whose only session this is; see `StepBatcher._alone`)."""
+        server whose only session this is; see `StepBatcher.alone`)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((hidden[0, -1:], future))
@@ -95,13 +93,9 @@ class ClientHead:
     def __init__(self, source: ModelSource, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
         self.embedder = Embedder(source, dtype=dtype, device=device)
         self.head = LMHead(source, dtype=dtype, device=device)
-        self.hidden_size = source.hidden_size
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embedder.embed(token_ids)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head.logits(hidden)
 
     async def next_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return await self.head.next_logits(hidden)

@@ -36,6 +36,7 @@ from node.checkpoint import (
     resolve_model,
 )
 from node.embedded_model import EmbeddedModelError, build_once
+from node.head import Embedder
 
 # --- helpers --------------------------------------------------------------------------------------------
 
@@ -141,6 +142,8 @@ def test_embedding_and_head_read_only_their_tensors(tiny_checkpoint, spy):
     assert torch.equal(embedding.rows(list(range(embedding.vocab_size))), expected)
     ids = [7, 3, 7, 0, expected.shape[0] - 1]  # repeats and the last row
     assert torch.equal(embedding.rows(ids), expected[ids])
+    with pytest.raises(IndexError, match="token ids must be in"):  # a clear error, not a shape mismatch
+        Embedder(source).embed(torch.tensor([[3, embedding.vocab_size]]))
 
     spy.read.clear()
     norm, head = load_head(source, dtype=torch.float32)
