@@ -207,8 +207,12 @@ class StepBatcher:
         event loop itself (and so does a server's LM head for it): handing it to the compute thread and back
         costs about 0.25 ms each way on an idle machine (two thread wake-ups), 3% of a token on a 3-stage
         chain, and there is nothing for the loop to do meanwhile. With other sessions about, the loop must
-        stay free to send their outputs on while a pass runs."""
-        return not self._waiting and len(self._rhythms) <= 1
+        stay free to send their outputs on while a pass runs.
+
+        Only with one torch thread, though: torch run from a second thread gets an OpenMP team of its own,
+        and with two teams on the cores GNU OpenMP stops spinning between parallel regions, so every op
+        of both waits for a wake-up (2 threads on 2 cores here: 32 -> 55 ms per token)."""
+        return not self._waiting and len(self._rhythms) <= 1 and torch.get_num_threads() == 1
 
     async def _gather(self) -> None:
         """Holds a decode pass back until the sessions due within `max_gather_s` have arrived, or are overdue."""

@@ -53,17 +53,17 @@ class LMHead:
                               strict=False, assign=True)
         self.norm, self.lm_head = model.model.norm, model.lm_head
         self._pending: list[tuple[torch.Tensor, asyncio.Future]] = []  # last positions waiting for the head
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm-head")
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[batch, tokens, hidden] states of the last layer -> [batch, tokens, vocab] logits (fp32)."""
         return self.lm_head(self.norm(hidden.to(device=self.device, dtype=self.dtype))).float()
 
-    async def next_logits(self, hidden: torch.Tensor, *, alone_on_loop: bool = False) -> torch.Tensor:
-        """[vocab] logits after the last position of `hidden` [1, tokens, hidden], batched with other callers.
-        `alone_on_loop`: a batch of this call alone runs on the event loop, not on the head's thread (a
-        server whose only session this is; see `StepBatcher.alone`)."""
+    async def next_logits(self, hidden: torch.Tensor, compute: ThreadPoolExecutor, *,
+                          alone_on_loop: bool = False) -> torch.Tensor:
+        """[vocab] logits after the last position of `hidden` [1, tokens, hidden], batched with other callers,
+        run on `compute`: the process's one torch thread (see `node.batching`).
+        `alone_on_loop`: a batch of this call alone runs on the event loop instead (see `StepBatcher.alone`)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((hidden[0, -1:], future))
@@ -75,7 +75,7 @@ class LMHead:
                 if alone_on_loop and len(batch) == 1:
                     rows = self.logits(rows_in)
                 else:
-                    rows = await loop.run_in_executor(self._executor, self.logits, rows_in)
+                    rows = await loop.run_in_executor(compute, self.logits, rows_in)
             except Exception as e:
                 for _, waiter in batch:
                     if not waiter.done():
@@ -93,9 +93,10 @@ class ClientHead:
     def __init__(self, source: ModelSource, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
         self.embedder = Embedder(source, dtype=dtype, device=device)
         self.head = LMHead(source, dtype=dtype, device=device)
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="client-head")
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embedder.embed(token_ids)
 
     async def next_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return await self.head.next_logits(hidden)
+        return await self.head.next_logits(hidden, self._compute)

@@ -483,10 +483,10 @@ class StageServer:
         return await asyncio.get_running_loop().run_in_executor(self._compute, self.stage.embedder.embed, token_ids)
 
     async def _sample(self, hidden: torch.Tensor, params: SamplingParams, position: int) -> int:
-        logits = await self.stage.head.next_logits(hidden, alone_on_loop=self.batcher.alone)
+        logits = await self.stage.head.next_logits(hidden, self._compute, alone_on_loop=self.batcher.alone)
         if params.temperature == 0:  # an argmax: cheap enough for the event loop
             return sample(logits, params, position)
-        return await asyncio.get_running_loop().run_in_executor(None, sample, logits, params, position)
+        return await asyncio.get_running_loop().run_in_executor(self._compute, sample, logits, params, position)
 
     def _feed_token(self, session: Session, token: int) -> None:
         """A ring's last stage: the token it sampled goes to the first stage (first, as that is the

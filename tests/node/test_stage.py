@@ -313,6 +313,31 @@ def test_a_lone_session_is_never_held_back_and_skips_the_thread_handoff(llama_st
     assert all(name.startswith("stage-compute") for name in threads[8:]) and len(threads) == 10
 
 
+def test_with_several_torch_threads_every_pass_runs_on_the_one_compute_thread(llama_stage, monkeypatch):
+    """Torch run from two threads gets two OpenMP teams, and GNU OpenMP then stops spinning between
+    parallel regions (2 threads on 2 cores: 32 -> 55 ms per token): so no pass on the loop then."""
+    stage = llama_stage
+    cache = stage.new_cache(64)
+    stage.forward(torch.randn(1, 2, 64), 0, cache)
+    threads: list[str] = []
+    real = stage.forward_batch
+    monkeypatch.setattr(stage, "forward_batch", lambda steps: (threads.append(threading.current_thread().name),
+                                                                real(steps))[1])
+
+    async def main():
+        batcher = StepBatcher(stage, max_gather_s=1.0)
+        for _ in range(4):
+            await batcher.run(cache, torch.randn(1, 1, 64), cache.length)
+        batcher.shutdown()
+
+    torch.set_num_threads(2)
+    try:
+        asyncio.run(main())
+    finally:
+        torch.set_num_threads(1)
+    assert len(threads) == 4 and all(name.startswith("stage-compute") for name in threads), threads
+
+
 def test_a_failing_step_does_not_fail_its_batch(llama_stage, monkeypatch):
     stage = llama_stage
     caches, twins = tagged_caches(stage, 4), tagged_caches(stage, 4)
