@@ -14,6 +14,7 @@ from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
 from desktop.bridge import NodeBridge
 from desktop.chat_window import ChatWindow
+from desktop.swarm_map import SwarmMapWindow
 from desktop.tray import Tray
 from node.checkpoint import DEFAULT_MODEL
 from node.controller import NodeController
@@ -50,14 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     controller = NodeController(args.model, NodeConfig(initial_peers=initial_peers, identity=args.identity,
                                                        max_memory_bytes=memory))
     bridge = NodeBridge(controller)
-    chat = ChatWindow(bridge)
+    chat, swarm_map = ChatWindow(bridge), SwarmMapWindow(bridge)
+
+    def bring_up(window) -> None:
+        window.show()
+        window.raise_()
+        window.activateWindow()
 
     def open_chat() -> None:
-        chat.show()
-        chat.raise_()
-        chat.activateWindow()
+        bring_up(chat)
 
-    tray = Tray(bridge, open_chat=open_chat, quit_app=app.quit)
+    tray = Tray(bridge, open_chat=open_chat, open_map=lambda: bring_up(swarm_map), quit_app=app.quit)
     if QSystemTrayIcon.isSystemTrayAvailable():
         tray.show()
     else:  # no tray on this desktop: the chat window is the app, and closing it quits

@@ -23,6 +23,7 @@ class NodeBridge(QObject):
     chat_text = Signal(str)  # a piece of the answer being streamed
     chat_done = Signal(str)  # the whole answer
     chat_failed = Signal(str)
+    swarm_changed = Signal(object)  # after `refresh_swarm`: `NodeController.swarm_status`'s dict, None or {"error"}
 
     def __init__(self, controller: NodeController, *, poll_ms: int = 1000, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -37,6 +38,18 @@ class NodeBridge(QObject):
 
     def refresh(self) -> None:
         self.status_changed.emit(self.controller.status())
+
+    def refresh_swarm(self) -> Future:
+        """Reads the swarm's records; the result arrives as `swarm_changed`."""
+        def done(f: Future) -> None:
+            if f.cancelled():
+                return
+            error = f.exception()
+            self.swarm_changed.emit({"error": f"{type(error).__name__}: {error}"} if error else f.result())
+
+        future = self.controller.swarm_status()
+        future.add_done_callback(done)
+        return future
 
     def start(self) -> Future:
         return self._watch("start", self.controller.start())

@@ -1,5 +1,5 @@
 """The tray icon and its menu: what the node serves and has contributed, pause/resume, snooze, a memory cap,
-chat, quit."""
+chat, the swarm map, quit."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ SNOOZES = (("for 1 hour", 3600.0), ("for 4 hours", 4 * 3600.0), ("for 12 hours",
 
 
 class Tray(QSystemTrayIcon):
-    def __init__(self, bridge: NodeBridge, *, open_chat: Callable[[], None], quit_app: Callable[[], None],
+    def __init__(self, bridge: NodeBridge, *, open_chat: Callable[[], None], open_map: Callable[[], None],
+                 quit_app: Callable[[], None],
                  snoozes: Sequence[tuple[str, float]] = SNOOZES,
                  memory_caps_gb: Sequence[float | None] = MEMORY_CAPS_GB) -> None:
         icons = {"online": hive_icon(SERVING), "failed": hive_icon(FAILED), "idle": hive_icon(IDLE)}
@@ -67,6 +68,7 @@ class Tray(QSystemTrayIcon):
             self._memory_group.addAction(action)
             action.triggered.connect(lambda _=False, c=cap: self.bridge.set_memory_cap(c))
         self.menu.addAction("Open chat").triggered.connect(open_chat)
+        self.menu.addAction("Swarm map").triggered.connect(open_map)
         self.menu.addSeparator()
         self.menu.addAction("Quit Layerhive").triggered.connect(quit_app)
         self.setContextMenu(self.menu)

@@ -82,6 +82,11 @@ class NodeController:
         """Caps the memory offered to the swarm (None: no cap); a serving node drains and rejoins with it."""
         return self._submit(lambda: self._node.set_memory_cap(max_memory_bytes))
 
+    def swarm_status(self) -> Future:
+        """Resolves to the swarm as the DHT shows it (`node.assignment.swarm_status`: nodes, their ranges and
+        load, replicas per layer), or None while the node has no DHT (stopped). Runs beside other operations."""
+        return asyncio.run_coroutine_threadsafe(self._node.swarm_status(), self._loop)
+
     def stop(self) -> Future:
         """Cancels what is under way, leaves the swarm and ends the node's thread."""
         future: Future = Future()

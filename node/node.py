@@ -24,7 +24,7 @@ from hivemind import DHT
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from node.assignment import EpochTracker, check_records, model_spec, plan, reference_memory
+from node.assignment import EpochTracker, check_records, model_spec, plan, reference_memory, swarm_status
 from node.checkpoint import ModelSource
 from node.identity import NodeIdentity, load_identity
 from node.membership import DEFAULT_TTL_S, announce, list_servers, open_dht
@@ -305,6 +305,12 @@ class Node:
         server.stage = None  # the weights go with the last reference
 
     # --- the DHT record -------------------------------------------------------------------------------
+
+    async def swarm_status(self) -> dict | None:
+        """The swarm as its DHT records show it (`node.assignment.swarm_status`); None before joining a DHT."""
+        if self.dht is None:
+            return None
+        return swarm_status(self.spec, await self._records())
 
     async def _records(self) -> list[ServerRecord]:
         return await list_servers(self.dht, self.source.name, num_layers=self.source.num_layers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 
@@ -16,6 +17,7 @@ from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from desktop.bridge import NodeBridge  # noqa: E402
 from desktop.chat_window import ChatWindow  # noqa: E402
+from desktop.swarm_map import SwarmMapWindow, describe_node, pack_rows  # noqa: E402
 from desktop.tray import Tray  # noqa: E402
 from node.chat import ChatEngine, Message  # noqa: E402
 from node.checkpoint import resolve_model  # noqa: E402
@@ -78,8 +80,8 @@ def headless_answer(swarm: LocalSwarm, messages: list[Message], params: Sampling
 def test_tray_shows_what_the_node_serves_and_pauses_and_resumes_it(hive):
     _, bridge = hive
     opened = []
-    tray = Tray(bridge, open_chat=lambda: opened.append(True), quit_app=lambda: None,
-                snoozes=[("for 2 seconds", 2.0)])
+    tray = Tray(bridge, open_chat=lambda: opened.append("chat"), open_map=lambda: opened.append("map"),
+                quit_app=lambda: None, snoozes=[("for 2 seconds", 2.0)])
     assert tray.doing_action.text() == "Not started" and tray.toggle_action.text() == "Resume contributing"
     tray.toggle_action.trigger()  # a stopped node starts
     wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the node online")
@@ -107,7 +109,8 @@ def test_tray_shows_what_the_node_serves_and_pauses_and_resumes_it(hive):
                and tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the node back with the cap")
 
     next(a for a in tray.menu.actions() if a.text() == "Open chat").trigger()
-    assert opened == [True]
+    next(a for a in tray.menu.actions() if a.text() == "Swarm map").trigger()
+    assert opened == ["chat", "map"]
 
 
 def test_chat_window_streams_the_swarms_answer(hive, tmp_path):
@@ -146,3 +149,40 @@ def test_stop_ends_the_answer_and_forgets_the_question(hive):
     assert window.transcript.toPlainText().endswith("(stopped)")
     assert window.messages == [] and window.send_button.isEnabled()
     assert 2 <= len(pieces) < 200
+
+
+def test_swarm_map_shows_every_node_over_its_layers_and_the_replicas(hive, tmp_path):
+    swarm, bridge = hive
+    if bridge.status().state != "online":
+        bridge.start().result(timeout=90)
+    window = SwarmMapWindow(bridge, refresh_ms=500)
+    window.show()
+    own = bridge.status().peer_id
+    # The app's node serves 0:2 beside the local swarm's 0:2 and 2:4: two rows, 0:2 twice over.
+    wait_until(lambda: window.view.status is not None and len(window.view.status.get("nodes", [])) == 3, 60,
+               "the three nodes on the map")
+    status = window.view.status
+    assert status["replicas_per_layer"] == [2, 2, 1, 1] and status["uncovered_layers"] == []
+    assert sorted(len(row) for row in window.view.rows) == [1, 2]
+    assert "3 nodes, 4 layers, 1–2 replicas per layer" in window.summary.text()
+    QApplication.processEvents()
+    window.repaint()  # paints, recording where each bar went
+    mine = next(rect for rect, node in window.view._bars if node["peer_id"] == own)
+    node = window.view.node_at(mine.center().toPoint())
+    assert node["peer_id"] == own and describe_node(node, True).startswith(f"This node {own}\nonline, layers 0–2")
+    window.grab().save(str(tmp_path / "swarm_map.png"))
+
+    bridge.pause().result(timeout=90)  # the paused node leaves the map at the next read
+    wait_until(lambda: len(window.view.status.get("nodes", [])) == 2, 60, "the paused node gone from the map")
+    assert window.view.status["replicas_per_layer"] == [1, 1, 1, 1]
+    bridge.resume().result(timeout=90)
+    window.close()
+
+
+def test_rows_of_the_map_never_overlap():
+    nodes = [{"range": r} for r in ("0:10", "5:15", "10:20", "0:20", "15:30", None)]
+    rows = pack_rows(nodes)
+    assert sum(len(row) for row in rows) == 5 and len(rows) == 3
+    for row in rows:
+        spans = [tuple(map(int, n["range"].split(":"))) for n in row]
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
