@@ -381,8 +381,8 @@ def create_app(model: str, initial_peers: Sequence[str], *, default_max_tokens: 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         source = await asyncio.to_thread(resolve_model, model)
         dht = await asyncio.to_thread(start_dht, list(initial_peers), list(host_maddrs), client_mode=True)
+        client = SwarmClient(dht, source)
         try:
-            client = SwarmClient(dht, source)
             await client.p2p()  # replicate now, in this loop, rather than racing on the first requests
             engine = await asyncio.to_thread(ChatEngine, client, source)
             names = {source.name, *(alias for alias, name in MODEL_ALIASES.items() if name == source.name)}
@@ -390,6 +390,7 @@ def create_app(model: str, initial_peers: Sequence[str], *, default_max_tokens: 
             logger.info("serving %s through the swarm", source.name)
             yield
         finally:
+            await client.close()
             dht.shutdown()
 
     app = FastAPI(title="Layerhive OpenAI-compatible API", lifespan=lifespan)

@@ -137,8 +137,9 @@ async def _chat(args: argparse.Namespace, initial_peers: list[str]) -> int:
 
     source = resolve_model(args.model)
     dht = start_dht(initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    client = SwarmClient(dht, source)
     try:
-        engine = ChatEngine(SwarmClient(dht, source), source)
+        engine = ChatEngine(client, source)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
         messages = [Message("user", args.prompt)]
@@ -146,6 +147,7 @@ async def _chat(args: argparse.Namespace, initial_peers: list[str]) -> int:
             print(delta, end="", flush=True)
         print()
     finally:
+        await client.close()
         dht.shutdown()
     return 0
 

@@ -218,6 +218,13 @@ class SwarmClient:
             self._p2p = await self.dht.replicate_p2p()
         return self._p2p
 
+    async def close(self) -> None:
+        """Closes this client's connections to the p2p daemon, on the loop that opened them (left to the
+        garbage collector, they are closed after that loop is gone, and fail noisily). The DHT stays up."""
+        if self._p2p is not None:
+            await self._p2p.shutdown()
+            self._p2p = None
+
     async def servers(self) -> list[ServerRecord]:
         return await list_servers(self.dht, self.model, num_layers=self.num_layers)
 

@@ -100,6 +100,8 @@ class NodeController:
             try:
                 await self._node.stop()
             finally:
+                if self._chat_engine is not None:
+                    await self._chat_engine.client.close()
                 if self._chat_dht is not None:
                     self._chat_dht.shutdown()
                 self._loop.call_soon(self._loop.stop)

@@ -216,6 +216,9 @@ class Node:
             if server is not None:
                 self._drop(server)
         self.server, self.retiring = None, []
+        if self.p2p is not None:  # our replica's connections to the daemon, closed on this loop while it runs
+            await self.p2p.shutdown()
+            self.p2p = None
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
