@@ -14,6 +14,7 @@ from PySide6.QtWidgets import QApplication, QSystemTrayIcon
 
 from desktop.bridge import NodeBridge
 from desktop.chat_window import ChatWindow
+from desktop.settings import AppSettings
 from desktop.swarm_map import SwarmMapWindow
 from desktop.tray import Tray
 from node.checkpoint import DEFAULT_MODEL
@@ -28,7 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of swarm peers")
     parser.add_argument("--identity", default="desktop", help="name of this node's persistent identity")
-    parser.add_argument("--max-memory-gb", type=float, default=None, help="offer at most this much memory")
+    parser.add_argument("--max-memory-gb", type=float, default=None,
+                        help="offer at most this much memory (this run; the tray's choice is remembered)")
     return parser.parse_args(argv)
 
 
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         local_swarm = LocalSwarm(args.model, num_nodes=2)
         local_swarm.start()  # before the UI: the node needs a swarm to join (about 20 s the first time)
         initial_peers = local_swarm.initial_peers
-    memory = int(args.max_memory_gb * 1e9) if args.max_memory_gb else None
+    settings = AppSettings()
+    memory = int(args.max_memory_gb * 1e9) if args.max_memory_gb else settings.memory_cap_bytes
     controller = NodeController(args.model, NodeConfig(initial_peers=initial_peers, identity=args.identity,
                                                        max_memory_bytes=memory))
     bridge = NodeBridge(controller)
@@ -61,13 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     def open_chat() -> None:
         bring_up(chat)
 
-    tray = Tray(bridge, open_chat=open_chat, open_map=lambda: bring_up(swarm_map), quit_app=app.quit)
+    tray = Tray(bridge, settings, open_chat=open_chat, open_map=lambda: bring_up(swarm_map), quit_app=app.quit)
     if QSystemTrayIcon.isSystemTrayAvailable():
         tray.show()
     else:  # no tray on this desktop: the chat window is the app, and closing it quits
         app.setQuitOnLastWindowClosed(True)
     open_chat()
-    bridge.start()
+    tray.start()  # unless the contributor paused last time, or a snooze still runs
     # Ctrl-C or a service manager's SIGTERM quits like the menu's Quit: the node leaves the swarm cleanly.
     # Python runs signal handlers only between bytecodes, so a timer lets it in while Qt's loop waits.
     for number in (signal.SIGINT, signal.SIGTERM):

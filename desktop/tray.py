@@ -12,6 +12,7 @@ from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 
 from desktop.bridge import NodeBridge
 from desktop.icons import FAILED, IDLE, SERVING, hive_icon
+from desktop.settings import AppSettings
 from node.controller import NodeStatus
 
 _ACTIVE = ("starting", "joining", "online", "draining")
@@ -37,14 +38,14 @@ SNOOZES = (("for 1 hour", 3600.0), ("for 4 hours", 4 * 3600.0), ("for 12 hours",
 
 
 class Tray(QSystemTrayIcon):
-    def __init__(self, bridge: NodeBridge, *, open_chat: Callable[[], None], open_map: Callable[[], None],
-                 quit_app: Callable[[], None],
+    def __init__(self, bridge: NodeBridge, settings: AppSettings, *, open_chat: Callable[[], None],
+                 open_map: Callable[[], None], quit_app: Callable[[], None],
                  snoozes: Sequence[tuple[str, float]] = SNOOZES,
                  memory_caps_gb: Sequence[float | None] = MEMORY_CAPS_GB) -> None:
         icons = {"online": hive_icon(SERVING), "failed": hive_icon(FAILED), "idle": hive_icon(IDLE)}
         super().__init__(icons["idle"])
         self._icons, self._icon_shown = icons, "idle"
-        self.bridge = bridge
+        self.bridge, self.settings = bridge, settings
         self.menu = QMenu()
         self.doing_action = self._info_action()
         self.contributed_action = self._info_action()
@@ -66,7 +67,7 @@ class Tray(QSystemTrayIcon):
             cap = None if gigabytes is None else int(gigabytes * 1e9)
             action.setChecked(cap == bridge.controller.config.max_memory_bytes)
             self._memory_group.addAction(action)
-            action.triggered.connect(lambda _=False, c=cap: self.bridge.set_memory_cap(c))
+            action.triggered.connect(lambda _=False, c=cap: self.set_memory_cap(c))
         self.menu.addAction("Open chat").triggered.connect(open_chat)
         self.menu.addAction("Swarm map").triggered.connect(open_map)
         self.menu.addSeparator()
@@ -83,10 +84,23 @@ class Tray(QSystemTrayIcon):
         action.setEnabled(False)
         return action
 
+    def start(self) -> None:
+        """Starts contributing at launch, unless the contributor paused last time or a snooze still runs."""
+        snoozed_until = self.settings.snoozed_until
+        if snoozed_until is not None and snoozed_until > datetime.now():
+            self.snoozed_until = snoozed_until
+            self._wake.start(int((snoozed_until - datetime.now()).total_seconds() * 1000))
+        elif not self.settings.paused:
+            self.settings.snoozed_until = None
+            self.bridge.start()
+        self.show_status(self.bridge.status())
+
     def show_status(self, status: NodeStatus) -> None:
         doing, contributed = describe(status)
-        if status.state == "paused" and self.snoozed_until is not None:
+        if status.state in ("paused", "stopped") and self.snoozed_until is not None:
             doing = f"Snoozed until {self.snoozed_until:%H:%M}"
+        elif status.state == "stopped" and self.settings.paused:
+            doing = "Paused"
         self.doing_action.setText(doing)
         self.contributed_action.setText(contributed)
         self.toggle_action.setText("Pause contributing" if status.state in _ACTIVE else "Resume contributing")
@@ -101,25 +115,36 @@ class Tray(QSystemTrayIcon):
     def toggle(self) -> None:
         """Pause is a graceful drain: answers in flight finish first. Resume rejoins with a new assignment."""
         self._cancel_snooze()
-        state = self.bridge.status().state
-        if state in _ACTIVE:
+        if self.bridge.status().state in _ACTIVE:
+            self.settings.paused = True  # remembered: the next launch stays paused
             self.bridge.pause()
-        elif state == "stopped":
+        else:
+            self.settings.paused = False
+            self._contribute()
+
+    def snooze(self, seconds: float) -> None:
+        """Pauses (the same graceful drain) and resumes by itself after `seconds`, across a restart too."""
+        self.snoozed_until = self.settings.snoozed_until = datetime.now() + timedelta(seconds=seconds)
+        self._wake.start(int(seconds * 1000))
+        self.bridge.pause()
+
+    def set_memory_cap(self, max_memory_bytes: int | None) -> None:
+        self.settings.memory_cap_bytes = max_memory_bytes
+        self.bridge.set_memory_cap(max_memory_bytes)
+
+    def _contribute(self) -> None:
+        """Starts a node never started, resumes a paused one (after a pause still draining: the controller
+        runs them in order)."""
+        if self.bridge.status().state == "stopped":
             self.bridge.start()
         else:
             self.bridge.resume()
 
-    def snooze(self, seconds: float) -> None:
-        """Pauses (the same graceful drain) and resumes by itself after `seconds`."""
-        self.snoozed_until = datetime.now() + timedelta(seconds=seconds)
-        self._wake.start(int(seconds * 1000))
-        self.bridge.pause()
-
     def _end_snooze(self) -> None:
-        self.snoozed_until = None
-        if self.bridge.status().state in ("paused", "draining"):
-            self.bridge.resume()  # queued after a pause still draining: the controller runs them in order
+        self._cancel_snooze()
+        if self.bridge.status().state in ("paused", "draining", "stopped"):
+            self._contribute()
 
     def _cancel_snooze(self) -> None:
         self._wake.stop()
-        self.snoozed_until = None
+        self.snoozed_until = self.settings.snoozed_until = None

@@ -6,17 +6,19 @@ import asyncio
 import itertools
 import os
 import time
+from datetime import datetime, timedelta
 
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before Qt starts: no display needed
 
-from PySide6.QtCore import Qt  # noqa: E402
+from PySide6.QtCore import QSettings, Qt  # noqa: E402
 from PySide6.QtTest import QTest  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from desktop.bridge import NodeBridge  # noqa: E402
 from desktop.chat_window import ChatWindow  # noqa: E402
+from desktop.settings import AppSettings  # noqa: E402
 from desktop.swarm_map import SwarmMapWindow, describe_node, pack_rows  # noqa: E402
 from desktop.tray import Tray  # noqa: E402
 from node.chat import ChatEngine, Message  # noqa: E402
@@ -68,19 +70,25 @@ def headless_answer(swarm: LocalSwarm, messages: list[Message], params: Sampling
     async def run() -> str:
         source = resolve_model(swarm.source.name)
         dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+        client = SwarmClient(dht, source)
         try:
-            engine = ChatEngine(SwarmClient(dht, source), source)
-            return "".join([piece async for piece in engine.stream_chat(messages, params)])
+            return "".join([piece async for piece in ChatEngine(client, source).stream_chat(messages, params)])
         finally:
+            await client.close()
             dht.shutdown()
 
     return asyncio.run(run())
 
 
-def test_tray_shows_what_the_node_serves_and_pauses_and_resumes_it(hive):
+def settings_in(tmp_path) -> AppSettings:
+    return AppSettings(QSettings(str(tmp_path / "layerhive.conf"), QSettings.Format.IniFormat))
+
+
+def test_tray_shows_what_the_node_serves_and_pauses_and_resumes_it(hive, tmp_path):
     _, bridge = hive
     opened = []
-    tray = Tray(bridge, open_chat=lambda: opened.append("chat"), open_map=lambda: opened.append("map"),
+    settings = settings_in(tmp_path)
+    tray = Tray(bridge, settings, open_chat=lambda: opened.append("chat"), open_map=lambda: opened.append("map"),
                 quit_app=lambda: None, snoozes=[("for 2 seconds", 2.0)])
     assert tray.doing_action.text() == "Not started" and tray.toggle_action.text() == "Resume contributing"
     tray.toggle_action.trigger()  # a stopped node starts
@@ -91,20 +99,24 @@ def test_tray_shows_what_the_node_serves_and_pauses_and_resumes_it(hive):
     tray.toggle_action.trigger()  # pause: a graceful drain, then the node withdraws
     wait_until(lambda: tray.doing_action.text() == "Paused", 90, "the node paused")
     assert tray.toggle_action.text() == "Resume contributing" and bridge.status().layers is None
+    assert settings.paused  # remembered for the next launch
 
     tray.toggle_action.trigger()
     wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the node online again")
+    assert not settings.paused
 
     tray.snooze_menu.actions()[0].trigger()  # pauses, then resumes by itself
     wait_until(lambda: tray.doing_action.text().startswith("Snoozed until"), 90, "the node snoozing")
     assert tray.toggle_action.text() == "Resume contributing" and not tray.snooze_menu.isEnabled()
+    assert settings.snoozed_until == tray.snoozed_until
     wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the snooze over")
+    assert settings.snoozed_until is None
 
     assert tray.memory_menu.actions()[0].isChecked()  # "No cap"
     assert bridge.controller.node.record.memory_bytes > 2e9
     two_gb = next(a for a in tray.memory_menu.actions() if a.text() == "At most 2 GB")
     two_gb.trigger()  # the node drains and rejoins, offering at most 2 GB
-    assert two_gb.isChecked()
+    assert two_gb.isChecked() and settings.memory_cap_bytes == 2_000_000_000
     wait_until(lambda: bridge.controller.node.record.memory_bytes <= 2e9
                and tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the node back with the cap")
 
@@ -186,3 +198,30 @@ def test_rows_of_the_map_never_overlap():
     for row in rows:
         spans = [tuple(map(int, n["range"].split(":"))) for n in row]
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+
+
+def test_a_new_launch_keeps_the_snooze_the_pause_and_the_memory_cap(hive, tmp_path):
+    swarm, _ = hive
+    settings = settings_in(tmp_path)
+    settings.memory_cap_bytes = 2_000_000_000
+    settings.snoozed_until = datetime.now() + timedelta(seconds=3)
+    settings.paused = False
+    controller = NodeController(swarm.source.name, NodeConfig(start=0, end=2, initial_peers=swarm.initial_peers,
+                                                              bench=False, max_memory_bytes=settings.memory_cap_bytes))
+    bridge = NodeBridge(controller, poll_ms=200)
+    try:
+        tray = Tray(bridge, settings, open_chat=lambda: None, open_map=lambda: None, quit_app=lambda: None)
+        tray.start()  # what the app does at launch: the snooze still runs, so the node waits
+        assert tray.doing_action.text().startswith("Snoozed until") and bridge.status().state == "stopped"
+        wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the snooze over")
+        assert controller.node.record.memory_bytes <= 2e9 and settings.snoozed_until is None
+
+        tray.toggle_action.trigger()  # paused by the contributor ...
+        wait_until(lambda: bridge.status().state == "paused", 90, "the node paused")
+        relaunched = Tray(bridge, settings_in(tmp_path), open_chat=lambda: None, open_map=lambda: None,
+                          quit_app=lambda: None)
+        relaunched.start()  # ... stays paused at the next launch
+        QApplication.processEvents()
+        assert relaunched.doing_action.text() == "Paused" and bridge.status().state == "paused"
+    finally:
+        bridge.stop().result(timeout=60)
