@@ -1,6 +1,7 @@
 """`layerhive-app`: the tray app. It starts a node that joins the swarm and serves the layers it is
-given, and offers the chat window. Without --initial-peers it first starts a small local swarm of
-the model on this machine (a bootstrap peer and two nodes), so the app can be tried alone."""
+given, and offers the chat window and the swarm map. It joins the swarm named by --initial-peers, else the
+one in the user's config (`node.config`); with none known it first starts a small local swarm of the model
+on this machine (a bootstrap peer and two nodes), so the app can be tried alone."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import signal
 import sys
 
 from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import QApplication, QSystemTrayIcon
+from PySide6.QtWidgets import QApplication, QMessageBox, QSystemTrayIcon
 
 from desktop.bridge import NodeBridge
 from desktop.chat_window import ChatWindow
@@ -18,6 +19,7 @@ from desktop.settings import AppSettings
 from desktop.swarm_map import SwarmMapWindow
 from desktop.tray import Tray
 from node.checkpoint import DEFAULT_MODEL
+from node.config import ConfigError, default_initial_peers
 from node.controller import NodeController
 from node.node import NodeConfig
 
@@ -27,7 +29,8 @@ logger = logging.getLogger(__name__)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="layerhive-app", description=__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of swarm peers")
+    parser.add_argument("--initial-peers", nargs="*", default=None,
+                        help="multiaddrs of swarm peers (default: the user's config, see `layerhive node`)")
     parser.add_argument("--identity", default="desktop", help="name of this node's persistent identity")
     parser.add_argument("--max-memory-gb", type=float, default=None,
                         help="offer at most this much memory (this run; the tray's choice is remembered)")
@@ -42,8 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     app.setQuitOnLastWindowClosed(False)  # closing the chat window leaves the node serving from the tray
 
     local_swarm = None
-    initial_peers = list(args.initial_peers)
-    if not initial_peers:
+    try:
+        initial_peers = args.initial_peers if args.initial_peers is not None else default_initial_peers()
+    except ConfigError as e:  # a hand-edited config: say so in a window, the app may have no terminal
+        QMessageBox.critical(None, "Layerhive", f"Layerhive cannot start: {e}")
+        return 2
+    if not initial_peers:  # no swarm known: a demo swarm on this machine
         from node.local_swarm import LocalSwarm
 
         local_swarm = LocalSwarm(args.model, num_nodes=2)

@@ -11,6 +11,7 @@ import sys
 
 from node.checkpoint import DEFAULT_MODEL
 from node.cli_simulate import add_simulate_parser
+from node.config import ConfigError, default_initial_peers
 
 
 def parse_layers(text: str) -> tuple[int, int]:
@@ -291,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_logs(args.verbose)
+    if getattr(args, "initial_peers", None) == [] and args.func is not cmd_bootstrap:
+        try:
+            args.initial_peers = default_initial_peers()  # the user's config, then the built-in list
+        except ConfigError as e:
+            print(f"layerhive: error: {e}", file=sys.stderr)
+            return 2
     return args.func(args)
 
 

@@ -58,6 +58,12 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     return NetworkConfig(**values)
 
 
+def default_initial_peers() -> list[str]:
+    """Where to join when no --initial-peers is given: the config file, LAYERHIVE_INITIAL_PEERS, or the built-in
+    list; empty means no swarm is known (commands then start a local one, or say what is missing)."""
+    return list(load_config().initial_peers)
+
+
 def _parse_file(path: Path) -> dict[str, tuple[str, ...]]:
     try:
         data: Any = json.loads(path.read_text())

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -37,3 +40,12 @@ def test_malformed_file_is_a_clear_error(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ConfigError, match="config.json"):
         load_config(path, environ={})
+
+
+def test_commands_say_so_when_the_configured_swarm_is_malformed(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"inital_peers": [PEER]}))
+    env = {**os.environ, "LAYERHIVE_HOME": str(tmp_path)}
+    env.pop("LAYERHIVE_INITIAL_PEERS", None)
+    done = subprocess.run([sys.executable, "-m", "node.cli", "status", "--model", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and "unknown key 'inital_peers'" in done.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -108,9 +109,11 @@ def test_pause_drains_a_session_in_flight_then_resume_rejoins(tiny_checkpoint):
         again, events = asyncio.run(_generate(swarm, prompt_ids))
         assert again == reference
 
-        # `layerhive status` sees both nodes online and every layer covered.
-        shown = subprocess.run([sys.executable, "-m", "node.cli", "status", "--json", "--model", path,
-                                "--initial-peers", *swarm.initial_peers], capture_output=True, text=True, timeout=60)
+        # `layerhive status` sees both nodes online and every layer covered; it finds the swarm through the
+        # user's configuration (here the environment), as every command does without --initial-peers.
+        env = {**os.environ, "LAYERHIVE_INITIAL_PEERS": ",".join(swarm.initial_peers)}
+        shown = subprocess.run([sys.executable, "-m", "node.cli", "status", "--json", "--model", path],
+                               capture_output=True, text=True, timeout=60, env=env)
         assert shown.returncode == 0, shown.stderr
         status_json = json.loads(shown.stdout)
         assert status_json["min_replicas"] >= 1 and not status_json["uncovered_layers"]
