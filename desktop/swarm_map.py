@@ -40,10 +40,14 @@ def _span(node: dict) -> tuple[int, int]:
 
 def describe_node(node: dict, own: bool) -> str:
     start, end = _span(node)
+    details = [f"{node['layer_latency_ms']:.2f} ms per layer", f"{node['memory_gb']:.1f} GB offered"]
+    if node["uplink_mbps"] > 0:  # 0: not measured (no peer to measure against when it joined)
+        details.append(f"{node['uplink_mbps']:.0f} Mbit/s up")
+    if node["region"]:
+        details.append(node["region"])
     return (f"{'This node' if own else 'Node'} {node['peer_id']}\n"
             f"{node['state']}, layers {start}–{end}, {node['sessions']} open sessions, queue {node['queue_len']}\n"
-            f"{node['layer_latency_ms']:.2f} ms per layer, {node['memory_gb']:.1f} GB offered, "
-            f"{node['uplink_mbps']:.0f} Mbit/s up{', ' + node['region'] if node['region'] else ''}")
+            + ", ".join(details))
 
 
 class SwarmMapView(QWidget):
@@ -160,10 +164,10 @@ class SwarmMapWindow(QWidget):
     def show_swarm(self, status: dict | None) -> None:
         self.view.set_status(status, self.bridge.status().peer_id)
         if status is not None and "nodes" in status:
-            uncovered = status["uncovered_layers"]
+            uncovered, low, high = status["uncovered_layers"], status["min_replicas"], status["max_replicas"]
             self.summary.setText(
                 f"{status['model']}: {len(status['nodes'])} nodes, {status['num_layers']} layers, "
-                f"{status['min_replicas']}–{status['max_replicas']} replicas per layer, epoch {status['epoch']}"
+                f"{low if low == high else f'{low}–{high}'} replicas per layer, epoch {status['epoch']}"
                 + (f" · not served now: layers {', '.join(map(str, uncovered))}" if uncovered else ""))
         else:
             self.summary.setText(self.view.message() or "")
