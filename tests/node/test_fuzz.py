@@ -17,7 +17,7 @@ import torch
 from hivemind.compression import serialize_torch_tensor
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from node.checkpoint import resolve_model
@@ -191,14 +191,19 @@ def test_a_thousand_hostile_requests_are_refused_and_the_honest_session_is_untou
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(request=hostile_opens())
+    @example(request=runtime_pb2.ExpertRequest(metadata=msgpack.packb(  # well-formed, past this node's layers
+        {"open": {"session_id": "x", "start": 0, "end": 3, "max_length": 8}})))
     def hostile_open(request):
         code = live.run(_open_refusal(live, request))
         try:
-            parse_open(request, max_length_limit=64)
+            opened = parse_open(request, max_length_limit=64)
         except ProtocolError:
             assert code in ERROR_CODES, (code, msgpack.unpackb(request.metadata))  # a clear refusal
-        else:  # a valid open is accepted, or (id already in use) refused; we close our side at once
-            assert code in {"opened", "closed", "bad_request"}, code
+        else:
+            if not 0 <= opened.start < opened.end <= 2:  # well-formed, but layers this node does not serve
+                assert code == "bad_range", code
+            else:  # accepted, or (id already in use) refused; we close our side at once
+                assert code in {"opened", "closed", "bad_request"}, code
         honest.step()
 
     hostile_step()
