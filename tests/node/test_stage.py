@@ -285,54 +285,45 @@ def test_sessions_arriving_out_of_step_are_gathered_into_one_pass(llama_stage, m
         assert sizes == [1] * 24 and waits == 0, sizes
 
 
+def pass_threads(stage: Stage, monkeypatch) -> list[str]:
+    """Spies on forward_batch: the name of the thread each pass ran on."""
+    threads: list[str] = []
+    real = stage.forward_batch
+    monkeypatch.setattr(stage, "forward_batch", lambda steps: (threads.append(threading.current_thread().name),
+                                                                real(steps))[1])
+    return threads
+
+
 def test_a_lone_session_is_never_held_back_and_skips_the_thread_handoff(llama_stage, monkeypatch):
     stage = llama_stage
     cache, other = stage.new_cache(64), stage.new_cache(64)
     for c in (cache, other):
         stage.forward(torch.randn(1, 2, 64), 0, c)
-    threads: list[str] = []
-    real = stage.forward_batch
-    monkeypatch.setattr(stage, "forward_batch", lambda steps: (threads.append(threading.current_thread().name),
-                                                                real(steps))[1])
+    threads = pass_threads(stage, monkeypatch)
 
-    async def main():
+    async def main(lone_steps: int, then_another: bool):
         batcher = StepBatcher(stage, max_gather_s=1.0)
-        for _ in range(8):
+        for _ in range(lone_steps):
             await batcher.run(cache, torch.randn(1, 1, 64), cache.length)
             await asyncio.sleep(0.01)
         waits = batcher.gather_waits
-        # Once a second session decodes here, passes go back to the compute thread: the loop stays free.
-        await batcher.run(other, torch.randn(1, 1, 64), other.length)
-        await batcher.run(cache, torch.randn(1, 1, 64), cache.length)
+        if then_another:  # once a second session decodes here, passes go back to the compute thread
+            await batcher.run(other, torch.randn(1, 1, 64), other.length)
+            await batcher.run(cache, torch.randn(1, 1, 64), cache.length)
         batcher.shutdown()
         return waits
 
-    assert asyncio.run(main()) == 0
+    assert asyncio.run(main(8, then_another=True)) == 0
     loop_thread = threading.current_thread().name
     assert threads[:8] == [loop_thread] * 8, "a lone session's decode passes run on the event loop"
     assert all(name.startswith("stage-compute") for name in threads[8:]) and len(threads) == 10
 
-
-def test_with_several_torch_threads_every_pass_runs_on_the_one_compute_thread(llama_stage, monkeypatch):
-    """Torch run from two threads gets two OpenMP teams, and GNU OpenMP then stops spinning between
-    parallel regions (2 threads on 2 cores: 32 -> 55 ms per token): so no pass on the loop then."""
-    stage = llama_stage
-    cache = stage.new_cache(64)
-    stage.forward(torch.randn(1, 2, 64), 0, cache)
-    threads: list[str] = []
-    real = stage.forward_batch
-    monkeypatch.setattr(stage, "forward_batch", lambda steps: (threads.append(threading.current_thread().name),
-                                                                real(steps))[1])
-
-    async def main():
-        batcher = StepBatcher(stage, max_gather_s=1.0)
-        for _ in range(4):
-            await batcher.run(cache, torch.randn(1, 1, 64), cache.length)
-        batcher.shutdown()
-
+    # Not with several torch threads: torch run from two threads gets two OpenMP teams, and GNU OpenMP then
+    # stops spinning between parallel regions (2 threads on 2 cores: 32 -> 55 ms per token).
+    threads.clear()
     torch.set_num_threads(2)
     try:
-        asyncio.run(main())
+        asyncio.run(main(4, then_another=False))
     finally:
         torch.set_num_threads(1)
     assert len(threads) == 4 and all(name.startswith("stage-compute") for name in threads), threads
