@@ -9,9 +9,12 @@ import argparse
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
-from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import QApplication, QMessageBox, QSystemTrayIcon
+from PySide6.QtCore import QEventLoop, QTimer
+from PySide6.QtWidgets import QApplication, QLabel, QMessageBox, QSystemTrayIcon
 
 from desktop.bridge import NodeBridge
 from desktop.chat_window import ChatWindow
@@ -24,6 +27,7 @@ from node.controller import NodeController
 from node.node import NodeConfig
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,6 +39,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-memory-gb", type=float, default=None,
                         help="offer at most this much memory (this run; the tray's choice is remembered)")
     return parser.parse_args(argv)
+
+
+def while_showing(text: str, work: Callable[[], T]) -> T:
+    """Runs `work` on a helper thread while a small window says what is under way; Qt's loop keeps running."""
+    window = QLabel(text)
+    window.setWindowTitle("Layerhive")
+    window.setMargin(24)
+    window.show()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(work)
+        waiting = QEventLoop()
+        poll = QTimer()
+        poll.timeout.connect(lambda: future.done() and waiting.quit())
+        poll.start(100)
+        waiting.exec()
+        poll.stop()
+    window.close()
+    return future.result()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,12 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         from node.local_swarm import LocalSwarm
 
         local_swarm = LocalSwarm(args.model, num_nodes=2)
-        local_swarm.start()  # before the UI: the node needs a swarm to join (about 20 s the first time)
+        try:  # the node needs a swarm to join: about 20 s the first time, with a window saying so meanwhile
+            while_showing(f"Starting a local demo swarm of {args.model}…", local_swarm.start)
+        except Exception as e:
+            local_swarm.stop()
+            QMessageBox.critical(None, "Layerhive", f"The local swarm did not start: {e}")
+            return 1
         initial_peers = local_swarm.initial_peers
     settings = AppSettings()
     memory = int(args.max_memory_gb * 1e9) if args.max_memory_gb else settings.memory_cap_bytes
-    controller = NodeController(args.model, NodeConfig(initial_peers=initial_peers, identity=args.identity,
-                                                       max_memory_bytes=memory))
+    controller = while_showing("Loading the model…", lambda: NodeController(args.model, NodeConfig(
+        initial_peers=initial_peers, identity=args.identity, max_memory_bytes=memory)))
     bridge = NodeBridge(controller)
     chat, swarm_map = ChatWindow(bridge), SwarmMapWindow(bridge)
 

@@ -12,10 +12,11 @@ import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before Qt starts: no display needed
 
-from PySide6.QtCore import QSettings, Qt  # noqa: E402
+from PySide6.QtCore import QSettings, Qt, QTimer  # noqa: E402
 from PySide6.QtTest import QTest  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
+from desktop.app import while_showing  # noqa: E402
 from desktop.bridge import NodeBridge  # noqa: E402
 from desktop.chat_window import ChatWindow  # noqa: E402
 from desktop.settings import AppSettings  # noqa: E402
@@ -225,3 +226,13 @@ def test_a_new_launch_keeps_the_snooze_the_pause_and_the_memory_cap(hive, tmp_pa
         assert relaunched.doing_action.text() == "Paused" and bridge.status().state == "paused"
     finally:
         bridge.stop().result(timeout=60)
+
+
+def test_slow_start_up_work_runs_while_the_ui_stays_live(app):
+    fired: list[float] = []
+    QTimer.singleShot(50, lambda: fired.append(time.monotonic()))  # must fire during the work, not after
+    started = time.monotonic()
+    assert while_showing("Starting…", lambda: time.sleep(0.5) or 42) == 42
+    assert fired and fired[0] - started < 0.4
+    with pytest.raises(RuntimeError, match="no swarm"):
+        while_showing("Starting…", lambda: (_ for _ in ()).throw(RuntimeError("no swarm")))
