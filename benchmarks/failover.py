@@ -24,18 +24,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from node.chaos import ChaosRunner  # noqa: E402
 from node.chat import Message, chat_template_ids  # noqa: E402
 from node.checkpoint import DEFAULT_MODEL, load_tokenizer, resolve_model  # noqa: E402
-from node.client import SwarmClient  # noqa: E402
+from node.client import connect  # noqa: E402
 from node.head import ClientHead  # noqa: E402
 from node.local_swarm import LocalSwarm, even_split  # noqa: E402
-from node.node import start_dht  # noqa: E402
 from node.sampling import SamplingParams  # noqa: E402
 
 
 async def run(swarm: LocalSwarm, ranges, prompt_ids: list[int], args) -> None:
     source = swarm.source
-    dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
-    try:
-        client = SwarmClient(dht, source)
+    async with connect(swarm.initial_peers, source) as client:
         runner = ChaosRunner(swarm, client, ClientHead(source) if args.client_samples else None, seed=args.seed)
         params = SamplingParams(max_new_tokens=args.new_tokens)
         t0 = time.perf_counter()
@@ -59,8 +56,6 @@ async def run(swarm: LocalSwarm, ranges, prompt_ids: list[int], args) -> None:
               f"max {max(recoveries) * 1000:.1f} ms over {len(recoveries)} failures; "
               f"median = {statistics.median(recoveries) / per_token_s:.1f}x one token; longest stall per answer: "
               f"median {statistics.median(stalls) * 1000:.1f} ms")
-    finally:
-        dht.shutdown()
 
 
 def main() -> None:

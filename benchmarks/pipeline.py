@@ -29,11 +29,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from node.chat import Message, chat_template_ids  # noqa: E402
 from node.checkpoint import DEFAULT_MODEL, load_tokenizer  # noqa: E402
-from node.client import SwarmClient  # noqa: E402
+from node.client import SwarmClient, connect  # noqa: E402
 from node.generate import decode_one_token, prefill  # noqa: E402
 from node.head import ClientHead  # noqa: E402
 from node.local_swarm import LocalSwarm  # noqa: E402
-from node.node import start_dht  # noqa: E402
 from node.sampling import SamplingParams, sample  # noqa: E402
 
 
@@ -129,9 +128,7 @@ async def measure_swarm(swarm: LocalSwarm, local: Callable[[], tuple[float, floa
     """{mode: [(ttft, decode tok/s), ...]} for local (single process), ring, push and relay, interleaved
     run by run: this machine's speed drifts by 15% over minutes, and each run's ratios share one moment."""
     source = swarm.source
-    dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
-    try:
-        client = SwarmClient(dht, source, send_delay_s=delay_s)
+    async with connect(swarm.initial_peers, source, send_delay_s=delay_s) as client:
         head = ClientHead(source)
         results: dict[str, list] = {"local": [], **{mode: [] for mode in LEGS}}
         for mode in LEGS:
@@ -148,8 +145,6 @@ async def measure_swarm(swarm: LocalSwarm, local: Callable[[], tuple[float, floa
                 rates[sessions].append(await aggregate_rate(client, head, prompt_ids, new_tokens, sessions))
         after = [await client.node_info(hop.node_id) for hop in chain]
         return results, rates, [decode_passes(b, a) for b, a in zip(before, after, strict=True)]
-    finally:
-        dht.shutdown()
 
 
 def main() -> None:

@@ -22,11 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from node.chat import Message, chat_template_ids  # noqa: E402
 from node.checkpoint import DEFAULT_MODEL, load_tokenizer  # noqa: E402
-from node.client import SwarmClient  # noqa: E402
+from node.client import connect  # noqa: E402
 from node.generate import generate  # noqa: E402
 from node.head import ClientHead  # noqa: E402
 from node.local_swarm import LocalSwarm  # noqa: E402
-from node.node import start_dht  # noqa: E402
 from node.protocol import pack  # noqa: E402
 from node.sampling import SamplingParams  # noqa: E402
 from node.stage import Stage  # noqa: E402
@@ -48,9 +47,7 @@ def message_bytes(hidden: torch.Tensor, codec: str) -> int:
 
 async def greedy(swarm: LocalSwarm, prompts: list[list[int]], new_tokens: int, codec: str) -> list[list[int]]:
     source = swarm.source
-    dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
-    try:
-        client = SwarmClient(dht, source)
+    async with connect(swarm.initial_peers, source) as client:
         head, outputs = ClientHead(source), []
         for prompt in prompts:
             session = await client.open_session(await client.choose_chain(), max_length=len(prompt) + new_tokens,
@@ -61,8 +58,6 @@ async def greedy(swarm: LocalSwarm, prompts: list[list[int]], new_tokens: int, c
             finally:
                 await session.close()
         return outputs
-    finally:
-        dht.shutdown()
 
 
 def main() -> None:

@@ -132,24 +132,16 @@ def cmd_swarm_local(args: argparse.Namespace) -> int:
 async def _chat(args: argparse.Namespace, initial_peers: list[str]) -> int:
     from node.chat import ChatEngine, Message
     from node.checkpoint import resolve_model
-    from node.client import SwarmClient
-    from node.node import start_dht
+    from node.client import connect
     from node.sampling import SamplingParams
 
     source = resolve_model(args.model)
-    dht = start_dht(initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
-    client = SwarmClient(dht, source)
-    try:
-        engine = ChatEngine(client, source)
+    async with connect(initial_peers, source) as client:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
-        messages = [Message("user", args.prompt)]
-        async for delta in engine.stream_chat(messages, params):
+        async for delta in ChatEngine(client, source).stream_chat([Message("user", args.prompt)], params):
             print(delta, end="", flush=True)
         print()
-    finally:
-        await client.close()
-        dht.shutdown()
     return 0
 
 

@@ -12,6 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from node.checkpoint import ModelSource
-from node.membership import list_servers
+from node.membership import list_servers, open_dht
 from node.probe import measure_rtt
 from node.protocol import (
     INFERENCE_HANDLER,
@@ -324,3 +325,17 @@ class SwarmClient:
             raise StageFailure(chain[results.index(failure)].node_id, f"cannot open: {failure}") from failure
         return ChainSession(chain, streams, events, max_length=max_length, relay=relay, wire=wire,
                             step_timeout_s=step_timeout_s, sampling=sampling)
+
+
+@asynccontextmanager
+async def connect(initial_peers: Sequence[str], source: ModelSource, *, host: str = "127.0.0.1",
+                  send_delay_s: float = 0.0) -> AsyncIterator[SwarmClient]:
+    """A client of the swarm that `initial_peers` lead to: its own client-mode DHT peer listening on `host`,
+    and a `SwarmClient` on it; both closed on exit, on this loop."""
+    dht = await asyncio.to_thread(open_dht, list(initial_peers), [f"/ip4/{host}/tcp/0"], client_mode=True)
+    client = SwarmClient(dht, source, send_delay_s=send_delay_s)
+    try:
+        yield client
+    finally:
+        await client.close()
+        dht.shutdown()

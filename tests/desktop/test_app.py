@@ -24,10 +24,10 @@ from desktop.swarm_map import SwarmMapWindow, describe_node, pack_rows  # noqa: 
 from desktop.tray import Tray  # noqa: E402
 from node.chat import ChatEngine, Message  # noqa: E402
 from node.checkpoint import resolve_model  # noqa: E402
-from node.client import SwarmClient  # noqa: E402
+from node.client import connect  # noqa: E402
 from node.controller import NodeController  # noqa: E402
 from node.local_swarm import LocalSwarm  # noqa: E402
-from node.node import NodeConfig, start_dht  # noqa: E402
+from node.node import NodeConfig  # noqa: E402
 from node.sampling import SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
@@ -70,13 +70,8 @@ def hive(tiny_checkpoint, app):
 def headless_answer(swarm: LocalSwarm, messages: list[Message], params: SamplingParams) -> str:
     async def run() -> str:
         source = resolve_model(swarm.source.name)
-        dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
-        client = SwarmClient(dht, source)
-        try:
+        async with connect(swarm.initial_peers, source) as client:
             return "".join([piece async for piece in ChatEngine(client, source).stream_chat(messages, params)])
-        finally:
-            await client.close()
-            dht.shutdown()
 
     return asyncio.run(run())
 

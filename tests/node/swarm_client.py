@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from node.checkpoint import ModelSource
-from node.client import SwarmClient
+from node.client import connect
 from node.generate import generate
 from node.head import ClientHead
-from node.node import start_dht
 from node.sampling import SamplingParams
 
 
@@ -17,9 +16,7 @@ async def generate_through(initial_peers: Sequence[str], source: ModelSource, pr
                            relay: bool = False, wire: str = "none", ring: bool = False) -> list[int]:
     """The tokens a fresh client generates (the client embedding and sampling, or with `ring` the chain's
     last stage sampling); asserts that the router chose a chain of `expect_ranges`."""
-    dht = start_dht(list(initial_peers), [f"/ip4/{host}/tcp/0"], client_mode=True)
-    try:
-        client = SwarmClient(dht, source)
+    async with connect(initial_peers, source, host=host) as client:
         chain = await client.choose_chain()
         assert [(hop.start, hop.end) for hop in chain] == expect_ranges
         session = await client.open_session(chain, max_length=len(prompt_ids) + params.max_new_tokens, relay=relay,
@@ -30,5 +27,3 @@ async def generate_through(initial_peers: Sequence[str], source: ModelSource, pr
             return [token async for token in generate(session, ClientHead(source), prompt_ids, params)]
         finally:
             await session.close()
-    finally:
-        dht.shutdown()

@@ -13,13 +13,13 @@ import time
 import pytest
 
 from node.checkpoint import resolve_model
-from node.client import SwarmClient
+from node.client import connect
 from node.controller import NodeController
 from node.failover import ResilientSession
 from node.generate import generate
 from node.head import ClientHead
 from node.local_swarm import LocalSwarm
-from node.node import NodeConfig, start_dht
+from node.node import NodeConfig
 from node.sampling import SamplingParams
 
 pytestmark = pytest.mark.timeout(300)
@@ -40,9 +40,7 @@ def _wait(predicate, timeout_s: float, what: str) -> None:
 
 async def _generate(swarm: LocalSwarm, prompt_ids: list[int], on_token=None) -> tuple[list[int], list]:
     source = swarm.source
-    dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
-    try:
-        client = SwarmClient(dht, source)
+    async with connect(swarm.initial_peers, source) as client:
         session = ResilientSession(client, max_length=len(prompt_ids) + NEW_TOKENS, step_timeout_s=30)
         await session.open()
         tokens: list[int] = []
@@ -55,8 +53,6 @@ async def _generate(swarm: LocalSwarm, prompt_ids: list[int], on_token=None) -> 
         finally:
             await session.close()
         return tokens, session.events
-    finally:
-        dht.shutdown()
 
 
 def test_pause_drains_a_session_in_flight_then_resume_rejoins(tiny_checkpoint):

@@ -8,10 +8,9 @@ import pytest
 
 from node.chaos import ChaosRunner
 from node.checkpoint import resolve_model
-from node.client import SwarmClient
+from node.client import connect
 from node.head import ClientHead
 from node.local_swarm import LocalSwarm
-from node.node import start_dht
 from node.sampling import SamplingParams
 
 pytestmark = pytest.mark.timeout(900)
@@ -25,9 +24,7 @@ REPLICAS = 3  # nodes per layer range; one is killed per generation and a fresh 
 async def _chaos(swarm: LocalSwarm, ranges, prompt_ids: list[int], params: SamplingParams, *, ring: bool,
                  generations: int):
     source = swarm.source
-    dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
-    try:
-        client = SwarmClient(dht, source)
+    async with connect(swarm.initial_peers, source) as client:
         runner = ChaosRunner(swarm, client, None if ring else ClientHead(source))
         undisturbed = await runner.generate(prompt_ids, params, kill_at=None)
         assert not undisturbed.events and len(undisturbed.tokens) == NEW_TOKENS
@@ -38,8 +35,6 @@ async def _chaos(swarm: LocalSwarm, ranges, prompt_ids: list[int], params: Sampl
             kill_at = runner.rng.randrange(1, NEW_TOKENS - (5 if ring else 1))
             results.append(await runner.generate(prompt_ids, params, kill_at=kill_at))
         return undisturbed.tokens, [(r.tokens, r.events) for r in results]
-    finally:
-        dht.shutdown()
 
 
 @pytest.mark.parametrize("ring", [False, True], ids=["client-samples", "ring"])

@@ -16,11 +16,10 @@ import asyncio
 import pytest
 
 from node.checkpoint import resolve_model
-from node.client import SwarmClient
+from node.client import SwarmClient, connect
 from node.generate import generate
 from node.head import ClientHead
 from node.local_swarm import LocalSwarm
-from node.node import start_dht
 from node.sampling import SamplingParams
 from swarm.types import Hop
 
@@ -49,9 +48,7 @@ async def _warm_up(client: SwarmClient, chain: list[Hop]) -> None:
 
 async def _scenario(swarm: LocalSwarm, prompt_ids: list[int]):
     source = swarm.source
-    dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
-    try:
-        client = SwarmClient(dht, source)
+    async with connect(swarm.initial_peers, source) as client:
         peers = [swarm.peer_id(i) for i in range(len(RANGES))]
         for first, second in ((FAST_FIRST, FAST_SECOND), (SLOW_LINK, SLOW_GPU)):
             await _warm_up(client, [Hop(peers[first], 0, 3), Hop(peers[second], 3, 6)])
@@ -69,8 +66,6 @@ async def _scenario(swarm: LocalSwarm, prompt_ids: list[int]):
         finally:
             await session.close()
         return [peers.index(hop.node_id) for hop in chain], records, peers, tokens
-    finally:
-        dht.shutdown()
 
 
 def test_chains_avoid_the_slow_node_and_the_slow_link(tiny_checkpoint):

@@ -11,10 +11,10 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from node.checkpoint import ModelNotFoundError, resolve_model
-from node.client import ChainSession, StageFailure, SwarmClient
+from node.client import ChainSession, StageFailure, SwarmClient, connect
 from node.generate import generate
 from node.head import ClientHead
-from node.node import Node, NodeConfig, start_dht
+from node.node import Node, NodeConfig
 from node.protocol import INFERENCE_HANDLER, pack
 from node.sampling import SamplingParams
 from node.server import RateLimiter
@@ -27,12 +27,10 @@ pytestmark = pytest.mark.timeout(180)
 async def _with_node(source, config: NodeConfig, body):
     node = Node(source, config)
     await node.start()
-    dht = start_dht(node.visible_maddrs, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
-        client = SwarmClient(dht, source)
-        return await body(node, client)
+        async with connect(node.visible_maddrs, source) as client:
+            return await body(node, client)
     finally:
-        dht.shutdown()
         await node.stop()
 
 
