@@ -39,8 +39,7 @@ from node.api_schema import (
 )
 from node.chat import ChatEngine, Message, TextStreamer
 from node.checkpoint import MODEL_ALIASES, resolve_model
-from node.client import NoChainError, SwarmClient
-from node.node import start_dht
+from node.client import NoChainError, connect
 from node.protocol import RemoteError
 from node.sampling import SamplingParams
 
@@ -380,18 +379,12 @@ def create_app(model: str, initial_peers: Sequence[str], *, default_max_tokens: 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         source = await asyncio.to_thread(resolve_model, model)
-        dht = await asyncio.to_thread(start_dht, list(initial_peers), list(host_maddrs), client_mode=True)
-        client = SwarmClient(dht, source)
-        try:
-            await client.p2p()  # replicate now, in this loop, rather than racing on the first requests
+        async with connect(initial_peers, source, host_maddrs=host_maddrs) as client:
             engine = await asyncio.to_thread(ChatEngine, client, source)
             names = {source.name, *(alias for alias, name in MODEL_ALIASES.items() if name == source.name)}
             app.state.served = ServedModel(engine, frozenset(names), now(), default_max_tokens)
             logger.info("serving %s through the swarm", source.name)
             yield
-        finally:
-            await client.close()
-            dht.shutdown()
 
     app = FastAPI(title="Layerhive OpenAI-compatible API", lifespan=lifespan)
     _install_error_handlers(app)

@@ -328,13 +328,15 @@ class SwarmClient:
 
 
 @asynccontextmanager
-async def connect(initial_peers: Sequence[str], source: ModelSource, *, host: str = "127.0.0.1",
+async def connect(initial_peers: Sequence[str], source: ModelSource, *,
+                  host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
                   send_delay_s: float = 0.0) -> AsyncIterator[SwarmClient]:
-    """A client of the swarm that `initial_peers` lead to: its own client-mode DHT peer listening on `host`,
-    and a `SwarmClient` on it; both closed on exit, on this loop."""
-    dht = await asyncio.to_thread(open_dht, list(initial_peers), [f"/ip4/{host}/tcp/0"], client_mode=True)
+    """A client of the swarm that `initial_peers` lead to: its own client-mode DHT peer listening on
+    `host_maddrs`, and a `SwarmClient` on it, its p2p replica made on this loop; both closed on exit."""
+    dht = await asyncio.to_thread(open_dht, list(initial_peers), list(host_maddrs), client_mode=True)
     client = SwarmClient(dht, source, send_delay_s=send_delay_s)
     try:
+        await client.p2p()  # now, on this loop, rather than racing on the first requests
         yield client
     finally:
         await client.close()

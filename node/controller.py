@@ -16,15 +16,14 @@ import logging
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from hivemind import DHT
-
 from node.chat import ChatEngine, Message
 from node.checkpoint import ModelSource, resolve_model
-from node.client import SwarmClient
-from node.node import Node, NodeConfig, start_dht
+from node.client import connect
+from node.node import Node, NodeConfig
 from node.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ class NodeController:
         self._lock: asyncio.Lock | None = None
         self._current: asyncio.Task | None = None
         self._chat_engine: ChatEngine | None = None
-        self._chat_dht: DHT | None = None
+        self._chat_client = AsyncExitStack()  # closes the chat engine's client, if one was started
         self._chat_lock: asyncio.Lock | None = None
 
     # --- the API --------------------------------------------------------------------------------------
@@ -100,10 +99,7 @@ class NodeController:
             try:
                 await self._node.stop()
             finally:
-                if self._chat_engine is not None:
-                    await self._chat_engine.client.close()
-                if self._chat_dht is not None:
-                    self._chat_dht.shutdown()
+                await self._chat_client.aclose()
                 self._loop.call_soon(self._loop.stop)
 
         stopping = asyncio.run_coroutine_threadsafe(stop(), self._loop)
@@ -138,13 +134,11 @@ class NodeController:
     async def _start_chat_engine(self) -> None:
         if self._chat_engine is None:
             # A peer of its own, in client mode: a chain may run through this very node (p2pd cannot dial
-            # itself), and chatting goes on while the node is paused. Started (DHT, tokenizer) off the loop,
-            # which is serving.
-            def make_engine() -> ChatEngine:
-                self._chat_dht = start_dht(self.config.initial_peers, self.config.host_maddrs, client_mode=True)
-                return ChatEngine(SwarmClient(self._chat_dht, self.source), self.source)
-
-            self._chat_engine = await asyncio.get_running_loop().run_in_executor(None, make_engine)
+            # itself), and chatting goes on while the node is paused. The DHT and the tokenizer start off
+            # the loop, which is serving.
+            client = await self._chat_client.enter_async_context(
+                connect(self.config.initial_peers, self.source, host_maddrs=self.config.host_maddrs))
+            self._chat_engine = await asyncio.to_thread(ChatEngine, client, self.source)
 
     def status(self) -> NodeStatus:
         """A snapshot, read without waiting for the node's thread (its fields are updated atomically)."""

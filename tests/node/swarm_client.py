@@ -16,7 +16,7 @@ async def generate_through(initial_peers: Sequence[str], source: ModelSource, pr
                            relay: bool = False, wire: str = "none", ring: bool = False) -> list[int]:
     """The tokens a fresh client generates (the client embedding and sampling, or with `ring` the chain's
     last stage sampling); asserts that the router chose a chain of `expect_ranges`."""
-    async with connect(initial_peers, source, host=host) as client:
+    async with connect(initial_peers, source, host_maddrs=[f"/ip4/{host}/tcp/0"]) as client:
         chain = await client.choose_chain()
         assert [(hop.start, hop.end) for hop in chain] == expect_ranges
         session = await client.open_session(chain, max_length=len(prompt_ids) + params.max_new_tokens, relay=relay,
