@@ -58,7 +58,6 @@ class Tray(QSystemTrayIcon):
         self._wake = QTimer(self)  # ends a snooze
         self._wake.setSingleShot(True)
         self._wake.timeout.connect(self._end_snooze)
-        self.snoozed_until: datetime | None = None
         self.memory_menu = self.menu.addMenu("Memory for the swarm")
         self._memory_group = QActionGroup(self)
         for gigabytes in memory_caps_gb:
@@ -84,15 +83,20 @@ class Tray(QSystemTrayIcon):
         action.setEnabled(False)
         return action
 
+    @property
+    def snoozed_until(self) -> datetime | None:
+        """When the running snooze ends; None: none runs. Kept in the settings, so a relaunch keeps it."""
+        return self.settings.snoozed_until
+
     def start(self) -> None:
         """Starts contributing at launch, unless the contributor paused last time or a snooze still runs."""
-        snoozed_until = self.settings.snoozed_until
-        if snoozed_until is not None and snoozed_until > datetime.now():
-            self.snoozed_until = snoozed_until
-            self._wake.start(int((snoozed_until - datetime.now()).total_seconds() * 1000))
-        elif not self.settings.paused:
+        until = self.snoozed_until
+        if until is not None and until > datetime.now():
+            self._wake.start(int((until - datetime.now()).total_seconds() * 1000))
+        else:
             self.settings.snoozed_until = None
-            self.bridge.start()
+            if not self.settings.paused:
+                self.bridge.start()
         self.show_status(self.bridge.status())
 
     def show_status(self, status: NodeStatus) -> None:
@@ -124,7 +128,7 @@ class Tray(QSystemTrayIcon):
 
     def snooze(self, seconds: float) -> None:
         """Pauses (the same graceful drain) and resumes by itself after `seconds`, across a restart too."""
-        self.snoozed_until = self.settings.snoozed_until = datetime.now() + timedelta(seconds=seconds)
+        self.settings.snoozed_until = datetime.now() + timedelta(seconds=seconds)
         self._wake.start(int(seconds * 1000))
         self.bridge.pause()
 
@@ -147,4 +151,4 @@ class Tray(QSystemTrayIcon):
 
     def _cancel_snooze(self) -> None:
         self._wake.stop()
-        self.snoozed_until = self.settings.snoozed_until = None
+        self.settings.snoozed_until = None

@@ -20,7 +20,7 @@ from desktop.app import while_showing  # noqa: E402
 from desktop.bridge import NodeBridge  # noqa: E402
 from desktop.chat_window import ChatWindow  # noqa: E402
 from desktop.settings import AppSettings  # noqa: E402
-from desktop.swarm_map import SwarmMapWindow, describe_node, pack_rows  # noqa: E402
+from desktop.swarm_map import SwarmMapView, SwarmMapWindow, describe_node, pack_rows  # noqa: E402
 from desktop.tray import Tray  # noqa: E402
 from node.chat import ChatEngine, Message  # noqa: E402
 from node.checkpoint import resolve_model  # noqa: E402
@@ -104,7 +104,7 @@ def test_tray_shows_what_the_node_serves_and_pauses_and_resumes_it(hive, tmp_pat
     tray.snooze_menu.actions()[0].trigger()  # pauses, then resumes by itself
     wait_until(lambda: tray.doing_action.text().startswith("Snoozed until"), 90, "the node snoozing")
     assert tray.toggle_action.text() == "Resume contributing" and not tray.snooze_menu.isEnabled()
-    assert settings.snoozed_until == tray.snoozed_until
+    assert tray.snoozed_until is not None and settings_in(tmp_path).snoozed_until == tray.snoozed_until  # on disk
     wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the snooze over")
     assert settings.snoozed_until is None
 
@@ -231,3 +231,14 @@ def test_slow_start_up_work_runs_while_the_ui_stays_live(app):
     assert fired and fired[0] - started < 0.4
     with pytest.raises(RuntimeError, match="no swarm"):
         while_showing("Starting…", lambda: (_ for _ in ()).throw(RuntimeError("no swarm")))
+
+
+def test_the_map_says_why_it_shows_no_bars(app):
+    view = SwarmMapView()
+    assert view.message() == "Not connected to the swarm yet."
+    view.set_status({"error": "TimeoutError: no DHT answer"})
+    assert view.message() == "Could not read the swarm: TimeoutError: no DHT answer" and view.rows == []
+    view.set_status({"model": "m", "num_layers": 4, "nodes": [{"peer_id": "Qm1", "range": None, "state": "joining"}],
+                     "replicas_per_layer": [0] * 4})
+    assert view.message() == "No node serves this model yet."
+    view.grab()  # paints the message without bars
