@@ -68,8 +68,9 @@ class LocalBaseline:
     """Single-process generation in a separate process, run on request."""
 
     def __init__(self, root: str, threads: int, prompt_ids: list[int], new_tokens: int) -> None:
-        self._conn, child = mp.get_context("spawn").Pipe()
-        self._process = mp.get_context("spawn").Process(
+        spawn = mp.get_context("spawn")  # a fresh interpreter: no torch state inherited from this one
+        self._conn, child = spawn.Pipe()
+        self._process = spawn.Process(
             target=_local_worker, args=(root, threads, prompt_ids, new_tokens, child), daemon=True)
         self._process.start()
 
