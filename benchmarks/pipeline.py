@@ -1,8 +1,9 @@
 """Decode speed and time to first token: a local 3-node swarm against single-process generation.
 
 Both are measured in the same run on the same model and prompt; medians over several
-runs. Three ways through the chain (see `node.protocol`): ring (the last stage samples
-and feeds the token back to the first: stages legs per token), push (the client embeds
+runs. Four ways through the chain (see `node.protocol`): ring (the chain samples and feeds
+the token back to its first stage: stages legs per token; its two ends share the LM head's
+work), whole (a ring whose last stage computes the whole head), push (the client embeds
 and samples: stages + 1 legs) and relay (through the client: 2 x stages legs). With
 --delay-ms D every message any peer sends is held D ms (an emulated WAN link per leg;
 this kernel has no netem) and the table compares each against its physical limit:
@@ -83,17 +84,20 @@ class LocalBaseline:
         self._process.join(timeout=30)
 
 
-LEGS = {"ring": lambda stages: stages, "push": lambda stages: stages + 1, "relay": lambda stages: 2 * stages}
+LEGS = {"ring": lambda stages: stages, "whole": lambda stages: stages, "push": lambda stages: stages + 1,
+        "relay": lambda stages: 2 * stages}
+RINGS = ("ring", "whole")
 
 
 async def swarm_run(client: SwarmClient, head: ClientHead, prompt_ids: list[int], new_tokens: int, mode: str):
-    """(time to first token, decode tokens/s) of one greedy generation; `mode` is ring, push or relay."""
+    """(time to first token, decode tokens/s) of one greedy generation; `mode` is one of LEGS."""
     params = SamplingParams(max_new_tokens=new_tokens)
     t0 = time.perf_counter()
     session = await client.open_session(await client.choose_chain(), max_length=len(prompt_ids) + new_tokens,
-                                        relay=mode == "relay", sampling=params if mode == "ring" else None)
+                                        relay=mode == "relay", sampling=params if mode in RINGS else None,
+                                        share_head=mode == "ring")
     try:
-        if mode == "ring":
+        if mode in RINGS:
             times = [time.perf_counter() async for _ in session.tokens(prompt_ids, 0)]
             assert len(times) == new_tokens
             return times[0] - t0, (new_tokens - 1) / (times[-1] - times[0])
@@ -196,9 +200,10 @@ def main() -> None:
     ring_ttft = med(swarm_results["ring"], 0)
     runs = ", ".join(f"{run[1] / base[1]:.2f}" for run, base in zip(swarm_results["ring"], local_results, strict=True))
     print(f"decode against local (median of paired runs): ring {paired('ring'):.2f}x (runs {runs}), "
-          f"push {paired('push'):.2f}x, relay {paired('relay'):.2f}x; ring TTFT {ring_ttft / local_ttft:.2f}x")
-    print(f"ring/push decode {decode['ring'] / decode['push']:.2f}x; push/relay decode "
-          f"{decode['push'] / decode['relay']:.2f}x")
+          f"whole {paired('whole'):.2f}x, push {paired('push'):.2f}x, relay {paired('relay'):.2f}x; "
+          f"ring TTFT {ring_ttft / local_ttft:.2f}x")
+    print(f"ring/whole decode {decode['ring'] / decode['whole']:.2f}x; whole/push decode "
+          f"{decode['whole'] / decode['push']:.2f}x; push/relay decode {decode['push'] / decode['relay']:.2f}x")
     if args.concurrency > 1:
         one, many = statistics.median(rates[1]), statistics.median(rates[args.concurrency])
         print(f"aggregate tok/s (prefill included, ring): 1 session {one:.2f}, {args.concurrency} sessions "

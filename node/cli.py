@@ -45,7 +45,7 @@ def node_config(args: argparse.Namespace):
         test_slowdown_s=args.test_slowdown_ms / 1000, send_bandwidth_bps=args.emulate_bandwidth_mbps * 1e6,
         max_memory_bytes=None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9),
         ttl_s=args.ttl or DEFAULT_TTL_S, bench=not args.quick_measure,
-        announce_maddrs=args.announce_maddrs, relays=args.relay or None,
+        announce_maddrs=args.announce_maddrs, relays=args.relay or None, direct_links=not args.no_direct_links,
     )
 
 
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="addresses peers should dial (e.g. your public address behind port forwarding)")
     node.add_argument("--relay", nargs="*", default=[], metavar="MADDR",
                       help="serve through these relay peers (e.g. a bootstrap peer) when peers cannot dial you")
+    node.add_argument("--no-direct-links", action="store_true",
+                      help="push to other stages only over libp2p, never over a direct TCP link with its own port")
     node.add_argument("--emulate-bandwidth-mbps", type=float, default=0.0,
                       help="testing aid: limit what this node sends to this many Mbit/s (a WAN uplink)")
     node.add_argument("--emulate-delay-ms", type=float, default=0.0,

@@ -134,14 +134,15 @@ class ChainSession:
         if self.relay:
             for stream in self.streams:
                 stream.send(pack({"position": position}, [hidden], wire=self.wire))
-                hidden = wire_decode((await self._answer_from(stream.index, position))[1].tensors[0])
+                hidden = wire_decode((await self._answer_from((stream.index,), position))[1].tensors[0])
             return hidden
         self.streams[0].send(pack({"position": position}, [hidden], wire=self.wire))
-        return wire_decode((await self._answer_from(len(self.streams) - 1, position))[1].tensors[0])
+        return wire_decode((await self._answer_from((len(self.streams) - 1,), position))[1].tensors[0])
 
     async def tokens(self, token_ids: Sequence[int], position: int) -> AsyncIterator[int]:
-        """A ring: feeds `token_ids` from `position` to the first stage, then yields each token the last
-        stage samples, up to the one that ends generation (a stop token, max_new_tokens or max_length)."""
+        """A ring: feeds `token_ids` from `position` to the first stage, then yields each token the chain
+        samples (at its last stage, or its first when they share the head), up to the one that ends generation
+        (a stop token, max_new_tokens or max_length)."""
         if self.sampling is None:
             raise RuntimeError("tokens needs a session opened as a ring (open_session(..., sampling=...))")
         offsets = range(0, len(token_ids), PREFILL_CHUNK_TOKENS)
@@ -153,18 +154,21 @@ class ChainSession:
             self.streams[0].send(pack(step))
         position += len(token_ids)
         for produced in range(1, self.sampling.max_new_tokens + 1):
-            token = (await self._answer_from(len(self.streams) - 1, position, "token"))[0]["token"]
+            metadata, _, source = await self._answer_from((0, len(self.streams) - 1), position, "token")
+            token = metadata["token"]
             if not isinstance(token, int) or isinstance(token, bool) or token < 0:
-                raise StageFailure(self.chain[-1].node_id, f"sent a malformed token {token!r}", code="bad_response")
+                raise StageFailure(self.chain[source].node_id, f"sent a malformed token {token!r}",
+                                   code="bad_response")
             yield token
             position += 1
             if self.sampling.is_last(token, produced) or position >= self.max_length:
                 return
 
-    async def _answer_from(self, index: int, position: int,
-                           field: str | None = None) -> tuple[dict[str, Any], runtime_pb2.ExpertResponse]:
-        """Waits for stage `index`'s answer at `position`: hidden states, or with `field` a message carrying
-        that field; any stage's error or silence raises StageFailure."""
+    async def _answer_from(self, indices: Sequence[int], position: int, field: str | None = None
+                           ) -> tuple[dict[str, Any], runtime_pb2.ExpertResponse, int]:
+        """Waits for the answer at `position` of one of the stages `indices`: hidden states, or with `field` a
+        message carrying that field; returns it with the index of the stage that sent it. Any stage's error or
+        silence raises StageFailure."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.step_timeout_s
         while True:
@@ -176,7 +180,7 @@ class ChainSession:
                     for stream in self.streams:
                         stream.send(ping())
                     continue
-                raise StageFailure(self.chain[index].node_id, f"no answer in {self.step_timeout_s:.0f} s",
+                raise StageFailure(self.chain[indices[-1]].node_id, f"no answer in {self.step_timeout_s:.0f} s",
                                    code="timeout") from None
             peer = self.chain[source].node_id
             if isinstance(item, StageFailure):
@@ -185,7 +189,7 @@ class ChainSession:
                 metadata = raise_if_error(peer, item)
             except RemoteError as e:
                 raise StageFailure(e.peer, e.message, code=e.code) from e
-            if source != index or metadata.get("position") != position:
+            if source not in indices or metadata.get("position") != position:
                 continue
             if (field in metadata) if field is not None else len(item.tensors) == 1:
                 now = loop.time()
@@ -193,7 +197,7 @@ class ChainSession:
                     low, high = PING_AFTER_S
                     self._ping_after_s = min(high, max(low, 4 * (now - self._last_answer_at)))
                 self._last_answer_at = now
-                return metadata, item
+                return metadata, item, source
 
     async def close(self) -> None:
         for stream in self.streams:
@@ -280,11 +284,12 @@ class SwarmClient:
 
     async def open_session(self, chain: list[Hop], *, max_length: int, relay: bool = False, wire: str = "none",
                            step_timeout_s: float = 60.0, audit: bool = False,
-                           sampling: SamplingParams | None = None) -> ChainSession:
+                           sampling: SamplingParams | None = None, share_head: bool = True) -> ChainSession:
         """Opens the session on every stage at once (in push mode a stage may start its push link
         before its successor has seen the session; the successor waits for it). `audit`: pushing stages
         echo their outputs to the client for spot checks (`node.verify`). `sampling`: open it as a ring
-        whose last stage samples with these parameters (`ChainSession.tokens`)."""
+        whose last stage samples with these parameters (`ChainSession.tokens`); `share_head=False` keeps the LM
+        head's work whole at the last stage (see `node.protocol`: head sharing)."""
         if sampling is not None and (relay or audit):
             raise ValueError("a ring session is neither relayed nor audited: the client sees no hidden states")
         p2p = await self.p2p()
@@ -304,8 +309,8 @@ class SwarmClient:
                 "prev": prev.node_id if prev else None, "next": nxt.node_id if nxt else None,
                 "relay": relay, "wire": wire, **({"audit": True} if audit else {}),
             }
-            if sampling is not None and first:
-                fields["embed"] = True
+            if sampling is not None and first:  # it samples too when it shares the head with the last stage
+                fields.update(embed=True, sampling=sampling.to_wire(), share_head=share_head)
             if sampling is not None and last:
                 fields["sampling"] = sampling.to_wire()
             return fields

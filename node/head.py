@@ -42,40 +42,61 @@ class Embedder:
 
 
 class LMHead:
-    """The last layer's output -> next-token logits: the architecture's final norm, then the LM head."""
+    """The last layer's output -> next-token logits: the architecture's final norm, then the LM head.
 
-    def __init__(self, source: ModelSource, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
+    `rows` = (a, b) holds only the head's rows for token ids [a, b): a ring's first stage holds such a share
+    and computes those logits while the last stage computes the rest (`node.server`, "head sharing")."""
+
+    def __init__(self, source: ModelSource, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 rows: tuple[int, int] | None = None) -> None:
         self.dtype, self.device = dtype, torch.device(device)
         with torch.device("meta"):  # a model without layers, for the architecture's own norm module
             model = AutoModelForCausalLM.from_config(stage_config(source.config, 0, 0), dtype=dtype)
-        norm_weight, lm_head_weight = load_head(source, dtype=dtype, device=device)
-        model.load_state_dict({"model.norm.weight": norm_weight, "lm_head.weight": lm_head_weight},
-                              strict=False, assign=True)
-        self.norm, self.lm_head = model.model.norm, model.lm_head
-        self._pending: list[tuple[torch.Tensor, asyncio.Future]] = []  # last positions waiting for the head
+        norm_weight, weight = load_head(source, dtype=dtype, device=device)
+        model.load_state_dict({"model.norm.weight": norm_weight}, strict=False, assign=True)
+        self.vocab_size = weight.shape[0]
+        a, b = self.rows = rows if rows is not None else (0, self.vocab_size)
+        if not 0 <= a < b <= self.vocab_size:
+            raise ValueError(f"head rows {a}:{b} are not within the vocabulary of {self.vocab_size}")
+        if (a, b) != (0, self.vocab_size):
+            weight = weight[a:b].clone()  # a copy, so the whole matrix read from the checkpoint is freed
+        self.norm = model.model.norm
+        self.lm_head = torch.nn.Linear(weight.shape[1], b - a, bias=False, device="meta")
+        self.lm_head.weight = torch.nn.Parameter(weight, requires_grad=False)
+        # last positions waiting for the head, by the rows they need
+        self._pending: dict[tuple[int, int], list[tuple[torch.Tensor, asyncio.Future]]] = {}
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[batch, tokens, hidden] states of the last layer -> [batch, tokens, vocab] logits (fp32)."""
-        return self.lm_head(self.norm(hidden.to(device=self.device, dtype=self.dtype))).float()
+    def logits(self, hidden: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """[batch, tokens, hidden] states of the last layer -> [batch, tokens, b - a] logits (fp32) of token
+        ids [a, b) = `rows` (default all this head holds)."""
+        a, b = rows if rows is not None else self.rows
+        if not self.rows[0] <= a < b <= self.rows[1]:
+            raise ValueError(f"rows {a}:{b} are not within this head's {self.rows[0]}:{self.rows[1]}")
+        weight = self.lm_head.weight[a - self.rows[0]: b - self.rows[0]]  # a view: rows are contiguous
+        normed = self.norm(hidden.to(device=self.device, dtype=self.dtype))
+        return torch.nn.functional.linear(normed, weight).float()
 
     async def next_logits(self, hidden: torch.Tensor, compute: ThreadPoolExecutor, *,
-                          alone_on_loop: bool = False) -> torch.Tensor:
-        """[vocab] logits after the last position of `hidden` [1, tokens, hidden], batched with other callers,
-        run on `compute`: the process's one torch thread (see `node.batching`).
-        `alone_on_loop`: a batch of this call alone runs on the event loop instead (see `StepBatcher.alone`)."""
+                          alone_on_loop: bool = False, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Logits (of `rows`, default all) after the last position of `hidden` [1, tokens, hidden], batched with
+        other callers wanting the same rows, run on `compute`: the process's one torch thread (see
+        `node.batching`). `alone_on_loop`: a batch of this call alone runs on the event loop instead (see
+        `StepBatcher.alone`)."""
+        rows = rows if rows is not None else self.rows
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((hidden[0, -1:], future))
-        if len(self._pending) == 1:  # the first waiter runs the batch; later ones join it until it starts
+        pending = self._pending.setdefault(rows, [])
+        pending.append((hidden[0, -1:], future))
+        if len(pending) == 1:  # the first waiter runs the batch; later ones join it until it starts
             await asyncio.sleep(0)
-            batch, self._pending = self._pending, []
+            batch = self._pending.pop(rows)
             rows_in = torch.cat([h for h, _ in batch]).unsqueeze(0)
             try:
                 if alone_on_loop and len(batch) == 1:
-                    rows = self.logits(rows_in)
+                    out = self.logits(rows_in, rows)
                 else:
-                    rows = await loop.run_in_executor(compute, self.logits, rows_in)
+                    out = await loop.run_in_executor(compute, self.logits, rows_in, rows)
             except Exception as e:
                 for _, waiter in batch:
                     if not waiter.done():
@@ -83,7 +104,7 @@ class LMHead:
             else:
                 for index, (_, waiter) in enumerate(batch):
                     if not waiter.done():
-                        waiter.set_result(rows[0, index])
+                        waiter.set_result(out[0, index])
         return await future
 
 

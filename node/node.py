@@ -26,6 +26,7 @@ from hivemind.proto import runtime_pb2
 
 from node.assignment import EpochTracker, check_records, model_spec, plan, reference_memory, swarm_status
 from node.checkpoint import ModelSource
+from node.direct import DirectListener, listen_host, maddr_hosts
 from node.identity import NodeIdentity, load_identity
 from node.membership import DEFAULT_TTL_S, announce, list_servers, open_dht
 from node.probe import add_probe_handlers
@@ -72,6 +73,7 @@ class NodeConfig:
     bench: bool = True  # measure with `layerhive bench` (cached); False: a quick estimate (memory only)
     settle_periods: float = 2.0  # joining waits until the records stay unchanged this many heartbeat periods
     move_drain_s: float = 300.0  # how long a left range keeps serving its open sessions after a move
+    direct_links: bool = True  # push to and take pushes from other stages over direct TCP links (node.direct)
 
     @property
     def fixed(self) -> bool:
@@ -114,6 +116,7 @@ class Node:
         self._move: asyncio.Task | None = None
         self._retirements: set[asyncio.Task] = set()
         self._last_plan_key: tuple | None = None
+        self.direct: DirectListener | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -126,6 +129,9 @@ class Node:
                              announce_maddrs=config.announce_maddrs, relays=config.relays)
         self.p2p = await self.dht.replicate_p2p()
         await self._add_handlers(self.p2p)
+        if config.direct_links:
+            self.direct = DirectListener()
+            await self.direct.start(listen_host(config.host_maddrs), maddr_hosts(self.visible_maddrs))
         # peers measure their RTT and uplink to us through these
         await add_probe_handlers(self.p2p, send_delay_s=self.config.send_delay_s)
         self._capabilities = await asyncio.get_running_loop().run_in_executor(None, self._measure)
@@ -216,6 +222,9 @@ class Node:
             if server is not None:
                 self._drop(server)
         self.server, self.retiring = None, []
+        if self.direct is not None:
+            await self.direct.close()
+            self.direct = None
         if self.p2p is not None:  # our replica's connections to the daemon, closed on this loop while it runs
             await self.p2p.shutdown()
             self.p2p = None
@@ -298,7 +307,7 @@ class Node:
         server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
                              send_delay_s=config.send_delay_s, test_perturb_scale=config.test_perturb_scale,
                              test_slowdown_s=config.test_slowdown_s, send_bandwidth_bps=config.send_bandwidth_bps)
-        server.attach(self.p2p)
+        server.attach(self.p2p, self.direct)
         return server
 
     def _drop(self, server: StageServer) -> None:

@@ -24,6 +24,16 @@ A client waiting a while for an answer sends `{"ping": true}` on each stage's st
 which the stage ignores: a connection to a crashed peer is only found broken when
 something is written to it, and a ring whose stage died mid-token would otherwise go
 silent, with no one left writing.
+A stage answers a push stream at once with what it offers the pusher (`PushOffer`), if anything:
+a direct link (`node.direct`), and head sharing.
+Head sharing (a ring whose first stage holds the LM head's rows [0, split), `Stage.head_share`):
+the first stage offers `"head_rows": [0, split]` to the last stage. From then on,
+after a sampled step the last stage pushes `{"position", "head": "input"}` + its output at the last
+position to the first stage at once, computes the logits of rows [split, vocab) meanwhile, and pushes
+`{"position", "head": "part"}` with `"max"` and `"argmax"` (greedy) or + those logits (sampling). The
+first stage computes its rows, merges, samples, feeds itself the token and tells the client: the head's
+time on the critical path halves and no leg is added. A client opens the first stage with
+`share_head: false` to keep the head whole at the last stage.
 With `audit` set at open, a pushing stage also echoes each step's output to its client
 stream as `{"echo": position}` + tensor, for the client's spot checks (`node.verify`).
 Everything a peer sends is checked here before any compute runs.
@@ -31,6 +41,7 @@ Everything a peer sends is checked here before any compute runs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +49,7 @@ import msgpack
 import torch
 from hivemind.proto import runtime_pb2
 
+from node.direct import DirectOffer
 from node.sampling import SamplingParams
 from node.wire import ACCEPTED_COMPRESSIONS
 from node.wire import CODECS as WIRE_CODECS
@@ -89,6 +101,7 @@ class OpenSession:
     # A ring's last stage: after a step flagged `sample`, sample the next token with these parameters and
     # feed it to `next_peer` (the first stage), or to itself when it is the whole chain.
     sampling: SamplingParams | None = None
+    share_head: bool = True  # a ring's first stage: offer the last stage to share the LM head's work
 
 
 @dataclass(frozen=True)
@@ -171,9 +184,11 @@ def parse_open(message: runtime_pb2.ExpertRequest, *, max_length_limit: int) -> 
     wire = opened.get("wire", "none")
     if not isinstance(wire, str) or wire not in WIRE_CODECS:
         raise ProtocolError("bad_request", f"'wire' must be one of {WIRE_CODECS}, got {wire!r}")
-    audit, embed = (opened.get(key, False) for key in ("audit", "embed"))
-    if not isinstance(audit, bool) or not isinstance(embed, bool):
-        raise ProtocolError("bad_request", f"'audit' and 'embed' must be booleans, got {audit!r}, {embed!r}")
+    audit, embed, share_head = (opened.get(key, default) for key, default in
+                                (("audit", False), ("embed", False), ("share_head", True)))
+    if not all(isinstance(flag, bool) for flag in (audit, embed, share_head)):
+        raise ProtocolError("bad_request", f"'audit', 'embed' and 'share_head' must be booleans, "
+                            f"got {audit!r}, {embed!r}, {share_head!r}")
     sampling = None
     if opened.get("sampling") is not None:
         try:
@@ -182,7 +197,8 @@ def parse_open(message: runtime_pb2.ExpertRequest, *, max_length_limit: int) -> 
             raise ProtocolError("bad_request", f"bad 'sampling': {e}") from None
         if relay:
             raise ProtocolError("bad_request", "a relayed session cannot sample at its last stage")
-    return OpenSession(session_id, start, end, max_length, prev_peer, next_peer, relay, wire, audit, embed, sampling)
+    return OpenSession(session_id, start, end, max_length, prev_peer, next_peer, relay, wire, audit, embed, sampling,
+                       share_head)
 
 
 def _peer_field(metadata: dict[str, Any], key: str) -> str | None:
@@ -214,30 +230,134 @@ def parse_step(
         raise ProtocolError("bad_request", f"'sample' must be a boolean, got {sample!r}")
     if vocab_size is not None:
         return Step(None, position, _token_ids(metadata, message, vocab_size, position, max_length), sample)
-    if len(message.tensors) != 1:
-        raise ProtocolError("bad_request", f"a step carries exactly one tensor, got {len(message.tensors)}")
-    proto = message.tensors[0]
-    if proto.compression not in ACCEPTED_COMPRESSIONS:
-        raise ProtocolError("bad_tensor", f"unsupported tensor compression {proto.compression}")
-    dtype_name = proto.dtype
-    if dtype_name not in {str(d).removeprefix("torch.") for d in WIRE_DTYPES}:
-        raise ProtocolError("bad_tensor", f"hidden states must be float32/float16/bfloat16, got {dtype_name!r}")
-    size = list(proto.size)
-    if len(size) != 3 or size[0] != 1 or size[2] != hidden_size or size[1] < 1:
-        raise ProtocolError("bad_tensor", f"hidden states must have shape [1, tokens, {hidden_size}], got {size}")
+    size = _tensor_header(message, "hidden states", [1, None, hidden_size])
     if position + size[1] > max_length:
         raise ProtocolError(
             "too_long", f"positions {position}..{position + size[1]} exceed the session's max_length {max_length}"
         )
+    return Step(_tensor(message, "hidden states", size), position, sample=sample)
+
+
+def _tensor_header(message: runtime_pb2.ExpertRequest, what: str, shape: list[int | None]) -> list[int]:
+    """The size of the message's one tensor, checked against `shape` (None: any size >= 1) before decoding."""
+    if len(message.tensors) != 1:
+        raise ProtocolError("bad_request", f"this message carries exactly one tensor, got {len(message.tensors)}")
+    proto = message.tensors[0]
+    if proto.compression not in ACCEPTED_COMPRESSIONS:
+        raise ProtocolError("bad_tensor", f"unsupported tensor compression {proto.compression}")
+    if proto.dtype not in {str(d).removeprefix("torch.") for d in WIRE_DTYPES}:
+        raise ProtocolError("bad_tensor", f"{what} must be float32/float16/bfloat16, got {proto.dtype!r}")
+    size = list(proto.size)
+    if len(size) != len(shape) or not all(n >= 1 and want in (None, n) for n, want in zip(size, shape, strict=True)):
+        wanted = ", ".join("n" if n is None else str(n) for n in shape)
+        raise ProtocolError("bad_tensor", f"{what} must have shape [{wanted}], got {size}")
+    return size
+
+
+def _tensor(message: runtime_pb2.ExpertRequest, what: str, size: list[int]) -> torch.Tensor:
     try:
-        hidden = wire_decode(proto)
+        tensor = wire_decode(message.tensors[0])
     except Exception as e:
-        raise ProtocolError("bad_tensor", f"cannot decode hidden states: {e}") from None
-    if list(hidden.shape) != size:
-        raise ProtocolError("bad_tensor", f"tensor buffer holds shape {list(hidden.shape)}, header says {size}")
-    if not torch.isfinite(hidden).all():
-        raise ProtocolError("bad_tensor", "hidden states contain NaN or infinity")
-    return Step(hidden, position, sample=sample)
+        raise ProtocolError("bad_tensor", f"cannot decode {what}: {e}") from None
+    if list(tensor.shape) != size:
+        raise ProtocolError("bad_tensor", f"tensor buffer holds shape {list(tensor.shape)}, header says {size}")
+    if not torch.isfinite(tensor).all():
+        raise ProtocolError("bad_tensor", f"{what} contain NaN or infinity")
+    return tensor
+
+
+@dataclass(frozen=True)
+class HeadInput:
+    """Head sharing: the last stage's output [1, 1, hidden] at the last position before `position`."""
+
+    hidden: torch.Tensor
+    position: int  # of the token to sample
+
+
+@dataclass(frozen=True)
+class HeadPart:
+    """Head sharing: the last stage's part of the logits for the token at `position`, rows [split, vocab)."""
+
+    position: int
+    best: tuple[float, int] | None = None  # greedy: (the highest logit, its token id)
+    logits: torch.Tensor | None = None  # sampling: [vocab - split] fp32
+
+
+@dataclass(frozen=True)
+class PushOffer:
+    """What a stage offers the stage that pushes to it, in its first answer on the push stream."""
+
+    head_split: int | None = None  # a ring's first stage holds the LM head's rows [0, head_split)
+    direct: DirectOffer | None = None  # push over a direct link instead (`node.direct`)
+
+
+def push_offer(offer: PushOffer) -> runtime_pb2.ExpertResponse:
+    fields: dict[str, Any] = {}
+    if offer.head_split is not None:
+        fields["head_rows"] = [0, offer.head_split]
+    if offer.direct is not None:
+        fields["direct"] = offer.direct.to_wire()
+    return pack_response({"offer": fields})
+
+
+def parse_push_offer(metadata: dict[str, Any]) -> PushOffer | None:
+    """The offer in an answer on a push stream (`push_offer`); None if the answer is not an offer."""
+    fields = metadata.get("offer")
+    if fields is None:
+        return None
+    if not isinstance(fields, dict) or not set(fields) <= {"head_rows", "direct"}:
+        raise ProtocolError("bad_response", f"'offer' must be a map of head_rows and direct, got {fields!r}")
+    split = None
+    if "head_rows" in fields:
+        rows = fields["head_rows"]
+        if not (isinstance(rows, list) and len(rows) == 2 and rows[0] == 0 and isinstance(rows[1], int)
+                and not isinstance(rows[1], bool) and rows[1] > 0):
+            raise ProtocolError("bad_response", f"'head_rows' must be [0, split], got {rows!r}")
+        split = rows[1]
+    try:
+        direct = DirectOffer.from_wire(fields["direct"]) if "direct" in fields else None
+    except ValueError as e:
+        raise ProtocolError("bad_response", f"bad direct offer: {e}") from None
+    return PushOffer(split, direct)
+
+
+_DIRECT_SWITCH = msgpack.packb({"direct": True})
+
+
+def direct_switch() -> runtime_pb2.ExpertRequest:
+    """A pusher's last message on the libp2p push stream: the rest comes over the direct link."""
+    return runtime_pb2.ExpertRequest(metadata=_DIRECT_SWITCH)
+
+
+def is_direct_switch(message: runtime_pb2.ExpertRequest) -> bool:
+    return message.metadata == _DIRECT_SWITCH and not message.tensors
+
+
+def is_head_message(message: runtime_pb2.ExpertRequest) -> bool:
+    return "head" in unpack_metadata(message)
+
+
+def parse_head_message(message: runtime_pb2.ExpertRequest, *, hidden_size: int, expected_position: int,
+                       split: int, vocab_size: int, greedy: bool) -> HeadInput | HeadPart:
+    metadata = unpack_metadata(message)
+    position = _int_field(metadata, "position", low=0, high=1 << 30)
+    if position != expected_position:
+        raise ProtocolError("bad_step", f"head message for position {position}, but the session is at "
+                            f"{expected_position}")
+    kind = metadata.get("head")
+    if kind == "input":
+        return HeadInput(_tensor(message, "hidden states", _tensor_header(message, "hidden states",
+                                                                          [1, 1, hidden_size])), position)
+    if kind != "part":
+        raise ProtocolError("bad_request", f"'head' must be 'input' or 'part', got {kind!r}")
+    if not greedy:
+        size = _tensor_header(message, "logits", [vocab_size - split])
+        return HeadPart(position, logits=_tensor(message, "logits", size).float())
+    best = metadata.get("max")
+    if message.tensors or not isinstance(best, float) or not math.isfinite(best):
+        raise ProtocolError("bad_request", f"a greedy head part carries a finite float 'max' and no tensor, "
+                            f"got {best!r}")
+    return HeadPart(position, best=(best, _int_field(metadata, "argmax", low=split, high=vocab_size - 1)))
 
 
 def _token_ids(metadata: dict[str, Any], message: runtime_pb2.ExpertRequest, vocab_size: int, position: int,

@@ -25,20 +25,29 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from node.batching import StepBatcher
+from node.direct import DirectLinkError, DirectListener, DirectOffer, DirectWriter, dial
 from node.protocol import (
     INFERENCE_HANDLER,
     INFO_HANDLER,
     PUSH_HANDLER,
+    HeadInput,
     OpenSession,
     ProtocolError,
+    PushOffer,
     Step,
+    direct_switch,
     error_response,
+    is_direct_switch,
+    is_head_message,
     is_ping,
     pack,
     pack_response,
+    parse_head_message,
     parse_open,
+    parse_push_offer,
     parse_push_open,
     parse_step,
+    push_offer,
     unpack_metadata,
 )
 from node.sampling import SamplingParams, sample
@@ -123,8 +132,11 @@ class Session:
     position: int = 0
     last_active: float = field(default_factory=time.monotonic)
     push_link: PushLink | None = None
-    produced: int = 0  # tokens this stage sampled (a ring's last stage)
-    feeding: asyncio.Task | None = None  # a one-stage ring's step on the token it just sampled
+    produced: int = 0  # tokens this stage sampled (a ring's last stage, or its first when they share the head)
+    feeding: asyncio.Task | None = None  # the step on the token this stage just sampled, when it feeds itself
+    # Head sharing (see node.protocol), at a ring's first stage: (position, the logits of its own rows for the
+    # token there), waiting for the last stage's part.
+    own_head_logits: tuple[int, torch.Tensor] | None = None
 
     @property
     def takes_client_steps(self) -> bool:
@@ -145,13 +157,19 @@ class PushLink:
     """The stream on which a stage pushes one session's outputs to the next stage.
 
     It is opened as soon as the session is, in the background, so the first token does
-    not wait for a stream setup; steps queue in the outbox meanwhile.
+    not wait for a stream setup; steps queue in the outbox meanwhile. When the next stage
+    offers a direct link (`node.direct`) and `direct` allows, later steps go over that.
     """
 
-    def __init__(self, session: Session, link: EmulatedLink) -> None:
+    def __init__(self, session: Session, link: EmulatedLink, *, direct: bool = False) -> None:
         self.session = session
+        self.link = link
         self.outbox = Outbox(link)
+        self.allow_direct = direct
         self._watcher: asyncio.Task | None = None
+        self._dialer: asyncio.Task | None = None
+        self._direct: DirectWriter | None = None
+        self.head_split: int | None = None  # the next stage (a ring's first) holds the LM head's rows [0, split)
 
     def start(self, p2p: P2P) -> None:
         self._watcher = asyncio.create_task(self._run(p2p))
@@ -173,26 +191,54 @@ class PushLink:
         await self._watch(responses)
 
     async def _watch(self, responses: AsyncIterator[runtime_pb2.ExpertResponse]) -> None:
-        """The next stage answers a push stream only to refuse it; any answer or a broken stream is reported."""
+        """The next stage answers a push stream with its offer (`PushOffer`: a direct link, head sharing) or to
+        refuse it; a refusal, a malformed answer or a broken stream is reported."""
         next_peer = self.session.opened.next_peer
+        offered = False
         try:
             async for response in responses:
+                offer = parse_push_offer(unpack_metadata(response))
+                if offer is not None and not offered:
+                    offered, self.head_split = True, offer.head_split
+                    if offer.direct is not None and self.allow_direct:
+                        self._dialer = asyncio.create_task(self._go_direct(offer.direct))
+                    continue
                 self.session.outbox.put(_with_peer(response, next_peer))
                 return
         except asyncio.CancelledError:
             raise
+        except ProtocolError as e:
+            self.session.outbox.put(error_response(e.code, f"the next stage answered: {e}", peer=next_peer))
         except Exception as e:
             self.session.outbox.put(
                 error_response("push_failed", f"cannot reach the next stage {next_peer}: {e}", peer=next_peer)
             )
 
+    async def _go_direct(self, offer: DirectOffer) -> None:
+        try:
+            writer = await dial(offer)
+        except DirectLinkError as e:  # e.g. behind NAT: the libp2p stream serves on
+            logger.info("no direct link to %s, pushing over libp2p: %s", self.session.opened.next_peer, e)
+            return
+        self.outbox.put(direct_switch())  # the receiver reads the link only after this, so order holds
+        self._direct = writer
+
     def send(self, request: runtime_pb2.ExpertRequest) -> None:
-        self.outbox.put(request)
+        if self._direct is None:
+            self.outbox.put(request)
+        elif self.link.active:  # emulated WAN: the same link's delays, so arrivals stay in order
+            asyncio.get_running_loop().call_later(self.link.arrival_in(request.ByteSize()), self._direct.send,
+                                                  request)
+        else:
+            self._direct.send(request)
 
     def close(self) -> None:
         self.outbox.queue.put_nowait(None)
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._dialer):
+            if task is not None:
+                task.cancel()
+        if self._direct is not None:
+            self._direct.close()
 
 
 def _with_peer(response: runtime_pb2.ExpertResponse, peer: str) -> runtime_pb2.ExpertResponse:
@@ -238,11 +284,14 @@ class StageServer:
         self.step_limiter = RateLimiter(rate_per_s=max_steps_per_s_per_peer, burst=2 * max_steps_per_s_per_peer)
         self.steps_served = 0
         self.tokens_served = 0
+        self.head_merges = 0  # tokens this stage sampled as a ring's first stage sharing the LM head
+        self.direct_links = 0  # push streams that moved to a direct link
         self.layer_latency_s = 0.0  # moving average of measured decode time per layer (queueing included)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
         # Decode steps of concurrent sessions that queue while a pass runs go through the layers together.
         self.batcher = StepBatcher(stage, executor=self._compute)
         self._p2p: P2P | None = None
+        self.direct: DirectListener | None = None  # this node's port for direct links; None: libp2p only
         self._sweeper: asyncio.Task | None = None
         # Set when this stage is leaving (the node pauses or moved to other layers): new sessions are
         # refused with code "draining", open ones run to their end.
@@ -256,14 +305,15 @@ class StageServer:
     def free_kv_tokens(self) -> int:
         return self.budget.free_bytes // max(1, self.stage.shape.kv_bytes_per_token)
 
-    def attach(self, p2p: P2P) -> None:
-        """Serve through `p2p` without registering handlers (a node's dispatcher calls ours); starts the sweeper."""
-        self._p2p = p2p
+    def attach(self, p2p: P2P, direct: DirectListener | None = None) -> None:
+        """Serve through `p2p` without registering handlers (a node's dispatcher calls ours); starts the sweeper.
+        With `direct`, pushes to and from other stages move to direct links where both ends allow."""
+        self._p2p, self.direct = p2p, direct
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_idle_sessions())
 
-    async def add_handlers(self, p2p: P2P) -> None:
-        self.attach(p2p)
+    async def add_handlers(self, p2p: P2P, direct: DirectListener | None = None) -> None:
+        self.attach(p2p, direct)
         await p2p.add_protobuf_handler(
             INFERENCE_HANDLER, self.rpc_inference, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
         )
@@ -300,6 +350,8 @@ class StageServer:
             "compute_s": round(self.batcher.compute_s, 3),
             "decode_batches": {str(size): n for size, n in sorted(self.batcher.batch_sizes.items())},
             "gather_waits": self.batcher.gather_waits,
+            "head_merges": self.head_merges,
+            "direct_links": self.direct_links,
         }
 
     async def rpc_inference(
@@ -339,7 +391,7 @@ class StageServer:
                 if not self.step_limiter.allow(session.client):
                     session.outbox.put(error_response("busy", "too many steps per second from this peer; slow down"))
                     continue
-                await self._process_step(session, request)
+                await self._process_step(session, request, pushed=False)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the client's stream broke: nothing more will come
@@ -363,13 +415,43 @@ class StageServer:
             # Only the stage the client named as our predecessor may feed its session.
             yield error_response("bad_request", f"no session {session_id!r} here expects pushes from {pusher}")
             return
+        offer = PushOffer(self.stage.head_share.rows[1] if self._shares_head(session) else None,
+                          self.direct.offer() if self.direct is not None else None)
+        if offer != PushOffer():
+            yield push_offer(offer)
+        try:
+            await self._read_pushes(session, requests, offer.direct)
+        except DirectLinkError as e:
+            session.outbox.put(error_response("push_failed", f"the direct link from the previous stage broke: {e}",
+                                              peer=pusher))
+        finally:
+            if offer.direct is not None:
+                self.direct.withdraw(offer.direct)
+
+    async def _read_pushes(self, session: Session, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                           direct: DirectOffer | None) -> None:
+        """Runs the pushed steps of `session` in order: from the push stream, then (after the pusher's switch) from
+        the direct link it dialled with `direct`'s ticket."""
+        switched = False
         with contextlib.suppress(StopAsyncIteration, ConnectionError):
             async for request in requests:
                 if session.session_id not in self.sessions:
                     return
-                await self._process_step(session, request)
-        return
-        yield  # makes this an async generator: a push stream gets no answers while all is well
+                if direct is not None and is_direct_switch(request):
+                    switched = True
+                    break
+                await self._process_step(session, request, pushed=True)
+        if not switched:
+            return
+        reader = await self.direct.accepted(direct)
+        self.direct_links += 1
+        try:
+            async for request in reader.messages():
+                if session.session_id not in self.sessions:
+                    return
+                await self._process_step(session, request, pushed=True)
+        finally:
+            reader.close()
 
     async def _wait_for_session(self, session_id: str, timeout_s: float = 10.0) -> Session | None:
         """The client opens all stages at once, so a push may arrive just before its session here."""
@@ -390,8 +472,11 @@ class StageServer:
             )
         if opened.embed and (opened.start != 0 or self.stage.embedder is None):
             raise ProtocolError("bad_request", "only a session's first stage, at layer 0, takes token ids")
-        if opened.sampling is not None and (opened.end != self.stage.source.num_layers or self.stage.head is None):
-            raise ProtocolError("bad_request", "only a session's last stage, at the model's last layer, samples")
+        ends_model = opened.end == self.stage.source.num_layers
+        first_of_ring = opened.embed and opened.next_peer is not None
+        if opened.sampling is not None and (self.stage.head is None if ends_model else not first_of_ring):
+            raise ProtocolError("bad_request", "only a session's last stage, at the model's last layer, samples "
+                                "(and its first stage, which may share the LM head's work)")
         if opened.sampling is not None and opened.next_peer is None and not opened.embed:
             raise ProtocolError("bad_request", "a sampling stage feeds its tokens to the first stage: name it as "
                                 "'next', or also 'embed' when this stage is the whole chain")
@@ -405,7 +490,7 @@ class StageServer:
         cache = self.stage.new_cache(opened.max_length, layers=layers)
         session = Session(opened, client, nbytes, cache, Outbox(self.link))
         if session.pushes:
-            session.push_link = PushLink(session, self.link)
+            session.push_link = PushLink(session, self.link, direct=self.direct is not None)
             session.push_link.start(self._p2p)
         self.sessions[session.session_id] = session
         return session
@@ -418,8 +503,17 @@ class StageServer:
             if session.push_link is not None:
                 session.push_link.close()
 
-    async def _process_step(self, session: Session, request: runtime_pb2.ExpertRequest) -> None:
-        """Validates a step from the client or the previous stage, then runs it."""
+    def _shares_head(self, session: Session) -> bool:
+        """Whether this stage, a ring's first one, computes part of the LM head for `session`."""
+        opened = self.stage.head_share is not None and session.opened
+        return bool(opened and opened.embed and opened.share_head and opened.sampling is not None
+                    and opened.end < self.stage.source.num_layers)
+
+    async def _process_step(self, session: Session, request: runtime_pb2.ExpertRequest, *, pushed: bool) -> None:
+        """Validates a step from the client or (`pushed`) the previous stage, then runs it."""
+        if pushed and self._shares_head(session) and is_head_message(request):
+            await self._merge_head(session, request)
+            return
         try:
             step = parse_step(
                 request, hidden_size=self.stage.shape.hidden_size, expected_position=session.position,
@@ -430,6 +524,8 @@ class StageServer:
             # A bad step is refused without touching the cache; the session stays usable.
             session.outbox.put(_error_for(e))
             return
+        if pushed and session.opened.embed:
+            session.produced += 1  # the last stage sampled this token (it did not share the head for it)
         await self._run_step(session, step)
 
     async def _run_step(self, session: Session, step: Step) -> None:
@@ -438,7 +534,9 @@ class StageServer:
         if session.session_id not in self.sessions:
             return  # closed meanwhile (a one-stage ring feeds itself after its client left)
         session.last_active = started = time.monotonic()
-        sampling = session.opened.sampling if step.sample else None
+        ends_model = session.opened.end == self.stage.source.num_layers
+        sampling = session.opened.sampling if step.sample and ends_model else None
+        shared = session.push_link.head_split if sampling and session.push_link else None
         try:
             hidden = step.hidden if step.token_ids is None else await self._embed(step.token_ids)
             hidden = await self.batcher.run(session.cache, hidden, step.position,
@@ -447,6 +545,9 @@ class StageServer:
                 await asyncio.sleep(self.test_slowdown_s)
             if self.test_perturb_scale > 0:
                 hidden = _perturb(hidden, self.test_perturb_scale)
+            if shared is not None and 0 < shared < self.stage.head.vocab_size:
+                await self._share_head(session, hidden, step.position + step.tokens, shared)
+                sampling = None  # the first stage samples
             token = await self._sample(hidden, sampling, step.position + step.tokens) if sampling else None
         except Exception as e:  # a compute failure: end the session rather than trust its cache
             logger.exception("step failed in session %s", session.session_id)
@@ -462,9 +563,9 @@ class StageServer:
         self.tokens_served += step.tokens
         if session.session_id not in self.sessions:
             return  # closed while the step ran
-        if session.opened.sampling is not None:  # a ring's last stage sends tokens, not hidden states
-            if token is not None:
-                self._feed_token(session, token)
+        if session.opened.sampling is not None and ends_model:
+            if token is not None:  # a ring's last stage sends tokens (or its head's part), not hidden states
+                self._feed_token(session, token, to_self=not session.pushes)
             return
         output = hidden.to(step.hidden.dtype) if step.hidden is not None else hidden
         metadata = {"position": step.position, **({"sample": True} if step.sample else {})}
@@ -484,21 +585,74 @@ class StageServer:
 
     async def _sample(self, hidden: torch.Tensor, params: SamplingParams, position: int) -> int:
         logits = await self.stage.head.next_logits(hidden, self._compute, alone_on_loop=self.batcher.alone)
+        return await self._pick(logits, params, position)
+
+    async def _pick(self, logits: torch.Tensor, params: SamplingParams, position: int) -> int:
         if params.temperature == 0:  # an argmax: cheap enough for the event loop
             return sample(logits, params, position)
         return await asyncio.get_running_loop().run_in_executor(self._compute, sample, logits, params, position)
 
-    def _feed_token(self, session: Session, token: int) -> None:
-        """A ring's last stage: the token it sampled goes to the first stage (first, as that is the
-        critical path) as the next step, unless generation ends with it, then to the client."""
+    async def _share_head(self, session: Session, hidden: torch.Tensor, position: int, split: int) -> None:
+        """A ring's last stage sharing the head: its output goes to the first stage at once, then the part of the
+        logits for rows [split, vocab) this stage computes meanwhile (see node.protocol)."""
+        wire = session.opened.wire
+        session.push_link.send(pack({"position": position, "head": "input"}, [hidden[:, -1:].contiguous()], wire=wire))
+        rows = (split, self.stage.head.vocab_size)
+        # on the compute thread even when alone (StepBatcher.alone): the loop must send the input meanwhile
+        logits = await self.stage.head.next_logits(hidden, self._compute, rows=rows)
+        if session.opened.sampling.temperature == 0:
+            best, index = logits.max(dim=0)
+            part = pack({"position": position, "head": "part", "max": float(best), "argmax": split + int(index)})
+        else:
+            part = pack({"position": position, "head": "part"}, [logits])
+        session.push_link.send(part)
+
+    async def _merge_head(self, session: Session, request: runtime_pb2.ExpertRequest) -> None:
+        """A ring's first stage sharing the head: computes its rows' logits on the last stage's output, then
+        merges them with the last stage's part, samples and feeds itself the token."""
+        head, params = self.stage.head_share, session.opened.sampling
+        try:
+            message = parse_head_message(
+                request, hidden_size=self.stage.shape.hidden_size, expected_position=session.position,
+                split=head.rows[1], vocab_size=self.stage.embedder.vocab_size, greedy=params.temperature == 0)
+            own = session.own_head_logits
+            if not isinstance(message, HeadInput) and (own is None or own[0] != message.position):
+                raise ProtocolError("bad_step", f"a head part for position {message.position} before its input")
+        except ProtocolError as e:
+            session.outbox.put(_error_for(e))
+            return
+        try:
+            if isinstance(message, HeadInput):
+                logits = await head.next_logits(message.hidden, self._compute, alone_on_loop=self.batcher.alone)
+                session.own_head_logits = (message.position, logits)
+                return
+            session.own_head_logits = None
+            if message.best is not None:  # greedy: the better of two argmaxes, ties to the lower id as argmax does
+                best, index = own[1].max(dim=0)
+                token = int(index) if float(best) >= message.best[0] else message.best[1]
+            else:
+                token = await self._pick(torch.cat([own[1], message.logits]), params, message.position)
+        except Exception as e:  # a compute failure: end the session rather than trust its state
+            logger.exception("head merge failed in session %s", session.session_id)
+            session.outbox.put(error_response("internal", f"head merge failed: {type(e).__name__}: {e}"))
+            session.outbox.put(None)
+            return
+        self.head_merges += 1
+        if session.session_id in self.sessions:
+            self._feed_token(session, token, to_self=True)
+
+    def _feed_token(self, session: Session, token: int, *, to_self: bool) -> None:
+        """The token this stage sampled goes to the first stage (first, as that is the critical path) as the next
+        step, unless generation ends with it, then to the client. `to_self`: this stage is the first one (a
+        one-stage ring, or a ring's first stage sharing the head) and feeds itself; else it pushes the token."""
         session.produced += 1
         position = session.position
         if not session.opened.sampling.is_last(token, session.produced) and position < session.opened.max_length:
-            if session.pushes:
-                session.push_link.send(pack({"position": position, "tokens": [token], "sample": True}))
-            else:  # this stage is the whole chain: it feeds itself
+            if to_self:
                 step = Step(None, position, torch.tensor([[token]]), sample=True)
                 session.feeding = asyncio.create_task(self._run_step(session, step))
+            else:
+                session.push_link.send(pack({"position": position, "tokens": [token], "sample": True}))
         session.outbox.put(pack_response({"token": token, "position": position}))
 
     async def _sweep_idle_sessions(self) -> None:

@@ -13,8 +13,9 @@ the MLP and the rotary embedding; the forward itself is orchestrated here, gpt-f
 
 Layer ranges here (`layers=`, `KVCache.layers`) are absolute model layer indices, like the protocol's
 `open {start, end}`: a stage serving 10:20 runs `layers=(12, 20)`, never `(2, 10)`.
-A stage that starts at layer 0 also holds the token embedding, and one that ends at the last layer
-the final norm and LM head (`node.head`), for sessions run as a ring.
+A stage that starts at layer 0 also holds the token embedding (and the first half of the LM head, which it
+computes in rings: `head_share`), and one that ends at the last layer the final norm and LM head
+(`node.head`), for sessions run as a ring.
 """
 
 from __future__ import annotations
@@ -145,9 +146,10 @@ class Stage:
 
     def __init__(
         self, source: ModelSource, start: int, end: int, *, dtype: torch.dtype, device: torch.device,
-        with_ends: bool = True,
+        with_ends: bool = True, share_head: bool = True,
     ) -> None:
-        """`with_ends=False`: layers only, even at the model's ends (timing layers, nothing served)."""
+        """`with_ends=False`: layers only, even at the model's ends (timing layers, nothing served).
+        `share_head=False`: a first stage holds no share of the LM head (`head_share`)."""
         if not 0 <= start < end <= source.num_layers:
             raise ValueError(
                 f"layer range {start}:{end} is outside {source.name}, which has {source.num_layers} layers"
@@ -177,6 +179,12 @@ class Stage:
         # is sent, the last one computes logits and samples.
         self.embedder = Embedder(source, dtype=dtype, device=device) if with_ends and start == 0 else None
         self.head = LMHead(source, dtype=dtype, device=device) if with_ends and end == source.num_layers else None
+        # A first stage that does not also end the model holds the LM head's first half: in a ring it computes
+        # those logits while the last stage computes the rest (node.server), so half the head's time leaves the
+        # critical path, for half the head's memory here.
+        shares = with_ends and share_head and start == 0 and end < source.num_layers
+        self.head_share = LMHead(source, dtype=dtype, device=device, rows=(0, source.config.vocab_size // 2)) \
+            if shares else None
         self.shape = StageShape(
             hidden_size=self.config.hidden_size,
             num_layers=end - start,

@@ -153,7 +153,7 @@ def _refusal_code(live: LiveNode, session, request) -> str:
     async def send():
         session.streams[0].send(request)
         with pytest.raises(StageFailure) as failure:
-            await session._answer_from(0, position=-1)
+            await session._answer_from((0,), position=-1)
         return failure.value.code
 
     return live.run(send())

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from node.chat import Message, chat_template_ids
 from node.checkpoint import DEFAULT_MODEL, load_tokenizer, resolve_model
+from node.client import connect
 from node.local_swarm import LocalSwarm
 from node.sampling import SamplingParams
 from tests.node.swarm_client import generate_through
@@ -28,9 +29,16 @@ def reference_generate(source, prompt_ids: list[int], max_new_tokens: int, stop_
 
 
 async def swarm_generate(swarm: LocalSwarm, prompt_ids: list[int], params: SamplingParams, *,
-                         relay: bool = False, wire: str = "none", ring: bool = False) -> list[int]:
+                         relay: bool = False, wire: str = "none", ring: bool = False, share_head: bool = True
+                         ) -> list[int]:
     return await generate_through(swarm.initial_peers, swarm.source, prompt_ids, params, expect_ranges=swarm.ranges,
-                                  relay=relay, wire=wire, ring=ring)
+                                  relay=relay, wire=wire, ring=ring, share_head=share_head)
+
+
+async def node_infos(swarm: LocalSwarm) -> list[dict]:
+    """What each node says of itself (`StageServer.info`)."""
+    async with connect(swarm.initial_peers, swarm.source) as client:
+        return [await client.node_info(swarm.peer_id(index)) for index in range(len(swarm.ranges))]
 
 
 @pytest.fixture(scope="module")
@@ -64,21 +72,33 @@ def test_three_nodes_match_single_process_tiny_qwen2(tiny_checkpoint, tmp_path):
     source = resolve_model(str(path))
     prompt_ids = list(range(3, 40))
     stop_ids = (source.config.eos_token_id,) if source.config.eos_token_id is not None else ()
-    with LocalSwarm(str(path), num_nodes=3, threads_per_node=1, log_dir=str(tmp_path)) as swarm:
+    # The middle node keeps to libp2p: the first pushes to it and it pushes on over libp2p, the last stage
+    # pushes to the first over a direct link (node.direct).
+    with LocalSwarm(str(path), num_nodes=3, threads_per_node=1, log_dir=str(tmp_path),
+                    per_node_args={1: ["--no-direct-links"]}) as swarm:
         params = SamplingParams(max_new_tokens=16, stop_token_ids=stop_ids)
         pushed = asyncio.run(swarm_generate(swarm, prompt_ids, params))
         relayed = asyncio.run(swarm_generate(swarm, prompt_ids, params, relay=True))
+        ring_whole = asyncio.run(swarm_generate(swarm, prompt_ids, params, ring=True, share_head=False))
+        assert asyncio.run(node_infos(swarm))[0]["head_merges"] == 0
         ring = asyncio.run(swarm_generate(swarm, prompt_ids, params, ring=True))
-        # Sampled at the last stage or at the client, a seeded draw is the same: it depends on (seed, position).
+        infos = asyncio.run(node_infos(swarm))
+        # The first stage merged every token after the first: the last stage sampled that one itself only if
+        # the first stage's offer to share the head had not reached it before the prompt did.
+        assert infos[0]["head_merges"] in (len(ring), len(ring) - 1)
+        assert infos[0]["direct_links"] == 2 and infos[1]["direct_links"] == infos[2]["direct_links"] == 0
+        # Sampled at the last stage, by the ring's two ends sharing the head, or at the client, a seeded draw
+        # is the same: it depends on (seed, position) and the logits.
         sampled = SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.95, seed=11)
         sampled_push = asyncio.run(swarm_generate(swarm, prompt_ids, sampled))
         sampled_ring = asyncio.run(swarm_generate(swarm, prompt_ids, sampled, ring=True))
+        sampled_whole = asyncio.run(swarm_generate(swarm, prompt_ids, sampled, ring=True, share_head=False))
         other_seed = asyncio.run(swarm_generate(swarm, prompt_ids, replace(sampled, seed=12), ring=True))
         no_stop = SamplingParams(max_new_tokens=16)
         halved = asyncio.run(swarm_generate(swarm, prompt_ids, no_stop, wire="fp16"))
         quantised = asyncio.run(swarm_generate(swarm, prompt_ids, no_stop, wire="int8"))
-    assert pushed == relayed == ring == reference_generate(source, prompt_ids, 16, stop_ids)
-    assert sampled_push == sampled_ring != other_seed
+    assert pushed == relayed == ring == ring_whole == reference_generate(source, prompt_ids, 16, stop_ids)
+    assert sampled_push == sampled_ring == sampled_whole != other_seed
     assert sampled_ring != ring  # the draw did sample, not just take the argmax
     # Lossy codecs run end to end; how far they drift on a real model is measured in benchmarks/wire.py.
     assert len(halved) == len(quantised) == 16

@@ -117,7 +117,7 @@ async def refusal(session: ChainSession, request) -> str:
     """Sends a raw request on the session's first stream and returns the error code it is answered with."""
     session.streams[0].send(request)
     with pytest.raises(StageFailure) as error:
-        await session._answer_from(0, position=-1)
+        await session._answer_from((0,), position=-1)
     return error.value.code
 
 
