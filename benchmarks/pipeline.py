@@ -7,7 +7,8 @@ work), whole (a ring whose last stage computes the whole head), push (the client
 and samples: stages + 1 legs) and relay (through the client: 2 x stages legs). With
 --delay-ms D every message any peer sends is held D ms (an emulated WAN link per leg;
 this kernel has no netem) and the table compares each against its physical limit:
-local compute + legs x D.
+local compute + legs x D. A run's decode rate is one over the median gap between two
+tokens (a shared VM stalls now and then; the median keeps a stall out of the figure).
 
 Usage: python benchmarks/pipeline.py [--model NAME] [--runs 5] [--new-tokens 64] [--delay-ms 20]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import multiprocessing as mp
 import os
 import statistics
@@ -37,6 +39,12 @@ from node.local_swarm import LocalSwarm  # noqa: E402
 from node.sampling import SamplingParams, sample  # noqa: E402
 
 
+def decode_rate(times: list[float]) -> float:
+    """Decode tokens/s from the moments tokens arrived: one over the median gap between two, since on a
+    shared VM a run's mean is at the mercy of a few stalls that have nothing to do with the method."""
+    return 1 / statistics.median(b - a for a, b in itertools.pairwise(times))
+
+
 def local_run(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, float]:
     """(time to first token, decode tokens/s) of plain transformers with a KV cache."""
     ids = torch.tensor([prompt_ids])
@@ -44,14 +52,13 @@ def local_run(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, flo
         t0 = time.perf_counter()
         out = model(ids, use_cache=True)
         token = out.logits[0, -1].argmax().view(1, 1)
-        ttft = time.perf_counter() - t0
+        times = [time.perf_counter()]
         cache = out.past_key_values
-        t1 = time.perf_counter()
         for _ in range(new_tokens - 1):
             out = model(token, past_key_values=cache, use_cache=True)
             cache, token = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
-        decode = (new_tokens - 1) / (time.perf_counter() - t1)
-    return ttft, decode
+            times.append(time.perf_counter())
+    return times[0] - t0, decode_rate(times)
 
 
 def _local_worker(root: str, threads: int, prompt_ids: list[int], new_tokens: int, conn) -> None:
@@ -100,17 +107,16 @@ async def swarm_run(client: SwarmClient, head: ClientHead, prompt_ids: list[int]
         if mode in RINGS:
             times = [time.perf_counter() async for _ in session.tokens(prompt_ids, 0)]
             assert len(times) == new_tokens
-            return times[0] - t0, (new_tokens - 1) / (times[-1] - times[0])
+            return times[0] - t0, decode_rate(times)
         start = len(prompt_ids)
         token = sample(await prefill(session, head, prompt_ids, 0), params, start)
-        ttft = time.perf_counter() - t0
-        t1 = time.perf_counter()
+        times = [time.perf_counter()]
         for position in range(start, start + new_tokens - 1):
             token = sample(await decode_one_token(session, head, token, position), params, position + 1)
-        decode = (new_tokens - 1) / (time.perf_counter() - t1)
+            times.append(time.perf_counter())
     finally:
         await session.close()
-    return ttft, decode
+    return times[0] - t0, decode_rate(times)
 
 
 async def aggregate_rate(client: SwarmClient, head: ClientHead, prompt_ids: list[int], new_tokens: int,
@@ -129,18 +135,18 @@ def decode_passes(before: dict, after: dict) -> dict[int, int]:
 
 
 async def measure_swarm(swarm: LocalSwarm, local: Callable[[], tuple[float, float]], prompt_ids, new_tokens, runs,
-                        delay_s: float, concurrency: int):
-    """{mode: [(ttft, decode tok/s), ...]} for local (single process), ring, push and relay, interleaved
-    run by run: this machine's speed drifts by 15% over minutes, and each run's ratios share one moment."""
+                        delay_s: float, concurrency: int, modes: list[str]):
+    """{mode: [(ttft, decode tok/s), ...]} for local (single process) and `modes`, interleaved run by run:
+    this machine's speed drifts by 15% over minutes, and each run's ratios share one moment."""
     source = swarm.source
     async with connect(swarm.initial_peers, source, send_delay_s=delay_s) as client:
         head = ClientHead(source)
-        results: dict[str, list] = {"local": [], **{mode: [] for mode in LEGS}}
-        for mode in LEGS:
+        results: dict[str, list] = {"local": [], **{mode: [] for mode in modes}}
+        for mode in modes:
             await swarm_run(client, head, prompt_ids, 4, mode)  # warm-up: connections
         for _ in range(runs):
             results["local"].append(local())  # the nodes sit idle meanwhile
-            for mode in LEGS:
+            for mode in modes:
                 results[mode].append(await swarm_run(client, head, prompt_ids, new_tokens, mode))
         rates: dict[int, list[float]] = {1: [], concurrency: []}
         chain = await client.choose_chain()
@@ -161,10 +167,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--delay-ms", type=float, default=0.0, help="emulated one-way delay of every leg")
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent sessions for the aggregate rate")
+    parser.add_argument("--no-direct-links", action="store_true", help="stages push over libp2p only")
+    parser.add_argument("--modes", nargs="+", choices=sorted(LEGS), default=list(LEGS),
+                        help="ways through the chain to measure (fewer: more runs in the same time)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     delay_s = args.delay_ms / 1000
     node_args = ["--emulate-delay-ms", str(args.delay_ms)] if args.delay_ms else []
+    node_args += ["--no-direct-links"] if args.no_direct_links else []
 
     with LocalSwarm(args.model, num_nodes=args.nodes, threads_per_node=args.threads, node_args=node_args) as swarm:
         source = swarm.source
@@ -173,7 +183,7 @@ def main() -> None:
         local = LocalBaseline(str(source.root), args.threads, prompt_ids, args.new_tokens)
         try:
             swarm_results, rates, passes = asyncio.run(measure_swarm(
-                swarm, local, prompt_ids, args.new_tokens, args.runs, delay_s, args.concurrency))
+                swarm, local, prompt_ids, args.new_tokens, args.runs, delay_s, args.concurrency, args.modes))
         finally:
             local.close()
     local_results = swarm_results.pop("local")
@@ -188,7 +198,8 @@ def main() -> None:
     local_ttft, local_decode = med(local_results, 0), med(local_results, 1)
     legs = {mode: count(args.nodes) for mode, count in LEGS.items()}
     print(f"model {source.name}, prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, "
-          f"{args.runs} runs (medians), {args.threads} torch threads, {args.delay_ms:g} ms per leg")
+          f"{args.runs} runs (medians), {args.threads} torch threads, {args.delay_ms:g} ms per leg, "
+          f"pushes over {'libp2p' if args.no_direct_links else 'direct links'}")
     print(f"{'':30} {'TTFT ms':>9} {'decode tok/s':>13} {'ms/token':>9} {'limit ms':>9} {'vs limit':>9}")
     print(f"{'single process':30} {local_ttft * 1000:9.1f} {local_decode:13.2f} {1000 / local_decode:9.1f}")
     for name, results in swarm_results.items():
@@ -197,13 +208,13 @@ def main() -> None:
         print(f"{args.nodes}-node swarm, {name:5} ({legs[name]} legs) {ttft * 1000:9.1f} {decode:13.2f} "
               f"{1000 / decode:9.1f} {limit_ms:9.1f} {1000 / decode / limit_ms:8.2f}x")
     decode = {mode: med(results, 1) for mode, results in swarm_results.items()}
-    ring_ttft = med(swarm_results["ring"], 0)
-    runs = ", ".join(f"{run[1] / base[1]:.2f}" for run, base in zip(swarm_results["ring"], local_results, strict=True))
-    print(f"decode against local (median of paired runs): ring {paired('ring'):.2f}x (runs {runs}), "
-          f"whole {paired('whole'):.2f}x, push {paired('push'):.2f}x, relay {paired('relay'):.2f}x; "
-          f"ring TTFT {ring_ttft / local_ttft:.2f}x")
-    print(f"ring/whole decode {decode['ring'] / decode['whole']:.2f}x; whole/push decode "
-          f"{decode['whole'] / decode['push']:.2f}x; push/relay decode {decode['push'] / decode['relay']:.2f}x")
+    first = args.modes[0]
+    runs = ", ".join(f"{run[1] / base[1]:.2f}" for run, base in zip(swarm_results[first], local_results, strict=True))
+    against = ", ".join(f"{mode} {paired(mode):.2f}x" + (f" (runs {runs})" if mode == first else "")
+                        for mode in args.modes)
+    print(f"decode against local (median of paired runs): {against}; "
+          f"{first} TTFT {med(swarm_results[first], 0) / local_ttft:.2f}x")
+    print("; ".join(f"{a}/{b} decode {decode[a] / decode[b]:.2f}x" for a, b in itertools.pairwise(args.modes)))
     if args.concurrency > 1:
         one, many = statistics.median(rates[1]), statistics.median(rates[args.concurrency])
         print(f"aggregate tok/s (prefill included, ring): 1 session {one:.2f}, {args.concurrency} sessions "

@@ -306,7 +306,8 @@ class Node:
         budget = config.kv_budget_bytes or default_kv_budget(self.device)
         server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
                              send_delay_s=config.send_delay_s, test_perturb_scale=config.test_perturb_scale,
-                             test_slowdown_s=config.test_slowdown_s, send_bandwidth_bps=config.send_bandwidth_bps)
+                             test_slowdown_s=config.test_slowdown_s, send_bandwidth_bps=config.send_bandwidth_bps,
+                             uplink_bps=self._capabilities.get("uplink_bps", 0.0))
         server.attach(self.p2p, self.direct)
         return server
 

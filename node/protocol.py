@@ -28,12 +28,14 @@ A stage answers a push stream at once with what it offers the pusher (`PushOffer
 a direct link (`node.direct`), and head sharing.
 Head sharing (a ring whose first stage holds the LM head's rows [0, split), `Stage.head_share`):
 the first stage offers `"head_rows": [0, split]` to the last stage. From then on,
-after a sampled step the last stage pushes `{"position", "head": "input"}` + its output at the last
-position to the first stage at once, computes the logits of rows [split, vocab) meanwhile, and pushes
-`{"position", "head": "part"}` with `"max"` and `"argmax"` (greedy) or + those logits (sampling). The
-first stage computes its rows, merges, samples, feeds itself the token and tells the client: the head's
-time on the critical path halves and no leg is added. A client opens the first stage with
-`share_head: false` to keep the head whole at the last stage.
+after a step flagged `sample` the last stage pushes `{"position", "head": "input"}` + its output at
+the last position to the first stage at once, computes the logits of rows [split, vocab) meanwhile,
+and pushes `{"position", "head": "part"}` with `"max"` and `"argmax"` (greedy) or + those logits
+(sampling). The first stage computes its rows, merges, samples, feeds itself the token and tells the
+client: the head's time on the critical path halves and no leg is added. A sampled part is half the
+vocabulary's logits, so the last stage shares those only over a link that carries them within a
+millisecond, and otherwise samples from the whole head itself as without an offer. A client opens
+the first stage with `share_head: false` to keep the head whole at the last stage.
 With `audit` set at open, a pushing stage also echoes each step's output to its client
 stream as `{"echo": position}` + tensor, for the client's spot checks (`node.verify`).
 Everything a peer sends is checked here before any compute runs.

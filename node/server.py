@@ -223,6 +223,12 @@ class PushLink:
         self.outbox.put(direct_switch())  # the receiver reads the link only after this, so order holds
         self._direct = writer
 
+    @property
+    def sends_at_once(self) -> bool:
+        """Whether `send` puts a message on the wire before it returns (a direct link, no emulated delay), rather
+        than leaving it to a task of the event loop."""
+        return self._direct is not None and not self.link.active
+
     def send(self, request: runtime_pb2.ExpertRequest) -> None:
         if self._direct is None:
             self.outbox.put(request)
@@ -270,8 +276,10 @@ class StageServer:
     def __init__(self, stage: Stage, *, kv_budget_bytes: int, max_length: int = 8192,
                  idle_timeout_s: float = 300.0, send_delay_s: float = 0.0, test_perturb_scale: float = 0.0,
                  max_sessions_per_peer: int = 64, max_steps_per_s_per_peer: float = 1000.0,
-                 test_slowdown_s: float = 0.0, send_bandwidth_bps: float = 0.0) -> None:
+                 test_slowdown_s: float = 0.0, send_bandwidth_bps: float = 0.0, uplink_bps: float = 0.0) -> None:
+        """`uplink_bps`: this node's measured uplink (0: not measured), which decides what is worth sending."""
         self.stage = stage
+        self.uplink_bps = uplink_bps
         self.test_perturb_scale = test_perturb_scale  # testing aid only: makes this node lie (see _perturb)
         self.test_slowdown_s = test_slowdown_s  # testing aid only: every step takes this much longer
         self.budget = KVBudget(kv_budget_bytes)
@@ -545,7 +553,7 @@ class StageServer:
                 await asyncio.sleep(self.test_slowdown_s)
             if self.test_perturb_scale > 0:
                 hidden = _perturb(hidden, self.test_perturb_scale)
-            if shared is not None and 0 < shared < self.stage.head.vocab_size:
+            if shared is not None and self._share_pays(session, shared):
                 await self._share_head(session, hidden, step.position + step.tokens, shared)
                 sampling = None  # the first stage samples
             token = await self._sample(hidden, sampling, step.position + step.tokens) if sampling else None
@@ -592,14 +600,26 @@ class StageServer:
             return sample(logits, params, position)
         return await asyncio.get_running_loop().run_in_executor(self._compute, sample, logits, params, position)
 
+    def _share_pays(self, session: Session, split: int) -> bool:
+        """A greedy part of the head is two numbers; a sampled one is the logits of rows [split, vocab) (98 KB
+        for SmolLM2), worth sending only over a link that carries them within a millisecond: loopback or a
+        LAN, not a WAN, where it would cost more than the half head it saves."""
+        vocab = self.stage.head.vocab_size
+        if not 0 < split < vocab:
+            return False
+        uplink = self.link.bandwidth_bps or self.uplink_bps
+        return session.opened.sampling.temperature == 0 or not uplink or 32 * (vocab - split) / uplink <= 1e-3
+
     async def _share_head(self, session: Session, hidden: torch.Tensor, position: int, split: int) -> None:
         """A ring's last stage sharing the head: its output goes to the first stage at once, then the part of the
         logits for rows [split, vocab) this stage computes meanwhile (see node.protocol)."""
         wire = session.opened.wire
         session.push_link.send(pack({"position": position, "head": "input"}, [hidden[:, -1:].contiguous()], wire=wire))
         rows = (split, self.stage.head.vocab_size)
-        # on the compute thread even when alone (StepBatcher.alone): the loop must send the input meanwhile
-        logits = await self.stage.head.next_logits(hidden, self._compute, rows=rows)
+        # On the loop when alone (StepBatcher.alone) only if the input is already on the wire: otherwise the loop
+        # must be free to send it while the compute thread computes.
+        alone = self.batcher.alone and session.push_link.sends_at_once
+        logits = await self.stage.head.next_logits(hidden, self._compute, alone_on_loop=alone, rows=rows)
         if session.opened.sampling.temperature == 0:
             best, index = logits.max(dim=0)
             part = pack({"position": position, "head": "part", "max": float(best), "argmax": split + int(index)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from node.head import LMHead
 from node.node import Node, NodeConfig
 from node.protocol import INFERENCE_HANDLER, PUSH_HANDLER, pack, parse_push_offer, unpack_metadata
 from node.sampling import SamplingParams
+from node.server import StageServer
+from node.stage import Stage
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -194,3 +197,23 @@ async def _drain(queue: asyncio.Queue):
 async def _error_code(answers) -> str:
     metadata = unpack_metadata(await asyncio.wait_for(anext(answers), 10))
     return metadata["error"]["code"]
+
+
+def test_a_sampled_head_part_is_shared_only_over_a_link_that_carries_it_within_a_millisecond(tiny_checkpoint):
+    source = resolve_model(str(tiny_checkpoint("llama", num_layers=4)))
+    last = Stage(source, 2, 4, dtype=torch.float32, device=torch.device("cpu"))
+    split = last.head.vocab_size // 2
+    part_bits = 32 * (last.head.vocab_size - split)  # the fp32 logits of rows [split, vocab)
+
+    def pays(temperature: float, uplink_bps: float = 0.0, emulated_bps: float = 0.0) -> bool:
+        server = StageServer(last, kv_budget_bytes=1 << 20, uplink_bps=uplink_bps, send_bandwidth_bps=emulated_bps)
+        try:
+            opened = SimpleNamespace(sampling=SamplingParams(temperature=temperature))
+            return server._share_pays(SimpleNamespace(opened=opened), split)
+        finally:
+            server.shutdown()
+
+    fast, slow = part_bits / 0.5e-3, part_bits / 2e-3
+    assert pays(0.8, uplink_bps=fast) and pays(0.8)  # measured fast, or not measured (loopback swarms)
+    assert not pays(0.8, uplink_bps=slow) and not pays(0.8, uplink_bps=fast, emulated_bps=slow)
+    assert pays(0.0, uplink_bps=slow)  # a greedy part is two numbers: always worth it

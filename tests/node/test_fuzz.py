@@ -214,3 +214,33 @@ def test_a_thousand_hostile_requests_are_refused_and_the_honest_session_is_untou
     assert honest.position >= 60
     live.run(asyncio.sleep(0.5))  # hostile opens that were valid end when their one-message streams close
     assert len(live.node.server.sessions) == 2
+
+
+def test_strangers_at_the_direct_link_port_are_dropped_and_the_node_keeps_serving(live):
+    """The port for direct links (node.direct) is open to anyone: whoever does not present a ticket this node
+    handed out over libp2p is dropped, and nothing they send reaches a session."""
+    honest = Honest(live)
+    host, port = live.node.direct.addrs[0]
+    visits = []
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(payload=st.binary(max_size=300))
+    def stranger(payload):
+        async def visit() -> bytes:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(payload)
+            if len(payload) < 16:
+                writer.write_eof()  # no full ticket will ever come
+            try:
+                return await asyncio.wait_for(reader.read(), 10)  # the node closes on us: b""
+            finally:
+                writer.close()
+
+        assert live.run(visit()) == b""
+        visits.append(payload)
+        honest.step()
+
+    stranger()
+    assert len(visits) >= 30 and honest.position == min(60, len(visits))
+    assert live.node.server.direct_links == 0
+    live.run(honest.session.close())
