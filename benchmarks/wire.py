@@ -95,6 +95,23 @@ def main() -> None:
         print(f"{codec:6} {message_bytes(hidden, codec):14d} {decode_bytes:13d} {4 * decode_bytes:15d} "
               f"{decode_bytes / base:7.2f}x {error:12.2e} {same:>5}/{len(reference):<4} "
               f"{min(first_diff):>14d} / {statistics.mean(first_diff):5.1f}")
+    print_ring_bytes(source, one_token, len(swarm.ranges))
+
+
+def print_ring_bytes(source, one_token: torch.Tensor, stages: int) -> None:
+    """Bytes a ring moves between its stages per decode token (lossless): hidden states on stages - 1 legs, then
+    either the token id back to the first stage, or with head sharing the last stage's output and its part."""
+    size = lambda message: len(message.SerializeToString())  # noqa: E731
+    vocab = source.config.vocab_size
+    hops = (stages - 1) * message_bytes(one_token, "none")
+    token = size(pack({"position": 100, "tokens": [vocab - 1], "sample": True}))
+    head_input = size(pack({"position": 100, "head": "input"}, [one_token]))
+    greedy_part = size(pack({"position": 100, "head": "part", "max": 12.5, "argmax": vocab - 1}))
+    sampled_part = size(pack({"position": 100, "head": "part"}, [torch.zeros(vocab - vocab // 2)]))
+    print(f"ring, {stages} stages, bytes between stages per decode token: head at the last stage "
+          f"{hops + token}; shared, greedy {hops + head_input + greedy_part}; shared, sampling "
+          f"{hops + head_input + sampled_part} (so sampled parts are shared only over links that carry them "
+          f"within 1 ms)")
 
 
 if __name__ == "__main__":
