@@ -217,3 +217,26 @@ def test_a_sampled_head_part_is_shared_only_over_a_link_that_carries_it_within_a
     assert pays(0.8, uplink_bps=fast) and pays(0.8)  # measured fast, or not measured (loopback swarms)
     assert not pays(0.8, uplink_bps=slow) and not pays(0.8, uplink_bps=fast, emulated_bps=slow)
     assert pays(0.0, uplink_bps=slow)  # a greedy part is two numbers: always worth it
+
+
+def test_an_offer_no_one_takes_up_or_no_one_answers_fails_clearly():
+    """The two ways a switch to a direct link can fail: the pusher's dial finds no one (it then keeps pushing
+    over libp2p), or the receiver waits for a dial that never comes (it reports push_failed to the client)."""
+
+    async def main():
+        listener = DirectListener()
+        await listener.start("127.0.0.1", [])
+        offer = listener.offer()
+        await listener.close()  # the port is gone: nothing answers there now
+        with pytest.raises(DirectLinkError, match="no address of the offer answered"):
+            await dial(offer, timeout_s=1.0)
+
+        listener = DirectListener()
+        await listener.start("127.0.0.1", [])
+        try:
+            with pytest.raises(DirectLinkError, match="no direct connection presented the ticket"):
+                await listener.accepted(listener.offer(), timeout_s=0.2)
+        finally:
+            await listener.close()
+
+    asyncio.run(main())
