@@ -11,8 +11,9 @@ leg per stage per token, so a push stream whose next stage listens for direct li
    that session and that peer; a connection without a valid ticket is dropped.
 3. The pushing stage sends `{"direct": true}` as its last message on the libp2p stream and
    everything after it over the connection, each message sealed with ChaCha20-Poly1305 under a
-   counter nonce, so a message that was forged, altered, replayed or dropped on the way breaks
-   the link instead of reaching the stage. The receiver reads the connection only after that
+   counter nonce, so a message that was forged, altered, replayed, or dropped before a later one
+   breaks the link instead of reaching the stage (a cut after the last message looks like a close,
+   and the client's timeout and pings find the stall). The receiver reads the connection only after that
    marker, so messages keep their order across the switch.
 
 A peer that cannot be dialled (behind NAT, through a relay) keeps pushing over libp2p.
@@ -111,14 +112,14 @@ class DirectReader:
                 raise DirectLinkError(f"a frame of {size} bytes")
             try:
                 sealed = await self._reader.readexactly(size)
-                plain = self._aead.decrypt(_nonce(counter), sealed, None)
-                yield runtime_pb2.ExpertRequest.FromString(plain)
+                request = runtime_pb2.ExpertRequest.FromString(self._aead.decrypt(_nonce(counter), sealed, None))
             except (asyncio.IncompleteReadError, ConnectionError) as e:
                 raise DirectLinkError(f"the link broke mid-message: {e}") from None
             except InvalidTag:
                 raise DirectLinkError("a message failed authentication (forged, altered or out of order)") from None
             except Exception as e:  # a sealed message that is not a request: the sender's bug or lie
                 raise DirectLinkError(f"a message does not parse: {type(e).__name__}") from None
+            yield request  # outside the try: what the consumer's loop raises is not the link's fault
 
     def close(self) -> None:
         self._writer.close()
