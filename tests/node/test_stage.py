@@ -294,17 +294,28 @@ def pass_threads(stage: Stage, monkeypatch) -> list[str]:
     return threads
 
 
+def _task_here() -> asyncio.Task | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # a thread without an event loop
+        return None
+
+
 def test_a_lone_session_is_never_held_back_and_skips_the_thread_handoff(llama_stage, monkeypatch):
     stage = llama_stage
     cache, other = stage.new_cache(64), stage.new_cache(64)
     for c in (cache, other):
         stage.forward(torch.randn(1, 2, 64), 0, c)
     threads = pass_threads(stage, monkeypatch)
+    in_callers_task = []  # per lone step: whether its pass ran in the caller's task (no worker, no queue)
 
     async def main(lone_steps: int, then_another: bool):
         batcher = StepBatcher(stage, max_gather_s=1.0)
+        ran_in, real = [], batcher._compute
+        monkeypatch.setattr(batcher, "_compute", lambda steps: (ran_in.append(_task_here()), real(steps))[1])
         for _ in range(lone_steps):
             await batcher.run(cache, torch.randn(1, 1, 64), cache.length)
+            in_callers_task.append(ran_in[-1] is asyncio.current_task())
             await asyncio.sleep(0.01)
         waits = batcher.gather_waits
         if then_another:  # once a second session decodes here, passes go back to the compute thread
@@ -316,6 +327,8 @@ def test_a_lone_session_is_never_held_back_and_skips_the_thread_handoff(llama_st
     assert asyncio.run(main(8, then_another=True)) == 0
     loop_thread = threading.current_thread().name
     assert threads[:8] == [loop_thread] * 8, "a lone session's decode passes run on the event loop"
+    # ... and after its first step here, in its own task: no queue, no worker task, no loop turns between
+    assert in_callers_task == [False] + [True] * 7
     assert all(name.startswith("stage-compute") for name in threads[8:]) and len(threads) == 10
 
     # Not with several torch threads: torch run from two threads gets two OpenMP teams, and GNU OpenMP then
@@ -368,3 +381,17 @@ def test_a_failing_step_does_not_fail_its_batch(llama_stage, monkeypatch):
     assert isinstance(results[2], RuntimeError) and caches[2].length == 2
     for i in (0, 1, 3):
         assert torch.allclose(results[i], expected[i], atol=ATOL)
+
+
+def test_a_pass_the_compute_thread_cannot_take_fails_its_steps_instead_of_hanging(llama_stage):
+    stage = llama_stage
+    caches = tagged_caches(stage, 2)
+
+    async def main():
+        batcher = StepBatcher(stage)
+        batcher._executor.shutdown()  # as when the node stops under a running pass
+        return await asyncio.wait_for(asyncio.gather(
+            *(batcher.run(c, torch.randn(1, 2, 64), 0) for c in caches), return_exceptions=True), 10)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) for r in results), results
