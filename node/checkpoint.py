@@ -16,10 +16,11 @@ import copy
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ MODEL_ALIASES = {
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # What resolving a hub id downloads up front: config, tokenizer and the shard index, never weights.
 HUB_METADATA_FILES = [
     "config.json",
@@ -430,25 +432,34 @@ def stage_config(config: PretrainedConfig, start: int, end: int) -> PretrainedCo
 class EmbeddingRows:
     """The token embedding, read row by row from the checkpoint's memory-mapped file as tokens need them:
     a first stage embeds a few tokens a step, and the whole matrix (vocab x hidden: 2 GB on a 70B model)
-    would otherwise sit in its memory for that."""
+    would otherwise sit in its memory for that. The mapping is private, so nothing can write to the file."""
 
     def __init__(self, source: ModelSource) -> None:
         key = _embedding_key(source)
         _check_present(source, [key], "the token embedding")
         filename = weight_map(source)[key]
         path = _local_files(source, [filename])[filename]
+        entry = read_safetensors_header(path).get(key) or {}
         try:
-            self._file = safe_open(str(path), framework="pt")  # kept open: the slice reads through it
-            self._slice = self._file.get_slice(key)
-        except Exception as e:
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            self.vocab_size, self.hidden_size = (int(n) for n in entry["shape"])
+            begin, end = (int(n) for n in entry["data_offsets"])
+            with open(path, "rb") as f:
+                data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            count = self.vocab_size * self.hidden_size
+            if end - begin != count * dtype.itemsize or data_start + end > len(self._map):
+                raise ValueError(f"its offsets {begin}:{end} do not hold a {self.vocab_size} x {self.hidden_size} "
+                                 f"{entry['dtype']} matrix")
+            matrix = torch.frombuffer(self._map, dtype=dtype, count=count, offset=data_start + begin)
+        except (KeyError, TypeError, ValueError, OSError) as e:
             raise CheckpointError(f"cannot read the token embedding of {source.name} from {path}: "
                                   f"{_first_line(e)}") from e
-        self.vocab_size, self.hidden_size = (int(n) for n in self._slice.get_shape())
+        self._matrix = matrix.view(self.vocab_size, self.hidden_size)
 
-    def rows(self, token_ids: list[int]) -> torch.Tensor:
-        """[len(token_ids), hidden] in the checkpoint's dtype; each distinct id is read once."""
-        read = {i: self._slice[i: i + 1] for i in set(token_ids)}
-        return torch.cat([read[i] for i in token_ids])
+    def rows(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """[len(token_ids), hidden] in the checkpoint's dtype (a copy: only the rows read are paged in)."""
+        return self._matrix[torch.as_tensor(token_ids, dtype=torch.long)]
 
 
 def load_head(

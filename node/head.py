@@ -37,7 +37,7 @@ class Embedder:
         """[batch, tokens] ids -> [batch, tokens, hidden] states."""
         if token_ids.numel() and not 0 <= int(token_ids.min()) <= int(token_ids.max()) < self.vocab_size:
             raise IndexError(f"token ids must be in [0, {self.vocab_size})")
-        rows = self._rows.rows(token_ids.reshape(-1).tolist())
+        rows = self._rows.rows(token_ids.reshape(-1))
         return rows.to(device=self.device, dtype=self.dtype).view(*token_ids.shape, -1)
 
 

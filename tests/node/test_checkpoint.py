@@ -133,11 +133,10 @@ def test_embedding_and_head_read_only_their_tensors(tiny_checkpoint, spy):
     path = tiny_checkpoint("llama", num_layers=6)  # untied lm_head
     source = resolve_model(str(path))
     full = full_state(path)
-    weight_map = index_of(path)
 
-    embedding = EmbeddingRows(source)
-    assert spy.read == ["model.embed_tokens.weight"]
-    assert spy.opened == [weight_map["model.embed_tokens.weight"]]
+    embedding = EmbeddingRows(source)  # maps its file: reads rows when asked, no whole tensor
+    assert spy.read == [] and spy.opened == []
+    assert (embedding.vocab_size, embedding.hidden_size) == tuple(full["model.embed_tokens.weight"].shape)
     expected = full["model.embed_tokens.weight"]
     assert torch.equal(embedding.rows(list(range(embedding.vocab_size))), expected)
     ids = [7, 3, 7, 0, expected.shape[0] - 1]  # repeats and the last row
@@ -546,3 +545,18 @@ def test_second_resolve_neither_fetches_nor_converts(smollm2, monkeypatch):
     monkeypatch.setattr(embedded_model, "convert_gguf", forbidden)
     again = resolve_model("smollm2-135m", allow_download=False)
     assert again == smollm2 and marker.stat().st_mtime_ns == before
+
+
+def test_an_embedding_whose_offsets_lie_is_a_clear_error(tiny_checkpoint):
+    path = tiny_checkpoint("llama", num_layers=2, shard_layers=1)
+    source = resolve_model(str(path))
+    file = path / index_of(path)["model.embed_tokens.weight"]
+    data = bytearray(file.read_bytes())
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + size])
+    header["model.embed_tokens.weight"]["shape"][0] += 1  # one row more than its bytes hold
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(size)
+    assert len(text) == size  # the same header size: only the claim changes
+    file.write_bytes(bytes(data[:8]) + text + bytes(data[8 + size:]))
+    with pytest.raises(CheckpointError, match="token embedding"):
+        EmbeddingRows(source)
