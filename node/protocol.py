@@ -63,6 +63,7 @@ PUSH_HANDLER = "layerhive.push"
 INFO_HANDLER = "layerhive.info"
 PROTOCOL_VERSION = 1
 WIRE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+_WIRE_DTYPE_NAMES = frozenset(str(d).removeprefix("torch.") for d in WIRE_DTYPES)
 MAX_PEER_ID_LEN = 128
 MAX_SESSION_ID_LEN = 64
 # Long prompts (and failover replays) are sent in steps of at most this many tokens, so one message
@@ -247,7 +248,7 @@ def _tensor_header(message: runtime_pb2.ExpertRequest, what: str, shape: list[in
     proto = message.tensors[0]
     if proto.compression not in ACCEPTED_COMPRESSIONS:
         raise ProtocolError("bad_tensor", f"unsupported tensor compression {proto.compression}")
-    if proto.dtype not in {str(d).removeprefix("torch.") for d in WIRE_DTYPES}:
+    if proto.dtype not in _WIRE_DTYPE_NAMES:
         raise ProtocolError("bad_tensor", f"{what} must be float32/float16/bfloat16, got {proto.dtype!r}")
     size = list(proto.size)
     if len(size) != len(shape) or not all(n >= 1 and want in (None, n) for n, want in zip(size, shape, strict=True)):
