@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 
 from node.wire import INT8_COMPRESSION, WireError, decode, encode, for_links
 
@@ -46,3 +47,23 @@ def test_the_codec_follows_the_slowest_link():
     assert for_links([1e9, 0.0]) == "none"
     assert for_links([1e9, 50e6]) == "fp16"
     assert for_links([5e6, 1e9]) == "int8"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_uncompressed_tensors_read_both_ways_with_hivemind(dtype):
+    # Our plain codec skips hivemind's machinery but keeps a layout its decoder reads, and reads what it sends
+    # (hivemind's legacy bf16 travels as fp32).
+    tensor = torch.randn(1, 3, 8).to(dtype)
+    ours, theirs = encode(tensor, "none"), serialize_torch_tensor(tensor)
+    for proto in (ours, theirs):
+        assert decode(proto).dtype == dtype and torch.equal(decode(proto), tensor)
+        assert torch.equal(deserialize_torch_tensor(proto), tensor)
+
+
+def test_an_uncompressed_buffer_that_does_not_fit_its_shape_is_refused():
+    proto = encode(torch.randn(2, 4), "none")
+    proto.buffer = proto.buffer[:-1]
+    with pytest.raises(WireError, match="needs 32 bytes, got 31"):
+        decode(proto)
+    proto.buffer, proto.size[:] = b"", [0, 4]
+    assert decode(proto).shape == (0, 4)
