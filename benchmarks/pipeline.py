@@ -1,7 +1,8 @@
 """Decode speed and time to first token: a local 3-node swarm against single-process generation.
 
 Both are measured in the same run on the same model and prompt; medians over several
-runs. Four ways through the chain (see `node.protocol`): ring (the chain samples and feeds
+runs. The single-process baseline runs at 1 thread and at all cores, and each run keeps the
+faster; the nodes share the cores out (3 nodes on 2 cores: 1 thread each). Four ways through the chain (see `node.protocol`): ring (the chain samples and feeds
 the token back to its first stage: stages legs per token; its two ends share the LM head's
 work), whole (a ring whose last stage computes the whole head), push (the client embeds
 and samples: stages + 1 legs) and relay (through the client: 2 x stages legs). With
@@ -73,22 +74,31 @@ def _local_worker(root: str, threads: int, prompt_ids: list[int], new_tokens: in
 
 
 class LocalBaseline:
-    """Single-process generation in a separate process, run on request."""
+    """Single-process generation, in a separate process for each torch thread count in `threads`, run on
+    request. A call runs each and keeps the faster run: the baseline is single-process generation at its best
+    thread count at that moment (on this 2-core VM a second thread gains 0-40%, depending on the hour)."""
 
-    def __init__(self, root: str, threads: int, prompt_ids: list[int], new_tokens: int) -> None:
+    def __init__(self, root: str, threads: list[int], prompt_ids: list[int], new_tokens: int) -> None:
         spawn = mp.get_context("spawn")  # a fresh interpreter: no torch state inherited from this one
-        self._conn, child = spawn.Pipe()
-        self._process = spawn.Process(
-            target=_local_worker, args=(root, threads, prompt_ids, new_tokens, child), daemon=True)
-        self._process.start()
+        self._workers = []
+        for count in threads:
+            conn, child = spawn.Pipe()
+            process = spawn.Process(
+                target=_local_worker, args=(root, count, prompt_ids, new_tokens, child), daemon=True)
+            process.start()
+            self._workers.append((count, conn, process))
+        self.runs: dict[int, list[tuple[float, float]]] = {count: [] for count in threads}
 
     def __call__(self) -> tuple[float, float]:
-        self._conn.send(True)
-        return self._conn.recv()
+        for count, conn, _ in self._workers:
+            conn.send(True)
+            self.runs[count].append(conn.recv())
+        return max((runs[-1] for runs in self.runs.values()), key=lambda run: run[1])
 
     def close(self) -> None:
-        self._conn.send(False)
-        self._process.join(timeout=30)
+        for _, conn, process in self._workers:
+            conn.send(False)
+            process.join(timeout=30)
 
 
 LEGS = {"ring": lambda stages: stages, "whole": lambda stages: stages, "push": lambda stages: stages + 1,
@@ -164,13 +174,18 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per node (default: the cores shared out among the nodes, at least 1)")
+    parser.add_argument("--local-threads", type=int, nargs="+", default=sorted({1, cores}),
+                        help="thread counts of single-process generation; each run's baseline is the fastest")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="emulated one-way delay of every leg")
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent sessions for the aggregate rate")
     parser.add_argument("--no-direct-links", action="store_true", help="stages push over libp2p only")
     parser.add_argument("--modes", nargs="+", choices=sorted(LEGS), default=list(LEGS),
                         help="ways through the chain to measure (fewer: more runs in the same time)")
     args = parser.parse_args()
+    args.threads = args.threads or max(1, cores // args.nodes)
     torch.set_num_threads(args.threads)
     delay_s = args.delay_ms / 1000
     node_args = ["--emulate-delay-ms", str(args.delay_ms)] if args.delay_ms else []
@@ -180,7 +195,7 @@ def main() -> None:
         source = swarm.source
         tokenizer = load_tokenizer(source)
         prompt_ids = chat_template_ids(tokenizer, [Message("user", "Explain pipeline parallelism in three sentences.")])
-        local = LocalBaseline(str(source.root), args.threads, prompt_ids, args.new_tokens)
+        local = LocalBaseline(str(source.root), args.local_threads, prompt_ids, args.new_tokens)
         try:
             swarm_results, rates, passes = asyncio.run(measure_swarm(
                 swarm, local, prompt_ids, args.new_tokens, args.runs, delay_s, args.concurrency, args.modes))
@@ -198,10 +213,14 @@ def main() -> None:
     local_ttft, local_decode = med(local_results, 0), med(local_results, 1)
     legs = {mode: count(args.nodes) for mode, count in LEGS.items()}
     print(f"model {source.name}, prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, "
-          f"{args.runs} runs (medians), {args.threads} torch threads, {args.delay_ms:g} ms per leg, "
+          f"{args.runs} runs (medians), {args.threads} torch threads per node, {args.delay_ms:g} ms per leg, "
           f"pushes over {'libp2p' if args.no_direct_links else 'direct links'}")
     print(f"{'':30} {'TTFT ms':>9} {'decode tok/s':>13} {'ms/token':>9} {'limit ms':>9} {'vs limit':>9}")
-    print(f"{'single process':30} {local_ttft * 1000:9.1f} {local_decode:13.2f} {1000 / local_decode:9.1f}")
+    for count, runs in local.runs.items():
+        name = f"single process, {count} thread{'s' if count > 1 else ''}"
+        print(f"{name:30} {med(runs, 0) * 1000:9.1f} {med(runs, 1):13.2f} {1000 / med(runs, 1):9.1f}")
+    print(f"{'single process, best per run':30} {local_ttft * 1000:9.1f} {local_decode:13.2f} "
+          f"{1000 / local_decode:9.1f}")
     for name, results in swarm_results.items():
         ttft, decode = med(results, 0), med(results, 1)
         limit_ms = 1000 / local_decode + legs[name] * args.delay_ms  # compute + one-way legs per token
