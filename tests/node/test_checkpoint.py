@@ -547,8 +547,8 @@ def test_second_resolve_neither_fetches_nor_converts(smollm2, monkeypatch):
     assert again == smollm2 and marker.stat().st_mtime_ns == before
 
 
-def test_an_embedding_whose_offsets_lie_is_a_clear_error(tiny_checkpoint):
-    path = tiny_checkpoint("llama", num_layers=2, shard_layers=1)
+def test_an_embedding_whose_offsets_lie_is_a_clear_error(tiny_checkpoint, tmp_path):
+    path = Path(shutil.copytree(tiny_checkpoint("llama", num_layers=2, shard_layers=1), tmp_path / "lying"))
     source = resolve_model(str(path))
     file = path / index_of(path)["model.embed_tokens.weight"]
     data = bytearray(file.read_bytes())
