@@ -1,15 +1,16 @@
 """Decode speed and time to first token: a local 3-node swarm against single-process generation.
 
-Both are measured in the same run on the same model and prompt; medians over several
-runs. The single-process baseline runs at 1 thread and at all cores, and each run keeps the
-faster; the nodes share the cores out (3 nodes on 2 cores: 1 thread each). Four ways through the chain (see `node.protocol`): ring (the chain samples and feeds
-the token back to its first stage: stages legs per token; its two ends share the LM head's
-work), whole (a ring whose last stage computes the whole head), push (the client embeds
-and samples: stages + 1 legs) and relay (through the client: 2 x stages legs). With
---delay-ms D every message any peer sends is held D ms (an emulated WAN link per leg;
-this kernel has no netem) and the table compares each against its physical limit:
-local compute + legs x D. A run's decode rate is one over the median gap between two
-tokens (a shared VM stalls now and then; the median keeps a stall out of the figure).
+Both are measured in the same run on the same model and prompt; medians over several runs.
+The single-process baseline runs at 1 thread and at all cores, and each run keeps the
+faster; the nodes share the cores out (3 nodes on 2 cores: 1 thread each). Four ways through
+the chain (see `node.protocol`): ring (the chain samples and feeds the token back to its
+first stage: stages legs per token; its two ends share the LM head's work), whole (a ring
+whose last stage computes the whole head), push (the client embeds and samples: stages + 1
+legs) and relay (through the client: 2 x stages legs). With --delay-ms D every message any
+peer sends is held D ms (an emulated WAN link per leg; this kernel has no netem) and the
+table compares each against its physical limit: local compute + legs x D. A run's decode
+rate is one over the median gap between two tokens (a shared VM stalls now and then; the
+median keeps a stall out of the figure).
 
 Usage: python benchmarks/pipeline.py [--model NAME] [--runs 5] [--new-tokens 64] [--delay-ms 20]
 """
