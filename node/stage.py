@@ -1,8 +1,9 @@
 """A stage: decoder layers [start, end) of a model, with preallocated KV caches and batched steps.
 
 Weights live in transformers' own modules (the decoder layers of `XxxModel` for Llama, Qwen2 and
-Mistral, built on the meta device and filled by `node.checkpoint.load_layers`), and so do the norms,
-the MLP and the rotary embedding; the forward itself is orchestrated here, gpt-fast style, so that:
+Mistral, built on the meta device and filled by `node.checkpoint.load_layers`; q/k/v and gate/up are
+then fused into one projection each), and so do the norms, the MLP's activation and the rotary
+embedding; the forward itself is orchestrated here, gpt-fast style, so that:
 
 * decode steps of many sessions run as one pass: norms, projections and MLP see every session's
   tokens at once, so each weight is read once per pass (decode is memory-bound: that is the win),
@@ -131,6 +132,27 @@ class StepInput:
         return self.hidden.shape[1]
 
 
+def _fuse_projections(layer: torch.nn.Module) -> None:
+    """Replaces the layer's q/k/v projections by one `self_attn.qkv_proj` and gate/up by one `mlp.gate_up_proj`
+    (biases too: Qwen2 has them on q, k and v), freeing the separate weights. A decode step of a small model
+    is bound by its number of ops as much as by its bytes: three fewer per layer took a 10-layer SmolLM2 stage
+    from 10.0 to 9.7 ms here, with the same results (each output is the same row-by-input dot product)."""
+    for owner, fused_name, names in ((layer.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                                     (layer.mlp, "gate_up_proj", ("gate_proj", "up_proj"))):
+        parts = [getattr(owner, name) for name in names]
+        weight = torch.cat([part.weight for part in parts])
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=any(p.bias is not None for p in parts),
+                                 device="meta")
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if linear.bias is not None:
+            linear.bias = torch.nn.Parameter(torch.cat([
+                p.bias if p.bias is not None else weight.new_zeros(p.weight.shape[0]) for p in parts]),
+                requires_grad=False)
+        for name in names:
+            delattr(owner, name)  # the fused copy replaces them: no weight is held twice
+        setattr(owner, fused_name, linear)
+
+
 @dataclass
 class _Rows:
     """Where one step's tokens sit in the flattened [tokens, hidden] batch."""
@@ -166,10 +188,13 @@ class Stage:
         if unexpected or any(key.startswith("layers.") for key in missing):
             raise ValueError(f"checkpoint of {source.name} does not fit layers {start}:{end}: "
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        del weights  # the modules hold them now; fusing below frees each separate projection as it goes
         # Non-persistent buffers (rotary frequencies) cannot live on the meta device.
         model.rotary_emb = type(model.rotary_emb)(config=self.config).to(self.device)
         self.model = model.eval()
         self.layers = model.layers
+        for layer in self.layers:
+            _fuse_projections(layer)
         # Each architecture's modeling module has its own (identical in effect) rotary helper.
         self._apply_rope: Callable = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
         self.windows = sliding_windows(self.config)
@@ -297,15 +322,15 @@ class Stage:
         for index in range(a, b):
             layer = self.layers[index - self.start]
             x = x + self._attention(index, layer.self_attn, layer.input_layernorm(x), cos, sin, rows)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            gate, up = layer.mlp.gate_up_proj(layer.post_attention_layernorm(x)).chunk(2, dim=-1)
+            x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         return x
 
     def _attention(self, index: int, attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, rows: list[_Rows]) -> torch.Tensor:
         n, d = h.shape[0], self.head_dim
-        q = attn.q_proj(h).view(n, self.num_heads, d)
-        k = attn.k_proj(h).view(n, self.kv_heads, d)
-        v = attn.v_proj(h).view(n, self.kv_heads, d)
+        q, k, v = attn.qkv_proj(h).split([self.num_heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        q, k, v = q.view(n, self.num_heads, d), k.view(n, self.kv_heads, d), v.view(n, self.kv_heads, d)
         q, k = self._apply_rope(q, k, cos, sin, unsqueeze_dim=1)
         window = self.windows[index - self.start]
         out = torch.empty_like(q)
