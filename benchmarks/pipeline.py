@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -159,6 +160,7 @@ async def measure_swarm(swarm: LocalSwarm, local: Callable[[], tuple[float, floa
             results["local"].append(local())  # the nodes sit idle meanwhile
             for mode in modes:
                 results[mode].append(await swarm_run(client, head, prompt_ids, new_tokens, mode))
+        results["local"].append(local())  # each run's swarm figures sit between two local ones
         rates: dict[int, list[float]] = {1: [], concurrency: []}
         chain = await client.choose_chain()
         before = [await client.node_info(hop.node_id) for hop in chain]
@@ -207,9 +209,14 @@ def main() -> None:
     def med(results, index):
         return statistics.median(r[index] for r in results)
 
+    def against_local(mode: str) -> list[float]:
+        """Each run's decode rate against the local runs just before and just after it (their geometric mean):
+        the machine's speed drifts within minutes, and bracketing cancels a steady drift."""
+        return [run[1] / math.sqrt(before[1] * after[1])
+                for run, before, after in zip(swarm_results[mode], local_results[:-1], local_results[1:], strict=True)]
+
     def paired(mode: str) -> float:
-        """Median over runs of the run's decode rate against the local run just before it."""
-        return statistics.median(run[1] / base[1] for run, base in zip(swarm_results[mode], local_results, strict=True))
+        return statistics.median(against_local(mode))
 
     local_ttft, local_decode = med(local_results, 0), med(local_results, 1)
     legs = {mode: count(args.nodes) for mode, count in LEGS.items()}
@@ -229,10 +236,10 @@ def main() -> None:
               f"{1000 / decode:9.1f} {limit_ms:9.1f} {1000 / decode / limit_ms:8.2f}x")
     decode = {mode: med(results, 1) for mode, results in swarm_results.items()}
     first = args.modes[0]
-    runs = ", ".join(f"{run[1] / base[1]:.2f}" for run, base in zip(swarm_results[first], local_results, strict=True))
+    runs = ", ".join(f"{ratio:.2f}" for ratio in against_local(first))
     against = ", ".join(f"{mode} {paired(mode):.2f}x" + (f" (runs {runs})" if mode == first else "")
                         for mode in args.modes)
-    print(f"decode against local (median of paired runs): {against}; "
+    print(f"decode against local (median of runs, each against the local runs around it): {against}; "
           f"{first} TTFT {med(swarm_results[first], 0) / local_ttft:.2f}x")
     print("; ".join(f"{a}/{b} decode {decode[a] / decode[b]:.2f}x" for a, b in itertools.pairwise(args.modes)))
     if args.concurrency > 1:
