@@ -21,9 +21,8 @@ computes in rings: `head_share`), and one that ends at the last layer the final 
 
 from __future__ import annotations
 
-import importlib
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -153,6 +152,13 @@ def _fuse_projections(layer: torch.nn.Module) -> None:
         setattr(owner, fused_name, linear)
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of `x` [tokens, heads, d] by `cos`/`sin` [tokens, 1, d], computed as
+    transformers' `apply_rotary_pos_emb` does for Llama, Qwen2 and Mistral: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
 @dataclass
 class _Rows:
     """Where one step's tokens sit in the flattened [tokens, hidden] batch."""
@@ -195,8 +201,6 @@ class Stage:
         self.layers = model.layers
         for layer in self.layers:
             _fuse_projections(layer)
-        # Each architecture's modeling module has its own (identical in effect) rotary helper.
-        self._apply_rope: Callable = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
         self.windows = sliding_windows(self.config)
         self.head_dim, self.kv_heads = _head_dim(self.config), _kv_heads(self.config)
         self.num_heads = self.config.num_attention_heads
@@ -296,7 +300,7 @@ class Stage:
             rows.append(_Rows(begin, step.tokens, step.position, step.cache))
             begin += step.tokens
         positions = torch.cat([torch.arange(r.position, r.position + r.tokens) for r in rows]).to(self.device)
-        cos, sin = (t[0] for t in self.model.rotary_emb(x, positions.unsqueeze(0)))  # [tokens, head_dim] each
+        cos, sin = (t[0, :, None] for t in self.model.rotary_emb(x, positions.unsqueeze(0)))  # [tokens, 1, head_dim]
 
         bounds = sorted({b for step in steps for b in step.cache.layers})
         for seg_start, seg_end in itertools.pairwise(bounds):
@@ -329,9 +333,11 @@ class Stage:
     def _attention(self, index: int, attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, rows: list[_Rows]) -> torch.Tensor:
         n, d = h.shape[0], self.head_dim
-        q, k, v = attn.qkv_proj(h).split([self.num_heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
-        q, k, v = q.view(n, self.num_heads, d), k.view(n, self.kv_heads, d), v.view(n, self.kv_heads, d)
-        q, k = self._apply_rope(q, k, cos, sin, unsqueeze_dim=1)
+        qkv = attn.qkv_proj(h)
+        rotated = self.num_heads + self.kv_heads  # q and k heads, which turn by the same angles: one rotation
+        qk = _rotate(qkv[:, : rotated * d].view(n, rotated, d), cos, sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, rotated * d:].view(n, self.kv_heads, d)
         window = self.windows[index - self.start]
         out = torch.empty_like(q)
         for r in rows:
