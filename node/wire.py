@@ -28,10 +28,9 @@ class WireError(ValueError):
     pass
 
 
-# Uncompressed tensors, in a layout hivemind's own decoder reads (bf16 as its raw 2-byte words), but without its generic
-# compression machinery: a ring sends a hidden state per stage per token, and those calls run on caches that
-# the layers just flushed, where every extra call layer costs (pack + parse of one decode step, measured cold:
-# 0.22 -> 0.1 ms).
+# Uncompressed tensors, in a layout hivemind's own decoder reads (bf16 as its raw 2-byte words), without its
+# generic compression machinery: a ring sends a hidden state per stage per token (packing one decode step,
+# measured here: 59 -> 39 us hot; about 90 us either way on caches the layers just flushed).
 _RAW = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _RAW_NAMES = {name: dtype for dtype, name in _RAW.items()}
 
