@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from node.checkpoint import EmbeddingRows, ModelSource, load_head, stage_config
+from node.projection import Projection
 
 
 class Embedder:
@@ -61,8 +62,8 @@ class LMHead:
         if (a, b) != (0, self.vocab_size):
             weight = weight[a:b].clone()  # a copy, so the whole matrix read from the checkpoint is freed
         self.norm = model.model.norm
-        self.lm_head = torch.nn.Linear(weight.shape[1], b - a, bias=False, device="meta")
-        self.lm_head.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.lm_head = Projection(weight)
+        del weight  # on CPU in fp32 the projection holds a transposed copy
         # last positions waiting for the head, by the rows they need
         self._pending: dict[tuple[int, int], list[tuple[torch.Tensor, asyncio.Future]]] = {}
 
@@ -73,9 +74,8 @@ class LMHead:
         a, b = rows if rows is not None else self.rows
         if not self.rows[0] <= a < b <= self.rows[1]:
             raise ValueError(f"rows {a}:{b} are not within this head's {self.rows[0]}:{self.rows[1]}")
-        weight = self.lm_head.weight[a - self.rows[0]: b - self.rows[0]]  # a view: rows are contiguous
         normed = self.norm(hidden.to(device=self.device, dtype=self.dtype))
-        return torch.nn.functional.linear(normed, weight).float()
+        return self.lm_head(normed, outputs=(a - self.rows[0], b - self.rows[0])).float()
 
     async def next_logits(self, hidden: torch.Tensor, compute: ThreadPoolExecutor, *,
                           alone_on_loop: bool = False, rows: tuple[int, int] | None = None) -> torch.Tensor:

@@ -395,3 +395,36 @@ def test_a_pass_the_compute_thread_cannot_take_fails_its_steps_instead_of_hangin
 
     results = asyncio.run(main())
     assert all(isinstance(r, RuntimeError) for r in results), results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_projection_computes_what_linear_does_in_either_layout(dtype, with_bias):
+    """fp32 on CPU keeps the weight transposed (it streams faster so), other dtypes as given: either way the
+    outputs are F.linear's, for 2-D and 3-D inputs and for a range of outputs alone."""
+    from node.projection import Projection
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 32, dtype=dtype), (torch.randn(48, dtype=dtype) if with_bias else None)
+    projection = Projection(weight, bias)
+    assert projection.transposed == (dtype == torch.float32)
+    assert projection.weight.shape == ((32, 48) if projection.transposed else (48, 32))
+    tolerance = {"atol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.02}
+    for x in (torch.randn(5, 32, dtype=dtype), torch.randn(2, 3, 32, dtype=dtype)):
+        expected = torch.nn.functional.linear(x, weight, bias)
+        assert torch.allclose(projection(x), expected, **tolerance)
+        assert torch.allclose(projection(x, outputs=(7, 20)), expected[..., 7:20], **tolerance)
+
+
+def test_a_cpu_stage_holds_every_projection_transposed_and_no_weight_twice(tiny_checkpoint):
+    from node.projection import Projection
+
+    path = tiny_checkpoint("qwen2")  # biases on q, k and v
+    stage = make_stage(path, 0, 2)
+    projections = [m for m in stage.layers.modules() if isinstance(m, Projection)]
+    assert len(projections) == 4 * 2 and all(p.transposed for p in projections)
+    assert not any(isinstance(m, torch.nn.Linear) for m in stage.layers.modules())
+    assert stage.layers[0].self_attn.qkv_proj.bias is not None
+    config = stage.config
+    expected = sum(p.numel() for p in AutoModel.from_config(config).layers.parameters())
+    assert sum(p.numel() for p in stage.layers.parameters()) == expected
