@@ -1,16 +1,19 @@
 """Decode speed and time to first token: a local 3-node swarm against single-process generation.
 
 Both are measured in the same run on the same model and prompt; medians over several runs.
-The single-process baseline runs at 1 thread and at all cores, and each run keeps the
-faster; the nodes share the cores out (3 nodes on 2 cores: 1 thread each). Four ways through
-the chain (see `node.protocol`): ring (the chain samples and feeds the token back to its
-first stage: stages legs per token; its two ends share the LM head's work), whole (a ring
-whose last stage computes the whole head), push (the client embeds and samples: stages + 1
-legs) and relay (through the client: 2 x stages legs). With --delay-ms D every message any
-peer sends is held D ms (an emulated WAN link per leg; this kernel has no netem) and the
-table compares each against its physical limit: local compute + legs x D. A run's decode
-rate is one over the median gap between two tokens (a shared VM stalls now and then; the
-median keeps a stall out of the figure).
+Two single-process baselines: plain transformers with its KV cache (what "single-process
+generation" of the model means to its users), and the nodes' own code, one `Stage` of
+every layer with both ends and no network (the chain's compute: what the swarm adds beyond
+it is the cost of pipelining). Each runs at 1 thread and at all cores, and each run keeps
+the faster; the nodes share the cores out (3 nodes on 2 cores: 1 thread each). Four ways
+through the chain (see `node.protocol`): ring (the chain samples and feeds the token back
+to its first stage: stages legs per token; its two ends share the LM head's work), whole
+(a ring whose last stage computes the whole head), push (the client embeds and samples:
+stages + 1 legs) and relay (through the client: 2 x stages legs). With --delay-ms D every
+message any peer sends is held D ms (an emulated WAN link per leg; this kernel has no
+netem) and the table compares each against its physical limit: the single-process Stage's
+compute + legs x D. A run's decode rate is one over the median gap between two tokens (a
+shared VM stalls now and then; the median keeps a stall out of the figure).
 
 Usage: python benchmarks/pipeline.py [--model NAME] [--runs 5] [--new-tokens 64] [--delay-ms 20]
 """
@@ -34,12 +37,13 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from node.chat import Message, chat_template_ids  # noqa: E402
-from node.checkpoint import DEFAULT_MODEL, load_tokenizer  # noqa: E402
+from node.checkpoint import DEFAULT_MODEL, load_tokenizer, resolve_model  # noqa: E402
 from node.client import SwarmClient, connect  # noqa: E402
 from node.generate import decode_one_token, prefill  # noqa: E402
 from node.head import ClientHead  # noqa: E402
 from node.local_swarm import LocalSwarm  # noqa: E402
 from node.sampling import SamplingParams, sample  # noqa: E402
+from node.stage import Stage  # noqa: E402
 
 
 def decode_rate(times: list[float]) -> float:
@@ -64,21 +68,46 @@ def local_run(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, flo
     return times[0] - t0, decode_rate(times)
 
 
+def engine_run(stage: Stage, prompt_ids: list[int], new_tokens: int) -> tuple[float, float]:
+    """The same, through the nodes' own code: one `Stage` of every layer with both ends, no network. The
+    chain's compute, so the swarm's physical limit is this plus its legs' delay."""
+    assert stage.embedder is not None and stage.head is not None
+    cache = stage.new_cache(len(prompt_ids) + new_tokens)
+    t0 = time.perf_counter()
+    hidden = stage.forward(stage.embedder.embed(torch.tensor([prompt_ids])), 0, cache)
+    token = stage.head.logits(hidden[:, -1:])[0, -1].argmax().view(1, 1)
+    times = [time.perf_counter()]
+    for position in range(len(prompt_ids), len(prompt_ids) + new_tokens - 1):
+        hidden = stage.forward(stage.embedder.embed(token), position, cache)
+        token = stage.head.logits(hidden)[0, -1].argmax().view(1, 1)
+        times.append(time.perf_counter())
+    return times[0] - t0, decode_rate(times)
+
+
+BASELINES = ("transformers", "engine")
+
+
 def _local_worker(root: str, threads: int, prompt_ids: list[int], new_tokens: int, conn) -> None:
     """Serves local runs in a process of its own: a single process means one that nothing else ran torch
     in. (In the benchmark's own process the client head's thread would start a second OpenMP team, and
     with 2 teams on 2 cores libgomp stops spinning between parallel regions: 32 -> 55 ms/token here.)"""
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32).eval()
-    local_run(model, prompt_ids, 4)  # warm-up
+    source = resolve_model(root)
+    stage = Stage(source, 0, source.num_layers, dtype=torch.float32, device=torch.device("cpu"))
+    runs = {"transformers": lambda n: local_run(model, prompt_ids, n),
+            "engine": lambda n: engine_run(stage, prompt_ids, n)}
+    for run in runs.values():
+        run(4)  # warm-up
     while conn.recv():
-        conn.send(local_run(model, prompt_ids, new_tokens))
+        conn.send({name: run(new_tokens) for name, run in runs.items()})
 
 
 class LocalBaseline:
     """Single-process generation, in a separate process for each torch thread count in `threads`, run on
-    request. A call runs each and keeps the faster run: the baseline is single-process generation at its best
-    thread count at that moment (on this 2-core VM a second thread gains 0-40%, depending on the hour)."""
+    request, by transformers and by the nodes' own engine (`BASELINES`). A call runs each and keeps, per
+    baseline, the faster thread count: single-process generation at its best at that moment (on this 2-core
+    VM a second thread gains 0-40%, depending on the hour)."""
 
     def __init__(self, root: str, threads: list[int], prompt_ids: list[int], new_tokens: int) -> None:
         spawn = mp.get_context("spawn")  # a fresh interpreter: no torch state inherited from this one
@@ -89,13 +118,16 @@ class LocalBaseline:
                 target=_local_worker, args=(root, count, prompt_ids, new_tokens, child), daemon=True)
             process.start()
             self._workers.append((count, conn, process))
-        self.runs: dict[int, list[tuple[float, float]]] = {count: [] for count in threads}
+        self.runs: dict[str, dict[int, list[tuple[float, float]]]] = {
+            name: {count: [] for count in threads} for name in BASELINES}
 
-    def __call__(self) -> tuple[float, float]:
+    def __call__(self) -> dict[str, tuple[float, float]]:
         for count, conn, _ in self._workers:
             conn.send(True)
-            self.runs[count].append(conn.recv())
-        return max((runs[-1] for runs in self.runs.values()), key=lambda run: run[1])
+            for name, run in conn.recv().items():
+                self.runs[name][count].append(run)
+        return {name: max((runs[-1] for runs in self.runs[name].values()), key=lambda run: run[1])
+                for name in BASELINES}
 
     def close(self) -> None:
         for _, conn, process in self._workers:
@@ -146,8 +178,8 @@ def decode_passes(before: dict, after: dict) -> dict[int, int]:
     return {k: n for k, n in sorted(counts.items()) if n}
 
 
-async def measure_swarm(swarm: LocalSwarm, local: Callable[[], tuple[float, float]], prompt_ids, new_tokens, runs,
-                        delay_s: float, concurrency: int, modes: list[str]):
+async def measure_swarm(swarm: LocalSwarm, local: Callable[[], dict[str, tuple[float, float]]], prompt_ids,
+                        new_tokens, runs, delay_s: float, concurrency: int, modes: list[str]):
     """{mode: [(ttft, decode tok/s), ...]} for local (single process) and `modes`, interleaved run by run:
     this machine's speed drifts by 15% over minutes, and each run's ratios share one moment."""
     source = swarm.source
@@ -205,42 +237,44 @@ def main() -> None:
         finally:
             local.close()
     local_results = swarm_results.pop("local")
+    baselines = {name: [run[name] for run in local_results] for name in BASELINES}
 
     def med(results, index):
         return statistics.median(r[index] for r in results)
 
-    def against_local(mode: str) -> list[float]:
-        """Each run's decode rate against the local runs just before and just after it (their geometric mean):
-        the machine's speed drifts within minutes, and bracketing cancels a steady drift."""
+    def against(mode: str, baseline: str) -> list[float]:
+        """Each run's decode rate against the baseline's runs just before and just after it (their geometric
+        mean): the machine's speed drifts within minutes, and bracketing cancels a steady drift."""
+        runs = baselines[baseline]
         return [run[1] / math.sqrt(before[1] * after[1])
-                for run, before, after in zip(swarm_results[mode], local_results[:-1], local_results[1:], strict=True)]
+                for run, before, after in zip(swarm_results[mode], runs[:-1], runs[1:], strict=True)]
 
-    def paired(mode: str) -> float:
-        return statistics.median(against_local(mode))
-
-    local_ttft, local_decode = med(local_results, 0), med(local_results, 1)
+    engine_decode = med(baselines["engine"], 1)
     legs = {mode: count(args.nodes) for mode, count in LEGS.items()}
     print(f"model {source.name}, prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, "
           f"{args.runs} runs (medians), {args.threads} torch threads per node, {args.delay_ms:g} ms per leg, "
           f"pushes over {'libp2p' if args.no_direct_links else 'direct links'}")
-    print(f"{'':30} {'TTFT ms':>9} {'decode tok/s':>13} {'ms/token':>9} {'limit ms':>9} {'vs limit':>9}")
-    for count, runs in local.runs.items():
-        name = f"single process, {count} thread{'s' if count > 1 else ''}"
-        print(f"{name:30} {med(runs, 0) * 1000:9.1f} {med(runs, 1):13.2f} {1000 / med(runs, 1):9.1f}")
-    print(f"{'single process, best per run':30} {local_ttft * 1000:9.1f} {local_decode:13.2f} "
-          f"{1000 / local_decode:9.1f}")
+    print(f"{'':34} {'TTFT ms':>9} {'decode tok/s':>13} {'ms/token':>9} {'limit ms':>9} {'vs limit':>9}")
+    for name, label in (("transformers", "single process, transformers"), ("engine", "single process, node's Stage")):
+        for count, runs in local.runs[name].items():
+            print(f"{label + f' {count}t':34} {med(runs, 0) * 1000:9.1f} {med(runs, 1):13.2f} "
+                  f"{1000 / med(runs, 1):9.1f}")
+        print(f"{label + ' best':34} {med(baselines[name], 0) * 1000:9.1f} {med(baselines[name], 1):13.2f} "
+              f"{1000 / med(baselines[name], 1):9.1f}")
     for name, results in swarm_results.items():
         ttft, decode = med(results, 0), med(results, 1)
-        limit_ms = 1000 / local_decode + legs[name] * args.delay_ms  # compute + one-way legs per token
-        print(f"{args.nodes}-node swarm, {name:5} ({legs[name]} legs) {ttft * 1000:9.1f} {decode:13.2f} "
+        limit_ms = 1000 / engine_decode + legs[name] * args.delay_ms  # the chain's compute + one-way legs
+        print(f"{args.nodes}-node swarm, {name:5} ({legs[name]} legs)     {ttft * 1000:9.1f} {decode:13.2f} "
               f"{1000 / decode:9.1f} {limit_ms:9.1f} {1000 / decode / limit_ms:8.2f}x")
-    decode = {mode: med(results, 1) for mode, results in swarm_results.items()}
     first = args.modes[0]
-    runs = ", ".join(f"{ratio:.2f}" for ratio in against_local(first))
-    against = ", ".join(f"{mode} {paired(mode):.2f}x" + (f" (runs {runs})" if mode == first else "")
-                        for mode in args.modes)
-    print(f"decode against local (median of runs, each against the local runs around it): {against}; "
-          f"{first} TTFT {med(swarm_results[first], 0) / local_ttft:.2f}x")
+    for baseline in BASELINES:
+        runs = ", ".join(f"{ratio:.2f}" for ratio in against(first, baseline))
+        ratios = ", ".join(f"{mode} {statistics.median(against(mode, baseline)):.2f}x"
+                           + (f" (runs {runs})" if mode == first else "") for mode in args.modes)
+        ttft = med(swarm_results[first], 0) / med(baselines[baseline], 0)
+        print(f"decode against single-process {baseline} (median of runs, each against the runs around it): "
+              f"{ratios}; {first} TTFT {ttft:.2f}x")
+    decode = {mode: med(results, 1) for mode, results in swarm_results.items()}
     print("; ".join(f"{a}/{b} decode {decode[a] / decode[b]:.2f}x" for a, b in itertools.pairwise(args.modes)))
     if args.concurrency > 1:
         one, many = statistics.median(rates[1]), statistics.median(rates[args.concurrency])
