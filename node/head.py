@@ -62,7 +62,7 @@ class LMHead:
         if (a, b) != (0, self.vocab_size):
             weight = weight[a:b].clone()  # a copy, so the whole matrix read from the checkpoint is freed
         self.norm = model.model.norm
-        self.lm_head = Projection(weight)
+        self.lm_head = Projection(weight, sliceable=True)
         del weight  # on CPU in fp32 the projection holds a transposed copy
         # last positions waiting for the head, by the rows they need
         self._pending: dict[tuple[int, int], list[tuple[torch.Tensor, asyncio.Future]]] = {}

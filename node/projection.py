@@ -1,13 +1,21 @@
-"""A linear projection (y = x Wᵀ + b) whose weight is stored in the layout its device multiplies fastest.
+"""A linear projection (y = x Wᵀ + b) whose weight is stored the way its device multiplies fastest.
 
 Decode multiplies a few rows by every weight matrix, so it runs at the speed weights stream from memory,
-and on CPU in fp32 that speed depends on the layout. Measured here (MKL, 1 thread, 1536 x 576 matrices):
-one row times W stored transposed, [in, out], streams at 23.6 GB/s; `F.linear` on W as checkpoints hold
-it, [out, in], at 15.6 GB/s. So 1.39x at 1 row, 1.05x at 8, even from 16 rows up (prefill). bf16 and fp16
-on CPU, and GPUs, are faster the usual way round (bf16 0.73x, fp16 0.10x transposed): they keep it.
+and on CPU in fp32 that speed depends on the kernel and the layout. Measured here (2-core AMD EPYC VM,
+1 thread, forty 1536 x 576 matrices = 141 MB, like 10 SmolLM2 layers):
 
-Results are the same dot products summed in another order: equal to F.linear's within fp32 rounding
-(relative 4e-6 on those matrices), not bit for bit.
+    rows (tokens)                       1       8      64     512
+    F.linear, W as checkpoints hold it  8.8    15.5    57    ~355 ms
+    W transposed, [in, out]             5.5    14.7    57     355 ms
+    oneDNN, W reordered for 8 rows      4.6     6.6    24     196 ms
+
+MKL's small-row gemm is far from the memory bound (8 rows cost 2.7x one row); oneDNN's reaches it, and its
+result for a row does not depend on the other rows of the batch. So a layer's projections use oneDNN where
+torch has it (x86 builds), through the ops torch.compile's inductor emits for CPU linears; else the
+transposed layout (still 1.6x at one row). The LM head, read by ranges of rows (`outputs`), keeps the
+transposed layout, in which such a range is a view. bf16 and fp16 on CPU (0.73x and 0.10x transposed) and
+GPUs keep F.linear. Every kernel sums the same products in its own order: results agree within fp32
+rounding (relative ~4e-6 on those matrices), not bit for bit.
 """
 
 from __future__ import annotations
@@ -15,30 +23,49 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+PACKED_FOR_ROWS = 8  # oneDNN's reorder is tuned for a row count; 8 (a full decode batch) was fastest from 1 to 64
 
-def streams_transposed(weight: torch.Tensor) -> bool:
-    """Whether `weight` [out, in] multiplies faster stored as [in, out] (see the module's doc)."""
-    return weight.device.type == "cpu" and weight.dtype == torch.float32
+
+def _onednn_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` reordered for oneDNN's matmul, or None where this torch build or device has none."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_FOR_ROWS)
+        torch.ops.mkldnn._linear_pointwise(weight.new_zeros(1, weight.shape[1]), packed, None, "none", [], "")
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+    return packed
 
 
 class Projection(torch.nn.Module):
     """Drop-in for a bias-optional `nn.Linear` at inference: `Projection(weight [out, in], bias [out])`.
 
-    `weight` is the parameter in its stored layout (`transposed`: [in, out]); `forward(x, outputs=(a, b))`
-    computes outputs a..b only, reading just their weights."""
+    `sliceable`: `forward(x, outputs=(a, b))` computes outputs a..b only, reading just their weights (the
+    LM head's shares); that rules oneDNN's opaque layout out. `kernel` says which one runs."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, sliceable: bool = False) -> None:
         super().__init__()
-        self.transposed = streams_transposed(weight)
         self.out_features, self.in_features = weight.shape
-        stored = weight.t().contiguous() if self.transposed else weight
+        packed = None if sliceable else _onednn_weight(weight)
+        if packed is not None:
+            self.kernel, stored = "onednn", packed
+        elif weight.device.type == "cpu" and weight.dtype == torch.float32:
+            self.kernel, stored = "transposed", weight.t().contiguous()
+        else:
+            self.kernel, stored = "linear", weight
+        self.sliceable = sliceable
         self.weight = torch.nn.Parameter(stored, requires_grad=False)
         self.bias = torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def forward(self, x: torch.Tensor, outputs: tuple[int, int] | None = None) -> torch.Tensor:
+        if self.kernel == "onednn":
+            if outputs is not None:
+                raise ValueError("this projection was not made sliceable")
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         a, b = outputs if outputs is not None else (0, self.out_features)
         bias = self.bias[a:b] if self.bias is not None else None
-        if not self.transposed:
+        if self.kernel == "linear":
             return F.linear(x, self.weight[a:b], bias)
         weight = self.weight[:, a:b]  # a strided view; MKL reads the columns in place
         if bias is None:
@@ -48,4 +75,4 @@ class Projection(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
-               f"transposed={self.transposed}"
+               f"kernel={self.kernel}"

@@ -399,32 +399,38 @@ def test_a_pass_the_compute_thread_cannot_take_fails_its_steps_instead_of_hangin
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_projection_computes_what_linear_does_in_either_layout(dtype, with_bias):
-    """fp32 on CPU keeps the weight transposed (it streams faster so), other dtypes as given: either way the
-    outputs are F.linear's, for 2-D and 3-D inputs and for a range of outputs alone."""
+@pytest.mark.parametrize("sliceable", [False, True])
+def test_projection_computes_what_linear_does_with_every_kernel(dtype, with_bias, sliceable):
+    """fp32 on CPU runs oneDNN on a reordered weight (or, sliceable, a transposed one), other dtypes F.linear:
+    either way the outputs are F.linear's, for 2-D and 3-D inputs, and a sliceable one computes a range alone."""
     from node.projection import Projection
 
     torch.manual_seed(0)
     weight, bias = torch.randn(48, 32, dtype=dtype), (torch.randn(48, dtype=dtype) if with_bias else None)
-    projection = Projection(weight, bias)
-    assert projection.transposed == (dtype == torch.float32)
-    assert projection.weight.shape == ((32, 48) if projection.transposed else (48, 32))
+    projection = Projection(weight, bias, sliceable=sliceable)
+    expected_kernel = "linear" if dtype != torch.float32 else "transposed" if sliceable else "onednn"
+    assert projection.kernel == expected_kernel
+    assert projection.weight.shape == ((32, 48) if expected_kernel == "transposed" else (48, 32))
     tolerance = {"atol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.02}
     for x in (torch.randn(5, 32, dtype=dtype), torch.randn(2, 3, 32, dtype=dtype)):
         expected = torch.nn.functional.linear(x, weight, bias)
         assert torch.allclose(projection(x), expected, **tolerance)
-        assert torch.allclose(projection(x, outputs=(7, 20)), expected[..., 7:20], **tolerance)
+        if sliceable:
+            assert torch.allclose(projection(x, outputs=(7, 20)), expected[..., 7:20], **tolerance)
+    if not sliceable and dtype == torch.float32:
+        with pytest.raises(ValueError, match="sliceable"):
+            projection(torch.randn(1, 32), outputs=(0, 8))
 
 
-def test_a_cpu_stage_holds_every_projection_transposed_and_no_weight_twice(tiny_checkpoint):
+def test_a_cpu_stage_runs_every_projection_on_onednn_and_holds_no_weight_twice(tiny_checkpoint):
     from node.projection import Projection
 
     path = tiny_checkpoint("qwen2")  # biases on q, k and v
     stage = make_stage(path, 0, 2)
     projections = [m for m in stage.layers.modules() if isinstance(m, Projection)]
-    assert len(projections) == 4 * 2 and all(p.transposed for p in projections)
+    assert len(projections) == 4 * 2 and all(p.kernel == "onednn" for p in projections)
     assert not any(isinstance(m, torch.nn.Linear) for m in stage.layers.modules())
     assert stage.layers[0].self_attn.qkv_proj.bias is not None
-    config = stage.config
-    expected = sum(p.numel() for p in AutoModel.from_config(config).layers.parameters())
+    expected = sum(p.numel() for p in AutoModel.from_config(stage.config).layers.parameters())
     assert sum(p.numel() for p in stage.layers.parameters()) == expected
+    assert stage.head is None and stage.embedder is not None
