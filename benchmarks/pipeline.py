@@ -5,7 +5,7 @@ Two single-process baselines: plain transformers with its KV cache (what "single
 generation" of the model means to its users), and the nodes' own code, one `Stage` of
 every layer with both ends and no network (the chain's compute: what the swarm adds beyond
 it is the cost of pipelining). Each runs at 1 thread and at all cores, and each run keeps
-the faster; the nodes share the cores out (3 nodes on 2 cores: 1 thread each). Four ways
+the better TTFT and decode rate; the nodes share the cores out (3 nodes on 2 cores: 1 thread each). Four ways
 through the chain (see `node.protocol`): ring (the chain samples and feeds the token back
 to its first stage: stages legs per token; its two ends share the LM head's work), whole
 (a ring whose last stage computes the whole head), push (the client embeds and samples:
@@ -106,8 +106,8 @@ def _local_worker(root: str, threads: int, prompt_ids: list[int], new_tokens: in
 class LocalBaseline:
     """Single-process generation, in a separate process for each torch thread count in `threads`, run on
     request, by transformers and by the nodes' own engine (`BASELINES`). A call runs each and keeps, per
-    baseline, the faster thread count: single-process generation at its best at that moment (on this 2-core
-    VM a second thread gains 0-40%, depending on the hour)."""
+    baseline, the best TTFT and the best decode rate of its thread counts: single-process generation at its
+    best at that moment (on this 2-core VM a second thread gains 0-40%, depending on the hour and the code)."""
 
     def __init__(self, root: str, threads: list[int], prompt_ids: list[int], new_tokens: int) -> None:
         spawn = mp.get_context("spawn")  # a fresh interpreter: no torch state inherited from this one
@@ -126,8 +126,8 @@ class LocalBaseline:
             conn.send(True)
             for name, run in conn.recv().items():
                 self.runs[name][count].append(run)
-        return {name: max((runs[-1] for runs in self.runs[name].values()), key=lambda run: run[1])
-                for name in BASELINES}
+        latest = {name: [runs[-1] for runs in self.runs[name].values()] for name in BASELINES}
+        return {name: (min(ttft for ttft, _ in runs), max(rate for _, rate in runs)) for name, runs in latest.items()}
 
     def close(self) -> None:
         for _, conn, process in self._workers:
