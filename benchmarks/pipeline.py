@@ -12,8 +12,8 @@ to its first stage: stages legs per token; its two ends share the LM head's work
 stages + 1 legs) and relay (through the client: 2 x stages legs). With --delay-ms D every
 message any peer sends is held D ms (an emulated WAN link per leg; this kernel has no
 netem) and the table compares each against its physical limit: the single-process Stage's
-compute + legs x D. A run's decode rate is one over the median gap between two tokens (a
-shared VM stalls now and then; the median keeps a stall out of the figure).
+compute at the nodes' thread count + legs x D. A run's decode rate is one over the median
+gap between two tokens (a shared VM stalls now and then; the median keeps a stall out).
 
 Usage: python benchmarks/pipeline.py [--model NAME] [--runs 5] [--new-tokens 64] [--delay-ms 20]
 """
@@ -249,7 +249,10 @@ def main() -> None:
         return [run[1] / math.sqrt(before[1] * after[1])
                 for run, before, after in zip(swarm_results[mode], runs[:-1], runs[1:], strict=True)]
 
-    engine_decode = med(baselines["engine"], 1)
+    # The chain's compute: the engine at the nodes' thread count (one that gets more cores than a node is
+    # not this chain's compute), or its best where that count was not measured.
+    engine_runs = local.runs["engine"].get(args.threads) or baselines["engine"]
+    engine_decode = med(engine_runs, 1)
     legs = {mode: count(args.nodes) for mode, count in LEGS.items()}
     print(f"model {source.name}, prompt {len(prompt_ids)} tokens, {args.new_tokens} new tokens, "
           f"{args.runs} runs (medians), {args.threads} torch threads per node, {args.delay_ms:g} ms per leg, "
