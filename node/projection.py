@@ -5,17 +5,17 @@ and on CPU in fp32 that speed depends on the kernel and the layout. Measured her
 1 thread, forty 1536 x 576 matrices = 141 MB, like 10 SmolLM2 layers):
 
     rows (tokens)                       1       8      64     512
-    F.linear, W as checkpoints hold it  8.8    15.5    57    ~355 ms
+    F.linear, W as checkpoints hold it  8.8    15.5    57       -  ms
     W transposed, [in, out]             5.5    14.7    57     355 ms
     oneDNN, W reordered for 8 rows      4.6     6.6    24     196 ms
 
-MKL's small-row gemm is far from the memory bound (8 rows cost 2.7x one row); oneDNN's reaches it, and its
-result for a row does not depend on the other rows of the batch. So a layer's projections use oneDNN where
-torch has it (x86 builds), through the ops torch.compile's inductor emits for CPU linears; else the
-transposed layout (still 1.6x at one row). The LM head, read by ranges of rows (`outputs`), keeps the
-transposed layout, in which such a range is a view. bf16 and fp16 on CPU (0.73x and 0.10x transposed) and
-GPUs keep F.linear. Every kernel sums the same products in its own order: results agree within fp32
-rounding (relative ~4e-6 on those matrices), not bit for bit.
+MKL's small-row gemm is far from the memory bound (8 rows cost 2.7x one row); oneDNN's comes close, and a
+row's result does not depend on the batch it is in (8 rows at once equal each alone, bit for bit). So a
+layer's projections use oneDNN through torch's private `torch.ops.mkldnn` ops, probed at load: a build or
+device without them gets the transposed layout (still 1.6x at one row). The LM head, read by ranges of
+rows (`outputs`), keeps the transposed layout, in which such a range is a view. bf16 and fp16 on CPU (0.73x
+and 0.10x transposed) and GPUs keep F.linear. Every kernel sums the same products in its own order:
+results agree within fp32 rounding (relative ~4e-6 on those matrices), not bit for bit.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PACKED_FOR_ROWS = 8  # oneDNN's reorder is tuned for a row count; 8 (a full decode batch) was fastest from 1 to 64
+PACKED_FOR_ROWS = 8  # oneDNN's reorder is tuned for a row count: 8 beat 1 and no reorder at every count from 1 to 37
 
 
 def _onednn_weight(weight: torch.Tensor) -> torch.Tensor | None:
