@@ -54,7 +54,6 @@ class Projection(torch.nn.Module):
             self.kernel, stored = "transposed", weight.t().contiguous()
         else:
             self.kernel, stored = "linear", weight
-        self.sliceable = sliceable
         self.weight = torch.nn.Parameter(stored, requires_grad=False)
         self.bias = torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None
 

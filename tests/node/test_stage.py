@@ -434,3 +434,22 @@ def test_a_cpu_stage_runs_every_projection_on_onednn_and_holds_no_weight_twice(t
     expected = sum(p.numel() for p in AutoModel.from_config(stage.config).layers.parameters())
     assert sum(p.numel() for p in stage.layers.parameters()) == expected
     assert stage.head is None and stage.embedder is not None
+
+
+def test_onednn_rows_do_not_depend_on_their_batch_and_its_absence_falls_back(monkeypatch):
+    """What projection.py promises: a row's oneDNN result is the same bit for bit alone or among 8 (so batching
+    sessions does not change their outputs), and a build without oneDNN gets the transposed layout."""
+    from node.projection import Projection
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(1536, 576), torch.randn(1536)  # a SmolLM2-sized projection
+    projection = Projection(weight, bias)
+    assert projection.kernel == "onednn"
+    rows = torch.randn(8, 576)
+    together = projection(rows)
+    assert all(torch.equal(together[i: i + 1], projection(rows[i: i + 1])) for i in range(8))
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    fallback = Projection(weight, bias)
+    assert fallback.kernel == "transposed" and fallback.weight.shape == (576, 1536)
+    assert torch.allclose(fallback(rows), together, atol=1e-4)
