@@ -5,11 +5,11 @@ Two single-process baselines: plain transformers with its KV cache (what "single
 generation" of the model means to its users), and the nodes' own code, one `Stage` of
 every layer with both ends and no network (the chain's compute: what the swarm adds beyond
 it is the cost of pipelining). Each runs at 1 thread and at all cores, and each run keeps
-the better TTFT and decode rate; the nodes share the cores out (3 nodes on 2 cores: 1 thread each). Four ways
-through the chain (see `node.protocol`): ring (the chain samples and feeds the token back
-to its first stage: stages legs per token; its two ends share the LM head's work), whole
-(a ring whose last stage computes the whole head), push (the client embeds and samples:
-stages + 1 legs) and relay (through the client: 2 x stages legs). With --delay-ms D every
+the better TTFT and decode rate; the nodes share the cores out (3 nodes on 2 cores: 1
+thread each). Four ways through the chain (see `node.protocol`): ring (the chain samples
+and feeds the token back to its first stage: stages legs per token; its two ends share the
+LM head's work), whole (a ring whose last stage computes the whole head), push (the client
+embeds and samples: stages + 1 legs) and relay (through the client: 2 x stages legs). With --delay-ms D every
 message any peer sends is held D ms (an emulated WAN link per leg; this kernel has no
 netem) and the table compares each against its physical limit: the single-process Stage's
 compute at the nodes' thread count + legs x D. A run's decode rate is one over the median

@@ -2,9 +2,9 @@
 
 Weights live in transformers' own modules (the decoder layers of `XxxModel` for Llama, Qwen2 and
 Mistral, built on the meta device and filled by `node.checkpoint.load_layers`; q/k/v and gate/up are
-then fused into one projection each, and every projection becomes a `node.projection.Projection`, which
-holds its weight the way the device multiplies fastest), and so do the norms, the MLP's activation and the rotary
-embedding; the forward itself is orchestrated here, gpt-fast style, so that:
+then fused into one projection each, and every projection becomes a `node.projection.Projection`,
+which holds its weight the way the device multiplies fastest), and so do the norms, the MLP's
+activation and the rotary embedding; the forward itself is orchestrated here, gpt-fast style, so that:
 
 * decode steps of many sessions run as one pass: norms, projections and MLP see every session's
   tokens at once, so each weight is read once per pass (decode is memory-bound: that is the win),
