@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from node.batching import StepBatcher  # noqa: E402
-from node.checkpoint import DEFAULT_MODEL, resolve_model  # noqa: E402
-from node.stage import KVCache, Stage  # noqa: E402
+from node.model.checkpoint import DEFAULT_MODEL, resolve_model  # noqa: E402
+from node.model.stage import KVCache, Stage  # noqa: E402
+from node.serve.batching import StepBatcher  # noqa: E402
 
 GB = 1e9
 

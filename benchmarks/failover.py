@@ -21,13 +21,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from node.chaos import ChaosRunner  # noqa: E402
-from node.chat import Message, chat_template_ids  # noqa: E402
-from node.checkpoint import DEFAULT_MODEL, load_tokenizer, resolve_model  # noqa: E402
-from node.client import connect  # noqa: E402
-from node.head import ClientHead  # noqa: E402
-from node.local_swarm import LocalSwarm, even_split  # noqa: E402
-from node.sampling import SamplingParams  # noqa: E402
+from node.app.chaos import ChaosRunner  # noqa: E402
+from node.app.local_swarm import LocalSwarm, even_split  # noqa: E402
+from node.client.chat import Message, chat_template_ids  # noqa: E402
+from node.client.session import connect  # noqa: E402
+from node.model.checkpoint import DEFAULT_MODEL, load_tokenizer, resolve_model  # noqa: E402
+from node.model.head import ClientHead  # noqa: E402
+from node.model.sampling import SamplingParams  # noqa: E402
 
 
 async def run(swarm: LocalSwarm, ranges, prompt_ids: list[int], args) -> None:

@@ -6,7 +6,7 @@ generation" of the model means to its users), and the nodes' own code, one `Stag
 every layer with both ends and no network (the chain's compute: what the swarm adds beyond
 it is the cost of pipelining). Each runs at 1 thread and at all cores, and each run keeps
 the better TTFT and decode rate; the nodes share the cores out (3 nodes on 2 cores: 1
-thread each). Four ways through the chain (see `node.protocol`): ring (the chain samples
+thread each). Four ways through the chain (see `node.net.protocol`): ring (the chain samples
 and feeds the token back to its first stage: stages legs per token; its two ends share the
 LM head's work), whole (a ring whose last stage computes the whole head), push (the client
 embeds and samples: stages + 1 legs) and relay (through the client: 2 x stages legs). With --delay-ms D every
@@ -36,14 +36,14 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from node.chat import Message, chat_template_ids  # noqa: E402
-from node.checkpoint import DEFAULT_MODEL, load_tokenizer, resolve_model  # noqa: E402
-from node.client import SwarmClient, connect  # noqa: E402
-from node.generate import decode_one_token, prefill  # noqa: E402
-from node.head import ClientHead  # noqa: E402
-from node.local_swarm import LocalSwarm  # noqa: E402
-from node.sampling import SamplingParams, sample  # noqa: E402
-from node.stage import Stage  # noqa: E402
+from node.app.local_swarm import LocalSwarm  # noqa: E402
+from node.client.chat import Message, chat_template_ids  # noqa: E402
+from node.client.generate import decode_one_token, prefill  # noqa: E402
+from node.client.session import SwarmClient, connect  # noqa: E402
+from node.model.checkpoint import DEFAULT_MODEL, load_tokenizer, resolve_model  # noqa: E402
+from node.model.head import ClientHead  # noqa: E402
+from node.model.sampling import SamplingParams, sample  # noqa: E402
+from node.model.stage import Stage  # noqa: E402
 
 
 def decode_rate(times: list[float]) -> float:

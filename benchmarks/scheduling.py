@@ -41,8 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from swarm.baselines.optimal import MAX_NODES  # noqa: E402
 from swarm.sim.capacity import common_slo, own_slo, search_capacity, unloaded_run  # noqa: E402
-from swarm.sim.engine import simulate  # noqa: E402
-from swarm.sim.policies import POLICY_NAMES  # noqa: E402
+from swarm.sim.engine import POLICY_NAMES, simulate  # noqa: E402
 from swarm.sim.scenario import Scenario, parse_scenario  # noqa: E402
 
 SCENARIOS = ROOT / "benchmarks" / "scenarios"

@@ -1,8 +1,8 @@
-"""Spot checks (node.verify): honest-vs-honest error by dtype, false positives, detection of a lying node.
+"""Spot checks (node.client.verify): honest-vs-honest error by dtype, false positives, detection of a lying node.
 
 1. Tolerance: in-process, one stage run as a server would (prefill, then decode steps batched with
    other sessions) against a verifier's replay (one prefill, then the step); the relative error per
-   token, max over tokens, in fp32, fp16 and bf16. Honest errors above `node.verify.TOLERANCES` are the
+   token, max over tokens, in fp32, fp16 and bf16. Honest errors above `node.client.verify.TOLERANCES` are the
    false positives of a swarm computing in that dtype.
 2. False positives on real nodes: a local swarm of honest CPU fp32 nodes, every step audited
    (p = 1), over a long run, with the wire as is (fp32 tolerance) and with the fp16 wire codec.
@@ -30,15 +30,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from node.checkpoint import resolve_model  # noqa: E402
-from node.client import SwarmClient  # noqa: E402
-from node.failover import ResilientSession  # noqa: E402
-from node.generate import generate  # noqa: E402
-from node.head import ClientHead  # noqa: E402
-from node.node import start_dht  # noqa: E402
-from node.sampling import SamplingParams  # noqa: E402
-from node.stage import Stage, StepInput  # noqa: E402
-from node.verify import TOLERANCES, Auditor, relative_error  # noqa: E402
+from node.client.failover import ResilientSession  # noqa: E402
+from node.client.generate import generate  # noqa: E402
+from node.client.session import SwarmClient  # noqa: E402
+from node.client.verify import TOLERANCES, Auditor, relative_error  # noqa: E402
+from node.model.checkpoint import resolve_model  # noqa: E402
+from node.model.head import ClientHead  # noqa: E402
+from node.model.sampling import SamplingParams  # noqa: E402
+from node.model.stage import Stage, StepInput  # noqa: E402
+from node.serve.node import start_dht  # noqa: E402
 from tests.node.test_verify import SwarmWithLiar  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

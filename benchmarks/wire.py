@@ -20,16 +20,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from node.chat import Message, chat_template_ids  # noqa: E402
-from node.checkpoint import DEFAULT_MODEL, load_tokenizer  # noqa: E402
-from node.client import connect  # noqa: E402
-from node.generate import generate  # noqa: E402
-from node.head import ClientHead  # noqa: E402
-from node.local_swarm import LocalSwarm  # noqa: E402
-from node.protocol import pack  # noqa: E402
-from node.sampling import SamplingParams  # noqa: E402
-from node.stage import Stage  # noqa: E402
-from node.wire import CODECS, decode, encode  # noqa: E402
+from node.app.local_swarm import LocalSwarm  # noqa: E402
+from node.client.chat import Message, chat_template_ids  # noqa: E402
+from node.client.generate import generate  # noqa: E402
+from node.client.session import connect  # noqa: E402
+from node.model.checkpoint import DEFAULT_MODEL, load_tokenizer  # noqa: E402
+from node.model.head import ClientHead  # noqa: E402
+from node.model.sampling import SamplingParams  # noqa: E402
+from node.model.stage import Stage  # noqa: E402
+from node.net.protocol import pack  # noqa: E402
+from node.net.wire import CODECS, decode, encode  # noqa: E402
 
 PROMPTS = [
     "Explain pipeline parallelism in three sentences.",

@@ -1,6 +1,6 @@
 """`layerhive-app`: the tray app. It starts a node that joins the swarm and serves the layers it is
 given, and offers the chat window and the swarm map. It joins the swarm named by --initial-peers, else the
-one in the user's config (`node.config`); with none known it first starts a small local swarm of the model
+one in the user's config (`node.net.config`); with none known it first starts a small local swarm of the model
 on this machine (a bootstrap peer and two nodes), so the app can be tried alone."""
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from desktop.chat_window import ChatWindow
 from desktop.settings import AppSettings
 from desktop.swarm_map import SwarmMapWindow
 from desktop.tray import Tray
-from node.checkpoint import DEFAULT_MODEL
-from node.config import ConfigError, default_initial_peers
-from node.controller import NodeController
-from node.node import NodeConfig
+from node.app.controller import NodeController
+from node.model.checkpoint import DEFAULT_MODEL
+from node.net.config import ConfigError, default_initial_peers
+from node.serve.node import NodeConfig
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         QMessageBox.critical(None, "Layerhive", f"Layerhive cannot start: {e}")
         return 2
     if not initial_peers:  # no swarm known: a demo swarm on this machine
-        from node.local_swarm import LocalSwarm
+        from node.app.local_swarm import LocalSwarm
 
         local_swarm = LocalSwarm(args.model, num_nodes=2)
         try:  # the node needs a swarm to join: about 20 s the first time, with a window saying so meanwhile

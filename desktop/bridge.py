@@ -12,9 +12,9 @@ from concurrent.futures import Future
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
-from node.chat import Message
-from node.controller import NodeController, NodeStatus
-from node.sampling import SamplingParams
+from node.app.controller import NodeController, NodeStatus
+from node.client.chat import Message
+from node.model.sampling import SamplingParams
 
 
 class NodeBridge(QObject):

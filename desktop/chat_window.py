@@ -10,8 +10,8 @@ from PySide6.QtWidgets import QHBoxLayout, QLabel, QLineEdit, QPushButton, QText
 
 from desktop.bridge import NodeBridge
 from desktop.icons import SERVING, hive_icon
-from node.chat import Message
-from node.sampling import SamplingParams
+from node.client.chat import Message
+from node.model.sampling import SamplingParams
 
 
 class ChatWindow(QWidget):

@@ -13,7 +13,7 @@ from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 from desktop.bridge import NodeBridge
 from desktop.icons import FAILED, IDLE, SERVING, hive_icon
 from desktop.settings import AppSettings
-from node.controller import NodeStatus
+from node.app.controller import NodeStatus
 
 _ACTIVE = ("starting", "joining", "online", "draining")
 

@@ -10,6 +10,8 @@ import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
+from swarm.types import NodeSpec
+
 STATES = ("joining", "online", "draining", "offline")
 REACHABILITY = ("direct", "relayed", "unreachable")
 MAX_LAYERS = 1 << 12
@@ -87,3 +89,22 @@ def _check(name: str, value: Any, expected: type) -> Any:
     if expected is str and len(value) > 256:
         raise RecordError(f"{name}: longer than 256 characters")
     return value
+
+
+# What the planner assumes of a field a record leaves at 0 (not measured yet).
+UNKNOWN_LAYER_LATENCY_S = 0.005  # until a node has served a step and measured itself
+UNKNOWN_MEMORY_BYTES = 16e9
+UNKNOWN_UPLINK_BPS = 100e6
+
+
+def node_spec(record: ServerRecord) -> NodeSpec:
+    """The planner's view of a node, from its record; unmeasured figures get the neutral guesses above."""
+    return NodeSpec(
+        node_id=record.peer_id,
+        region=record.region or "unknown",
+        memory_bytes=record.memory_bytes or UNKNOWN_MEMORY_BYTES,
+        layer_latency_s=record.layer_latency_s or UNKNOWN_LAYER_LATENCY_S,
+        prefill_s_per_token_per_layer=record.prefill_s_per_token_per_layer or UNKNOWN_LAYER_LATENCY_S / 20,
+        uplink_bps=record.uplink_bps or UNKNOWN_UPLINK_BPS,
+        relayed=record.reachability == "relayed",
+    )

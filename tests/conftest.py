@@ -92,6 +92,6 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
 def smollm2():
     """The embedded default model (SmolLM2-135M-Instruct), fetched and converted into layerhive_home()
     on first use (~20-30 s), cached across sessions afterwards."""
-    from node.checkpoint import DEFAULT_MODEL, resolve_model
+    from node.model.checkpoint import DEFAULT_MODEL, resolve_model
 
     return resolve_model(DEFAULT_MODEL)

@@ -44,14 +44,20 @@ import itertools
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from swarm.baselines.bprr import BprrPolicy
+from swarm.baselines.exo import ExoPolicy
+from swarm.baselines.optimal import OptimalPolicy
+from swarm.baselines.parallax import ParallaxPolicy
+from swarm.baselines.petals import PetalsPolicy
 from swarm.costmodel import TOKEN_ID_BYTES
 from swarm.router import LoadTable
 from swarm.sim.metrics import Recorder
-from swarm.sim.policies import Policy, PolicyContext, covered, registry, weights_bytes
+from swarm.sim.policies import LayerhivePolicy, Policy, PolicyContext, covered, weights_bytes
 from swarm.sim.scenario import Scenario
 from swarm.types import Assignment, Hop, LayerRange, NodeSpec
 
@@ -59,6 +65,21 @@ CHUNKS_PER_ANSWER = 8  # decode is advanced in about this many steps per request
 LOAD_BYTES_PER_S = 2e9  # reading a layer's weights from local disk when (re)loading it
 CLIENT_UPLINK_BPS = 100e6
 MIN_DRAIN_S = 300.0  # after the arrival window, in-flight work may finish for this long (or duration)
+
+
+PolicyFactory = Callable[[PolicyContext], Policy]
+
+# The policies the simulator can run, by name: ours and the baselines it is measured against.
+POLICIES: dict[str, PolicyFactory] = {
+    "layerhive": LayerhivePolicy,
+    "petals": PetalsPolicy,
+    "parallax": ParallaxPolicy,
+    "exo": ExoPolicy,
+    "bprr": BprrPolicy,
+    "optimal": OptimalPolicy,
+}
+POLICY_NAMES = tuple(POLICIES)
+
 
 
 @dataclass
@@ -504,7 +525,7 @@ def simulate(scenario: Scenario, policy_name: str, *, measure_from_s: float = 0.
     Latency percentiles (per-token, TTFT) cover the sessions arriving in [measure_from_s,
     measure_until_s) (default: all), e.g. to leave out a warm-up; counts and throughput cover all.
     """
-    factories = registry()
+    factories = POLICIES
     if policy_name not in factories:
         raise KeyError(f"unknown policy {policy_name!r}; known: {', '.join(sorted(factories))}")
     wl = scenario.workload

@@ -403,26 +403,3 @@ class RouteMemo:
 
     def put(self, key: tuple, route: Route, lacking: np.ndarray, hops: np.ndarray) -> None:
         self.memo[key] = (route, lacking, hops)
-
-
-PolicyFactory = Callable[[PolicyContext], Policy]
-
-
-def registry() -> dict[str, PolicyFactory]:
-    """Policy name -> constructor. Imported lazily so that a missing module names itself clearly."""
-    from swarm.baselines.bprr import BprrPolicy
-    from swarm.baselines.exo import ExoPolicy
-    from swarm.baselines.optimal import OptimalPolicy
-    from swarm.baselines.parallax import ParallaxPolicy
-    from swarm.baselines.petals import PetalsPolicy
-    return {
-        "layerhive": LayerhivePolicy,
-        "petals": PetalsPolicy,
-        "parallax": ParallaxPolicy,
-        "exo": ExoPolicy,
-        "bprr": BprrPolicy,
-        "optimal": OptimalPolicy,
-    }
-
-
-POLICY_NAMES = ("layerhive", "petals", "parallax", "exo", "bprr", "optimal")

@@ -22,13 +22,13 @@ from desktop.chat_window import ChatWindow  # noqa: E402
 from desktop.settings import AppSettings  # noqa: E402
 from desktop.swarm_map import SwarmMapView, SwarmMapWindow, describe_node, pack_rows  # noqa: E402
 from desktop.tray import Tray  # noqa: E402
-from node.chat import ChatEngine, Message  # noqa: E402
-from node.checkpoint import resolve_model  # noqa: E402
-from node.client import connect  # noqa: E402
-from node.controller import NodeController  # noqa: E402
-from node.local_swarm import LocalSwarm  # noqa: E402
-from node.node import NodeConfig  # noqa: E402
-from node.sampling import SamplingParams  # noqa: E402
+from node.app.controller import NodeController  # noqa: E402
+from node.app.local_swarm import LocalSwarm  # noqa: E402
+from node.client.chat import ChatEngine, Message  # noqa: E402
+from node.client.session import connect  # noqa: E402
+from node.model.checkpoint import resolve_model  # noqa: E402
+from node.model.sampling import SamplingParams  # noqa: E402
+from node.serve.node import NodeConfig  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -35,7 +35,7 @@ def test_the_installer_installs_for_the_user_adds_a_login_item_and_uninstalls(tm
     root = home / "data" / "layerhive"
     app = root / "venv" / "bin" / "layerhive-app"
     assert app.exists()
-    installed = list((root / "venv" / "lib").glob("python3*/site-packages/node/server.py"))
+    installed = list((root / "venv" / "lib").glob("python3*/site-packages/node/serve/server.py"))
     assert installed, "the wheel's packages are in the new environment"
     helped = subprocess.run([str(app), "--help"], capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "layerhive-app" in helped.stdout

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from node.checkpoint import ModelSource
-from node.client import connect
-from node.generate import generate
-from node.head import ClientHead
-from node.sampling import SamplingParams
+from node.client.generate import generate
+from node.client.session import connect
+from node.model.checkpoint import ModelSource
+from node.model.head import ClientHead
+from node.model.sampling import SamplingParams
 
 
 async def generate_through(initial_peers: Sequence[str], source: ModelSource, prompt_ids: list[int],

@@ -15,9 +15,9 @@ import requests
 import uvicorn
 from fastapi import FastAPI
 
-from node.api import StopSequences, create_app
-from node.checkpoint import DEFAULT_MODEL, load_tokenizer
-from node.local_swarm import LocalSwarm
+from node.app.api import StopSequences, create_app
+from node.app.local_swarm import LocalSwarm
+from node.model.checkpoint import DEFAULT_MODEL, load_tokenizer
 
 pytestmark = pytest.mark.timeout(300)
 

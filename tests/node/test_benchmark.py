@@ -14,8 +14,12 @@ import pytest
 import torch
 from hivemind.proto import runtime_pb2
 
-from node import probe
-from node.benchmark import (
+from node.app.cli import main
+from node.model.checkpoint import layer_bytes, resolve_model
+from node.net import probe
+from node.net.membership import announce
+from node.net.protocol import unpack_metadata
+from node.serve.benchmark import (
     BenchError,
     BenchSettings,
     ModelDoesNotFitError,
@@ -23,11 +27,7 @@ from node.benchmark import (
     split_step_time,
     usable_memory,
 )
-from node.checkpoint import layer_bytes, resolve_model
-from node.cli import main
-from node.membership import announce
-from node.node import start_dht
-from node.protocol import unpack_metadata
+from node.serve.node import start_dht
 from swarm.costmodel import layer_capacity
 from swarm.records import ServerRecord
 from swarm.types import ModelSpec, NodeSpec
@@ -103,7 +103,7 @@ def test_max_layers_follows_the_memory_cap(home, tiny):
 
 
 def test_a_model_that_does_not_fit_is_a_clear_error(home, tiny, capsys, monkeypatch):
-    monkeypatch.setattr("node.benchmark.DEFAULT_SETTINGS", FAST)
+    monkeypatch.setattr("node.serve.benchmark.DEFAULT_SETTINGS", FAST)
     one_layer = layer_bytes(resolve_model(tiny), torch.float32)
     with pytest.raises(ModelDoesNotFitError, match=r"does not fit: one layer needs .* the cap of"):
         run_bench(tiny, device="cpu", settings=FAST, max_memory_bytes=one_layer // 2)
@@ -119,7 +119,7 @@ def test_a_model_that_does_not_fit_is_a_clear_error(home, tiny, capsys, monkeypa
 
 
 def test_cli_prints_json_and_a_summary(home, tiny, capsys, monkeypatch):
-    monkeypatch.setattr("node.benchmark.DEFAULT_SETTINGS", FAST)  # and so the compute cached above
+    monkeypatch.setattr("node.serve.benchmark.DEFAULT_SETTINGS", FAST)  # and so the compute cached above
     assert main(["bench", "--model", tiny, "--device", "cpu", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["model"] == resolve_model(tiny).name and data["layer_latency_s"] > 0

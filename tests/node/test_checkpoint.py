@@ -20,8 +20,8 @@ from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundEr
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, GPT2Config
 
-from node import checkpoint, embedded_model
-from node.checkpoint import (
+from node.model import checkpoint, embedded_model
+from node.model.checkpoint import (
     DEFAULT_MODEL,
     CheckpointError,
     EmbeddingRows,
@@ -35,14 +35,14 @@ from node.checkpoint import (
     load_tokenizer,
     resolve_model,
 )
-from node.embedded_model import EmbeddedModelError, build_once
-from node.head import Embedder
+from node.model.embedded_model import EmbeddedModelError, build_once
+from node.model.head import Embedder
 
 # --- helpers --------------------------------------------------------------------------------------------
 
 
 class SafeOpenSpy:
-    """Stands in for safetensors.safe_open in node.checkpoint, recording the files opened and keys read."""
+    """Stands in for safetensors.safe_open in node.model.checkpoint, recording the files opened and keys read."""
 
     def __init__(self) -> None:
         self.opened: list[str] = []

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from node.config import DEFAULT_INITIAL_PEERS, ConfigError, NetworkConfig, load_config
+from node.net.config import DEFAULT_INITIAL_PEERS, ConfigError, NetworkConfig, load_config
 
 PEER = "/ip4/203.0.113.7/tcp/31337/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
 
@@ -46,6 +46,6 @@ def test_commands_say_so_when_the_configured_swarm_is_malformed(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"inital_peers": [PEER]}))
     env = {**os.environ, "LAYERHIVE_HOME": str(tmp_path)}
     env.pop("LAYERHIVE_INITIAL_PEERS", None)
-    done = subprocess.run([sys.executable, "-m", "node.cli", "status", "--model", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "node.app.cli", "status", "--model", str(tmp_path)],
                           capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2 and "unknown key 'inital_peers'" in done.stderr

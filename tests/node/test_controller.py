@@ -12,15 +12,15 @@ import time
 
 import pytest
 
-from node.checkpoint import resolve_model
-from node.client import connect
-from node.controller import NodeController
-from node.failover import ResilientSession
-from node.generate import generate
-from node.head import ClientHead
-from node.local_swarm import LocalSwarm
-from node.node import NodeConfig
-from node.sampling import SamplingParams
+from node.app.controller import NodeController
+from node.app.local_swarm import LocalSwarm
+from node.client.failover import ResilientSession
+from node.client.generate import generate
+from node.client.session import connect
+from node.model.checkpoint import resolve_model
+from node.model.head import ClientHead
+from node.model.sampling import SamplingParams
+from node.serve.node import NodeConfig
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -108,7 +108,7 @@ def test_pause_drains_a_session_in_flight_then_resume_rejoins(tiny_checkpoint):
         # `layerhive status` sees both nodes online and every layer covered; it finds the swarm through the
         # user's configuration (here the environment), as every command does without --initial-peers.
         env = {**os.environ, "LAYERHIVE_INITIAL_PEERS": ",".join(swarm.initial_peers)}
-        shown = subprocess.run([sys.executable, "-m", "node.cli", "status", "--json", "--model", path],
+        shown = subprocess.run([sys.executable, "-m", "node.app.cli", "status", "--json", "--model", path],
                                capture_output=True, text=True, timeout=60, env=env)
         assert shown.returncode == 0, shown.stderr
         status_json = json.loads(shown.stdout)
@@ -123,6 +123,6 @@ def test_pause_drains_a_session_in_flight_then_resume_rejoins(tiny_checkpoint):
 
 
 def _all_records(swarm: LocalSwarm):
-    from node.membership import list_servers_blocking
+    from node.net.membership import list_servers_blocking
 
     return list_servers_blocking(swarm.bootstrap, swarm.source.name, num_layers=swarm.source.num_layers)

@@ -1,4 +1,4 @@
-"""Direct links (node.direct) on loopback, and a real first stage sharing the LM head with a hostile last stage."""
+"""Direct links (node.net.direct) on loopback, and a real first stage sharing the LM head with a hostile last stage."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import torch
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
-from node.checkpoint import resolve_model
-from node.client import connect
-from node.direct import DirectLinkError, DirectListener, DirectOffer, dial, maddr_hosts
-from node.head import LMHead
-from node.node import Node, NodeConfig
-from node.protocol import INFERENCE_HANDLER, PUSH_HANDLER, pack, parse_push_offer, unpack_metadata
-from node.sampling import SamplingParams
-from node.server import StageServer
-from node.stage import Stage
+from node.client.session import connect
+from node.model.checkpoint import resolve_model
+from node.model.head import LMHead
+from node.model.sampling import SamplingParams
+from node.model.stage import Stage
+from node.net.direct import DirectLinkError, DirectListener, DirectOffer, dial, maddr_hosts
+from node.net.protocol import INFERENCE_HANDLER, PUSH_HANDLER, pack, parse_push_offer, unpack_metadata
+from node.serve.node import Node, NodeConfig
+from node.serve.server import StageServer
 
 pytestmark = pytest.mark.timeout(120)
 

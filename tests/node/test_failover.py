@@ -6,12 +6,12 @@ import asyncio
 
 import pytest
 
-from node.chaos import ChaosRunner
-from node.checkpoint import resolve_model
-from node.client import connect
-from node.head import ClientHead
-from node.local_swarm import LocalSwarm
-from node.sampling import SamplingParams
+from node.app.chaos import ChaosRunner
+from node.app.local_swarm import LocalSwarm
+from node.client.session import connect
+from node.model.checkpoint import resolve_model
+from node.model.head import ClientHead
+from node.model.sampling import SamplingParams
 
 pytestmark = pytest.mark.timeout(900)
 

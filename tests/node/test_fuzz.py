@@ -20,11 +20,11 @@ from hivemind.proto import runtime_pb2
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from node.checkpoint import resolve_model
-from node.client import StageFailure, SwarmClient
-from node.node import Node, NodeConfig, start_dht
-from node.protocol import INFERENCE_HANDLER, ProtocolError, parse_open, unpack_metadata
-from node.stage import Stage
+from node.client.session import StageFailure, SwarmClient
+from node.model.checkpoint import resolve_model
+from node.model.stage import Stage
+from node.net.protocol import INFERENCE_HANDLER, ProtocolError, parse_open, unpack_metadata
+from node.serve.node import Node, NodeConfig, start_dht
 from swarm.types import Hop
 
 pytestmark = pytest.mark.timeout(600)
@@ -217,7 +217,7 @@ def test_a_thousand_hostile_requests_are_refused_and_the_honest_session_is_untou
 
 
 def test_strangers_at_the_direct_link_port_are_dropped_and_the_node_keeps_serving(live):
-    """The port for direct links (node.direct) is open to anyone: whoever does not present a ticket this node
+    """The port for direct links (node.net.direct) is open to anyone: whoever does not present a ticket this node
     handed out over libp2p is dropped, and nothing they send reaches a session."""
     honest = Honest(live)
     host, port = live.node.direct.addrs[0]

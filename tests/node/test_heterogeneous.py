@@ -15,12 +15,12 @@ import asyncio
 
 import pytest
 
-from node.checkpoint import resolve_model
-from node.client import SwarmClient, connect
-from node.generate import generate
-from node.head import ClientHead
-from node.local_swarm import LocalSwarm
-from node.sampling import SamplingParams
+from node.app.local_swarm import LocalSwarm
+from node.client.generate import generate
+from node.client.session import SwarmClient, connect
+from node.model.checkpoint import resolve_model
+from node.model.head import ClientHead
+from node.model.sampling import SamplingParams
 from swarm.types import Hop
 
 pytestmark = pytest.mark.timeout(300)

@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from node.assignment import EpochTracker, check_records, model_spec, plan
-from node.checkpoint import resolve_model
-from node.local_swarm import LocalSwarm
-from node.stage import Stage
+from node.app.local_swarm import LocalSwarm
+from node.model.checkpoint import resolve_model
+from node.model.stage import Stage
+from node.serve.assignment import EpochTracker, check_records, model_spec, plan
 from swarm.allocator import allocate
 from swarm.records import ServerRecord
 from swarm.types import LayerRange, ModelSpec
@@ -49,7 +49,7 @@ def test_the_plan_is_a_function_of_the_records_whatever_their_order():
 
 
 def _specs(records):
-    from node.assignment import planning_spec
+    from node.serve.assignment import planning_spec
 
     return [(r.peer_id, planning_spec(r)) for r in sorted(records, key=lambda r: r.peer_id)]
 
@@ -78,7 +78,7 @@ def test_bad_records_are_ignored_with_the_reason_logged(caplog):
     greedy = ServerRecord(peer_id="greedy", model="tiny", start=0, end=6, state="online", memory_bytes=100e3)
     huge = joining(7, memory_bytes=1e15)
     other_model = joining(8, model="other")
-    with caplog.at_level("WARNING", logger="node.assignment"):
+    with caplog.at_level("WARNING", logger="node.serve.assignment"):
         kept = check_records(SPEC, [*good, outside, greedy, huge, other_model])
     assert kept == good
     log = caplog.text
@@ -91,7 +91,7 @@ def test_stale_epochs_are_not_followed(caplog):
     newer = ServerRecord(peer_id="p", model="tiny", start=0, end=3, state="online", memory_bytes=MEMORY, epoch=5)
     older = ServerRecord(**{**newer.to_dict(), "start": 3, "end": 6, "epoch": 4})
     assert check_records(SPEC, [newer], tracker) == [newer]
-    with caplog.at_level("WARNING", logger="node.assignment"):
+    with caplog.at_level("WARNING", logger="node.serve.assignment"):
         assert check_records(SPEC, [older], tracker) == []
     assert "stale" in caplog.text
     # Of two records of one peer in one read, the newer epoch wins.
@@ -158,7 +158,7 @@ def test_the_plan_charges_chain_ends_for_what_a_ring_loads_there(tiny_checkpoint
 
 
 def test_status_reports_nodes_coverage_and_the_plan():
-    from node.assignment import format_status, swarm_status
+    from node.serve.assignment import format_status, swarm_status
 
     records = [joining(i) for i in range(4)]
     online = as_online(plan(SPEC, records), records)

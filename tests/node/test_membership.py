@@ -21,9 +21,9 @@ from hivemind.dht.validation import CompositeValidator, DHTRecord
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
-from node import membership
-from node.identity import IdentityError, NodeIdentity, ephemeral_identity, identity_dir, load_identity
-from node.membership import (
+from node.net import membership
+from node.net.identity import IdentityError, NodeIdentity, ephemeral_identity, identity_dir, load_identity
+from node.net.membership import (
     announce,
     list_servers,
     list_servers_blocking,
@@ -190,7 +190,7 @@ def test_readers_refuse_what_peers_cannot_check_and_say_why(swarm, caplog):
     ]
     answers = swarm.boot.run_coroutine(functools.partial(_push_raw, entries))  # from an honest peer this time
     assert all(any(answer.values()) for answer in answers)  # accepted: nothing in them is checkable at storage
-    with caplog.at_level(logging.WARNING, logger="node.membership"):
+    with caplog.at_level(logging.WARNING, logger="node.net.membership"):
         assert asyncio.run(list_servers(swarm.reader, MODEL, num_layers=NUM_LAYERS)) == [swarm.record]
     assert "range 2:9 is outside the model's 4 layers" in caplog.text
     assert "unsigned" in caplog.text
@@ -225,7 +225,7 @@ def test_validators_refuse_each_forgery_with_a_reason(caplog):
                                                              _record_dict(forger.peer_id, memory_bytes=1e18),
                                                              expiration)),
     }
-    with caplog.at_level(logging.WARNING, logger="node.membership"):
+    with caplog.at_level(logging.WARNING, logger="node.net.membership"):
         for reason, bad in cases.items():
             assert not validator.validate(bad), reason
             assert reason in caplog.text, f"{reason!r} not logged: {caplog.text}"

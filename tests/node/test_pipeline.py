@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from node.chat import Message, chat_template_ids
-from node.checkpoint import DEFAULT_MODEL, load_tokenizer, resolve_model
-from node.client import connect
-from node.local_swarm import LocalSwarm
-from node.sampling import SamplingParams
+from node.app.local_swarm import LocalSwarm
+from node.client.chat import Message, chat_template_ids
+from node.client.session import connect
+from node.model.checkpoint import DEFAULT_MODEL, load_tokenizer, resolve_model
+from node.model.sampling import SamplingParams
 from tests.node.swarm_client import generate_through
 
 pytestmark = pytest.mark.timeout(600)
@@ -73,7 +73,7 @@ def test_three_nodes_match_single_process_tiny_qwen2(tiny_checkpoint, tmp_path):
     prompt_ids = list(range(3, 40))
     stop_ids = (source.config.eos_token_id,) if source.config.eos_token_id is not None else ()
     # The middle node keeps to libp2p: the first pushes to it and it pushes on over libp2p, the last stage
-    # pushes to the first over a direct link (node.direct).
+    # pushes to the first over a direct link (node.net.direct).
     with LocalSwarm(str(path), num_nodes=3, threads_per_node=1, log_dir=str(tmp_path),
                     per_node_args={1: ["--no-direct-links"]}) as swarm:
         params = SamplingParams(max_new_tokens=16, stop_token_ids=stop_ids)

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from node.checkpoint import resolve_model
-from node.membership import list_servers_blocking
-from node.node import start_dht
-from node.sampling import SamplingParams
+from node.model.checkpoint import resolve_model
+from node.model.sampling import SamplingParams
+from node.net.membership import list_servers_blocking
+from node.serve.node import start_dht
 from tests.node.swarm_client import generate_through
 from tests.node.test_pipeline import reference_generate
 
@@ -175,12 +175,12 @@ def test_chain_generates_through_a_relay(topology: Topology, tiny_checkpoint, tm
     processes = Processes(tmp_path, env)
     try:
         boot_log = processes.spawn("bootstrap", [
-            *topology.exec("R"), sys.executable, "-m", "node.cli", "bootstrap",
+            *topology.exec("R"), sys.executable, "-m", "node.app.cli", "bootstrap",
             "--host-maddrs", f"/ip4/{topology.relay_ip}/tcp/31337", "--identity", "test-relay"])
         relay = wait_for_line(boot_log, f"/ip4/{topology.relay_ip}/tcp/31337/p2p/", 60)
         for role, layers in (("A", "0:3"), ("B", "3:6")):
             processes.spawn(f"node{role}", [
-                *topology.exec(role), sys.executable, "-m", "node.cli", "-v", "node", "--model", str(path),
+                *topology.exec(role), sys.executable, "-m", "node.app.cli", "-v", "node", "--model", str(path),
                 "--layers", layers, "--initial-peers", relay, "--host-maddrs", f"/ip4/{topology.ip[role]}/tcp/0",
                 "--threads", "1", "--relay", relay])
         lines = {role: wait_for_line(tmp_path / f"node{role}.log", "peer addresses: ", 90) for role in "AB"}

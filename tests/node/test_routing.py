@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.routing import plan_chains
+from node.client.routing import plan_chains
 from swarm.records import ServerRecord
 from swarm.types import ModelSpec
 

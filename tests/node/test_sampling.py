@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.sampling import SamplingParams, sample
+from node.model.sampling import SamplingParams, sample
 
 
 def test_a_seeded_draw_depends_only_on_seed_and_position():

@@ -10,15 +10,15 @@ import torch
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
-from node.checkpoint import ModelNotFoundError, resolve_model
-from node.client import ChainSession, StageFailure, SwarmClient, connect
-from node.generate import generate
-from node.head import ClientHead
-from node.node import Node, NodeConfig
-from node.protocol import INFERENCE_HANDLER, pack
-from node.sampling import SamplingParams
-from node.server import RateLimiter
-from node.stage import Stage
+from node.client.generate import generate
+from node.client.session import ChainSession, StageFailure, SwarmClient, connect
+from node.model.checkpoint import ModelNotFoundError, resolve_model
+from node.model.head import ClientHead
+from node.model.sampling import SamplingParams
+from node.model.stage import Stage
+from node.net.protocol import INFERENCE_HANDLER, pack
+from node.serve.node import Node, NodeConfig
+from node.serve.server import RateLimiter
 from swarm.types import Hop
 
 pytestmark = pytest.mark.timeout(180)
@@ -221,7 +221,7 @@ def test_ring_ends_are_refused_where_the_node_does_not_hold_them(tiny_checkpoint
 
 
 class _LocalChain:
-    """A whole model in this process, as a chain for `node.generate` (the reference)."""
+    """A whole model in this process, as a chain for `node.client.generate` (the reference)."""
 
     def __init__(self, stage: Stage) -> None:
         self.stage, self.cache = stage, stage.new_cache()

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from node.batching import BatcherClosed, StepBatcher
-from node.checkpoint import resolve_model
-from node.stage import Stage, StepInput, kv_bytes_per_token
+from node.model.checkpoint import resolve_model
+from node.model.stage import Stage, StepInput, kv_bytes_per_token
+from node.serve.batching import BatcherClosed, StepBatcher
 
 pytestmark = pytest.mark.timeout(120)
 CPU, F32 = torch.device("cpu"), torch.float32
@@ -403,7 +403,7 @@ def test_a_pass_the_compute_thread_cannot_take_fails_its_steps_instead_of_hangin
 def test_projection_computes_what_linear_does_with_every_kernel(dtype, with_bias, sliceable):
     """fp32 on CPU runs oneDNN on a reordered weight (or, sliceable, a transposed one), other dtypes F.linear:
     either way the outputs are F.linear's, for 2-D and 3-D inputs, and a sliceable one computes a range alone."""
-    from node.projection import Projection
+    from node.model.projection import Projection
 
     torch.manual_seed(0)
     weight, bias = torch.randn(48, 32, dtype=dtype), (torch.randn(48, dtype=dtype) if with_bias else None)
@@ -423,7 +423,7 @@ def test_projection_computes_what_linear_does_with_every_kernel(dtype, with_bias
 
 
 def test_a_cpu_stage_runs_every_projection_on_onednn_and_holds_no_weight_twice(tiny_checkpoint):
-    from node.projection import Projection
+    from node.model.projection import Projection
 
     path = tiny_checkpoint("qwen2")  # biases on q, k and v
     stage = make_stage(path, 0, 2)
@@ -439,7 +439,7 @@ def test_a_cpu_stage_runs_every_projection_on_onednn_and_holds_no_weight_twice(t
 def test_onednn_rows_do_not_depend_on_their_batch_and_its_absence_falls_back(monkeypatch):
     """What projection.py promises: a row's oneDNN result is the same bit for bit alone or among 8 (so batching
     sessions does not change their outputs), and a build without oneDNN gets the transposed layout."""
-    from node.projection import Projection
+    from node.model.projection import Projection
 
     torch.manual_seed(0)
     weight, bias = torch.randn(1536, 576), torch.randn(1536)  # a SmolLM2-sized projection

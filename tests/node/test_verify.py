@@ -9,15 +9,15 @@ import subprocess
 import pytest
 import torch
 
-from node.client import SwarmClient
-from node.failover import ResilientSession
-from node.generate import generate
-from node.head import ClientHead
-from node.local_swarm import LocalSwarm
-from node.node import start_dht
-from node.protocol import ProtocolError, pack, pack_response, parse_open
-from node.sampling import SamplingParams
-from node.verify import Auditor, EchoRecorder, relative_error, tolerance_for
+from node.app.local_swarm import LocalSwarm
+from node.client.failover import ResilientSession
+from node.client.generate import generate
+from node.client.session import SwarmClient
+from node.client.verify import Auditor, EchoRecorder, relative_error, tolerance_for
+from node.model.head import ClientHead
+from node.model.sampling import SamplingParams
+from node.net.protocol import ProtocolError, pack, pack_response, parse_open
+from node.serve.node import start_dht
 
 pytestmark = pytest.mark.timeout(300)
 

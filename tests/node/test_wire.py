@@ -6,7 +6,7 @@ import pytest
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 
-from node.wire import INT8_COMPRESSION, WireError, decode, encode, for_links
+from node.net.wire import INT8_COMPRESSION, WireError, decode, encode, for_links
 
 
 def test_round_trips_within_each_codecs_precision():

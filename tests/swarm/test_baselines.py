@@ -16,7 +16,8 @@ from swarm.baselines.exo import ExoPolicy
 from swarm.baselines.optimal import OptimalPolicy, OptimalTooLarge
 from swarm.baselines.parallax import ParallaxPolicy
 from swarm.baselines.petals import PetalsPolicy, choose_best_start
-from swarm.sim.policies import PolicyContext, boundary_shortest_path, registry
+from swarm.sim.engine import POLICIES
+from swarm.sim.policies import PolicyContext, boundary_shortest_path
 from swarm.sim.scenario import parse_scenario
 from swarm.types import LayerRange, ModelSpec, NodeLoad, NodeSpec
 
@@ -51,7 +52,7 @@ def home60():
 
 @pytest.mark.parametrize("name", ["petals", "parallax", "exo", "bprr"])
 def test_baselines_produce_valid_chains(home60, name):
-    policy = registry()[name](context(home60))
+    policy = POLICIES[name](context(home60))
     initial = [n.spec for n in home60.nodes if n.join_s <= 0]
     assignment = policy.allocate(initial)
     L = home60.model.num_layers

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from swarm.sim.engine import simulate
-from swarm.sim.policies import POLICY_NAMES
+from swarm.sim.engine import POLICY_NAMES, simulate
 from swarm.sim.scenario import parse_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,7 +148,7 @@ def test_swarm_that_starts_empty(policy):
 
 def test_cli_json_and_bad_scenario(tmp_path):
     ok = subprocess.run(
-        [sys.executable, "-m", "node.cli_simulate", "simulate", str(LAB6), "--policy", "parallax",
+        [sys.executable, "-m", "node.app.cli_simulate", "simulate", str(LAB6), "--policy", "parallax",
          "--policy", "exo", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert ok.returncode == 0, ok.stderr
@@ -160,7 +159,7 @@ def test_cli_json_and_bad_scenario(tmp_path):
     obj = json.loads(LAB6.read_text())
     obj["nodes"][3]["memory_gb"] = "24GB"
     bad.write_text(json.dumps(obj))
-    res = subprocess.run([sys.executable, "-m", "node.cli_simulate", "simulate", str(bad)],
+    res = subprocess.run([sys.executable, "-m", "node.app.cli_simulate", "simulate", str(bad)],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
@@ -181,8 +180,8 @@ def test_measured_interval_limits_the_latency_percentiles_only():
 def test_chain_ends_carry_token_ids_when_the_swarm_holds_the_head():
     # Push transport: with head_bytes > 0 the first stage embeds and the last samples, so the prompt
     # enters as token ids and one token comes back; with the head at the client, hidden states both ways.
-    from swarm.sim.engine import CLIENT_UPLINK_BPS, Simulator
-    from swarm.sim.policies import PolicyContext, registry
+    from swarm.sim.engine import CLIENT_UPLINK_BPS, POLICIES, Simulator
+    from swarm.sim.policies import PolicyContext
     from swarm.types import Hop
 
     obj = toy_scenario([gpu("a1"), gpu("a2")])
@@ -193,7 +192,7 @@ def test_chain_ends_carry_token_ids_when_the_swarm_holds_the_head():
 
     def net(sc, tokens):
         ctx = PolicyContext(sc.model, sc.rtt_fn(), {n.node_id: n for n in sc.nodes}, 0, 96, 32, 1.0)
-        return Simulator(sc, registry()["layerhive"](ctx))._net_s("client:eu", hops, tokens)
+        return Simulator(sc, POLICIES["layerhive"](ctx))._net_s("client:eu", hops, tokens)
 
     hidden = with_head.model.hidden_bytes_per_token * 8
     saved = net(without, 512) - net(with_head, 512)
@@ -207,7 +206,7 @@ def test_chain_ends_carry_token_ids_when_the_swarm_holds_the_head():
     (lambda o: o["model"].update(num_layers=0), "model.num_layers: expected an integer >= 1, got 0"),
 ])
 def test_cli_names_the_bad_key_and_exits_2(tmp_path, capsys, mutate, message):
-    from node.cli_simulate import main
+    from node.app.cli_simulate import main
 
     obj = json.loads(LAB6.read_text())
     mutate(obj)
@@ -219,7 +218,7 @@ def test_cli_names_the_bad_key_and_exits_2(tmp_path, capsys, mutate, message):
 
 
 def test_cli_unreadable_or_invalid_json_exits_2(tmp_path, capsys):
-    from node.cli_simulate import main
+    from node.app.cli_simulate import main
 
     broken = tmp_path / "broken.json"
     broken.write_text("{\"name\": ")

@@ -1,0 +1,299 @@
+"""The `layerhive` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from node.app.cli_simulate import add_simulate_parser
+from node.model.checkpoint import DEFAULT_MODEL
+from node.net.config import ConfigError, default_initial_peers
+
+
+def parse_layers(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers must look like START:END, got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"layers {text!r}: need 0 <= START < END")
+    return start, end
+
+
+def _quiet_logs(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
+        logging.getLogger("hivemind").setLevel(logging.ERROR)
+
+
+def node_config(args: argparse.Namespace):
+    """The NodeConfig of `layerhive node` arguments (also used by the tray app's controller)."""
+    from node.net.membership import DEFAULT_TTL_S
+    from node.serve.node import NodeConfig
+
+    start, end = args.layers if args.layers else (None, None)
+    return NodeConfig(
+        start=start, end=end, initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
+        device=args.device, max_length=args.max_length, send_delay_s=args.emulate_delay_ms / 1000,
+        identity=args.identity, test_perturb_scale=args.test_perturb, region=args.region,
+        test_slowdown_s=args.test_slowdown_ms / 1000, send_bandwidth_bps=args.emulate_bandwidth_mbps * 1e6,
+        max_memory_bytes=None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9),
+        ttl_s=args.ttl or DEFAULT_TTL_S, bench=not args.quick_measure,
+        announce_maddrs=args.announce_maddrs, relays=args.relay or None, direct_links=not args.no_direct_links,
+    )
+
+
+async def _run_node(args: argparse.Namespace) -> int:
+    from node.model.checkpoint import resolve_model
+    from node.serve.node import Node
+
+    source = resolve_model(args.model)
+    node = Node(source, node_config(args))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        starting = asyncio.create_task(node.start())
+        await asyncio.wait([starting, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # stopped while still joining
+            starting.cancel()
+            return 0
+        starting.result()
+        record = node.record
+        print(f"serving {source.name} layers {record.start}:{record.end}; peer addresses: "
+              f"{' '.join(node.visible_maddrs)}", flush=True)
+        await stop.wait()
+    finally:
+        await node.stop()
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return asyncio.run(_run_node(args))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from node.model.checkpoint import resolve_model
+    from node.net.membership import list_servers_blocking
+    from node.serve.assignment import format_status, model_spec, swarm_status
+    from node.serve.node import start_dht
+
+    if not args.initial_peers:
+        print("layerhive status: error: give --initial-peers of the swarm", file=sys.stderr)
+        return 2
+    source = resolve_model(args.model)
+    dht = start_dht(args.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    try:
+        records = list_servers_blocking(dht, source.name, num_layers=source.num_layers)
+    finally:
+        dht.shutdown()
+    status = swarm_status(model_spec(source), records)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from node.app.bootstrap import run_bootstrap
+
+    asyncio.run(run_bootstrap(args.host_maddrs, announce_maddrs=args.announce_maddrs,
+                              initial_peers=args.initial_peers, identity=args.identity))
+    return 0
+
+
+def cmd_swarm_local(args: argparse.Namespace) -> int:
+    from node.app.local_swarm import LocalSwarm
+
+    # Block the signals before waiting for them, or SIGINT/SIGTERM would kill us before sigwait sees them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    with LocalSwarm(args.model, num_nodes=args.nodes, threads_per_node=args.threads) as swarm:
+        print("local swarm online:")
+        for layers, process in zip(swarm.ranges, swarm.processes, strict=True):
+            print(f"  node pid {process.pid}: layers {layers[0]}:{layers[1]}")
+        print("initial peers:", " ".join(swarm.initial_peers), flush=True)
+        print("join with: layerhive chat --initial-peers", swarm.initial_peers[0], '"Hello!"', flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        print("stopping the local swarm...", flush=True)
+    return 0
+
+
+async def _chat(args: argparse.Namespace, initial_peers: list[str]) -> int:
+    from node.client.chat import ChatEngine, Message
+    from node.client.session import connect
+    from node.model.checkpoint import resolve_model
+    from node.model.sampling import SamplingParams
+
+    source = resolve_model(args.model)
+    async with connect(initial_peers, source) as client:
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed)
+        async for delta in ChatEngine(client, source).stream_chat([Message("user", args.prompt)], params):
+            print(delta, end="", flush=True)
+        print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    if args.initial_peers:
+        return asyncio.run(_chat(args, args.initial_peers))
+    from node.app.local_swarm import LocalSwarm
+
+    print("no --initial-peers given: starting a local swarm of 3 nodes...", file=sys.stderr, flush=True)
+    with LocalSwarm(args.model, num_nodes=3) as swarm:
+        return asyncio.run(_chat(args, swarm.initial_peers))
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from node.app.api import serve
+
+    if args.initial_peers:
+        return serve(args.model, args.initial_peers, host=args.host, port=args.port)
+    from node.app.local_swarm import LocalSwarm
+
+    print("no --initial-peers given: starting a local swarm of 3 nodes...", file=sys.stderr, flush=True)
+    with LocalSwarm(args.model, num_nodes=3) as swarm:
+        print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        return serve(args.model, swarm.initial_peers, host=args.host, port=args.port)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from node.model.checkpoint import CheckpointError, ModelNotFoundError, UnsupportedModelError, tqdm_progress
+    from node.serve.benchmark import BenchError, format_result, run_bench
+
+    if args.max_memory_gb is not None and args.max_memory_gb <= 0:
+        print("layerhive bench: error: --max-memory-gb must be positive", file=sys.stderr)
+        return 2
+    cap = None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9)
+    if args.threads:  # measure with the threads the node will serve with (part of the cache key)
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        with tqdm_progress("bench") as progress:
+            result = run_bench(args.model, device=args.device, initial_peers=args.initial_peers,
+                               max_memory_bytes=cap, force=args.force, progress=progress)
+    except (BenchError, ModelNotFoundError, UnsupportedModelError, CheckpointError) as e:
+        print(f"layerhive bench: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layerhive", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the node does")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    node = commands.add_parser("node", help="serve a range of layers in a swarm")
+    node.add_argument("--model", default=DEFAULT_MODEL)
+    node.add_argument("--layers", type=parse_layers, default=None,
+                      help="START:END, end exclusive (a manual override; default: the range the swarm assigns)")
+    node.add_argument("--initial-peers", nargs="*", default=[])
+    node.add_argument("--host-maddrs", nargs="*", default=["/ip4/127.0.0.1/tcp/0"])
+    node.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    node.add_argument("--max-length", type=int, default=8192, help="longest session, in tokens")
+    node.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    node.add_argument("--identity", default=None,
+                      help="name of a persistent identity (keeps the peer id across restarts); default: a new one")
+    node.add_argument("--announce-maddrs", nargs="*", default=[],
+                      help="addresses peers should dial (e.g. your public address behind port forwarding)")
+    node.add_argument("--relay", nargs="*", default=[], metavar="MADDR",
+                      help="serve through these relay peers (e.g. a bootstrap peer) when peers cannot dial you")
+    node.add_argument("--no-direct-links", action="store_true",
+                      help="push to other stages only over libp2p, never over a direct TCP link with its own port")
+    node.add_argument("--emulate-bandwidth-mbps", type=float, default=0.0,
+                      help="testing aid: limit what this node sends to this many Mbit/s (a WAN uplink)")
+    node.add_argument("--emulate-delay-ms", type=float, default=0.0,
+                      help="testing aid: delay everything this node sends by this many ms (a WAN link)")
+    # Testing aid, hidden from --help: add noise of SCALE × RMS to every output, i.e. make this node lie,
+    # so the client's spot checks (node.client.verify) can be exercised. Never useful to a real volunteer.
+    node.add_argument("--test-perturb", type=float, default=0.0, metavar="SCALE", help=argparse.SUPPRESS)
+    node.add_argument("--test-slowdown-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # a slower GPU
+    node.add_argument("--max-memory-gb", type=float, default=None, help="offer at most this much memory (GB)")
+    node.add_argument("--region", default="", help="where this machine is (e.g. eu-west); nearby nodes pipeline")
+    node.add_argument("--quick-measure", action="store_true",
+                      help="estimate memory only instead of running (or reading the cached) `layerhive bench`")
+    node.add_argument("--ttl", type=float, default=None,
+                      help="seconds a record lives without heartbeat (default 30); re-planning runs every ttl/3")
+    node.set_defaults(func=cmd_node)
+
+    status = commands.add_parser("status", help="the swarm as seen from the DHT: nodes, ranges, coverage")
+    status.add_argument("--model", default=DEFAULT_MODEL)
+    status.add_argument("--initial-peers", nargs="*", default=[])
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=cmd_status)
+
+    bootstrap = commands.add_parser("bootstrap", help="host a long-lived bootstrap and relay peer")
+    bootstrap.add_argument("--host-maddrs", nargs="*", default=["/ip4/0.0.0.0/tcp/31337"])
+    bootstrap.add_argument("--announce-maddrs", nargs="*", default=[], help="public addresses to announce")
+    bootstrap.add_argument("--initial-peers", nargs="*", default=[], help="other bootstrap peers to join")
+    bootstrap.add_argument("--identity", default="bootstrap",
+                           help="name of the persistent identity that keeps this peer's id across restarts")
+    bootstrap.set_defaults(func=cmd_bootstrap)
+
+    swarm = commands.add_parser("swarm", help="run a whole swarm").add_subparsers(dest="where", required=True)
+    local = swarm.add_parser("local", help="a bootstrap peer and N nodes on 127.0.0.1")
+    local.add_argument("--model", default=DEFAULT_MODEL)
+    local.add_argument("--nodes", type=int, default=3)
+    local.add_argument("--threads", type=int, default=None, help="torch CPU threads per node")
+    local.set_defaults(func=cmd_swarm_local)
+
+    chat = commands.add_parser("chat", help="stream an answer from the swarm")
+    chat.add_argument("prompt")
+    chat.add_argument("--model", default=DEFAULT_MODEL)
+    chat.add_argument("--initial-peers", nargs="*", default=[])
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.set_defaults(func=cmd_chat)
+
+    api = commands.add_parser("api", help="serve an OpenAI-compatible HTTP API through the swarm")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--model", default=DEFAULT_MODEL)
+    api.add_argument("--initial-peers", nargs="*", default=[])
+    api.set_defaults(func=cmd_api)
+
+    bench = commands.add_parser("bench", help="measure this machine's compute, memory and network for a model")
+    bench.add_argument("--model", default=DEFAULT_MODEL)
+    bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
+    bench.add_argument("--initial-peers", nargs="*", default=[], help="measure RTT and uplink to this swarm")
+    bench.add_argument("--max-memory-gb", type=float, default=None, help="offer at most this much memory (GB)")
+    bench.add_argument("--json", action="store_true", help="print the result as JSON")
+    bench.add_argument("--force", action="store_true", help="re-measure compute even if cached")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads, as for `layerhive node`")
+    bench.set_defaults(func=cmd_bench)
+
+    add_simulate_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_logs(args.verbose)
+    if getattr(args, "initial_peers", None) == [] and args.func is not cmd_bootstrap:
+        try:
+            args.initial_peers = default_initial_peers()  # the user's config, then the built-in list
+        except ConfigError as e:
+            print(f"layerhive: error: {e}", file=sys.stderr)
+            return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Chat through the swarm: chat template in, streamed text out.
+
+`ChatEngine` is what the CLI, the chat window and the API server all use. It runs each
+answer as a ring (the chain's last stage samples; `node.net.protocol`), or with `ring=False`
+embeds and samples on the client, which then needs the model's embedding and LM head.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+from node.client.failover import ResilientSession
+from node.client.session import SwarmClient
+from node.model.checkpoint import ModelSource, load_tokenizer
+from node.model.head import ClientHead
+from node.model.sampling import MAX_SEED, SamplingParams
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+class TextStreamer:
+    """Turns a growing list of token ids into text deltas, holding back half-formed characters."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return ""
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
+
+
+def chat_template_ids(tokenizer, messages: Sequence[Message]) -> list[int]:
+    """Token ids of a conversation in the model's chat template, ready for the assistant's turn."""
+    conversation = [{"role": m.role, "content": m.content} for m in messages]
+    encoded = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    if hasattr(encoded, "keys"):  # newer tokenizers return a BatchEncoding
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+class ChatEngine:
+    def __init__(self, client: SwarmClient, source: ModelSource, *, ring: bool = True) -> None:
+        self.client, self.source, self.ring = client, source, ring
+        self.tokenizer = load_tokenizer(source)
+        self.max_context = int(getattr(source.config, "max_position_embeddings", 8192))
+        self.vocab_size = int(source.config.vocab_size)
+
+    @cached_property
+    def head(self) -> ClientHead:
+        """The embedding and LM head, loaded only for a client that samples itself (`ring=False`)."""
+        return ClientHead(self.source)
+
+    def chat_prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        return chat_template_ids(self.tokenizer, messages)
+
+    def completion_prompt_ids(self, text: str) -> list[int]:
+        """A raw prompt (no chat template), with whatever special tokens the tokenizer adds itself (e.g. BOS)."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    def stop_token_ids(self) -> tuple[int, ...]:
+        eos = self.tokenizer.eos_token_id
+        generation_eos = getattr(self.source.config, "eos_token_id", None)
+        ids = {i for i in (eos, *(generation_eos if isinstance(generation_eos, list) else [generation_eos]))}
+        return tuple(sorted(i for i in ids if i is not None))
+
+    async def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[int]:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        max_length = len(prompt_ids) + params.max_new_tokens
+        if max_length > self.max_context:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens plus {params.max_new_tokens} new tokens "
+                             f"exceeds the model's context of {self.max_context}")
+        if not params.stop_token_ids:
+            params = replace(params, stop_token_ids=self.stop_token_ids())
+        if params.seed is None and params.temperature > 0:  # seeded, a chain rebuilt mid-answer draws the same
+            params = replace(params, seed=random.randrange(MAX_SEED))
+        session = ResilientSession(self.client, max_length=max_length)
+        try:
+            async for token in session.generate(prompt_ids, params, None if self.ring else self.head):
+                yield token
+        finally:
+            await session.close()
+
+    async def stream_chat(self, messages: Sequence[Message], params: SamplingParams) -> AsyncIterator[str]:
+        streamer = TextStreamer(self.tokenizer)
+        async for token in self.stream_tokens(self.chat_prompt_ids(messages), params):
+            if delta := streamer.push(token):
+                yield delta

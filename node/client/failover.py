@@ -1,0 +1,215 @@
+"""A chain session that survives stages dying or stalling mid-answer.
+
+When a stage fails, the client bans that peer, picks a new chain without it, replays
+what the old chain had been fed as a chunked prefill to rebuild every stage's KV cache,
+and goes on. The replay recomputes exactly what the lost caches held, so the answer
+continues as if nothing happened:
+- `generate` (a ring: the last stage samples) replays the prompt and the tokens received
+  so far, and asks the new ring for the rest. Sampling depends only on (seed, position)
+  (`node.model.sampling`), so the new last stage draws what the old one would have.
+- `step` (the client embeds and samples) remembers the hidden states it fed and replays them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+import torch
+
+from node.client.generate import generate
+from node.client.session import ChainSession, NoChainError, StageFailure, SwarmClient
+from node.client.verify import Auditor, EchoRecorder, attach_recorder
+from node.model.head import ClientHead
+from node.model.sampling import SamplingParams
+from node.net.protocol import PREFILL_CHUNK_TOKENS
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Codes that mean "this stage cannot take the session", not "this stage is broken".
+REFUSALS = {"no_capacity", "busy", "draining"}
+
+
+@dataclass(frozen=True)
+class FailoverEvent:
+    peer: str
+    code: str
+    position: int
+    recovery_s: float  # from noticing the failure to the retried step's answer
+
+
+class ResilientSession:
+    """Generation on replaceable chain sessions: as a ring (`generate`), or step by step with the client
+    embedding and sampling (`step`, the `Chain` protocol of `node.client.generate`). Use one or the other."""
+
+    def __init__(self, client: SwarmClient, *, max_length: int, relay: bool = False, wire: str = "none",
+                 max_failovers: int = 5, backoff_s: float = 0.2, step_timeout_s: float = 30.0,
+                 auditor: Auditor | None = None) -> None:
+        self.client, self.max_length = client, max_length
+        self.auditor = auditor  # spot checks of stages' outputs (node.client.verify); None or p = 0: none, no echoes
+        self.recorder: EchoRecorder | None = None  # the current chain's stage outputs, when audited
+        self.relay, self.wire = relay, wire
+        self.max_failovers, self.backoff_s, self.step_timeout_s = max_failovers, backoff_s, step_timeout_s
+        self.session: ChainSession | None = None
+        self.history = _Inputs()  # chain inputs fed so far, in position order
+        self.events: list[FailoverEvent] = []
+        self._pending_event: tuple[StageFailure, int, float] | None = None  # a failure not yet recovered from
+
+    async def open(self) -> None:
+        """Opens a chain now rather than at the first step; a stage that cannot open is failed over as in `step`."""
+        await self._with_failover(0, self._ensure_chain)
+
+    async def _open_new_chain(self, sampling: SamplingParams | None = None) -> ChainSession:
+        chain = await self.client.choose_chain(session_tokens=self.max_length, relay=self.relay)
+        audit = self.auditor is not None and self.auditor.probability > 0
+        wire = self.client.wire_for(chain) if self.wire == "auto" else self.wire
+        session = await self.client.open_session(
+            chain, max_length=self.max_length, relay=self.relay, wire=wire, step_timeout_s=self.step_timeout_s,
+            audit=audit, sampling=sampling,
+        )
+        self.recorder = attach_recorder(session) if audit else None
+        return session
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                       head: ClientHead | None = None) -> AsyncIterator[int]:
+        """Yields generated tokens, up to a stop token (yielded) or max_new_tokens. Without `head` the
+        chain runs as a ring, and a failed ring is replaced by a new one fed the prompt and the tokens so
+        far, which samples the rest; with `head` the client embeds and samples (`node.client.generate`)."""
+        if head is not None:
+            await self.open()
+            async for token in generate(self, head, prompt_ids, params):
+                yield token
+            return
+        if self.relay or self.auditor is not None:
+            raise ValueError("a ring is neither relayed nor audited: pass the client's head")
+        produced: list[int] = []
+        failovers = 0
+        while True:
+            try:
+                if self.session is None:
+                    rest = replace(params, max_new_tokens=params.max_new_tokens - len(produced))
+                    self.session = await self._open_new_chain(sampling=rest)
+                async for token in self.session.tokens([*prompt_ids, *produced], 0):
+                    produced.append(token)
+                    self._record_recovery()
+                    yield token
+                return
+            except (StageFailure, NoChainError) as error:
+                failovers = await self._recover(error, len(prompt_ids) + len(produced), failovers)
+
+    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        if position != self.history.length:
+            raise ValueError(f"step at position {position}, but {self.history.length} positions were fed so far")
+
+        async def attempt() -> torch.Tensor:
+            await self._ensure_chain()
+            output = await self.session.step(hidden, position)
+            if self.recorder is not None and self.auditor.sample():
+                await self.auditor.check_step(self.session, self.recorder, self.history.through(hidden), position)
+            return output
+
+        output = await self._with_failover(position, attempt)
+        self.history.append(hidden)
+        return output
+
+    async def _ensure_chain(self) -> None:
+        """A chain with every input fed so far: the current one, or a new one rebuilt by replay."""
+        if self.session is None:
+            self.session = await self._open_new_chain()
+            await self._replay()
+
+    async def _with_failover(self, position: int, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Runs `attempt` until it succeeds or `_recover` gives up."""
+        failovers = 0
+        while True:
+            try:
+                result = await attempt()
+                break
+            except (StageFailure, NoChainError) as error:
+                failovers = await self._recover(error, position, failovers)
+        self._record_recovery()
+        return result
+
+    async def _recover(self, error: StageFailure | NoChainError, position: int, failovers: int) -> int:
+        """After a failed attempt: the failed stage is banned (unless it only refused) and its chain dropped,
+        so the next attempt routes around it. Returns the failovers so far; re-raises after `max_failovers`."""
+        if isinstance(error, NoChainError):
+            if failovers == 0 or failovers > self.max_failovers:
+                raise error
+            failovers += 1
+            await asyncio.sleep(_backoff(self.backoff_s, failovers))  # the swarm may still be re-forming
+            return failovers
+        failovers += 1
+        started = time.perf_counter()
+        await self._abandon(error, position)
+        if failovers > self.max_failovers:
+            raise NoChainError(f"gave up after {self.max_failovers} failovers; last: {error}") from error
+        self._pending_event = self._pending_event or (error, position, started)
+        await asyncio.sleep(_backoff(self.backoff_s, failovers))
+        return failovers
+
+    async def _abandon(self, failure: StageFailure, position: int) -> None:
+        logger.warning("stage %s failed at position %d (%s); failing over", failure.peer, position, failure)
+        if failure.code not in REFUSALS and failure.peer not in self.client.banned:  # keep a liar's longer ban
+            self.client.ban(failure.peer)
+        if self.session is not None:
+            await self.session.close()
+        self.session = None
+
+    async def _replay(self) -> None:
+        """Rebuilds the new chain's KV caches from the inputs fed so far."""
+        if not self.history.length:
+            return
+        inputs = self.history.fed()
+        for offset in range(0, inputs.shape[1], PREFILL_CHUNK_TOKENS):
+            await self.session.step(inputs[:, offset : offset + PREFILL_CHUNK_TOKENS], offset)
+
+    def _record_recovery(self) -> None:
+        if self._pending_event is None:
+            return
+        failure, position, started = self._pending_event
+        self.events.append(FailoverEvent(failure.peer, failure.code, position, time.perf_counter() - started))
+        self._pending_event = None
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+
+class _Inputs:
+    """Hidden states fed to the chain, in one buffer that doubles as it fills: appending a step and
+    viewing everything fed so far cost O(step), not a copy of the whole history each time."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None  # [1, capacity, hidden] on the CPU
+        self.length = 0
+
+    def fed(self) -> torch.Tensor:
+        """[1, length, hidden]: everything appended so far (a view; valid until the next append)."""
+        return self._buffer[:, : self.length]
+
+    def through(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What `fed()` will be once `hidden` is appended, without appending it."""
+        end = self.length + hidden.shape[1]
+        if self._buffer is None or end > self._buffer.shape[1] or self._buffer.dtype != hidden.dtype:
+            grown = torch.empty(1, max(end, 2 * self.length, 64), hidden.shape[2], dtype=hidden.dtype)
+            if self._buffer is not None:
+                grown[:, : self.length] = self._buffer[:, : self.length]
+            self._buffer = grown
+        self._buffer[:, self.length: end] = hidden.detach().cpu()
+        return self._buffer[:, :end]
+
+    def append(self, hidden: torch.Tensor) -> None:
+        self.through(hidden)
+        self.length += hidden.shape[1]
+
+
+def _backoff(base_s: float, attempt: int) -> float:
+    """The first retry goes at once (another replica is usually there); later ones back off exponentially."""
+    return 0.0 if attempt <= 1 else base_s * 2 ** (attempt - 2)

@@ -1,0 +1,348 @@
+"""The client side of the swarm: find servers, pick a chain, run a session through it.
+
+A session runs in one of three ways (see `node.net.protocol`): as a ring, where the client
+feeds the prompt's token ids and the chain's last stage samples each next token and
+sends it back to the first stage itself; pushed stage to stage with the client
+embedding and sampling (`node.model.head`); or relayed through the client, the fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from hivemind import DHT
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from node.client.routing import plan_chains
+from node.model.checkpoint import ModelSource
+from node.model.sampling import SamplingParams
+from node.net.membership import list_servers, open_dht
+from node.net.probe import measure_rtt
+from node.net.protocol import (
+    INFERENCE_HANDLER,
+    INFO_HANDLER,
+    PREFILL_CHUNK_TOKENS,
+    RemoteError,
+    pack,
+    ping,
+    raise_if_error,
+)
+from node.net.wire import decode as wire_decode
+from node.net.wire import for_links as wire_for_links
+from swarm.records import ServerRecord
+from swarm.types import Hop, ModelSpec
+
+# Silence after which a waiting client pings its stages (see `node.net.protocol`): four times the last gap
+# between answers, within these bounds, so a dead stage of a fast chain is found within a few tokens' time.
+PING_AFTER_S = (0.05, 0.5)
+
+
+class NoChainError(RuntimeError):
+    pass
+
+
+def coverage_summary(records: Sequence[ServerRecord]) -> str:
+    ranges = sorted({(r.start, r.end) for r in records if r.state == "online"})
+    return ", ".join(f"{a}:{b}" for a, b in ranges) or "none"
+
+
+class StageFailure(ConnectionError):
+    """A stage of the chain broke, stalled or refused a step; `peer` is the stage at fault."""
+
+    def __init__(self, peer: str, reason: str, code: str = "unreachable") -> None:
+        super().__init__(f"stage {peer}: {reason}")
+        self.peer, self.code = peer, code
+
+
+class _Stream:
+    """One open inference stream to one stage; answers are delivered to the session's event queue."""
+
+    def __init__(self, hop: Hop, index: int, events: asyncio.Queue, send_delay_s: float = 0.0) -> None:
+        self.hop, self.index, self.events = hop, index, events
+        self.send_delay_s = send_delay_s
+        self._outbox: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
+        self._reader: asyncio.Task | None = None
+
+    async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        while (item := await self._outbox.get()) is not None:
+            yield item
+
+    async def open(self, p2p: P2P, opening: dict) -> None:
+        """Sends the opening request and waits for the stage to accept it."""
+        self.send(pack({"open": opening}))
+        responses = await p2p.iterate_protobuf_handler(
+            PeerID.from_base58(self.hop.node_id), INFERENCE_HANDLER, self._requests(), runtime_pb2.ExpertResponse
+        )
+        try:
+            first = await anext(responses)
+        except StopAsyncIteration:
+            raise StageFailure(self.hop.node_id, "closed the stream while opening") from None
+        raise_if_error(self.hop.node_id, first)
+        self._reader = asyncio.create_task(self._read(responses))
+
+    async def _read(self, responses: AsyncIterator[runtime_pb2.ExpertResponse]) -> None:
+        try:
+            async for response in responses:
+                self.events.put_nowait((self.index, response))
+            failure = StageFailure(self.hop.node_id, "closed the stream")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            failure = StageFailure(self.hop.node_id, f"stream broke: {e}")
+        self.events.put_nowait((self.index, failure))
+
+    def send(self, request: runtime_pb2.ExpertRequest) -> None:
+        if self.send_delay_s > 0:  # emulated one-way link latency (tests and benchmarks)
+            asyncio.get_running_loop().call_later(self.send_delay_s, self._outbox.put_nowait, request)
+        else:
+            self._outbox.put_nowait(request)
+
+    def close(self) -> None:
+        self._outbox.put_nowait(None)
+        if self._reader is not None:
+            self._reader.cancel()
+
+
+class ChainSession:
+    """A session through a chain of stages.
+
+    Opened as a ring (`sampling` given), `tokens` feeds token ids and yields what the last
+    stage samples. Otherwise `step` runs hidden states through every stage: in push mode
+    the client sends a step to the first stage and awaits the last stage's answer; in relay
+    mode it carries each stage's output to the next itself.
+    """
+
+    def __init__(self, chain: list[Hop], streams: list[_Stream], events: asyncio.Queue, *, max_length: int,
+                 relay: bool, wire: str, step_timeout_s: float, sampling: SamplingParams | None = None) -> None:
+        self.chain, self.streams, self.events = chain, streams, events
+        self.max_length, self.relay, self.wire = max_length, relay, wire
+        self.step_timeout_s = step_timeout_s
+        self.sampling = sampling
+        self._ping_after_s = PING_AFTER_S[1]
+        self._last_answer_at: float | None = None
+
+    async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        if self.sampling is not None:
+            raise RuntimeError("a ring session takes token ids (tokens), not hidden states")
+        if self.relay:
+            for stream in self.streams:
+                stream.send(pack({"position": position}, [hidden], wire=self.wire))
+                hidden = wire_decode((await self._answer_from((stream.index,), position))[1].tensors[0])
+            return hidden
+        self.streams[0].send(pack({"position": position}, [hidden], wire=self.wire))
+        return wire_decode((await self._answer_from((len(self.streams) - 1,), position))[1].tensors[0])
+
+    async def tokens(self, token_ids: Sequence[int], position: int) -> AsyncIterator[int]:
+        """A ring: feeds `token_ids` from `position` to the first stage, then yields each token the chain
+        samples (at its last stage, or its first when they share the head), up to the one that ends generation
+        (a stop token, max_new_tokens or max_length)."""
+        if self.sampling is None:
+            raise RuntimeError("tokens needs a session opened as a ring (open_session(..., sampling=...))")
+        offsets = range(0, len(token_ids), PREFILL_CHUNK_TOKENS)
+        for offset in offsets:
+            step: dict[str, Any] = {"position": position + offset,
+                                    "tokens": list(token_ids[offset: offset + PREFILL_CHUNK_TOKENS])}
+            if offset == offsets[-1]:
+                step["sample"] = True
+            self.streams[0].send(pack(step))
+        position += len(token_ids)
+        for produced in range(1, self.sampling.max_new_tokens + 1):
+            metadata, _, source = await self._answer_from((0, len(self.streams) - 1), position, "token")
+            token = metadata["token"]
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise StageFailure(self.chain[source].node_id, f"sent a malformed token {token!r}",
+                                   code="bad_response")
+            yield token
+            position += 1
+            if self.sampling.is_last(token, produced) or position >= self.max_length:
+                return
+
+    async def _answer_from(self, indices: Sequence[int], position: int, field: str | None = None
+                           ) -> tuple[dict[str, Any], runtime_pb2.ExpertResponse, int]:
+        """Waits for the answer at `position` of one of the stages `indices`: hidden states, or with `field` a
+        message carrying that field; returns it with the index of the stage that sent it. Any stage's error or
+        silence raises StageFailure."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.step_timeout_s
+        while True:
+            wait_s = max(0.0, min(self._ping_after_s, deadline - loop.time()))
+            try:
+                source, item = await asyncio.wait_for(self.events.get(), wait_s)
+            except asyncio.TimeoutError:
+                if loop.time() < deadline:  # a stage that died while no one was writing to it is found now
+                    for stream in self.streams:
+                        stream.send(ping())
+                    continue
+                raise StageFailure(self.chain[indices[-1]].node_id, f"no answer in {self.step_timeout_s:.0f} s",
+                                   code="timeout") from None
+            peer = self.chain[source].node_id
+            if isinstance(item, StageFailure):
+                raise item
+            try:
+                metadata = raise_if_error(peer, item)
+            except RemoteError as e:
+                raise StageFailure(e.peer, e.message, code=e.code) from e
+            if source not in indices or metadata.get("position") != position:
+                continue
+            if (field in metadata) if field is not None else len(item.tensors) == 1:
+                now = loop.time()
+                if self._last_answer_at is not None:
+                    low, high = PING_AFTER_S
+                    self._ping_after_s = min(high, max(low, 4 * (now - self._last_answer_at)))
+                self._last_answer_at = now
+                return metadata, item, source
+
+    async def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+
+class SwarmClient:
+    """A DHT client for one model's swarm."""
+
+    def __init__(self, dht: DHT, source: ModelSource, *, send_delay_s: float = 0.0) -> None:
+        self.dht, self.model, self.num_layers = dht, source.name, source.num_layers
+        # What the router needs of the model: hidden states' size on the wire (fp32 on CPU swarms).
+        self.spec = ModelSpec(source.name, source.num_layers, source.hidden_size, layer_bytes=0.0,
+                              kv_bytes_per_token_per_layer=0.0, wire_bytes_per_element=4)
+        self.send_delay_s = send_delay_s  # emulated one-way latency on every message this client sends
+        self._p2p: P2P | None = None
+        self._banned_until: dict[str, float] = {}
+        self._rtt_s: dict[str, tuple[float, float]] = {}  # peer -> (rtt, measured at)
+        self._uplink_bps: dict[str, float] = {}  # as announced in the records last read
+
+    async def p2p(self) -> P2P:
+        if self._p2p is None:
+            self._p2p = await self.dht.replicate_p2p()
+        return self._p2p
+
+    async def close(self) -> None:
+        """Closes this client's connections to the p2p daemon, on the loop that opened them (left to the
+        garbage collector, they are closed after that loop is gone, and fail noisily). The DHT stays up."""
+        if self._p2p is not None:
+            await self._p2p.shutdown()
+            self._p2p = None
+
+    async def servers(self) -> list[ServerRecord]:
+        return await list_servers(self.dht, self.model, num_layers=self.num_layers)
+
+    async def node_info(self, peer: str, timeout_s: float = 10.0) -> dict:
+        """What a node says of itself now: its layers, state, sessions, queue and work done."""
+        p2p = await self.p2p()
+        response = await asyncio.wait_for(p2p.call_protobuf_handler(
+            PeerID.from_base58(peer), INFO_HANDLER, pack({}), runtime_pb2.ExpertResponse), timeout_s)
+        return raise_if_error(peer, response)
+
+    def ban(self, peer: str, for_s: float = 120.0) -> None:
+        """Keeps a failed peer out of this client's chains (its DHT record may outlive it by a TTL)."""
+        self._banned_until[peer] = time.monotonic() + for_s
+
+    @property
+    def banned(self) -> frozenset[str]:
+        now = time.monotonic()
+        return frozenset(peer for peer, until in self._banned_until.items() if until > now)
+
+    def wire_for(self, chain: list[Hop]) -> str:
+        """The wire codec the chain's slowest announced uplink calls for (see `node.net.wire.for_links`)."""
+        return wire_for_links([self._uplink_bps.get(hop.node_id, 0.0) for hop in chain])
+
+    async def choose_chain(self, *, session_tokens: int = 0, relay: bool = False) -> list[Hop]:
+        """The chain of least expected latency (`swarm.router`) over live records and our measured RTTs."""
+        records = await self.servers()
+        self._uplink_bps = {r.peer_id: r.uplink_bps for r in records}
+        banned = self.banned
+        await self._measure_rtts([r.peer_id for r in records if r.peer_id not in banned])
+        chains = plan_chains(self.spec, records, {peer: rtt for peer, (rtt, _) in self._rtt_s.items()},
+                             exclude=banned, session_tokens=session_tokens, relay=relay, alternates=0)
+        if not chains:
+            live = [r for r in records if r.peer_id not in banned]
+            raise NoChainError(f"no chain covers layers 0:{self.num_layers} of {self.model} "
+                               f"(ranges online: {coverage_summary(live)})")
+        return chains[0]
+
+    async def _measure_rtts(self, peers: list[str], max_age_s: float = 60.0) -> None:
+        """Pings peers we have no fresh RTT for, all at once; a peer that does not answer keeps the default."""
+        now = time.monotonic()
+        stale = [p for p in peers if p not in self._rtt_s or now - self._rtt_s[p][1] > max_age_s]
+        if not stale:
+            return
+        p2p = await self.p2p()
+        results = await asyncio.gather(
+            *(measure_rtt(p2p, PeerID.from_base58(peer), n=2, timeout_s=2.0) for peer in stale),
+            return_exceptions=True,
+        )
+        for peer, result in zip(stale, results, strict=True):
+            if isinstance(result, float):
+                self._rtt_s[peer] = (result, now)
+
+    async def open_session(self, chain: list[Hop], *, max_length: int, relay: bool = False, wire: str = "none",
+                           step_timeout_s: float = 60.0, audit: bool = False,
+                           sampling: SamplingParams | None = None, share_head: bool = True) -> ChainSession:
+        """Opens the session on every stage at once (in push mode a stage may start its push link
+        before its successor has seen the session; the successor waits for it). `audit`: pushing stages
+        echo their outputs to the client for spot checks (`node.client.verify`). `sampling`: open it as a ring
+        whose last stage samples with these parameters (`ChainSession.tokens`); `share_head=False` keeps the LM
+        head's work whole at the last stage (see `node.net.protocol`: head sharing)."""
+        if sampling is not None and (relay or audit):
+            raise ValueError("a ring session is neither relayed nor audited: the client sees no hidden states")
+        p2p = await self.p2p()
+        session_id = uuid.uuid4().hex
+        events: asyncio.Queue = asyncio.Queue()
+        streams = [_Stream(hop, i, events, self.send_delay_s) for i, hop in enumerate(chain)]
+
+        ring = sampling is not None and len(chain) > 1  # a ring's ends are each other's neighbours
+        around = [chain[-1], *chain, chain[0]] if ring else [None, *chain, None]
+
+        def opening(i: int) -> dict:
+            hop = chain[i]
+            first, last = i == 0, i + 1 == len(chain)
+            prev, nxt = around[i], around[i + 2]  # chain[i] sits at around[i + 1]
+            fields = {
+                "session_id": session_id, "start": hop.start, "end": hop.end, "max_length": max_length,
+                "prev": prev.node_id if prev else None, "next": nxt.node_id if nxt else None,
+                "relay": relay, "wire": wire, **({"audit": True} if audit else {}),
+            }
+            if sampling is not None and first:  # it samples too when it shares the head with the last stage
+                fields.update(embed=True, sampling=sampling.to_wire(), share_head=share_head)
+            if sampling is not None and last:
+                fields["sampling"] = sampling.to_wire()
+            return fields
+
+        results = await asyncio.gather(
+            *(stream.open(p2p, opening(i)) for i, stream in enumerate(streams)), return_exceptions=True
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for stream in streams:
+                stream.close()
+            failure = failures[0]
+            if isinstance(failure, RemoteError):
+                raise StageFailure(failure.peer, failure.message, code=failure.code) from failure
+            if isinstance(failure, StageFailure | asyncio.CancelledError):
+                raise failure
+            raise StageFailure(chain[results.index(failure)].node_id, f"cannot open: {failure}") from failure
+        return ChainSession(chain, streams, events, max_length=max_length, relay=relay, wire=wire,
+                            step_timeout_s=step_timeout_s, sampling=sampling)
+
+
+@asynccontextmanager
+async def connect(initial_peers: Sequence[str], source: ModelSource, *,
+                  host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+                  send_delay_s: float = 0.0) -> AsyncIterator[SwarmClient]:
+    """A client of the swarm that `initial_peers` lead to: its own client-mode DHT peer listening on
+    `host_maddrs`, and a `SwarmClient` on it, its p2p replica made on this loop; both closed on exit."""
+    dht = await asyncio.to_thread(open_dht, list(initial_peers), list(host_maddrs), client_mode=True)
+    client = SwarmClient(dht, source, send_delay_s=send_delay_s)
+    try:
+        await client.p2p()  # now, on this loop, rather than racing on the first requests
+        yield client
+    finally:
+        await client.close()
+        dht.shutdown()

@@ -1,0 +1,376 @@
+"""A stage: decoder layers [start, end) of a model, with preallocated KV caches and batched steps.
+
+Weights live in transformers' own modules (the decoder layers of `XxxModel` for Llama, Qwen2 and
+Mistral, built on the meta device and filled by `node.model.checkpoint.load_layers`; q/k/v and gate/up are
+then fused into one projection each, and every projection becomes a `node.model.projection.Projection`,
+which holds its weight the way the device multiplies fastest), and so do the norms, the MLP's
+activation and the rotary embedding; the forward itself is orchestrated here, gpt-fast style, so that:
+
+* decode steps of many sessions run as one pass: norms, projections and MLP see every session's
+  tokens at once, so each weight is read once per pass (decode is memory-bound: that is the win),
+  while attention runs per session against that session's own cache;
+* a session may run a sub-range of the stage's layers (a chain that uses only part of this node);
+* each session's KV cache is preallocated for its max_length, so the bytes a server reserves per
+  session (`Stage.cache_bytes`) are exactly the bytes the cache holds.
+
+Layer ranges here (`layers=`, `KVCache.layers`) are absolute model layer indices, like the protocol's
+`open {start, end}`: a stage serving 10:20 runs `layers=(12, 20)`, never `(2, 10)`.
+A stage that starts at layer 0 also holds the token embedding (and the first half of the LM head, which it
+computes in rings: `head_share`), and one that ends at the last layer the final norm and LM head
+(`node.model.head`), for sessions run as a ring.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, PretrainedConfig
+
+from node.model.checkpoint import ModelSource, load_layers, stage_config
+from node.model.head import Embedder, LMHead
+from node.model.projection import Projection
+
+LayerSpan = tuple[int, int]  # absolute [a, b) model layer indices
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU (half precision is slow and lossy there), bf16/fp16 on accelerators."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    """K and V of one token in one layer."""
+    return 2 * _kv_heads(config) * _head_dim(config) * torch.finfo(dtype).bits // 8
+
+
+def _head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _kv_heads(config: PretrainedConfig) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def sliding_windows(config: PretrainedConfig) -> list[int | None]:
+    """Per layer of `config`: how many most recent tokens (itself included) a query sees, None = all.
+
+    Qwen2 marks sliding layers in `layer_types`; Mistral applies `sliding_window` to every layer."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return [window] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
+
+
+@dataclass(frozen=True)
+class StageShape:
+    hidden_size: int
+    num_layers: int
+    kv_bytes_per_token: int  # K and V of one token across all of this stage's layers
+
+
+@dataclass(eq=False)  # identity semantics: a cache is one session's state, hashable by identity
+class KVCache:
+    """One session's K/V for layers `layers`, in tensors [layers, kv_heads, capacity, head_dim]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    layers: LayerSpan
+    max_length: int | None  # None: grows on demand (references and tests; servers preallocate)
+    length: int = 0  # tokens written so far; the next step must start at this position
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def get_seq_length(self) -> int:  # DynamicCache's name for it, for code written against that
+        return self.length
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        if self.max_length is not None:
+            raise ValueError(f"positions up to {needed} exceed the cache's max_length {self.max_length}")
+        grown = max(needed, 2 * self.capacity)
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_empty(old.shape[0], old.shape[1], grown, old.shape[3])
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+
+@dataclass
+class StepInput:
+    """One session's step in a batch: `hidden` [1, tokens, hidden] whose first token sits at `position`."""
+
+    hidden: torch.Tensor
+    position: int
+    cache: KVCache
+    layers: LayerSpan | None = None  # default: the cache's layers
+
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[1]
+
+
+def _fuse_projections(layer: torch.nn.Module) -> None:
+    """Replaces the layer's q/k/v projections by one `self_attn.qkv_proj` and gate/up by one `mlp.gate_up_proj`
+    (biases too: Qwen2 has them on q, k and v), and every projection by a `Projection`, which keeps its weight
+    in the layout the device streams fastest. Three fewer ops per layer took the projections and MLP of 10
+    SmolLM2 layers from 10.0 to 9.7 ms here (each output is the same row-by-input dot product)."""
+    for owner, fused_name, names in ((layer.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                                     (layer.mlp, "gate_up_proj", ("gate_proj", "up_proj"))):
+        parts = [getattr(owner, name) for name in names]
+        bias = None
+        if any(p.bias is not None for p in parts):
+            bias = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.weight.shape[0]) for p in parts])
+        weight = torch.cat([part.weight for part in parts])
+        for name in names:
+            delattr(owner, name)  # the fused copy replaces them: no weight is held twice
+        del parts
+        setattr(owner, fused_name, Projection(weight, bias))
+    for owner, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
+        linear = getattr(owner, name)
+        setattr(owner, name, Projection(linear.weight.detach(), linear.bias))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of `x` [tokens, heads, d] by `cos`/`sin` [tokens, 1, d], computed as
+    transformers' `apply_rotary_pos_emb` does for Llama, Qwen2 and Mistral: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+@dataclass
+class _Rows:
+    """Where one step's tokens sit in the flattened [tokens, hidden] batch."""
+
+    begin: int
+    tokens: int
+    position: int
+    cache: KVCache
+
+
+class Stage:
+    """Runs hidden states through layers [start, end); stateless apart from the caches it hands out."""
+
+    def __init__(
+        self, source: ModelSource, start: int, end: int, *, dtype: torch.dtype, device: torch.device,
+        with_ends: bool = True, share_head: bool = True,
+    ) -> None:
+        """`with_ends=False`: layers only, even at the model's ends (timing layers, nothing served).
+        `share_head=False`: a first stage holds no share of the LM head (`head_share`)."""
+        if not 0 <= start < end <= source.num_layers:
+            raise ValueError(
+                f"layer range {start}:{end} is outside {source.name}, which has {source.num_layers} layers"
+            )
+        self.source, self.start, self.end = source, start, end
+        self.dtype, self.device = dtype, torch.device(device)
+        self.config = stage_config(source.config, start, end)
+        with torch.device("meta"):
+            model = AutoModel.from_config(self.config, dtype=dtype)
+        model.embed_tokens = None
+        model.norm = torch.nn.Identity()  # the final norm belongs to the client's head
+        weights = load_layers(source, start, end, dtype=dtype, device=self.device)
+        missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+        if unexpected or any(key.startswith("layers.") for key in missing):
+            raise ValueError(f"checkpoint of {source.name} does not fit layers {start}:{end}: "
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        del weights  # the modules hold them now; fusing below frees each separate projection as it goes
+        # Non-persistent buffers (rotary frequencies) cannot live on the meta device.
+        model.rotary_emb = type(model.rotary_emb)(config=self.config).to(self.device)
+        self.model = model.eval()
+        self.layers = model.layers
+        for layer in self.layers:
+            _fuse_projections(layer)
+        self.windows = sliding_windows(self.config)
+        self.head_dim, self.kv_heads = _head_dim(self.config), _kv_heads(self.config)
+        self.num_heads = self.config.num_attention_heads
+        # A chain's ends, so it can close into a ring (node.serve.server): the first stage embeds the tokens it
+        # is sent, the last one computes logits and samples.
+        self.embedder = Embedder(source, dtype=dtype, device=device) if with_ends and start == 0 else None
+        self.head = LMHead(source, dtype=dtype, device=device) if with_ends and end == source.num_layers else None
+        # A first stage that does not also end the model holds the LM head's first half: in a ring it computes
+        # those logits while the last stage computes the rest (node.serve.server), so half the head's time leaves the
+        # critical path, for half the head's memory here.
+        shares = with_ends and share_head and start == 0 and end < source.num_layers
+        self.head_share = LMHead(source, dtype=dtype, device=device, rows=(0, source.config.vocab_size // 2)) \
+            if shares else None
+        self.shape = StageShape(
+            hidden_size=self.config.hidden_size,
+            num_layers=end - start,
+            kv_bytes_per_token=kv_bytes_per_token(self.config, dtype) * (end - start),
+        )
+
+    # --- caches -----------------------------------------------------------------------------------
+
+    def resolve_layers(self, layers: Sequence[int] | None) -> LayerSpan:
+        """Absolute [a, b) within [start, end); None means the whole stage."""
+        if layers is None:
+            return self.start, self.end
+        a, b = (int(x) for x in layers)
+        if not self.start <= a < b <= self.end:
+            raise ValueError(f"layers {a}:{b} are not a non-empty part of this stage's {self.start}:{self.end} "
+                             "(layer indices are absolute model layers)")
+        return a, b
+
+    def cache_bytes(self, max_length: int, layers: Sequence[int] | None = None) -> int:
+        """Bytes of `new_cache(max_length, layers)`: what a server should reserve for the session."""
+        a, b = self.resolve_layers(layers)
+        return max_length * (b - a) * kv_bytes_per_token(self.config, self.dtype)
+
+    def new_cache(self, max_length: int | None = None, layers: Sequence[int] | None = None) -> KVCache:
+        """A session's cache for `layers` (absolute, default the whole stage), preallocated for
+        `max_length` tokens; without max_length it starts small and grows (tests, references)."""
+        a, b = self.resolve_layers(layers)
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        shape = (b - a, self.kv_heads, max_length or 16, self.head_dim)
+        # empty, not zeros: slots are written before they are read, and untouched pages cost nothing yet
+        with torch.inference_mode():
+            keys = torch.empty(shape, dtype=self.dtype, device=self.device)
+            values = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return KVCache(keys, values, (a, b), max_length)
+
+    # --- stepping ---------------------------------------------------------------------------------
+
+    def check_step(self, step: StepInput) -> None:
+        """Raises ValueError if `step` cannot run; cheap (no tensor data read), so a batcher can call it
+        on the event loop before a bad step gets into a batch with good ones."""
+        hidden, cache = step.hidden, step.cache
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"cache must be a KVCache from Stage.new_cache, got {type(cache).__name__}")
+        if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+            raise ValueError("hidden states must be a floating-point tensor")
+        size = self.shape.hidden_size
+        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[1] < 1 or hidden.shape[2] != size:
+            raise ValueError(f"hidden states must have shape [1, tokens, {size}], "
+                             f"got {list(hidden.shape)}")
+        if step.layers is not None and self.resolve_layers(step.layers) != cache.layers:
+            raise ValueError(f"step runs layers {tuple(step.layers)} but its cache holds layers {cache.layers}")
+        if cache.keys.shape[1:] != (self.kv_heads, cache.capacity, self.head_dim) or cache.keys.dtype != self.dtype \
+                or not self.start <= cache.layers[0] < cache.layers[1] <= self.end:
+            raise ValueError("cache was not made by this stage")
+        if step.position != cache.length:
+            raise ValueError(f"step at position {step.position}, but the cache holds {cache.length} tokens")
+        if cache.max_length is not None and step.position + step.tokens > cache.max_length:
+            raise ValueError(f"positions {step.position}..{step.position + step.tokens} exceed "
+                             f"the cache's max_length {cache.max_length}")
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, position: int, cache: KVCache,
+                layers: Sequence[int] | None = None) -> torch.Tensor:
+        """One session's step: `hidden` [1, tokens, hidden], first token at `position`, through `layers`
+        (absolute, must be the cache's; default the cache's). Extends `cache`; returns [1, tokens, hidden]."""
+        return self.forward_batch([StepInput(hidden, position, cache, layers)])[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, steps: Sequence[StepInput]) -> list[torch.Tensor]:
+        """Runs the steps of several sessions as one pass; each extends its own cache.
+
+        Tokens of all steps are flattened into one [tokens, hidden] matrix, so every weight is read once.
+        Steps may run different layer spans: each run of layers with the same set of sessions is one
+        segment. Caches advance only once every layer has run, so a failed pass leaves them usable."""
+        for step in steps:
+            self.check_step(step)
+        if len({id(step.cache) for step in steps}) != len(steps):
+            raise ValueError("two steps of one batch share a cache")
+        x = torch.cat([step.hidden[0] for step in steps]).to(device=self.device, dtype=self.dtype)
+        rows, begin = [], 0
+        for step in steps:
+            step.cache._ensure_capacity(step.position + step.tokens)
+            rows.append(_Rows(begin, step.tokens, step.position, step.cache))
+            begin += step.tokens
+        positions = torch.cat([torch.arange(r.position, r.position + r.tokens) for r in rows]).to(self.device)
+        cos, sin = (t[0, :, None] for t in self.model.rotary_emb(x, positions.unsqueeze(0)))  # [tokens, 1, head_dim]
+
+        bounds = sorted({b for step in steps for b in step.cache.layers})
+        for seg_start, seg_end in itertools.pairwise(bounds):
+            active = [i for i, step in enumerate(steps) if step.cache.layers[0] <= seg_start < step.cache.layers[1]]
+            if len(active) == len(steps):
+                x = self._run_layers(seg_start, seg_end, x, cos, sin, rows)
+            elif active:  # only some sessions run these layers: gather their rows, run, scatter back
+                index = torch.cat([torch.arange(rows[i].begin, rows[i].begin + rows[i].tokens) for i in active])
+                index = index.to(self.device)
+                sub_rows, begin = [], 0
+                for i in active:
+                    sub_rows.append(_Rows(begin, rows[i].tokens, rows[i].position, rows[i].cache))
+                    begin += rows[i].tokens
+                out = self._run_layers(seg_start, seg_end, x[index], cos[index], sin[index], sub_rows)
+                x = x.index_copy(0, index, out)
+        for step in steps:
+            step.cache.length = step.position + step.tokens
+        return [x[r.begin: r.begin + r.tokens].unsqueeze(0) for r in rows]
+
+    def _run_layers(self, a: int, b: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    rows: list[_Rows]) -> torch.Tensor:
+        """Absolute layers [a, b) on the flattened tokens `x` [tokens, hidden] of the sessions in `rows`."""
+        for index in range(a, b):
+            layer = self.layers[index - self.start]
+            x = x + self._attention(index, layer.self_attn, layer.input_layernorm(x), cos, sin, rows)
+            gate, up = layer.mlp.gate_up_proj(layer.post_attention_layernorm(x)).chunk(2, dim=-1)
+            x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+        return x
+
+    def _attention(self, index: int, attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, rows: list[_Rows]) -> torch.Tensor:
+        n, d = h.shape[0], self.head_dim
+        qkv = attn.qkv_proj(h)
+        rotated = self.num_heads + self.kv_heads  # q and k heads, which turn by the same angles: one rotation
+        qk = _rotate(qkv[:, : rotated * d].view(n, rotated, d), cos, sin)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, rotated * d:].view(n, self.kv_heads, d)
+        window = self.windows[index - self.start]
+        out = torch.empty_like(q)
+        for r in rows:
+            end = r.position + r.tokens
+            layer_keys = r.cache.keys[index - r.cache.layers[0]]  # [kv_heads, capacity, head_dim]
+            layer_values = r.cache.values[index - r.cache.layers[0]]
+            layer_keys[:, r.position: end] = k[r.begin: r.begin + r.tokens].transpose(0, 1)
+            layer_values[:, r.position: end] = v[r.begin: r.begin + r.tokens].transpose(0, 1)
+            first = 0 if window is None else max(0, r.position + 1 - window)  # oldest key any query sees
+            out[r.begin: r.begin + r.tokens] = self._session_attention(
+                q[r.begin: r.begin + r.tokens], layer_keys[:, first:end], layer_values[:, first:end],
+                r.position, first, window, attn.scaling,
+            )
+        return attn.o_proj(out.view(n, self.num_heads * d))
+
+    def _session_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: int,
+                           first: int, window: int | None, scale: float) -> torch.Tensor:
+        """q [tokens, heads, d] at positions position.., keys/values [kv_heads, S, d] at positions first..
+
+        GQA without copying K/V: the query heads sharing a KV head are stacked along the query axis,
+        so one SDPA over [kv_heads, group * tokens, d] serves them all (what repeat_kv computes)."""
+        tokens, heads, d = q.shape
+        group = heads // self.kv_heads
+        q = q.view(tokens, self.kv_heads, group, d).permute(1, 2, 0, 3).reshape(self.kv_heads, group * tokens, d)
+        mask = None
+        if tokens > 1:  # a single new token sees every key in the span `first` already cut to the window
+            q_pos = torch.arange(position, position + tokens, device=q.device).repeat(group)
+            k_pos = torch.arange(first, first + keys.shape[1], device=q.device)
+            mask = k_pos[None, :] <= q_pos[:, None]  # causal within the new tokens
+            if window is not None:
+                mask &= k_pos[None, :] > q_pos[:, None] - window
+        # 4-D inputs: with 3-D ones, CPU SDPA falls back to its slower math kernel.
+        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, scale=scale)[0]
+        return out.view(self.kv_heads, group, tokens, d).permute(2, 0, 1, 3).reshape(tokens, heads, d)

@@ -1,0 +1,281 @@
+"""Who serves what: announcing this node's signed record on the DHT and reading everyone else's.
+
+All servers of a model share one DHT key; each writes its own subkey with an expiry, refreshed by a
+heartbeat, so a node that dies silently drops out after `ttl_s`. The subkey is
+`<peer id>[owner:<ssh-rsa public key>]`: hivemind's RSASignatureValidator makes every honest peer refuse
+a value under it that the key's owner did not sign, and since a peer id is the hash of that same key
+(see node.net.identity), `ServerRecordValidator` also refuses a record whose peer id is not the signer's.
+Both run on every peer of a Layerhive DHT (`open_dht`): at storage time and on every value read back
+from another peer. `list_servers` checks everything but the signature again and logs why it drops a record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+from weakref import WeakKeyDictionary
+
+import filelock
+from hivemind import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import MSGPackSerializer, get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
+
+from node.net.config import load_config
+from node.net.identity import IdentityError, NodeIdentity, claim, ephemeral_identity, peer_id_from_owner_key
+from node.net.reachability import measure_in_dht, peer_ids_of, relay_p2p_options
+from swarm.records import RecordError, ServerRecord
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TTL_S = 30.0
+MAX_RECORD_BYTES = 8192  # a signed record is ~1 KB; the cap keeps strangers from parking blobs in our key
+_OWNER_PREFIX = "[owner:"
+_LOG_EVERY_S = 60.0  # the same rejection is logged at most this often: a hostile peer must not flood the log
+
+# The signing identity of each DHT opened by `open_dht`, so `announce` knows which key it signs with.
+_identities: WeakKeyDictionary[DHT, NodeIdentity] = WeakKeyDictionary()
+# How peers reach each server DHT opened by `open_dht`, so `announce` can put it in the record.
+_reachability: WeakKeyDictionary[DHT, str] = WeakKeyDictionary()
+
+
+class _ClaimedDHT(DHT):
+    """A DHT running under a named identity: it gives the identity back (see `node.net.identity.claim`) on shutdown."""
+
+    claimed: filelock.BaseFileLock | None = None
+
+    def shutdown(self) -> None:
+        try:
+            super().shutdown()
+        finally:
+            if self.claimed is not None:
+                self.claimed.release()
+
+
+def servers_key(model: str) -> str:
+    return f"layerhive:{model}:servers"
+
+
+def owner_subkey(identity: NodeIdentity) -> str:
+    return f"{identity.peer_id}{_OWNER_PREFIX}{identity.owner_key.decode()}]"
+
+
+def open_dht(initial_peers: Sequence[str], host_maddrs: Sequence[str], *, client_mode: bool = False,
+             identity: NodeIdentity | None = None, announce_maddrs: Sequence[str] = (),
+             relays: Sequence[str] | None = None, relay_service: bool = False) -> DHT:
+    """A running DHT peer that signs its own records and validates everyone's. p2pd runs with the
+    identity's key, so the DHT's peer id is the one its records are signed for; without an identity,
+    an ephemeral key (fine for clients, bootstrap peers and throwaway nodes).
+
+    `announce_maddrs`: the addresses peers are told to dial (e.g. a public address behind port forwarding).
+    `relays`: relay peers' multiaddrs to serve through when peers cannot dial us (see node.net.reachability);
+    None: a server DHT takes them from the user's configuration (node.net.config), a client or relay none.
+    `relay_service`: this peer is publicly reachable and relays for others (a bootstrap peer).
+    A server DHT measures its reachability once it has joined; records `announce` signs carry it."""
+    persistent = identity is not None and identity.name is not None
+    identity = identity or ephemeral_identity()
+    if relays is None:
+        relays = () if client_mode or relay_service else load_config().relays
+    network = _network_options(announce_maddrs, relays, relay_service)
+    claimed = claim(identity) if persistent else None
+    try:
+        with identity.p2pd_identity_file() as identity_path:  # p2pd has read the key once the DHT is ready
+            dht = _ClaimedDHT(
+                initial_peers=list(initial_peers) or None, host_maddrs=list(host_maddrs), start=True,
+                client_mode=client_mode, record_validators=record_validators(identity.private_key),
+                identity_path=identity_path,
+                # A fresh key cannot be in use elsewhere; a persistent one may be (a copied key elsewhere).
+                check_if_identity_free=persistent, **network,
+            )
+    except BaseException:
+        if claimed is not None:
+            claimed.release()
+        raise
+    dht.claimed = claimed
+    if dht.peer_id.to_base58() != identity.peer_id:
+        dht.shutdown()
+        raise IdentityError(f"p2pd runs as {dht.peer_id} instead of the identity's {identity.peer_id}")
+    _identities[dht] = identity
+    if not client_mode and not relay_service and initial_peers:
+        probers = peer_ids_of([*relays, *initial_peers])
+        _reachability[dht] = dht.run_coroutine(functools.partial(measure_in_dht, probers=probers,
+                                                                 relayed=bool(relays)))
+        logger.info("reachability: %s", _reachability[dht])
+    return dht
+
+
+def measured_reachability(dht: DHT) -> str | None:
+    """What `open_dht` measured for this DHT: "direct", "relayed" or "unreachable"; None if it did not."""
+    return _reachability.get(dht)
+
+
+def _network_options(announce_maddrs: Sequence[str], relays: Sequence[str], relay_service: bool) -> dict[str, Any]:
+    if relays and relay_service:
+        raise ValueError("a relay peer must be publicly reachable: it cannot itself serve through relays")
+    if relays:
+        return relay_p2p_options(relays, announce_maddrs)
+    options: dict[str, Any] = {"announce_maddrs": list(announce_maddrs)} if announce_maddrs else {}
+    if relay_service:  # go-libp2p runs the relay service only while it believes it is publicly reachable
+        options.update(use_relay=True, force_reachability="public")
+    return options
+
+
+def record_validators(private_key: RSAPrivateKey) -> list[RecordValidatorBase]:
+    return [SignatureValidator(private_key), ServerRecordValidator()]
+
+
+async def announce(dht: DHT, record: ServerRecord, *, ttl_s: float = DEFAULT_TTL_S) -> bool:
+    identity = _identities.get(dht)
+    if identity is None:
+        raise ValueError("this DHT cannot sign records: open it with node.net.membership.open_dht")
+    if record.peer_id != identity.peer_id:
+        raise ValueError(f"record for {record.peer_id} cannot be signed by {identity.peer_id}")
+    if dht in _reachability:  # measured by this process's DHT peer: more current than what the caller set
+        record = dataclasses.replace(record, reachability=_reachability[dht])
+    return await dht.store(
+        servers_key(record.model), subkey=owner_subkey(identity), value=record.to_dict(),
+        expiration_time=get_dht_time() + ttl_s, return_future=True,
+    )
+
+
+async def list_servers(dht: DHT, model: str, *, num_layers: int | None = None) -> list[ServerRecord]:
+    """Live, valid records of `model`'s servers; bad ones are logged with the reason and skipped."""
+    _require_validating(dht)
+    found = await dht.get(servers_key(model), latest=True, return_future=True)
+    return _valid_records(found, model, num_layers)
+
+
+def list_servers_blocking(dht: DHT, model: str, *, num_layers: int | None = None) -> list[ServerRecord]:
+    """`list_servers` for synchronous callers (outside an event loop)."""
+    _require_validating(dht)
+    return _valid_records(dht.get(servers_key(model), latest=True), model, num_layers)
+
+
+def _require_validating(dht: DHT) -> None:
+    if dht not in _identities:  # only a DHT with our validators has checked the signatures
+        raise ValueError("this DHT does not verify record signatures: open it with node.net.membership.open_dht")
+
+
+def _valid_records(found: Any, model: str, num_layers: int | None) -> list[ServerRecord]:
+    if found is None or not isinstance(found.value, dict):
+        return []
+    records = []
+    for subkey, item in found.value.items():
+        try:
+            records.append(check_entry(subkey, item.value, model=model, num_layers=num_layers))
+        except RecordError as e:
+            _log_rejection("read", subkey, e)
+    return sorted(records, key=lambda r: (r.start, r.end, r.peer_id))
+
+
+def check_entry(subkey: Any, value: Any, *, model: str | None = None, num_layers: int | None = None
+                ) -> ServerRecord:
+    """The record under `subkey` if the subkey's owner key is the claimed peer's and the value is a valid
+    record of that peer (and of `model`); else RecordError saying why. Does not check the signature."""
+    if not isinstance(subkey, str):
+        raise RecordError(f"subkey: expected str, got {type(subkey).__name__}")
+    claimed, prefix, rest = subkey.partition(_OWNER_PREFIX)
+    if not prefix or not rest.endswith("]"):
+        raise RecordError("subkey: unsigned, it names no [owner:<public key>]")
+    try:
+        owner = peer_id_from_owner_key(rest[:-1].encode())
+    except Exception:
+        raise RecordError("subkey: the owner key is not an RSA public key") from None
+    if claimed != owner:
+        raise RecordError(f"subkey: names peer {claimed!r} but its owner key is peer {owner}'s")
+    record = ServerRecord.from_dict(value, num_layers=num_layers)
+    if record.peer_id != owner:
+        raise RecordError(f"peer_id: the record claims {record.peer_id} but is owned by {owner}")
+    if model is not None and record.model != model:
+        raise RecordError(f"model: a record of {record.model!r} under the key of {model!r}")
+    return record
+
+
+class SignatureValidator(RSASignatureValidator):
+    """hivemind's owner-signature check, also refusing malformed owner keys (hivemind raises on them)
+    and logging why a record fails (hivemind logs at debug level only)."""
+
+    def validate(self, record: DHTRecord) -> bool:
+        problem = self._problem(record)
+        if problem is not None:
+            _log_rejection("by signature", _subkey_text(record.subkey), problem)
+        return problem is None
+
+    def _problem(self, record: DHTRecord) -> str | None:
+        owners = set(self._PUBLIC_KEY_RE.findall(record.key))
+        if record.subkey is not None:
+            owners.update(self._PUBLIC_KEY_RE.findall(record.subkey))
+        if not owners:
+            return None  # not a protected record: the schema validator decides whether that is allowed
+        if len(owners) > 1:
+            return "key and subkey name different owners"
+        try:
+            public_key = RSAPublicKey.from_bytes(owners.pop())
+        except Exception:
+            return "the owner key is not an RSA public key"
+        signatures = self._SIGNATURE_RE.findall(record.value)
+        if len(signatures) != 1:
+            return f"{len(signatures)} signatures, need exactly 1"
+        unsigned = dataclasses.replace(record, value=self.strip_value(record))
+        if not public_key.verify(self._serialize_record(unsigned), signatures[0]):
+            return "the signature does not match the owner key"
+        return None
+
+
+class ServerRecordValidator(RecordValidatorBase):
+    """Refuses a value under a servers key that is not a valid record of its owner. Runs after the
+    signature check, on the value with the signature stripped.
+
+    A peer cannot invert the hashed DHT key, so a value counts as a servers record when it names a
+    model whose servers key hashes to the record's key; anything else under that key (junk that claims
+    no model) is left for readers, whose `check_entry` refuses it."""
+
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            value = MSGPackSerializer.loads(record.value)
+        except Exception:
+            _log_rejection("by schema", _subkey_text(record.subkey), "the value is not msgpack")
+            return False
+        model = value.get("model") if isinstance(value, dict) else None
+        if not isinstance(model, str) or record.key != _servers_key_id(model):
+            return True  # not a servers record
+        try:
+            if len(record.value) > MAX_RECORD_BYTES:
+                raise RecordError(f"{len(record.value)} bytes, more than {MAX_RECORD_BYTES}")
+            check_entry(MSGPackSerializer.loads(record.subkey), value, model=model)
+        except Exception as e:  # RecordError, or a subkey that is not msgpack
+            _log_rejection("by schema", _subkey_text(record.subkey), e)
+            return False
+        return True
+
+
+@functools.lru_cache(maxsize=256)
+def _servers_key_id(model: str) -> bytes:
+    return DHTID.generate(source=servers_key(model)).to_bytes()
+
+
+def _subkey_text(subkey_bytes: bytes | None) -> str:
+    try:
+        return str(MSGPackSerializer.loads(subkey_bytes))
+    except Exception:
+        return repr(subkey_bytes)
+
+
+_last_logged: dict[tuple[str, str], float] = {}
+
+
+def _log_rejection(stage: str, subkey: Any, reason: object) -> None:
+    subkey_text = str(subkey).partition(_OWNER_PREFIX)[0][:80]  # the peer id part, not the long public key
+    key, now = (subkey_text, str(reason)), time.monotonic()
+    if now - _last_logged.get(key, -_LOG_EVERY_S) < _LOG_EVERY_S:
+        return
+    if len(_last_logged) > 1024:
+        _last_logged.clear()
+    _last_logged[key] = now
+    logger.warning("rejected a server record %s (subkey %r): %s", stage, subkey_text, reason)

@@ -1,0 +1,389 @@
+"""The wire format of a stage's inference stream, and its validation.
+
+A client opens one bidirectional stream per stage of its chain; that stream is the
+session there, and closing it frees the session's KV cache. The first request opens
+it (`{"open": {...}}`), naming the stage's neighbours in the chain. A step carries
+hidden states [1, tokens, hidden] whose first token sits at `position`.
+
+Three ways to move a step along the chain:
+- ring (what chat uses): the first stage is opened with `embed` and takes token ids
+  (`{"position", "tokens": [...]}`, no tensor); the last stage is opened with
+  `sampling` and `next` naming the first stage. Hidden states are pushed stage to
+  stage; after a step flagged `sample` the last stage computes the logits, samples
+  the token, pushes it back to the first stage as the next step and tells the client
+  `{"token", "position"}`. The client only feeds the prompt and listens: stages
+  one-way legs per token, and the client is off the per-token path.
+- push: the client embeds and samples itself; it sends each step's hidden states to
+  the first stage, each stage pushes its output to the next over a stage-to-stage
+  stream (`PUSH_HANDLER`, accepted only from the peer the client named as `prev`), and
+  the last stage answers on its client stream: stages + 1 legs per token.
+- relay: every stage answers its client stream and the client forwards (2 legs per
+  stage); the fallback when stages cannot reach each other.
+Errors come back as `{"error": {"code", "message"}}` on the stage's client stream.
+A client waiting a while for an answer sends `{"ping": true}` on each stage's stream,
+which the stage ignores: a connection to a crashed peer is only found broken when
+something is written to it, and a ring whose stage died mid-token would otherwise go
+silent, with no one left writing.
+A stage answers a push stream at once with what it offers the pusher (`PushOffer`), if anything:
+a direct link (`node.net.direct`), and head sharing.
+Head sharing (a ring whose first stage holds the LM head's rows [0, split), `Stage.head_share`):
+the first stage offers `"head_rows": [0, split]` to the last stage. From then on,
+after a step flagged `sample` the last stage pushes `{"position", "head": "input"}` + its output at
+the last position to the first stage at once, computes the logits of rows [split, vocab) meanwhile,
+and pushes `{"position", "head": "part"}` with `"max"` and `"argmax"` (greedy) or + those logits
+(sampling). The first stage computes its rows, merges, samples, feeds itself the token and tells the
+client: the head's time on the critical path halves and no leg is added. A sampled part is half the
+vocabulary's logits, so the last stage shares those only over a link that carries them within a
+millisecond, and otherwise samples from the whole head itself as without an offer. A client opens
+the first stage with `share_head: false` to keep the head whole at the last stage.
+With `audit` set at open, a pushing stage also echoes each step's output to its client
+stream as `{"echo": position}` + tensor, for the client's spot checks (`node.client.verify`).
+Everything a peer sends is checked here before any compute runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+from hivemind.proto import runtime_pb2
+
+from node.model.sampling import SamplingParams
+from node.net.direct import DirectOffer
+from node.net.wire import ACCEPTED_COMPRESSIONS
+from node.net.wire import CODECS as WIRE_CODECS
+from node.net.wire import decode as wire_decode
+from node.net.wire import encode as wire_encode
+
+INFERENCE_HANDLER = "layerhive.inference"
+PUSH_HANDLER = "layerhive.push"
+INFO_HANDLER = "layerhive.info"
+PROTOCOL_VERSION = 1
+WIRE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+_WIRE_DTYPE_NAMES = frozenset(str(d).removeprefix("torch.") for d in WIRE_DTYPES)
+MAX_PEER_ID_LEN = 128
+MAX_SESSION_ID_LEN = 64
+# Long prompts (and failover replays) are sent in steps of at most this many tokens, so one message
+# stays small and the stages start on a prompt sooner.
+PREFILL_CHUNK_TOKENS = 512
+
+
+class ProtocolError(Exception):
+    """A request that breaks the protocol; `code` is machine-readable, the message is for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RemoteError(Exception):
+    """An error answer received from a peer; `peer` is the stage at fault."""
+
+    def __init__(self, peer: str, code: str, message: str) -> None:
+        super().__init__(f"{peer}: {code}: {message}")
+        self.peer, self.code, self.message = peer, code, message
+
+
+@dataclass(frozen=True)
+class OpenSession:
+    session_id: str
+    start: int
+    end: int
+    max_length: int  # positions the session may use: prompt plus generated tokens
+    prev_peer: str | None = None  # the stage that pushes steps here (None: the client sends them)
+    next_peer: str | None = None  # the stage this one pushes its output to (None: answer the client)
+    relay: bool = False  # answer every step on the client stream instead of pushing
+    wire: str = "none"
+    # Also copy every step's output to the client stream as {"echo": position}, so the client can
+    # spot-check this stage against another node (node.client.verify); off unless the client audits.
+    audit: bool = False
+    embed: bool = False  # a ring's first stage: steps carry token ids, which this stage embeds
+    # A ring's last stage: after a step flagged `sample`, sample the next token with these parameters and
+    # feed it to `next_peer` (the first stage), or to itself when it is the whole chain.
+    sampling: SamplingParams | None = None
+    share_head: bool = True  # a ring's first stage: offer the last stage to share the LM head's work
+
+
+@dataclass(frozen=True)
+class Step:
+    hidden: torch.Tensor | None  # None when the step carries token ids
+    position: int
+    token_ids: torch.Tensor | None = None  # [1, tokens] int64, for a session opened with `embed`
+    sample: bool = False  # a ring's last stage samples a token after this step
+
+    @property
+    def tokens(self) -> int:
+        return (self.hidden if self.hidden is not None else self.token_ids).shape[1]
+
+
+_PING_METADATA = msgpack.packb({"ping": True})
+
+
+def ping() -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(metadata=_PING_METADATA)
+
+
+def is_ping(message: runtime_pb2.ExpertRequest) -> bool:
+    return message.metadata == _PING_METADATA and not message.tensors
+
+
+def pack(metadata: dict[str, Any], tensors: list[torch.Tensor] = (), wire: str = "none") -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(
+        metadata=msgpack.packb(metadata), tensors=[wire_encode(t, wire) for t in tensors]
+    )
+
+
+def pack_response(
+    metadata: dict[str, Any], tensors: list[torch.Tensor] = (), wire: str = "none"
+) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(
+        metadata=msgpack.packb(metadata), tensors=[wire_encode(t, wire) for t in tensors]
+    )
+
+
+def error_response(code: str, message: str, peer: str | None = None) -> runtime_pb2.ExpertResponse:
+    """`peer` names the stage at fault when it is not the one answering (e.g. an unreachable next stage)."""
+    error = {"code": code, "message": message}
+    if peer is not None:
+        error["peer"] = peer
+    return pack_response({"error": error})
+
+
+def unpack_metadata(message: runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse) -> dict[str, Any]:
+    try:
+        metadata = msgpack.unpackb(message.metadata, raw=False, strict_map_key=True) if message.metadata else {}
+    except Exception as e:
+        raise ProtocolError("bad_request", f"metadata is not valid msgpack: {e}") from None
+    if not isinstance(metadata, dict):
+        raise ProtocolError("bad_request", "metadata must be a map")
+    return metadata
+
+
+def _int_field(metadata: dict[str, Any], key: str, *, low: int, high: int) -> int:
+    value = metadata.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ProtocolError("bad_request", f"{key!r} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def parse_open(message: runtime_pb2.ExpertRequest, *, max_length_limit: int) -> OpenSession:
+    metadata = unpack_metadata(message)
+    opened = metadata.get("open")
+    if not isinstance(opened, dict):
+        raise ProtocolError("bad_request", "the first message of a session must be {'open': {...}}")
+    session_id = opened.get("session_id")
+    if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_SESSION_ID_LEN:
+        raise ProtocolError("bad_request", f"'session_id' must be a string of 1..{MAX_SESSION_ID_LEN} chars")
+    start = _int_field(opened, "start", low=0, high=1 << 20)
+    end = _int_field(opened, "end", low=start + 1, high=1 << 20)
+    max_length = _int_field(opened, "max_length", low=1, high=max_length_limit)
+    prev_peer, next_peer = _peer_field(opened, "prev"), _peer_field(opened, "next")
+    relay = opened.get("relay", False)
+    if not isinstance(relay, bool):
+        raise ProtocolError("bad_request", f"'relay' must be a boolean, got {relay!r}")
+    wire = opened.get("wire", "none")
+    if not isinstance(wire, str) or wire not in WIRE_CODECS:
+        raise ProtocolError("bad_request", f"'wire' must be one of {WIRE_CODECS}, got {wire!r}")
+    audit, embed, share_head = (opened.get(key, default) for key, default in
+                                (("audit", False), ("embed", False), ("share_head", True)))
+    if not all(isinstance(flag, bool) for flag in (audit, embed, share_head)):
+        raise ProtocolError("bad_request", f"'audit', 'embed' and 'share_head' must be booleans, "
+                            f"got {audit!r}, {embed!r}, {share_head!r}")
+    sampling = None
+    if opened.get("sampling") is not None:
+        try:
+            sampling = SamplingParams.from_wire(opened["sampling"])
+        except ValueError as e:
+            raise ProtocolError("bad_request", f"bad 'sampling': {e}") from None
+        if relay:
+            raise ProtocolError("bad_request", "a relayed session cannot sample at its last stage")
+    return OpenSession(session_id, start, end, max_length, prev_peer, next_peer, relay, wire, audit, embed, sampling,
+                       share_head)
+
+
+def _peer_field(metadata: dict[str, Any], key: str) -> str | None:
+    value = metadata.get(key)
+    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_PEER_ID_LEN):
+        raise ProtocolError("bad_request", f"{key!r} must be a peer id string or null, got {value!r}")
+    return value
+
+
+def parse_push_open(message: runtime_pb2.ExpertRequest) -> str:
+    """The first message of a stage-to-stage push stream names the session it feeds."""
+    session_id = unpack_metadata(message).get("push")
+    if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_SESSION_ID_LEN:
+        raise ProtocolError("bad_request", "the first message of a push stream must be {'push': session_id}")
+    return session_id
+
+
+def parse_step(
+    message: runtime_pb2.ExpertRequest, *, hidden_size: int, expected_position: int, max_length: int,
+    vocab_size: int | None = None,
+) -> Step:
+    """A step of hidden states, or with `vocab_size` (a session opened with `embed`) a step of token ids."""
+    metadata = unpack_metadata(message)
+    position = _int_field(metadata, "position", low=0, high=max_length - 1)
+    if position != expected_position:
+        raise ProtocolError("bad_step", f"step at position {position}, but the session is at {expected_position}")
+    sample = metadata.get("sample", False)
+    if not isinstance(sample, bool):
+        raise ProtocolError("bad_request", f"'sample' must be a boolean, got {sample!r}")
+    if vocab_size is not None:
+        return Step(None, position, _token_ids(metadata, message, vocab_size, position, max_length), sample)
+    size = _tensor_header(message, "hidden states", [1, None, hidden_size])
+    if position + size[1] > max_length:
+        raise ProtocolError(
+            "too_long", f"positions {position}..{position + size[1]} exceed the session's max_length {max_length}"
+        )
+    return Step(_tensor(message, "hidden states", size), position, sample=sample)
+
+
+def _tensor_header(message: runtime_pb2.ExpertRequest, what: str, shape: list[int | None]) -> list[int]:
+    """The size of the message's one tensor, checked against `shape` (None: any size >= 1) before decoding."""
+    if len(message.tensors) != 1:
+        raise ProtocolError("bad_request", f"this message carries exactly one tensor, got {len(message.tensors)}")
+    proto = message.tensors[0]
+    if proto.compression not in ACCEPTED_COMPRESSIONS:
+        raise ProtocolError("bad_tensor", f"unsupported tensor compression {proto.compression}")
+    if proto.dtype not in _WIRE_DTYPE_NAMES:
+        raise ProtocolError("bad_tensor", f"{what} must be float32/float16/bfloat16, got {proto.dtype!r}")
+    size = list(proto.size)
+    if len(size) != len(shape) or not all(n >= 1 and want in (None, n) for n, want in zip(size, shape, strict=True)):
+        wanted = ", ".join("n" if n is None else str(n) for n in shape)
+        raise ProtocolError("bad_tensor", f"{what} must have shape [{wanted}], got {size}")
+    return size
+
+
+def _tensor(message: runtime_pb2.ExpertRequest, what: str, size: list[int]) -> torch.Tensor:
+    try:
+        tensor = wire_decode(message.tensors[0])
+    except Exception as e:
+        raise ProtocolError("bad_tensor", f"cannot decode {what}: {e}") from None
+    if list(tensor.shape) != size:
+        raise ProtocolError("bad_tensor", f"tensor buffer holds shape {list(tensor.shape)}, header says {size}")
+    if not torch.isfinite(tensor).all():
+        raise ProtocolError("bad_tensor", f"{what} contain NaN or infinity")
+    return tensor
+
+
+@dataclass(frozen=True)
+class HeadInput:
+    """Head sharing: the last stage's output [1, 1, hidden] at the last position before `position`."""
+
+    hidden: torch.Tensor
+    position: int  # of the token to sample
+
+
+@dataclass(frozen=True)
+class HeadPart:
+    """Head sharing: the last stage's part of the logits for the token at `position`, rows [split, vocab)."""
+
+    position: int
+    best: tuple[float, int] | None = None  # greedy: (the highest logit, its token id)
+    logits: torch.Tensor | None = None  # sampling: [vocab - split] fp32
+
+
+@dataclass(frozen=True)
+class PushOffer:
+    """What a stage offers the stage that pushes to it, in its first answer on the push stream."""
+
+    head_split: int | None = None  # a ring's first stage holds the LM head's rows [0, head_split)
+    direct: DirectOffer | None = None  # push over a direct link instead (`node.net.direct`)
+
+
+def push_offer(offer: PushOffer) -> runtime_pb2.ExpertResponse:
+    fields: dict[str, Any] = {}
+    if offer.head_split is not None:
+        fields["head_rows"] = [0, offer.head_split]
+    if offer.direct is not None:
+        fields["direct"] = offer.direct.to_wire()
+    return pack_response({"offer": fields})
+
+
+def parse_push_offer(metadata: dict[str, Any]) -> PushOffer | None:
+    """The offer in an answer on a push stream (`push_offer`); None if the answer is not an offer."""
+    fields = metadata.get("offer")
+    if fields is None:
+        return None
+    if not isinstance(fields, dict) or not set(fields) <= {"head_rows", "direct"}:
+        raise ProtocolError("bad_response", f"'offer' must be a map of head_rows and direct, got {fields!r}")
+    split = None
+    if "head_rows" in fields:
+        rows = fields["head_rows"]
+        if not (isinstance(rows, list) and len(rows) == 2 and rows[0] == 0 and isinstance(rows[1], int)
+                and not isinstance(rows[1], bool) and rows[1] > 0):
+            raise ProtocolError("bad_response", f"'head_rows' must be [0, split], got {rows!r}")
+        split = rows[1]
+    try:
+        direct = DirectOffer.from_wire(fields["direct"]) if "direct" in fields else None
+    except ValueError as e:
+        raise ProtocolError("bad_response", f"bad direct offer: {e}") from None
+    return PushOffer(split, direct)
+
+
+_DIRECT_SWITCH = msgpack.packb({"direct": True})
+
+
+def direct_switch() -> runtime_pb2.ExpertRequest:
+    """A pusher's last message on the libp2p push stream: the rest comes over the direct link."""
+    return runtime_pb2.ExpertRequest(metadata=_DIRECT_SWITCH)
+
+
+def is_direct_switch(message: runtime_pb2.ExpertRequest) -> bool:
+    return message.metadata == _DIRECT_SWITCH and not message.tensors
+
+
+def is_head_message(message: runtime_pb2.ExpertRequest) -> bool:
+    return "head" in unpack_metadata(message)
+
+
+def parse_head_message(message: runtime_pb2.ExpertRequest, *, hidden_size: int, expected_position: int,
+                       split: int, vocab_size: int, greedy: bool) -> HeadInput | HeadPart:
+    metadata = unpack_metadata(message)
+    position = _int_field(metadata, "position", low=0, high=1 << 30)
+    if position != expected_position:
+        raise ProtocolError("bad_step", f"head message for position {position}, but the session is at "
+                            f"{expected_position}")
+    kind = metadata.get("head")
+    if kind == "input":
+        return HeadInput(_tensor(message, "hidden states", _tensor_header(message, "hidden states",
+                                                                          [1, 1, hidden_size])), position)
+    if kind != "part":
+        raise ProtocolError("bad_request", f"'head' must be 'input' or 'part', got {kind!r}")
+    if not greedy:
+        size = _tensor_header(message, "logits", [vocab_size - split])
+        return HeadPart(position, logits=_tensor(message, "logits", size).float())
+    best = metadata.get("max")
+    if message.tensors or not isinstance(best, float) or not math.isfinite(best):
+        raise ProtocolError("bad_request", f"a greedy head part carries a finite float 'max' and no tensor, "
+                            f"got {best!r}")
+    return HeadPart(position, best=(best, _int_field(metadata, "argmax", low=split, high=vocab_size - 1)))
+
+
+def _token_ids(metadata: dict[str, Any], message: runtime_pb2.ExpertRequest, vocab_size: int, position: int,
+               max_length: int) -> torch.Tensor:
+    ids = metadata.get("tokens")
+    if message.tensors or not isinstance(ids, list) or not ids:
+        raise ProtocolError("bad_request", "a step of this session carries token ids, {'tokens': [...]}, "
+                            "and no tensor")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+        raise ProtocolError("bad_request", f"token ids must be integers in [0, {vocab_size})")
+    if position + len(ids) > max_length:
+        raise ProtocolError(
+            "too_long", f"positions {position}..{position + len(ids)} exceed the session's max_length {max_length}"
+        )
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def raise_if_error(peer: str, response: runtime_pb2.ExpertResponse) -> dict[str, Any]:
+    metadata = unpack_metadata(response)
+    error = metadata.get("error")
+    if error is not None:
+        if not isinstance(error, dict):
+            raise RemoteError(peer, "bad_response", f"malformed error: {error!r}")
+        at_fault = error.get("peer") if isinstance(error.get("peer"), str) else peer
+        raise RemoteError(at_fault, str(error.get("code", "unknown")), str(error.get("message", "")))
+    return metadata

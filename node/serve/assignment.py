@@ -1,0 +1,211 @@
+"""The swarm-wide layer assignment as a pure function of the DHT records (see docs/allocation.md).
+
+There is no leader: every node reads the same signed records, drops the same bad ones, and runs the same
+deterministic planner over them (`plan`), so every node computes the same ranges without talking to the
+others. Joining nodes take their range from the plan; online nodes move when the plan moves them.
+
+Inputs are normalised so that the plan depends on nothing local: records are sorted by peer id, measured
+latencies are rounded to powers of two (measurement noise must not make nodes disagree or flap), and
+sizes are those of the reference dtype (`REFERENCE_DTYPE`), whatever dtype a node computes in: a node
+announces its memory scaled to that dtype (`reference_memory`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+
+import torch
+
+from node.model.checkpoint import ModelSource, layer_bytes
+from node.model.stage import kv_bytes_per_token
+from swarm.allocator import allocate
+from swarm.rebalancer import RebalanceState, apply_moves, plan_rebalance
+from swarm.records import RecordError, ServerRecord, node_spec
+from swarm.types import Assignment, LayerRange, ModelSpec, NodeSpec
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_DTYPE = torch.bfloat16  # the plan sizes layers and KV at this dtype on every node
+PLANNED_STATES = ("joining", "online")  # draining and offline nodes are leaving: they get no range
+SAME_REGION_RTT_S = 0.005
+OTHER_REGION_RTT_S = 0.1  # nodes do not share pairwise RTTs yet: regions are all every node knows alike
+_LOG_EVERY_S = 60.0
+
+
+def model_spec(source: ModelSource) -> ModelSpec:
+    """The model as the planner sees it, identical on every node (reference dtype, not the local one).
+
+    `head_bytes` is the embedding plus the LM head, one vocab x hidden matrix each, of which the planner
+    charges half to each end of a chain: the last stage does hold its LM head (node.model.stage), while the first
+    reads embedding rows from the mapped file (node.model.checkpoint.EmbeddingRows), so its half is slack."""
+    itemsize = torch.empty((), dtype=REFERENCE_DTYPE).element_size()
+    return ModelSpec(source.name, source.num_layers, source.hidden_size,
+                     layer_bytes=float(layer_bytes(source, REFERENCE_DTYPE)),
+                     kv_bytes_per_token_per_layer=float(kv_bytes_per_token(source.config, REFERENCE_DTYPE)),
+                     head_bytes=float(2 * source.config.vocab_size * source.hidden_size * itemsize))
+
+
+def reference_memory(memory_bytes: float, local_dtype: torch.dtype) -> float:
+    """Memory to announce: what `memory_bytes` of `local_dtype` tensors would be at the reference dtype."""
+    local = torch.empty((), dtype=local_dtype).element_size()
+    return memory_bytes * torch.empty((), dtype=REFERENCE_DTYPE).element_size() / local
+
+
+class EpochTracker:
+    """The newest epoch seen from each peer: an older record of a peer is stale (a replay, or a DHT replica
+    that missed an update) and is not followed."""
+
+    def __init__(self) -> None:
+        self.newest: dict[str, int] = {}
+
+    def admit(self, record: ServerRecord) -> bool:
+        newest = self.newest.get(record.peer_id, -1)
+        if record.epoch < newest:
+            return False
+        self.newest[record.peer_id] = record.epoch
+        return True
+
+
+def check_records(model: ModelSpec, records: Iterable[ServerRecord], tracker: EpochTracker | None = None
+                  ) -> list[ServerRecord]:
+    """The records the plan may use, sorted by peer id; each one dropped is logged with the reason."""
+    kept: dict[str, ServerRecord] = {}
+    for record in records:
+        reason = _problem(model, record, tracker)
+        if reason is not None:
+            _log_ignored(record, reason)
+            continue
+        other = kept.get(record.peer_id)
+        if other is None or record.epoch > other.epoch:
+            kept[record.peer_id] = record
+    return [kept[p] for p in sorted(kept)]
+
+
+def _problem(model: ModelSpec, record: ServerRecord, tracker: EpochTracker | None) -> str | None:
+    if record.model != model.name:
+        return f"a record of model {record.model!r}, not {model.name!r}"
+    try:
+        record.validate(model.num_layers)  # range inside the model, states, plausible numbers
+    except RecordError as e:
+        return str(e)
+    if record.state == "online" and record.memory_bytes > 0:
+        needed = (record.end - record.start) * model.layer_bytes
+        if needed > record.memory_bytes * 1.01:  # the 1% covers rounding in the dtype scaling
+            return (f"memory_bytes: claims {record.memory_bytes:.3g} bytes but serves layers "
+                    f"{record.start}:{record.end}, whose weights alone need {needed:.3g}")
+    if tracker is not None and not tracker.admit(record):
+        return f"epoch: stale, {record.epoch} is older than the {tracker.newest[record.peer_id]} seen from it"
+    return None
+
+
+_last_logged: dict[tuple[str, str], float] = {}
+
+
+def _log_ignored(record: ServerRecord, reason: str) -> None:
+    key, now = (record.peer_id, reason), time.monotonic()
+    if now - _last_logged.get(key, -_LOG_EVERY_S) >= _LOG_EVERY_S:  # a hostile peer must not flood the log
+        if len(_last_logged) > 1024:
+            _last_logged.clear()
+        _last_logged[key] = now
+        logger.warning("ignoring the record of %s for planning: %s", record.peer_id[:16], reason)
+
+
+def _round_pow2(value: float) -> float:
+    return 2.0 ** round(math.log2(value)) if value > 0 else value
+
+
+def planning_spec(record: ServerRecord) -> NodeSpec:
+    """The record's capabilities, with latencies rounded to a power of two so that noise does not move layers."""
+    spec = node_spec(record)
+    return replace(spec, layer_latency_s=_round_pow2(spec.layer_latency_s),
+                   prefill_s_per_token_per_layer=_round_pow2(spec.prefill_s_per_token_per_layer))
+
+
+@dataclass(frozen=True)
+class Plan:
+    assignment: Assignment  # the range of every node that gets one, and the plan's epoch
+    current: Mapping[str, LayerRange]  # what online nodes serve now
+
+    @property
+    def epoch(self) -> int:
+        return self.assignment.epoch
+
+    def range_of(self, peer_id: str) -> LayerRange | None:
+        return self.assignment.ranges.get(peer_id)
+
+
+def plan(model: ModelSpec, records: Iterable[ServerRecord], *, improvement_threshold: float = 0.2) -> Plan:
+    """Every planned node's range. A pure function of the set of `records` (pass them through
+    `check_records` first): the same records in any order give the same plan on every node.
+
+    With no node online yet, the allocator's global plan over all joiners. Otherwise the rebalancer
+    over the online ranges, from a fresh state: urgent repairs first (place joiners, close gaps left by
+    departures, as the allocator's incremental plan), else at most one improvement that raises the
+    bottleneck throughput by more than `improvement_threshold` (the hysteresis that makes it settle).
+    Node-local state such as cooldown clocks would make nodes disagree, so none is used.
+    """
+    planned = sorted((r for r in records if r.state in PLANNED_STATES), key=lambda r: r.peer_id)
+    nodes = {r.peer_id: planning_spec(r) for r in planned}
+    current = {r.peer_id: LayerRange(r.start, r.end) for r in planned if r.state == "online"}
+    newest = max((r.epoch for r in planned), default=0)
+    regions = {peer: spec.region for peer, spec in nodes.items()}
+
+    def rtt(a: str, b: str) -> float:
+        if a == b:
+            return 0.0
+        return SAME_REGION_RTT_S if regions.get(a, a) == regions.get(b, b) else OTHER_REGION_RTT_S
+
+    if not nodes:
+        return Plan(Assignment({}, newest), {})
+    if not current:
+        fresh = allocate(model, nodes, rtt)
+        return Plan(Assignment(dict(sorted(fresh.ranges.items())), newest + 1), {})
+    previous = Assignment(dict(sorted(current.items())), newest)
+    moves, _ = plan_rebalance(model, nodes, previous, rtt, state=RebalanceState(), now_s=0.0, cooldown_s=0.0,
+                              check_interval_s=0.0, improvement_threshold=improvement_threshold)
+    if not moves:
+        return Plan(previous, current)
+    return Plan(apply_moves(previous, moves, live=nodes), current)
+
+
+# --- `layerhive status` ---------------------------------------------------------------------------------
+
+
+def swarm_status(model: ModelSpec, records: Iterable[ServerRecord]) -> dict:
+    """The swarm as its records show it: nodes, coverage per layer (online replicas), epoch, the plan."""
+    records = check_records(model, records)
+    online = [r for r in records if r.state == "online"]
+    replicas = [sum(r.start <= layer < r.end for r in online) for layer in range(model.num_layers)]
+    planned = plan(model, records)
+    nodes = [{
+        "peer_id": r.peer_id, "state": r.state, "range": f"{r.start}:{r.end}" if r.state != "joining" else None,
+        "planned": str(planned.range_of(r.peer_id)) if planned.range_of(r.peer_id) else None,
+        "epoch": r.epoch, "sessions": r.sessions, "queue_len": r.queue_len, "free_kv_tokens": r.free_kv_tokens,
+        "layer_latency_ms": round(r.layer_latency_s * 1e3, 3), "memory_gb": round(r.memory_bytes / 1e9, 3),
+        "uplink_mbps": round(r.uplink_bps / 1e6, 1), "region": r.region,
+    } for r in records]
+    return {
+        "model": model.name, "num_layers": model.num_layers, "epoch": max((r.epoch for r in records), default=0),
+        "nodes": nodes, "replicas_per_layer": replicas,
+        "min_replicas": min(replicas, default=0), "max_replicas": max(replicas, default=0),
+        "uncovered_layers": [layer for layer, n in enumerate(replicas) if n == 0],
+    }
+
+
+def format_status(status: dict) -> str:
+    lines = [f"{status['model']}: {len(status['nodes'])} nodes, epoch {status['epoch']}, "
+             f"replicas per layer min {status['min_replicas']} max {status['max_replicas']}"]
+    if status["uncovered_layers"]:
+        lines.append(f"  UNCOVERED layers: {status['uncovered_layers']}")
+    lines.append(f"  {'peer':18} {'state':8} {'range':>7} {'planned':>7} {'epoch':>5} {'sess':>4} {'queue':>5} "
+                 f"{'ms/layer':>8} {'mem GB':>7} region")
+    for n in status["nodes"]:
+        lines.append(f"  {n['peer_id'][:18]:18} {n['state']:8} {n['range'] or '-':>7} {n['planned'] or '-':>7} "
+                     f"{n['epoch']:>5} {n['sessions']:>4} {n['queue_len']:>5} {n['layer_latency_ms']:>8.3f} "
+                     f"{n['memory_gb']:>7.3f} {n['region']}")
+    lines.append("  replicas per layer: " + " ".join(str(n) for n in status["replicas_per_layer"]))
+    return "\n".join(lines)

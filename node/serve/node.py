@@ -1,0 +1,522 @@
+"""A serving node: joins the DHT, takes a layer range, answers inference streams, heartbeats its record.
+
+With a fixed range (`NodeConfig(start, end)`, `layerhive node --layers A:B`) the node serves that range,
+as a manual override. Without one it joins: it measures itself, announces a "joining" record with its
+capabilities, waits until the swarm's records settle, takes the range the deterministic plan over all
+records gives it (`node.serve.assignment`), loads it and goes "online". While online it keeps re-planning;
+when the plan moves it, the new layers load next to the old ones, and the old stage keeps its sessions
+until they end (`_retire`), so coverage never has a gap. `pause` drains and withdraws; `resume` rejoins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
+
+import psutil
+import torch
+from hivemind import DHT
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+
+from node.model.checkpoint import ModelSource
+from node.model.stage import Stage, default_device, default_dtype
+from node.net.direct import DirectListener, listen_host, maddr_hosts
+from node.net.identity import NodeIdentity, load_identity
+from node.net.membership import DEFAULT_TTL_S, announce, list_servers, open_dht
+from node.net.probe import add_probe_handlers
+from node.net.protocol import (
+    INFERENCE_HANDLER,
+    INFO_HANDLER,
+    PUSH_HANDLER,
+    ProtocolError,
+    error_response,
+    pack_response,
+    parse_open,
+    parse_push_open,
+)
+from node.serve.assignment import EpochTracker, check_records, model_spec, plan, reference_memory, swarm_status
+from node.serve.server import StageServer
+from swarm.records import ServerRecord
+from swarm.types import LayerRange
+
+logger = logging.getLogger(__name__)
+
+# Node states, as the controller reports them (record states are the swarm.records.STATES subset).
+NODE_STATES = ("stopped", "starting", "joining", "online", "draining", "paused", "failed")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    start: int | None = None  # a fixed range [start, end) (manual override); None: take one from the swarm
+    end: int | None = None
+    initial_peers: Sequence[str] = ()
+    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)
+    device: str | None = None
+    kv_budget_bytes: int | None = None  # default: a quarter of the memory left after loading
+    max_length: int = 8192
+    ttl_s: float = DEFAULT_TTL_S  # records expire after this; heartbeats and re-planning run every ttl_s / 3
+    identity: str | None = None  # name of a persistent identity (peer id + signing key); None: a new one per run
+    send_delay_s: float = 0.0  # emulated one-way latency on everything this node sends (WAN tests)
+    send_bandwidth_bps: float = 0.0  # emulated uplink bandwidth for what this node sends (0: unlimited)
+    test_perturb_scale: float = 0.0  # testing aid: noise added to every output (a lying node; see node.client.verify)
+    test_slowdown_s: float = 0.0  # testing aid: extra time per step, as on a slower GPU
+    announce_maddrs: Sequence[str] = ()  # addresses peers should dial (e.g. behind port forwarding)
+    relays: Sequence[str] | None = None  # relay peers to serve through; None: from the user's config
+    max_memory_bytes: int | None = None  # offer at most this much memory for weights + KV cache
+    region: str = ""
+    bench: bool = True  # measure with `layerhive bench` (cached); False: a quick estimate (memory only)
+    settle_periods: float = 2.0  # joining waits until the records stay unchanged this many heartbeat periods
+    move_drain_s: float = 300.0  # how long a left range keeps serving its open sessions after a move
+    direct_links: bool = True  # push to and take pushes from other stages over direct TCP links (node.net.direct)
+
+    @property
+    def fixed(self) -> bool:
+        return self.start is not None and self.end is not None
+
+    @property
+    def period_s(self) -> float:
+        return self.ttl_s / 3
+
+
+def start_dht(initial_peers: Sequence[str], host_maddrs: Sequence[str], *, client_mode: bool = False,
+              identity: NodeIdentity | None = None, announce_maddrs: Sequence[str] = (),
+              relays: Sequence[str] | None = None) -> DHT:
+    """A DHT peer that signs its records with `identity` (an ephemeral one if None) and validates everyone's."""
+    return open_dht(initial_peers, host_maddrs, client_mode=client_mode, identity=identity,
+                    announce_maddrs=announce_maddrs, relays=relays)
+
+
+class Node:
+    def __init__(self, source: ModelSource, config: NodeConfig) -> None:
+        self.source, self.config = source, config
+        self.spec = model_spec(source)
+        self.device = torch.device(config.device) if config.device else default_device()
+        self.dtype = default_dtype(self.device)
+        self.dht: DHT | None = None
+        self.p2p: P2P | None = None
+        self.server: StageServer | None = None  # the stage new sessions go to
+        self.retiring: list[StageServer] = []  # stages left by a move or a pause, finishing their sessions
+        self.record: ServerRecord | None = None
+        self.state = "stopped"
+        self.error: str | None = None
+        self.listeners: list[Callable[[str], None]] = []  # called on the node's loop with the new state
+        self.tracker = EpochTracker()
+        self.sessions_opened = 0
+        self._retired_tokens = self._retired_steps = 0
+        self._online_since: float | None = None
+        self._online_s = 0.0
+        self._capabilities: dict = {}
+        self._heartbeat: asyncio.Task | None = None
+        self._move: asyncio.Task | None = None
+        self._retirements: set[asyncio.Task] = set()
+        self._last_plan_key: tuple | None = None
+        self.direct: DirectListener | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Opens the DHT, then serves the fixed range or joins; returns once the node is online."""
+        config = self.config
+        self._set_state("starting")
+        identity = load_identity(config.identity) if config.identity else None
+        self.dht = start_dht(config.initial_peers, config.host_maddrs, identity=identity,
+                             announce_maddrs=config.announce_maddrs, relays=config.relays)
+        self.p2p = await self.dht.replicate_p2p()
+        await self._add_handlers(self.p2p)
+        if config.direct_links:
+            self.direct = DirectListener()
+            await self.direct.start(listen_host(config.host_maddrs), maddr_hosts(self.visible_maddrs))
+        # peers measure their RTT and uplink to us through these
+        await add_probe_handlers(self.p2p, send_delay_s=self.config.send_delay_s)
+        self._capabilities = await asyncio.get_running_loop().run_in_executor(None, self._measure)
+        await self._go_online()
+
+    async def _go_online(self) -> None:
+        peer_id = self.dht.peer_id.to_base58()
+        epoch = max((r.epoch for r in await self._records()), default=0)  # continue the swarm's epochs
+        self.record = ServerRecord(peer_id=peer_id, model=self.source.name, start=0, end=1, state="joining",
+                                   region=self.config.region, epoch=epoch, **self._capabilities)
+        if self.config.fixed:
+            target = LayerRange(self.config.start, self.config.end)
+        else:
+            self._set_state("joining")
+            await self._announce()
+            self._start_heartbeat()
+            target, epoch = await self._settled_range()
+        self.server = await self._load(target)
+        self.record = replace(self.record, start=target.start, end=target.end, state="online", epoch=epoch)
+        await self._announce()
+        self._start_heartbeat()
+        self._set_state("online")
+        logger.info("serving %s layers %s as %s (epoch %d)", self.source.name, target, peer_id, epoch)
+
+    async def pause(self, deadline_s: float = 60.0) -> None:
+        """Drains: refuses new sessions ("draining"), lets open ones finish for up to `deadline_s`, then
+        announces "offline", stops heartbeating and frees the layers. The DHT peer stays up for `resume`."""
+        if self.state != "online":
+            return
+        self._cancel_move()
+        self._set_state("draining")
+        servers = [s for s in [self.server, *self.retiring] if s is not None]
+        for server in servers:
+            server.draining = True
+        if self.record is not None:
+            await self._announce("draining")
+        deadline = time.monotonic() + deadline_s
+        while any(s.sessions for s in servers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+        with contextlib.suppress(Exception):
+            await self._announce("offline")
+        for task in list(self._retirements):
+            task.cancel()
+        for server in servers:
+            self._drop(server)
+        self.server, self.retiring = None, []
+        _free_memory(self.device)
+        self._set_state("paused")
+
+    async def resume(self) -> None:
+        """Rejoins after `pause`: takes a new assignment (or the fixed range again)."""
+        if self.state != "paused":
+            return
+        self._last_plan_key = None
+        await self._go_online()
+
+    async def set_memory_cap(self, max_memory_bytes: int | None) -> None:
+        """Offers at most `max_memory_bytes` for weights and KV cache from now on (None: no cap). A serving
+        node drains as in `pause` and rejoins with the new offer, so the swarm's plan takes it into account."""
+        if max_memory_bytes is not None and max_memory_bytes <= 0:
+            raise ValueError(f"the memory cap must be positive, got {max_memory_bytes} bytes")
+        self.config = replace(self.config, max_memory_bytes=max_memory_bytes)
+        if self.dht is None:  # not started: `start` measures with the new cap
+            return
+        serving = self.state == "online"
+        if serving:
+            await self.pause()
+        self._capabilities = await asyncio.get_running_loop().run_in_executor(None, self._measure)
+        if serving:
+            await self.resume()
+
+    async def stop(self) -> None:
+        self._cancel_move()
+        for task in list(self._retirements):
+            task.cancel()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+        if self.record is not None and self.state not in ("paused", "stopped"):
+            try:
+                await self._announce("offline")
+            except Exception:
+                logger.warning("could not announce going offline", exc_info=True)
+        for server in [self.server, *self.retiring]:
+            if server is not None:
+                self._drop(server)
+        self.server, self.retiring = None, []
+        if self.direct is not None:
+            await self.direct.close()
+            self.direct = None
+        if self.p2p is not None:  # our replica's connections to the daemon, closed on this loop while it runs
+            await self.p2p.shutdown()
+            self.p2p = None
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+        self._set_state("stopped")
+
+    @property
+    def visible_maddrs(self) -> list[str]:
+        assert self.dht is not None
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    @property
+    def tokens_served(self) -> int:
+        return self._retired_tokens + sum(s.tokens_served for s in self._servers())
+
+    @property
+    def steps_served(self) -> int:
+        return self._retired_steps + sum(s.steps_served for s in self._servers())
+
+    @property
+    def online_s(self) -> float:
+        since = self._online_since
+        return self._online_s + (time.monotonic() - since if since is not None else 0.0)
+
+    def fail(self, error: str) -> None:
+        """Marks the node failed (an operation raised); `error` says why, for the UI."""
+        self.error = error
+        self._set_state("failed")
+
+    def _servers(self) -> list[StageServer]:
+        return [s for s in [self.server, *self.retiring] if s is not None]
+
+    def _set_state(self, state: str) -> None:
+        if state == self.state:
+            return
+        now = time.monotonic()
+        if self._online_since is not None:
+            self._online_s += now - self._online_since
+        self._online_since = now if state == "online" else None
+        self.state = state
+        for listener in list(self.listeners):
+            try:
+                listener(state)
+            except Exception:
+                logger.exception("a state listener failed")
+
+    # --- measuring, loading ---------------------------------------------------------------------------
+
+    def _measure(self) -> dict:
+        """The capability fields of our record (blocking). Memory is announced at the reference dtype."""
+        config = self.config
+        if config.bench and not config.fixed:  # a fixed range needs no plan, so no measurement worth waiting for
+            try:
+                from node.serve.benchmark import run_bench
+
+                result = run_bench(self.source, device=str(self.device), dtype=self.dtype,
+                                   max_memory_bytes=config.max_memory_bytes)
+                fields = result.record_fields()
+                fields["memory_bytes"] = reference_memory(fields["memory_bytes"], self.dtype)
+                return fields
+            except Exception as e:
+                logger.warning("bench failed (%s); estimating memory only", e)
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            memory = int(free * 0.9)
+        else:
+            memory = int(psutil.virtual_memory().available * 0.5)
+        if config.max_memory_bytes is not None:
+            memory = min(memory, config.max_memory_bytes)
+        return {"memory_bytes": reference_memory(memory, self.dtype)}
+
+    async def _load(self, target: LayerRange) -> StageServer:
+        config = self.config
+        stage = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: Stage(self.source, target.start, target.end, dtype=self.dtype, device=self.device)
+        )
+        budget = config.kv_budget_bytes or default_kv_budget(self.device)
+        server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
+                             send_delay_s=config.send_delay_s, test_perturb_scale=config.test_perturb_scale,
+                             test_slowdown_s=config.test_slowdown_s, send_bandwidth_bps=config.send_bandwidth_bps,
+                             uplink_bps=self._capabilities.get("uplink_bps", 0.0))
+        server.attach(self.p2p, self.direct)
+        return server
+
+    def _drop(self, server: StageServer) -> None:
+        self._retired_tokens += server.tokens_served
+        self._retired_steps += server.steps_served
+        server.shutdown()
+        server.stage = None  # the weights go with the last reference
+
+    # --- the DHT record -------------------------------------------------------------------------------
+
+    async def swarm_status(self) -> dict | None:
+        """The swarm as its DHT records show it (`node.serve.assignment.swarm_status`); None before joining a DHT."""
+        if self.dht is None:
+            return None
+        return swarm_status(self.spec, await self._records())
+
+    async def _records(self) -> list[ServerRecord]:
+        return await list_servers(self.dht, self.source.name, num_layers=self.source.num_layers)
+
+    async def _announce(self, state: str | None = None) -> None:
+        assert self.record is not None and self.dht is not None
+        server = self.server
+        fields = {}
+        if server is not None:
+            fields = dict(free_kv_tokens=server.free_kv_tokens, queue_len=server.queue_len,
+                          sessions=sum(len(s.sessions) for s in self._servers()))
+            if server.layer_latency_s > 0:  # measured while serving: better than the bench for routing
+                fields["layer_latency_s"] = server.layer_latency_s
+        self.record = replace(self.record, state=state or self.record.state, **fields)
+        await announce(self.dht, self.record, ttl_s=self.config.ttl_s)
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.create_task(self._heartbeat_loop())
+
+    async def _heartbeat_loop(self) -> None:
+        """Refreshes our record every period and, for a node without a fixed range, follows the plan."""
+        while True:
+            await asyncio.sleep(self.config.period_s)
+            try:
+                await self._announce()
+                if self.state == "online" and not self.config.fixed:
+                    await self._follow_plan()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("heartbeat failed")
+
+    # --- following the plan ---------------------------------------------------------------------------
+
+    async def _plan(self):
+        records = check_records(self.spec, await self._records(), self.tracker)
+        result = plan(self.spec, records)
+        key = tuple((r.peer_id, r.state, r.start, r.end, r.epoch) for r in records if r.state in ("joining", "online"))
+        return result, key
+
+    async def _settled_range(self) -> tuple[LayerRange, int]:
+        """Our range in the plan, once the planned records stayed unchanged for the settle window (so that
+        nodes started together see each other before any of them loads), or after 5 windows regardless."""
+        peer_id = self.record.peer_id
+        settle_s = self.config.settle_periods * self.config.period_s
+        started = stable_since = time.monotonic()
+        last_key = None
+        while True:
+            result, key = await self._plan()
+            now = time.monotonic()
+            if key != last_key:
+                last_key, stable_since = key, now
+            mine = result.range_of(peer_id)
+            if mine is not None and (now - stable_since >= settle_s or now - started >= 5 * settle_s):
+                return mine, result.epoch
+            await asyncio.sleep(min(0.5, self.config.period_s / 2))
+
+    async def _follow_plan(self) -> None:
+        """Starts a move when the plan gives us other layers in two successive checks (one check could
+        see a half-propagated swarm)."""
+        if self._move is not None and not self._move.done():
+            return
+        result, key = await self._plan()
+        target = result.range_of(self.record.peer_id)
+        current = LayerRange(self.record.start, self.record.end)
+        if target is None or target == current:
+            self._last_plan_key = None
+            return
+        if key != self._last_plan_key:
+            self._last_plan_key = key
+            return
+        self._last_plan_key = None
+        logger.info("the plan (epoch %d) moves this node from %s to %s", result.epoch, current, target)
+        self._move = asyncio.create_task(self._move_to(target, result.epoch))
+
+    async def _move_to(self, target: LayerRange, epoch: int) -> None:
+        """Loads `target` next to the current stage, switches new sessions to it, then retires the old one."""
+        new = await self._load(target)
+        old, self.server = self.server, new
+        self.record = replace(self.record, start=target.start, end=target.end, epoch=epoch)
+        await self._announce()
+        if old is not None:
+            self.retiring.append(old)
+            task = asyncio.create_task(self._retire(old))
+            self._retirements.add(task)
+            task.add_done_callback(self._retirements.discard)
+
+    async def _retire(self, old: StageServer) -> None:
+        """Keeps the left stage open to new sessions until other online nodes cover its layers (clients may
+        still route there from older records), then drains it and frees its memory."""
+        layers = range(old.stage.start, old.stage.end)
+        deadline = time.monotonic() + self.config.move_drain_s
+        while time.monotonic() < deadline:
+            others = [r for r in check_records(self.spec, await self._records())
+                      if r.state == "online" and r.peer_id != self.record.peer_id]
+            if all(any(r.start <= layer < r.end for r in others) for layer in layers):
+                break
+            await asyncio.sleep(self.config.period_s / 2)
+        old.draining = True
+        while old.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        self.retiring.remove(old)
+        self._drop(old)
+        _free_memory(self.device)
+        logger.info("left layers %d:%d", layers.start, layers.stop)
+
+    def _cancel_move(self) -> None:
+        if self._move is not None:
+            self._move.cancel()
+            self._move = None
+
+    # --- serving: one set of handlers, dispatching to the stage that holds the session -----------------
+
+    async def _add_handlers(self, p2p: P2P) -> None:
+        await p2p.add_protobuf_handler(INFERENCE_HANDLER, self._rpc_inference, runtime_pb2.ExpertRequest,
+                                       stream_input=True, stream_output=True)
+        await p2p.add_protobuf_handler(PUSH_HANDLER, self._rpc_push, runtime_pb2.ExpertRequest,
+                                       stream_input=True, stream_output=True)
+        await p2p.add_protobuf_handler(INFO_HANDLER, self._rpc_info, runtime_pb2.ExpertRequest)
+
+    def _server_for(self, start: int, end: int) -> StageServer | None:
+        """The stage taking a new session of layers [start, end): the active one if it holds them, else a
+        retiring one that does (it accepts until others cover its layers, then refuses with "draining")."""
+        holding = [s for s in self._servers() if s.stage.start <= start < end <= s.stage.end]
+        return next((s for s in holding if not s.draining), holding[0] if holding else self.server)
+
+    async def _rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+                             ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        if (first := await _first_message(requests)) is None:
+            return
+        server = None
+        with contextlib.suppress(ProtocolError):  # a bad opening is refused by the stage's own checks
+            opened = parse_open(first, max_length_limit=self.config.max_length)
+            server = self._server_for(opened.start, opened.end)
+        if (server := server or self.server) is None:
+            yield self._no_layers()
+            return
+        self.sessions_opened += 1
+        async for response in server.rpc_inference(_prepend(first, requests), context):
+            yield response
+
+    async def _rpc_push(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+                        ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        if (first := await _first_message(requests)) is None:
+            return
+        server = None
+        with contextlib.suppress(ProtocolError):
+            session_id = parse_push_open(first)
+            deadline = time.monotonic() + 10.0  # the client opens all stages at once: the session may lag
+            while server is None and time.monotonic() < deadline:
+                server = next((s for s in self._servers() if session_id in s.sessions), None)
+                if server is None:
+                    await asyncio.sleep(0.005)
+        if (server := server or self.server) is None:
+            yield self._no_layers()
+            return
+        async for response in server.rpc_push(_prepend(first, requests), context):
+            yield response
+
+    def _no_layers(self) -> runtime_pb2.ExpertResponse:
+        return error_response("draining", f"this node is {self.state}, it serves no layers now")
+
+    async def _rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext
+                        ) -> runtime_pb2.ExpertResponse:
+        info = self.server.info() if self.server is not None else {"model": self.source.name}
+        return pack_response({**info, "state": self.state})
+
+
+async def _first_message(requests: AsyncIterator[runtime_pb2.ExpertRequest], timeout_s: float = 60.0
+                         ) -> runtime_pb2.ExpertRequest | None:
+    """A stream's opening message; None if the peer closes or stays silent first."""
+    try:
+        return await asyncio.wait_for(anext(requests), timeout_s)
+    except (StopAsyncIteration, asyncio.TimeoutError):
+        return None
+
+
+async def _prepend(first: runtime_pb2.ExpertRequest, rest: AsyncIterator[runtime_pb2.ExpertRequest]
+                   ) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def default_kv_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    return int(psutil.virtual_memory().available * 0.25)

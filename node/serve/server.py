@@ -1,0 +1,709 @@
+"""Serving a stage over hivemind's P2P streams: sessions, their KV caches, a memory budget, push links.
+
+Each session has an outbox: whatever the client should hear (the opening answer,
+errors, and — at the chain's last stage or in relay mode — step outputs, or a ring's
+sampled tokens) is queued there and written to the client's stream. Steps arrive from
+the client's stream or from the previous stage's push stream (a ring's first stage
+takes both: the prompt from the client, then each token from the last stage); all of
+them run `_process_step`.
+Compute runs on one worker thread, so the event loop stays free to accept, validate
+and forward other sessions' traffic while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.proto import runtime_pb2
+
+from node.model.sampling import SamplingParams, sample
+from node.model.stage import Stage
+from node.net.direct import DirectLinkError, DirectListener, DirectOffer, DirectWriter, dial
+from node.net.protocol import (
+    INFERENCE_HANDLER,
+    INFO_HANDLER,
+    PUSH_HANDLER,
+    HeadInput,
+    OpenSession,
+    ProtocolError,
+    PushOffer,
+    Step,
+    direct_switch,
+    error_response,
+    is_direct_switch,
+    is_head_message,
+    is_ping,
+    pack,
+    pack_response,
+    parse_head_message,
+    parse_open,
+    parse_push_offer,
+    parse_push_open,
+    parse_step,
+    push_offer,
+    unpack_metadata,
+)
+from node.serve.batching import StepBatcher
+
+logger = logging.getLogger(__name__)
+
+
+class CapacityError(Exception):
+    pass
+
+
+class KVBudget:
+    """Reserves each session's worst-case KV cache up front, so a full node says "no" instead of OOM."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.reserved_bytes = 0
+
+    def reserve(self, nbytes: int) -> None:
+        if self.reserved_bytes + nbytes > self.budget_bytes:
+            free = self.budget_bytes - self.reserved_bytes
+            raise CapacityError(f"no capacity: the session needs {nbytes} bytes of KV cache, {free} are free")
+        self.reserved_bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        self.reserved_bytes -= nbytes
+
+    @property
+    def free_bytes(self) -> int:
+        return self.budget_bytes - self.reserved_bytes
+
+
+class EmulatedLink:
+    """This node's uplink as WAN tests emulate it (the kernel here has no netem): every message it sends
+    queues behind the previous ones for its bytes at `bandwidth_bps`, then travels `delay_s`."""
+
+    def __init__(self, delay_s: float = 0.0, bandwidth_bps: float = 0.0) -> None:
+        self.delay_s, self.bandwidth_bps = delay_s, bandwidth_bps
+        self._free_at = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.delay_s > 0 or self.bandwidth_bps > 0
+
+    def arrival_in(self, nbytes: int) -> float:
+        now = asyncio.get_running_loop().time()
+        departs = now
+        if self.bandwidth_bps > 0:
+            self._free_at = max(now, self._free_at) + nbytes * 8 / self.bandwidth_bps
+            departs = self._free_at
+        return departs - now + self.delay_s
+
+
+class Outbox:
+    """Messages for one stream, sent through the node's emulated link when there is one."""
+
+    def __init__(self, link: EmulatedLink | None = None) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.link = link
+
+    def put(self, item) -> None:
+        if self.link is not None and self.link.active and item is not None:
+            # Arrival times only grow, so messages stay in order; the sender is not held up meanwhile.
+            delay = self.link.arrival_in(item.ByteSize())
+            asyncio.get_running_loop().call_later(delay, self.queue.put_nowait, item)
+        else:
+            self.queue.put_nowait(item)
+
+    async def drain(self) -> AsyncIterator:
+        while (item := await self.queue.get()) is not None:
+            yield item
+
+
+@dataclass
+class Session:
+    opened: OpenSession
+    client: str
+    reserved_bytes: int
+    cache: object
+    outbox: Outbox
+    position: int = 0
+    last_active: float = field(default_factory=time.monotonic)
+    push_link: PushLink | None = None
+    produced: int = 0  # tokens this stage sampled (a ring's last stage, or its first when they share the head)
+    feeding: asyncio.Task | None = None  # the step on the token this stage just sampled, when it feeds itself
+    # Head sharing (see node.net.protocol), at a ring's first stage: (position, the logits of its own rows for the
+    # token there), waiting for the last stage's part.
+    own_head_logits: tuple[int, torch.Tensor] | None = None
+
+    @property
+    def takes_client_steps(self) -> bool:
+        """The client feeds the first stage (a ring's first stage: the prompt) and, when relaying, every stage."""
+        opened = self.opened
+        return opened.prev_peer is None or opened.relay or opened.embed
+
+    @property
+    def session_id(self) -> str:
+        return self.opened.session_id
+
+    @property
+    def pushes(self) -> bool:
+        return self.opened.next_peer is not None and not self.opened.relay
+
+
+class PushLink:
+    """The stream on which a stage pushes one session's outputs to the next stage.
+
+    It is opened as soon as the session is, in the background, so the first token does
+    not wait for a stream setup; steps queue in the outbox meanwhile. When the next stage
+    offers a direct link (`node.net.direct`) and `direct` allows, later steps go over that.
+    """
+
+    def __init__(self, session: Session, link: EmulatedLink, *, direct: bool = False) -> None:
+        self.session = session
+        self.link = link
+        self.outbox = Outbox(link)
+        self.allow_direct = direct
+        self._watcher: asyncio.Task | None = None
+        self._dialer: asyncio.Task | None = None
+        self._direct: DirectWriter | None = None
+        self.head_split: int | None = None  # the next stage (a ring's first) holds the LM head's rows [0, split)
+
+    def start(self, p2p: P2P) -> None:
+        self._watcher = asyncio.create_task(self._run(p2p))
+
+    async def _run(self, p2p: P2P) -> None:
+        next_peer = self.session.opened.next_peer
+        self.outbox.put(pack({"push": self.session.session_id}))
+        try:
+            responses = await p2p.iterate_protobuf_handler(
+                PeerID.from_base58(next_peer), PUSH_HANDLER, self.outbox.drain(), runtime_pb2.ExpertResponse
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.session.outbox.put(
+                error_response("push_failed", f"cannot reach the next stage {next_peer}: {e}", peer=next_peer)
+            )
+            return
+        await self._watch(responses)
+
+    async def _watch(self, responses: AsyncIterator[runtime_pb2.ExpertResponse]) -> None:
+        """The next stage answers a push stream with its offer (`PushOffer`: a direct link, head sharing) or to
+        refuse it; a refusal, a malformed answer or a broken stream is reported."""
+        next_peer = self.session.opened.next_peer
+        offered = False
+        try:
+            async for response in responses:
+                offer = parse_push_offer(unpack_metadata(response))
+                if offer is not None and not offered:
+                    offered, self.head_split = True, offer.head_split
+                    if offer.direct is not None and self.allow_direct:
+                        self._dialer = asyncio.create_task(self._go_direct(offer.direct))
+                    continue
+                self.session.outbox.put(_with_peer(response, next_peer))
+                return
+        except asyncio.CancelledError:
+            raise
+        except ProtocolError as e:
+            self.session.outbox.put(error_response(e.code, f"the next stage answered: {e}", peer=next_peer))
+        except Exception as e:
+            self.session.outbox.put(
+                error_response("push_failed", f"cannot reach the next stage {next_peer}: {e}", peer=next_peer)
+            )
+
+    async def _go_direct(self, offer: DirectOffer) -> None:
+        try:
+            writer = await dial(offer)
+        except DirectLinkError as e:  # e.g. behind NAT: the libp2p stream serves on
+            logger.info("no direct link to %s, pushing over libp2p: %s", self.session.opened.next_peer, e)
+            return
+        self.outbox.put(direct_switch())  # the receiver reads the link only after this, so order holds
+        self._direct = writer
+
+    @property
+    def sends_at_once(self) -> bool:
+        """Whether `send` puts a message on the wire before it returns (a direct link, no emulated delay), rather
+        than leaving it to a task of the event loop."""
+        return self._direct is not None and not self.link.active
+
+    def send(self, request: runtime_pb2.ExpertRequest) -> None:
+        if self._direct is None:
+            self.outbox.put(request)
+        elif self.link.active:  # emulated WAN: the same link's delays, so arrivals stay in order
+            asyncio.get_running_loop().call_later(self.link.arrival_in(request.ByteSize()), self._direct.send,
+                                                  request)
+        else:
+            self._direct.send(request)
+
+    def close(self) -> None:
+        self.outbox.queue.put_nowait(None)
+        for task in (self._watcher, self._dialer):
+            if task is not None:
+                task.cancel()
+        if self._direct is not None:
+            self._direct.close()
+
+
+def _with_peer(response: runtime_pb2.ExpertResponse, peer: str) -> runtime_pb2.ExpertResponse:
+    error = unpack_metadata(response).get("error") or {}
+    return error_response(str(error.get("code", "push_failed")), str(error.get("message", "")), peer=peer)
+
+
+class RateLimiter:
+    """A token bucket per peer: `allow(peer)` spends one token, refilled at `rate_per_s` up to `burst`."""
+
+    def __init__(self, rate_per_s: float, burst: float) -> None:
+        self.rate_per_s, self.burst = rate_per_s, burst
+        self._buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, at)
+
+    def allow(self, peer: str) -> bool:
+        now = time.monotonic()
+        tokens, at = self._buckets.get(peer, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate_per_s)
+        if len(self._buckets) > 10_000:  # forget idle peers rather than grow without bound
+            self._buckets = {p: v for p, v in self._buckets.items() if now - v[1] < 60}
+        allowed = tokens >= 1
+        self._buckets[peer] = (tokens - 1 if allowed else tokens, now)
+        return allowed
+
+
+class StageServer:
+    """Answers inference and push streams for one stage."""
+
+    def __init__(self, stage: Stage, *, kv_budget_bytes: int, max_length: int = 8192,
+                 idle_timeout_s: float = 300.0, send_delay_s: float = 0.0, test_perturb_scale: float = 0.0,
+                 max_sessions_per_peer: int = 64, max_steps_per_s_per_peer: float = 1000.0,
+                 test_slowdown_s: float = 0.0, send_bandwidth_bps: float = 0.0, uplink_bps: float = 0.0) -> None:
+        """`uplink_bps`: this node's measured uplink (0: not measured), which decides what is worth sending."""
+        self.stage = stage
+        self.uplink_bps = uplink_bps
+        self.test_perturb_scale = test_perturb_scale  # testing aid only: makes this node lie (see _perturb)
+        self.test_slowdown_s = test_slowdown_s  # testing aid only: every step takes this much longer
+        self.budget = KVBudget(kv_budget_bytes)
+        self.max_length = max_length
+        self.idle_timeout_s = idle_timeout_s
+        self.link = EmulatedLink(send_delay_s, send_bandwidth_bps)  # testing aid: a WAN uplink
+        self.sessions: dict[str, Session] = {}
+        # Per-peer limits, so one client cannot crowd out the others.
+        self.max_sessions_per_peer = max_sessions_per_peer
+        self.step_limiter = RateLimiter(rate_per_s=max_steps_per_s_per_peer, burst=2 * max_steps_per_s_per_peer)
+        self.steps_served = 0
+        self.tokens_served = 0
+        self.head_merges = 0  # tokens this stage sampled as a ring's first stage sharing the LM head
+        self.direct_links = 0  # push streams that moved to a direct link
+        self.layer_latency_s = 0.0  # moving average of measured decode time per layer (queueing included)
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
+        # Decode steps of concurrent sessions that queue while a pass runs go through the layers together.
+        self.batcher = StepBatcher(stage, executor=self._compute)
+        self._p2p: P2P | None = None
+        self.direct: DirectListener | None = None  # this node's port for direct links; None: libp2p only
+        self._sweeper: asyncio.Task | None = None
+        # Set when this stage is leaving (the node pauses or moved to other layers): new sessions are
+        # refused with code "draining", open ones run to their end.
+        self.draining = False
+
+    @property
+    def queue_len(self) -> int:
+        return self.batcher.pending
+
+    @property
+    def free_kv_tokens(self) -> int:
+        return self.budget.free_bytes // max(1, self.stage.shape.kv_bytes_per_token)
+
+    def attach(self, p2p: P2P, direct: DirectListener | None = None) -> None:
+        """Serve through `p2p` without registering handlers (a node's dispatcher calls ours); starts the sweeper.
+        With `direct`, pushes to and from other stages move to direct links where both ends allow."""
+        self._p2p, self.direct = p2p, direct
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_idle_sessions())
+
+    async def add_handlers(self, p2p: P2P, direct: DirectListener | None = None) -> None:
+        self.attach(p2p, direct)
+        await p2p.add_protobuf_handler(
+            INFERENCE_HANDLER, self.rpc_inference, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        )
+        await p2p.add_protobuf_handler(
+            PUSH_HANDLER, self.rpc_push, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
+        )
+        await p2p.add_protobuf_handler(INFO_HANDLER, self.rpc_info, runtime_pb2.ExpertRequest)
+
+    async def remove_handlers(self, p2p: P2P) -> None:
+        await p2p.remove_protobuf_handler(INFERENCE_HANDLER, stream_input=True, stream_output=True)
+        await p2p.remove_protobuf_handler(PUSH_HANDLER, stream_input=True, stream_output=True)
+        await p2p.remove_protobuf_handler(INFO_HANDLER)
+
+    def shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for session in list(self.sessions.values()):
+            session.outbox.queue.put_nowait(None)
+        self.batcher.shutdown()
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return pack_response(self.info())
+
+    def info(self) -> dict:
+        return {
+            "model": self.stage.source.name,
+            "start": self.stage.start,
+            "end": self.stage.end,
+            "sessions": len(self.sessions),
+            "queue_len": self.queue_len,
+            "free_kv_tokens": self.free_kv_tokens,
+            "steps_served": self.batcher.steps_done,
+            "compute_s": round(self.batcher.compute_s, 3),
+            "decode_batches": {str(size): n for size, n in sorted(self.batcher.batch_sizes.items())},
+            "gather_waits": self.batcher.gather_waits,
+            "head_merges": self.head_merges,
+            "direct_links": self.direct_links,
+        }
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        client = context.remote_id.to_base58()
+        try:
+            first = await asyncio.wait_for(anext(requests), self.idle_timeout_s)
+            session = self._open(first, client)
+        except (StopAsyncIteration, asyncio.TimeoutError):
+            return
+        except Exception as e:
+            if not isinstance(e, ProtocolError | CapacityError):  # a validation gap costs the sender, not the node
+                logger.exception("unexpected error opening a session for %s", client)
+                e = ProtocolError("bad_request", f"cannot open the session: {type(e).__name__}")
+            yield _error_for(e)
+            await _linger(requests)
+            return
+        reader = asyncio.create_task(self._read_client_steps(session, requests))
+        try:
+            yield pack_response({"opened": session.session_id, "start": self.stage.start, "end": self.stage.end})
+            async for message in session.outbox.drain():
+                yield message
+        finally:
+            reader.cancel()
+            self._close(session)
+
+    async def _read_client_steps(self, session: Session, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> None:
+        try:
+            async for request in requests:
+                if is_ping(request):
+                    continue
+                if not session.takes_client_steps:
+                    session.outbox.put(error_response("bad_request", "this stage takes its steps from the previous "
+                                                      "stage's push stream, not from the client"))
+                    continue
+                if not self.step_limiter.allow(session.client):
+                    session.outbox.put(error_response("busy", "too many steps per second from this peer; slow down"))
+                    continue
+                await self._process_step(session, request, pushed=False)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the client's stream broke: nothing more will come
+            logger.debug("client stream of session %s ended: %s", session.session_id, e)
+        session.outbox.queue.put_nowait(None)  # the client closed its side: end the session
+
+    async def rpc_push(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        pusher = context.remote_id.to_base58()
+        try:
+            session_id = parse_push_open(await asyncio.wait_for(anext(requests), self.idle_timeout_s))
+        except ProtocolError as e:
+            yield _error_for(e)
+            await _linger(requests)
+            return
+        except (StopAsyncIteration, asyncio.TimeoutError):
+            return
+        session = await self._wait_for_session(session_id)
+        if session is None or session.opened.prev_peer != pusher:
+            # Only the stage the client named as our predecessor may feed its session.
+            yield error_response("bad_request", f"no session {session_id!r} here expects pushes from {pusher}")
+            return
+        offer = PushOffer(self.stage.head_share.rows[1] if self._shares_head(session) else None,
+                          self.direct.offer() if self.direct is not None else None)
+        if offer != PushOffer():
+            yield push_offer(offer)
+        try:
+            await self._read_pushes(session, requests, offer.direct)
+        except DirectLinkError as e:
+            session.outbox.put(error_response("push_failed", f"the direct link from the previous stage broke: {e}",
+                                              peer=pusher))
+        finally:
+            if offer.direct is not None:
+                self.direct.withdraw(offer.direct)
+
+    async def _read_pushes(self, session: Session, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                           direct: DirectOffer | None) -> None:
+        """Runs the pushed steps of `session` in order: from the push stream, then (after the pusher's switch) from
+        the direct link it dialled with `direct`'s ticket."""
+        switched = False
+        with contextlib.suppress(StopAsyncIteration, ConnectionError):
+            async for request in requests:
+                if session.session_id not in self.sessions:
+                    return
+                if direct is not None and is_direct_switch(request):
+                    switched = True
+                    break
+                await self._process_step(session, request, pushed=True)
+        if not switched:
+            return
+        reader = await self.direct.accepted(direct)
+        self.direct_links += 1
+        try:
+            async for request in reader.messages():
+                if session.session_id not in self.sessions:
+                    return
+                await self._process_step(session, request, pushed=True)
+        finally:
+            reader.close()
+
+    async def _wait_for_session(self, session_id: str, timeout_s: float = 10.0) -> Session | None:
+        """The client opens all stages at once, so a push may arrive just before its session here."""
+        deadline = time.monotonic() + timeout_s
+        while (session := self.sessions.get(session_id)) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return session
+
+    def _open(self, request: runtime_pb2.ExpertRequest, client: str) -> Session:
+        opened = parse_open(request, max_length_limit=self.max_length)
+        if self.draining:
+            raise ProtocolError("draining", f"this node is leaving layers {self.stage.start}:{self.stage.end}; "
+                                "sessions open here finish, new ones go elsewhere")
+        if not self.stage.start <= opened.start < opened.end <= self.stage.end:
+            raise ProtocolError(
+                "bad_range", f"this node serves layers {self.stage.start}:{self.stage.end}, "
+                f"which do not include {opened.start}:{opened.end}"
+            )
+        if opened.embed and (opened.start != 0 or self.stage.embedder is None):
+            raise ProtocolError("bad_request", "only a session's first stage, at layer 0, takes token ids")
+        ends_model = opened.end == self.stage.source.num_layers
+        first_of_ring = opened.embed and opened.next_peer is not None
+        if opened.sampling is not None and (self.stage.head is None if ends_model else not first_of_ring):
+            raise ProtocolError("bad_request", "only a session's last stage, at the model's last layer, samples "
+                                "(and its first stage, which may share the LM head's work)")
+        if opened.sampling is not None and opened.next_peer is None and not opened.embed:
+            raise ProtocolError("bad_request", "a sampling stage feeds its tokens to the first stage: name it as "
+                                "'next', or also 'embed' when this stage is the whole chain")
+        if opened.session_id in self.sessions:
+            raise ProtocolError("bad_request", f"session {opened.session_id!r} is already open here")
+        if sum(s.client == client for s in self.sessions.values()) >= self.max_sessions_per_peer:
+            raise ProtocolError("busy", f"a peer may hold at most {self.max_sessions_per_peer} sessions here")
+        layers = (opened.start, opened.end)  # a chain may use any sub-range of what this node holds
+        nbytes = self.stage.cache_bytes(opened.max_length, layers=layers)
+        self.budget.reserve(nbytes)
+        cache = self.stage.new_cache(opened.max_length, layers=layers)
+        session = Session(opened, client, nbytes, cache, Outbox(self.link))
+        if session.pushes:
+            session.push_link = PushLink(session, self.link, direct=self.direct is not None)
+            session.push_link.start(self._p2p)
+        self.sessions[session.session_id] = session
+        return session
+
+    def _close(self, session: Session) -> None:
+        if self.sessions.pop(session.session_id, None) is not None:
+            self.budget.release(session.reserved_bytes)
+            self.batcher.forget(session.cache)
+            session.cache = None
+            if session.push_link is not None:
+                session.push_link.close()
+
+    def _shares_head(self, session: Session) -> bool:
+        """Whether this stage, a ring's first one, computes part of the LM head for `session`."""
+        opened = self.stage.head_share is not None and session.opened
+        return bool(opened and opened.embed and opened.share_head and opened.sampling is not None
+                    and opened.end < self.stage.source.num_layers)
+
+    async def _process_step(self, session: Session, request: runtime_pb2.ExpertRequest, *, pushed: bool) -> None:
+        """Validates a step from the client or (`pushed`) the previous stage, then runs it."""
+        if pushed and self._shares_head(session) and is_head_message(request):
+            await self._merge_head(session, request)
+            return
+        try:
+            step = parse_step(
+                request, hidden_size=self.stage.shape.hidden_size, expected_position=session.position,
+                max_length=session.opened.max_length,
+                vocab_size=self.stage.embedder.vocab_size if session.opened.embed else None,
+            )
+        except ProtocolError as e:
+            # A bad step is refused without touching the cache; the session stays usable.
+            session.outbox.put(_error_for(e))
+            return
+        if pushed and session.opened.embed:
+            session.produced += 1  # the last stage sampled this token (it did not share the head for it)
+        await self._run_step(session, step)
+
+    async def _run_step(self, session: Session, step: Step) -> None:
+        """Runs one step, then sends its output on: to the next stage or to the client; a ring's last
+        stage instead samples the next token and feeds it back to the first stage."""
+        if session.session_id not in self.sessions:
+            return  # closed meanwhile (a one-stage ring feeds itself after its client left)
+        session.last_active = started = time.monotonic()
+        ends_model = session.opened.end == self.stage.source.num_layers
+        sampling = session.opened.sampling if step.sample and ends_model else None
+        shared = session.push_link.head_split if sampling and session.push_link else None
+        try:
+            hidden = step.hidden if step.token_ids is None else await self._embed(step.token_ids)
+            hidden = await self.batcher.run(session.cache, hidden, step.position,
+                                            layers=(session.opened.start, session.opened.end))
+            if self.test_slowdown_s:
+                await asyncio.sleep(self.test_slowdown_s)
+            if self.test_perturb_scale > 0:
+                hidden = _perturb(hidden, self.test_perturb_scale)
+            if shared is not None and self._share_pays(session, shared):
+                await self._share_head(session, hidden, step.position + step.tokens, shared)
+                sampling = None  # the first stage samples
+            token = await self._sample(hidden, sampling, step.position + step.tokens) if sampling else None
+        except Exception as e:  # a compute failure: end the session rather than trust its cache
+            logger.exception("step failed in session %s", session.session_id)
+            session.outbox.put(error_response("internal", f"step failed: {type(e).__name__}: {e}"))
+            session.outbox.put(None)
+            return
+        if step.tokens == 1:  # a decode step: what the router needs to know of this node's speed
+            per_layer = (time.monotonic() - started) / (session.opened.end - session.opened.start)
+            previous = self.layer_latency_s or per_layer
+            self.layer_latency_s = 0.8 * previous + 0.2 * per_layer
+        session.position += step.tokens
+        self.steps_served += 1
+        self.tokens_served += step.tokens
+        if session.session_id not in self.sessions:
+            return  # closed while the step ran
+        if session.opened.sampling is not None and ends_model:
+            if token is not None:  # a ring's last stage sends tokens (or its head's part), not hidden states
+                self._feed_token(session, token, to_self=not session.pushes)
+            return
+        output = hidden.to(step.hidden.dtype) if step.hidden is not None else hidden
+        metadata = {"position": step.position, **({"sample": True} if step.sample else {})}
+        if session.pushes:
+            session.push_link.send(pack(metadata, [output], wire=session.opened.wire))
+            if session.opened.audit:  # a copy for the client's spot checks; the push above is already on its way
+                session.outbox.put(pack_response({"echo": step.position}, [output], wire=session.opened.wire))
+        else:
+            session.outbox.put(pack_response(metadata, [output], wire=session.opened.wire))
+
+    async def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """A ring's first stage: a token is embedded on the loop (18 us); a prompt chunk reads a row file slice
+        per distinct id (5 ms for 512 ids), on the compute thread so the loop keeps forwarding meanwhile."""
+        if token_ids.shape[1] == 1:
+            return self.stage.embedder.embed(token_ids)
+        return await asyncio.get_running_loop().run_in_executor(self._compute, self.stage.embedder.embed, token_ids)
+
+    async def _sample(self, hidden: torch.Tensor, params: SamplingParams, position: int) -> int:
+        logits = await self.stage.head.next_logits(hidden, self._compute, alone_on_loop=self.batcher.alone)
+        return await self._pick(logits, params, position)
+
+    async def _pick(self, logits: torch.Tensor, params: SamplingParams, position: int) -> int:
+        if params.temperature == 0:  # an argmax: cheap enough for the event loop
+            return sample(logits, params, position)
+        return await asyncio.get_running_loop().run_in_executor(self._compute, sample, logits, params, position)
+
+    def _share_pays(self, session: Session, split: int) -> bool:
+        """A greedy part of the head is two numbers; a sampled one is the logits of rows [split, vocab) (98 KB
+        for SmolLM2), worth sending only over a link that carries them within a millisecond: loopback or a
+        LAN, not a WAN, where it would cost more than the half head it saves."""
+        vocab = self.stage.head.vocab_size
+        if not 0 < split < vocab:
+            return False
+        uplink = self.link.bandwidth_bps or self.uplink_bps
+        return session.opened.sampling.temperature == 0 or not uplink or 32 * (vocab - split) / uplink <= 1e-3
+
+    async def _share_head(self, session: Session, hidden: torch.Tensor, position: int, split: int) -> None:
+        """A ring's last stage sharing the head: its output goes to the first stage at once, then the part of the
+        logits for rows [split, vocab) this stage computes meanwhile (see node.net.protocol)."""
+        wire = session.opened.wire
+        session.push_link.send(pack({"position": position, "head": "input"}, [hidden[:, -1:].contiguous()], wire=wire))
+        rows = (split, self.stage.head.vocab_size)
+        # On the loop when alone (StepBatcher.alone) only if the input is already on the wire: otherwise the loop
+        # must be free to send it while the compute thread computes.
+        alone = self.batcher.alone and session.push_link.sends_at_once
+        logits = await self.stage.head.next_logits(hidden, self._compute, alone_on_loop=alone, rows=rows)
+        if session.opened.sampling.temperature == 0:
+            best, index = logits.max(dim=0)
+            part = pack({"position": position, "head": "part", "max": float(best), "argmax": split + int(index)})
+        else:
+            part = pack({"position": position, "head": "part"}, [logits])
+        session.push_link.send(part)
+
+    async def _merge_head(self, session: Session, request: runtime_pb2.ExpertRequest) -> None:
+        """A ring's first stage sharing the head: computes its rows' logits on the last stage's output, then
+        merges them with the last stage's part, samples and feeds itself the token."""
+        head, params = self.stage.head_share, session.opened.sampling
+        try:
+            message = parse_head_message(
+                request, hidden_size=self.stage.shape.hidden_size, expected_position=session.position,
+                split=head.rows[1], vocab_size=self.stage.embedder.vocab_size, greedy=params.temperature == 0)
+            own = session.own_head_logits
+            if not isinstance(message, HeadInput) and (own is None or own[0] != message.position):
+                raise ProtocolError("bad_step", f"a head part for position {message.position} before its input")
+        except ProtocolError as e:
+            session.outbox.put(_error_for(e))
+            return
+        try:
+            if isinstance(message, HeadInput):
+                logits = await head.next_logits(message.hidden, self._compute, alone_on_loop=self.batcher.alone)
+                session.own_head_logits = (message.position, logits)
+                return
+            session.own_head_logits = None
+            if message.best is not None:  # greedy: the better of two argmaxes, ties to the lower id as argmax does
+                best, index = own[1].max(dim=0)
+                token = int(index) if float(best) >= message.best[0] else message.best[1]
+            else:
+                token = await self._pick(torch.cat([own[1], message.logits]), params, message.position)
+        except Exception as e:  # a compute failure: end the session rather than trust its state
+            logger.exception("head merge failed in session %s", session.session_id)
+            session.outbox.put(error_response("internal", f"head merge failed: {type(e).__name__}: {e}"))
+            session.outbox.put(None)
+            return
+        self.head_merges += 1
+        if session.session_id in self.sessions:
+            self._feed_token(session, token, to_self=True)
+
+    def _feed_token(self, session: Session, token: int, *, to_self: bool) -> None:
+        """The token this stage sampled goes to the first stage (first, as that is the critical path) as the next
+        step, unless generation ends with it, then to the client. `to_self`: this stage is the first one (a
+        one-stage ring, or a ring's first stage sharing the head) and feeds itself; else it pushes the token."""
+        session.produced += 1
+        position = session.position
+        if not session.opened.sampling.is_last(token, session.produced) and position < session.opened.max_length:
+            if to_self:
+                step = Step(None, position, torch.tensor([[token]]), sample=True)
+                session.feeding = asyncio.create_task(self._run_step(session, step))
+            else:
+                session.push_link.send(pack({"position": position, "tokens": [token], "sample": True}))
+        session.outbox.put(pack_response({"token": token, "position": position}))
+
+    async def _sweep_idle_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.idle_timeout_s / 2))
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                if now - session.last_active > self.idle_timeout_s:
+                    logger.info("session %s idle for %.0f s, closing", session.session_id, self.idle_timeout_s)
+                    session.outbox.queue.put_nowait(None)
+
+
+def _perturb(output: torch.Tensor, scale: float) -> torch.Tensor:
+    """TESTING AID, the one place a node lies: adds Gaussian noise of `scale` × the output's RMS to every
+    output it sends (pushed, answered and echoed alike, as a consistent cheat would). Enabled only by the
+    hidden `layerhive node --test-perturb SCALE`; the verification tests and benchmark use it."""
+    rms = output.float().pow(2).mean().sqrt()
+    return (output.float() + scale * rms * torch.randn_like(output, dtype=torch.float32)).to(output.dtype)
+
+
+async def _linger(requests: AsyncIterator, timeout_s: float = 2.0) -> None:
+    """Waits for the peer to end its side before we close ours: closing at once can reset the stream
+    and lose the refusal we just sent."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(timeout_s):
+            async for _ in requests:
+                pass
+
+
+def _error_for(e: Exception) -> runtime_pb2.ExpertResponse:
+    if isinstance(e, CapacityError):
+        return error_response("no_capacity", str(e))
+    assert isinstance(e, ProtocolError)
+    return error_response(e.code, str(e))
