@@ -61,7 +61,6 @@ from node.net.wire import encode as wire_encode
 INFERENCE_HANDLER = "layerhive.inference"
 PUSH_HANDLER = "layerhive.push"
 INFO_HANDLER = "layerhive.info"
-PROTOCOL_VERSION = 1
 WIRE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 _WIRE_DTYPE_NAMES = frozenset(str(d).removeprefix("torch.") for d in WIRE_DTYPES)
 MAX_PEER_ID_LEN = 128

@@ -28,8 +28,6 @@ from node.model.sampling import SamplingParams, sample
 from node.model.stage import Stage
 from node.net.direct import DirectLinkError, DirectListener, DirectOffer, DirectWriter, dial
 from node.net.protocol import (
-    INFERENCE_HANDLER,
-    INFO_HANDLER,
     PUSH_HANDLER,
     HeadInput,
     OpenSession,
@@ -133,7 +131,8 @@ class Session:
     last_active: float = field(default_factory=time.monotonic)
     push_link: PushLink | None = None
     produced: int = 0  # tokens this stage sampled (a ring's last stage, or its first when they share the head)
-    feeding: asyncio.Task | None = None  # the step on the token this stage just sampled, when it feeds itself
+    # The step on the token this stage just sampled, when it feeds itself: held so the task is not collected.
+    feeding: asyncio.Task | None = None
     # Head sharing (see node.net.protocol), at a ring's first stage: (position, the logits of its own rows for the
     # token there), waiting for the last stage's part.
     own_head_logits: tuple[int, torch.Tensor] | None = None
@@ -314,26 +313,12 @@ class StageServer:
         return self.budget.free_bytes // max(1, self.stage.shape.kv_bytes_per_token)
 
     def attach(self, p2p: P2P, direct: DirectListener | None = None) -> None:
-        """Serve through `p2p` without registering handlers (a node's dispatcher calls ours); starts the sweeper.
-        With `direct`, pushes to and from other stages move to direct links where both ends allow."""
+        """Serve through `p2p`, whose handlers the node registers and dispatches to `rpc_inference` and `rpc_push`;
+        starts the sweeper. With `direct`, pushes to and from other stages move to direct links where both ends
+        allow."""
         self._p2p, self.direct = p2p, direct
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_idle_sessions())
-
-    async def add_handlers(self, p2p: P2P, direct: DirectListener | None = None) -> None:
-        self.attach(p2p, direct)
-        await p2p.add_protobuf_handler(
-            INFERENCE_HANDLER, self.rpc_inference, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
-        )
-        await p2p.add_protobuf_handler(
-            PUSH_HANDLER, self.rpc_push, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
-        )
-        await p2p.add_protobuf_handler(INFO_HANDLER, self.rpc_info, runtime_pb2.ExpertRequest)
-
-    async def remove_handlers(self, p2p: P2P) -> None:
-        await p2p.remove_protobuf_handler(INFERENCE_HANDLER, stream_input=True, stream_output=True)
-        await p2p.remove_protobuf_handler(PUSH_HANDLER, stream_input=True, stream_output=True)
-        await p2p.remove_protobuf_handler(INFO_HANDLER)
 
     def shutdown(self) -> None:
         if self._sweeper is not None:
@@ -342,9 +327,6 @@ class StageServer:
             session.outbox.queue.put_nowait(None)
         self.batcher.shutdown()
         self._compute.shutdown(wait=False, cancel_futures=True)
-
-    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return pack_response(self.info())
 
     def info(self) -> dict:
         return {
@@ -418,7 +400,7 @@ class StageServer:
             return
         except (StopAsyncIteration, asyncio.TimeoutError):
             return
-        session = await self._wait_for_session(session_id)
+        session = self.sessions.get(session_id)  # the node's dispatcher waited for it to open here
         if session is None or session.opened.prev_peer != pusher:
             # Only the stage the client named as our predecessor may feed its session.
             yield error_response("bad_request", f"no session {session_id!r} here expects pushes from {pusher}")
@@ -460,13 +442,6 @@ class StageServer:
                 await self._process_step(session, request, pushed=True)
         finally:
             reader.close()
-
-    async def _wait_for_session(self, session_id: str, timeout_s: float = 10.0) -> Session | None:
-        """The client opens all stages at once, so a push may arrive just before its session here."""
-        deadline = time.monotonic() + timeout_s
-        while (session := self.sessions.get(session_id)) is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        return session
 
     def _open(self, request: runtime_pb2.ExpertRequest, client: str) -> Session:
         opened = parse_open(request, max_length_limit=self.max_length)
