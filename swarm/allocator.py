@@ -62,17 +62,17 @@ import math
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
 from swarm.costmodel import (
-    RELAY_EXTRA_LEG_S,
+    handover_s,
     kv_bytes_per_layer,
     layer_capacity,
     node_rate_tokens_per_s,
     range_fits,
     region_rtt_matrix,
-    transfer_s,
 )
 from swarm.types import Assignment, LayerRange, ModelSpec, NodeId, NodeSpec, RttFn
 
@@ -204,6 +204,17 @@ class _Info:
     @property
     def node_id(self) -> NodeId:
         return self.spec.node_id
+
+
+def _largest_first(info: _Info) -> tuple[int, float, int]:
+    """The order in which the planner hands out ranges: most layers held first, then the fastest, then a
+    seeded tiebreak (the same order on every node)."""
+    return -info.cap, info.spec.layer_latency_s, info.tiebreak
+
+
+def _fastest_first(info: _Info) -> tuple[float, int]:
+    """Fastest per layer first, then the seeded tiebreak."""
+    return info.spec.layer_latency_s, info.tiebreak
 
 
 KV_FRACTION_STEPS = 64  # below one session, the reservation shrinks in 1/64ths of one context
@@ -407,7 +418,7 @@ def _build_pipelines(
     few smallest that would (which waste the least memory) as the one adding the least per-token time:
     its share of layers at its speed plus its hop from the nearest member.
     """
-    pool = sorted(cands, key=lambda g: (-g.cap, g.spec.layer_latency_s, g.tiebreak))
+    pool = sorted(cands, key=_largest_first)
     neg_caps = [-g.cap for g in pool]
     pipelines: list[list[_Info]] = []
     pool_caps = sum(min(g.cap, L) for g in pool)
@@ -511,9 +522,9 @@ def _at_least_one_each(layers: list[int], caps: list[int]) -> list[int]:
 
 def _leg_after(model: ModelSpec, a: _Info, b: _Info | None, rtt: RttFn, zone_rtt: np.ndarray) -> float:
     """Outgoing leg of a stage: to the next stage, or (last stage) to a client in its own zone."""
-    rtt_s = rtt(a.node_id, b.node_id) if b is not None else float(zone_rtt[a.zone, a.zone])
-    relay = RELAY_EXTRA_LEG_S * (int(a.spec.relayed) + int(b is not None and b.spec.relayed))
-    return rtt_s / 2 + transfer_s(model.hidden_bytes_per_token, a.spec.uplink_bps) + relay
+    if b is None:
+        return handover_s(model, float(zone_rtt[a.zone, a.zone]), a.spec)
+    return handover_s(model, rtt(a.node_id, b.node_id), a.spec, b.spec)
 
 
 def _layout_pipeline(
@@ -645,6 +656,20 @@ class _Coverage:
         return rng
 
 
+def _place_around(model: ModelSpec, infos: Mapping[NodeId, _Info], ranges: dict[NodeId, LayerRange],
+                  rest: Iterable[_Info]) -> _Coverage:
+    """The coverage of `ranges`, then each of `rest` (largest first) placed in its weakest window and added
+    to `ranges` (a node that fits nowhere is left out)."""
+    coverage = _Coverage(model, infos)
+    for node_id, rng in ranges.items():
+        coverage.add(node_id, rng)
+    for info in sorted(rest, key=_largest_first):
+        rng = coverage.place(info)
+        if rng is not None:
+            ranges[info.node_id] = rng
+    return coverage
+
+
 def _global_plan(
     model: ModelSpec, infos: Mapping[NodeId, _Info], rtt: RttFn, sessions: float, context_tokens: int,
     pipelines_out: list[list[NodeId]] | None = None,
@@ -686,27 +711,14 @@ def _global_plan(
         else:
             ranges[node_id] = fitted
 
-    coverage = _Coverage(model, infos)
-    for node_id, rng in ranges.items():
-        coverage.add(node_id, rng)
-    for info in sorted(leftovers, key=lambda g: (-g.cap, g.spec.layer_latency_s, g.tiebreak)):
-        rng = coverage.place(info)
-        if rng is not None:
-            ranges[info.node_id] = rng
+    coverage = _place_around(model, infos, ranges, leftovers)
     _close_gaps(model, infos, ranges, coverage, sessions, context_tokens)
     if coverage.count.min() == 0:
         # Memory is tight: the pipelines left a gap. Lay one chain over every node it takes, if memory
         # allows one at all, and place everyone else around it.
         chain = _chain_cover(model, infos)
         if chain is not None:
-            fallback = _Coverage(model, infos)
-            for node_id, rng in chain.items():
-                fallback.add(node_id, rng)
-            rest = [infos[n] for n in infos if n not in chain]
-            for info in sorted(rest, key=lambda g: (-g.cap, g.spec.layer_latency_s, g.tiebreak)):
-                rng = fallback.place(info)
-                if rng is not None:
-                    chain[info.node_id] = rng
+            fallback = _place_around(model, infos, chain, [infos[n] for n in infos if n not in chain])
             _close_gaps(model, infos, chain, fallback, sessions, context_tokens)
             if (fallback.count == 0).sum() < (coverage.count == 0).sum():
                 return chain
@@ -720,7 +732,7 @@ def _chain_cover(model: ModelSpec, infos: Mapping[NodeId, _Info]) -> dict[NodeId
     capacity to the head parts, with the largest other nodes in between.
     """
     L = model.num_layers
-    items = sorted(infos.values(), key=lambda g: (g.spec.layer_latency_s, g.tiebreak))
+    items = sorted(infos.values(), key=_fastest_first)
     solo = [g for g in items if g.cap_both >= L]
     if solo:
         return {solo[0].node_id: LayerRange(0, L)}
@@ -732,8 +744,7 @@ def _chain_cover(model: ModelSpec, infos: Mapping[NodeId, _Info]) -> dict[NodeId
     first, last = min(pairs, key=lambda p: p[0].cap - p[0].cap_first + p[1].cap - p[1].cap_last)
     ranges = {first.node_id: LayerRange(0, min(first.cap_first, L - 1))}
     pos = ranges[first.node_id].end
-    middle = sorted((g for g in items if g.node_id not in (first.node_id, last.node_id)),
-                    key=lambda g: (-g.cap, g.spec.layer_latency_s, g.tiebreak))
+    middle = sorted((g for g in items if g.node_id not in (first.node_id, last.node_id)), key=_largest_first)
     for g in middle:
         if L - pos <= last.cap_last:
             break
@@ -839,10 +850,7 @@ def _plan_cost(
         lat.append(np.array([sp.layer_latency_s for sp in specs]))
         pre.append(np.array([sp.prefill_s_per_token_per_layer for sp in specs]))
         layers.append(n_layers)
-        legs.append(sum(
-            rtt(a.node_id, b.node_id) / 2 + transfer_s(model.hidden_bytes_per_token, a.uplink_bps)
-            + RELAY_EXTRA_LEG_S * (int(a.relayed) + int(b.relayed))
-            for a, b in zip(specs, specs[1:], strict=False)))
+        legs.append(sum(handover_s(model, rtt(a.node_id, b.node_id), a, b) for a, b in pairwise(specs)))
         ends.append((chain[0], chain[-1]))
     if not room or expected_sessions <= 0:
         return math.inf if expected_sessions > 0 else 0.0
@@ -948,14 +956,7 @@ def _incremental_plan(
         if fitted is not None:  # else it is placed from scratch below, like a joiner
             ranges[node_id] = fitted
 
-    coverage = _Coverage(model, infos)
-    for node_id, rng in ranges.items():
-        coverage.add(node_id, rng)
-    joiners = [infos[n] for n in infos if n not in ranges]
-    for info in sorted(joiners, key=lambda g: (-g.cap, g.spec.layer_latency_s, g.tiebreak)):
-        rng = coverage.place(info)
-        if rng is not None:
-            ranges[info.node_id] = rng
+    coverage = _place_around(model, infos, ranges, [infos[n] for n in infos if n not in ranges])
     _close_gaps(model, infos, ranges, coverage, floor_sessions, context_tokens)  # coverage before KV headroom
     return ranges
 

@@ -8,10 +8,15 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from node.app.cli_simulate import add_simulate_parser
 from node.model.checkpoint import DEFAULT_MODEL
 from node.net.config import ConfigError, default_initial_peers
+
+if TYPE_CHECKING:
+    from node.serve.assignment import SwarmStatus
+    from swarm.types import LayerRange
 
 
 def parse_layers(text: str) -> tuple[int, int]:
@@ -88,7 +93,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from node.model.checkpoint import resolve_model
     from node.net.membership import list_servers_blocking
-    from node.serve.assignment import format_status, model_spec, swarm_status
+    from node.serve.assignment import model_spec, swarm_status
     from node.serve.node import start_dht
 
     if not args.initial_peers:
@@ -101,8 +106,44 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         dht.shutdown()
     status = swarm_status(model_spec(source), records)
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    print(json.dumps(status_json(status), indent=2) if args.json else format_status(status))
     return 0
+
+
+# What `layerhive status --json` shows of each node's record, under the record's own names (SI units).
+STATUS_RECORD_FIELDS = ("epoch", "sessions", "queue_len", "free_kv_tokens", "layer_latency_s",
+                        "prefill_s_per_token_per_layer", "memory_bytes", "uplink_bps", "reachability", "region")
+
+
+def status_json(status: SwarmStatus) -> dict:
+    """`layerhive status --json`: numbers only; a range is {"start", "end"} (layers start..end-1), or null."""
+    def layers(rng: LayerRange | None) -> dict | None:
+        return None if rng is None else {"start": rng.start, "end": rng.end}
+
+    nodes = [{"peer_id": p.record.peer_id, "state": p.record.state, "range": layers(p.serving),
+              "planned": layers(p.planned), **{name: getattr(p.record, name) for name in STATUS_RECORD_FIELDS}}
+             for p in status.nodes]
+    return {"model": status.model, "num_layers": status.num_layers, "epoch": status.epoch, "nodes": nodes,
+            "replicas_per_layer": list(status.replicas_per_layer), "min_replicas": status.min_replicas,
+            "max_replicas": status.max_replicas, "uncovered_layers": status.uncovered_layers}
+
+
+def format_status(status: SwarmStatus) -> str:
+    """`layerhive status`: a summary line, a row per node, the online replicas of each layer."""
+    lines = [f"{status.model}: {len(status.nodes)} nodes, epoch {status.epoch}, "
+             f"replicas per layer min {status.min_replicas} max {status.max_replicas}"]
+    if status.uncovered_layers:
+        lines.append(f"  UNCOVERED layers: {status.uncovered_layers}")
+    lines.append(f"  {'peer':18} {'state':8} {'range':>7} {'planned':>7} {'epoch':>5} {'sess':>4} {'queue':>5} "
+                 f"{'ms/layer':>8} {'mem GB':>7} region")
+    for peer in status.nodes:
+        r = peer.record
+        serving, planned = ("-" if rng is None else str(rng) for rng in (peer.serving, peer.planned))
+        lines.append(f"  {r.peer_id[:18]:18} {r.state:8} {serving:>7} {planned:>7} "
+                     f"{r.epoch:>5} {r.sessions:>4} {r.queue_len:>5} {r.layer_latency_s * 1e3:>8.3f} "
+                     f"{r.memory_bytes / 1e9:>7.3f} {r.region}")
+    lines.append("  replicas per layer: " + " ".join(str(n) for n in status.replicas_per_layer))
+    return "\n".join(lines)
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from swarm.records import ServerRecord, node_spec
-from swarm.router import route
+from swarm.router import RouteRequest, build_route_index, route
 from swarm.types import Assignment, Hop, LayerRange, ModelSpec, NodeLoad
 
 CLIENT_ID = "client:self"
@@ -41,8 +41,8 @@ def plan_chains(
             return client_rtt_s.get(peer, UNKNOWN_RTT_S)
         return (client_rtt_s.get(a, UNKNOWN_RTT_S) + client_rtt_s.get(b, UNKNOWN_RTT_S)) / 2
 
-    routes = route(
-        model, nodes, assignment, rtt, client=CLIENT_ID, load=load, transport="relay" if relay else "push",
-        alternates=alternates, session_tokens=session_tokens,
-    )
+    # Records and RTTs are read afresh for every choice, so the index is built for this one.
+    request = RouteRequest(CLIENT_ID, transport="relay" if relay else "push", alternates=alternates,
+                           session_tokens=session_tokens)
+    routes = route(build_route_index(model, nodes, assignment, rtt), request, load)
     return [list(r.hops) for r in routes]

@@ -172,40 +172,53 @@ def plan(model: ModelSpec, records: Iterable[ServerRecord], *, improvement_thres
     return Plan(apply_moves(previous, moves, live=nodes), current)
 
 
-# --- `layerhive status` ---------------------------------------------------------------------------------
+# --- the swarm's status (`layerhive status`, the desktop's swarm map) -----------------------------------
 
 
-def swarm_status(model: ModelSpec, records: Iterable[ServerRecord]) -> dict:
-    """The swarm as its records show it: nodes, coverage per layer (online replicas), epoch, the plan."""
+@dataclass(frozen=True)
+class PeerStatus:
+    """One node as its record shows it, and the range the plan gives it."""
+
+    record: ServerRecord
+    planned: LayerRange | None  # None: the plan gives it no range (draining, offline, or not needed)
+
+    @property
+    def serving(self) -> LayerRange | None:
+        """The layers it serves now; None while it joins (a joining record's range is not loaded yet)."""
+        return None if self.record.state == "joining" else LayerRange(self.record.start, self.record.end)
+
+
+@dataclass(frozen=True)
+class SwarmStatus:
+    """The swarm as its records show it: nodes, online replicas of each layer, the newest epoch, the plan.
+    Numbers only: the CLI and the swarm map format them."""
+
+    model: str
+    num_layers: int
+    epoch: int
+    nodes: tuple[PeerStatus, ...]
+    replicas_per_layer: tuple[int, ...]  # online nodes serving each layer
+
+    @property
+    def min_replicas(self) -> int:
+        return min(self.replicas_per_layer, default=0)
+
+    @property
+    def max_replicas(self) -> int:
+        return max(self.replicas_per_layer, default=0)
+
+    @property
+    def uncovered_layers(self) -> list[int]:
+        return [layer for layer, n in enumerate(self.replicas_per_layer) if n == 0]
+
+
+def swarm_status(model: ModelSpec, records: Iterable[ServerRecord]) -> SwarmStatus:
+    """The swarm as its (checked) records show it, with the range the plan gives each node."""
     records = check_records(model, records)
     online = [r for r in records if r.state == "online"]
-    replicas = [sum(r.start <= layer < r.end for r in online) for layer in range(model.num_layers)]
+    replicas = tuple(sum(r.start <= layer < r.end for r in online) for layer in range(model.num_layers))
     planned = plan(model, records)
-    nodes = [{
-        "peer_id": r.peer_id, "state": r.state, "range": f"{r.start}:{r.end}" if r.state != "joining" else None,
-        "planned": str(planned.range_of(r.peer_id)) if planned.range_of(r.peer_id) else None,
-        "epoch": r.epoch, "sessions": r.sessions, "queue_len": r.queue_len, "free_kv_tokens": r.free_kv_tokens,
-        "layer_latency_ms": round(r.layer_latency_s * 1e3, 3), "memory_gb": round(r.memory_bytes / 1e9, 3),
-        "uplink_mbps": round(r.uplink_bps / 1e6, 1), "region": r.region,
-    } for r in records]
-    return {
-        "model": model.name, "num_layers": model.num_layers, "epoch": max((r.epoch for r in records), default=0),
-        "nodes": nodes, "replicas_per_layer": replicas,
-        "min_replicas": min(replicas, default=0), "max_replicas": max(replicas, default=0),
-        "uncovered_layers": [layer for layer, n in enumerate(replicas) if n == 0],
-    }
-
-
-def format_status(status: dict) -> str:
-    lines = [f"{status['model']}: {len(status['nodes'])} nodes, epoch {status['epoch']}, "
-             f"replicas per layer min {status['min_replicas']} max {status['max_replicas']}"]
-    if status["uncovered_layers"]:
-        lines.append(f"  UNCOVERED layers: {status['uncovered_layers']}")
-    lines.append(f"  {'peer':18} {'state':8} {'range':>7} {'planned':>7} {'epoch':>5} {'sess':>4} {'queue':>5} "
-                 f"{'ms/layer':>8} {'mem GB':>7} region")
-    for n in status["nodes"]:
-        lines.append(f"  {n['peer_id'][:18]:18} {n['state']:8} {n['range'] or '-':>7} {n['planned'] or '-':>7} "
-                     f"{n['epoch']:>5} {n['sessions']:>4} {n['queue_len']:>5} {n['layer_latency_ms']:>8.3f} "
-                     f"{n['memory_gb']:>7.3f} {n['region']}")
-    lines.append("  replicas per layer: " + " ".join(str(n) for n in status["replicas_per_layer"]))
-    return "\n".join(lines)
+    return SwarmStatus(model=model.name, num_layers=model.num_layers,
+                       epoch=max((r.epoch for r in records), default=0),
+                       nodes=tuple(PeerStatus(r, planned.range_of(r.peer_id)) for r in records),
+                       replicas_per_layer=replicas)

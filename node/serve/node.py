@@ -40,7 +40,15 @@ from node.net.protocol import (
     parse_open,
     parse_push_open,
 )
-from node.serve.assignment import EpochTracker, check_records, model_spec, plan, reference_memory, swarm_status
+from node.serve.assignment import (
+    EpochTracker,
+    SwarmStatus,
+    check_records,
+    model_spec,
+    plan,
+    reference_memory,
+    swarm_status,
+)
 from node.serve.server import StageServer
 from swarm.records import ServerRecord
 from swarm.types import LayerRange
@@ -319,7 +327,7 @@ class Node:
 
     # --- the DHT record -------------------------------------------------------------------------------
 
-    async def swarm_status(self) -> dict | None:
+    async def swarm_status(self) -> SwarmStatus | None:
         """The swarm as its DHT records show it (`node.serve.assignment.swarm_status`); None before joining a DHT."""
         if self.dht is None:
             return None

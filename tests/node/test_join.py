@@ -158,13 +158,26 @@ def test_the_plan_charges_chain_ends_for_what_a_ring_loads_there(tiny_checkpoint
 
 
 def test_status_reports_nodes_coverage_and_the_plan():
-    from node.serve.assignment import format_status, swarm_status
+    import json
+
+    from node.app.cli import format_status, status_json
+    from node.serve.assignment import swarm_status
 
     records = [joining(i) for i in range(4)]
     online = as_online(plan(SPEC, records), records)
     status = swarm_status(SPEC, [*online, joining(9)])
-    assert status["min_replicas"] >= 1 and not status["uncovered_layers"] and status["epoch"] == online[0].epoch
-    assert len(status["replicas_per_layer"]) == SPEC.num_layers and len(status["nodes"]) == 5
-    newcomer = next(n for n in status["nodes"] if n["peer_id"] == "peer9")
-    assert newcomer["range"] is None and newcomer["planned"] is not None
+    assert status.min_replicas >= 1 and not status.uncovered_layers and status.epoch == online[0].epoch
+    assert len(status.replicas_per_layer) == SPEC.num_layers and len(status.nodes) == 5
+    newcomer = next(n for n in status.nodes if n.record.peer_id == "peer9")
+    assert newcomer.serving is None and newcomer.planned is not None
+    assert all(n.serving == LayerRange(n.record.start, n.record.end) for n in status.nodes if n is not newcomer)
     assert "replicas per layer" in format_status(status)
+
+    shown = json.loads(json.dumps(status_json(status)))  # `layerhive status --json`: numbers, never "a:b"
+    assert shown["replicas_per_layer"] == list(status.replicas_per_layer) and shown["min_replicas"] >= 1
+    by_peer = {n["peer_id"]: n for n in shown["nodes"]}
+    assert by_peer["peer9"]["range"] is None
+    assert by_peer["peer9"]["planned"] == {"start": newcomer.planned.start, "end": newcomer.planned.end}
+    for record in online:
+        assert by_peer[record.peer_id]["range"] == {"start": record.start, "end": record.end}
+        assert by_peer[record.peer_id]["layer_latency_s"] == record.layer_latency_s
