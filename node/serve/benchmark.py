@@ -107,7 +107,6 @@ class BenchResult:
     max_layers: int  # layers that fit in memory_bytes with that KV budget (at most the whole model)
     uplink_bps: float | None  # None: not measured (no peers)
     rtt_s: dict[str, float] = field(hash=False)  # peer id -> median RTT
-    reachability: str  # "direct" unless known otherwise (see records.REACHABILITY)
     measured_at: str  # when the compute numbers were measured (UTC, ISO 8601)
     versions: dict[str, str] = field(hash=False)
     notes: tuple[str, ...] = ()
@@ -128,7 +127,6 @@ class BenchResult:
             memory_bytes=float(self.memory_bytes),
             layer_latency_s=self.stage_layer_latency_s(layers),
             prefill_s_per_token_per_layer=self.prefill_s_per_token_per_layer,
-            relayed=self.reachability == "relayed",
             **extra,
         )
 
@@ -139,7 +137,6 @@ class BenchResult:
             "prefill_s_per_token_per_layer": self.prefill_s_per_token_per_layer,
             "uplink_bps": self.uplink_bps or 0.0,
             "memory_bytes": float(self.memory_bytes),
-            "reachability": self.reachability,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -598,7 +595,7 @@ def run_bench(
         memory_available_bytes=free, memory_bytes=offered, memory_cap_bytes=max_memory_bytes,
         layer_bytes=per_layer, kv_bytes_per_token_per_layer=kv_per_token,
         kv_sessions=settings.kv_sessions, kv_context_tokens=settings.kv_context_tokens, max_layers=max_layers,
-        uplink_bps=network.uplink_bps, rtt_s=network.rtt_s, reachability="direct",
+        uplink_bps=network.uplink_bps, rtt_s=network.rtt_s,
         measured_at=compute.measured_at, versions=versions(), notes=tuple(notes), from_cache=from_cache,
         num_layers=source.num_layers,
     )
@@ -623,7 +620,7 @@ def format_result(result: BenchResult) -> str:
     if result.rtt_s or result.uplink_bps is not None:
         rtts = ", ".join(f"{peer[:12]}... {ms(rtt)}" for peer, rtt in result.rtt_s.items()) or "none"
         uplink = "not measured" if result.uplink_bps is None else f"{result.uplink_bps / 1e6:.1f} Mbit/s"
-        lines.append(f"  network: uplink {uplink}; RTT {rtts}; reachability {result.reachability}")
+        lines.append(f"  network: uplink {uplink}; RTT {rtts}")
     lines.append(f"  measured {result.measured_at}" + (" (cached)" if result.from_cache else ""))
     lines += [f"  note: {note}" for note in result.notes]
     return "\n".join(lines)
