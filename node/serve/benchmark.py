@@ -456,7 +456,7 @@ async def measure_network(
 ) -> NetworkResult:
     """RTT to a few of `model`'s servers (found on the DHT) or the bootstrap peers, and uplink to the
     nearest ones that run the probe sink."""
-    from node.net.membership import list_servers, open_dht
+    from node.net.membership import open_dht
     from node.net.probe import ProbeError, measure_rtt, measure_uplink
     from node.net.protocol import INFO_HANDLER
 
@@ -464,17 +464,17 @@ async def measure_network(
     report = _Progress(progress)
     report("joining the swarm's DHT", 0.0)
     try:  # a client-mode peer only dials out, so listening on loopback is enough
-        dht = await asyncio.get_running_loop().run_in_executor(
+        client = await asyncio.get_running_loop().run_in_executor(
             None, lambda: open_dht(initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
         )
     except Exception as e:  # bad or unreachable peers: the compute and memory results still stand
         return NetworkResult(notes=(f"network not measured: cannot join the swarm: {type(e).__name__}: {e}",))
     notes: list[str] = []
     try:
-        p2p = await dht.replicate_p2p()
+        p2p = await client.dht.replicate_p2p()
         servers: list[str] = []
         try:
-            servers = [r.peer_id for r in await list_servers(dht, model) if r.state == "online"]
+            servers = [r.peer_id for r in await client.list_servers(model) if r.state == "online"]
         except Exception as e:  # a DHT hiccup should not cost us the bootstrap peers
             notes.append(f"could not list {model}'s servers: {e}")
         random.shuffle(servers)  # spread the probing load over the swarm
@@ -506,7 +506,7 @@ async def measure_network(
         report("network measured", 1.0)
         return NetworkResult(rtt, max(uplinks) if uplinks else None, tuple(notes))
     finally:
-        dht.shutdown()
+        client.shutdown()
 
 
 # --- the whole bench --------------------------------------------------------------------------------

@@ -20,15 +20,14 @@ from dataclasses import dataclass, replace
 
 import psutil
 import torch
-from hivemind import DHT
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from node.model.checkpoint import ModelSource
 from node.model.stage import Stage, default_device, default_dtype
 from node.net.direct import DirectListener, listen_host, maddr_hosts
-from node.net.identity import NodeIdentity, load_identity
-from node.net.membership import DEFAULT_TTL_S, announce, list_servers, open_dht
+from node.net.identity import load_identity
+from node.net.membership import DEFAULT_TTL_S, SwarmPeer, open_dht
 from node.net.probe import add_probe_handlers
 from node.net.protocol import (
     INFERENCE_HANDLER,
@@ -40,6 +39,7 @@ from node.net.protocol import (
     parse_open,
     parse_push_open,
 )
+from node.net.reachability import DIRECT
 from node.serve.assignment import EpochTracker, check_records, model_spec, plan, reference_memory, swarm_status
 from node.serve.server import StageServer
 from swarm.records import ServerRecord
@@ -84,21 +84,13 @@ class NodeConfig:
         return self.ttl_s / 3
 
 
-def start_dht(initial_peers: Sequence[str], host_maddrs: Sequence[str], *, client_mode: bool = False,
-              identity: NodeIdentity | None = None, announce_maddrs: Sequence[str] = (),
-              relays: Sequence[str] | None = None) -> DHT:
-    """A DHT peer that signs its records with `identity` (an ephemeral one if None) and validates everyone's."""
-    return open_dht(initial_peers, host_maddrs, client_mode=client_mode, identity=identity,
-                    announce_maddrs=announce_maddrs, relays=relays)
-
-
 class Node:
     def __init__(self, source: ModelSource, config: NodeConfig) -> None:
         self.source, self.config = source, config
         self.spec = model_spec(source)
         self.device = torch.device(config.device) if config.device else default_device()
         self.dtype = default_dtype(self.device)
-        self.dht: DHT | None = None
+        self.peer: SwarmPeer | None = None  # our DHT peer: announces our record, reads everyone's
         self.p2p: P2P | None = None
         self.server: StageServer | None = None  # the stage new sessions go to
         self.retiring: list[StageServer] = []  # stages left by a move or a pause, finishing their sessions
@@ -125,9 +117,9 @@ class Node:
         config = self.config
         self._set_state("starting")
         identity = load_identity(config.identity) if config.identity else None
-        self.dht = start_dht(config.initial_peers, config.host_maddrs, identity=identity,
+        self.peer = open_dht(config.initial_peers, config.host_maddrs, identity=identity,
                              announce_maddrs=config.announce_maddrs, relays=config.relays)
-        self.p2p = await self.dht.replicate_p2p()
+        self.p2p = await self.peer.dht.replicate_p2p()
         await self._add_handlers(self.p2p)
         if config.direct_links:
             self.direct = DirectListener()
@@ -138,10 +130,11 @@ class Node:
         await self._go_online()
 
     async def _go_online(self) -> None:
-        peer_id = self.dht.peer_id.to_base58()
+        peer_id = self.peer.peer_id
         epoch = max((r.epoch for r in await self._records()), default=0)  # continue the swarm's epochs
         self.record = ServerRecord(peer_id=peer_id, model=self.source.name, start=0, end=1, state="joining",
-                                   region=self.config.region, epoch=epoch, **self._capabilities)
+                                   region=self.config.region, epoch=epoch, **self._capabilities,
+                                   reachability=self.peer.reachability or DIRECT)  # as measured: what peers see
         if self.config.fixed:
             target = LayerRange(self.config.start, self.config.end)
         else:
@@ -197,7 +190,7 @@ class Node:
         if max_memory_bytes is not None and max_memory_bytes <= 0:
             raise ValueError(f"the memory cap must be positive, got {max_memory_bytes} bytes")
         self.config = replace(self.config, max_memory_bytes=max_memory_bytes)
-        if self.dht is None:  # not started: `start` measures with the new cap
+        if self.peer is None:  # not started: `start` measures with the new cap
             return
         serving = self.state == "online"
         if serving:
@@ -228,15 +221,15 @@ class Node:
         if self.p2p is not None:  # our replica's connections to the daemon, closed on this loop while it runs
             await self.p2p.shutdown()
             self.p2p = None
-        if self.dht is not None:
-            self.dht.shutdown()
-            self.dht = None
+        if self.peer is not None:
+            self.peer.shutdown()
+            self.peer = None
         self._set_state("stopped")
 
     @property
     def visible_maddrs(self) -> list[str]:
-        assert self.dht is not None
-        return [str(m) for m in self.dht.get_visible_maddrs()]
+        assert self.peer is not None
+        return self.peer.visible_maddrs
 
     @property
     def tokens_served(self) -> int:
@@ -321,15 +314,15 @@ class Node:
 
     async def swarm_status(self) -> dict | None:
         """The swarm as its DHT records show it (`node.serve.assignment.swarm_status`); None before joining a DHT."""
-        if self.dht is None:
+        if self.peer is None:
             return None
         return swarm_status(self.spec, await self._records())
 
     async def _records(self) -> list[ServerRecord]:
-        return await list_servers(self.dht, self.source.name, num_layers=self.source.num_layers)
+        return await self.peer.list_servers(self.source.name, num_layers=self.source.num_layers)
 
     async def _announce(self, state: str | None = None) -> None:
-        assert self.record is not None and self.dht is not None
+        assert self.record is not None and self.peer is not None
         server = self.server
         fields = {}
         if server is not None:
@@ -338,7 +331,7 @@ class Node:
             if server.layer_latency_s > 0:  # measured while serving: better than the bench for routing
                 fields["layer_latency_s"] = server.layer_latency_s
         self.record = replace(self.record, state=state or self.record.state, **fields)
-        await announce(self.dht, self.record, ttl_s=self.config.ttl_s)
+        await self.peer.announce(self.record, ttl_s=self.config.ttl_s)
 
     def _start_heartbeat(self) -> None:
         if self._heartbeat is None or self._heartbeat.done():
