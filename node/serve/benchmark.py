@@ -238,15 +238,19 @@ def _nvml_memory(index: int, cuda_error: Exception) -> tuple[int, int]:
         raise BenchError(f"cannot read the memory of cuda:{index}: torch says {cuda_error}; NVML says {e}") from e
 
 
-def usable_memory(device_type: str, free: int, total: int) -> int:
-    """Memory a node may take for weights + KV out of `free`, leaving headroom for the rest.
+def usable_memory(device_type: str, free: int, total: int, max_memory_bytes: int | None = None) -> int:
+    """Memory a node offers for weights + KV out of `free`, leaving headroom for the rest, at most the user's
+    `max_memory_bytes`. The one memory policy: the bench and a node's quick estimate offer this, and the
+    plan's KV share of it is what the node's server enforces (node.serve.assignment.planned_kv_budget).
 
     A GPU needs headroom for activations, the allocator's fragmentation and other CUDA contexts; a
     CPU or Apple machine is someone's computer, so we leave a quarter of its free RAM to its owner,
     and half a GiB more for this process itself (Python, torch, hivemind)."""
     if device_type == "cuda":
-        return max(0, free - max(512 << 20, total // 20))
-    return max(0, int(free * 0.75) - (512 << 20))
+        usable = max(0, free - max(512 << 20, total // 20))
+    else:
+        usable = max(0, int(free * 0.75) - (512 << 20))
+    return usable if max_memory_bytes is None else min(usable, int(max_memory_bytes))
 
 
 # --- compute ----------------------------------------------------------------------------------------
@@ -547,9 +551,7 @@ def run_bench(
     per_layer = layer_bytes(source, torch_dtype)
     kv_per_token = kv_bytes_per_token(source.config, torch_dtype)
     free, total = free_memory(torch_device)
-    offered = usable_memory(torch_device.type, free, total)
-    if max_memory_bytes is not None:
-        offered = min(offered, int(max_memory_bytes))
+    offered = usable_memory(torch_device.type, free, total, max_memory_bytes)
     spec = ModelSpec(source.name, source.num_layers, source.hidden_size, per_layer, kv_per_token)
     node = NodeSpec("self", "", memory_bytes=offered, layer_latency_s=1.0, prefill_s_per_token_per_layer=1.0)
     max_layers = layer_capacity(spec, node, sessions=settings.kv_sessions, context_tokens=settings.kv_context_tokens)

@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
-import psutil
 import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
@@ -40,7 +39,16 @@ from node.net.protocol import (
     parse_push_open,
 )
 from node.net.reachability import DIRECT
-from node.serve.assignment import EpochTracker, check_records, model_spec, plan, reference_memory, swarm_status
+from node.serve.assignment import (
+    EpochTracker,
+    check_records,
+    model_spec,
+    plan,
+    planned_kv_budget,
+    reference_memory,
+    swarm_status,
+)
+from node.serve.benchmark import free_memory, run_bench, usable_memory
 from node.serve.server import StageServer
 from swarm.records import ServerRecord
 from swarm.types import LayerRange
@@ -58,7 +66,7 @@ class NodeConfig:
     initial_peers: Sequence[str] = ()
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)
     device: str | None = None
-    kv_budget_bytes: int | None = None  # default: a quarter of the memory left after loading
+    kv_budget_bytes: int | None = None  # default: the plan's KV share of the memory offered (_planned_kv_budget)
     max_length: int = 8192
     ttl_s: float = DEFAULT_TTL_S  # records expire after this; heartbeats and re-planning run every ttl_s / 3
     identity: str | None = None  # name of a persistent identity (peer id + signing key); None: a new one per run
@@ -273,8 +281,6 @@ class Node:
         config = self.config
         if config.bench and not config.fixed:  # a fixed range needs no plan, so no measurement worth waiting for
             try:
-                from node.serve.benchmark import run_bench
-
                 result = run_bench(self.source, device=str(self.device), dtype=self.dtype,
                                    max_memory_bytes=config.max_memory_bytes)
                 fields = result.record_fields()
@@ -282,13 +288,7 @@ class Node:
                 return fields
             except Exception as e:
                 logger.warning("bench failed (%s); estimating memory only", e)
-        if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            memory = int(free * 0.9)
-        else:
-            memory = int(psutil.virtual_memory().available * 0.5)
-        if config.max_memory_bytes is not None:
-            memory = min(memory, config.max_memory_bytes)
+        memory = usable_memory(self.device.type, *free_memory(self.device), config.max_memory_bytes)
         return {"memory_bytes": reference_memory(memory, self.dtype)}
 
     async def _load(self, target: LayerRange) -> StageServer:
@@ -296,13 +296,21 @@ class Node:
         stage = await asyncio.get_running_loop().run_in_executor(
             None, lambda: Stage(self.source, target.start, target.end, dtype=self.dtype, device=self.device)
         )
-        budget = config.kv_budget_bytes or default_kv_budget(self.device)
+        budget = config.kv_budget_bytes or self._planned_kv_budget(target)
         server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
                              send_delay_s=config.send_delay_s, test_perturb_scale=config.test_perturb_scale,
                              test_slowdown_s=config.test_slowdown_s, send_bandwidth_bps=config.send_bandwidth_bps,
                              uplink_bps=self._capabilities.get("uplink_bps", 0.0))
         server.attach(self.p2p, self.direct)
         return server
+
+    def _planned_kv_budget(self, layers: LayerRange) -> int:
+        """The KV share of our announced memory that the plan leaves us once we hold `layers`."""
+        budget = planned_kv_budget(self.spec, self.record.memory_bytes, layers, self.dtype)
+        if budget == 0:
+            logger.warning("layers %s take all the memory offered: no KV cache is left, sessions will be refused",
+                           layers)
+        return budget
 
     def _drop(self, server: StageServer) -> None:
         self._retired_tokens += server.tokens_served
@@ -506,10 +514,3 @@ def _free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def default_kv_budget(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * 0.5)
-    return int(psutil.virtual_memory().available * 0.25)

@@ -137,6 +137,8 @@ def test_step_time_split_and_memory_policy():
     assert usable_memory("cuda", 20 * gib, 24 * gib) == 20 * gib - int(24 * gib * 0.05)
     assert usable_memory("cpu", 8 * gib, 16 * gib) == 6 * gib - (512 << 20)
     assert usable_memory("cpu", 100, 16 * gib) == 0
+    assert usable_memory("cpu", 8 * gib, 16 * gib, max_memory_bytes=gib) == gib  # the user's cap
+    assert usable_memory("cuda", 20 * gib, 24 * gib, max_memory_bytes=40 * gib) == 20 * gib - int(24 * gib * 0.05)
 
 
 # --- network probes -------------------------------------------------------------------------------
