@@ -38,7 +38,7 @@ from node.model.checkpoint import resolve_model  # noqa: E402
 from node.model.head import ClientHead  # noqa: E402
 from node.model.sampling import SamplingParams  # noqa: E402
 from node.model.stage import Stage, StepInput  # noqa: E402
-from node.serve.node import start_dht  # noqa: E402
+from node.net.membership import open_dht  # noqa: E402
 from tests.node.test_verify import SwarmWithLiar  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -105,11 +105,11 @@ async def swarm_figures(swarm: SwarmWithLiar, args) -> dict:
     head = ClientHead(source)
     rng = random.Random(7)
     prompt_ids = [rng.randrange(5, 250) for _ in range(24)]
-    dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    peer = open_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     figures: dict = {"false_positives": {}, "detection": {}}
     try:
         for wire in ("none", "fp16"):  # honest run, every step audited
-            client = SwarmClient(dht, source)
+            client = SwarmClient(peer, source)
             client.ban(liar, for_s=1e6)
             auditor = Auditor(client, 1.0, compute_dtype=torch.float32, wire=wire, rng=random.Random(1))
             started = time.perf_counter()
@@ -127,7 +127,7 @@ async def swarm_figures(swarm: SwarmWithLiar, args) -> dict:
         for p in args.probabilities:
             caught, tainted, generations = 0, [], 0
             for g in range(args.generations):
-                client = LiarFirstClient(dht, source.name, source.num_layers)
+                client = LiarFirstClient(peer, source)
                 client.liar = liar
                 auditor = Auditor(client, p, compute_dtype=torch.float32, rng=random.Random(1000 + g))
                 _, session = await run_generation(client, head, prompt_ids, args.tokens, auditor)
@@ -148,7 +148,7 @@ async def swarm_figures(swarm: SwarmWithLiar, args) -> dict:
             }
             print("detection, p =", p, figures["detection"][str(p)], flush=True)
     finally:
-        dht.shutdown()
+        peer.shutdown()
     return figures
 
 

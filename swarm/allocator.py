@@ -69,6 +69,7 @@ import numpy as np
 from swarm.costmodel import (
     handover_s,
     kv_bytes_per_layer,
+    kv_share_bytes,
     layer_capacity,
     node_rate_tokens_per_s,
     range_fits,
@@ -843,9 +844,7 @@ def _plan_cost(
             continue  # cut by the safety net: no longer a chain of its own
         specs = [infos[n].spec for n in chain]
         n_layers = np.array([len(ranges[n]) for n in chain], dtype=float)
-        head = [model.head_bytes / 2 * ((ranges[n].start == 0) + (ranges[n].end == L)) for n in chain]
-        free = np.array([sp.memory_bytes - k * model.layer_bytes - h for sp, k, h in zip(specs, n_layers, head,
-                                                                                          strict=True)])
+        free = np.array([kv_share_bytes(model, infos[n].spec.memory_bytes, ranges[n]) for n in chain])
         room.append(max(0.0, float(np.floor(np.min(free / (n_layers * kv_session))))))
         lat.append(np.array([sp.layer_latency_s for sp in specs]))
         pre.append(np.array([sp.prefill_s_per_token_per_layer for sp in specs]))

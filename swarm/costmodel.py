@@ -17,6 +17,7 @@ Public API (stable; the simulator and the allocator/router/rebalancer use these)
     layer_capacity(model, node, *, sessions=1, context_tokens=2048, embedding=False, lm_head=False) -> int
     range_fits(model, node, rng, *, sessions, context_tokens) -> bool
     batched_step_s(layer_latency_s, prefill_s_per_token_per_layer, batch) -> float | numpy.ndarray
+    kv_share_bytes(model, memory_bytes, rng) -> float
     batched_layer_s(node, batch) -> float
     stage_decode_s(node, layers, *, batch=1) -> float
     stage_prefill_s(node, layers, prompt_tokens) -> float
@@ -238,6 +239,15 @@ def range_fits(
         lm_head=rng.end == model.num_layers,
     )
     return rng.end <= model.num_layers and need <= node.memory_bytes * (1 + 1e-9)
+
+
+def kv_share_bytes(model: ModelSpec, memory_bytes: float, rng: LayerRange) -> float:
+    """The KV cache a node offering `memory_bytes` keeps for sessions once it holds `rng`: what the range's
+    weights, and the head parts its ends imply, leave of its memory (never below 0). The allocator plans a
+    node's KV room with it, and the node's server enforces it as its KV budget."""
+    weights = memory_needed_bytes(model, len(rng), sessions=0, context_tokens=0, embedding=rng.start == 0,
+                                  lm_head=rng.end == model.num_layers)
+    return max(0.0, memory_bytes - weights)
 
 
 # --- network --------------------------------------------------------------------------------------

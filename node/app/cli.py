@@ -92,19 +92,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from node.model.checkpoint import resolve_model
-    from node.net.membership import list_servers_blocking
+    from node.net.membership import open_dht
     from node.serve.assignment import model_spec, swarm_status
-    from node.serve.node import start_dht
 
     if not args.initial_peers:
         print("layerhive status: error: give --initial-peers of the swarm", file=sys.stderr)
         return 2
     source = resolve_model(args.model)
-    dht = start_dht(args.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    peer = open_dht(args.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
-        records = list_servers_blocking(dht, source.name, num_layers=source.num_layers)
+        records = peer.list_servers_blocking(source.name, num_layers=source.num_layers)
     finally:
-        dht.shutdown()
+        peer.shutdown()
     status = swarm_status(model_spec(source), records)
     print(json.dumps(status_json(status), indent=2) if args.json else format_status(status))
     return 0

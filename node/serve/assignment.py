@@ -23,6 +23,7 @@ import torch
 from node.model.checkpoint import ModelSource, layer_bytes
 from node.model.stage import kv_bytes_per_token
 from swarm.allocator import allocate
+from swarm.costmodel import kv_share_bytes
 from swarm.rebalancer import RebalanceState, apply_moves, plan_rebalance
 from swarm.records import RecordError, ServerRecord, node_spec
 from swarm.types import Assignment, LayerRange, ModelSpec, NodeSpec
@@ -51,8 +52,13 @@ def model_spec(source: ModelSource) -> ModelSpec:
 
 def reference_memory(memory_bytes: float, local_dtype: torch.dtype) -> float:
     """Memory to announce: what `memory_bytes` of `local_dtype` tensors would be at the reference dtype."""
-    local = torch.empty((), dtype=local_dtype).element_size()
-    return memory_bytes * torch.empty((), dtype=REFERENCE_DTYPE).element_size() / local
+    return memory_bytes * REFERENCE_DTYPE.itemsize / local_dtype.itemsize
+
+
+def planned_kv_budget(model: ModelSpec, memory_bytes: float, layers: LayerRange, local_dtype: torch.dtype) -> int:
+    """The KV budget a node's server enforces: the KV share the plan gives a node announcing `memory_bytes`
+    (at the reference dtype) that serves `layers` (`swarm.costmodel.kv_share_bytes`), in `local_dtype` bytes."""
+    return int(kv_share_bytes(model, memory_bytes, layers) * local_dtype.itemsize / REFERENCE_DTYPE.itemsize)
 
 
 class EpochTracker:

@@ -107,7 +107,6 @@ class BenchResult:
     max_layers: int  # layers that fit in memory_bytes with that KV budget (at most the whole model)
     uplink_bps: float | None  # None: not measured (no peers)
     rtt_s: dict[str, float] = field(hash=False)  # peer id -> median RTT
-    reachability: str  # "direct" unless known otherwise (see records.REACHABILITY)
     measured_at: str  # when the compute numbers were measured (UTC, ISO 8601)
     versions: dict[str, str] = field(hash=False)
     notes: tuple[str, ...] = ()
@@ -128,7 +127,6 @@ class BenchResult:
             memory_bytes=float(self.memory_bytes),
             layer_latency_s=self.stage_layer_latency_s(layers),
             prefill_s_per_token_per_layer=self.prefill_s_per_token_per_layer,
-            relayed=self.reachability == "relayed",
             **extra,
         )
 
@@ -139,7 +137,6 @@ class BenchResult:
             "prefill_s_per_token_per_layer": self.prefill_s_per_token_per_layer,
             "uplink_bps": self.uplink_bps or 0.0,
             "memory_bytes": float(self.memory_bytes),
-            "reachability": self.reachability,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,15 +238,19 @@ def _nvml_memory(index: int, cuda_error: Exception) -> tuple[int, int]:
         raise BenchError(f"cannot read the memory of cuda:{index}: torch says {cuda_error}; NVML says {e}") from e
 
 
-def usable_memory(device_type: str, free: int, total: int) -> int:
-    """Memory a node may take for weights + KV out of `free`, leaving headroom for the rest.
+def usable_memory(device_type: str, free: int, total: int, max_memory_bytes: int | None = None) -> int:
+    """Memory a node offers for weights + KV out of `free`, leaving headroom for the rest, at most the user's
+    `max_memory_bytes`. The one memory policy: the bench and a node's quick estimate offer this, and the
+    plan's KV share of it is what the node's server enforces (node.serve.assignment.planned_kv_budget).
 
     A GPU needs headroom for activations, the allocator's fragmentation and other CUDA contexts; a
     CPU or Apple machine is someone's computer, so we leave a quarter of its free RAM to its owner,
     and half a GiB more for this process itself (Python, torch, hivemind)."""
     if device_type == "cuda":
-        return max(0, free - max(512 << 20, total // 20))
-    return max(0, int(free * 0.75) - (512 << 20))
+        usable = max(0, free - max(512 << 20, total // 20))
+    else:
+        usable = max(0, int(free * 0.75) - (512 << 20))
+    return usable if max_memory_bytes is None else min(usable, int(max_memory_bytes))
 
 
 # --- compute ----------------------------------------------------------------------------------------
@@ -459,7 +460,7 @@ async def measure_network(
 ) -> NetworkResult:
     """RTT to a few of `model`'s servers (found on the DHT) or the bootstrap peers, and uplink to the
     nearest ones that run the probe sink."""
-    from node.net.membership import list_servers, open_dht
+    from node.net.membership import open_dht
     from node.net.probe import ProbeError, measure_rtt, measure_uplink
     from node.net.protocol import INFO_HANDLER
 
@@ -467,17 +468,17 @@ async def measure_network(
     report = _Progress(progress)
     report("joining the swarm's DHT", 0.0)
     try:  # a client-mode peer only dials out, so listening on loopback is enough
-        dht = await asyncio.get_running_loop().run_in_executor(
+        client = await asyncio.get_running_loop().run_in_executor(
             None, lambda: open_dht(initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
         )
     except Exception as e:  # bad or unreachable peers: the compute and memory results still stand
         return NetworkResult(notes=(f"network not measured: cannot join the swarm: {type(e).__name__}: {e}",))
     notes: list[str] = []
     try:
-        p2p = await dht.replicate_p2p()
+        p2p = await client.dht.replicate_p2p()
         servers: list[str] = []
         try:
-            servers = [r.peer_id for r in await list_servers(dht, model) if r.state == "online"]
+            servers = [r.peer_id for r in await client.list_servers(model) if r.state == "online"]
         except Exception as e:  # a DHT hiccup should not cost us the bootstrap peers
             notes.append(f"could not list {model}'s servers: {e}")
         random.shuffle(servers)  # spread the probing load over the swarm
@@ -509,7 +510,7 @@ async def measure_network(
         report("network measured", 1.0)
         return NetworkResult(rtt, max(uplinks) if uplinks else None, tuple(notes))
     finally:
-        dht.shutdown()
+        client.shutdown()
 
 
 # --- the whole bench --------------------------------------------------------------------------------
@@ -550,9 +551,7 @@ def run_bench(
     per_layer = layer_bytes(source, torch_dtype)
     kv_per_token = kv_bytes_per_token(source.config, torch_dtype)
     free, total = free_memory(torch_device)
-    offered = usable_memory(torch_device.type, free, total)
-    if max_memory_bytes is not None:
-        offered = min(offered, int(max_memory_bytes))
+    offered = usable_memory(torch_device.type, free, total, max_memory_bytes)
     spec = ModelSpec(source.name, source.num_layers, source.hidden_size, per_layer, kv_per_token)
     node = NodeSpec("self", "", memory_bytes=offered, layer_latency_s=1.0, prefill_s_per_token_per_layer=1.0)
     max_layers = layer_capacity(spec, node, sessions=settings.kv_sessions, context_tokens=settings.kv_context_tokens)
@@ -598,7 +597,7 @@ def run_bench(
         memory_available_bytes=free, memory_bytes=offered, memory_cap_bytes=max_memory_bytes,
         layer_bytes=per_layer, kv_bytes_per_token_per_layer=kv_per_token,
         kv_sessions=settings.kv_sessions, kv_context_tokens=settings.kv_context_tokens, max_layers=max_layers,
-        uplink_bps=network.uplink_bps, rtt_s=network.rtt_s, reachability="direct",
+        uplink_bps=network.uplink_bps, rtt_s=network.rtt_s,
         measured_at=compute.measured_at, versions=versions(), notes=tuple(notes), from_cache=from_cache,
         num_layers=source.num_layers,
     )
@@ -623,7 +622,7 @@ def format_result(result: BenchResult) -> str:
     if result.rtt_s or result.uplink_bps is not None:
         rtts = ", ".join(f"{peer[:12]}... {ms(rtt)}" for peer, rtt in result.rtt_s.items()) or "none"
         uplink = "not measured" if result.uplink_bps is None else f"{result.uplink_bps / 1e6:.1f} Mbit/s"
-        lines.append(f"  network: uplink {uplink}; RTT {rtts}; reachability {result.reachability}")
+        lines.append(f"  network: uplink {uplink}; RTT {rtts}")
     lines.append(f"  measured {result.measured_at}" + (" (cached)" if result.from_cache else ""))
     lines += [f"  note: {note}" for note in result.notes]
     return "\n".join(lines)

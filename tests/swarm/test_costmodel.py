@@ -17,6 +17,7 @@ from swarm.costmodel import (
     chain_token_s,
     handover_s,
     kv_penalty_s,
+    kv_share_bytes,
     kv_shortage_s,
     layer_capacity,
     leg_s,
@@ -65,6 +66,19 @@ def test_memory_and_layer_capacity():
     assert layer_capacity(LLAMA_70B, tiny) == 0
     assert range_fits(LLAMA_70B, node, LayerRange(10, 10 + with_head), sessions=4, context_tokens=2048)
     assert not range_fits(LLAMA_70B, node, LayerRange(0, 14), sessions=4, context_tokens=2048)
+
+
+def test_a_ranges_kv_share_is_what_its_weights_leave_and_what_range_fits_checks():
+    middle, ends = LayerRange(10, 20), LayerRange(0, 80)
+    assert kv_share_bytes(LLAMA_70B, 24e9, middle) == pytest.approx(24e9 - 10 * 1.71e9)
+    assert kv_share_bytes(LLAMA_70B, 200e9, ends) == pytest.approx(200e9 - 80 * 1.71e9 - 1.05e9)  # both head halves
+    assert kv_share_bytes(LLAMA_70B, 10e9, middle) == 0.0  # the weights alone do not fit: no KV, never negative
+    # A range fits with s sessions exactly when its KV share holds s sessions' cache on each of its layers.
+    node = NodeSpec("x", "r", memory_bytes=24e9, layer_latency_s=0.002, prefill_s_per_token_per_layer=1e-5)
+    for sessions in (1, 4, 16, 64, 256):
+        session_kv = len(middle) * 4096 * 2048 * sessions
+        fits = range_fits(LLAMA_70B, node, middle, sessions=sessions, context_tokens=2048)
+        assert fits == (kv_share_bytes(LLAMA_70B, node.memory_bytes, middle) >= session_kv), sessions
 
 
 def test_batching_is_free_until_compute_bound():
