@@ -262,7 +262,7 @@ def weight_map(source: ModelSource) -> dict[str, str]:
 def files_for_keys(mapping: dict[str, str], keys: Iterable[str]) -> dict[str, list[str]]:
     """Group `keys` by the file holding them: the only files a load of those keys needs to open.
 
-    Every key must be in `mapping` (check with `missing_tensors` first)."""
+    Every key must be in `mapping` (`_check_present` checks that first)."""
     by_file: dict[str, list[str]] = {}
     for key in keys:
         by_file.setdefault(mapping[key], []).append(key)
