@@ -84,6 +84,12 @@ class ProgressWindow(QWidget):
             self.button.setText("Close")
             self.button.setEnabled(True)
 
+    def installer_gone(self) -> None:
+        """The installer ended before its final message (killed): nothing left to show. exit(), not quit(): quit
+        would first ask the window to close, and it asks the person whether to cancel."""
+        if not self.finished:
+            QApplication.exit(0)
+
     def closeEvent(self, event) -> None:
         if self.finished:
             event.accept()
@@ -110,7 +116,7 @@ def main() -> int:
     window = ProgressWindow(sys.argv[1] if len(sys.argv) > 1 else "Layerhive")
     inbox = Inbox()
     inbox.message.connect(window.handle)
-    inbox.ended.connect(lambda: None if window.finished else app.quit())  # the installer went away
+    inbox.ended.connect(window.installer_gone)  # a method of the window: called on its (the GUI) thread
     window.show()
     inbox.start()
     return app.exec()

@@ -101,10 +101,15 @@ def qt_problem(python: str) -> str | None:
     plugin = xcb_plugin(python)
     if plugin is None:
         return None  # no PySide6 wheel for xcb here (e.g. another platform): nothing this check can read
-    missing = missing_libraries(plugin)
-    if not missing:
-        return None
-    commands = install_commands(missing, read_os_release())
+    try:
+        missing = missing_libraries(plugin)
+    except (OSError, subprocess.SubprocessError):
+        return None  # no ldd (e.g. a musl system): the app's own start is then the check
+    return describe_missing(missing, read_os_release()) if missing else None
+
+
+def describe_missing(missing: list[str], os_release: dict[str, str]) -> str:
+    commands = install_commands(missing, os_release)
     unknown = [s for s in missing if s not in PACKAGES]
     text = f"Qt, which draws Layerhive's windows, needs system libraries that are missing: {', '.join(missing)}."
     if commands:

@@ -30,23 +30,28 @@ def uninstall(layout: Layout, progress: Progress, *, remove_data: bool | None, s
     if data and remove_data is None:
         listing = "\n".join(f"  - {_describe(d)}" for d in data)
         remove_data = progress.ask(f"Also remove your Layerhive data?\n{listing}") or False
-    progress.step(0.2, "Removing your data" if remove_data else "Keeping your data")
     problems = []
-    if remove_data:
+    if data and remove_data:
+        progress.step(0.2, "Removing your settings, identity and models")
         problems += remove_user_data(layout, data)
     progress.step(0.5, "Removing the program, its menu entry and login item")
     manifest = read_manifest(Path(layout.manifest)) or legacy_manifest(layout)
+    installed = [path for path in [*manifest.get("trees", []), *manifest.get("files", [])] if Path(path).exists()]
     problems += undo_manifest(manifest)
     progress.step(0.9, "Removing the logs")
     progress.log.close()  # the log goes with its directory
-    for path in [Path(layout.state), *map(Path, layout.program_caches)]:
-        problems += _remove_tree(path)
     removed = [Path(layout.state), *map(Path, layout.program_caches)]
+    for path in removed:
+        problems += _remove_tree(path)
     removed += [Path(d.path) for d in data if remove_data and d.path is not None]
     problems += prune_empty([*map(Path, manifest.get("dirs", [])), *state_parents, *emptied_parents(removed)])
-    said.append(f"Layerhive is uninstalled: removed {root}, the menu entry, the login item and the logs.")
-    if remove_data:
-        said.append("Removed your settings, this computer's node identity and the downloaded models.")
+    if installed:
+        said.append("Layerhive is uninstalled. Removed: " + ", ".join(_name(layout, p) for p in installed)
+                    + ", and the logs.")
+    else:
+        said.append(f"Layerhive was not installed for this user (nothing in {root}).")
+    if data and remove_data:
+        said.append("Removed your data:\n" + "\n".join(f"  - {d.label}" for d in data))
     elif data:
         said.append("Kept your data (delete it by hand, or uninstall with --remove-data yes):\n"
                     + "\n".join(f"  - {_describe(d)}" for d in data))
@@ -57,6 +62,12 @@ def uninstall(layout: Layout, progress: Progress, *, remove_data: bool | None, s
     if problems:
         said.append("Could not remove:\n" + "\n".join(f"  - {p}" for p in problems))
     return "\n".join(said), 1 if problems else 0
+
+
+def _name(layout: Layout, path: str) -> str:
+    names = {str(layout.root): f"the program ({layout.root})", str(layout.menu_entry): "the menu entry",
+             str(layout.login_item): "the login item", str(layout.icon): "the icon"}
+    return names.get(path, path)
 
 
 def emptied_parents(removed: list[Path]) -> list[Path]:

@@ -1,0 +1,133 @@
+"""What a person waits for, from the installer file to the first answer, in an empty home directory.
+
+- build: `installer/build.py` (the wheel in an isolated build environment, the three installer files);
+- install: the installer with `--offline --system-site-packages` (the wheel only; torch, Qt and the rest come from
+  this Python), against a baseline measured in the same run: the same two steps by hand (`python -m venv` and
+  `pip install --no-deps` of the wheel), so the ratio is the installer's own cost (stopping a running app, the
+  checks, the menu entries, the manifest);
+- `--full`: a real install from this machine's pip settings (torch and every dependency downloaded), its time
+  and the size of what it installed;
+- the installed app: `layerhive-app --self-test` (headless), the time from launch to the first window, to serving
+  and to the answer. With the tiny test model, and with `--embedded` the default model: first launch in an empty
+  home (fetching and converting the model), then a second launch (the model cached).
+
+Medians over --repeat runs. Usage: python benchmarks/installer_times.py [--repeat 3] [--full] [--embedded]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from installer.build import MARKER, build  # noqa: E402
+from installer.layout import layout_for  # noqa: E402
+from tests.conftest import build_tiny_checkpoint  # noqa: E402
+from tests.installer.conftest import run_installer, user_env  # noqa: E402
+
+OFFLINE = ("--offline", "--system-site-packages", "--no-launch", "--login-item", "no")
+SELF_TEST = re.compile(r"self-test: (first window|serving|answer) ([\d.]+) s after launch")
+
+
+def size_mb(path: Path) -> float:
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() or p.is_symlink()) / 1e6
+
+
+def timed(run) -> float:
+    began = time.perf_counter()
+    run()
+    return time.perf_counter() - began
+
+
+def checked(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if done.returncode != 0:
+        raise SystemExit(f"failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def by_hand(home: Path, wheel: Path) -> None:
+    """The baseline: the environment and the wheel, with nothing else."""
+    venv = home / "venv"
+    checked(subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], capture_output=True,
+                           text=True))
+    checked(subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index",
+                            str(wheel)], capture_output=True, text=True))
+
+
+def self_test(app: Path, env: dict[str, str], model: str) -> dict[str, float]:
+    done = checked(subprocess.run([str(app), "--self-test", "--model", model], capture_output=True, text=True,
+                                  env={**env, "QT_QPA_PLATFORM": "offscreen"}, timeout=1800))
+    return {m.group(1): float(m.group(2)) for m in SELF_TEST.finditer(done.stdout)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--full", action="store_true", help="also a real install with downloads (minutes, GBs)")
+    parser.add_argument("--embedded", action="store_true", help="also the default model's first and second launch")
+    args = parser.parse_args()
+    rows: dict[str, list[float]] = {}
+    work = Path(tempfile.mkdtemp(prefix="layerhive-installer-bench-"))
+    try:
+        dist = work / "dist"
+        rows["build installer files (s)"] = [timed(lambda: build(dist))]
+        installer = dist / "layerhive-install.run"
+        rows["installer file (MB)"] = [installer.stat().st_size / 1e6]
+        unpacked = work / "payload"
+        unpacked.mkdir()
+        subprocess.run(["tar", "-xzf", "-", "-C", str(unpacked)], input=installer.read_bytes().partition(MARKER)[2],
+                       check=True)
+        wheel = next(unpacked.glob("layerhive-*.whl"))
+        model = str(build_tiny_checkpoint(work / "tiny", "llama", 6))
+        for run in range(args.repeat):
+            hand = work / f"hand{run}"
+            baseline = timed(lambda h=hand: by_hand(h, wheel))
+            rows.setdefault("baseline: venv + pip install wheel (s)", []).append(baseline)
+            home = work / f"home{run}"
+            home.mkdir()
+            env = user_env(home)
+            rows.setdefault("install --offline (s)", []).append(
+                timed(lambda e=env: checked(run_installer(installer, e, *OFFLINE))))
+            layout = layout_for("linux", {"HOME": str(home)})
+            rows.setdefault("install --offline, size (MB)", []).append(size_mb(Path(layout.root)))
+            for key, value in self_test(Path(layout.app_executable), env, model).items():
+                rows.setdefault(f"tiny model: launch to {key} (s)", []).append(value)
+            rows.setdefault("uninstall (s)", []).append(timed(lambda e=env: checked(
+                run_installer(installer, e, "--uninstall", "--remove-data", "yes"))))
+        if args.embedded:
+            home = work / "home-embedded"
+            home.mkdir()
+            env = user_env(home)
+            checked(run_installer(installer, env, *OFFLINE))
+            app = Path(layout_for("linux", {"HOME": str(home)}).app_executable)
+            for launch in ("first", "second"):
+                for key, value in self_test(app, env, "smollm2-135m").items():
+                    rows.setdefault(f"SmolLM2, {launch} launch: to {key} (s)", []).append(value)
+        if args.full:
+            home = work / "home-full"
+            home.mkdir()
+            env = user_env(home)
+            rows["full install from the indexes (s)"] = [timed(lambda: checked(run_installer(
+                installer, env, "--no-launch", "--login-item", "no", timeout=3600)))]
+            rows["full install, size (MB)"] = [size_mb(Path(layout_for("linux", {"HOME": str(home)}).root))]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{'':52} {'median':>9}  runs")
+    for name, values in rows.items():
+        print(f"{name:52} {statistics.median(values):9.2f}  {len(values)}")
+    hand, offline = rows["baseline: venv + pip install wheel (s)"], rows["install --offline (s)"]
+    print(f"installer / by hand: {statistics.median(offline) / statistics.median(hand):.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
