@@ -111,18 +111,19 @@ def run(args: argparse.Namespace, layout: Layout, progress: Progress, state_pare
 
 @contextmanager
 def cancel_on_signals(progress: Progress, *, interrupt: bool):
-    """SIGTERM cancels like the window's Cancel: the work stops and is undone. `interrupt`: the work runs on this
-    (the main) thread, so stop it where it is; else (a window's loop runs here) the worker sees the flag."""
+    """SIGTERM and Ctrl-C cancel like the window's Cancel: the work stops and is undone. `interrupt`: the work runs
+    on this (the main) thread, so stop it where it is; else (a window's loop runs here) the worker sees the flag."""
     def cancel(*_):
         progress.cancelled.set()
         if interrupt:
             raise Cancelled()
 
-    previous = signal.signal(signal.SIGTERM, cancel)
+    previous = {number: signal.signal(number, cancel) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def yes_no(value: str | None) -> bool | None:
@@ -144,7 +145,8 @@ def install(args: argparse.Namespace, layout: Layout, progress: Progress, state_
     root = Path(layout.root)
     progress.step(0.01, "Looking for a running Layerhive")
     previous = read_manifest(Path(layout.manifest))
-    if processes.stop_app(root):
+    was_running = bool(processes.stop_app(root))
+    if was_running:
         progress.say("Stopped the running Layerhive: it is being replaced.")
     changes = Changes(previous["dirs"] if previous else [])
     try:
@@ -160,6 +162,8 @@ def install(args: argparse.Namespace, layout: Layout, progress: Progress, state_
     except BaseException:
         undone = changes.rollback()
         progress.log.write("rolled back" + "".join(f"\n  could not undo {p}" for p in undone))
+        if was_running and not undone:  # the earlier install is back as it was: so is its app
+            start_app(layout)
         raise
     changes.commit()
     added = "the menu entry" + (" and the login item" if login_item else "")
@@ -249,13 +253,18 @@ def choose_login_item(args, progress: Progress, previous: dict | None, layout: L
     return bool(had)
 
 
+def start_app(layout: Layout) -> subprocess.Popen:
+    """The app, detached from the installer (its own session), its output in the launch log."""
+    with open(Path(layout.launch_log), "w") as output:
+        return subprocess.Popen([str(layout.app_executable)], stdin=subprocess.DEVNULL, stdout=output,
+                                stderr=subprocess.STDOUT, cwd=Path.home(), start_new_session=True)
+
+
 def check_started(layout: Layout, wait_s: float) -> str | None:
     """Starts the app detached, its output in the launch log, and waits until it says it is up (None), or ends
     (what it said), or `wait_s` passes (None: still starting, which a slow first start may be)."""
     log_path = Path(layout.launch_log)
-    with open(log_path, "w") as output:
-        process = subprocess.Popen([str(layout.app_executable)], stdin=subprocess.DEVNULL, stdout=output,
-                                   stderr=subprocess.STDOUT, cwd=Path.home(), start_new_session=True)
+    process = start_app(layout)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         said = log_path.read_text(errors="replace")

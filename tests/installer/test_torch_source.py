@@ -4,11 +4,8 @@ the person's own index stays first, torch's is only added, and a torch index tha
 
 from __future__ import annotations
 
-import functools
-import http.server
 import subprocess
 import sys
-import threading
 
 import pytest
 
@@ -25,7 +22,7 @@ from installer.torch_source import (
     python_tag,
     rocm_version,
 )
-from tests.installer.conftest import closed_port
+from tests.installer.conftest import closed_port, http_server
 
 NVIDIA_L = "GPU 0: NVIDIA GeForce RTX 3060 (UUID: GPU-2f6b4c1e-93d8-1a2b-7c3d-5e6f7a8b9c0d)\n"
 NVIDIA_HEADER = """\
@@ -72,16 +69,8 @@ def torch_index(tmp_path):
         (tmp_path / "whl" / build / "torch").mkdir(parents=True)
         (tmp_path / "whl" / build / "torch" / "index.html").write_text("<html><body>" + "\n".join(links))
     (tmp_path / "whl" / "simple").mkdir()  # the person's own index: empty
-    handler = functools.partial(QuietHandler, directory=str(tmp_path / "whl"))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
+    with http_server(tmp_path / "whl") as url:
+        yield url
 
 
 def test_the_newest_wheel_for_this_python_and_machine_is_chosen(torch_index, monkeypatch):
