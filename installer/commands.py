@@ -15,7 +15,7 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 
-from installer.progress import Cancelled, Progress
+from installer.progress import Progress
 
 _COLLECTING = re.compile(r"^(?:Collecting|Downloading|Obtaining|Processing)\s+(\S+)(?:\s+\((.+)\))?")
 
@@ -38,17 +38,27 @@ def run_logged(command: Sequence[str], progress: Progress, *, what: str, span: t
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_pump, args=(process, lines), daemon=True, name="installer-output").start()
     errors: deque[str] = deque(maxlen=3)
+    try:
+        _follow(lines, progress, errors, span)
+    except BaseException:  # cancelled (also by a signal, raised right here): the command must not run on
+        _end(process)
+        raise
+    if process.wait() != 0:
+        said = ("\n  ".join([""] + list(errors))) if errors else ""
+        raise InstallError(f"{what} failed (exit code {process.returncode}).{said}")
+
+
+def _follow(lines: queue.Queue, progress: Progress, errors: deque[str], span: tuple[float, float] | None) -> None:
+    """Logs the command's output until it ends, keeping pip's ERROR lines and showing what it fetches."""
     collected = 0
     while True:
-        if progress.cancelled.is_set():
-            _end(process)
-            raise Cancelled()
+        progress.check()
         try:
             line = lines.get(timeout=0.2)
         except queue.Empty:
             continue
         if line is None:
-            break
+            return
         progress.log.write("  " + line)
         if line.startswith("ERROR:"):
             errors.append(line[len("ERROR:"):].strip())
@@ -59,9 +69,6 @@ def run_logged(command: Sequence[str], progress: Progress, *, what: str, span: t
             progress.detail(f"{match.group(1).rsplit('/', 1)[-1]}{size}")
             if span:  # no total is known in advance: approach the end of the span, never reach it
                 progress.advance(span[0] + (span[1] - span[0]) * (1 - 0.95 ** collected))
-    if process.wait() != 0:
-        said = ("\n  ".join([""] + list(errors))) if errors else ""
-        raise InstallError(f"{what} failed (exit code {process.returncode}).{said}")
 
 
 def _pump(process: subprocess.Popen, lines: queue.Queue) -> None:

@@ -114,6 +114,8 @@ def cancel_on_signals(progress: Progress, *, interrupt: bool):
     """SIGTERM and Ctrl-C cancel like the window's Cancel: the work stops and is undone. `interrupt`: the work runs
     on this (the main) thread, so stop it where it is; else (a window's loop runs here) the worker sees the flag."""
     def cancel(*_):
+        if progress.cancelled.is_set():
+            return  # already stopping: a second signal must not interrupt the undoing
         progress.cancelled.set()
         if interrupt:
             raise Cancelled()

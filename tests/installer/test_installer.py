@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from installer.layout import layout_for
-from installer.processes import app_processes
+from installer.processes import app_processes, list_processes
 from tests.installer.conftest import closed_port, files_under, run_installer, user_env
 
 pytestmark = pytest.mark.timeout(1500)
@@ -70,7 +70,7 @@ def test_installs_answers_a_chat_stops_and_uninstalls_without_a_trace(installer_
         if running.poll() is None:
             os.killpg(running.pid, signal.SIGKILL)
     assert app_processes(Path(layout.root)) == []
-    assert not any(str(home) in " ".join(p.argv) for p in all_processes()), "no process of the app survives"
+    assert not any(str(home) in " ".join(p.argv) for p in list_processes()), "no process of the app survives"
     assert files_under(home) == [], "the uninstaller leaves nothing in the home directory"
 
 
@@ -94,10 +94,11 @@ def wait_for_demo_swarm(root: Path, app: subprocess.Popen, timeout_s: float = 30
     raise TimeoutError("the app did not start its demo swarm")
 
 
-def all_processes():
-    from installer.processes import list_processes
-
-    return list_processes()
+def descendants(pid: int):
+    processes, found = list_processes(), {pid}
+    for _ in range(10):
+        found |= {p.pid for p in processes if p.ppid in found}
+    return [p for p in processes if p.pid in found and p.pid != pid]
 
 
 def dead_indexes(env: dict[str, str]) -> dict[str, str]:
@@ -203,3 +204,24 @@ def test_the_installer_starts_the_app_and_the_uninstaller_stops_it(installer_fil
     removed = run_installer(installer_file, env, "--uninstall", "--remove-data", "yes")
     assert removed.returncode == 0 and "Stopped the running Layerhive" in removed.stdout, removed.stdout
     assert app_processes(Path(layout.root)) == [] and files_under(home) == []
+
+
+def test_an_install_stopped_midway_is_undone(installer_file, tmp_path):
+    """SIGTERM (or Ctrl-C) while the environment is being made: the command is ended, everything undone."""
+    home = tmp_path / "home"
+    home.mkdir()
+    layout = layout_for("linux", {"HOME": str(home)})
+    log = Path(layout.install_log)
+    running = subprocess.Popen(["sh", str(installer_file), *OFFLINE, "--no-launch"], env=user_env(home),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "-m venv" in log.read_text()):
+        assert running.poll() is None and time.monotonic() < deadline, "the install never reached the venv step"
+        time.sleep(0.05)
+    installer = next(p for p in descendants(running.pid) if "-m installer" in " ".join(p.argv))
+    os.kill(installer.pid, signal.SIGTERM)
+    out, err = running.communicate(timeout=300)
+    assert running.returncode == 130 and "everything this run changed was undone" in err, out + err
+    assert not any("-m venv" in " ".join(p.argv) and str(home) in " ".join(p.argv) for p in list_processes())
+    assert files_under(home) == [".local", ".local/state", ".local/state/layerhive",
+                                 ".local/state/layerhive/install.log"]
