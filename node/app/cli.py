@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from node.app.cli_simulate import add_simulate_parser
 from node.model.checkpoint import DEFAULT_MODEL
@@ -116,15 +117,18 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 def cmd_swarm_local(args: argparse.Namespace) -> int:
     from node.app.local_swarm import LocalSwarm
 
-    # Block the signals before waiting for them, or SIGINT/SIGTERM would kill us before sigwait sees them.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    # Handlers rather than a blocked mask and sigwait: a mask would be inherited by the nodes we spawn.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     with LocalSwarm(args.model, num_nodes=args.nodes, threads_per_node=args.threads) as swarm:
         print("local swarm online:")
         for layers, process in zip(swarm.ranges, swarm.processes, strict=True):
             print(f"  node pid {process.pid}: layers {layers[0]}:{layers[1]}")
         print("initial peers:", " ".join(swarm.initial_peers), flush=True)
         print("join with: layerhive chat --initial-peers", swarm.initial_peers[0], '"Hello!"', flush=True)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        while not stop.wait(1.0):  # a timeout keeps the main thread where Python runs signal handlers
+            pass
         print("stopping the local swarm...", flush=True)
     return 0
 
@@ -284,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from node.net.lifeline import default_signals, follow_parent_from_env
+
+    default_signals()  # whatever our parent blocked or ignored, SIGINT/SIGTERM stop us
+    follow_parent_from_env()  # started by a local swarm: stop when it is gone
     args = build_parser().parse_args(argv)
     _quiet_logs(args.verbose)
     if getattr(args, "initial_peers", None) == [] and args.func is not cmd_bootstrap:

@@ -11,9 +11,12 @@ from another peer. `list_servers` checks everything but the signature again and 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +32,7 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from node.net.config import load_config
 from node.net.identity import IdentityError, NodeIdentity, claim, ephemeral_identity, peer_id_from_owner_key
+from node.net.lifeline import GRACE_S, default_signals, die_with_spawner, kill_descendants, watch_parent
 from node.net.reachability import measure_in_dht, peer_ids_of, relay_p2p_options
 from swarm.records import RecordError, ServerRecord
 
@@ -46,9 +50,27 @@ _reachability: WeakKeyDictionary[DHT, str] = WeakKeyDictionary()
 
 
 class _ClaimedDHT(DHT):
-    """A DHT running under a named identity: it gives the identity back (see `node.net.identity.claim`) on shutdown."""
+    """A DHT that ends with the process that opened it, and gives a named identity back on shutdown
+    (see `node.net.identity.claim`)."""
 
     claimed: filelock.BaseFileLock | None = None
+
+    def run(self) -> None:
+        """The DHT process: it shuts down when its parent is gone (even killed), and its p2p daemon dies
+        with it (the daemon is spawned and awaited by this process's main thread)."""
+        default_signals()
+        watch_parent(self._shutdown_orphan)
+        spawn = asyncio.subprocess.create_subprocess_exec  # hivemind's way to start p2pd; this process is ours
+        asyncio.subprocess.create_subprocess_exec = functools.partial(spawn, preexec_fn=die_with_spawner)
+        super().run()
+
+    def _shutdown_orphan(self) -> None:
+        """The graceful shutdown the parent would have asked for (it stops p2pd), then the hard way."""
+        with contextlib.suppress(Exception):
+            self._outer_pipe.send(("_shutdown", [], {}))
+        time.sleep(GRACE_S)
+        kill_descendants()
+        os._exit(1)
 
     def shutdown(self) -> None:
         try:
