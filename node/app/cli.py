@@ -160,16 +160,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from node.app.api import serve
+    from node.app.api import API_KEY_ENV, api_key_for, serve
 
+    api_key, generated = api_key_for(args.host, args.api_key)
+    if generated:
+        print(f"the API listens beyond this machine ({args.host}): clients must send this key as a bearer token "
+              f"(OpenAI clients: api_key=...); set --api-key or ${API_KEY_ENV} to choose it:\n  {api_key}",
+              file=sys.stderr, flush=True)
     if args.initial_peers:
-        return serve(args.model, args.initial_peers, host=args.host, port=args.port)
+        return serve(args.model, args.initial_peers, host=args.host, port=args.port, api_key=api_key)
     from node.app.local_swarm import LocalSwarm
 
     print("no --initial-peers given: starting a local swarm of 3 nodes...", file=sys.stderr, flush=True)
     with LocalSwarm(args.model, num_nodes=3) as swarm:
         print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-        return serve(args.model, swarm.initial_peers, host=args.host, port=args.port)
+        return serve(args.model, swarm.initial_peers, host=args.host, port=args.port, api_key=api_key)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -271,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--model", default=DEFAULT_MODEL)
     api.add_argument("--initial-peers", nargs="*", default=[])
+    api.add_argument("--api-key", default=None,
+                     help="require this bearer token (default: $LAYERHIVE_API_KEY; beyond loopback, a generated one)")
     api.set_defaults(func=cmd_api)
 
     bench = commands.add_parser("bench", help="measure this machine's compute, memory and network for a model")

@@ -53,6 +53,18 @@ def coverage_summary(records: Sequence[ServerRecord]) -> str:
     return ", ".join(f"{a}:{b}" for a, b in ranges) or "none"
 
 
+def session_room(records: Sequence[ServerRecord], num_layers: int) -> int | None:
+    """The longest session, in tokens, the swarm's online nodes announce KV room for: per layer, the most free
+    tokens of a node serving it; the least of those over the layers. None if a layer has no online node (then
+    there is no chain at all, which choosing one reports)."""
+    room: list[int | None] = [None] * num_layers
+    for record in records:
+        if record.state == "online":
+            for layer in range(record.start, min(record.end, num_layers)):
+                room[layer] = max(room[layer] or 0, record.free_kv_tokens)
+    return None if None in room or not room else min(room)
+
+
 class StageFailure(ConnectionError):
     """A stage of the chain broke, stalled or refused a step; `peer` is the stage at fault."""
 
@@ -232,6 +244,10 @@ class SwarmClient:
 
     async def servers(self) -> list[ServerRecord]:
         return await list_servers(self.dht, self.model, num_layers=self.num_layers)
+
+    async def session_room(self) -> int | None:
+        """The longest session the swarm can hold now, by its records (`session_room`)."""
+        return session_room(await self.servers(), self.num_layers)
 
     async def node_info(self, peer: str, timeout_s: float = 10.0) -> dict:
         """What a node says of itself now: its layers, state, sessions, queue and work done."""
