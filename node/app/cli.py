@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 from node.app.cli_simulate import add_simulate_parser
@@ -156,15 +157,18 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 def cmd_swarm_local(args: argparse.Namespace) -> int:
     from node.app.local_swarm import LocalSwarm
 
-    # Block the signals before waiting for them, or SIGINT/SIGTERM would kill us before sigwait sees them.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    # Handlers rather than a blocked mask and sigwait: a mask would be inherited by the nodes we spawn.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     with LocalSwarm(args.model, num_nodes=args.nodes, threads_per_node=args.threads) as swarm:
         print("local swarm online:")
         for layers, process in zip(swarm.ranges, swarm.processes, strict=True):
             print(f"  node pid {process.pid}: layers {layers[0]}:{layers[1]}")
         print("initial peers:", " ".join(swarm.initial_peers), flush=True)
         print("join with: layerhive chat --initial-peers", swarm.initial_peers[0], '"Hello!"', flush=True)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        while not stop.wait(1.0):  # a timeout keeps the main thread where Python runs signal handlers
+            pass
         print("stopping the local swarm...", flush=True)
     return 0
 
@@ -196,16 +200,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from node.app.api import serve
+    from node.app.api import API_KEY_ENV, api_key_for, serve
 
+    api_key, generated = api_key_for(args.host, args.api_key)
+    if generated:
+        print(f"the API listens beyond this machine ({args.host}): clients must send this key as a bearer token "
+              f"(OpenAI clients: api_key=...); set --api-key or ${API_KEY_ENV} to choose it:\n  {api_key}",
+              file=sys.stderr, flush=True)
     if args.initial_peers:
-        return serve(args.model, args.initial_peers, host=args.host, port=args.port)
+        return serve(args.model, args.initial_peers, host=args.host, port=args.port, api_key=api_key)
     from node.app.local_swarm import LocalSwarm
 
     print("no --initial-peers given: starting a local swarm of 3 nodes...", file=sys.stderr, flush=True)
     with LocalSwarm(args.model, num_nodes=3) as swarm:
         print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-        return serve(args.model, swarm.initial_peers, host=args.host, port=args.port)
+        return serve(args.model, swarm.initial_peers, host=args.host, port=args.port, api_key=api_key)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -307,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--model", default=DEFAULT_MODEL)
     api.add_argument("--initial-peers", nargs="*", default=[])
+    api.add_argument("--api-key", default=None,
+                     help="require this bearer token (default: $LAYERHIVE_API_KEY; beyond loopback, a generated one)")
     api.set_defaults(func=cmd_api)
 
     bench = commands.add_parser("bench", help="measure this machine's compute, memory and network for a model")
@@ -324,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from node.net.lifeline import default_signals, follow_parent_from_env
+
+    default_signals()  # whatever our parent blocked or ignored, SIGINT/SIGTERM stop us
+    follow_parent_from_env()  # started by a local swarm: stop when it is gone
     args = build_parser().parse_args(argv)
     _quiet_logs(args.verbose)
     if getattr(args, "initial_peers", None) == [] and args.func is not cmd_bootstrap:

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 
 from node.model.checkpoint import resolve_model
+from node.net.lifeline import child_env
 from node.net.membership import SwarmPeer, open_dht
 from swarm.records import ServerRecord
 
@@ -74,7 +75,7 @@ class LocalSwarm:
             sys.executable, "-m", "node.app.cli", "node", "--model", self.source.name,
             *fixed, "--initial-peers", *self.initial_peers, *self.node_args, *self.per_node_args.get(index, ()),
         ]
-        env = dict(os.environ)
+        env = child_env()  # the node stops once this process is gone, even killed
         # Nodes here share the machine's cores and take turns (a chain runs one stage at a time). GNU OpenMP's
         # threads spin ~300k rounds after each op before sleeping, so a stage that has just finished keeps
         # cores busy that the next stage needs: measured on 2 cores, 3 stages of 2 threads, 37.9 -> 30.5 ms

@@ -19,7 +19,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from node.client.routing import plan_chains
+from node.client.routing import believed, plan_chains
 from node.model.checkpoint import ModelSource
 from node.model.sampling import SamplingParams
 from node.net.membership import SwarmPeer, open_dht
@@ -41,6 +41,8 @@ from swarm.types import Hop, ModelSpec
 # Silence after which a waiting client pings its stages (see `node.net.protocol`): four times the last gap
 # between answers, within these bounds, so a dead stage of a fast chain is found within a few tokens' time.
 PING_AFTER_S = (0.05, 0.5)
+SPEED_MAX_AGE_S = 300.0  # a node's measured speed is re-measured after this
+SPEED_PROBE_TIMEOUT_S = 10.0
 
 
 class NoChainError(RuntimeError):
@@ -50,6 +52,18 @@ class NoChainError(RuntimeError):
 def coverage_summary(records: Sequence[ServerRecord]) -> str:
     ranges = sorted({(r.start, r.end) for r in records if r.state == "online"})
     return ", ".join(f"{a}:{b}" for a, b in ranges) or "none"
+
+
+def session_room(records: Sequence[ServerRecord], num_layers: int) -> int | None:
+    """The longest session, in tokens, the swarm's online nodes announce KV room for: per layer, the most free
+    tokens of a node serving it; the least of those over the layers. None if a layer has no online node (then
+    there is no chain at all, which choosing one reports)."""
+    room: list[int | None] = [None] * num_layers
+    for record in records:
+        if record.state == "online":
+            for layer in range(record.start, min(record.end, num_layers)):
+                room[layer] = max(room[layer] or 0, record.free_kv_tokens)
+    return None if None in room or not room else min(room)
 
 
 class StageFailure(ConnectionError):
@@ -216,6 +230,7 @@ class SwarmClient:
         self._banned_until: dict[str, float] = {}
         self._rtt_s: dict[str, tuple[float, float]] = {}  # peer -> (rtt, measured at)
         self._uplink_bps: dict[str, float] = {}  # as announced in the records last read
+        self._speed_s: dict[str, tuple[float | None, float]] = {}  # peer -> (measured s per layer or None, at)
 
     async def p2p(self) -> P2P:
         if self._p2p is None:
@@ -231,6 +246,10 @@ class SwarmClient:
 
     async def servers(self) -> list[ServerRecord]:
         return await self.peer.list_servers(self.model, num_layers=self.num_layers)
+
+    async def session_room(self) -> int | None:
+        """The longest session the swarm can hold now, by its records (`session_room`)."""
+        return session_room(await self.servers(), self.num_layers)
 
     async def node_info(self, peer: str, timeout_s: float = 10.0) -> dict:
         """What a node says of itself now: its layers, state, sessions, queue and work done."""
@@ -257,7 +276,10 @@ class SwarmClient:
         records = await self.servers()
         self._uplink_bps = {r.peer_id: r.uplink_bps for r in records}
         banned = self.banned
-        await self._measure_rtts([r.peer_id for r in records if r.peer_id not in banned])
+        candidates = [r for r in records if r.state == "online" and r.peer_id not in banned]
+        await self._measure_rtts([r.peer_id for r in candidates])
+        await self._measure_speeds(candidates)
+        records = [believed(r, self._speed_s.get(r.peer_id, (None, 0.0))[0]) for r in records]
         chains = plan_chains(self.spec, records, {peer: rtt for peer, (rtt, _) in self._rtt_s.items()},
                              exclude=banned, session_tokens=session_tokens, relay=relay, alternates=0)
         if not chains:
@@ -280,6 +302,37 @@ class SwarmClient:
         for peer, result in zip(stale, results, strict=True):
             if isinstance(result, float):
                 self._rtt_s[peer] = (result, now)
+
+    async def _measure_speeds(self, records: Sequence[ServerRecord]) -> None:
+        """Times one decode step on one layer of each node we have no fresh figure for, all at once: what a node
+        delivers bounds what its record claims (`node.client.routing.believed`). A node that refuses or fails
+        the probe is recorded as unmeasured."""
+        now = time.monotonic()
+        stale = [r for r in records if r.peer_id not in self._speed_s or now - self._speed_s[r.peer_id][1] >
+                 SPEED_MAX_AGE_S]
+        if not stale:
+            return
+        results = await asyncio.gather(*(self._probe_speed(r) for r in stale), return_exceptions=True)
+        for record, result in zip(stale, results, strict=True):
+            self._speed_s[record.peer_id] = (result if isinstance(result, float) else None, now)
+
+    async def _probe_speed(self, record: ServerRecord) -> float:
+        """Seconds a node takes for a decode step of one layer: the best of two steps of a relayed one-layer session,
+        less our RTT to it."""
+        hop = Hop(record.peer_id, record.start, record.start + 1)
+        async with asyncio.timeout(SPEED_PROBE_TIMEOUT_S):
+            session = await self.open_session([hop], max_length=2, relay=True, step_timeout_s=SPEED_PROBE_TIMEOUT_S)
+            try:
+                hidden = 0.02 * torch.randn(1, 1, self.spec.hidden_size)
+                times = []
+                for position in range(2):
+                    started = time.perf_counter()
+                    await session.step(hidden, position)
+                    times.append(time.perf_counter() - started)
+            finally:
+                await session.close()
+        rtt = self._rtt_s.get(record.peer_id, (0.0, 0.0))[0]
+        return max(min(times) - rtt, 0.0)
 
     async def open_session(self, chain: list[Hop], *, max_length: int, relay: bool = False, wire: str = "none",
                            step_timeout_s: float = 60.0, audit: bool = False,

@@ -12,9 +12,12 @@ logs why it drops a record.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from node.net.config import load_config
 from node.net.identity import IdentityError, NodeIdentity, claim, ephemeral_identity, peer_id_from_owner_key
+from node.net.lifeline import GRACE_S, default_signals, die_with_spawner, kill_descendants, watch_parent
 from node.net.reachability import measure_in_dht, peer_ids_of, relay_p2p_options
 from swarm.records import RecordError, ServerRecord
 
@@ -39,6 +43,27 @@ DEFAULT_TTL_S = 30.0
 MAX_RECORD_BYTES = 8192  # a signed record is ~1 KB; the cap keeps strangers from parking blobs in our key
 _OWNER_PREFIX = "[owner:"
 _LOG_EVERY_S = 60.0  # the same rejection is logged at most this often: a hostile peer must not flood the log
+
+
+class _ParentBoundDHT(DHT):
+    """A DHT whose process ends with the process that opened it (see `node.net.lifeline`)."""
+
+    def run(self) -> None:
+        """The DHT process: it shuts down when its parent is gone (even killed), and its p2p daemon dies
+        with it (the daemon is spawned and awaited by this process's main thread)."""
+        default_signals()
+        watch_parent(self._shutdown_orphan)
+        spawn = asyncio.subprocess.create_subprocess_exec  # hivemind's way to start p2pd; this process is ours
+        asyncio.subprocess.create_subprocess_exec = functools.partial(spawn, preexec_fn=die_with_spawner)
+        super().run()
+
+    def _shutdown_orphan(self) -> None:
+        """The graceful shutdown the parent would have asked for (it stops p2pd), then the hard way."""
+        with contextlib.suppress(Exception):
+            self._outer_pipe.send(("_shutdown", [], {}))
+        time.sleep(GRACE_S)
+        kill_descendants()
+        os._exit(1)
 
 
 @dataclass(eq=False)
@@ -117,7 +142,7 @@ def open_dht(initial_peers: Sequence[str], host_maddrs: Sequence[str], *, client
     claimed = claim(identity) if persistent else None
     try:
         with identity.p2pd_identity_file() as identity_path:  # p2pd has read the key once the DHT is ready
-            dht = DHT(
+            dht = _ParentBoundDHT(
                 initial_peers=list(initial_peers) or None, host_maddrs=list(host_maddrs), start=True,
                 client_mode=client_mode, record_validators=record_validators(identity.private_key),
                 identity_path=identity_path,

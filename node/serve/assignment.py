@@ -25,7 +25,7 @@ from node.model.stage import kv_bytes_per_token
 from swarm.allocator import allocate
 from swarm.costmodel import kv_share_bytes
 from swarm.rebalancer import RebalanceState, apply_moves, plan_rebalance
-from swarm.records import RecordError, ServerRecord, node_spec
+from swarm.records import MAX_EPOCH, RecordError, ServerRecord, node_spec
 from swarm.types import Assignment, LayerRange, ModelSpec, NodeSpec
 
 logger = logging.getLogger(__name__)
@@ -63,16 +63,21 @@ def planned_kv_budget(model: ModelSpec, memory_bytes: float, layers: LayerRange,
 
 class EpochTracker:
     """The newest epoch seen from each peer: an older record of a peer is stale (a replay, or a DHT replica
-    that missed an update) and is not followed."""
+    that missed an update) and is not followed. Remembers at most `max_peers` peers (the least recently seen
+    are forgotten first), so fresh peer ids cannot grow it without bound."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_peers: int = 4096) -> None:
         self.newest: dict[str, int] = {}
+        self.max_peers = max_peers
 
     def admit(self, record: ServerRecord) -> bool:
-        newest = self.newest.get(record.peer_id, -1)
+        newest = self.newest.pop(record.peer_id, -1)
         if record.epoch < newest:
+            self.newest[record.peer_id] = newest
             return False
-        self.newest[record.peer_id] = record.epoch
+        self.newest[record.peer_id] = record.epoch  # re-inserted: the dict's order is the order last seen
+        if len(self.newest) > self.max_peers:
+            del self.newest[next(iter(self.newest))]
         return True
 
 
@@ -169,13 +174,19 @@ def plan(model: ModelSpec, records: Iterable[ServerRecord], *, improvement_thres
         return Plan(Assignment({}, newest), {})
     if not current:
         fresh = allocate(model, nodes, rtt)
-        return Plan(Assignment(dict(sorted(fresh.ranges.items())), newest + 1), {})
+        return Plan(_bounded_epoch(Assignment(dict(sorted(fresh.ranges.items())), newest + 1)), {})
     previous = Assignment(dict(sorted(current.items())), newest)
     moves, _ = plan_rebalance(model, nodes, previous, rtt, state=RebalanceState(), now_s=0.0, cooldown_s=0.0,
                               check_interval_s=0.0, improvement_threshold=improvement_threshold)
     if not moves:
         return Plan(previous, current)
-    return Plan(apply_moves(previous, moves, live=nodes), current)
+    return Plan(_bounded_epoch(apply_moves(previous, moves, live=nodes)), current)
+
+
+def _bounded_epoch(assignment: Assignment) -> Assignment:
+    """Epochs stop at MAX_EPOCH (records beyond it are refused): a peer that announced the largest epoch
+    can make the swarm's count stand still, not break the records that follow it."""
+    return replace(assignment, epoch=min(assignment.epoch, MAX_EPOCH))
 
 
 # --- the swarm's status (`layerhive status`, the desktop's swarm map) -----------------------------------
