@@ -74,6 +74,7 @@ class NodeConfig:
     settle_periods: float = 2.0  # joining waits until the records stay unchanged this many heartbeat periods
     move_drain_s: float = 300.0  # how long a left range keeps serving its open sessions after a move
     direct_links: bool = True  # push to and take pushes from other stages over direct TCP links (node.net.direct)
+    quant: str | None = None  # "none", "int8", "int4" (node.model.quant); None: by memory (benchmark.choose_quant)
 
     @property
     def fixed(self) -> bool:
@@ -283,9 +284,10 @@ class Node:
                 from node.serve.benchmark import run_bench
 
                 result = run_bench(self.source, device=str(self.device), dtype=self.dtype,
-                                   max_memory_bytes=config.max_memory_bytes)
+                                   max_memory_bytes=config.max_memory_bytes, quant=config.quant)
                 fields = result.record_fields()
-                fields["memory_bytes"] = reference_memory(fields["memory_bytes"], self.dtype)
+                fields["memory_bytes"] = reference_memory(fields["memory_bytes"], self.dtype, self.source,
+                                                          result.quant)
                 return fields
             except Exception as e:
                 logger.warning("bench failed (%s); estimating memory only", e)
@@ -296,12 +298,17 @@ class Node:
             memory = int(psutil.virtual_memory().available * 0.5)
         if config.max_memory_bytes is not None:
             memory = min(memory, config.max_memory_bytes)
-        return {"memory_bytes": reference_memory(memory, self.dtype)}
+        from node.serve.benchmark import choose_quant
+
+        layers = config.end - config.start if config.fixed else None
+        quant = config.quant or choose_quant(self.source, self.device, self.dtype, memory, layers=layers)
+        return {"memory_bytes": reference_memory(memory, self.dtype, self.source, quant), "quant": quant}
 
     async def _load(self, target: LayerRange) -> StageServer:
         config = self.config
         stage = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: Stage(self.source, target.start, target.end, dtype=self.dtype, device=self.device)
+            None, lambda: Stage(self.source, target.start, target.end, dtype=self.dtype, device=self.device,
+                                quant=self._capabilities.get("quant", "none"))
         )
         budget = config.kv_budget_bytes or default_kv_budget(self.device)
         server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
