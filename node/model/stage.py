@@ -133,12 +133,12 @@ class StepInput:
         return self.hidden.shape[1]
 
 
-def _fuse_projections(layer: torch.nn.Module, quant: str = "none") -> None:
+def _fuse_projections(layer: torch.nn.Module, quant: str = "none", backend: str | None = None) -> None:
     """Replaces the layer's q/k/v projections by one `self_attn.qkv_proj` and gate/up by one `mlp.gate_up_proj`
     (biases too: Qwen2 has them on q, k and v), and every projection by a `Projection`, which keeps its weight
-    in the layout the device streams fastest, or by its `quant` form (`node.model.quant`). Three fewer ops per
-    layer took the projections and MLP of 10 SmolLM2 layers from 10.0 to 9.7 ms here (each output is the same
-    row-by-input dot product)."""
+    in the layout the device streams fastest, or by its `quant` form (`node.model.quant`, with `backend`'s
+    kernels). Three fewer ops per layer took the projections and MLP of 10 SmolLM2 layers from 10.0 to 9.7 ms
+    here (each output is the same row-by-input dot product)."""
     for fused, full_names in FUSED_PROJECTIONS.items():
         owner_name, fused_name = fused.split(".")
         owner, names = getattr(layer, owner_name), [name.split(".")[1] for name in full_names]
@@ -150,10 +150,10 @@ def _fuse_projections(layer: torch.nn.Module, quant: str = "none") -> None:
         for name in names:
             delattr(owner, name)  # the fused copy replaces them: no weight is held twice
         del parts
-        setattr(owner, fused_name, quantized_projection(weight, bias, quant))
+        setattr(owner, fused_name, quantized_projection(weight, bias, quant, backend=backend))
     for owner, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
         linear = getattr(owner, name)
-        setattr(owner, name, quantized_projection(linear.weight.detach(), linear.bias, quant))
+        setattr(owner, name, quantized_projection(linear.weight.detach(), linear.bias, quant, backend=backend))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -178,18 +178,20 @@ class Stage:
 
     def __init__(
         self, source: ModelSource, start: int, end: int, *, dtype: torch.dtype, device: torch.device,
-        with_ends: bool = True, share_head: bool = True, quant: str = "none",
+        with_ends: bool = True, share_head: bool = True, quant: str = "none", quant_backend: str | None = None,
     ) -> None:
         """`with_ends=False`: layers only, even at the model's ends (timing layers, nothing served).
         `share_head=False`: a first stage holds no share of the LM head (`head_share`).
-        `quant`: how the layers' projections are held ("none", "int8", "int4": `node.model.quant`); the
-        embedding, norms and LM head stay at `dtype`."""
+        `quant`: how the layers' projections are held ("none", "int8", "int4": `node.model.quant`, whose
+        `quantized_projection` picks the kernels unless `quant_backend` names them); the embedding, norms and
+        LM head stay at `dtype`."""
         if not 0 <= start < end <= source.num_layers:
             raise ValueError(
                 f"layer range {start}:{end} is outside {source.name}, which has {source.num_layers} layers"
             )
         self.source, self.start, self.end = source, start, end
         self.dtype, self.device, self.quant = dtype, torch.device(device), check_quant(quant)
+        self.quant_backend = quant_backend
         self.config = stage_config(source.config, start, end)
         with torch.device("meta"):
             model = AutoModel.from_config(self.config, dtype=dtype)
@@ -230,7 +232,7 @@ class Stage:
             raise ValueError(f"checkpoint of {self.source.name} does not fit layer {index}: "
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         del weights  # the modules hold them now; fusing frees each separate projection as it goes
-        _fuse_projections(model.layers[index - self.start], self.quant)
+        _fuse_projections(model.layers[index - self.start], self.quant, self.quant_backend)
 
     @property
     def layer_bytes(self) -> int:
