@@ -63,6 +63,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import NamedTuple
 
 import numpy as np
 
@@ -74,6 +75,7 @@ from swarm.costmodel import (
     node_rate_tokens_per_s,
     range_fits,
     region_rtt_matrix,
+    weight_bytes_per_layer,
 )
 from swarm.types import Assignment, LayerRange, ModelSpec, NodeId, NodeSpec, RttFn
 
@@ -221,30 +223,42 @@ def _fastest_first(info: _Info) -> tuple[float, int]:
 KV_FRACTION_STEPS = 64  # below one session, the reservation shrinks in 1/64ths of one context
 
 
-def _capacities(model: ModelSpec, memory: np.ndarray, sessions: float, context_tokens: int, *,
+class _Memory(NamedTuple):
+    """Per node: the memory it offers, and one layer's weights as it holds them (quantized or not)."""
+
+    offered: np.ndarray
+    per_layer: np.ndarray
+
+
+def _memory(model: ModelSpec, nodes: Iterable[NodeSpec]) -> _Memory:
+    nodes = list(nodes)
+    return _Memory(np.array([n.memory_bytes for n in nodes], dtype=float),
+                   np.array([weight_bytes_per_layer(model, n) for n in nodes], dtype=float))
+
+
+def _capacities(model: ModelSpec, memory: _Memory, sessions: float, context_tokens: int, *,
                 first: bool, last: bool) -> np.ndarray:
     """`layer_capacity` of many nodes at once (the same arithmetic, vectorised)."""
-    per_layer = model.layer_bytes + kv_bytes_per_layer(model, sessions, context_tokens)
-    free = memory - model.head_bytes / 2 * (int(first) + int(last))
-    if per_layer <= 0:
-        return np.zeros(len(memory), dtype=np.int64)
-    caps = np.minimum(model.num_layers, np.floor(free / per_layer + 1e-9))
-    return np.where(free > 0, np.maximum(caps, 0), 0).astype(np.int64)
+    per_layer = memory.per_layer + kv_bytes_per_layer(model, sessions, context_tokens)
+    free = memory.offered - model.head_bytes / 2 * (int(first) + int(last))
+    fits = np.floor(np.divide(free, per_layer, out=np.zeros_like(free), where=per_layer > 0) + 1e-9)
+    caps = np.minimum(model.num_layers, fits)
+    return np.where((free > 0) & (per_layer > 0), np.maximum(caps, 0), 0).astype(np.int64)
 
 
-def _chain_coverable(model: ModelSpec, memory: np.ndarray, sessions: float, context_tokens: int) -> bool:
+def _chain_coverable(model: ModelSpec, memory: _Memory, sessions: float, context_tokens: int) -> bool:
     """Whether some chain of distinct nodes holds every layer at this KV share (exact, heads counted).
 
     One node holding everything, or a first node (with the embedding), a last one (with the LM head)
     and every other node's full interior capacity in between.
     """
     L = model.num_layers
-    if not len(memory):
+    if not len(memory.offered):
         return False
     cap = _capacities(model, memory, sessions, context_tokens, first=False, last=False)
     if _capacities(model, memory, sessions, context_tokens, first=True, last=True).max() >= L:
         return True
-    if len(memory) < 2:
+    if len(memory.offered) < 2:
         return False
     first = _capacities(model, memory, sessions, context_tokens, first=True, last=False)
     last = _capacities(model, memory, sessions, context_tokens, first=False, last=True)
@@ -271,7 +285,7 @@ def kv_sessions_per_node(
     fit), and to 0 (weights only) when the swarm cannot even hold the weights, so that the allocator
     covers what it can. Whole shares are ints; fractions are floats in (0, 1).
     """
-    memory = np.array([n.memory_bytes for n in as_node_map(nodes).values()], dtype=float)
+    memory = _memory(model, as_node_map(nodes).values())
     L = model.num_layers
     heads = model.head_bytes > 0
 
@@ -341,7 +355,7 @@ def explain_allocation(
                               context_tokens=context_tokens)
     missing = uncovered_layers(model, assignment)
     if missing:
-        memory = np.array([n.memory_bytes for n in node_map.values()], dtype=float)
+        memory = _memory(model, node_map.values())
         weights_only = int(_capacities(model, memory, 0.0, context_tokens, first=False, last=False).sum())
         largest = max(node_map.values(), key=lambda n: (n.memory_bytes, n.node_id))
         runs = ", ".join(f"{a}:{b}" for a, b in _gaps(np.isin(np.arange(L), missing, invert=True)))
@@ -361,7 +375,7 @@ def _infos(
 ) -> dict[NodeId, _Info]:
     zones = zones if zones is not None else zones_of(node_map, rtt)
     ids = sorted(node_map)
-    memory = np.array([node_map[n].memory_bytes for n in ids], dtype=float)
+    memory = _memory(model, (node_map[n] for n in ids))
     caps = [
         _capacities(model, memory, sessions, context_tokens, first=first, last=last).tolist()
         for first, last in ((False, False), (True, False), (False, True), (True, True))
@@ -790,7 +804,7 @@ def _peak_sessions(expected_sessions: float) -> float:
     return expected_sessions + 2.0 * math.sqrt(max(expected_sessions, 0.0))
 
 
-def _share_candidates(model: ModelSpec, memory: np.ndarray, base: float, expected_sessions: int,
+def _share_candidates(model: ModelSpec, memory: _Memory, base: float, expected_sessions: int,
                       context_tokens: int) -> list[float]:
     """KV shares worth comparing: the even share, then doubling while coverable, up to the whole load.
 
@@ -844,7 +858,8 @@ def _plan_cost(
             continue  # cut by the safety net: no longer a chain of its own
         specs = [infos[n].spec for n in chain]
         n_layers = np.array([len(ranges[n]) for n in chain], dtype=float)
-        free = np.array([kv_share_bytes(model, infos[n].spec.memory_bytes, ranges[n]) for n in chain])
+        free = np.array([kv_share_bytes(model, infos[n].spec.memory_bytes, ranges[n],
+                                        layer_bytes=infos[n].spec.layer_bytes) for n in chain])
         room.append(max(0.0, float(np.floor(np.min(free / (n_layers * kv_session))))))
         lat.append(np.array([sp.layer_latency_s for sp in specs]))
         pre.append(np.array([sp.prefill_s_per_token_per_layer for sp in specs]))
@@ -909,7 +924,7 @@ def _choose_plan(
     clients: Sequence[tuple[str, float]],
 ) -> tuple[dict[NodeId, LayerRange], float]:
     """Global plans for a few KV shares; the one whose pipelines serve the expected load fastest."""
-    memory = np.array([n.memory_bytes for n in node_map.values()], dtype=float)
+    memory = _memory(model, node_map.values())
     shares = _share_candidates(model, memory, base, expected_sessions, context_tokens)
     zones = zones_of(node_map, rtt)
     best: tuple[float, dict[NodeId, LayerRange], float] | None = None

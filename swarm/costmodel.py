@@ -13,11 +13,13 @@ Public API (stable; the simulator and the allocator/router/rebalancer use these)
     node_from_datasheet(node_id, region, model, *, memory_bytes, mem_bandwidth_Bps, flops,
                         uplink_bps=100e6, relayed=False) -> NodeSpec
     kv_bytes_per_layer(model, sessions, context_tokens) -> float
-    memory_needed_bytes(model, layers, *, sessions, context_tokens, embedding=False, lm_head=False) -> float
+    weight_bytes_per_layer(model, node) -> float
+    memory_needed_bytes(model, layers, *, sessions, context_tokens, embedding=False, lm_head=False,
+                        layer_bytes=0.0) -> float
     layer_capacity(model, node, *, sessions=1, context_tokens=2048, embedding=False, lm_head=False) -> int
     range_fits(model, node, rng, *, sessions, context_tokens) -> bool
     batched_step_s(layer_latency_s, prefill_s_per_token_per_layer, batch) -> float | numpy.ndarray
-    kv_share_bytes(model, memory_bytes, rng) -> float
+    kv_share_bytes(model, memory_bytes, rng, *, layer_bytes=0.0) -> float
     batched_layer_s(node, batch) -> float
     stage_decode_s(node, layers, *, batch=1) -> float
     stage_prefill_s(node, layers, prompt_tokens) -> float
@@ -189,6 +191,11 @@ def kv_bytes_per_layer(model: ModelSpec, sessions: float, context_tokens: int) -
     return model.kv_bytes_per_token_per_layer * context_tokens * sessions
 
 
+def weight_bytes_per_layer(model: ModelSpec, node: NodeSpec) -> float:
+    """One layer's weights on `node`: what its quantization makes of them, else the model's size."""
+    return node.layer_bytes or model.layer_bytes
+
+
 def memory_needed_bytes(
     model: ModelSpec,
     layers: int,
@@ -197,13 +204,15 @@ def memory_needed_bytes(
     context_tokens: int,
     embedding: bool = False,
     lm_head: bool = False,
+    layer_bytes: float = 0.0,
 ) -> float:
     """Weights + KV budget of `layers` layers, plus half the head bytes for each chain end held.
 
     `model.head_bytes` is the embedding plus the LM head; a node starting at layer 0 holds the
-    embedding, one ending at the last layer holds the LM head (each about half).
+    embedding, one ending at the last layer holds the LM head (each about half). `layer_bytes`: a node's
+    own bytes per layer (`weight_bytes_per_layer`); 0: the model's.
     """
-    per_layer = model.layer_bytes + kv_bytes_per_layer(model, sessions, context_tokens)
+    per_layer = (layer_bytes or model.layer_bytes) + kv_bytes_per_layer(model, sessions, context_tokens)
     head = model.head_bytes / 2 * (int(embedding) + int(lm_head))
     return layers * per_layer + head
 
@@ -218,7 +227,7 @@ def layer_capacity(
     lm_head: bool = False,
 ) -> int:
     """How many layers (at most the whole model) fit in the node's memory with the KV budget."""
-    per_layer = model.layer_bytes + kv_bytes_per_layer(model, sessions, context_tokens)
+    per_layer = weight_bytes_per_layer(model, node) + kv_bytes_per_layer(model, sessions, context_tokens)
     free = node.memory_bytes - model.head_bytes / 2 * (int(embedding) + int(lm_head))
     if free <= 0 or per_layer <= 0:
         return 0
@@ -237,16 +246,18 @@ def range_fits(
         context_tokens=context_tokens,
         embedding=rng.start == 0,
         lm_head=rng.end == model.num_layers,
+        layer_bytes=node.layer_bytes,
     )
     return rng.end <= model.num_layers and need <= node.memory_bytes * (1 + 1e-9)
 
 
-def kv_share_bytes(model: ModelSpec, memory_bytes: float, rng: LayerRange) -> float:
+def kv_share_bytes(model: ModelSpec, memory_bytes: float, rng: LayerRange, *, layer_bytes: float = 0.0) -> float:
     """The KV cache a node offering `memory_bytes` keeps for sessions once it holds `rng`: what the range's
-    weights, and the head parts its ends imply, leave of its memory (never below 0). The allocator plans a
-    node's KV room with it, and the node's server enforces it as its KV budget."""
+    weights (`layer_bytes` each, as in `memory_needed_bytes`), and the head parts its ends imply, leave of its
+    memory (never below 0). The allocator plans a node's KV room with it, and the node's server enforces it as
+    its KV budget."""
     weights = memory_needed_bytes(model, len(rng), sessions=0, context_tokens=0, embedding=rng.start == 0,
-                                  lm_head=rng.end == model.num_layers)
+                                  lm_head=rng.end == model.num_layers, layer_bytes=layer_bytes)
     return max(0.0, memory_bytes - weights)
 
 

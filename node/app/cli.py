@@ -14,6 +14,10 @@ from typing import TYPE_CHECKING
 from node.app.cli_simulate import add_simulate_parser
 from node.model.checkpoint import DEFAULT_MODEL
 from node.net.config import ConfigError, default_initial_peers
+from swarm.records import QUANTIZATIONS
+
+QUANT_HELP = ("hold the layers' weights as int8 (per channel) or int4 (per group of 64) instead of the compute "
+              "dtype (default: the least lossy at which the whole model, or --layers, fits in memory)")
 
 if TYPE_CHECKING:
     from node.serve.assignment import SwarmStatus
@@ -52,6 +56,7 @@ def node_config(args: argparse.Namespace):
         max_memory_bytes=None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9),
         ttl_s=args.ttl or DEFAULT_TTL_S, bench=not args.quick_measure,
         announce_maddrs=args.announce_maddrs, relays=args.relay or None, direct_links=not args.no_direct_links,
+        quant=args.quant,
     )
 
 
@@ -112,7 +117,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # What `layerhive status --json` shows of each node's record, under the record's own names (SI units).
 STATUS_RECORD_FIELDS = ("epoch", "sessions", "queue_len", "free_kv_tokens", "layer_latency_s",
-                        "prefill_s_per_token_per_layer", "memory_bytes", "uplink_bps", "reachability", "region")
+                        "prefill_s_per_token_per_layer", "memory_bytes", "uplink_bps", "reachability", "region",
+                        "quant")
 
 
 def status_json(status: SwarmStatus) -> dict:
@@ -135,13 +141,13 @@ def format_status(status: SwarmStatus) -> str:
     if status.uncovered_layers:
         lines.append(f"  UNCOVERED layers: {status.uncovered_layers}")
     lines.append(f"  {'peer':18} {'state':8} {'range':>7} {'planned':>7} {'epoch':>5} {'sess':>4} {'queue':>5} "
-                 f"{'ms/layer':>8} {'mem GB':>7} region")
+                 f"{'ms/layer':>8} {'mem GB':>7} {'quant':5} region")
     for peer in status.nodes:
         r = peer.record
         serving, planned = ("-" if rng is None else str(rng) for rng in (peer.serving, peer.planned))
         lines.append(f"  {r.peer_id[:18]:18} {r.state:8} {serving:>7} {planned:>7} "
                      f"{r.epoch:>5} {r.sessions:>4} {r.queue_len:>5} {r.layer_latency_s * 1e3:>8.3f} "
-                     f"{r.memory_bytes / 1e9:>7.3f} {r.region}")
+                     f"{r.memory_bytes / 1e9:>7.3f} {r.quant:5} {r.region}")
     lines.append("  replicas per layer: " + " ".join(str(n) for n in status.replicas_per_layer))
     return "\n".join(lines)
 
@@ -234,7 +240,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         with tqdm_progress("bench") as progress:
             result = run_bench(args.model, device=args.device, initial_peers=args.initial_peers,
-                               max_memory_bytes=cap, force=args.force, progress=progress)
+                               max_memory_bytes=cap, force=args.force, progress=progress, quant=args.quant)
     except (BenchError, ModelNotFoundError, UnsupportedModelError, CheckpointError) as e:
         print(f"layerhive bench: error: {e}", file=sys.stderr)
         return 2
@@ -273,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--test-perturb", type=float, default=0.0, metavar="SCALE", help=argparse.SUPPRESS)
     node.add_argument("--test-slowdown-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # a slower GPU
     node.add_argument("--max-memory-gb", type=float, default=None, help="offer at most this much memory (GB)")
+    node.add_argument("--quant", choices=QUANTIZATIONS, default=None, help=QUANT_HELP)
     node.add_argument("--region", default="", help="where this machine is (e.g. eu-west); nearby nodes pipeline")
     node.add_argument("--quick-measure", action="store_true",
                       help="estimate memory only instead of running (or reading the cached) `layerhive bench`")
@@ -325,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     bench.add_argument("--initial-peers", nargs="*", default=[], help="measure RTT and uplink to this swarm")
     bench.add_argument("--max-memory-gb", type=float, default=None, help="offer at most this much memory (GB)")
+    bench.add_argument("--quant", choices=QUANTIZATIONS, default=None, help=QUANT_HELP)
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
     bench.add_argument("--force", action="store_true", help="re-measure compute even if cached")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads, as for `layerhive node`")

@@ -22,10 +22,10 @@ import torch
 
 from node.model.checkpoint import ModelSource, layer_bytes
 from node.model.stage import kv_bytes_per_token
-from swarm.allocator import allocate
+from swarm.allocator import DEFAULT_CONTEXT_TOKENS, allocate
 from swarm.costmodel import kv_share_bytes
 from swarm.rebalancer import RebalanceState, apply_moves, plan_rebalance
-from swarm.records import MAX_EPOCH, RecordError, ServerRecord, node_spec
+from swarm.records import MAX_EPOCH, QUANTIZATIONS, RecordError, ServerRecord, node_spec
 from swarm.types import Assignment, LayerRange, ModelSpec, NodeSpec
 
 logger = logging.getLogger(__name__)
@@ -42,23 +42,41 @@ def model_spec(source: ModelSource) -> ModelSpec:
 
     `head_bytes` is the embedding plus the LM head, one vocab x hidden matrix each, of which the planner
     charges half to each end of a chain: the last stage does hold its LM head (node.model.stage), while the first
-    reads embedding rows from the mapped file (node.model.checkpoint.EmbeddingRows), so its half is slack."""
+    reads embedding rows from the mapped file (node.model.checkpoint.EmbeddingRows), so its half is slack.
+    `quant_layer_bytes`: a layer held int8 or int4 (its norms at the reference dtype), which the planner
+    charges a node whose record announces that quantization."""
     itemsize = torch.empty((), dtype=REFERENCE_DTYPE).element_size()
     return ModelSpec(source.name, source.num_layers, source.hidden_size,
                      layer_bytes=float(layer_bytes(source, REFERENCE_DTYPE)),
                      kv_bytes_per_token_per_layer=float(kv_bytes_per_token(source.config, REFERENCE_DTYPE)),
-                     head_bytes=float(2 * source.config.vocab_size * source.hidden_size * itemsize))
+                     head_bytes=float(2 * source.config.vocab_size * source.hidden_size * itemsize),
+                     quant_layer_bytes=tuple((quant, float(layer_bytes(source, REFERENCE_DTYPE, quant)))
+                                             for quant in QUANTIZATIONS if quant != "none"))
 
 
-def reference_memory(memory_bytes: float, local_dtype: torch.dtype) -> float:
-    """Memory to announce: what `memory_bytes` of `local_dtype` tensors would be at the reference dtype."""
-    return memory_bytes * REFERENCE_DTYPE.itemsize / local_dtype.itemsize
+def reference_memory(memory_bytes: float, local_dtype: torch.dtype, source: ModelSource | None = None,
+                     quant: str = "none") -> float:
+    """Memory to announce, in the planner's units: what `memory_bytes` of `local_dtype` tensors would be at the
+    reference dtype. Quantized weights do not scale with the dtype while the KV cache does, so a quantized
+    node scales by the ratio of one layer plus one session's KV (DEFAULT_CONTEXT_TOKENS) as the planner
+    charges them to what they take here: exact at that KV share, near it at others."""
+    if quant == "none" or source is None:
+        local = torch.empty((), dtype=local_dtype).element_size()
+        return memory_bytes * torch.empty((), dtype=REFERENCE_DTYPE).element_size() / local
+
+    def per_layer(dtype: torch.dtype) -> int:
+        return layer_bytes(source, dtype, quant) + DEFAULT_CONTEXT_TOKENS * kv_bytes_per_token(source.config, dtype)
+
+    return memory_bytes * per_layer(REFERENCE_DTYPE) / per_layer(local_dtype)
 
 
-def planned_kv_budget(model: ModelSpec, memory_bytes: float, layers: LayerRange, local_dtype: torch.dtype) -> int:
+def planned_kv_budget(model: ModelSpec, memory_bytes: float, layers: LayerRange, local_dtype: torch.dtype,
+                      *, layer_bytes: float = 0.0) -> int:
     """The KV budget a node's server enforces: the KV share the plan gives a node announcing `memory_bytes`
-    (at the reference dtype) that serves `layers` (`swarm.costmodel.kv_share_bytes`), in `local_dtype` bytes."""
-    return int(kv_share_bytes(model, memory_bytes, layers) * local_dtype.itemsize / REFERENCE_DTYPE.itemsize)
+    (at the reference dtype) that serves `layers` (`swarm.costmodel.kv_share_bytes`; `layer_bytes`: its
+    quantized layers' planned bytes, 0 for the model's), in `local_dtype` bytes."""
+    share = kv_share_bytes(model, memory_bytes, layers, layer_bytes=layer_bytes)
+    return int(share * local_dtype.itemsize / REFERENCE_DTYPE.itemsize)
 
 
 class EpochTracker:
@@ -104,7 +122,7 @@ def _problem(model: ModelSpec, record: ServerRecord, tracker: EpochTracker | Non
     except RecordError as e:
         return str(e)
     if record.state == "online" and record.memory_bytes > 0:
-        needed = (record.end - record.start) * model.layer_bytes
+        needed = (record.end - record.start) * model.layer_bytes_at(record.quant)
         if needed > record.memory_bytes * 1.01:  # the 1% covers rounding in the dtype scaling
             return (f"memory_bytes: claims {record.memory_bytes:.3g} bytes but serves layers "
                     f"{record.start}:{record.end}, whose weights alone need {needed:.3g}")
@@ -129,9 +147,10 @@ def _round_pow2(value: float) -> float:
     return 2.0 ** round(math.log2(value)) if value > 0 else value
 
 
-def planning_spec(record: ServerRecord) -> NodeSpec:
-    """The record's capabilities, with latencies rounded to a power of two so that noise does not move layers."""
-    spec = node_spec(record)
+def planning_spec(record: ServerRecord, model: ModelSpec | None = None) -> NodeSpec:
+    """The record's capabilities (its layers sized at its quantization, given the `model`), with latencies
+    rounded to a power of two so that noise does not move layers."""
+    spec = node_spec(record, model)
     return replace(spec, layer_latency_s=_round_pow2(spec.layer_latency_s),
                    prefill_s_per_token_per_layer=_round_pow2(spec.prefill_s_per_token_per_layer))
 
@@ -160,7 +179,7 @@ def plan(model: ModelSpec, records: Iterable[ServerRecord], *, improvement_thres
     Node-local state such as cooldown clocks would make nodes disagree, so none is used.
     """
     planned = sorted((r for r in records if r.state in PLANNED_STATES), key=lambda r: r.peer_id)
-    nodes = {r.peer_id: planning_spec(r) for r in planned}
+    nodes = {r.peer_id: planning_spec(r, model) for r in planned}
     current = {r.peer_id: LayerRange(r.start, r.end) for r in planned if r.state == "online"}
     newest = max((r.epoch for r in planned), default=0)
     regions = {peer: spec.region for peer, spec in nodes.items()}

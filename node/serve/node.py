@@ -51,7 +51,7 @@ from node.serve.assignment import (
 )
 from node.serve.benchmark import free_memory, run_bench, usable_memory
 from node.serve.server import StageServer
-from swarm.records import ServerRecord
+from swarm.records import ServerRecord, node_spec
 from swarm.types import LayerRange
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class NodeConfig:
     settle_periods: float = 2.0  # joining waits until the records stay unchanged this many heartbeat periods
     move_drain_s: float = 300.0  # how long a left range keeps serving its open sessions after a move
     direct_links: bool = True  # push to and take pushes from other stages over direct TCP links (node.net.direct)
+    quant: str | None = None  # "none", "int8", "int4" (node.model.quant); None: by memory (benchmark.choose_quant)
 
     @property
     def fixed(self) -> bool:
@@ -283,19 +284,25 @@ class Node:
         if config.bench and not config.fixed:  # a fixed range needs no plan, so no measurement worth waiting for
             try:
                 result = run_bench(self.source, device=str(self.device), dtype=self.dtype,
-                                   max_memory_bytes=config.max_memory_bytes)
+                                   max_memory_bytes=config.max_memory_bytes, quant=config.quant)
                 fields = result.record_fields()
-                fields["memory_bytes"] = reference_memory(fields["memory_bytes"], self.dtype)
+                fields["memory_bytes"] = reference_memory(fields["memory_bytes"], self.dtype, self.source,
+                                                          result.quant)
                 return fields
             except Exception as e:
                 logger.warning("bench failed (%s); estimating memory only", e)
         memory = usable_memory(self.device.type, *free_memory(self.device), config.max_memory_bytes)
-        return {"memory_bytes": reference_memory(memory, self.dtype)}
+        from node.serve.benchmark import choose_quant
+
+        layers = config.end - config.start if config.fixed else None
+        quant = config.quant or choose_quant(self.source, self.device, self.dtype, memory, layers=layers)
+        return {"memory_bytes": reference_memory(memory, self.dtype, self.source, quant), "quant": quant}
 
     async def _load(self, target: LayerRange) -> StageServer:
         config = self.config
         stage = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: Stage(self.source, target.start, target.end, dtype=self.dtype, device=self.device)
+            None, lambda: Stage(self.source, target.start, target.end, dtype=self.dtype, device=self.device,
+                                quant=self._capabilities.get("quant", "none"))
         )
         budget = config.kv_budget_bytes or self._planned_kv_budget(target)
         server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
@@ -307,7 +314,8 @@ class Node:
 
     def _planned_kv_budget(self, layers: LayerRange) -> int:
         """The KV share of our announced memory that the plan leaves us once we hold `layers`."""
-        budget = planned_kv_budget(self.spec, self.record.memory_bytes, layers, self.dtype)
+        budget = planned_kv_budget(self.spec, self.record.memory_bytes, layers, self.dtype,
+                                   layer_bytes=node_spec(self.record, self.spec).layer_bytes)
         if budget == 0:
             logger.warning("layers %s take all the memory offered: no KV cache is left, sessions will be refused",
                            layers)

@@ -325,6 +325,7 @@ class StageServer:
             "model": self.stage.source.name,
             "start": self.stage.start,
             "end": self.stage.end,
+            "quant": self.stage.quant,
             "sessions": len(self.sessions),
             "queue_len": self.queue_len,
             "free_kv_tokens": self.free_kv_tokens,

@@ -94,7 +94,7 @@ def test_max_layers_follows_the_memory_cap(home, tiny):
     source = resolve_model(tiny)
     per_layer = layer_bytes(source, torch.float32) + 256 * FAST.kv_sessions * FAST.kv_context_tokens
     cap = 3 * per_layer + per_layer // 2
-    result = run_bench(tiny, device="cpu", settings=FAST, max_memory_bytes=cap)
+    result = run_bench(tiny, device="cpu", settings=FAST, max_memory_bytes=cap, quant="none")
     assert result.memory_bytes == cap and result.memory_cap_bytes == cap and result.max_layers == 3
     model = ModelSpec(source.name, 6, 64, result.layer_bytes, result.kv_bytes_per_token_per_layer)
     assert result.max_layers == layer_capacity(model, result.to_node_spec("me", ""), sessions=FAST.kv_sessions,
@@ -103,7 +103,7 @@ def test_max_layers_follows_the_memory_cap(home, tiny):
 
 def test_a_model_that_does_not_fit_is_a_clear_error(home, tiny, capsys, monkeypatch):
     monkeypatch.setattr("node.serve.benchmark.DEFAULT_SETTINGS", FAST)
-    one_layer = layer_bytes(resolve_model(tiny), torch.float32)
+    one_layer = layer_bytes(resolve_model(tiny), torch.float32, "int4")  # the smallest a layer gets
     with pytest.raises(ModelDoesNotFitError, match=r"does not fit: one layer needs .* the cap of"):
         run_bench(tiny, device="cpu", settings=FAST, max_memory_bytes=one_layer // 2)
     with pytest.raises(BenchError, match="positive"):
