@@ -41,6 +41,7 @@ from node.net.protocol import (
     parse_push_open,
 )
 from node.serve.assignment import EpochTracker, check_records, model_spec, plan, reference_memory, swarm_status
+from node.serve.epochs import OwnEpoch, epoch_file
 from node.serve.server import StageServer
 from swarm.records import ServerRecord
 from swarm.types import LayerRange
@@ -106,7 +107,8 @@ class Node:
         self.state = "stopped"
         self.error: str | None = None
         self.listeners: list[Callable[[str], None]] = []  # called on the node's loop with the new state
-        self.tracker = EpochTracker()
+        self.tracker = EpochTracker()  # other peers' newest epochs; our own come from `own_epoch`
+        self.own_epoch = OwnEpoch(epoch_file(config.identity) if config.identity else None)
         self.sessions_opened = 0
         self._retired_tokens = self._retired_steps = 0
         self._online_since: float | None = None
@@ -139,7 +141,8 @@ class Node:
 
     async def _go_online(self) -> None:
         peer_id = self.dht.peer_id.to_base58()
-        epoch = max((r.epoch for r in await self._records()), default=0)  # continue the swarm's epochs
+        # Continue the swarm's epochs, and never go below our own: peers drop records older than they saw from us.
+        epoch = max([r.epoch for r in await self._records()] + [self.own_epoch.newest])
         self.record = ServerRecord(peer_id=peer_id, model=self.source.name, start=0, end=1, state="joining",
                                    region=self.config.region, epoch=epoch, **self._capabilities)
         if self.config.fixed:
@@ -338,6 +341,7 @@ class Node:
             if server.layer_latency_s > 0:  # measured while serving: better than the bench for routing
                 fields["layer_latency_s"] = server.layer_latency_s
         self.record = replace(self.record, state=state or self.record.state, **fields)
+        self.own_epoch.note(self.record.epoch)
         await announce(self.dht, self.record, ttl_s=self.config.ttl_s)
 
     def _start_heartbeat(self) -> None:
@@ -360,7 +364,11 @@ class Node:
     # --- following the plan ---------------------------------------------------------------------------
 
     async def _plan(self):
-        records = check_records(self.spec, await self._records(), self.tracker)
+        """The plan over the swarm's records, with our own record as we hold it (the DHT's copy may lag)."""
+        own = self.record
+        others = [r for r in await self._records() if r.peer_id != own.peer_id]
+        records = sorted(check_records(self.spec, others, self.tracker) + check_records(self.spec, [own]),
+                         key=lambda r: r.peer_id)
         result = plan(self.spec, records)
         key = tuple((r.peer_id, r.state, r.start, r.end, r.epoch) for r in records if r.state in ("joining", "online"))
         return result, key
