@@ -2,11 +2,11 @@
 
 `NodeController` runs the node's asyncio loop in a background thread, so a Qt UI thread never blocks:
 every method returns at once, with a `concurrent.futures.Future` for the ones that take time, and is
-safe to call from any thread. Operations run one at a time, in the order they were called (a `pause`
-called while the node is still joining runs once it is online), except `stop`, which cancels whatever
-is under way. State changes are reported to callbacks registered with `on_state_change`; they run on
-the node's thread, so a Qt app should re-emit them as a signal (queued connection) rather than touch
-widgets there.
+safe to call from any thread. Operations run one at a time, in the order they were called, except
+`stop`, which cancels whatever is under way, and `pause`, which gives up a join under way (a join can
+take a minute: the user who clicks Pause meanwhile means now, not once online). State changes are
+reported to callbacks registered with `on_state_change`; they run on the node's thread, so a Qt app
+should re-emit them as a signal (queued connection) rather than touch widgets there.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ class NodeController:
 
     def pause(self, deadline_s: float = 60.0) -> Future:
         """Refuses new sessions, lets open ones finish for up to `deadline_s`, withdraws from the DHT and
-        frees the layers' memory; the future resolves once paused."""
+        frees the layers' memory; the future resolves once paused. A node still joining withdraws at once."""
+        self._loop.call_soon_threadsafe(self._give_up_joining)  # runs before the pause is queued
         return self._submit(lambda: self._node.pause(deadline_s))
 
     def resume(self) -> Future:
@@ -179,6 +180,10 @@ class NodeController:
                 callback(state, status)
             except Exception:
                 logger.exception("a state-change callback failed")
+
+    def _give_up_joining(self) -> None:
+        if self._node.state == "joining" and self._current is not None:
+            self._current.cancel()  # the pause that follows withdraws the joining record
 
     def _call_soon(self, fn: Callable[[], Any]) -> Future:
         future: Future = Future()

@@ -161,19 +161,21 @@ class Node:
 
     async def pause(self, deadline_s: float = 60.0) -> None:
         """Drains: refuses new sessions ("draining"), lets open ones finish for up to `deadline_s`, then
-        announces "offline", stops heartbeating and frees the layers. The DHT peer stays up for `resume`."""
-        if self.state != "online":
+        announces "offline", stops heartbeating and frees the layers. The DHT peer stays up for `resume`.
+        A node still "joining" (its join cancelled by the controller) serves nothing yet: it just withdraws."""
+        if self.state not in ("online", "joining"):
             return
         self._cancel_move()
-        self._set_state("draining")
         servers = [s for s in [self.server, *self.retiring] if s is not None]
-        for server in servers:
-            server.draining = True
-        if self.record is not None:
-            await self._announce("draining")
-        deadline = time.monotonic() + deadline_s
-        while any(s.sessions for s in servers) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        if self.state == "online":
+            self._set_state("draining")
+            for server in servers:
+                server.draining = True
+            if self.record is not None:
+                await self._announce("draining")
+            deadline = time.monotonic() + deadline_s
+            while any(s.sessions for s in servers) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None

@@ -11,6 +11,7 @@ import pytest
 from node.app.controller import NodeController
 from node.app.local_swarm import LocalSwarm
 from node.model.checkpoint import resolve_model
+from node.net.membership import list_servers_blocking
 from node.serve.epochs import OwnEpoch
 from node.serve.node import NodeConfig
 
@@ -84,3 +85,30 @@ def test_the_newest_epoch_survives_a_restart_and_a_damaged_file(tmp_path):
     path.write_text('{"newest_epoch": -5}')
     assert OwnEpoch(path).newest == 0
     assert OwnEpoch(None).newest == 0  # an ephemeral identity keeps nothing
+
+
+def test_pause_while_joining_withdraws_at_once(tiny_checkpoint):
+    """A Pause clicked during a long join gives the join up: the node never goes online before pausing."""
+    path = str(tiny_checkpoint("llama", num_layers=6))
+    with LocalSwarm(path, ranges=[(0, 6)], threads_per_node=1, node_args=NODE_ARGS) as swarm:
+        # The join waits for the swarm to settle over 15 heartbeat periods (30 s): far longer than a pause.
+        config = NodeConfig(initial_peers=swarm.initial_peers, ttl_s=TTL_S, bench=False, settle_periods=15)
+        controller = NodeController(resolve_model(path), config)
+        states: list[str] = []
+        controller.on_state_change(lambda state, status: states.append(state))
+        try:
+            starting = controller.start()
+            deadline = time.monotonic() + 60
+            while controller.status().state != "joining" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert controller.status().state == "joining"
+            controller.pause().result(timeout=60)
+            assert starting.cancelled() and controller.status().state == "paused"
+            assert "online" not in states and states[-1] == "paused"
+            own = controller.status().peer_id
+            records = list_servers_blocking(swarm.bootstrap, swarm.source.name, num_layers=6)
+            assert [r.state for r in records if r.peer_id == own] == ["offline"]  # withdrawn: planned no more
+            controller.resume().result(timeout=150)  # and it can still join later
+            assert _online(controller)
+        finally:
+            controller.stop().result(timeout=60)
