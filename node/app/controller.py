@@ -24,6 +24,7 @@ from node.client.chat import ChatEngine, Message
 from node.client.session import connect
 from node.model.checkpoint import ModelSource, resolve_model
 from node.model.sampling import SamplingParams
+from node.serve.assignment import reference_memory
 from node.serve.node import Node, NodeConfig
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,12 @@ class NodeStatus:
     sessions_opened: int
     online_s: float
     error: str | None = None
+    own_tokens_served: int = 0  # of tokens_served, those of this machine's own chats (not a contribution)
+    offered_memory_bytes: float | None = None  # memory offered to the swarm, in this node's own dtype; None: unknown
+
+    @property
+    def tokens_for_others(self) -> int:
+        return self.tokens_served - self.own_tokens_served
 
 
 StateCallback = Callable[[str, NodeStatus], None]
@@ -84,8 +91,18 @@ class NodeController:
 
     def swarm_status(self) -> Future:
         """Resolves to the swarm as the DHT shows it (`node.serve.assignment.swarm_status`: nodes, their ranges and
-        load, replicas per layer), or None while the node has no DHT (stopped). Runs beside other operations."""
-        return asyncio.run_coroutine_threadsafe(self._node.swarm_status(), self._loop)
+        load, replicas per layer), or None while the node has no DHT (stopped). Runs beside other operations.
+        Records announce memory at the planner's reference dtype; this node's own entry shows what it really
+        offers (a 2 GB cap on a float32 CPU node is announced as 1 GB of bfloat16)."""
+        return asyncio.run_coroutine_threadsafe(self._swarm_status(), self._loop)
+
+    async def _swarm_status(self) -> dict | None:
+        status = await self._node.swarm_status()
+        offered, own = self.status().offered_memory_bytes, self._node.record
+        for node in (status or {}).get("nodes", []):
+            if own is not None and offered is not None and node["peer_id"] == own.peer_id:
+                node["memory_gb"] = round(offered / 1e9, 3)
+        return status
 
     def stop(self) -> Future:
         """Cancels what is under way, leaves the swarm and ends the node's thread."""
@@ -139,6 +156,7 @@ class NodeController:
             # the loop, which is serving.
             client = await self._chat_client.enter_async_context(
                 connect(self.config.initial_peers, self.source, host_maddrs=self.config.host_maddrs))
+            self._node.own_clients.add(client.dht.peer_id.to_base58())  # its tokens are ours, not a contribution
             self._chat_engine = await asyncio.to_thread(ChatEngine, client, self.source)
 
     def status(self) -> NodeStatus:
@@ -154,6 +172,8 @@ class NodeController:
             draining_layers=tuple((s.stage.start, s.stage.end) for s in node.retiring if s.stage is not None),
             tokens_served=node.tokens_served, steps_served=node.steps_served,
             sessions_opened=node.sessions_opened, online_s=node.online_s, error=node.error,
+            own_tokens_served=node.own_tokens_served,
+            offered_memory_bytes=record.memory_bytes / reference_memory(1.0, node.dtype) if record else None,
         )
 
     def on_state_change(self, callback: StateCallback) -> Callable[[], None]:

@@ -110,7 +110,8 @@ class Node:
         self.tracker = EpochTracker()  # other peers' newest epochs; our own come from `own_epoch`
         self.own_epoch = OwnEpoch(epoch_file(config.identity) if config.identity else None)
         self.sessions_opened = 0
-        self._retired_tokens = self._retired_steps = 0
+        self.own_clients: set[str] = set()  # peer ids of this machine's own chat clients (see own_tokens_served)
+        self._retired_tokens = self._retired_steps = self._retired_own_tokens = 0
         self._online_since: float | None = None
         self._online_s = 0.0
         self._capabilities: dict = {}
@@ -248,6 +249,11 @@ class Node:
         return self._retired_tokens + sum(s.tokens_served for s in self._servers())
 
     @property
+    def own_tokens_served(self) -> int:
+        """Of `tokens_served`, those of sessions opened by `own_clients`: this machine's own chats."""
+        return self._retired_own_tokens + sum(s.own_tokens_served for s in self._servers())
+
+    @property
     def steps_served(self) -> int:
         return self._retired_steps + sum(s.steps_served for s in self._servers())
 
@@ -313,11 +319,13 @@ class Node:
                              send_delay_s=config.send_delay_s, test_perturb_scale=config.test_perturb_scale,
                              test_slowdown_s=config.test_slowdown_s, send_bandwidth_bps=config.send_bandwidth_bps,
                              uplink_bps=self._capabilities.get("uplink_bps", 0.0))
+        server.own_clients = self.own_clients
         server.attach(self.p2p, self.direct)
         return server
 
     def _drop(self, server: StageServer) -> None:
         self._retired_tokens += server.tokens_served
+        self._retired_own_tokens += server.own_tokens_served
         self._retired_steps += server.steps_served
         server.shutdown()
         server.stage = None  # the weights go with the last reference
