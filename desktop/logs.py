@@ -1,8 +1,9 @@
 """The app's log: a rotating file in the state directory, which "Open log" in the tray shows.
 
 A tray app started from a menu or at login has no terminal, so everything that would have gone to one
-goes here: our loggers, hivemind's (which otherwise keeps its own handler), uncaught exceptions on any
-thread, and a fault trace if the process crashes hard. A terminal, when there is one, gets a copy.
+goes here: our loggers, hivemind's (`route_hivemind`: it otherwise keeps its own handler), uncaught
+exceptions on any thread, and a fault trace if the process crashes hard (crash.log beside it). A
+terminal, when there is one, gets a copy.
 """
 
 from __future__ import annotations
@@ -47,9 +48,6 @@ def setup_logging(path: Path | None = None, *, level: int = logging.INFO) -> Pat
         handler.setFormatter(logging.Formatter(FORMAT))
         handler.layerhive_app = True
         root.addHandler(handler)
-    from hivemind.utils.logging import use_hivemind_log_handler
-
-    use_hivemind_log_handler("nowhere")  # hivemind's records propagate to ours instead of its own stderr handler
     sys.excepthook = _log_uncaught
     threading.excepthook = lambda args: _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback,
                                                       where=f"thread {args.thread.name if args.thread else '?'}")
@@ -57,6 +55,14 @@ def setup_logging(path: Path | None = None, *, level: int = logging.INFO) -> Pat
         _crash_file = open(path.with_name("crash.log"), "a", encoding="utf-8")  # noqa: SIM115 (lives on)
         faulthandler.enable(file=_crash_file)
     return path
+
+
+def route_hivemind() -> None:
+    """Sends hivemind's records to our handlers instead of its own stderr handler. Apart from `setup_logging`
+    because importing hivemind takes seconds (it imports torch), and the first window must not wait for it."""
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler("nowhere")
 
 
 def _log_uncaught(exc_type, exc_value, exc_traceback, where: str = "the main thread") -> None:

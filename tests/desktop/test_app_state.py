@@ -176,6 +176,7 @@ def test_a_second_instance_asks_the_first_to_show_itself(app, tmp_path, monkeypa
 def test_the_log_rotates_and_catches_uncaught_errors(tmp_path):
     hooks, handlers = (sys.excepthook, threading.excepthook), list(logging.getLogger().handlers)
     path = logs.setup_logging(tmp_path / "logs" / "app.log")
+    logs.route_hivemind()
     heard: list[str] = []
     logs.uncaught_listeners.append(heard.append)
     try:
