@@ -19,6 +19,7 @@ Usage: python benchmarks/installer_times.py [--repeat 3] [--embedded] [--full [-
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -40,7 +41,6 @@ from tests.installer.conftest import http_server, run_installer, user_env  # noq
 
 OFFLINE = ("--offline", "--system-site-packages", "--no-launch", "--login-item", "no")
 Rows = dict[str, list[float]]
-SELF_TEST = re.compile(r"self-test: (first window|serving|answer) ([\d.]+) s after launch")
 
 
 def size_mb(path: Path) -> float:
@@ -71,7 +71,8 @@ def by_hand(home: Path, wheel: Path) -> None:
 def self_test(app: Path, env: dict[str, str], model: str) -> dict[str, float]:
     done = checked(subprocess.run([str(app), "--self-test", "--model", model], capture_output=True, text=True,
                                   env={**env, "QT_QPA_PLATFORM": "offscreen"}, timeout=1800))
-    return {m.group(1): float(m.group(2)) for m in SELF_TEST.finditer(done.stdout)}
+    report = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    return dict(report["timings"])  # seconds from launch to first window, serving, answered
 
 
 def offline_runs(rows: Rows, installer: Path, work: Path, repeat: int) -> None:

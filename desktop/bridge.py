@@ -29,6 +29,7 @@ class NodeBridge(QObject):
     def __init__(self, controller: NodeController, *, poll_ms: int = 1000, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.controller = controller
+        self.swarm_label = ""  # how the app names the swarm joined (desktop.swarm_choice), for every window
         self._unsubscribe = controller.on_state_change(lambda _state, status: self.status_changed.emit(status))
         self._timer = QTimer(self)
         self._timer.timeout.connect(self.refresh)

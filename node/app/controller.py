@@ -2,16 +2,17 @@
 
 `NodeController` runs the node's asyncio loop in a background thread, so a Qt UI thread never blocks:
 every method returns at once, with a `concurrent.futures.Future` for the ones that take time, and is
-safe to call from any thread. Operations run one at a time, in the order they were called (a `pause`
-called while the node is still joining runs once it is online), except `stop`, which cancels whatever
-is under way. State changes are reported to callbacks registered with `on_state_change`; they run on
-the node's thread, so a Qt app should re-emit them as a signal (queued connection) rather than touch
-widgets there.
+safe to call from any thread. Operations run one at a time, in the order they were called, except
+`stop`, which cancels whatever is under way, and `pause`, which gives up a join under way (a join can
+take a minute: the user who clicks Pause meanwhile means now, not once online). State changes are
+reported to callbacks registered with `on_state_change`; they run on the node's thread, so a Qt app
+should re-emit them as a signal (queued connection) rather than touch widgets there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Sequence
@@ -24,6 +25,7 @@ from node.client.chat import ChatEngine, Message
 from node.client.session import connect
 from node.model.checkpoint import ModelSource, resolve_model
 from node.model.sampling import SamplingParams
+from node.serve.assignment import SwarmStatus, reference_memory
 from node.serve.node import Node, NodeConfig
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,12 @@ class NodeStatus:
     sessions_opened: int
     online_s: float
     error: str | None = None
+    own_tokens_served: int = 0  # of tokens_served, those of this machine's own chats (not a contribution)
+    offered_memory_bytes: float | None = None  # memory offered to the swarm, in this node's own dtype; None: unknown
+
+    @property
+    def tokens_for_others(self) -> int:
+        return self.tokens_served - self.own_tokens_served
 
 
 StateCallback = Callable[[str, NodeStatus], None]
@@ -70,7 +78,8 @@ class NodeController:
 
     def pause(self, deadline_s: float = 60.0) -> Future:
         """Refuses new sessions, lets open ones finish for up to `deadline_s`, withdraws from the DHT and
-        frees the layers' memory; the future resolves once paused."""
+        frees the layers' memory; the future resolves once paused. A node still joining withdraws at once."""
+        self._loop.call_soon_threadsafe(self._give_up_joining)  # runs before the pause is queued
         return self._submit(lambda: self._node.pause(deadline_s))
 
     def resume(self) -> Future:
@@ -83,8 +92,19 @@ class NodeController:
 
     def swarm_status(self) -> Future:
         """Resolves to the swarm as the DHT shows it (a `node.serve.assignment.SwarmStatus`: nodes, their ranges and
-        load, replicas per layer), or None while the node has no DHT (stopped). Runs beside other operations."""
-        return asyncio.run_coroutine_threadsafe(self._node.swarm_status(), self._loop)
+        load, replicas per layer), or None while the node has no DHT (stopped). Runs beside other operations.
+        Records announce memory at the planner's reference dtype; this node's own entry shows what it really
+        offers (a 2 GB cap on a float32 CPU node is announced as 1 GB of bfloat16)."""
+        return asyncio.run_coroutine_threadsafe(self._swarm_status(), self._loop)
+
+    async def _swarm_status(self) -> SwarmStatus | None:
+        status = await self._node.swarm_status()
+        offered, own = self.status().offered_memory_bytes, self._node.record
+        if status is None or own is None or offered is None:
+            return status
+        nodes = tuple(dataclasses.replace(peer, record=dataclasses.replace(peer.record, memory_bytes=float(offered)))
+                      if peer.record.peer_id == own.peer_id else peer for peer in status.nodes)
+        return dataclasses.replace(status, nodes=nodes)
 
     def stop(self) -> Future:
         """Cancels what is under way, leaves the swarm and ends the node's thread."""
@@ -138,6 +158,7 @@ class NodeController:
             # the loop, which is serving.
             client = await self._chat_client.enter_async_context(
                 connect(self.config.initial_peers, self.source, host_maddrs=self.config.host_maddrs))
+            self._node.own_clients.add(client.dht.peer_id.to_base58())  # its tokens are ours, not a contribution
             self._chat_engine = await asyncio.to_thread(ChatEngine, client, self.source)
 
     def status(self) -> NodeStatus:
@@ -153,6 +174,9 @@ class NodeController:
             draining_layers=tuple((s.stage.start, s.stage.end) for s in node.retiring if s.stage is not None),
             tokens_served=node.tokens_served, steps_served=node.steps_served,
             sessions_opened=node.sessions_opened, online_s=node.online_s, error=node.error,
+            own_tokens_served=node.own_tokens_served,
+            offered_memory_bytes=(record.memory_bytes / reference_memory(1.0, node.dtype, node.source, record.quant)
+                                  if record else None),
         )
 
     def on_state_change(self, callback: StateCallback) -> Callable[[], None]:
@@ -179,6 +203,10 @@ class NodeController:
                 callback(state, status)
             except Exception:
                 logger.exception("a state-change callback failed")
+
+    def _give_up_joining(self) -> None:
+        if self._node.state == "joining" and self._current is not None:
+            self._current.cancel()  # the pause that follows withdraws the joining record
 
     def _call_soon(self, fn: Callable[[], Any]) -> Future:
         future: Future = Future()

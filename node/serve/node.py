@@ -50,6 +50,7 @@ from node.serve.assignment import (
     swarm_status,
 )
 from node.serve.benchmark import free_memory, run_bench, usable_memory
+from node.serve.epochs import OwnEpoch, epoch_file
 from node.serve.server import StageServer
 from swarm.records import ServerRecord, node_spec
 from swarm.types import LayerRange
@@ -108,9 +109,11 @@ class Node:
         self.state = "stopped"
         self.error: str | None = None
         self.listeners: list[Callable[[str], None]] = []  # called on the node's loop with the new state
-        self.tracker = EpochTracker()
+        self.tracker = EpochTracker()  # other peers' newest epochs; our own come from `own_epoch`
+        self.own_epoch = OwnEpoch(epoch_file(config.identity) if config.identity else None)
         self.sessions_opened = 0
-        self._retired_tokens = self._retired_steps = 0
+        self.own_clients: set[str] = set()  # peer ids of this machine's own chat clients (see own_tokens_served)
+        self._retired_tokens = self._retired_steps = self._retired_own_tokens = 0
         self._online_since: float | None = None
         self._online_s = 0.0
         self._capabilities: dict = {}
@@ -141,7 +144,8 @@ class Node:
 
     async def _go_online(self) -> None:
         peer_id = self.peer.peer_id
-        epoch = max((r.epoch for r in await self._records()), default=0)  # continue the swarm's epochs
+        # Continue the swarm's epochs, and never go below our own: peers drop records older than they saw from us.
+        epoch = max([r.epoch for r in await self._records()] + [self.own_epoch.newest])
         self.record = ServerRecord(peer_id=peer_id, model=self.source.name, start=0, end=1, state="joining",
                                    region=self.config.region, epoch=epoch, **self._capabilities,
                                    reachability=self.peer.reachability or DIRECT)  # as measured: what peers see
@@ -161,19 +165,21 @@ class Node:
 
     async def pause(self, deadline_s: float = 60.0) -> None:
         """Drains: refuses new sessions ("draining"), lets open ones finish for up to `deadline_s`, then
-        announces "offline", stops heartbeating and frees the layers. The DHT peer stays up for `resume`."""
-        if self.state != "online":
+        announces "offline", stops heartbeating and frees the layers. The DHT peer stays up for `resume`.
+        A node still "joining" (its join cancelled by the controller) serves nothing yet: it just withdraws."""
+        if self.state not in ("online", "joining"):
             return
         self._cancel_move()
-        self._set_state("draining")
         servers = [s for s in [self.server, *self.retiring] if s is not None]
-        for server in servers:
-            server.draining = True
-        if self.record is not None:
-            await self._announce("draining")
-        deadline = time.monotonic() + deadline_s
-        while any(s.sessions for s in servers) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        if self.state == "online":
+            self._set_state("draining")
+            for server in servers:
+                server.draining = True
+            if self.record is not None:
+                await self._announce("draining")
+            deadline = time.monotonic() + deadline_s
+            while any(s.sessions for s in servers) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
@@ -246,6 +252,11 @@ class Node:
         return self._retired_tokens + sum(s.tokens_served for s in self._servers())
 
     @property
+    def own_tokens_served(self) -> int:
+        """Of `tokens_served`, those of sessions opened by `own_clients`: this machine's own chats."""
+        return self._retired_own_tokens + sum(s.own_tokens_served for s in self._servers())
+
+    @property
     def steps_served(self) -> int:
         return self._retired_steps + sum(s.steps_served for s in self._servers())
 
@@ -309,6 +320,7 @@ class Node:
                              send_delay_s=config.send_delay_s, test_perturb_scale=config.test_perturb_scale,
                              test_slowdown_s=config.test_slowdown_s, send_bandwidth_bps=config.send_bandwidth_bps,
                              uplink_bps=self._capabilities.get("uplink_bps", 0.0))
+        server.own_clients = self.own_clients
         server.attach(self.p2p, self.direct)
         return server
 
@@ -323,6 +335,7 @@ class Node:
 
     def _drop(self, server: StageServer) -> None:
         self._retired_tokens += server.tokens_served
+        self._retired_own_tokens += server.own_tokens_served
         self._retired_steps += server.steps_served
         server.shutdown()
         server.stage = None  # the weights go with the last reference
@@ -348,6 +361,7 @@ class Node:
             if server.layer_latency_s > 0:  # measured while serving: better than the bench for routing
                 fields["layer_latency_s"] = server.layer_latency_s
         self.record = replace(self.record, state=state or self.record.state, **fields)
+        self.own_epoch.note(self.record.epoch)
         await self.peer.announce(self.record, ttl_s=self.config.ttl_s)
 
     def _start_heartbeat(self) -> None:
@@ -370,7 +384,11 @@ class Node:
     # --- following the plan ---------------------------------------------------------------------------
 
     async def _plan(self):
-        records = check_records(self.spec, await self._records(), self.tracker)
+        """The plan over the swarm's records, with our own record as we hold it (the DHT's copy may lag)."""
+        own = self.record
+        others = [r for r in await self._records() if r.peer_id != own.peer_id]
+        records = sorted(check_records(self.spec, others, self.tracker) + check_records(self.spec, [own]),
+                         key=lambda r: r.peer_id)
         result = plan(self.spec, records)
         key = tuple((r.peer_id, r.state, r.start, r.end, r.epoch) for r in records if r.state in ("joining", "online"))
         return result, key

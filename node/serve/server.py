@@ -283,6 +283,10 @@ class StageServer:
         self.step_limiter = RateLimiter(rate_per_s=max_steps_per_s_per_peer, burst=2 * max_steps_per_s_per_peer)
         self.steps_served = 0
         self.tokens_served = 0
+        # Peers whose sessions are this machine's own (its user's chats): their tokens are counted apart too,
+        # so the contribution shown is what others got. The node shares one set with all its stages.
+        self.own_clients: set[str] = set()
+        self.own_tokens_served = 0
         self.head_merges = 0  # tokens this stage sampled as a ring's first stage sharing the LM head
         self.direct_links = 0  # push streams that moved to a direct link
         self.layer_latency_s = 0.0  # moving average of measured decode time per layer (queueing included)
@@ -525,6 +529,8 @@ class StageServer:
         session.position += step.tokens
         self.steps_served += 1
         self.tokens_served += step.tokens
+        if session.client in self.own_clients:
+            self.own_tokens_served += step.tokens
         if session.session_id not in self.sessions:
             return  # closed while the step ran
         if role.samples:

@@ -90,7 +90,7 @@ def test_tray_shows_what_the_node_serves_and_pauses_and_resumes_it(hive, tmp_pat
                 quit_app=lambda: None, snoozes=[("for 2 seconds", 2.0)])
     assert tray.doing_action.text() == "Not started" and tray.toggle_action.text() == "Resume contributing"
     tray.toggle_action.trigger()  # a stopped node starts
-    wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the node online")
+    wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–1"), 90, "the node online")
     assert tray.toggle_action.text() == "Pause contributing"
     assert tray.contributed_action.text().startswith("Contributed 0 tokens")
 
@@ -100,14 +100,14 @@ def test_tray_shows_what_the_node_serves_and_pauses_and_resumes_it(hive, tmp_pat
     assert settings.paused  # remembered for the next launch
 
     tray.toggle_action.trigger()
-    wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the node online again")
+    wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–1"), 90, "the node online again")
     assert not settings.paused
 
     tray.snooze_menu.actions()[0].trigger()  # pauses, then resumes by itself
     wait_until(lambda: tray.doing_action.text().startswith("Snoozed until"), 90, "the node snoozing")
     assert tray.toggle_action.text() == "Resume contributing" and not tray.snooze_menu.isEnabled()
     assert tray.snoozed_until is not None and settings_in(tmp_path).snoozed_until == tray.snoozed_until  # on disk
-    wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the snooze over")
+    wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–1"), 90, "the snooze over")
     assert settings.snoozed_until is None
 
     assert tray.memory_menu.actions()[0].isChecked()  # "No cap"
@@ -116,7 +116,7 @@ def test_tray_shows_what_the_node_serves_and_pauses_and_resumes_it(hive, tmp_pat
     two_gb.trigger()  # the node drains and rejoins, offering at most 2 GB
     assert two_gb.isChecked() and settings.memory_cap_bytes == 2_000_000_000
     wait_until(lambda: bridge.controller.node.record.memory_bytes <= 2e9
-               and tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the node back with the cap")
+               and tray.doing_action.text().startswith("Serving layers 0–1"), 90, "the node back with the cap")
 
     next(a for a in tray.menu.actions() if a.text() == "Open chat").trigger()
     next(a for a in tray.menu.actions() if a.text() == "Swarm map").trigger()
@@ -217,7 +217,7 @@ def test_a_new_launch_keeps_the_snooze_the_pause_and_the_memory_cap(hive, tmp_pa
         tray = Tray(bridge, settings, open_chat=lambda: None, open_map=lambda: None, quit_app=lambda: None)
         tray.start()  # what the app does at launch: the snooze still runs, so the node waits
         assert tray.doing_action.text().startswith("Snoozed until") and bridge.status().state == "stopped"
-        wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–2"), 90, "the snooze over")
+        wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–1"), 90, "the snooze over")
         assert controller.node.record.memory_bytes <= 2e9 and settings.snoozed_until is None
 
         tray.toggle_action.trigger()  # paused by the contributor ...
