@@ -158,7 +158,7 @@ class NodeController:
             # the loop, which is serving.
             client = await self._chat_client.enter_async_context(
                 connect(self.config.initial_peers, self.source, host_maddrs=self.config.host_maddrs))
-            self._node.own_clients.add(client.dht.peer_id.to_base58())  # its tokens are ours, not a contribution
+            self._node.own_clients.add(client.peer.peer_id)  # its tokens are ours, not a contribution
             self._chat_engine = await asyncio.to_thread(ChatEngine, client, self.source)
 
     def status(self) -> NodeStatus:

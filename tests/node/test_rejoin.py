@@ -11,7 +11,6 @@ import pytest
 from node.app.controller import NodeController
 from node.app.local_swarm import LocalSwarm
 from node.model.checkpoint import resolve_model
-from node.net.membership import list_servers_blocking
 from node.serve.epochs import OwnEpoch
 from node.serve.node import NodeConfig
 
@@ -106,7 +105,7 @@ def test_pause_while_joining_withdraws_at_once(tiny_checkpoint):
             assert starting.cancelled() and controller.status().state == "paused"
             assert "online" not in states and states[-1] == "paused"
             own = controller.status().peer_id
-            records = list_servers_blocking(swarm.bootstrap, swarm.source.name, num_layers=6)
+            records = swarm.bootstrap.list_servers_blocking(swarm.source.name, num_layers=6)
             assert [r.state for r in records if r.peer_id == own] == ["offline"]  # withdrawn: planned no more
             controller.resume().result(timeout=150)  # and it can still join later
             assert _online(controller)
