@@ -20,7 +20,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from node.client.chat import ChatEngine, Message
+from node.client.chat import AnswerStats, AnswerTrace, ChatEngine, Message
 from node.client.session import connect
 from node.model.checkpoint import ModelSource, resolve_model
 from node.model.sampling import SamplingParams
@@ -45,6 +45,12 @@ class NodeStatus:
 
 
 StateCallback = Callable[[str, NodeStatus], None]
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    text: str
+    stats: AnswerStats  # the model, tokens, speed and the chains that served it
 
 
 class NodeController:
@@ -115,21 +121,25 @@ class NodeController:
         threading.Thread(target=finish, name="layerhive-node-stop", daemon=True).start()
         return future
 
-    def chat(self, messages: Sequence[Message], params: SamplingParams, on_text: Callable[[str], None]) -> Future:
-        """Streams an answer from the swarm: `on_text(piece)` gets each piece of text as it comes (on the node's
-        thread); the future resolves to the whole answer, and cancelling it stops the answer. The chain is
-        routed and failed over like any client's (`node.client.chat.ChatEngine`); it runs beside start/pause/resume."""
+    def chat(self, messages: Sequence[Message], params: SamplingParams,
+             on_text: Callable[[str, AnswerStats], None]) -> Future:
+        """Streams an answer from the swarm: `on_text(piece, stats)` gets each piece of text as it comes, with the
+        answer's figures so far (tokens, speed, the chain serving it), on the node's thread. The future resolves
+        to a `ChatReply`, and cancelling it stops the answer. The chain is routed and failed over like any
+        client's (`node.client.chat.ChatEngine`); it runs beside start/pause/resume."""
         return asyncio.run_coroutine_threadsafe(self._chat(list(messages), params, on_text), self._loop)
 
-    async def _chat(self, messages: list[Message], params: SamplingParams, on_text: Callable[[str], None]) -> str:
+    async def _chat(self, messages: list[Message], params: SamplingParams,
+                    on_text: Callable[[str, AnswerStats], None]) -> ChatReply:
+        trace = AnswerTrace(self.source.name)
         self._chat_lock = self._chat_lock or asyncio.Lock()
         async with self._chat_lock:  # the first answers of a session must not each start a client
             await self._start_chat_engine()
         pieces = []
-        async for piece in self._chat_engine.stream_chat(messages, params):
+        async for piece in self._chat_engine.stream_chat(messages, params, trace):
             pieces.append(piece)
-            on_text(piece)
-        return "".join(pieces)
+            on_text(piece, trace.stats())
+        return ChatReply("".join(pieces), trace.stats())
 
     async def _start_chat_engine(self) -> None:
         if self._chat_engine is None:
