@@ -13,6 +13,7 @@ from PySide6.QtWidgets import QMenu, QSystemTrayIcon
 from desktop.bridge import NodeBridge
 from desktop.icons import FAILED, IDLE, SERVING, hive_icon
 from desktop.settings import AppSettings
+from desktop.wording import layer_range, plural
 from node.app.controller import NodeStatus
 
 _ACTIVE = ("starting", "joining", "online", "draining")
@@ -21,7 +22,7 @@ _ACTIVE = ("starting", "joining", "online", "draining")
 def describe(status: NodeStatus) -> tuple[str, str]:
     """(what the node does now, what it has contributed) in words for the menu."""
     if status.state == "online" and status.layers is not None:
-        doing = f"Serving layers {status.layers[0]}–{status.layers[1]} · {status.sessions} open sessions"
+        doing = f"Serving {layer_range(*status.layers)} · {plural(status.sessions, 'open session')}"
     elif status.state == "failed":
         doing = f"Stopped by an error: {status.error or 'unknown'}"
     else:
