@@ -1,0 +1,95 @@
+"""Takes docs/screenshots/ of the real app under Xvfb with a tray (trayer): the tray menu, the chat mid-answer and
+the swarm map, on the demo swarm of SmolLM2 (the default model), driven with real clicks and keys (xdotool).
+
+    PYTHONPATH=$PWD python tests/desktop/take_screenshots.py [--out docs/screenshots] [--model NAME]
+
+Needs Xvfb, trayer and xdotool (see .ci/run). The chat is shot every second while it answers; the shot whose index
+--chat-shot names is kept (look at them in the work directory it prints, and pick one mid-answer)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # this process only crops images
+
+from PySide6.QtCore import QRect  # noqa: E402
+from PySide6.QtGui import QImage  # noqa: E402
+
+from node.model.checkpoint import DEFAULT_MODEL  # noqa: E402
+from tests.desktop.xtray import AppUnderTest, TrayDisplay, wait_for  # noqa: E402
+
+QUESTION = "Explain in a short paragraph how several home computers can run one language model together."
+
+
+def crop_around(screen: Path, rects: list[list[int]], out: Path, pad: int = 24) -> None:
+    """Keeps the part of a screen shot around `rects` ([x, y, w, h] each), with `pad` pixels around."""
+    box = QRect(*rects[0])
+    for rect in rects[1:]:
+        box = box.united(QRect(*rect))
+    image = QImage(str(screen))
+    image.copy(box.adjusted(-pad, -pad, pad, pad).intersected(image.rect())).save(str(out))
+
+
+def shoot(app: AppUnderTest, request: str, path: Path, timeout_s: float = 20) -> Path:
+    app.ask(f"{request} {path}")
+    wait_for(path.exists, timeout_s, f"the shot {path.name}")
+    time.sleep(0.3)  # written in full
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("docs/screenshots"))
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--chat-shot", type=int, default=4, help="which of the shots taken while answering to keep")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="layerhive-shots-"))
+    home = work / "home"
+    home.mkdir()
+    # The model's files are not fetched again: the new home links to the converted copy in the usual one.
+    cache = Path(os.environ.get("LAYERHIVE_HOME") or Path.home() / ".cache/layerhive") / "models"
+    if cache.exists():
+        (home / ".cache/layerhive").mkdir(parents=True)
+        (home / ".cache/layerhive/models").symlink_to(cache)
+    print(f"working in {work}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with TrayDisplay(work) as display:
+        app = AppUnderTest(display, home, ["--model", args.model, "--identity", "screenshots"])
+        try:
+            icon = app.tray_icon_center(600)
+            app.menu_until(icon, lambda m: m["actions"][0]["text"].startswith("Serving layers"), 600,
+                           "the node serving")
+            screen = shoot(app, "screen", work / "screen-menu.png")
+            icon_rect = next(s["rect"] for s in reversed(app.seen()) if s["class"] == "QSystemTrayIconSys")
+            menu_rect = next(s["rect"] for s in reversed(app.seen()) if s["class"] == "QMenu")
+            crop_around(screen, [menu_rect, icon_rect], args.out / "tray-menu.png")
+            app.close_menu()
+
+            chat = display.visible_windows("Layerhive chat")[0]
+            display.xdotool("windowfocus", "--sync", chat)
+            display.xdotool("type", "--delay", "20", QUESTION)
+            display.xdotool("key", "Return")
+            shots = []
+            for index in range(15):
+                time.sleep(1)
+                shots.append(shoot(app, "window Layerhive chat", work / f"chat-{index}.png"))
+            shutil.copy(shots[args.chat_shot], args.out / "chat-mid-answer.png")
+
+            time.sleep(30)  # the answer done, most likely: the map then shows its chain
+            app.choose(app.open_menu(icon), "Swarm map")
+            wait_for(lambda: display.visible_windows("Layerhive swarm map"), 20, "the swarm map")
+            time.sleep(6)  # a read of the swarm or two
+            shoot(app, "window Layerhive swarm map", args.out / "swarm-map.png")
+            shoot(app, "window Layerhive chat", work / "chat-after.png")
+        finally:
+            print("app exited with", app.stop(), flush=True)
+    print(f"shots in {args.out}; the chat's series in {work}")
+
+
+if __name__ == "__main__":
+    main()
