@@ -10,7 +10,7 @@ import html
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from PySide6.QtCore import Qt, QUrl
+from PySide6.QtCore import QCoreApplication, Qt, QUrl
 from PySide6.QtGui import QGuiApplication, QKeySequence, QShortcut, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import (
     QHBoxLayout,
@@ -97,6 +97,8 @@ class ChatWindow(QWidget):
         self._set_busy(False)
         self._list_conversations()
         self.prompt.setFocus()  # typing starts a question at once
+        if (app := QCoreApplication.instance()) is not None:  # the history's log folded into its file at quit
+            app.aboutToQuit.connect(self.history.close)
         if self.history.set_aside is not None:
             self.status_line.setText(f"The chat history could not be read; it was kept as {self.history.set_aside}.")
 

@@ -165,7 +165,8 @@ class SwarmMapView(QWidget):
             return "No node serves this model yet."
         return None
 
-    def _strip_top(self) -> float:
+    def _strip_top(self) -> int:
+        """Where the replicas' strip begins: under the axis, the rows of bars and the chain's row."""
         return MARGIN + AXIS_HEIGHT + len(self.rows) * (ROW_HEIGHT + ROW_GAP) + (CHAIN_HEIGHT + ROW_GAP) + 4
 
     def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802 (Qt's name)
@@ -186,8 +187,8 @@ class SwarmMapView(QWidget):
         self._caption(painter, top, ROW_HEIGHT, "nodes")
         for row in self.rows:
             for node in row:
-                self._paint_bar(painter, node, QRectF(x(node.layers[0]) + 1, top, x(node.layers[1]) - x(node.layers[0])
-                                                      - 2, ROW_HEIGHT))
+                start, end = node.layers
+                self._paint_bar(painter, node, QRectF(x(start) + 1, top, x(end) - x(start) - 2, ROW_HEIGHT))
             top += ROW_HEIGHT + ROW_GAP
         self._paint_chain(painter, x, top)
         self._paint_replicas(painter, x, self._strip_top())

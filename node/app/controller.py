@@ -67,6 +67,7 @@ class NodeController:
         self._chat_engine: ChatEngine | None = None
         self._chat_client = AsyncExitStack()  # closes the chat engine's client, if one was started
         self._chat_lock: asyncio.Lock | None = None
+        self._beside: set[asyncio.Task] = set()  # swarm reads and chats under way, cancelled by stop()
 
     # --- the API --------------------------------------------------------------------------------------
 
@@ -90,7 +91,7 @@ class NodeController:
     def swarm_status(self) -> Future:
         """Resolves to the swarm as the DHT shows it (`node.serve.assignment.swarm_status`: nodes, their ranges and
         load, replicas per layer), or None while the node has no DHT (stopped). Runs beside other operations."""
-        return asyncio.run_coroutine_threadsafe(self._node.swarm_status(), self._loop)
+        return self._run_beside(self._node.swarm_status())
 
     def stop(self) -> Future:
         """Cancels what is under way, leaves the swarm and ends the node's thread."""
@@ -102,6 +103,10 @@ class NodeController:
         async def stop() -> None:
             if self._current is not None:
                 self._current.cancel()
+            beside = list(self._beside)
+            for task in beside:  # else they are destroyed pending when the loop stops
+                task.cancel()
+            await asyncio.gather(*beside, return_exceptions=True)
             try:
                 await self._node.stop()
             finally:
@@ -127,7 +132,7 @@ class NodeController:
         answer's figures so far (tokens, speed, the chain serving it), on the node's thread. The future resolves
         to a `ChatReply`, and cancelling it stops the answer. The chain is routed and failed over like any
         client's (`node.client.chat.ChatEngine`); it runs beside start/pause/resume."""
-        return asyncio.run_coroutine_threadsafe(self._chat(list(messages), params, on_text), self._loop)
+        return self._run_beside(self._chat(list(messages), params, on_text))
 
     async def _chat(self, messages: list[Message], params: SamplingParams,
                     on_text: Callable[[str, AnswerStats], None]) -> ChatReply:
@@ -201,6 +206,18 @@ class NodeController:
 
         self._loop.call_soon_threadsafe(run)
         return future
+
+    def _run_beside(self, coroutine: Coroutine[Any, Any, Any]) -> Future:
+        """Runs `coroutine` on the node's loop beside the serialized operations; `stop` cancels it."""
+        async def tracked() -> Any:
+            task = asyncio.current_task()
+            self._beside.add(task)
+            try:
+                return await coroutine
+            finally:
+                self._beside.discard(task)
+
+        return asyncio.run_coroutine_threadsafe(tracked(), self._loop)
 
     def _submit(self, operation: Callable[[], Coroutine[Any, Any, None]]) -> Future:
         async def serialized() -> None:

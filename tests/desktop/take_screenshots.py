@@ -1,10 +1,11 @@
-"""Takes docs/screenshots/ of the real app under Xvfb with a tray (trayer): the tray menu, the chat mid-answer and
-the swarm map, on the demo swarm of SmolLM2 (the default model), driven with real clicks and keys (xdotool).
+"""Takes docs/screenshots/ of the real app under Xvfb with a tray (trayer): the tray menu, the chat mid-answer, the
+answer's chain and the swarm map, on the demo swarm of SmolLM2 (the default model), driven with real clicks and
+keys (xdotool).
 
     PYTHONPATH=$PWD python tests/desktop/take_screenshots.py [--out docs/screenshots] [--model NAME]
 
-Needs Xvfb, trayer and xdotool (see .ci/run). The chat is shot every second while it answers; the shot whose index
---chat-shot names is kept (look at them in the work directory it prints, and pick one mid-answer)."""
+Needs Xvfb, trayer and xdotool (see .ci/run). The chat is shot every second while it answers; one showing part
+of the answer is kept, the others stay in the work directory it prints."""
 
 from __future__ import annotations
 
@@ -42,11 +43,29 @@ def shoot(app: AppUnderTest, request: str, path: Path, timeout_s: float = 20) ->
     return path
 
 
+def shoot_while_answering(app: AppUnderTest, work: Path, out: Path, timeout_s: float = 300) -> dict:
+    """Shoots the chat every second until the answer is done (its "Show chain" link is drawn); keeps as
+    `out` a shot two thirds through those that show part of the answer. Returns where "Show chain" is."""
+    shots: list[Path] = []
+    before = len(app.seen())
+    deadline = time.monotonic() + timeout_s
+    while (link := app.last_seen("link", before)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no answer within {timeout_s:.0f} s")
+        shots.append(shoot(app, "window Layerhive chat", work / f"chat-{len(shots)}.png"))
+        app.ask("link Layerhive chat|Show chain")  # answered only once the link is there
+        time.sleep(1)
+    images = [QImage(str(shot)) for shot in shots]
+    done = QImage(str(shoot(app, "window Layerhive chat", work / "chat-done.png")))
+    partial = [shot for shot, image in zip(shots, images, strict=True) if image not in (images[0], done)]
+    shutil.copy(partial[len(partial) * 2 // 3] if partial else shots[-1], out)
+    return link
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/screenshots"))
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--chat-shot", type=int, default=4, help="which of the shots taken while answering to keep")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="layerhive-shots-"))
     home = work / "home"
@@ -74,18 +93,15 @@ def main() -> None:
             display.xdotool("windowfocus", "--sync", chat)
             display.xdotool("type", "--delay", "20", QUESTION)
             display.xdotool("key", "Return")
-            shots = []
-            for index in range(15):
-                time.sleep(1)
-                shots.append(shoot(app, "window Layerhive chat", work / f"chat-{index}.png"))
-            shutil.copy(shots[args.chat_shot], args.out / "chat-mid-answer.png")
-
-            time.sleep(30)  # the answer done, most likely: the map then shows its chain
+            link = shoot_while_answering(app, work, args.out / "chat-mid-answer.png")
+            display.xdotool("mousemove", *map(str, link["center"]), "click", "1")  # "Show chain"
+            time.sleep(1)
+            shoot(app, "window Layerhive chat", args.out / "chat-chain.png")
+            # The map opens over the chat: last.
             app.choose(app.open_menu(icon), "Swarm map")
             wait_for(lambda: display.visible_windows("Layerhive swarm map"), 20, "the swarm map")
             time.sleep(6)  # a read of the swarm or two
             shoot(app, "window Layerhive swarm map", args.out / "swarm-map.png")
-            shoot(app, "window Layerhive chat", work / "chat-after.png")
         finally:
             print("app exited with", app.stop(), flush=True)
     print(f"shots in {args.out}; the chat's series in {work}")

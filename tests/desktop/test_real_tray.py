@@ -83,6 +83,8 @@ def test_the_tray_menu_opens_the_windows_pauses_caps_the_memory_and_resumes(tiny
             assert app.process.wait(timeout=90) == 0
             time.sleep(1)
             assert own_leftovers(model) == []  # the demo swarm stopped with the app
+            # The chat history, closed at quit: its file alone, in the user's data directory.
+            assert [p.name for p in (home / ".local/share/Layerhive").iterdir()] == ["chats.sqlite"]
         finally:
             app.stop()
             for pid in own_leftovers(model):

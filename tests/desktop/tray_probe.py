@@ -2,7 +2,8 @@
 it from outside, under Xvfb, what a user would see: every window and menu as it is shown, with its title, its
 place on the screen, and a menu's entries and where each is drawn, as JSON lines appended to $LAYERHIVE_PROBE.
 The test clicks with real X events (xdotool); the probe only reports, and takes screenshots asked for in the
-file $LAYERHIVE_PROBE.ask ("screen PATH" or "window TITLE PATH", one per line)."""
+file $LAYERHIVE_PROBE.ask, one per line: "screen PATH", "window TITLE PATH", or "link TITLE|TEXT" (where the
+last link TEXT is drawn in that window's text browser, reported as {"class": "link", "center": [x, y]})."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import sys
 from pathlib import Path
 
 from PySide6.QtCore import QEvent, QObject, QPoint, QTimer
-from PySide6.QtGui import QGuiApplication
-from PySide6.QtWidgets import QApplication, QMenu, QWidget
+from PySide6.QtGui import QGuiApplication, QTextCursor
+from PySide6.QtWidgets import QApplication, QMenu, QTextBrowser, QWidget
 
 import desktop.app
 
@@ -66,9 +67,26 @@ class Probe(QObject):
                 QGuiApplication.primaryScreen().grabWindow(0).save(rest)
             elif kind == "window":
                 title, _, path = rest.rpartition(" ")
-                window = next(w for w in QApplication.topLevelWidgets() if w.windowTitle().startswith(title))
-                window.grab().save(path)
+                window_titled(title).grab().save(path)
+            elif kind == "link":
+                title, _, text = rest.partition("|")
+                self._report_link(window_titled(title).findChild(QTextBrowser), text)
         self._asked = len(lines)
+
+    def _report_link(self, browser: QTextBrowser, text: str) -> None:
+        cursor, last = browser.document().find(text), None
+        while not cursor.isNull():
+            last, cursor = QTextCursor(cursor), browser.document().find(text, cursor)
+        if last is None:
+            return
+        last.setPosition(last.selectionStart() + 2)
+        center = browser.viewport().mapToGlobal(browser.cursorRect(last).center())
+        with REPORT.open("a") as out:
+            out.write(json.dumps({"class": "link", "text": text, "center": [center.x(), center.y()]}) + "\n")
+
+
+def window_titled(title: str) -> QWidget:
+    return next(w for w in QApplication.topLevelWidgets() if w.isWindow() and w.windowTitle().startswith(title))
 
 
 class ProbedApplication(QApplication):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -44,18 +45,34 @@ class TrayDisplay:
         self.display = ""
 
     def __enter__(self) -> TrayDisplay:
-        read, write = os.pipe()
-        self._spawn(["Xvfb", "-displayfd", str(write), "-screen", "0", f"{self.size}x24", "-nolisten", "tcp"],
-                    "xvfb.log", pass_fds=(write,))
-        os.close(write)
-        with os.fdopen(read) as number:  # Xvfb writes its display number once it accepts clients
-            self.display = f":{number.readline().strip()}"
-        self._spawn(["trayer", "--edge", "bottom", "--align", "right", "--widthtype", "request", "--height",
-                     str(TRAY_HEIGHT), "--SetDockType", "true", "--transparent", "false"], "trayer.log")
-        wait_for(lambda: self.xdotool("search", "--class", "trayer", check=False), 30, "trayer's window")
+        try:
+            self.display = self._start_x()
+            self._spawn(["trayer", "--edge", "bottom", "--align", "right", "--widthtype", "request", "--height",
+                         str(TRAY_HEIGHT), "--SetDockType", "true", "--transparent", "false"], "trayer.log")
+            wait_for(lambda: self.xdotool("search", "--class", "trayer", check=False), 30, "trayer's window")
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def _start_x(self, attempts: int = 5) -> str:
+        """Xvfb on a free display number, high and random: other programs on this machine may start and stop X
+        servers on the low ones (and remove their sockets) meanwhile."""
+        for _ in range(attempts):
+            number = random.randrange(200, 2000)
+            if os.path.exists(f"/tmp/.X{number}-lock"):
+                continue
+            read, write = os.pipe()
+            self._spawn(["Xvfb", f":{number}", "-displayfd", str(write), "-screen", "0", f"{self.size}x24",
+                         "-nolisten", "tcp"], "xvfb.log", pass_fds=(write,))
+            os.close(write)
+            with os.fdopen(read) as ready:  # Xvfb writes its display number once it accepts clients
+                if ready.readline().strip() == str(number):
+                    return f":{number}"
+            self.processes.pop().wait()  # it could not take that display
+        raise RuntimeError(f"Xvfb did not start; see {self.workdir / 'xvfb.log'}")
+
+    def __exit__(self, *exc: object) -> None:
         for process in reversed(self.processes):
             process.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
