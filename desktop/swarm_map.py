@@ -5,6 +5,7 @@ and named above it; hovering a bar shows that node's figures, with what was neve
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,6 +111,12 @@ def describe_node(node: MapNode, own: bool) -> str:
         figures.append(f"region {node.region}")
     return (f"{'This node (yours)' if own else 'Node'} {node.peer_id}\n{node.state}, {where}, {load}\n"
             + ", ".join(figures))
+
+
+def tooltip(node: MapNode, own: bool) -> str:
+    """`describe_node` as rich text that shows a peer's own words (its region) as written, never as markup: a
+    tooltip would otherwise take text that looks like HTML for HTML."""
+    return "<qt>" + html.escape(describe_node(node, own)).replace("\n", "<br>") + "</qt>"
 
 
 def replicas_text(low: int, high: int) -> str:
@@ -272,8 +279,7 @@ class SwarmMapView(QWidget):
         if node is None:
             QToolTip.hideText()
         else:
-            QToolTip.showText(event.globalPosition().toPoint(), describe_node(node, node.peer_id == self.own_peer_id),
-                              self)
+            QToolTip.showText(event.globalPosition().toPoint(), tooltip(node, node.peer_id == self.own_peer_id), self)
 
 
 def swatch(color: QColor, text: str, outline: bool = False) -> str:

@@ -36,7 +36,7 @@ def crop_around(screen: Path, rects: list[list[int]], out: Path, pad: int = 24) 
     image.copy(box.adjusted(-pad, -pad, pad, pad).intersected(image.rect())).save(str(out))
 
 
-def shoot(app: AppUnderTest, request: str, path: Path, timeout_s: float = 20) -> Path:
+def shoot(app: AppUnderTest, request: str, path: Path, timeout_s: float = 60) -> Path:
     app.ask(f"{request} {path}")
     wait_for(path.exists, timeout_s, f"the shot {path.name}")
     time.sleep(0.3)  # written in full

@@ -18,6 +18,7 @@ from desktop.swarm_map import (
     read_swarm_status,
     replicas_text,
     tick_layers,
+    tooltip,
 )
 from desktop.wording import describe_chain, layer_list, layer_range, model_label, plural
 from node.client.chat import AnswerStats
@@ -85,13 +86,14 @@ def status_of(spec, records: list[tuple]) -> dict:
 def test_unmeasured_figures_say_so_and_measured_ones_have_units(spec):
     status = status_of(spec, [("QmFresh111111", 0, 2, {}),
                               ("QmMeasured22", 2, 4, dict(layer_latency_s=0.00042, uplink_bps=80e6, memory_bytes=2e9,
-                                                          sessions=1))])
+                                                          sessions=1, region="<b>x</b>"))])
     fresh, measured = read_swarm_status(status).nodes
     text = describe_node(fresh, own=True)
     assert text.startswith("This node (yours) QmFresh111111\nonline, layers 0–1, 0 open sessions, 0 steps queued")
     assert "speed unmeasured" in text and "uplink unmeasured" in text and "0.00" not in text
     text = describe_node(measured, own=False)
-    assert "layers 2–3, 1 open session," in text
+    assert "layers 2–3, 1 open session," in text and "region <b>x</b>" in text
+    assert "region &lt;b&gt;x&lt;/b&gt;" in tooltip(measured, own=False)  # a peer's words are not markup
     assert "0.42 ms per layer" in text and "memory offered 2.0 GB" in text and "uplink 80 Mbit/s" in text
 
 
