@@ -22,6 +22,7 @@ from desktop.icons import FAILED, IDLE, SERVING, hive_icon
 from desktop.machine import format_gb, memory, memory_caps_gb
 from desktop.policy import Decision
 from desktop.settings import AppSettings
+from desktop.wording import layer_range, plural
 from node.app.controller import NodeStatus
 
 _ACTIVE = ("starting", "joining", "online", "draining")
@@ -30,9 +31,7 @@ _ACTIVE = ("starting", "joining", "online", "draining")
 def describe(status: NodeStatus) -> tuple[str, str]:
     """(what the node does now, what it has contributed this run) in words for the menu."""
     if status.state == "online" and status.layers is not None:
-        first, end = status.layers
-        layers = f"layer {first}" if end - first == 1 else f"layers {first}–{end - 1}"  # inclusive, as people count
-        doing = f"Serving {layers} · {status.sessions} open session{'s' if status.sessions != 1 else ''}"
+        doing = f"Serving {layer_range(*status.layers)} · {plural(status.sessions, 'open session')}"
     elif status.state == "failed":
         doing = f"Stopped by an error: {status.error or 'unknown'}"
     else:

@@ -21,7 +21,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from node.client.chat import ChatEngine, Message
+from node.client.chat import AnswerStats, AnswerTrace, ChatEngine, Message
 from node.client.session import connect
 from node.model.checkpoint import ModelSource, resolve_model
 from node.model.sampling import SamplingParams
@@ -55,6 +55,12 @@ class NodeStatus:
 StateCallback = Callable[[str, NodeStatus], None]
 
 
+@dataclass(frozen=True)
+class ChatReply:
+    text: str
+    stats: AnswerStats  # the model, tokens, speed and the chains that served it
+
+
 class NodeController:
     def __init__(self, model: str | ModelSource, config: NodeConfig) -> None:
         self.source = model if isinstance(model, ModelSource) else resolve_model(model)
@@ -69,6 +75,7 @@ class NodeController:
         self._chat_engine: ChatEngine | None = None
         self._chat_client = AsyncExitStack()  # closes the chat engine's client, if one was started
         self._chat_lock: asyncio.Lock | None = None
+        self._beside: set[asyncio.Task] = set()  # swarm reads and chats under way, cancelled by stop()
 
     # --- the API --------------------------------------------------------------------------------------
 
@@ -95,7 +102,7 @@ class NodeController:
         load, replicas per layer), or None while the node has no DHT (stopped). Runs beside other operations.
         Records announce memory at the planner's reference dtype; this node's own entry shows what it really
         offers (a 2 GB cap on a float32 CPU node is announced as 1 GB of bfloat16)."""
-        return asyncio.run_coroutine_threadsafe(self._swarm_status(), self._loop)
+        return self._run_beside(self._swarm_status())
 
     async def _swarm_status(self) -> SwarmStatus | None:
         status = await self._node.swarm_status()
@@ -116,6 +123,10 @@ class NodeController:
         async def stop() -> None:
             if self._current is not None:
                 self._current.cancel()
+            beside = list(self._beside)
+            for task in beside:  # else they are destroyed pending when the loop stops
+                task.cancel()
+            await asyncio.gather(*beside, return_exceptions=True)
             try:
                 await self._node.stop()
             finally:
@@ -135,21 +146,25 @@ class NodeController:
         threading.Thread(target=finish, name="layerhive-node-stop", daemon=True).start()
         return future
 
-    def chat(self, messages: Sequence[Message], params: SamplingParams, on_text: Callable[[str], None]) -> Future:
-        """Streams an answer from the swarm: `on_text(piece)` gets each piece of text as it comes (on the node's
-        thread); the future resolves to the whole answer, and cancelling it stops the answer. The chain is
-        routed and failed over like any client's (`node.client.chat.ChatEngine`); it runs beside start/pause/resume."""
-        return asyncio.run_coroutine_threadsafe(self._chat(list(messages), params, on_text), self._loop)
+    def chat(self, messages: Sequence[Message], params: SamplingParams,
+             on_text: Callable[[str, AnswerStats], None]) -> Future:
+        """Streams an answer from the swarm: `on_text(piece, stats)` gets each piece of text as it comes, with the
+        answer's figures so far (tokens, speed, the chain serving it), on the node's thread. The future resolves
+        to a `ChatReply`, and cancelling it stops the answer. The chain is routed and failed over like any
+        client's (`node.client.chat.ChatEngine`); it runs beside start/pause/resume."""
+        return self._run_beside(self._chat(list(messages), params, on_text))
 
-    async def _chat(self, messages: list[Message], params: SamplingParams, on_text: Callable[[str], None]) -> str:
+    async def _chat(self, messages: list[Message], params: SamplingParams,
+                    on_text: Callable[[str, AnswerStats], None]) -> ChatReply:
+        trace = AnswerTrace(self.source.name)
         self._chat_lock = self._chat_lock or asyncio.Lock()
         async with self._chat_lock:  # the first answers of a session must not each start a client
             await self._start_chat_engine()
         pieces = []
-        async for piece in self._chat_engine.stream_chat(messages, params):
+        async for piece in self._chat_engine.stream_chat(messages, params, trace):
             pieces.append(piece)
-            on_text(piece)
-        return "".join(pieces)
+            on_text(piece, trace.stats())
+        return ChatReply("".join(pieces), trace.stats())
 
     async def _start_chat_engine(self) -> None:
         if self._chat_engine is None:
@@ -219,6 +234,18 @@ class NodeController:
 
         self._loop.call_soon_threadsafe(run)
         return future
+
+    def _run_beside(self, coroutine: Coroutine[Any, Any, Any]) -> Future:
+        """Runs `coroutine` on the node's loop beside the serialized operations; `stop` cancels it."""
+        async def tracked() -> Any:
+            task = asyncio.current_task()
+            self._beside.add(task)
+            try:
+                return await coroutine
+            finally:
+                self._beside.discard(task)
+
+        return asyncio.run_coroutine_threadsafe(tracked(), self._loop)
 
     def _submit(self, operation: Callable[[], Coroutine[Any, Any, None]]) -> Future:
         async def serialized() -> None:

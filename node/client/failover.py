@@ -27,6 +27,7 @@ from node.client.verify import Auditor, EchoRecorder, attach_recorder
 from node.model.head import ClientHead
 from node.model.sampling import SamplingParams
 from node.net.protocol import PREFILL_CHUNK_TOKENS
+from swarm.types import Hop
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,6 +59,7 @@ class ResilientSession:
         self.session: ChainSession | None = None
         self.history = _Inputs()  # chain inputs fed so far, in position order
         self.events: list[FailoverEvent] = []
+        self.chains: list[tuple[Hop, ...]] = []  # every chain opened, in order: more than one after a failover
         self._pending_event: tuple[StageFailure, int, float] | None = None  # a failure not yet recovered from
 
     async def open(self) -> None:
@@ -73,6 +75,7 @@ class ResilientSession:
             audit=audit, sampling=sampling,
         )
         self.recorder = attach_recorder(session) if audit else None
+        self.chains.append(tuple(chain))
         return session
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,

@@ -46,7 +46,12 @@ SPEED_PROBE_TIMEOUT_S = 10.0
 
 
 class NoChainError(RuntimeError):
-    pass
+    """No chain can serve the model now. `uncovered_layers`: the layers no live online node serves; empty when
+    each layer is served but still no chain formed (its nodes full, or banned after failing)."""
+
+    def __init__(self, message: str, uncovered_layers: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.uncovered_layers = tuple(uncovered_layers)
 
 
 def coverage_summary(records: Sequence[ServerRecord]) -> str:
@@ -64,6 +69,12 @@ def session_room(records: Sequence[ServerRecord], num_layers: int) -> int | None
             for layer in range(record.start, min(record.end, num_layers)):
                 room[layer] = max(room[layer] or 0, record.free_kv_tokens)
     return None if None in room or not room else min(room)
+
+
+def uncovered_layers(records: Sequence[ServerRecord], num_layers: int) -> list[int]:
+    """The layers of [0, num_layers) that no online record serves."""
+    online = [r for r in records if r.state == "online"]
+    return [layer for layer in range(num_layers) if not any(r.start <= layer < r.end for r in online)]
 
 
 class StageFailure(ConnectionError):
@@ -285,7 +296,7 @@ class SwarmClient:
         if not chains:
             live = [r for r in records if r.peer_id not in banned]
             raise NoChainError(f"no chain covers layers 0:{self.num_layers} of {self.model} "
-                               f"(ranges online: {coverage_summary(live)})")
+                               f"(ranges online: {coverage_summary(live)})", uncovered_layers(live, self.num_layers))
         return chains[0]
 
     async def _measure_rtts(self, peers: list[str], max_age_s: float = 60.0) -> None:
