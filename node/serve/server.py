@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -152,8 +152,10 @@ class PushLink:
     offers a direct link (`node.net.direct`) and `direct` allows, later steps go over that.
     """
 
-    def __init__(self, session: Session, link: EmulatedLink, *, direct: bool = False) -> None:
+    def __init__(self, session: Session, link: EmulatedLink, *, direct: bool = False,
+                 on_failure: Callable[[], None] = lambda: None) -> None:
         self.session = session
+        self.on_failure = on_failure  # a push that could not reach the next stage: the node re-measures its links
         self.link = link
         self.outbox = Outbox(link)
         self.allow_direct = direct
@@ -175,6 +177,7 @@ class PushLink:
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            self.on_failure()
             self.session.outbox.put(
                 error_response("push_failed", f"cannot reach the next stage {next_peer}: {e}", peer=next_peer)
             )
@@ -201,6 +204,7 @@ class PushLink:
         except ProtocolError as e:
             self.session.outbox.put(error_response(e.code, f"the next stage answered: {e}", peer=next_peer))
         except Exception as e:
+            self.on_failure()
             self.session.outbox.put(
                 error_response("push_failed", f"cannot reach the next stage {next_peer}: {e}", peer=next_peer)
             )
@@ -285,6 +289,7 @@ class StageServer:
         self.tokens_served = 0
         self.head_merges = 0  # tokens this stage sampled as a ring's first stage sharing the LM head
         self.direct_links = 0  # push streams that moved to a direct link
+        self.push_failures = 0  # push streams that broke or could not open
         self.layer_latency_s = 0.0  # moving average of measured decode time per layer (queueing included)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
         # Decode steps of concurrent sessions that queue while a pass runs go through the layers together.
@@ -458,10 +463,14 @@ class StageServer:
         cache = self.stage.new_cache(opened.max_length, layers=layers)
         session = Session(opened, role, client, nbytes, cache, Outbox(self.link))
         if role.pushes:
-            session.push_link = PushLink(session, self.link, direct=self.direct is not None)
+            session.push_link = PushLink(session, self.link, direct=self.direct is not None,
+                                         on_failure=self._count_push_failure)
             session.push_link.start(self._p2p)
         self.sessions[session.session_id] = session
         return session
+
+    def _count_push_failure(self) -> None:
+        self.push_failures += 1
 
     def _close(self, session: Session) -> None:
         if self.sessions.pop(session.session_id, None) is not None:
