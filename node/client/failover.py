@@ -50,11 +50,12 @@ class ResilientSession:
 
     def __init__(self, client: SwarmClient, *, max_length: int, relay: bool = False, wire: str = "none",
                  max_failovers: int = 5, backoff_s: float = 0.2, step_timeout_s: float = 30.0,
-                 auditor: Auditor | None = None) -> None:
+                 auditor: Auditor | None = None, speculate: int = 0) -> None:
         self.client, self.max_length = client, max_length
         self.auditor = auditor  # spot checks of stages' outputs (node.client.verify); None or p = 0: none, no echoes
         self.recorder: EchoRecorder | None = None  # the current chain's stage outputs, when audited
         self.relay, self.wire = relay, wire
+        self.speculate = speculate  # a ring's draft length limit (node.net.protocol: speculation); 0: none
         self.max_failovers, self.backoff_s, self.step_timeout_s = max_failovers, backoff_s, step_timeout_s
         self.session: ChainSession | None = None
         self.history = _Inputs()  # chain inputs fed so far, in position order
@@ -72,7 +73,7 @@ class ResilientSession:
         wire = self.client.wire_for(chain) if self.wire == "auto" else self.wire
         session = await self.client.open_session(
             chain, max_length=self.max_length, relay=self.relay, wire=wire, step_timeout_s=self.step_timeout_s,
-            audit=audit, sampling=sampling,
+            audit=audit, sampling=sampling, speculate=self.speculate if sampling is not None else 0,
         )
         self.recorder = attach_recorder(session) if audit else None
         self.chains.append(tuple(chain))

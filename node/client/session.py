@@ -347,12 +347,16 @@ class SwarmClient:
 
     async def open_session(self, chain: list[Hop], *, max_length: int, relay: bool = False, wire: str = "none",
                            step_timeout_s: float = 60.0, audit: bool = False,
-                           sampling: SamplingParams | None = None, share_head: bool = True) -> ChainSession:
+                           sampling: SamplingParams | None = None, share_head: bool = True,
+                           speculate: int = 0) -> ChainSession:
         """Opens the session on every stage at once (in push mode a stage may start its push link
         before its successor has seen the session; the successor waits for it). `audit`: pushing stages
         echo their outputs to the client for spot checks (`node.client.verify`). `sampling`: open it as a ring
         whose last stage samples with these parameters (`ChainSession.tokens`); `share_head=False` keeps the LM
-        head's work whole at the last stage (see `node.net.protocol`: head sharing)."""
+        head's work whole at the last stage (see `node.net.protocol`: head sharing). `speculate`: a ring whose first
+        stage drafts up to that many tokens a round, verified at its last stage (`node.net.protocol`: speculation)."""
+        if speculate and sampling is None:
+            raise ValueError("only a ring speculates: give its sampling")
         if sampling is not None and (relay or audit):
             raise ValueError("a ring session is neither relayed nor audited: the client sees no hidden states")
         p2p = await self.p2p()
@@ -371,6 +375,7 @@ class SwarmClient:
                 "session_id": session_id, "start": hop.start, "end": hop.end, "max_length": max_length,
                 "prev": prev.node_id if prev else None, "next": nxt.node_id if nxt else None,
                 "relay": relay, "wire": wire, **({"audit": True} if audit else {}),
+                **({"speculate": speculate} if speculate else {}),
             }
             if sampling is not None and first:  # it samples too when it shares the head with the last stage
                 fields.update(embed=True, sampling=sampling.to_wire(), share_head=share_head)

@@ -106,6 +106,13 @@ class KVCache:
     def get_seq_length(self) -> int:  # DynamicCache's name for it, for code written against that
         return self.length
 
+    def truncate(self, length: int) -> None:
+        """Forgets every position from `length` on (a rejected speculative draft); the next step starts there and
+        overwrites them. Nothing is freed: a preallocated cache keeps its size."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length
+
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
             return

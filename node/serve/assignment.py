@@ -148,11 +148,13 @@ def _round_pow2(value: float) -> float:
 
 
 def planning_spec(record: ServerRecord, model: ModelSpec | None = None) -> NodeSpec:
-    """The record's capabilities (its layers sized at its quantization, given the `model`), with latencies
-    rounded to a power of two so that noise does not move layers."""
+    """The record's capabilities (its layers sized at its quantization, given the `model`), with latencies and
+    the measured uplink rounded to a power of two so that noise (a node re-measures its links now and then)
+    does not move layers."""
     spec = node_spec(record, model)
     return replace(spec, layer_latency_s=_round_pow2(spec.layer_latency_s),
-                   prefill_s_per_token_per_layer=_round_pow2(spec.prefill_s_per_token_per_layer))
+                   prefill_s_per_token_per_layer=_round_pow2(spec.prefill_s_per_token_per_layer),
+                   uplink_bps=_round_pow2(spec.uplink_bps))
 
 
 @dataclass(frozen=True)

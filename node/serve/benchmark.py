@@ -449,7 +449,7 @@ class NetworkResult:
     notes: tuple[str, ...] = ()
 
 
-def _peer_id_of(maddr: str) -> str | None:
+def peer_id_of(maddr: str) -> str | None:
     from hivemind.utils.multiaddr import Multiaddr
 
     with contextlib.suppress(Exception):
@@ -464,10 +464,7 @@ async def measure_network(
     """RTT to a few of `model`'s servers (found on the DHT) or the bootstrap peers, and uplink to the
     nearest ones that run the probe sink."""
     from node.net.membership import open_dht
-    from node.net.probe import ProbeError, measure_rtt, measure_uplink
-    from node.net.protocol import INFO_HANDLER
 
-    settings = settings or DEFAULT_SETTINGS
     report = _Progress(progress)
     report("joining the swarm's DHT", 0.0)
     try:  # a client-mode peer only dials out, so listening on loopback is enough
@@ -485,35 +482,50 @@ async def measure_network(
         except Exception as e:  # a DHT hiccup should not cost us the bootstrap peers
             notes.append(f"could not list {model}'s servers: {e}")
         random.shuffle(servers)  # spread the probing load over the swarm
-        bootstrap = [p for p in (_peer_id_of(m) for m in initial_peers) if p]
-        candidates = list(dict.fromkeys(servers + bootstrap))[: settings.max_peers]
-        if not candidates:
-            return NetworkResult(notes=("no peers to measure: no servers listed and no /p2p/ id in the peers",))
-        rtt: dict[str, float] = {}
-        with_sink: list[str] = []
-        for i, peer in enumerate(candidates):
-            report(f"RTT to {peer[:12]}...", 0.1 + 0.5 * i / len(candidates))
-            try:
-                rtt[peer] = await measure_rtt(p2p, peer)
-                with_sink.append(peer)
-            except ProbeError as ping_error:  # a node without probe handlers still answers `info`
-                try:
-                    rtt[peer] = await measure_rtt(p2p, peer, handler=INFO_HANDLER)
-                except ProbeError:
-                    notes.append(f"no RTT to {peer}: {ping_error}")
-        uplinks = []
-        for peer in sorted(with_sink, key=rtt.__getitem__)[:2]:  # the max of two: their downlink may limit
-            report(f"uplink to {peer[:12]}...", 0.6 + 0.2 * len(uplinks))
-            try:
-                uplinks.append(await measure_uplink(p2p, peer, settings.uplink_bytes, rtt_s=rtt[peer]))
-            except ProbeError as e:
-                notes.append(f"no uplink to {peer}: {e}")
-        if not uplinks:
-            notes.append("uplink not measured: no reachable peer runs the layerhive.sink probe")
-        report("network measured", 1.0)
-        return NetworkResult(rtt, max(uplinks) if uplinks else None, tuple(notes))
+        bootstrap = [p for p in (peer_id_of(m) for m in initial_peers) if p]
+        result = await measure_links(p2p, servers + bootstrap, settings, progress=report.span(0.1, 1.0))
+        return dataclasses.replace(result, notes=(*notes, *result.notes))
     finally:
         client.shutdown()
+
+
+async def measure_links(p2p, peers: Sequence[str], settings: BenchSettings | None = None, *,
+                        uplink_bytes: int | None = None, progress: Progress | None = None) -> NetworkResult:
+    """RTT to the first `settings.max_peers` of `peers` (in order of preference), and
+    uplink to the nearest two that run the probe sink (the max of the two: a peer's downlink may be the limit).
+    Bounded: at most max_peers x 6 pings and 2 x `uplink_bytes` (default `settings.uplink_bytes`) sent."""
+    from node.net.probe import ProbeError, measure_rtt, measure_uplink
+    from node.net.protocol import INFO_HANDLER
+
+    settings = settings or DEFAULT_SETTINGS
+    report = _Progress(progress)
+    candidates = list(dict.fromkeys(peers))[: settings.max_peers]
+    if not candidates:
+        return NetworkResult(notes=("no peers to measure: no servers listed and no /p2p/ id in the peers",))
+    notes: list[str] = []
+    rtt: dict[str, float] = {}
+    with_sink: list[str] = []
+    for i, peer in enumerate(candidates):
+        report(f"RTT to {peer[:12]}...", 0.6 * i / len(candidates))
+        try:
+            rtt[peer] = await measure_rtt(p2p, peer)
+            with_sink.append(peer)
+        except ProbeError as ping_error:  # a node without probe handlers still answers `info`
+            try:
+                rtt[peer] = await measure_rtt(p2p, peer, handler=INFO_HANDLER)
+            except ProbeError:
+                notes.append(f"no RTT to {peer}: {ping_error}")
+    uplinks = []
+    for peer in sorted(with_sink, key=rtt.__getitem__)[:2]:
+        report(f"uplink to {peer[:12]}...", 0.6 + 0.2 * len(uplinks))
+        try:
+            uplinks.append(await measure_uplink(p2p, peer, uplink_bytes or settings.uplink_bytes, rtt_s=rtt[peer]))
+        except ProbeError as e:
+            notes.append(f"no uplink to {peer}: {e}")
+    if not uplinks:
+        notes.append("uplink not measured: no reachable peer runs the layerhive.sink probe")
+    report("network measured", 1.0)
+    return NetworkResult(rtt, max(uplinks) if uplinks else None, tuple(notes))
 
 
 # --- the whole bench --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -49,7 +50,7 @@ from node.serve.assignment import (
     reference_memory,
     swarm_status,
 )
-from node.serve.benchmark import free_memory, run_bench, usable_memory
+from node.serve.benchmark import free_memory, measure_links, peer_id_of, run_bench, usable_memory
 from node.serve.epochs import OwnEpoch, epoch_file
 from node.serve.server import StageServer
 from swarm.records import ServerRecord, node_spec
@@ -58,6 +59,9 @@ from swarm.types import LayerRange
 logger = logging.getLogger(__name__)
 
 # Node states, as the controller reports them (record states are the swarm.records.STATES subset).
+LINK_PROBE_BYTES = 1 << 20  # per uplink probe: 0.8 s at 10 Mbit/s, and twice that is all a measurement sends
+LINK_REMEASURE_S = 600.0  # links change slowly; a failing push triggers a measurement sooner
+LINK_RETRY_S = 60.0
 NODE_STATES = ("stopped", "starting", "joining", "online", "draining", "paused", "failed")
 
 
@@ -122,6 +126,10 @@ class Node:
         self._retirements: set[asyncio.Task] = set()
         self._last_plan_key: tuple | None = None
         self.direct: DirectListener | None = None
+        self.link_measurements = 0  # finished `_measure_links` runs
+        self._links_measured_at: float | None = None
+        self._link_failures_seen = 0
+        self._links: asyncio.Task | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -140,6 +148,7 @@ class Node:
         # peers measure their RTT and uplink to us through these
         await add_probe_handlers(self.p2p, send_delay_s=self.config.send_delay_s)
         self._capabilities = await asyncio.get_running_loop().run_in_executor(None, self._measure)
+        await self._measure_links()
         await self._go_online()
 
     async def _go_online(self) -> None:
@@ -217,6 +226,8 @@ class Node:
 
     async def stop(self) -> None:
         self._cancel_move()
+        if self._links is not None:
+            self._links.cancel()
         for task in list(self._retirements):
             task.cancel()
         if self._heartbeat is not None:
@@ -309,6 +320,45 @@ class Node:
         quant = config.quant or choose_quant(self.source, self.device, self.dtype, memory, layers=layers)
         return {"memory_bytes": reference_memory(memory, self.dtype, self.source, quant), "quant": quant}
 
+    async def _measure_links(self) -> None:
+        """Measures our uplink and RTTs to a few peers of the swarm (`measure_links`: bounded, a few pings and
+        2 x 1 MB) and puts the uplink in our capabilities, so the next announce carries it. The first node of a
+        swarm has no one to measure against: it measures later, on the heartbeat (`_links_due`)."""
+        peers = [r.peer_id for r in await self._records() if r.peer_id != self.peer.peer_id]
+        random.shuffle(peers)  # spread the probing load over the swarm
+        peers += [p for p in (peer_id_of(m) for m in self.config.initial_peers) if p]
+        try:
+            result = await measure_links(self.p2p, peers, uplink_bytes=LINK_PROBE_BYTES)
+        except Exception as e:  # a failed measurement keeps the last figures; it is retried on the heartbeat
+            logger.warning("could not measure links: %s", e)
+            return
+        finally:
+            self._links_measured_at = time.monotonic()
+        self.link_measurements += 1
+        if result.uplink_bps is None:
+            logger.info("links not measured: %s", "; ".join(result.notes))
+            return
+        logger.info("measured uplink %.1f Mbit/s, RTT %s", result.uplink_bps / 1e6,
+                    ", ".join(f"{p[:8]} {rtt * 1000:.1f} ms" for p, rtt in result.rtt_s.items()))
+        self._capabilities["uplink_bps"] = result.uplink_bps
+        if self.record is not None:
+            self.record = replace(self.record, uplink_bps=result.uplink_bps)
+        for server in self._servers():
+            server.uplink_bps = result.uplink_bps
+
+    def _links_due(self) -> bool:
+        """Measure again: until a first uplink is measured (each heartbeat), every LINK_REMEASURE_S, and when a
+        push to a next stage failed since the last time (at most every LINK_RETRY_S)."""
+        if self._links is not None and not self._links.done():
+            return False
+        since = time.monotonic() - (self._links_measured_at or 0.0)
+        failures = sum(s.push_failures for s in self._servers())
+        troubled = failures > self._link_failures_seen
+        self._link_failures_seen = failures
+        if not self._capabilities.get("uplink_bps"):
+            return since >= self.config.period_s
+        return since >= LINK_REMEASURE_S or (troubled and since >= LINK_RETRY_S)
+
     async def _load(self, target: LayerRange) -> StageServer:
         config = self.config
         stage = await asyncio.get_running_loop().run_in_executor(
@@ -374,6 +424,8 @@ class Node:
             await asyncio.sleep(self.config.period_s)
             try:
                 await self._announce()
+                if self._links_due():  # in the background: a slow uplink must not hold the heartbeat
+                    self._links = asyncio.create_task(self._measure_links())
                 if self.state == "online" and not self.config.fixed:
                     await self._follow_plan()
             except asyncio.CancelledError:

@@ -219,3 +219,28 @@ def test_status_reports_nodes_coverage_and_the_plan():
     for record in online:
         assert by_peer[record.peer_id]["range"] == {"start": record.start, "end": record.end}
         assert by_peer[record.peer_id]["layer_latency_s"] == record.layer_latency_s
+
+
+def test_a_joined_node_announces_the_uplink_it_measured(tiny_checkpoint):
+    """Nodes started together find no one to measure at first; each measures on its heartbeat once the other
+    is there, announces it, and `layerhive status --json` shows it."""
+    import json
+    import subprocess
+    import sys
+
+    path = tiny_checkpoint("llama", num_layers=6)
+    with LocalSwarm(str(path), num_nodes=2, join=True, threads_per_node=1, node_args=NODE_ARGS) as swarm:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            records = swarm.online_records()
+            if len(records) == 2 and all(r.uplink_bps > 0 for r in records):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"no measured uplink announced: {swarm.online_records()}; logs in {swarm.log_dir}")
+        shown = subprocess.run([sys.executable, "-m", "node.app.cli", "status", "--model", str(path),
+                                "--initial-peers", *swarm.initial_peers, "--json"],
+                               capture_output=True, text=True, timeout=120, check=True)
+        nodes = json.loads(shown.stdout)["nodes"]
+        assert len(nodes) == 2 and all(n["uplink_bps"] > 1e6 for n in nodes), nodes  # loopback: far above 1 Mbit/s
+        print("measured uplinks (Mbit/s):", [round(n["uplink_bps"] / 1e6) for n in nodes])
