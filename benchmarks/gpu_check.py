@@ -4,9 +4,10 @@ The CUDA path of node.model.quant cannot run where Layerhive is developed (no GP
 it, each part against fp16 on the same GPU in the same run:
 
 1. Kernels on one Llama-2-70B-sized layer (hidden 8192, intermediate 28672, 8 KV heads; random weights, so
-   nothing to download): for fp16 (F.linear) and every quantization x backend that runs here (int8: bitsandbytes
-   LLM.int8, torch; int4: bitsandbytes NF4, torch's tinygemm), the relative error of the layer's four
-   projections against fp16, the decode time of the four at 1 and 8 tokens (median), and the bytes they hold.
+   nothing to download; --layer for another size): for fp16 (F.linear) and every quantization x backend that
+   runs here (int8: bitsandbytes LLM.int8, torch; int4: bitsandbytes NF4, torch's tinygemm), the relative error
+   of the layer's four projections against fp16, the decode time of the four at 1 and 8 tokens (median), and
+   the bytes they hold.
 2. Stages of the real model (--model, default the embedded SmolLM2-135M; a bigger one such as
    Qwen/Qwen2.5-1.5B-Instruct gives more telling times): per quantization x backend, decode ms per layer,
    memory per layer, and the relative error of the stage's output against the fp16 stage.
@@ -39,8 +40,12 @@ from node.model.head import ClientHead  # noqa: E402
 from node.model.quant import bnb_available, quantized_projection, supported_quants  # noqa: E402
 from node.model.stage import Stage  # noqa: E402
 
-LLAMA_70B_LAYER = {"qkv": (8192 + 2 * 1024, 8192), "o": (8192, 8192), "gate_up": (2 * 28672, 8192),
-                   "down": (8192, 28672)}
+
+def layer_shapes(hidden: int, intermediate: int, kv: int) -> dict[str, tuple[int, int]]:
+    """The four fused projections of a Llama layer (Llama-2-70B: 8192, 28672, 1024)."""
+    return {"qkv": (hidden + 2 * kv, hidden), "o": (hidden, hidden), "gate_up": (2 * intermediate, hidden),
+            "down": (hidden, intermediate)}
+
 PROMPT = "What is the capital of France?"
 
 
@@ -84,15 +89,15 @@ def relative(y: torch.Tensor, reference: torch.Tensor) -> float:
     return ((y - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-12)).max().item()
 
 
-def kernel_part(device: torch.device, dtype: torch.dtype, steps: int) -> None:
-    print(f"\n1. kernels: one Llama-2-70B layer's projections (random weights), {dtype}, medians of {steps}")
+def kernel_part(device: torch.device, dtype: torch.dtype, steps: int, shapes: dict[str, tuple[int, int]]) -> None:
+    print(f"\n1. kernels: one layer's projections {shapes} (random weights), {dtype}, medians of {steps}")
     print(f"{'kernel':12} {'rel err':>9} {'1 token ms':>11} {'x base':>7} {'8 tokens ms':>12} {'x base':>7} "
           f"{'MB held':>8} {'x base':>7}")
     generator = torch.Generator().manual_seed(0)
     weights = {name: (0.02 * torch.randn(shape, generator=generator)).to(device, dtype)
-               for name, shape in LLAMA_70B_LAYER.items()}
+               for name, shape in shapes.items()}
     inputs = {rows: {name: torch.randn(rows, shape[1], generator=generator).to(device, dtype)
-                     for name, shape in LLAMA_70B_LAYER.items()} for rows in (1, 8)}
+                     for name, shape in shapes.items()} for rows in (1, 8)}
     reference = {name: F.linear(inputs[8][name], w) for name, w in weights.items()}
     base = None
     for label, quant, backend in variants(device):
@@ -198,6 +203,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--no-swarm", action="store_true")
+    parser.add_argument("--layer", type=int, nargs=3, default=[8192, 28672, 1024], metavar=("HIDDEN", "FFN", "KV"),
+                        help="the kernel part's layer (default Llama-2-70B's)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -210,7 +217,7 @@ def main() -> None:
         print(f"bitsandbytes {bitsandbytes.__version__}")
     except Exception as e:
         print(f"bitsandbytes not usable ({type(e).__name__}: {e}): its rows are left out")
-    kernel_part(device, dtype, args.steps)
+    kernel_part(device, dtype, args.steps, layer_shapes(*args.layer))
     source = resolve_model(args.model)
     stage_part(source, device, dtype, args.steps)
     if not args.no_swarm:

@@ -48,6 +48,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.wire import PROMPTS  # noqa: E402
 from node.client.chat import Message, chat_template_ids  # noqa: E402
 from node.model import quant as quant_module  # noqa: E402
 from node.model.checkpoint import DEFAULT_MODEL, layer_bytes, load_tokenizer, resolve_model  # noqa: E402
@@ -55,17 +56,6 @@ from node.model.projection import Projection  # noqa: E402
 from node.model.quant import Int4Projection, Int8Projection, bnb_available, quantized_projection  # noqa: E402
 from node.model.stage import Stage  # noqa: E402
 from node.net.protocol import PREFILL_CHUNK_TOKENS  # noqa: E402
-
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about bees.",
-    "Explain in two sentences why the sky is blue.",
-    "List three prime numbers greater than 50.",
-    "Translate 'good morning' into Spanish and German.",
-    "What does a CPU cache do?",
-    "Give me a short recipe for pancakes.",
-    "Who wrote 'Pride and Prejudice'?",
-]
 
 
 @contextlib.contextmanager
