@@ -7,7 +7,8 @@
 1b. Quantized layers: the same, the server and the verifier each holding their layers as none (fp32), int8 or
    int4 (`node.model.quant`), on each of SmolLM2's three 10-layer stages, fed the hidden states real text
    has there (random ones would say nothing of the outliers real activations carry); against
-   `node.client.verify.QUANT_TOLERANCES`.
+   `node.client.verify.QUANT_TOLERANCES`. Also on SmolLM2 moved off its 4-bit grid (benchmarks/quant.py
+   --off-grid), since the embedded SmolLM2's own weights are those of a Q4_1 file, which int4 reproduces.
 2. False positives on real nodes: a local swarm of honest CPU fp32 nodes, every step audited
    (p = 1), over a long run, with the wire as is (fp32 tolerance) and with the fp16 wire codec.
 3. Detection: one node adds noise of SCALE × RMS to its outputs (`layerhive node --test-perturb`);
@@ -35,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.quant import off_grid_checkpoint  # noqa: E402
 from node.client.failover import ResilientSession  # noqa: E402
 from node.client.generate import generate  # noqa: E402
 from node.client.session import SwarmClient  # noqa: E402
@@ -222,7 +224,8 @@ def main() -> None:
             "above_tolerance": sum(e > TOLERANCES[dtype] for e in errors),
         }
         print(f"honest error {name}:", results["honest_error"][name], flush=True)
-    results["quant_honest_error"] = quant_study(study)
+    off_grid = resolve_model(str(off_grid_checkpoint(study, Path(tempfile.mkdtemp(prefix="off-grid-")))))
+    results["quant_honest_error"] = {"model": quant_study(study), "off_grid": quant_study(off_grid)}
     print(json.dumps(results["quant_honest_error"], indent=2), flush=True)
     if args.tolerances_only:
         if args.json:

@@ -16,7 +16,7 @@ from node.model.checkpoint import DEFAULT_MODEL
 from node.net.config import ConfigError, default_initial_peers
 from swarm.records import QUANTIZATIONS
 
-QUANT_HELP = ("hold the layers' weights as int8 (per channel) or int4 (per group of 64) instead of the compute "
+QUANT_HELP = ("hold the layers' weights as int8 (per channel) or int4 (per group of 32) instead of the compute "
               "dtype (default: the least lossy at which the whole model, or --layers, fits in memory)")
 
 if TYPE_CHECKING:

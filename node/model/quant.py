@@ -47,7 +47,10 @@ from swarm.records import QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
 
-INT4_GROUP = 64  # inputs per int4 group (benchmarks/quant.py: see the README table); 32 where 64 does not divide
+# Inputs per int4 group. 32: GGUF's 4-bit blocks (Q4_0, Q4_1, Q4_K's sub-blocks) are groups of 32, so their weights
+# fit exactly; on the embedded SmolLM2 (a dequantized Q4_1) groups of 64 lost greedy agreement (79% vs 99%) for
+# 10% fewer bytes; decode speed was the same (benchmarks/quant.py --groups).
+INT4_GROUP = 32
 INT8_KERNEL_MAX_ROWS = 16  # above: dequantize to bf16 and one gemm (1.3x the kernel's time at 16 rows, 0.8x at 32)
 KERNEL_DTYPE = torch.bfloat16  # activations and scales as the CPU kernels take them fast
 CUDA_BACKENDS = ("bnb", "torch")  # tried in this order on CUDA: bitsandbytes if installed, else torch's own
@@ -82,7 +85,8 @@ def weight_format(out_features: int, in_features: int, quant: str) -> str:
 def weight_bytes(out_features: int, in_features: int, quant: str, dtype: torch.dtype) -> int:
     """Bytes of one projection's weight at `quant` (dense ones at `dtype`); scales and offsets in bf16 (2 bytes).
 
-    bitsandbytes' NF4 keeps an fp32 absmax per 64 weights: the same 0.5625 bytes per weight as int4 here."""
+    bitsandbytes' NF4 keeps an fp32 absmax per 64 weights (0.5625 bytes a weight), a little under int4's 0.625 here:
+    the planner's figure for an int4 node is what torch's kernels hold, an upper bound for bitsandbytes."""
     n, k = out_features, in_features
     fmt = weight_format(n, k, quant)
     if fmt == "int8":
