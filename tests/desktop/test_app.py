@@ -12,14 +12,13 @@ import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before Qt starts: no display needed
 
-from PySide6.QtCore import QSettings, Qt, QTimer  # noqa: E402
+from PySide6.QtCore import Qt, QTimer  # noqa: E402
 from PySide6.QtTest import QTest  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from desktop.app import while_showing  # noqa: E402
 from desktop.bridge import NodeBridge  # noqa: E402
 from desktop.chat_window import ChatWindow  # noqa: E402
-from desktop.settings import AppSettings  # noqa: E402
 from desktop.swarm_map import SwarmMapView, SwarmMapWindow, describe_node, pack_rows  # noqa: E402
 from desktop.tray import Tray  # noqa: E402
 from node.app.controller import NodeController  # noqa: E402
@@ -29,6 +28,7 @@ from node.client.session import connect  # noqa: E402
 from node.model.checkpoint import resolve_model  # noqa: E402
 from node.model.sampling import SamplingParams  # noqa: E402
 from node.serve.node import NodeConfig  # noqa: E402
+from tests.desktop.qt_helpers import settings_in, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -36,16 +36,6 @@ GREEDY = SamplingParams(max_new_tokens=12)
 QUESTION = "hello what is the capital of paris"
 
 
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    """Runs the Qt event loop (queued signals land) until `predicate()` holds. Not QTest.qWait: it keeps the
-    GIL while it waits, which starves the node's threads in this process (16 s to a SmolLM2 answer's first
-    piece, against 1 s under app.exec(), which releases it)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout_s:.0f} s")
-        QApplication.processEvents()
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +66,6 @@ def headless_answer(swarm: LocalSwarm, messages: list[Message], params: Sampling
     return asyncio.run(run())
 
 
-def settings_in(tmp_path) -> AppSettings:
-    return AppSettings(QSettings(str(tmp_path / "layerhive.conf"), QSettings.Format.IniFormat))
 
 
 def test_tray_shows_what_the_node_serves_and_pauses_and_resumes_it(hive, tmp_path):
