@@ -103,3 +103,14 @@ def test_quitting_while_the_demo_swarm_starts_leaves_nothing_running(tiny_checkp
         assert "quit while starting" in log.read_text()
     finally:
         kill_leftovers(app, tree)
+
+
+def test_a_qt_that_cannot_start_leaves_its_reason_in_the_log(tmp_path):
+    """Launched from a menu, the app has no terminal: when Qt's platform plugin cannot load (a missing xcb
+    library), the log is where the user, or whoever helps them, finds out why."""
+    env = {**app_env(tmp_path), "QT_QPA_PLATFORM": "no-such-platform"}
+    result = subprocess.run([sys.executable, "-m", "desktop.app"], env=env, capture_output=True, timeout=120)
+    assert result.returncode != 0
+    logs = tmp_path / "layerhive" / "app" / "logs"
+    assert "no Qt platform plugin could be initialized" in (logs / "layerhive-app.log").read_text()
+    assert "Aborted" in (logs / "crash.log").read_text()  # and where it stopped
