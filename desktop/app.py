@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log_path = logs.setup_logging()
     logger.info("Layerhive app starting (pid %d): %s", os.getpid(), " ".join(sys.argv))
+    logs.route_qt()
     qt = QApplication(sys.argv[:1])
     qt.setApplicationName("Layerhive")
     qt.setWindowIcon(hive_icon(SERVING))

@@ -190,7 +190,7 @@ class FirstRunWindow(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(columns, 1)
         layout.addLayout(buttons)
-        self.resize(940, 600)
+        self.resize(940, 520)
 
         self.preparation = Preparation(model, settings.device)
         self.preparation.progress.connect(self._on_progress)

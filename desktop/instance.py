@@ -53,19 +53,20 @@ class SingleInstance(QObject):
     def release(self) -> None:
         if self._server is not None:
             self._server.close()
+            self._server.deleteLater()
             self._server = None
         if self._lock.is_locked:
             self._lock.release()
 
     def _on_connection(self) -> None:
+        """Reads the later launch's word at once (it writes as soon as it connects), so no socket outlives
+        this call with callbacks pending on it."""
         while self._server is not None and (socket := self._server.nextPendingConnection()) is not None:
-            socket.readyRead.connect(lambda s=socket: self._read(s))
-            socket.disconnected.connect(socket.deleteLater)
-
-    def _read(self, socket: QLocalSocket) -> None:
-        if bytes(socket.readAll().data()).startswith(SHOW.strip()):  # anything else from anyone is ignored
-            self.activated.emit()
-        socket.disconnectFromServer()
+            asked = socket.waitForReadyRead(1000) and bytes(socket.read(len(SHOW)).data()) == SHOW
+            socket.disconnectFromServer()
+            socket.deleteLater()
+            if asked:  # anything else from anyone is ignored
+                self.activated.emit()
 
     @staticmethod
     def _ask_first_to_show() -> None:

@@ -65,6 +65,26 @@ def route_hivemind() -> None:
     use_hivemind_log_handler("nowhere")
 
 
+def route_qt() -> None:
+    """Sends Qt's own messages to the log. Call before the QApplication exists: a platform plugin that
+    cannot load (a missing libxcb-cursor0) is a fatal Qt message, the last word of an app that otherwise
+    dies with nothing on screen and its stderr going nowhere."""
+    from PySide6.QtCore import QtMsgType, qInstallMessageHandler
+
+    levels = {QtMsgType.QtDebugMsg: logging.DEBUG, QtMsgType.QtInfoMsg: logging.INFO,
+              QtMsgType.QtWarningMsg: logging.WARNING, QtMsgType.QtCriticalMsg: logging.ERROR,
+              QtMsgType.QtFatalMsg: logging.CRITICAL}
+    qt_logger = logging.getLogger("qt")
+
+    def handle(kind, _context, message: str) -> None:
+        qt_logger.log(levels.get(kind, logging.WARNING), "%s", message)
+        if kind == QtMsgType.QtFatalMsg:
+            for handler in logging.getLogger().handlers:
+                handler.flush()  # Qt aborts the process next
+
+    qInstallMessageHandler(handle)
+
+
 def _log_uncaught(exc_type, exc_value, exc_traceback, where: str = "the main thread") -> None:
     if issubclass(exc_type, KeyboardInterrupt):
         sys.__excepthook__(exc_type, exc_value, exc_traceback)

@@ -54,6 +54,7 @@ class SettingsWindow(QWidget):
         self.threads.setRange(0, cpu_threads())
         self.threads.setSpecialValueText(f"All ({cpu_threads()})")  # 0: torch's default
         self.threads.setValue(settings.threads or 0)
+        self.threads.setMaximumWidth(140)
         self.device = QComboBox()
         self.device.addItem("Automatic (the fastest found)", None)
         for name, label in devices():
@@ -127,7 +128,7 @@ class SettingsWindow(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(columns, 1)
         layout.addLayout(buttons)
-        self.resize(960, 540)
+        self.resize(960, 450)
 
         self.only_when_idle.toggled.connect(self._update)
         self.limit_temperature.toggled.connect(self._update)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+from PySide6.QtCore import QSettings
 from PySide6.QtWidgets import QApplication
 
+from desktop.settings import AppSettings
 from node.client.chat import ChatEngine, Message
 from node.client.session import connect
 from node.model.checkpoint import resolve_model
@@ -33,3 +35,7 @@ def headless_answer(initial_peers: list[str], model: str, messages: list[Message
             return "".join([piece async for piece in ChatEngine(client, source).stream_chat(messages, params)])
 
     return asyncio.run(run())
+
+
+def settings_in(tmp_path) -> AppSettings:
+    return AppSettings(QSettings(str(tmp_path / "layerhive.conf"), QSettings.Format.IniFormat))

@@ -7,22 +7,19 @@ import time
 from datetime import datetime, timedelta
 
 import pytest
-from PySide6.QtCore import QSettings, QTimer
+from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QApplication
 
 from desktop.app import while_showing
 from desktop.bridge import NodeBridge
-from desktop.settings import AppSettings
 from desktop.tray import Tray
 from node.app.controller import NodeController
 from node.serve.node import NodeConfig
-from tests.desktop.helpers import wait_until
+from tests.desktop.helpers import settings_in, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def settings_in(tmp_path) -> AppSettings:
-    return AppSettings(QSettings(str(tmp_path / "layerhive.conf"), QSettings.Format.IniFormat))
 
 
 def test_tray_shows_what_the_node_serves_and_pauses_and_resumes_it(hive, tmp_path):

@@ -31,6 +31,15 @@ def node_processes(root: psutil.Process) -> list[psutil.Process]:
     return [p for p in root.children() if "node.app.cli" in " ".join(p.cmdline())]
 
 
+def kill_leftovers(app: subprocess.Popen, tree: list[psutil.Process]) -> None:
+    """After a failed test: whatever the app started must not outlive it."""
+    if app.poll() is None:
+        os.killpg(app.pid, signal.SIGKILL)
+    for process in tree:
+        if process.is_running():
+            process.kill()
+
+
 def test_a_first_launch_serves_a_second_one_defers_to_it_and_quit_leaves_nothing(tiny_checkpoint, tmp_path):
     model = str(tiny_checkpoint("llama", num_layers=4))
     env = app_env(tmp_path)
@@ -69,11 +78,7 @@ def test_a_first_launch_serves_a_second_one_defers_to_it_and_quit_leaves_nothing
         settings = (tmp_path / "config" / "Layerhive" / "Layerhive.conf").read_text()
         assert "first_run_done=true" in settings and "kind=demo" in settings
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-        for process in tree:
-            if process.is_running():
-                process.kill()
+        kill_leftovers(first, tree)
         output.close()
 
 
@@ -97,8 +102,15 @@ def test_quitting_while_the_demo_swarm_starts_leaves_nothing_running(tiny_checkp
         assert not alive, [p.cmdline() for p in alive]
         assert "quit while starting" in log.read_text()
     finally:
-        if app.poll() is None:
-            os.killpg(app.pid, signal.SIGKILL)
-        for process in tree:
-            if process.is_running():
-                process.kill()
+        kill_leftovers(app, tree)
+
+
+def test_a_qt_that_cannot_start_leaves_its_reason_in_the_log(tmp_path):
+    """Launched from a menu, the app has no terminal: when Qt's platform plugin cannot load (a missing xcb
+    library), the log is where the user, or whoever helps them, finds out why."""
+    env = {**app_env(tmp_path), "QT_QPA_PLATFORM": "no-such-platform"}
+    result = subprocess.run([sys.executable, "-m", "desktop.app"], env=env, capture_output=True, timeout=120)
+    assert result.returncode != 0
+    logs = tmp_path / "layerhive" / "app" / "logs"
+    assert "no Qt platform plugin could be initialized" in (logs / "layerhive-app.log").read_text()
+    assert "Aborted" in (logs / "crash.log").read_text()  # and where it stopped

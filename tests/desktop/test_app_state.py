@@ -14,17 +14,16 @@ import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from PySide6.QtCore import QSettings  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from desktop import login_item, logs  # noqa: E402
 from desktop.contribution import LifetimeContribution, describe  # noqa: E402
 from desktop.instance import SingleInstance  # noqa: E402
 from desktop.machine import GB, Memory, memory, memory_caps_gb  # noqa: E402
-from desktop.settings import AppSettings  # noqa: E402
 from desktop.swarm_choice import DEMO_LABEL, InviteError, SwarmChoice, invite_link, parse_invite  # noqa: E402
 from desktop.widgets import MemoryPicker  # noqa: E402
 from node.app.controller import NodeStatus  # noqa: E402
+from tests.desktop.helpers import settings_in  # noqa: E402
 
 PEER = "/ip4/127.0.0.1/tcp/41657/p2p/QmfY3kWkKgmTMmxq2ZThRUDuUDukYuXqh3m6rRAdpKaex9"
 OTHER = "/dns4/boot.example.org/tcp/31337/p2p/QmfY3kWkKgmTMmxq2ZThRUDuUDukYuXqh3m6rRAdpKaex8"
@@ -35,8 +34,6 @@ def app():
     yield QApplication.instance() or QApplication([])
 
 
-def settings_in(tmp_path) -> AppSettings:
-    return AppSettings(QSettings(str(tmp_path / "layerhive.conf"), QSettings.Format.IniFormat))
 
 
 def test_every_setting_survives_a_relaunch_and_a_broken_file_falls_back(tmp_path):

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import os
-import time
 from datetime import datetime
 
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from PySide6.QtCore import QSettings, QTime  # noqa: E402
+from PySide6.QtCore import QTime  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from desktop import login_item  # noqa: E402
 from desktop.first_run import FirstRunWindow  # noqa: E402
 from desktop.machine import GB, memory  # noqa: E402
 from desktop.policy import Conditions  # noqa: E402
-from desktop.settings import AppSettings  # noqa: E402
 from desktop.settings_window import SettingsWindow  # noqa: E402
 from desktop.swarm_choice import SwarmChoice, invite_link  # noqa: E402
 from node.app.local_swarm import LocalSwarm  # noqa: E402
+from tests.desktop.helpers import settings_in, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,17 +29,8 @@ def app():
     yield QApplication.instance() or QApplication([])
 
 
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout_s:.0f} s")
-        QApplication.processEvents()
-        time.sleep(0.02)
 
 
-def settings_in(tmp_path) -> AppSettings:
-    return AppSettings(QSettings(str(tmp_path / "layerhive.conf"), QSettings.Format.IniFormat))
 
 
 def test_first_run_measures_with_progress_then_takes_the_users_choices(app, tmp_path, tiny_checkpoint, monkeypatch):

@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 
 import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from PySide6.QtCore import QSettings  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from desktop.bridge import NodeBridge  # noqa: E402
 from desktop.contribution import LifetimeContribution  # noqa: E402
 from desktop.policy import Decision  # noqa: E402
-from desktop.settings import AppSettings  # noqa: E402
 from desktop.swarm_choice import DEMO_LABEL  # noqa: E402
 from desktop.tray import Tray  # noqa: E402
 from node.app.controller import NodeController  # noqa: E402
@@ -27,18 +24,12 @@ from node.client.chat import ChatEngine, Message  # noqa: E402
 from node.client.session import connect  # noqa: E402
 from node.model.sampling import SamplingParams  # noqa: E402
 from node.serve.node import NodeConfig  # noqa: E402
+from tests.desktop.helpers import settings_in, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 NEVER_STOPS = SamplingParams(max_new_tokens=8, stop_token_ids=(-1,))  # exactly 8 tokens whatever is sampled
 
 
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout_s:.0f} s")
-        QApplication.processEvents()
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +48,7 @@ def hive(tiny_checkpoint):
 
 
 def make_tray(bridge: NodeBridge, tmp_path) -> Tray:
-    settings = AppSettings(QSettings(str(tmp_path / "layerhive.conf"), QSettings.Format.IniFormat))
-    return Tray(bridge, settings, open_chat=lambda: None, open_map=lambda: None, quit_app=lambda: None,
+    return Tray(bridge, settings_in(tmp_path), open_chat=lambda: None, open_map=lambda: None, quit_app=lambda: None,
                 open_settings=lambda: None, open_log=lambda: None, swarm_label=DEMO_LABEL,
                 lifetime=LifetimeContribution(tmp_path / "contribution.json"))
 
@@ -79,6 +69,9 @@ def test_the_run_rules_pause_and_resume_the_node_and_the_contributor_comes_first
     wait_until(lambda: serving(tray), 90, "the node serving once the rules allow")
     assert tray.swarm_action.text() == "Offering 2.0 GB · Demo swarm (this computer only)"  # 2 GB, not 1.0 GB
     assert tray.lifetime_action.text().startswith("Lifetime: ")
+    swarm = bridge.controller.swarm_status().result(timeout=60)  # what the map shows of this node
+    own = next(n for n in swarm["nodes"] if n["peer_id"] == bridge.status().peer_id)
+    assert own["memory_gb"] == 2.0  # the record holds 1 GB of bfloat16-equivalent; the user offered 2 GB
 
     tray.apply_policy(Decision(False, "the computer is in use"))
     wait_until(lambda: tray.doing_action.text() == "Paused: the computer is in use", 90, "the rules' pause")
