@@ -6,14 +6,14 @@
   `pip install --no-deps` of the wheel), so the ratio is the installer's own cost (stopping a running app, the
   checks, the menu entries, the manifest);
 - `--full`: a real install from this machine's pip settings (torch and every dependency downloaded), its time
-  and the size of what it installed; with `--torch-wheels DIR`, a second one whose torch index is a local mirror
-  of DIR's +cpu wheels (the path a machine that reaches download.pytorch.org takes);
+  and the size of what it installed; `--torch-wheels DIR`: the same, with torch's index a local mirror of DIR's
+  +cpu wheels (the path a machine without a GPU that reaches download.pytorch.org takes);
 - the installed app: `layerhive-app --self-test` (headless), the time from launch to the first window, to serving
   and to the answer. With the tiny test model, and with `--embedded` the default model: first launch in an empty
   home (fetching and converting the model), then a second launch (the model cached).
 
 Medians over --repeat runs.
-Usage: python benchmarks/installer_times.py [--repeat 3] [--embedded] [--full [--torch-wheels /opt/wheels]]
+Usage: python benchmarks/installer_times.py [--repeat 3] [--embedded] [--full] [--torch-wheels /opt/wheels]
 """
 
 from __future__ import annotations
@@ -139,9 +139,10 @@ def main() -> int:
     parser.add_argument("--embedded", action="store_true", help="also the default model's first and second launch")
     parser.add_argument("--full", action="store_true", help="also a real install with downloads (minutes, GBs)")
     parser.add_argument("--torch-wheels", type=Path, default=None,
-                        help="with --full: also an install whose torch index is a local mirror of these +cpu wheels")
+                        help="also a real install whose torch index is a local mirror of these +cpu wheels")
     args = parser.parse_args()
     rows: Rows = {}
+    print(f"load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     work = Path(tempfile.mkdtemp(prefix="layerhive-installer-bench-"))
     try:
         dist = work / "dist"
@@ -153,16 +154,17 @@ def main() -> int:
             embedded_runs(rows, installer, work)
         if args.full:
             full_run(rows, installer, work, "from this machine's pip settings")
-        if args.full and args.torch_wheels:
+        if args.torch_wheels:
             with torch_index_mirror(args.torch_wheels, work) as mirror:
                 full_run(rows, installer, work, "torch from its (mirrored) CPU index", LAYERHIVE_TORCH_INDEX=mirror)
+        print(f"{'':60} {'median':>9}  runs")
+        for name, values in rows.items():
+            print(f"{name:60} {statistics.median(values):9.2f}  {len(values)}")
+        hand, offline = rows["baseline: venv + pip install wheel (s)"], rows["install --offline (s)"]
+        print(f"installer / by hand: {statistics.median(offline) / statistics.median(hand):.2f}x")
+        print(f"load average at the end: {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{'':60} {'median':>9}  runs")
-    for name, values in rows.items():
-        print(f"{name:60} {statistics.median(values):9.2f}  {len(values)}")
-    hand, offline = rows["baseline: venv + pip install wheel (s)"], rows["install --offline (s)"]
-    print(f"installer / by hand: {statistics.median(offline) / statistics.median(hand):.2f}x")
     return 0
 
 

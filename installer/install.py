@@ -94,15 +94,17 @@ def run(args: argparse.Namespace, layout: Layout, progress: Progress, state_pare
         progress.finish(code == 0, text)
         return code
     except (Cancelled, KeyboardInterrupt):
-        progress.finish(False, f"Stopped: everything this run changed was undone. The log: {progress.log.path}")
+        undone = "" if args.uninstall else " Everything this run changed was undone."
+        progress.finish(False, f"Stopped.{undone} The log: {progress.log.path}")
         return 130
     except InstallError as e:
-        progress.finish(False, f"{e}\nNothing is half-installed. The log: {progress.log.path}")
+        progress.finish(False, f"{e}\n{'' if args.uninstall else 'Nothing is half-installed. '}"
+                               f"The log: {progress.log.path}")
         return 1
     except Exception as e:  # a bug: the person gets a sentence, the log gets the traceback
         progress.log.write(traceback.format_exc())
         progress.finish(False, f"Unexpected error: {type(e).__name__}: {e}\n"
-                               f"Nothing is half-installed. The log: {progress.log.path}")
+                               f"{'' if args.uninstall else 'Nothing is half-installed. '}The log: {progress.log.path}")
         return 1
     finally:
         if isinstance(progress.window, QtWindow):

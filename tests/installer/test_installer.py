@@ -221,7 +221,7 @@ def test_an_install_stopped_midway_is_undone(installer_file, tmp_path):
     installer = next(p for p in descendants(running.pid) if "-m installer" in " ".join(p.argv))
     os.kill(installer.pid, signal.SIGTERM)
     out, err = running.communicate(timeout=300)
-    assert running.returncode == 130 and "everything this run changed was undone" in err, out + err
+    assert running.returncode == 130 and "Everything this run changed was undone" in err, out + err
     assert not any("-m venv" in " ".join(p.argv) and str(home) in " ".join(p.argv) for p in list_processes())
     assert files_under(home) == [".local", ".local/state", ".local/state/layerhive",
                                  ".local/state/layerhive/install.log"]
