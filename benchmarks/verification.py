@@ -4,6 +4,10 @@
    other sessions) against a verifier's replay (one prefill, then the step); the relative error per
    token, max over tokens, in fp32, fp16 and bf16. Honest errors above `node.client.verify.TOLERANCES` are the
    false positives of a swarm computing in that dtype.
+1b. Quantized layers: the same, the server and the verifier each holding their layers as none (fp32), int8 or
+   int4 (`node.model.quant`), on each of SmolLM2's three 10-layer stages, fed the hidden states real text
+   has there (random ones would say nothing of the outliers real activations carry); against
+   `node.client.verify.QUANT_TOLERANCES`.
 2. False positives on real nodes: a local swarm of honest CPU fp32 nodes, every step audited
    (p = 1), over a long run, with the wire as is (fp32 tolerance) and with the fp16 wire codec.
 3. Detection: one node adds noise of SCALE × RMS to its outputs (`layerhive node --test-perturb`);
@@ -11,6 +15,7 @@
    record whether it was caught and after how many tokens (the tainted tokens the user already got).
 
 Usage: python benchmarks/verification.py [--model tiny|PATH] [--generations 20] [--tokens 16] [--json out.json]
+       python benchmarks/verification.py --tolerances-only   (parts 1 and 1b, no swarm)
 """
 
 from __future__ import annotations
@@ -33,28 +38,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from node.client.failover import ResilientSession  # noqa: E402
 from node.client.generate import generate  # noqa: E402
 from node.client.session import SwarmClient  # noqa: E402
-from node.client.verify import TOLERANCES, Auditor, relative_error  # noqa: E402
-from node.model.checkpoint import resolve_model  # noqa: E402
-from node.model.head import ClientHead  # noqa: E402
+from node.client.verify import TOLERANCES, Auditor, relative_error, tolerance_for  # noqa: E402
+from node.model.checkpoint import load_tokenizer, resolve_model  # noqa: E402
+from node.model.head import ClientHead, Embedder  # noqa: E402
 from node.model.sampling import SamplingParams  # noqa: E402
 from node.model.stage import Stage, StepInput  # noqa: E402
-from node.serve.node import start_dht  # noqa: E402
+from node.net.membership import open_dht  # noqa: E402
 from tests.node.test_verify import SwarmWithLiar  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def honest_errors(source, start: int, end: int, dtype: torch.dtype, *, prompt: int = 32, decode: int = 32,
-                  others: int = 3, every: int = 2, seed: int = 0) -> list[float]:
-    """Relative errors between a served run and a verifier's replay of the same stage steps."""
-    stage = Stage(source, start, end, dtype=dtype, device=torch.device("cpu"))
+                  others: int = 3, every: int = 2, seed: int = 0, quants: tuple[str, str] = ("none", "none"),
+                  inputs: torch.Tensor | None = None) -> list[float]:
+    """Relative errors between a served run (layers held at quants[0]) and a verifier's replay of the same stage
+    steps (at quants[1]), on `inputs` [1, prompt + decode, hidden] (default random) among random neighbours."""
+    stage = Stage(source, start, end, dtype=dtype, device=torch.device("cpu"), quant=quants[0])
+    verifier = stage if quants[1] == quants[0] else Stage(source, start, end, dtype=dtype,
+                                                          device=torch.device("cpu"), quant=quants[1])
     gen = torch.Generator().manual_seed(seed)
     hidden = stage.shape.hidden_size
 
     def noise(tokens: int) -> torch.Tensor:
         return torch.randn(1, tokens, hidden, generator=gen).to(dtype)
 
-    inputs = noise(prompt + decode)
+    inputs = noise(prompt + decode) if inputs is None else inputs.to(dtype)
     cache = stage.new_cache(prompt + decode)
     neighbours = [stage.new_cache(prompt + decode) for _ in range(others)]
     for neighbour in neighbours:  # concurrent sessions whose decode steps share our passes
@@ -67,12 +76,52 @@ def honest_errors(source, start: int, end: int, dtype: torch.dtype, *, prompt: i
     errors = []
     for position in [0, *range(prompt, prompt + decode, every)]:
         end_position = prompt if position == 0 else position + 1
-        replay = stage.new_cache(end_position)
+        replay = verifier.new_cache(end_position)
         if position:
-            stage.forward(inputs[:, :position], 0, replay)
-        errors.append(relative_error(served[position], stage.forward(inputs[:, position:end_position], position,
-                                                                     replay)))
+            verifier.forward(inputs[:, :position], 0, replay)
+        errors.append(relative_error(served[position], verifier.forward(inputs[:, position:end_position], position,
+                                                                        replay)))
     return errors
+
+
+QUANT_PAIRS = [("int8", "int8"), ("int4", "int4"), ("int8", "none"), ("none", "int8"), ("int4", "none"),
+               ("none", "int4"), ("int4", "int8"), ("int8", "int4")]  # (server, verifier)
+STUDY_TEXT = ("The hive keeps its layers on many machines. Each volunteer lends a GPU or a laptop, and the swarm "
+              "routes every token through a chain of them, checking now and then that nobody lies about the work.")
+
+
+def real_inputs(source, start: int, tokens: int) -> torch.Tensor:
+    """The hidden states text has on entering layer `start`: its tokens embedded and run through layers
+    0..start in fp32 (the model's own activations, outliers included)."""
+    ids = load_tokenizer(source)(STUDY_TEXT)["input_ids"]
+    ids = (ids * (tokens // len(ids) + 1))[:tokens]
+    hidden = Embedder(source).embed(torch.tensor([ids]))
+    if start == 0:
+        return hidden
+    before = Stage(source, 0, start, dtype=torch.float32, device=torch.device("cpu"), with_ends=False)
+    return before.forward(hidden, 0, before.new_cache(tokens))
+
+
+def quant_study(source, prompt: int = 32, decode: int = 32) -> dict:
+    """Honest server-vs-verifier errors for every pair of quantizations, on each 10-layer stage, max over them."""
+    study: dict = {}
+    for start in range(0, source.num_layers, 10):
+        end = min(start + 10, source.num_layers)
+        inputs = real_inputs(source, start, prompt + decode)
+        for served, verifier in QUANT_PAIRS:
+            errors = honest_errors(source, start, end, torch.float32, prompt=prompt, decode=decode,
+                                   quants=(served, verifier), inputs=inputs)
+            key = f"{served} vs {verifier}"
+            tolerance = tolerance_for(torch.float32, quants=(served, verifier))
+            entry = study.setdefault(key, {"samples": 0, "max": 0.0, "medians": [], "above_tolerance": 0,
+                                           "tolerance": tolerance})
+            entry["samples"] += len(errors)
+            entry["max"] = max(entry["max"], max(errors))
+            entry["medians"].append(statistics.median(errors))
+            entry["above_tolerance"] += sum(e > tolerance for e in errors)
+            print(f"quant {key}, layers {start}:{end}: max {max(errors):.2e} median {statistics.median(errors):.2e}",
+                  flush=True)
+    return study
 
 
 class LiarFirstClient(SwarmClient):
@@ -105,11 +154,11 @@ async def swarm_figures(swarm: SwarmWithLiar, args) -> dict:
     head = ClientHead(source)
     rng = random.Random(7)
     prompt_ids = [rng.randrange(5, 250) for _ in range(24)]
-    dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    peer = open_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     figures: dict = {"false_positives": {}, "detection": {}}
     try:
         for wire in ("none", "fp16"):  # honest run, every step audited
-            client = SwarmClient(dht, source)
+            client = SwarmClient(peer, source)
             client.ban(liar, for_s=1e6)
             auditor = Auditor(client, 1.0, compute_dtype=torch.float32, wire=wire, rng=random.Random(1))
             started = time.perf_counter()
@@ -127,7 +176,7 @@ async def swarm_figures(swarm: SwarmWithLiar, args) -> dict:
         for p in args.probabilities:
             caught, tainted, generations = 0, [], 0
             for g in range(args.generations):
-                client = LiarFirstClient(dht, source.name, source.num_layers)
+                client = LiarFirstClient(peer, source)
                 client.liar = liar
                 auditor = Auditor(client, p, compute_dtype=torch.float32, rng=random.Random(1000 + g))
                 _, session = await run_generation(client, head, prompt_ids, args.tokens, auditor)
@@ -148,7 +197,7 @@ async def swarm_figures(swarm: SwarmWithLiar, args) -> dict:
             }
             print("detection, p =", p, figures["detection"][str(p)], flush=True)
     finally:
-        dht.shutdown()
+        peer.shutdown()
     return figures
 
 
@@ -161,6 +210,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.01, help="the liar's noise, × the output's RMS")
     parser.add_argument("--probabilities", type=float, nargs="*", default=[0.05, 0.2])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--tolerances-only", action="store_true", help="the dtype and quantization studies only")
     args = parser.parse_args()
 
     results: dict = {"tolerances": {k: TOLERANCES[v] for k, v in DTYPES.items()}, "honest_error": {}}
@@ -172,6 +222,12 @@ def main() -> None:
             "above_tolerance": sum(e > TOLERANCES[dtype] for e in errors),
         }
         print(f"honest error {name}:", results["honest_error"][name], flush=True)
+    results["quant_honest_error"] = quant_study(study)
+    print(json.dumps(results["quant_honest_error"], indent=2), flush=True)
+    if args.tolerances_only:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return
 
     if args.model == "tiny":
         from tests.conftest import build_tiny_checkpoint

@@ -18,6 +18,7 @@ from PySide6.QtWidgets import QApplication, QLabel, QMessageBox, QSystemTrayIcon
 
 from desktop.bridge import NodeBridge
 from desktop.chat_window import ChatWindow
+from desktop.self_test import SelfTest
 from desktop.settings import AppSettings
 from desktop.swarm_map import SwarmMapWindow
 from desktop.tray import Tray
@@ -28,6 +29,7 @@ from node.serve.node import NodeConfig
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+STARTED = "layerhive-app started"  # Qt has its display: what installer/install.py's launch check waits for
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--identity", default="desktop", help="name of this node's persistent identity")
     parser.add_argument("--max-memory-gb", type=float, default=None,
                         help="offer at most this much memory (this run; the tray's choice is remembered)")
+    parser.add_argument("--self-test", action="store_true",
+                        help="start, answer one chat through the swarm, print the answer and timings, exit (0: works)")
     return parser.parse_args(argv)
 
 
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     app = QApplication(sys.argv[:1])
     app.setApplicationName("Layerhive")
     app.setQuitOnLastWindowClosed(False)  # closing the chat window leaves the node serving from the tray
+    self_test = SelfTest(app) if args.self_test else None
+    logger.info("%s (Qt platform %s)", STARTED, app.platformName())  # the installer waits for this line
 
     local_swarm = None
     try:
@@ -88,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     controller = while_showing("Loading the model…", lambda: NodeController(args.model, NodeConfig(
         initial_peers=initial_peers, identity=args.identity, max_memory_bytes=memory)))
     bridge = NodeBridge(controller)
+    if self_test is not None:
+        self_test.attach(bridge)
     chat, swarm_map = ChatWindow(bridge), SwarmMapWindow(bridge)
 
     def bring_up(window) -> None:

@@ -23,7 +23,8 @@ class NodeBridge(QObject):
     chat_text = Signal(str)  # a piece of the answer being streamed
     chat_done = Signal(str)  # the whole answer
     chat_failed = Signal(str)
-    swarm_changed = Signal(object)  # after `refresh_swarm`: `NodeController.swarm_status`'s dict, None or {"error"}
+    swarm_changed = Signal(object)  # after `refresh_swarm`: `NodeController.swarm_status`'s SwarmStatus, or None
+    swarm_failed = Signal(str)  # after `refresh_swarm`: why the swarm could not be read
 
     def __init__(self, controller: NodeController, *, poll_ms: int = 1000, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -45,7 +46,10 @@ class NodeBridge(QObject):
             if f.cancelled():
                 return
             error = f.exception()
-            self.swarm_changed.emit({"error": f"{type(error).__name__}: {error}"} if error else f.result())
+            if error is not None:
+                self.swarm_failed.emit(f"{type(error).__name__}: {error}")
+            else:
+                self.swarm_changed.emit(f.result())
 
         future = self.controller.swarm_status()
         future.add_done_callback(done)

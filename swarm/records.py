@@ -10,10 +10,11 @@ import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
-from swarm.types import NodeSpec
+from swarm.types import ModelSpec, NodeSpec
 
 STATES = ("joining", "online", "draining", "offline")
 REACHABILITY = ("direct", "relayed", "unreachable")
+QUANTIZATIONS = ("none", "int8", "int4")  # how a node holds its layers' weights (node.model.quant)
 MAX_LAYERS = 1 << 12
 # Epochs count re-plans, one per change of the swarm: 2^53 is beyond any swarm's life, exact as a float, and
 # far from the 64-bit limit that `epoch + 1` would overflow when a node announces the next one.
@@ -43,6 +44,7 @@ class ServerRecord:
     region: str = ""
     epoch: int = 0  # the assignment epoch this range follows
     version: str = ""
+    quant: str = "none"  # one of QUANTIZATIONS: the planner sizes the node's layers by it, verification its error
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -71,6 +73,8 @@ class ServerRecord:
             raise RecordError(f"state: {self.state!r} is not one of {STATES}")
         if self.reachability not in REACHABILITY:
             raise RecordError(f"reachability: {self.reachability!r} is not one of {REACHABILITY}")
+        if self.quant not in QUANTIZATIONS:
+            raise RecordError(f"quant: {self.quant!r} is not one of {QUANTIZATIONS}")
         for name in ("layer_latency_s", "prefill_s_per_token_per_layer", "uplink_bps", "memory_bytes"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -111,9 +115,10 @@ MAX_MEMORY_BYTES = 2e12
 MAX_UPLINK_BPS = 100e9
 
 
-def node_spec(record: ServerRecord) -> NodeSpec:
+def node_spec(record: ServerRecord, model: ModelSpec | None = None) -> NodeSpec:
     """The planner's view of a node, from its record: unmeasured figures get the neutral guesses above, and
-    claims beyond what hardware can do are taken at the plausible bounds."""
+    claims beyond what hardware can do are taken at the plausible bounds. With the `model`, its layers weigh
+    what they do at the record's quantization."""
     return NodeSpec(
         node_id=record.peer_id,
         region=record.region or "unknown",
@@ -123,4 +128,5 @@ def node_spec(record: ServerRecord) -> NodeSpec:
                                           MIN_PREFILL_S_PER_TOKEN_PER_LAYER),
         uplink_bps=min(record.uplink_bps or UNKNOWN_UPLINK_BPS, MAX_UPLINK_BPS),
         relayed=record.reachability == "relayed",
+        layer_bytes=model.layer_bytes_at(record.quant) if model is not None and record.quant != "none" else 0.0,
     )

@@ -82,7 +82,7 @@ class NodeController:
         return self._submit(lambda: self._node.set_memory_cap(max_memory_bytes))
 
     def swarm_status(self) -> Future:
-        """Resolves to the swarm as the DHT shows it (`node.serve.assignment.swarm_status`: nodes, their ranges and
+        """Resolves to the swarm as the DHT shows it (a `node.serve.assignment.SwarmStatus`: nodes, their ranges and
         load, replicas per layer), or None while the node has no DHT (stopped). Runs beside other operations."""
         return asyncio.run_coroutine_threadsafe(self._node.swarm_status(), self._loop)
 

@@ -16,14 +16,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
-from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from node.client.routing import believed, plan_chains
 from node.model.checkpoint import ModelSource
 from node.model.sampling import SamplingParams
-from node.net.membership import list_servers, open_dht
+from node.net.membership import SwarmPeer, open_dht
 from node.net.probe import measure_rtt
 from node.net.protocol import (
     INFERENCE_HANDLER,
@@ -222,8 +221,8 @@ class ChainSession:
 class SwarmClient:
     """A DHT client for one model's swarm."""
 
-    def __init__(self, dht: DHT, source: ModelSource, *, send_delay_s: float = 0.0) -> None:
-        self.dht, self.model, self.num_layers = dht, source.name, source.num_layers
+    def __init__(self, peer: SwarmPeer, source: ModelSource, *, send_delay_s: float = 0.0) -> None:
+        self.peer, self.model, self.num_layers = peer, source.name, source.num_layers
         # What the router needs of the model: hidden states' size on the wire (fp32 on CPU swarms).
         self.spec = ModelSpec(source.name, source.num_layers, source.hidden_size, layer_bytes=0.0,
                               kv_bytes_per_token_per_layer=0.0, wire_bytes_per_element=4)
@@ -236,7 +235,7 @@ class SwarmClient:
 
     async def p2p(self) -> P2P:
         if self._p2p is None:
-            self._p2p = await self.dht.replicate_p2p()
+            self._p2p = await self.peer.dht.replicate_p2p()
         return self._p2p
 
     async def close(self) -> None:
@@ -247,7 +246,7 @@ class SwarmClient:
             self._p2p = None
 
     async def servers(self) -> list[ServerRecord]:
-        return await list_servers(self.dht, self.model, num_layers=self.num_layers)
+        return await self.peer.list_servers(self.model, num_layers=self.num_layers)
 
     async def session_room(self) -> int | None:
         """The longest session the swarm can hold now, by its records (`session_room`)."""
@@ -393,11 +392,11 @@ async def connect(initial_peers: Sequence[str], source: ModelSource, *,
                   send_delay_s: float = 0.0) -> AsyncIterator[SwarmClient]:
     """A client of the swarm that `initial_peers` lead to: its own client-mode DHT peer listening on
     `host_maddrs`, and a `SwarmClient` on it, its p2p replica made on this loop; both closed on exit."""
-    dht = await asyncio.to_thread(open_dht, list(initial_peers), list(host_maddrs), client_mode=True)
-    client = SwarmClient(dht, source, send_delay_s=send_delay_s)
+    peer = await asyncio.to_thread(open_dht, list(initial_peers), list(host_maddrs), client_mode=True)
+    client = SwarmClient(peer, source, send_delay_s=send_delay_s)
     try:
         await client.p2p()  # now, on this loop, rather than racing on the first requests
         yield client
     finally:
         await client.close()
-        dht.shutdown()
+        peer.shutdown()

@@ -53,10 +53,15 @@ ECHO_WAIT_S = 10.0  # an echo leaves a stage before its push reaches the end of 
 WIRE_TOLERANCES = {"none": 0.0, "fp16": TOLERANCES[torch.float16], "int8": 1e-1}
 
 
-def tolerance_for(compute_dtype: torch.dtype, wire: str = "none") -> float:
-    """The tolerance for outputs computed in `compute_dtype` (the least precise any node may use)
-    and sent with the `wire` codec."""
-    return max(TOLERANCES[compute_dtype], WIRE_TOLERANCES[wire])
+# Quantized layers (node.model.quant) differ from dense ones, and from each other, by their weights' rounding:
+# the tolerance when either side holds its layers so (announced in its record). See the module docstring.
+QUANT_TOLERANCES = {"none": 0.0, "int8": 1e-1, "int4": 3e-1}
+
+
+def tolerance_for(compute_dtype: torch.dtype, wire: str = "none", quants: tuple[str, ...] = ()) -> float:
+    """The tolerance for outputs computed in `compute_dtype` (the least precise any node may use),
+    sent with the `wire` codec, by nodes holding their layers at `quants` (the audited one's and the verifier's)."""
+    return max(TOLERANCES[compute_dtype], WIRE_TOLERANCES[wire], *(QUANT_TOLERANCES[q] for q in quants))
 
 
 def relative_error(claimed: torch.Tensor, reference: torch.Tensor) -> float:
@@ -150,10 +155,17 @@ class Auditor:
     step_timeout_s: float = 30.0
     rng: random.Random = field(default_factory=random.Random)
     reports: list[VerificationReport] = field(default_factory=list)
+    quants: dict[str, str] = field(default_factory=dict)  # peer -> the quantization its record announces
 
     @property
     def tolerance(self) -> float:
+        """Between two nodes that hold their layers unquantized."""
         return tolerance_for(self.compute_dtype, self.wire)
+
+    def tolerance_between(self, a: str | None, b: str | None) -> float:
+        """Between the outputs of peers `a` and `b`, by the quantizations their records announce. A node that
+        announces int4 gets int4's slack: the price of letting quantized nodes serve (see QUANT_TOLERANCES)."""
+        return tolerance_for(self.compute_dtype, self.wire, tuple(self.quants.get(p, "none") for p in (a, b) if p))
 
     def sample(self) -> bool:
         """Whether to check the step just run (drawn per step, so a liar cannot tell which steps count)."""
@@ -177,36 +189,41 @@ class Auditor:
             claimed = None
         inputs = chain_inputs if index == 0 else recorder.inputs(index - 1, end)
         if inputs is None or claimed is None:
-            return self._report(hop, position, None, float("nan"), "unchecked")
+            return self._report(hop, position, None, float("nan"), self.tolerance, "unchecked")
         candidates = await self._verifiers(hop)
         reference, verifier = await self._recompute_on_any(candidates, hop, inputs, position)
         if reference is None:
-            return self._report(hop, position, None, float("nan"), "unchecked")
-        error = relative_error(claimed, reference)
-        if error <= self.tolerance:
-            return self._report(hop, position, verifier, error, "honest")
+            return self._report(hop, position, None, float("nan"), self.tolerance, "unchecked")
+        error, tolerance = relative_error(claimed, reference), self.tolerance_between(hop.node_id, verifier)
+        if error <= tolerance:
+            return self._report(hop, position, verifier, error, tolerance, "honest")
         # A dispute: a third opinion decides who lied.
         third, tiebreaker = await self._recompute_on_any(candidates, hop, inputs, position)
-        if third is not None and relative_error(reference, third) <= self.tolerance < relative_error(claimed, third):
+        claimed_fits = third is not None and \
+            relative_error(claimed, third) <= self.tolerance_between(hop.node_id, tiebreaker)
+        if third is not None and not claimed_fits and \
+                relative_error(reference, third) <= self.tolerance_between(verifier, tiebreaker):
             liars, verdict = [hop.node_id], "liar"
-        elif third is not None and relative_error(claimed, third) <= self.tolerance:
+        elif claimed_fits:
             liars, verdict = [verifier], "verifier_lied"
         else:
             liars, verdict = [hop.node_id, verifier], "unresolved"
         for peer in liars:
             self.client.ban(peer, for_s=3600.0)
-        report = self._report(hop, position, verifier, error, verdict, tiebreaker)
+        report = self._report(hop, position, verifier, error, tolerance, verdict, tiebreaker)
         logger.warning("spot check of %s (layers %d:%d) at position %d: error %.2e > %.2e, %s",
-                       hop.node_id, hop.start, hop.end, position, error, self.tolerance, verdict)
+                       hop.node_id, hop.start, hop.end, position, error, tolerance, verdict)
         if hop.node_id in liars:
             raise StageFailure(hop.node_id, f"failed verification at position {position}: relative error "
-                               f"{error:.2e} > {self.tolerance:.1e} ({verdict})", code="failed_verification")
+                               f"{error:.2e} > {tolerance:.1e} ({verdict})", code="failed_verification")
         return report
 
     async def _verifiers(self, hop: Hop) -> list[str]:
-        """Other online, unbanned nodes that hold all of the hop's layers, in random order."""
-        banned = self.client.banned
-        peers = sorted({r.peer_id for r in await self.client.servers()
+        """Other online, unbanned nodes that hold all of the hop's layers, in random order (and every node's
+        quantization, from the same records)."""
+        banned, records = self.client.banned, await self.client.servers()
+        self.quants.update({r.peer_id: r.quant for r in records})
+        peers = sorted({r.peer_id for r in records
                         if r.state == "online" and r.start <= hop.start and hop.end <= r.end
                         and r.peer_id != hop.node_id and r.peer_id not in banned})
         self.rng.shuffle(peers)
@@ -234,9 +251,9 @@ class Auditor:
         finally:
             await session.close()
 
-    def _report(self, hop: Hop, position: int, verifier: str | None, error: float, verdict: str,
+    def _report(self, hop: Hop, position: int, verifier: str | None, error: float, tolerance: float, verdict: str,
                 tiebreaker: str | None = None) -> VerificationReport:
-        report = VerificationReport(hop.node_id, hop.start, hop.end, position, verifier, error, self.tolerance,
+        report = VerificationReport(hop.node_id, hop.start, hop.end, position, verifier, error, tolerance,
                                     verdict, tiebreaker)
         self.reports.append(report)
         return report

@@ -38,7 +38,8 @@ millisecond, and otherwise samples from the whole head itself as without an offe
 the first stage with `share_head: false` to keep the head whole at the last stage.
 With `audit` set at open, a pushing stage also echoes each step's output to its client
 stream as `{"echo": position}` + tensor, for the client's spot checks (`node.client.verify`).
-Everything a peer sends is checked here before any compute runs.
+Everything a peer sends is checked before any compute runs: each field here, and an open's flags
+together where the session opens (`node.serve.role`).
 """
 
 from __future__ import annotations
@@ -62,7 +63,6 @@ from node.net.wire import encode as wire_encode
 INFERENCE_HANDLER = "layerhive.inference"
 PUSH_HANDLER = "layerhive.push"
 INFO_HANDLER = "layerhive.info"
-PROTOCOL_VERSION = 1
 WIRE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 _WIRE_DTYPE_NAMES = frozenset(str(d).removeprefix("torch.") for d in WIRE_DTYPES)
 MAX_PEER_ID_LEN = 128
@@ -190,6 +190,8 @@ def _int_field(metadata: dict[str, Any], key: str, *, low: int, high: int) -> in
 
 
 def parse_open(message: runtime_pb2.ExpertRequest, *, max_length_limit: int) -> OpenSession:
+    """Checks each field of an open on its own; what its flags mean together, the session's role at a stage, is
+    decided (or refused) where the session opens (`node.serve.role`)."""
     metadata = unpack_metadata(message)
     opened = metadata.get("open")
     if not isinstance(opened, dict):
@@ -218,8 +220,6 @@ def parse_open(message: runtime_pb2.ExpertRequest, *, max_length_limit: int) -> 
             sampling = SamplingParams.from_wire(opened["sampling"])
         except ValueError as e:
             raise ProtocolError("bad_request", f"bad 'sampling': {e}") from None
-        if relay:
-            raise ProtocolError("bad_request", "a relayed session cannot sample at its last stage")
     return OpenSession(session_id, start, end, max_length, prev_peer, next_peer, relay, wire, audit, embed, sampling,
                        share_head)
 

@@ -18,17 +18,15 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
-import psutil
 import torch
-from hivemind import DHT
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from node.model.checkpoint import ModelSource
 from node.model.stage import Stage, default_device, default_dtype
 from node.net.direct import DirectListener, listen_host, maddr_hosts
-from node.net.identity import NodeIdentity, load_identity
-from node.net.membership import DEFAULT_TTL_S, announce, list_servers, open_dht
+from node.net.identity import load_identity
+from node.net.membership import DEFAULT_TTL_S, SwarmPeer, open_dht
 from node.net.probe import add_probe_handlers
 from node.net.protocol import (
     INFERENCE_HANDLER,
@@ -42,10 +40,21 @@ from node.net.protocol import (
     parse_open,
     parse_push_open,
 )
+from node.net.reachability import DIRECT
 from node.net.streams import MessageTooLarge, PendingStreams, add_bounded_stream_handler
-from node.serve.assignment import EpochTracker, check_records, model_spec, plan, reference_memory, swarm_status
+from node.serve.assignment import (
+    EpochTracker,
+    SwarmStatus,
+    check_records,
+    model_spec,
+    plan,
+    planned_kv_budget,
+    reference_memory,
+    swarm_status,
+)
+from node.serve.benchmark import free_memory, run_bench, usable_memory
 from node.serve.server import SessionWaiters, StageServer, linger
-from swarm.records import ServerRecord
+from swarm.records import ServerRecord, node_spec
 from swarm.types import LayerRange
 
 logger = logging.getLogger(__name__)
@@ -61,7 +70,7 @@ class NodeConfig:
     initial_peers: Sequence[str] = ()
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)
     device: str | None = None
-    kv_budget_bytes: int | None = None  # default: a quarter of the memory left after loading
+    kv_budget_bytes: int | None = None  # default: the plan's KV share of the memory offered (_planned_kv_budget)
     max_length: int = 8192
     ttl_s: float = DEFAULT_TTL_S  # records expire after this; heartbeats and re-planning run every ttl_s / 3
     identity: str | None = None  # name of a persistent identity (peer id + signing key); None: a new one per run
@@ -77,6 +86,7 @@ class NodeConfig:
     settle_periods: float = 2.0  # joining waits until the records stay unchanged this many heartbeat periods
     move_drain_s: float = 300.0  # how long a left range keeps serving its open sessions after a move
     direct_links: bool = True  # push to and take pushes from other stages over direct TCP links (node.net.direct)
+    quant: str | None = None  # "none", "int8", "int4" (node.model.quant); None: by memory (benchmark.choose_quant)
 
     @property
     def fixed(self) -> bool:
@@ -87,21 +97,13 @@ class NodeConfig:
         return self.ttl_s / 3
 
 
-def start_dht(initial_peers: Sequence[str], host_maddrs: Sequence[str], *, client_mode: bool = False,
-              identity: NodeIdentity | None = None, announce_maddrs: Sequence[str] = (),
-              relays: Sequence[str] | None = None) -> DHT:
-    """A DHT peer that signs its records with `identity` (an ephemeral one if None) and validates everyone's."""
-    return open_dht(initial_peers, host_maddrs, client_mode=client_mode, identity=identity,
-                    announce_maddrs=announce_maddrs, relays=relays)
-
-
 class Node:
     def __init__(self, source: ModelSource, config: NodeConfig) -> None:
         self.source, self.config = source, config
         self.spec = model_spec(source)
         self.device = torch.device(config.device) if config.device else default_device()
         self.dtype = default_dtype(self.device)
-        self.dht: DHT | None = None
+        self.peer: SwarmPeer | None = None  # our DHT peer: announces our record, reads everyone's
         self.p2p: P2P | None = None
         self.server: StageServer | None = None  # the stage new sessions go to
         self.retiring: list[StageServer] = []  # stages left by a move or a pause, finishing their sessions
@@ -130,9 +132,9 @@ class Node:
         config = self.config
         self._set_state("starting")
         identity = load_identity(config.identity) if config.identity else None
-        self.dht = start_dht(config.initial_peers, config.host_maddrs, identity=identity,
+        self.peer = open_dht(config.initial_peers, config.host_maddrs, identity=identity,
                              announce_maddrs=config.announce_maddrs, relays=config.relays)
-        self.p2p = await self.dht.replicate_p2p()
+        self.p2p = await self.peer.dht.replicate_p2p()
         await self._add_handlers(self.p2p)
         if config.direct_links:
             most = max_message_bytes(self.source.hidden_size, int(self.source.config.vocab_size))
@@ -144,10 +146,11 @@ class Node:
         await self._go_online()
 
     async def _go_online(self) -> None:
-        peer_id = self.dht.peer_id.to_base58()
+        peer_id = self.peer.peer_id
         epoch = max((r.epoch for r in await self._records()), default=0)  # continue the swarm's epochs
         self.record = ServerRecord(peer_id=peer_id, model=self.source.name, start=0, end=1, state="joining",
-                                   region=self.config.region, epoch=epoch, **self._capabilities)
+                                   region=self.config.region, epoch=epoch, **self._capabilities,
+                                   reachability=self.peer.reachability or DIRECT)  # as measured: what peers see
         if self.config.fixed:
             target = LayerRange(self.config.start, self.config.end)
         else:
@@ -203,7 +206,7 @@ class Node:
         if max_memory_bytes is not None and max_memory_bytes <= 0:
             raise ValueError(f"the memory cap must be positive, got {max_memory_bytes} bytes")
         self.config = replace(self.config, max_memory_bytes=max_memory_bytes)
-        if self.dht is None:  # not started: `start` measures with the new cap
+        if self.peer is None:  # not started: `start` measures with the new cap
             return
         serving = self.state == "online"
         if serving:
@@ -234,15 +237,15 @@ class Node:
         if self.p2p is not None:  # our replica's connections to the daemon, closed on this loop while it runs
             await self.p2p.shutdown()
             self.p2p = None
-        if self.dht is not None:
-            self.dht.shutdown()
-            self.dht = None
+        if self.peer is not None:
+            self.peer.shutdown()
+            self.peer = None
         self._set_state("stopped")
 
     @property
     def visible_maddrs(self) -> list[str]:
-        assert self.dht is not None
-        return [str(m) for m in self.dht.get_visible_maddrs()]
+        assert self.peer is not None
+        return self.peer.visible_maddrs
 
     @property
     def tokens_served(self) -> int:
@@ -286,30 +289,28 @@ class Node:
         config = self.config
         if config.bench and not config.fixed:  # a fixed range needs no plan, so no measurement worth waiting for
             try:
-                from node.serve.benchmark import run_bench
-
                 result = run_bench(self.source, device=str(self.device), dtype=self.dtype,
-                                   max_memory_bytes=config.max_memory_bytes)
+                                   max_memory_bytes=config.max_memory_bytes, quant=config.quant)
                 fields = result.record_fields()
-                fields["memory_bytes"] = reference_memory(fields["memory_bytes"], self.dtype)
+                fields["memory_bytes"] = reference_memory(fields["memory_bytes"], self.dtype, self.source,
+                                                          result.quant)
                 return fields
             except Exception as e:
                 logger.warning("bench failed (%s); estimating memory only", e)
-        if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            memory = int(free * 0.9)
-        else:
-            memory = int(psutil.virtual_memory().available * 0.5)
-        if config.max_memory_bytes is not None:
-            memory = min(memory, config.max_memory_bytes)
-        return {"memory_bytes": reference_memory(memory, self.dtype)}
+        memory = usable_memory(self.device.type, *free_memory(self.device), config.max_memory_bytes)
+        from node.serve.benchmark import choose_quant
+
+        layers = config.end - config.start if config.fixed else None
+        quant = config.quant or choose_quant(self.source, self.device, self.dtype, memory, layers=layers)
+        return {"memory_bytes": reference_memory(memory, self.dtype, self.source, quant), "quant": quant}
 
     async def _load(self, target: LayerRange) -> StageServer:
         config = self.config
         stage = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: Stage(self.source, target.start, target.end, dtype=self.dtype, device=self.device)
+            None, lambda: Stage(self.source, target.start, target.end, dtype=self.dtype, device=self.device,
+                                quant=self._capabilities.get("quant", "none"))
         )
-        budget = config.kv_budget_bytes or default_kv_budget(self.device)
+        budget = config.kv_budget_bytes or self._planned_kv_budget(target)
         server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
                              send_delay_s=config.send_delay_s, test_perturb_scale=config.test_perturb_scale,
                              test_slowdown_s=config.test_slowdown_s, send_bandwidth_bps=config.send_bandwidth_bps,
@@ -317,6 +318,15 @@ class Node:
         server.waiters = self.waiters
         server.attach(self.p2p, self.direct)
         return server
+
+    def _planned_kv_budget(self, layers: LayerRange) -> int:
+        """The KV share of our announced memory that the plan leaves us once we hold `layers`."""
+        budget = planned_kv_budget(self.spec, self.record.memory_bytes, layers, self.dtype,
+                                   layer_bytes=node_spec(self.record, self.spec).layer_bytes)
+        if budget == 0:
+            logger.warning("layers %s take all the memory offered: no KV cache is left, sessions will be refused",
+                           layers)
+        return budget
 
     def _drop(self, server: StageServer) -> None:
         self._retired_tokens += server.tokens_served
@@ -326,17 +336,17 @@ class Node:
 
     # --- the DHT record -------------------------------------------------------------------------------
 
-    async def swarm_status(self) -> dict | None:
+    async def swarm_status(self) -> SwarmStatus | None:
         """The swarm as its DHT records show it (`node.serve.assignment.swarm_status`); None before joining a DHT."""
-        if self.dht is None:
+        if self.peer is None:
             return None
         return swarm_status(self.spec, await self._records())
 
     async def _records(self) -> list[ServerRecord]:
-        return await list_servers(self.dht, self.source.name, num_layers=self.source.num_layers)
+        return await self.peer.list_servers(self.source.name, num_layers=self.source.num_layers)
 
     async def _announce(self, state: str | None = None) -> None:
-        assert self.record is not None and self.dht is not None
+        assert self.record is not None and self.peer is not None
         server = self.server
         fields = {}
         if server is not None:
@@ -345,7 +355,7 @@ class Node:
             if server.layer_latency_s > 0:  # measured while serving: better than the bench for routing
                 fields["layer_latency_s"] = server.layer_latency_s
         self.record = replace(self.record, state=state or self.record.state, **fields)
-        await announce(self.dht, self.record, ttl_s=self.config.ttl_s)
+        await self.peer.announce(self.record, ttl_s=self.config.ttl_s)
 
     def _start_heartbeat(self) -> None:
         if self._heartbeat is None or self._heartbeat.done():
@@ -550,10 +560,3 @@ def _free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def default_kv_budget(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * 0.5)
-    return int(psutil.virtual_memory().available * 0.25)

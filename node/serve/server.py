@@ -53,6 +53,7 @@ from node.net.protocol import (
 )
 from node.serve.admission import RECLAIM_IDLE_S, CapacityError, FairBudget
 from node.serve.batching import StepBatcher
+from node.serve.role import Ring, SessionRole, session_role
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class EmulatedLink:
 
 class Outbox:
     """Messages for one stream, sent through the node's emulated link when there is one. Bounded: a peer that
-    does not read what it is sent lets at most `max_items` messages or `max_bytes` pile up here; past that, the
+    does not read what it is sent lets at most `MAX_ITEMS` messages or `MAX_BYTES` pile up here; past that, the
     outbox gives up (`on_overflow` is called: the session is dropped) rather than grow."""
 
     MAX_ITEMS = 1024
@@ -132,6 +133,7 @@ class Outbox:
 @dataclass
 class Session:
     opened: OpenSession
+    role: SessionRole
     client: str
     reserved_bytes: int
     newcomer: bool  # the reservation counts in the pool of peers new to this node (see node.serve.admission)
@@ -141,16 +143,11 @@ class Session:
     last_active: float = field(default_factory=time.monotonic)
     push_link: PushLink | None = None
     produced: int = 0  # tokens this stage sampled (a ring's last stage, or its first when they share the head)
-    feeding: asyncio.Task | None = None  # the step on the token this stage just sampled, when it feeds itself
+    # The step on the token this stage just sampled, when it feeds itself: held so the task is not collected.
+    feeding: asyncio.Task | None = None
     # Head sharing (see node.net.protocol), at a ring's first stage: (position, the logits of its own rows for the
     # token there), waiting for the last stage's part.
     own_head_logits: tuple[int, torch.Tensor] | None = None
-
-    @property
-    def takes_client_steps(self) -> bool:
-        """The client feeds the first stage (a ring's first stage: the prompt) and, when relaying, every stage."""
-        opened = self.opened
-        return opened.prev_peer is None or opened.relay or opened.embed
 
     @property
     def session_id(self) -> str:
@@ -160,10 +157,6 @@ class Session:
     def key(self) -> tuple[str, str]:
         """Session ids are the client's own: another peer may use the same one (it cannot squat this one)."""
         return self.client, self.opened.session_id
-
-    @property
-    def pushes(self) -> bool:
-        return self.opened.next_peer is not None and not self.opened.relay
 
 
 class PushLink:
@@ -380,8 +373,9 @@ class StageServer:
         return self.budget.free_bytes // max(1, self.stage.shape.kv_bytes_per_token)
 
     def attach(self, p2p: P2P, direct: DirectListener | None = None) -> None:
-        """Serve through `p2p` without registering handlers (a node's dispatcher calls ours); starts the sweeper.
-        With `direct`, pushes to and from other stages move to direct links where both ends allow."""
+        """Serve through `p2p`, whose handlers the node registers and dispatches to `rpc_inference` and `rpc_push`;
+        starts the sweeper. With `direct`, pushes to and from other stages move to direct links where both ends
+        allow."""
         self._p2p, self.direct = p2p, direct
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_idle_sessions())
@@ -394,14 +388,12 @@ class StageServer:
         self.batcher.shutdown()
         self._compute.shutdown(wait=False, cancel_futures=True)
 
-    async def rpc_info(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return pack_response(self.info())
-
     def info(self) -> dict:
         return {
             "model": self.stage.source.name,
             "start": self.stage.start,
             "end": self.stage.end,
+            "quant": self.stage.quant,
             "sessions": len(self.sessions),
             "queue_len": self.queue_len,
             "free_kv_tokens": self.free_kv_tokens,
@@ -443,7 +435,7 @@ class StageServer:
             async for request in requests:
                 if is_ping(request):
                     continue
-                if not session.takes_client_steps:
+                if not session.role.client_steps:
                     session.outbox.put(error_response("bad_request", "this stage takes its steps from the previous "
                                                       "stage's push stream, not from the client"))
                     continue
@@ -469,12 +461,12 @@ class StageServer:
             return
         except (StopAsyncIteration, asyncio.TimeoutError):
             return
-        session = await self.waiters.wait(session_id, lambda: self.pushed_session(session_id, client, pusher))
+        session = self.pushed_session(session_id, client, pusher)  # the node's dispatcher waited for it to open
         if session is None:
             # Only the stage the client named as our predecessor may feed its session.
             yield error_response("bad_request", f"no session {session_id!r} here expects pushes from {pusher}")
             return
-        offer = PushOffer(self.stage.head_share.rows[1] if self._shares_head(session) else None,
+        offer = PushOffer(self.stage.head_share.rows[1] if session.role.shares_head else None,
                           self.direct.offer() if self.direct is not None else None)
         if offer != PushOffer():
             yield push_offer(offer)
@@ -487,12 +479,15 @@ class StageServer:
                 self.direct.withdraw(offer.direct)
 
     def pushed_session(self, session_id: str, client: str | None, pusher: str) -> Session | None:
-        """The open session `pusher` may feed: `client`'s session `session_id` if it names `pusher` as the previous
-        stage. A pusher that names no client gets the one session of that id expecting it, if there is one."""
+        """The open session `pusher` may feed: `client`'s session `session_id` if it takes pushes from `pusher`, the
+        previous stage its client named. A pusher that names no client gets the one such session of that id."""
+        def fed_by_pusher(session: Session | None) -> bool:
+            return session is not None and session.role.takes_pushes and session.opened.prev_peer == pusher
+
         if client is not None:
             session = self.sessions.get((client, session_id))
-            return session if session is not None and session.opened.prev_peer == pusher else None
-        matches = [s for s in self.sessions.values() if s.session_id == session_id and s.opened.prev_peer == pusher]
+            return session if fed_by_pusher(session) else None
+        matches = [s for s in self.sessions.values() if s.session_id == session_id and fed_by_pusher(s)]
         return matches[0] if len(matches) == 1 else None
 
     async def _read_pushes(self, session: Session, requests: AsyncIterator[runtime_pb2.ExpertRequest],
@@ -530,16 +525,9 @@ class StageServer:
                 "bad_range", f"this node serves layers {self.stage.start}:{self.stage.end}, "
                 f"which do not include {opened.start}:{opened.end}"
             )
-        if opened.embed and (opened.start != 0 or self.stage.embedder is None):
-            raise ProtocolError("bad_request", "only a session's first stage, at layer 0, takes token ids")
-        ends_model = opened.end == self.stage.source.num_layers
-        first_of_ring = opened.embed and opened.next_peer is not None
-        if opened.sampling is not None and (self.stage.head is None if ends_model else not first_of_ring):
-            raise ProtocolError("bad_request", "only a session's last stage, at the model's last layer, samples "
-                                "(and its first stage, which may share the LM head's work)")
-        if opened.sampling is not None and opened.next_peer is None and not opened.embed:
-            raise ProtocolError("bad_request", "a sampling stage feeds its tokens to the first stage: name it as "
-                                "'next', or also 'embed' when this stage is the whole chain")
+        stage = self.stage
+        role = session_role(opened, num_layers=stage.source.num_layers, has_embedder=stage.embedder is not None,
+                            has_head=stage.head is not None, has_head_share=stage.head_share is not None)
         if (client, opened.session_id) in self.sessions:
             raise ProtocolError("bad_request", f"session {opened.session_id!r} is already open here")
         if sum(s.client == client for s in self.sessions.values()) >= self.max_sessions_per_peer:
@@ -548,9 +536,9 @@ class StageServer:
         nbytes = self.stage.cache_bytes(opened.max_length, layers=layers)
         newcomer = self._reserve(nbytes, client)
         cache = self.stage.new_cache(opened.max_length, layers=layers)
-        session = Session(opened, client, nbytes, newcomer, cache, Outbox(self.link))
+        session = Session(opened, role, client, nbytes, newcomer, cache, Outbox(self.link))
         session.outbox.on_overflow = lambda: self._close(session)
-        if session.pushes:
+        if role.pushes:
             session.push_link = PushLink(session, self.link, direct=self.direct is not None)
             session.push_link.start(self._p2p)
         self.sessions[session.key] = session
@@ -595,28 +583,23 @@ class StageServer:
             if session.push_link is not None:
                 session.push_link.close()
 
-    def _shares_head(self, session: Session) -> bool:
-        """Whether this stage, a ring's first one, computes part of the LM head for `session`."""
-        opened = self.stage.head_share is not None and session.opened
-        return bool(opened and opened.embed and opened.share_head and opened.sampling is not None
-                    and opened.end < self.stage.source.num_layers)
-
     async def _process_step(self, session: Session, request: runtime_pb2.ExpertRequest, *, pushed: bool) -> None:
         """Validates a step from the client or (`pushed`) the previous stage, then runs it."""
-        if pushed and self._shares_head(session) and is_head_message(request):
+        role = session.role
+        if pushed and role.shares_head and is_head_message(request):
             await self._merge_head(session, request)
             return
         try:
             step = parse_step(
                 request, hidden_size=self.stage.shape.hidden_size, expected_position=session.position,
                 max_length=session.opened.max_length,
-                vocab_size=self.stage.embedder.vocab_size if session.opened.embed else None,
+                vocab_size=self.stage.embedder.vocab_size if role.embeds else None,
             )
         except ProtocolError as e:
             # A bad step is refused without touching the cache; the session stays usable.
             session.outbox.put(_error_for(e))
             return
-        if pushed and session.opened.embed:
+        if pushed and role.ring is Ring.FIRST:
             session.produced += 1  # the last stage sampled this token (it did not share the head for it)
         await self._run_step(session, step)
 
@@ -627,8 +610,8 @@ class StageServer:
             return  # closed meanwhile (a one-stage ring feeds itself after its client left)
         session.last_active = started = time.monotonic()
         self.budget.served(session.client)
-        ends_model = session.opened.end == self.stage.source.num_layers
-        sampling = session.opened.sampling if step.sample and ends_model else None
+        role = session.role
+        sampling = session.opened.sampling if step.sample and role.samples else None
         shared = session.push_link.head_split if sampling and session.push_link else None
         try:
             hidden = step.hidden if step.token_ids is None else await self._embed(step.token_ids)
@@ -656,15 +639,15 @@ class StageServer:
         self.tokens_served += step.tokens
         if session.key not in self.sessions:
             return  # closed while the step ran
-        if session.opened.sampling is not None and ends_model:
+        if role.samples:
             if token is not None:  # a ring's last stage sends tokens (or its head's part), not hidden states
-                self._feed_token(session, token, to_self=not session.pushes)
+                self._feed_token(session, token)
             return
         output = hidden.to(step.hidden.dtype) if step.hidden is not None else hidden
         metadata = {"position": step.position, **({"sample": True} if step.sample else {})}
-        if session.pushes:
+        if role.pushes:
             session.push_link.send(pack(metadata, [output], wire=session.opened.wire))
-            if session.opened.audit:  # a copy for the client's spot checks; the push above is already on its way
+            if role.echoes:  # a copy for the client's spot checks; the push above is already on its way
                 session.outbox.put(pack_response({"echo": step.position}, [output], wire=session.opened.wire))
         else:
             session.outbox.put(pack_response(metadata, [output], wire=session.opened.wire))
@@ -744,16 +727,16 @@ class StageServer:
             return
         self.head_merges += 1
         if session.key in self.sessions:
-            self._feed_token(session, token, to_self=True)
+            self._feed_token(session, token)
 
-    def _feed_token(self, session: Session, token: int, *, to_self: bool) -> None:
+    def _feed_token(self, session: Session, token: int) -> None:
         """The token this stage sampled goes to the first stage (first, as that is the critical path) as the next
-        step, unless generation ends with it, then to the client. `to_self`: this stage is the first one (a
+        step, unless generation ends with it, then to the client. A stage that embeds is the first one (a
         one-stage ring, or a ring's first stage sharing the head) and feeds itself; else it pushes the token."""
         session.produced += 1
         position = session.position
         if not session.opened.sampling.is_last(token, session.produced) and position < session.opened.max_length:
-            if to_self:
+            if session.role.embeds:
                 step = Step(None, position, torch.tensor([[token]]), sample=True)
                 session.feeding = asyncio.create_task(self._run_step(session, step))
             else:

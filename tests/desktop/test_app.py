@@ -28,7 +28,9 @@ from node.client.chat import ChatEngine, Message  # noqa: E402
 from node.client.session import connect  # noqa: E402
 from node.model.checkpoint import resolve_model  # noqa: E402
 from node.model.sampling import SamplingParams  # noqa: E402
+from node.serve.assignment import PeerStatus, SwarmStatus  # noqa: E402
 from node.serve.node import NodeConfig  # noqa: E402
+from swarm.records import ServerRecord  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -167,33 +169,39 @@ def test_swarm_map_shows_every_node_over_its_layers_and_the_replicas(hive, tmp_p
     window.show()
     own = bridge.status().peer_id
     # The app's node serves 0:2 beside the local swarm's 0:2 and 2:4: two rows, 0:2 twice over.
-    wait_until(lambda: window.view.status is not None and len(window.view.status.get("nodes", [])) == 3, 60,
+    wait_until(lambda: window.view.status is not None and len(window.view.status.nodes) == 3, 60,
                "the three nodes on the map")
     status = window.view.status
-    assert status["replicas_per_layer"] == [2, 2, 1, 1] and status["uncovered_layers"] == []
+    assert status.replicas_per_layer == (2, 2, 1, 1) and status.uncovered_layers == []
     assert sorted(len(row) for row in window.view.rows) == [1, 2]
     assert "3 nodes, 4 layers, 1–2 replicas per layer" in window.summary.text()
     QApplication.processEvents()
     window.repaint()  # paints, recording where each bar went
-    mine = next(rect for rect, node in window.view._bars if node["peer_id"] == own)
+    mine = next(rect for rect, node in window.view._bars if node.record.peer_id == own)
     node = window.view.node_at(mine.center().toPoint())
-    assert node["peer_id"] == own and describe_node(node, True).startswith(f"This node {own}\nonline, layers 0–2")
+    assert node.record.peer_id == own
+    assert describe_node(node, True).startswith(f"This node {own}\nonline, layers 0–2")
     window.grab().save(str(tmp_path / "swarm_map.png"))
 
     bridge.pause().result(timeout=90)  # the paused node leaves the map at the next read
-    wait_until(lambda: len(window.view.status.get("nodes", [])) == 2, 60, "the paused node gone from the map")
-    assert window.view.status["replicas_per_layer"] == [1, 1, 1, 1]
+    wait_until(lambda: window.view.status is not None and len(window.view.status.nodes) == 2, 60,
+               "the paused node gone from the map")
+    assert window.view.status.replicas_per_layer == (1, 1, 1, 1)
     bridge.resume().result(timeout=90)
     window.close()
 
 
+def peer(peer_id: str, start: int, end: int, state: str = "online") -> PeerStatus:
+    return PeerStatus(ServerRecord(peer_id=peer_id, model="m", start=start, end=end, state=state), planned=None)
+
+
 def test_rows_of_the_map_never_overlap():
-    nodes = [{"range": r} for r in ("0:10", "5:15", "10:20", "0:20", "15:30", None)]
+    spans = [(0, 10), (5, 15), (10, 20), (0, 20), (15, 30)]
+    nodes = [peer(f"p{i}", s, e) for i, (s, e) in enumerate(spans)] + [peer("new", 0, 1, state="joining")]
     rows = pack_rows(nodes)
     assert sum(len(row) for row in rows) == 5 and len(rows) == 3
     for row in rows:
-        spans = [tuple(map(int, n["range"].split(":"))) for n in row]
-        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+        assert all(a.serving.end <= b.serving.start for a, b in itertools.pairwise(row))
 
 
 def test_a_new_launch_keeps_the_snooze_the_pause_and_the_memory_cap(hive, tmp_path):
@@ -236,9 +244,8 @@ def test_slow_start_up_work_runs_while_the_ui_stays_live(app):
 def test_the_map_says_why_it_shows_no_bars(app):
     view = SwarmMapView()
     assert view.message() == "Not connected to the swarm yet."
-    view.set_status({"error": "TimeoutError: no DHT answer"})
+    view.set_error("TimeoutError: no DHT answer")
     assert view.message() == "Could not read the swarm: TimeoutError: no DHT answer" and view.rows == []
-    view.set_status({"model": "m", "num_layers": 4, "nodes": [{"peer_id": "Qm1", "range": None, "state": "joining"}],
-                     "replicas_per_layer": [0] * 4})
+    view.set_status(SwarmStatus("m", 4, 0, (peer("Qm1", 0, 1, state="joining"),), (0,) * 4))
     assert view.message() == "No node serves this model yet."
     view.grab()  # paints the message without bars

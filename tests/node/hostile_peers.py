@@ -24,7 +24,7 @@ from hivemind.proto import runtime_pb2
 
 from node.model.checkpoint import resolve_model
 from node.net.direct import DirectOffer
-from node.net.membership import announce, open_dht
+from node.net.membership import open_dht
 from node.net.protocol import (
     INFERENCE_HANDLER,
     PUSH_HANDLER,
@@ -69,7 +69,7 @@ class LyingNode(Node):
         self.record = dataclasses.replace(self.record, state=state or self.record.state, layer_latency_s=1e-7,
                                           prefill_s_per_token_per_layer=1e-9, memory_bytes=5e13, epoch=MAX_EPOCH,
                                           free_kv_tokens=1 << 20)
-        await announce(self.dht, self.record, ttl_s=self.config.ttl_s)
+        await self.peer.announce(self.record, ttl_s=self.config.ttl_s)
 
 
 @attack("lying-record")
@@ -94,13 +94,13 @@ async def lying_record(args: argparse.Namespace) -> dict:
 @contextlib.asynccontextmanager
 async def attacker(args: argparse.Namespace) -> AsyncIterator[P2P]:
     """The attacker's own peer (a client-mode DHT peer on loopback) and its p2p replica."""
-    dht = await asyncio.to_thread(open_dht, args.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
-    p2p = await dht.replicate_p2p()
+    peer = await asyncio.to_thread(open_dht, args.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    p2p = await peer.dht.replicate_p2p()
     try:
         yield p2p
     finally:
         await p2p.shutdown()
-        dht.shutdown()
+        peer.shutdown()
 
 
 def opening(args: argparse.Namespace, session_id: str, **fields) -> runtime_pb2.ExpertRequest:

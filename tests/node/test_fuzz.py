@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 from node.client.session import StageFailure, SwarmClient
 from node.model.checkpoint import resolve_model
 from node.model.stage import Stage
+from node.net.membership import open_dht
 from node.net.protocol import INFERENCE_HANDLER, ProtocolError, max_message_bytes, parse_open, unpack_metadata
-from node.serve.node import Node, NodeConfig, start_dht
+from node.serve.node import Node, NodeConfig
 from swarm.types import Hop
 
 pytestmark = pytest.mark.timeout(600)
@@ -47,15 +48,15 @@ class LiveNode:
         # The hostile session sends only refused steps, which do not count as activity, and the honest one stops
         # stepping at its max_length: both must outlive the default idle timeout for the final checks.
         self.node.server.idle_timeout_s = 3600
-        self.dht = start_dht(self.node.visible_maddrs, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
-        self.client = SwarmClient(self.dht, source)
+        self.peer = open_dht(self.node.visible_maddrs, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+        self.client = SwarmClient(self.peer, source)
         self.hop = Hop(self.node.record.peer_id, 0, 2)
 
     def run(self, coro, timeout: float = 60):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
-        self.dht.shutdown()
+        self.peer.shutdown()
         self.run(self.node.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)

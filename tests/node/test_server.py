@@ -100,15 +100,8 @@ def test_wrong_range_is_refused(tiny_checkpoint):
         with pytest.raises(StageFailure) as error:
             await client.open_session([Hop(node.record.peer_id, 0, 3)], max_length=16)
         assert error.value.code == "bad_range"
-        p2p = await client.p2p()
-        responses = await p2p.iterate_protobuf_handler(
-            PeerID.from_base58(node.record.peer_id), INFERENCE_HANDLER,
-            _one(pack({"open": {"session_id": "", "start": 0, "end": 4, "max_length": 8}})),
-            runtime_pb2.ExpertResponse,
-        )
-        async for response in responses:
-            assert b"session_id" in response.metadata
-            break
+        nameless = pack({"open": {"session_id": "", "start": 0, "end": 4, "max_length": 8}})
+        assert b"session_id" in await _first_answer(client, node.record.peer_id, nameless)
 
     asyncio.run(_with_node(source, NodeConfig(start=0, end=2), body))
 
@@ -195,7 +188,30 @@ def test_one_node_ring_samples_itself_and_refuses_bad_token_steps(tiny_checkpoin
         assert [t async for t in hostile.tokens(prompt, 0)] == await expected()  # still usable
         await hostile.close()
 
+        # Flags that make no ring are refused at open (node.serve.role), and the node serves on.
+        opening = {"session_id": "s", "start": 0, "end": 4, "max_length": 8, "sampling": params.to_wire()}
+        for flags, words in [({"embed": True, "next": hop.node_id}, b"names no 'prev' or 'next'"),
+                             ({"embed": True, "relay": True}, b"a relayed session cannot sample")]:
+            answer = await _first_answer(client, hop.node_id, pack({"open": {**opening, **flags}}))
+            assert b"bad_request" in answer and words in answer
+        ring = await client.open_session([hop], max_length=32, sampling=params)
+        assert [t async for t in ring.tokens(prompt, 0)] == await expected()
+        await ring.close()
+
     asyncio.run(_with_node(source, NodeConfig(start=0, end=4), body))
+
+
+async def _first_answer(client: SwarmClient, peer: str, request) -> bytes:
+    """The metadata of a stage's first answer to a stream that sends `request` alone."""
+    p2p = await client.p2p()
+    responses = await p2p.iterate_protobuf_handler(PeerID.from_base58(peer), INFERENCE_HANDLER, _one(request),
+                                                   runtime_pb2.ExpertResponse)
+    try:
+        async for response in responses:
+            return response.metadata
+        return b""
+    finally:
+        await responses.aclose()
 
 
 def test_ring_ends_are_refused_where_the_node_does_not_hold_them(tiny_checkpoint):
@@ -208,14 +224,8 @@ def test_ring_ends_are_refused_where_the_node_does_not_hold_them(tiny_checkpoint
         assert error.value.code == "bad_request"
         malformed = {"session_id": "s1", "start": 0, "end": 2, "max_length": 8, "embed": True,
                      "sampling": {"max_new_tokens": 0, "temperature": 0, "top_p": 1, "seed": None, "stop": []}}
-        p2p = await client.p2p()
-        responses = await p2p.iterate_protobuf_handler(
-            PeerID.from_base58(node.record.peer_id), INFERENCE_HANDLER, _one(pack({"open": malformed})),
-            runtime_pb2.ExpertResponse,
-        )
-        async for response in responses:
-            assert b"max_new_tokens must be >= 1" in response.metadata
-            break
+        assert b"max_new_tokens must be >= 1" in await _first_answer(client, node.record.peer_id,
+                                                                     pack({"open": malformed}))
 
     asyncio.run(_with_node(source, NodeConfig(start=0, end=2), body))
 

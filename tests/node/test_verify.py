@@ -16,8 +16,8 @@ from node.client.session import SwarmClient
 from node.client.verify import Auditor, EchoRecorder, relative_error, tolerance_for
 from node.model.head import ClientHead
 from node.model.sampling import SamplingParams
+from node.net.membership import open_dht
 from node.net.protocol import ProtocolError, pack, pack_response, parse_open
-from node.serve.node import start_dht
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -94,10 +94,10 @@ async def _scenario(swarm: SwarmWithLiar, prompt_ids: list[int]) -> None:
     source = swarm.source
     liar = swarm.peer_id(LIAR)
     head = ClientHead(source)
-    dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    peer = open_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
         # The honest answer, with the liar kept out; p = 0 opens no audit (no echo traffic).
-        honest_client = SwarmClient(dht, source)
+        honest_client = SwarmClient(peer, source)
         honest_client.ban(liar, for_s=3600)
         reference, _, plain = await _generate(honest_client, head, prompt_ids, Auditor(honest_client, 0.0))
         assert plain.recorder is None and len(reference) == NEW_TOKENS
@@ -110,7 +110,7 @@ async def _scenario(swarm: SwarmWithLiar, prompt_ids: list[int]) -> None:
         assert max(r.error for r in auditor.reports) < auditor.tolerance / 10
 
         # With the liar routable, audits catch it whenever it serves, ban it, and the answer goes on without it.
-        client = SwarmClient(dht, source)
+        client = SwarmClient(peer, source)
         detected = None
         for attempt in range(6):
             auditor = Auditor(client, 1.0, compute_dtype=torch.float32, rng=random.Random(attempt))
@@ -135,7 +135,7 @@ async def _scenario(swarm: SwarmWithLiar, prompt_ids: list[int]) -> None:
         tokens, chain, _ = await _generate(client, head, prompt_ids, Auditor(client, 1.0, compute_dtype=torch.float32))
         assert tokens == reference and liar not in chain
     finally:
-        dht.shutdown()
+        peer.shutdown()
 
 
 def test_liar_is_caught_and_routed_around_honest_nodes_pass(tiny_checkpoint):
