@@ -51,6 +51,7 @@ def node_config(args: argparse.Namespace):
     return NodeConfig(
         start=start, end=end, initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
         device=args.device, max_length=args.max_length, send_delay_s=args.emulate_delay_ms / 1000,
+        kv_budget_bytes=int(args.kv_budget_mb * (1 << 20)) if args.kv_budget_mb else None,
         identity=args.identity, test_perturb_scale=args.test_perturb, region=args.region,
         test_slowdown_s=args.test_slowdown_ms / 1000, send_bandwidth_bps=args.emulate_bandwidth_mbps * 1e6,
         max_memory_bytes=None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9),
@@ -261,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--host-maddrs", nargs="*", default=["/ip4/127.0.0.1/tcp/0"])
     node.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     node.add_argument("--max-length", type=int, default=8192, help="longest session, in tokens")
+    node.add_argument("--kv-budget-mb", type=float, default=None,
+                      help="memory for sessions' KV caches (default: a quarter of the memory free after loading)")
     node.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     node.add_argument("--identity", default=None,
                       help="name of a persistent identity (keeps the peer id across restarts); default: a new one")

@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Codes that mean "this stage cannot take the session", not "this stage is broken".
-REFUSALS = {"no_capacity", "busy", "draining"}
+# Answers that blame no stage: a refusal, a session reclaimed for being idle, a direct link between stages that
+# broke (either end could be at fault). The client retries without banning anyone.
+REFUSALS = {"no_capacity", "busy", "draining", "link_failed", "reclaimed", "idle"}
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from swarm.types import Hop, ModelSpec
 PING_AFTER_S = (0.05, 0.5)
 SPEED_MAX_AGE_S = 300.0  # a node's measured speed is re-measured after this
 SPEED_PROBE_TIMEOUT_S = 10.0
+SPEED_PROBE_STEPS = 4
 
 
 class NoChainError(RuntimeError):
@@ -328,15 +329,16 @@ class SwarmClient:
             self._speed_s[record.peer_id] = (result if isinstance(result, float) else None, now)
 
     async def _probe_speed(self, record: ServerRecord) -> float:
-        """Seconds a node takes for a decode step of one layer: the best of two steps of a relayed one-layer session,
-        less our RTT to it."""
+        """Seconds a node takes for a decode step of one layer: the best of SPEED_PROBE_STEPS steps of a relayed
+        one-layer session (the best, as other work on either machine only ever adds), less our RTT to it."""
         hop = Hop(record.peer_id, record.start, record.start + 1)
         async with asyncio.timeout(SPEED_PROBE_TIMEOUT_S):
-            session = await self.open_session([hop], max_length=2, relay=True, step_timeout_s=SPEED_PROBE_TIMEOUT_S)
+            session = await self.open_session([hop], max_length=SPEED_PROBE_STEPS, relay=True,
+                                              step_timeout_s=SPEED_PROBE_TIMEOUT_S)
             try:
                 hidden = 0.02 * torch.randn(1, 1, self.spec.hidden_size)
                 times = []
-                for position in range(2):
+                for position in range(SPEED_PROBE_STEPS):
                     started = time.perf_counter()
                     await session.step(hidden, position)
                     times.append(time.perf_counter() - started)

@@ -8,6 +8,7 @@ last stage samples (`node.serve.server`), picks exactly what the client would ha
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,13 +53,13 @@ class SamplingParams:
             raise ValueError("sampling must be a map of max_new_tokens, temperature, top_p, seed and stop")
         numbers = {k: fields[k] for k in ("temperature", "top_p")}
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers.values()):
-            raise ValueError(f"temperature and top_p must be numbers, got {numbers}")
+            raise ValueError(f"temperature and top_p must be numbers, got {reprlib.repr(numbers)}")
         integers = [fields["max_new_tokens"], *fields["stop"]] if isinstance(fields["stop"], list) else None
         if integers is None or not all(isinstance(v, int) and not isinstance(v, bool) for v in integers):
             raise ValueError("max_new_tokens and stop must be an integer and a list of integers")
         seed = fields["seed"]
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ValueError(f"seed must be an integer or null, got {seed!r}")
+            raise ValueError(f"seed must be an integer or null, got {reprlib.repr(seed)}")
         return cls(fields["max_new_tokens"], float(numbers["temperature"]), float(numbers["top_p"]), seed,
                    tuple(fields["stop"]))
 

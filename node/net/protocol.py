@@ -52,6 +52,7 @@ together where the session opens (`node.serve.role`).
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,15 +76,34 @@ _WIRE_DTYPE_NAMES = frozenset(str(d).removeprefix("torch.") for d in WIRE_DTYPES
 MAX_PEER_ID_LEN = 128
 MAX_SESSION_ID_LEN = 64
 # Long prompts (and failover replays) are sent in steps of at most this many tokens, so one message
-# stays small and the stages start on a prompt sooner.
+# stays small and the stages start on a prompt sooner; a stage refuses a longer step.
 PREFILL_CHUNK_TOKENS = 512
+# The largest message a stream's opening may be (an opening is a few hundred bytes; sampling names at most
+# 64 stop tokens), and what any message may add to its tensor (metadata, framing).
+MAX_OPENING_BYTES = 16 << 10
+MESSAGE_OVERHEAD_BYTES = 16 << 10
+
+
+def max_message_bytes(hidden_size: int, vocab_size: int) -> int:
+    """The largest message a session's stream could legitimately carry for this model: a step of
+    PREFILL_CHUNK_TOKENS hidden states in fp32 (the widest wire dtype), or a head part of up to the vocabulary's
+    logits in fp32, plus metadata (a chunk of token ids is 512 small integers)."""
+    return max(PREFILL_CHUNK_TOKENS * hidden_size, vocab_size) * 4 + MESSAGE_OVERHEAD_BYTES
+
+
+MAX_ERROR_CHARS = 512  # error texts never echo a peer's input at length (a 48 MB field must not become a 190 MB text)
+
+
+def _short(value: Any) -> str:
+    """A peer's value, for an error text: its repr cut to a few dozen characters (built without the whole repr)."""
+    return reprlib.repr(value)
 
 
 class ProtocolError(Exception):
-    """A request that breaks the protocol; `code` is machine-readable, the message is for people."""
+    """A request that breaks the protocol; `code` is machine-readable, the message is for people (and bounded)."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(message[:MAX_ERROR_CHARS])
         self.code = code
 
 
@@ -175,7 +195,7 @@ def unpack_metadata(message: runtime_pb2.ExpertRequest | runtime_pb2.ExpertRespo
 def _int_field(metadata: dict[str, Any], key: str, *, low: int, high: int) -> int:
     value = metadata.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ProtocolError("bad_request", f"{key!r} must be an integer in [{low}, {high}], got {value!r}")
+        raise ProtocolError("bad_request", f"{key!r} must be an integer in [{low}, {high}], got {_short(value)}")
     return value
 
 
@@ -195,15 +215,15 @@ def parse_open(message: runtime_pb2.ExpertRequest, *, max_length_limit: int) -> 
     prev_peer, next_peer = _peer_field(opened, "prev"), _peer_field(opened, "next")
     relay = opened.get("relay", False)
     if not isinstance(relay, bool):
-        raise ProtocolError("bad_request", f"'relay' must be a boolean, got {relay!r}")
+        raise ProtocolError("bad_request", f"'relay' must be a boolean, got {_short(relay)}")
     wire = opened.get("wire", "none")
     if not isinstance(wire, str) or wire not in WIRE_CODECS:
-        raise ProtocolError("bad_request", f"'wire' must be one of {WIRE_CODECS}, got {wire!r}")
+        raise ProtocolError("bad_request", f"'wire' must be one of {WIRE_CODECS}, got {_short(wire)}")
     audit, embed, share_head = (opened.get(key, default) for key, default in
                                 (("audit", False), ("embed", False), ("share_head", True)))
     if not all(isinstance(flag, bool) for flag in (audit, embed, share_head)):
         raise ProtocolError("bad_request", f"'audit', 'embed' and 'share_head' must be booleans, "
-                            f"got {audit!r}, {embed!r}, {share_head!r}")
+                            f"got {_short(audit)}, {_short(embed)}, {_short(share_head)}")
     sampling = None
     speculate = _int_field(opened, "speculate", low=0, high=MAX_DRAFT_TOKENS) if "speculate" in opened else 0
     if opened.get("sampling") is not None:
@@ -218,16 +238,24 @@ def parse_open(message: runtime_pb2.ExpertRequest, *, max_length_limit: int) -> 
 def _peer_field(metadata: dict[str, Any], key: str) -> str | None:
     value = metadata.get(key)
     if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_PEER_ID_LEN):
-        raise ProtocolError("bad_request", f"{key!r} must be a peer id string or null, got {value!r}")
+        raise ProtocolError("bad_request", f"{key!r} must be a peer id string or null, got {_short(value)}")
     return value
 
 
-def parse_push_open(message: runtime_pb2.ExpertRequest) -> str:
-    """The first message of a stage-to-stage push stream names the session it feeds."""
-    session_id = unpack_metadata(message).get("push")
+def push_open(session_id: str, client: str) -> runtime_pb2.ExpertRequest:
+    return pack({"push": session_id, "client": client})
+
+
+def parse_push_open(message: runtime_pb2.ExpertRequest) -> tuple[str, str | None]:
+    """The first message of a stage-to-stage push stream names the session it feeds: its id and the client that
+    opened it (session ids are the client's own, so another peer may use the same id). `client` is None from a
+    pusher that does not name it."""
+    metadata = unpack_metadata(message)
+    session_id = metadata.get("push")
     if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_SESSION_ID_LEN:
-        raise ProtocolError("bad_request", "the first message of a push stream must be {'push': session_id}")
-    return session_id
+        raise ProtocolError("bad_request", "the first message of a push stream must be {'push': session_id, "
+                            "'client': peer_id}")
+    return session_id, _peer_field(metadata, "client")
 
 
 def parse_step(
@@ -245,12 +273,13 @@ def parse_step(
         raise ProtocolError("bad_step", f"step at position {position}, but the session is at {expected_position}")
     sample = metadata.get("sample", False)
     if not isinstance(sample, bool):
-        raise ProtocolError("bad_request", f"'sample' must be a boolean, got {sample!r}")
+        raise ProtocolError("bad_request", f"'sample' must be a boolean, got {_short(sample)}")
     draft = _draft(metadata, speculate, model_vocab_size)
     if vocab_size is not None:
         step = Step(None, position, _token_ids(metadata, message, vocab_size, position, max_length), sample, draft)
     else:
         size = _tensor_header(message, "hidden states", [1, None, hidden_size])
+        _check_chunk(size[1])
         if position + size[1] > max_length:
             raise ProtocolError(
                 "too_long", f"positions {position}..{position + size[1]} exceed the session's max_length {max_length}"
@@ -270,6 +299,11 @@ def _draft(metadata: dict[str, Any], speculate: int, vocab_size: int) -> tuple[i
     return tuple(draft)
 
 
+def _check_chunk(tokens: int) -> None:
+    if tokens > PREFILL_CHUNK_TOKENS:
+        raise ProtocolError("too_long", f"a step of {tokens} tokens; send at most {PREFILL_CHUNK_TOKENS} per step")
+
+
 def _tensor_header(message: runtime_pb2.ExpertRequest, what: str, shape: list[int | None]) -> list[int]:
     """The size of the message's one tensor, checked against `shape` (None: any size >= 1) before decoding."""
     if len(message.tensors) != 1:
@@ -278,11 +312,11 @@ def _tensor_header(message: runtime_pb2.ExpertRequest, what: str, shape: list[in
     if proto.compression not in ACCEPTED_COMPRESSIONS:
         raise ProtocolError("bad_tensor", f"unsupported tensor compression {proto.compression}")
     if proto.dtype not in _WIRE_DTYPE_NAMES:
-        raise ProtocolError("bad_tensor", f"{what} must be float32/float16/bfloat16, got {proto.dtype!r}")
+        raise ProtocolError("bad_tensor", f"{what} must be float32/float16/bfloat16, got {_short(proto.dtype)}")
     size = list(proto.size)
     if len(size) != len(shape) or not all(n >= 1 and want in (None, n) for n, want in zip(size, shape, strict=True)):
         wanted = ", ".join("n" if n is None else str(n) for n in shape)
-        raise ProtocolError("bad_tensor", f"{what} must have shape [{wanted}], got {size}")
+        raise ProtocolError("bad_tensor", f"{what} must have shape [{wanted}], got {_short(size)}")
     return size
 
 
@@ -338,13 +372,13 @@ def parse_push_offer(metadata: dict[str, Any]) -> PushOffer | None:
     if fields is None:
         return None
     if not isinstance(fields, dict) or not set(fields) <= {"head_rows", "direct"}:
-        raise ProtocolError("bad_response", f"'offer' must be a map of head_rows and direct, got {fields!r}")
+        raise ProtocolError("bad_response", f"'offer' must be a map of head_rows and direct, got {_short(fields)}")
     split = None
     if "head_rows" in fields:
         rows = fields["head_rows"]
         if not (isinstance(rows, list) and len(rows) == 2 and rows[0] == 0 and isinstance(rows[1], int)
                 and not isinstance(rows[1], bool) and rows[1] > 0):
-            raise ProtocolError("bad_response", f"'head_rows' must be [0, split], got {rows!r}")
+            raise ProtocolError("bad_response", f"'head_rows' must be [0, split], got {_short(rows)}")
         split = rows[1]
     try:
         direct = DirectOffer.from_wire(fields["direct"]) if "direct" in fields else None
@@ -381,14 +415,14 @@ def parse_head_message(message: runtime_pb2.ExpertRequest, *, hidden_size: int, 
         return HeadInput(_tensor(message, "hidden states", _tensor_header(message, "hidden states",
                                                                           [1, 1, hidden_size])), position)
     if kind != "part":
-        raise ProtocolError("bad_request", f"'head' must be 'input' or 'part', got {kind!r}")
+        raise ProtocolError("bad_request", f"'head' must be 'input' or 'part', got {_short(kind)}")
     if not greedy:
         size = _tensor_header(message, "logits", [vocab_size - split])
         return HeadPart(position, logits=_tensor(message, "logits", size).float())
     best = metadata.get("max")
     if message.tensors or not isinstance(best, float) or not math.isfinite(best):
         raise ProtocolError("bad_request", f"a greedy head part carries a finite float 'max' and no tensor, "
-                            f"got {best!r}")
+                            f"got {_short(best)}")
     return HeadPart(position, best=(best, _int_field(metadata, "argmax", low=split, high=vocab_size - 1)))
 
 
@@ -398,6 +432,7 @@ def _token_ids(metadata: dict[str, Any], message: runtime_pb2.ExpertRequest, voc
     if message.tensors or not isinstance(ids, list) or not ids:
         raise ProtocolError("bad_request", "a step of this session carries token ids, {'tokens': [...]}, "
                             "and no tensor")
+    _check_chunk(len(ids))
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
         raise ProtocolError("bad_request", f"token ids must be integers in [0, {vocab_size})")
     if position + len(ids) > max_length:
@@ -412,7 +447,7 @@ def raise_if_error(peer: str, response: runtime_pb2.ExpertResponse) -> dict[str,
     error = metadata.get("error")
     if error is not None:
         if not isinstance(error, dict):
-            raise RemoteError(peer, "bad_response", f"malformed error: {error!r}")
+            raise RemoteError(peer, "bad_response", f"malformed error: {_short(error)}")
         at_fault = error.get("peer") if isinstance(error.get("peer"), str) else peer
         raise RemoteError(at_fault, str(error.get("code", "unknown")), str(error.get("message", "")))
     return metadata

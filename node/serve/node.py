@@ -32,14 +32,17 @@ from node.net.probe import add_probe_handlers
 from node.net.protocol import (
     INFERENCE_HANDLER,
     INFO_HANDLER,
+    MAX_OPENING_BYTES,
     PUSH_HANDLER,
     ProtocolError,
     error_response,
+    max_message_bytes,
     pack_response,
     parse_open,
     parse_push_open,
 )
 from node.net.reachability import DIRECT
+from node.net.streams import MessageTooLarge, PendingStreams, add_bounded_stream_handler
 from node.serve.assignment import (
     EpochTracker,
     SwarmStatus,
@@ -52,7 +55,7 @@ from node.serve.assignment import (
 )
 from node.serve.benchmark import free_memory, measure_links, peer_id_of, run_bench, usable_memory
 from node.serve.epochs import OwnEpoch, epoch_file
-from node.serve.server import StageServer
+from node.serve.server import SessionWaiters, StageServer, linger
 from swarm.records import ServerRecord, node_spec
 from swarm.types import LayerRange
 
@@ -130,6 +133,8 @@ class Node:
         self._links_measured_at: float | None = None
         self._link_failures_seen = 0
         self._links: asyncio.Task | None = None
+        self.waiters = SessionWaiters()  # shared by our stages: a push may come for any of them
+        self.pending = PendingStreams()  # streams not yet working (no opening yet, or waiting for their session)
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -143,7 +148,8 @@ class Node:
         self.p2p = await self.peer.dht.replicate_p2p()
         await self._add_handlers(self.p2p)
         if config.direct_links:
-            self.direct = DirectListener()
+            most = max_message_bytes(self.source.hidden_size, int(self.source.config.vocab_size))
+            self.direct = DirectListener(max_frame_bytes=most + 16)  # a sealed frame: the message and its tag
             await self.direct.start(listen_host(config.host_maddrs), maddr_hosts(self.visible_maddrs))
         # peers measure their RTT and uplink to us through these
         await add_probe_handlers(self.p2p, send_delay_s=self.config.send_delay_s)
@@ -371,6 +377,7 @@ class Node:
                              test_slowdown_s=config.test_slowdown_s, send_bandwidth_bps=config.send_bandwidth_bps,
                              uplink_bps=self._capabilities.get("uplink_bps", 0.0))
         server.own_clients = self.own_clients
+        server.waiters = self.waiters
         server.attach(self.p2p, self.direct)
         return server
 
@@ -519,10 +526,18 @@ class Node:
     # --- serving: one set of handlers, dispatching to the stage that holds the session -----------------
 
     async def _add_handlers(self, p2p: P2P) -> None:
-        await p2p.add_protobuf_handler(INFERENCE_HANDLER, self._rpc_inference, runtime_pb2.ExpertRequest,
-                                       stream_input=True, stream_output=True)
-        await p2p.add_protobuf_handler(PUSH_HANDLER, self._rpc_push, runtime_pb2.ExpertRequest,
-                                       stream_input=True, stream_output=True)
+        """Streams are read with a size cap per message, from what a session of this model could send: its
+        opening, then steps of at most a prefill chunk of hidden states (or a head part of logits)."""
+        most = max_message_bytes(self.source.hidden_size, int(self.source.config.vocab_size))
+
+        def limit(index: int) -> int:
+            return MAX_OPENING_BYTES if index == 0 else most
+
+        def too_large(e: MessageTooLarge) -> runtime_pb2.ExpertResponse:
+            return error_response("too_large", str(e))
+
+        for name, handler in ((INFERENCE_HANDLER, self._rpc_inference), (PUSH_HANDLER, self._rpc_push)):
+            await add_bounded_stream_handler(p2p, name, handler, limit=limit, too_large=too_large)
         await p2p.add_protobuf_handler(INFO_HANDLER, self._rpc_info, runtime_pb2.ExpertRequest)
 
     def _server_for(self, start: int, end: int) -> StageServer | None:
@@ -533,7 +548,13 @@ class Node:
 
     async def _rpc_inference(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
                              ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        if (first := await _first_message(requests)) is None:
+        with self.pending.admit(context.remote_id.to_base58()) as admitted:
+            first = await _first_message(requests) if admitted else None
+        if not admitted:
+            yield _too_many_pending()
+            await linger(requests, 1.0)
+            return
+        if first is None:
             return
         server = None
         with contextlib.suppress(ProtocolError):  # a bad opening is refused by the stage's own checks
@@ -548,21 +569,33 @@ class Node:
 
     async def _rpc_push(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
                         ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        if (first := await _first_message(requests)) is None:
-            return
+        pusher = context.remote_id.to_base58()
         server = None
-        with contextlib.suppress(ProtocolError):
-            session_id = parse_push_open(first)
-            deadline = time.monotonic() + 10.0  # the client opens all stages at once: the session may lag
-            while server is None and time.monotonic() < deadline:
-                server = next((s for s in self._servers() if session_id in s.sessions), None)
-                if server is None:
-                    await asyncio.sleep(0.005)
-        if (server := server or self.server) is None:
-            yield self._no_layers()
+        with self.pending.admit(pusher) as admitted:
+            if admitted and (first := await _first_message(requests)) is None:
+                return
+            try:
+                session_id, client = parse_push_open(first) if admitted else (None, None)
+            except ProtocolError as e:
+                yield error_response(e.code, str(e))
+                return
+            if admitted:  # the client opens all stages at once: the session may open here just after its push
+                await self.waiters.wait(session_id, lambda: self._holding(session_id, client, pusher))
+                server = next((s for s in self._servers() if s.pushed_session(session_id, client, pusher)), None)
+        if not admitted:
+            yield _too_many_pending()
+            await linger(requests, 1.0)
+            return
+        if server is None:
+            yield error_response("bad_request", f"no session {session_id!r} here expects pushes from {pusher}")
+            await linger(requests, 1.0)
             return
         async for response in server.rpc_push(_prepend(first, requests), context):
             yield response
+
+    def _holding(self, session_id: str, client: str | None, pusher: str):
+        return next((session for s in self._servers() if (session := s.pushed_session(session_id, client, pusher))),
+                    None)
 
     def _no_layers(self) -> runtime_pb2.ExpertResponse:
         return error_response("draining", f"this node is {self.state}, it serves no layers now")
@@ -573,7 +606,11 @@ class Node:
         return pack_response({**info, "state": self.state})
 
 
-async def _first_message(requests: AsyncIterator[runtime_pb2.ExpertRequest], timeout_s: float = 60.0
+def _too_many_pending() -> runtime_pb2.ExpertResponse:
+    return error_response("busy", "too many of this peer's streams are waiting here; open fewer at once")
+
+
+async def _first_message(requests: AsyncIterator[runtime_pb2.ExpertRequest], timeout_s: float = 10.0
                          ) -> runtime_pb2.ExpertRequest | None:
     """A stream's opening message; None if the peer closes or stays silent first."""
     try:

@@ -27,8 +27,9 @@ from hivemind.proto import runtime_pb2
 from node.model.sampling import SamplingParams, sample
 from node.model.speculative import MAX_DRAFT_TOKENS, DraftLength, propose_draft, verify_draft
 from node.model.stage import Stage
-from node.net.direct import DirectLinkError, DirectListener, DirectOffer, DirectWriter, dial
+from node.net.direct import DirectLinkError, DirectListener, DirectOffer, DirectWriter, dial, maddr_hosts
 from node.net.protocol import (
+    MAX_ERROR_CHARS,
     PUSH_HANDLER,
     HeadInput,
     OpenSession,
@@ -48,37 +49,14 @@ from node.net.protocol import (
     parse_push_open,
     parse_step,
     push_offer,
+    push_open,
     unpack_metadata,
 )
+from node.serve.admission import RECLAIM_IDLE_S, CapacityError, FairBudget
 from node.serve.batching import StepBatcher
 from node.serve.role import Ring, SessionRole, session_role
 
 logger = logging.getLogger(__name__)
-
-
-class CapacityError(Exception):
-    pass
-
-
-class KVBudget:
-    """Reserves each session's worst-case KV cache up front, so a full node says "no" instead of OOM."""
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
-        self.reserved_bytes = 0
-
-    def reserve(self, nbytes: int) -> None:
-        if self.reserved_bytes + nbytes > self.budget_bytes:
-            free = self.budget_bytes - self.reserved_bytes
-            raise CapacityError(f"no capacity: the session needs {nbytes} bytes of KV cache, {free} are free")
-        self.reserved_bytes += nbytes
-
-    def release(self, nbytes: int) -> None:
-        self.reserved_bytes -= nbytes
-
-    @property
-    def free_bytes(self) -> int:
-        return self.budget_bytes - self.reserved_bytes
 
 
 class EmulatedLink:
@@ -103,22 +81,53 @@ class EmulatedLink:
 
 
 class Outbox:
-    """Messages for one stream, sent through the node's emulated link when there is one."""
+    """Messages for one stream, sent through the node's emulated link when there is one. Bounded: a peer that
+    does not read what it is sent lets at most `MAX_ITEMS` messages or `MAX_BYTES` pile up here; past that, the
+    outbox gives up (`on_overflow` is called: the session is dropped) rather than grow."""
 
-    def __init__(self, link: EmulatedLink | None = None) -> None:
+    MAX_ITEMS = 1024
+    MAX_BYTES = 32 << 20  # a few prefill chunks' outputs; a reading peer keeps this near empty
+
+    def __init__(self, link: EmulatedLink | None = None, *, on_overflow: Callable[[], None] | None = None) -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.link = link
+        self.on_overflow = on_overflow
+        self.items = self.bytes = 0
+        self.overflowed = False
 
     def put(self, item) -> None:
-        if self.link is not None and self.link.active and item is not None:
+        if self.overflowed:
+            return
+        if item is None:
+            self.queue.put_nowait(None)
+            return
+        size = item.ByteSize()
+        if self.items >= self.MAX_ITEMS or self.bytes + size > self.MAX_BYTES:
+            self._overflow()
+            return
+        self.items, self.bytes = self.items + 1, self.bytes + size
+        if self.link is not None and self.link.active:
             # Arrival times only grow, so messages stay in order; the sender is not held up meanwhile.
-            delay = self.link.arrival_in(item.ByteSize())
+            delay = self.link.arrival_in(size)
             asyncio.get_running_loop().call_later(delay, self.queue.put_nowait, item)
         else:
             self.queue.put_nowait(item)
 
+    def _overflow(self) -> None:
+        self.overflowed = True
+        while not self.queue.empty():  # what the peer did not read goes now, not when the session ends
+            self.queue.get_nowait()
+        self.items = self.bytes = 0
+        self.queue.put_nowait(error_response("slow_reader", f"more than {self.MAX_ITEMS} messages or "
+                                             f"{self.MAX_BYTES} bytes were waiting to be read; session dropped"))
+        self.queue.put_nowait(None)
+        if self.on_overflow is not None:
+            self.on_overflow()
+
     async def drain(self) -> AsyncIterator:
         while (item := await self.queue.get()) is not None:
+            if not self.overflowed:
+                self.items, self.bytes = self.items - 1, self.bytes - item.ByteSize()
             yield item
 
 
@@ -128,6 +137,7 @@ class Session:
     role: SessionRole
     client: str
     reserved_bytes: int
+    newcomer: bool  # the reservation counts in the pool of peers new to this node (see node.serve.admission)
     cache: object
     outbox: Outbox
     position: int = 0
@@ -149,6 +159,11 @@ class Session:
     def session_id(self) -> str:
         return self.opened.session_id
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """Session ids are the client's own: another peer may use the same one (it cannot squat this one)."""
+        return self.client, self.opened.session_id
+
 
 class PushLink:
     """The stream on which a stage pushes one session's outputs to the next stage.
@@ -163,19 +178,21 @@ class PushLink:
         self.session = session
         self.on_failure = on_failure  # a push that could not reach the next stage: the node re-measures its links
         self.link = link
-        self.outbox = Outbox(link)
+        self.outbox = Outbox(link, on_overflow=self._next_stage_stalled)
         self.allow_direct = direct
         self._watcher: asyncio.Task | None = None
         self._dialer: asyncio.Task | None = None
+        self._p2p: P2P | None = None
         self._direct: DirectWriter | None = None
         self.head_split: int | None = None  # the next stage (a ring's first) holds the LM head's rows [0, split)
 
     def start(self, p2p: P2P) -> None:
+        self._p2p = p2p
         self._watcher = asyncio.create_task(self._run(p2p))
 
     async def _run(self, p2p: P2P) -> None:
         next_peer = self.session.opened.next_peer
-        self.outbox.put(pack({"push": self.session.session_id}))
+        self.outbox.put(push_open(self.session.session_id, self.session.client))
         try:
             responses = await p2p.iterate_protobuf_handler(
                 PeerID.from_base58(next_peer), PUSH_HANDLER, self.outbox.drain(), runtime_pb2.ExpertResponse
@@ -217,12 +234,24 @@ class PushLink:
 
     async def _go_direct(self, offer: DirectOffer) -> None:
         try:
-            writer = await dial(offer)
-        except DirectLinkError as e:  # e.g. behind NAT: the libp2p stream serves on
+            writer = await dial(offer, await self._next_peer_hosts())
+        except DirectLinkError as e:  # e.g. behind NAT, or a listener that fails the handshake: libp2p serves on
             logger.info("no direct link to %s, pushing over libp2p: %s", self.session.opened.next_peer, e)
             return
         self.outbox.put(direct_switch())  # the receiver reads the link only after this, so order holds
         self._direct = writer
+
+    async def _next_peer_hosts(self) -> list[str]:
+        """Where libp2p sees the next stage (it has just answered us): the only hosts its offer may name."""
+        peer = PeerID.from_base58(self.session.opened.next_peer)
+        return maddr_hosts([str(a) for info in await self._p2p.list_peers() if info.peer_id == peer
+                            for a in info.addrs])
+
+    def _next_stage_stalled(self) -> None:
+        next_peer = self.session.opened.next_peer
+        self.session.outbox.put(error_response("push_failed", f"the next stage {next_peer} does not take its pushes",
+                                               peer=next_peer))
+        self.session.outbox.put(None)
 
     @property
     def sends_at_once(self) -> bool:
@@ -249,8 +278,46 @@ class PushLink:
 
 
 def _with_peer(response: runtime_pb2.ExpertResponse, peer: str) -> runtime_pb2.ExpertResponse:
-    error = unpack_metadata(response).get("error") or {}
-    return error_response(str(error.get("code", "push_failed")), str(error.get("message", "")), peer=peer)
+    """The next stage's answer on a push stream, passed to our client naming that stage (its text bounded)."""
+    try:
+        error = unpack_metadata(response).get("error")
+    except ProtocolError:
+        error = None
+    error = error if isinstance(error, dict) else {}
+    return error_response(str(error.get("code", "push_failed"))[:32], str(error.get("message", ""))[:MAX_ERROR_CHARS],
+                          peer=peer)
+
+
+class SessionWaiters:
+    """Push streams waiting for the session they feed to open (the client opens all stages at once, so a push
+    may come first): each waits on a future the opening resolves, not by polling."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, list[asyncio.Future]] = {}
+
+    async def wait(self, session_id: str, find: Callable[[], Session | None], timeout_s: float = 10.0
+                   ) -> Session | None:
+        """`find()` once a session `session_id` opens (or at once), None after `timeout_s` without one."""
+        deadline = time.monotonic() + timeout_s
+        while (found := find()) is None and (left := deadline - time.monotonic()) > 0:
+            future = asyncio.get_running_loop().create_future()
+            self._waiting.setdefault(session_id, []).append(future)
+            try:
+                await asyncio.wait_for(future, left)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                waiting = self._waiting.get(session_id, [])
+                if future in waiting:
+                    waiting.remove(future)
+                if not waiting:
+                    self._waiting.pop(session_id, None)
+        return found
+
+    def opened(self, session_id: str) -> None:
+        for future in self._waiting.get(session_id, ()):
+            if not future.done():
+                future.set_result(None)
 
 
 class RateLimiter:
@@ -275,7 +342,7 @@ class StageServer:
     """Answers inference and push streams for one stage."""
 
     def __init__(self, stage: Stage, *, kv_budget_bytes: int, max_length: int = 8192,
-                 idle_timeout_s: float = 300.0, send_delay_s: float = 0.0, test_perturb_scale: float = 0.0,
+                 idle_timeout_s: float = 120.0, send_delay_s: float = 0.0, test_perturb_scale: float = 0.0,
                  max_sessions_per_peer: int = 64, max_steps_per_s_per_peer: float = 1000.0,
                  test_slowdown_s: float = 0.0, send_bandwidth_bps: float = 0.0, uplink_bps: float = 0.0) -> None:
         """`uplink_bps`: this node's measured uplink (0: not measured), which decides what is worth sending."""
@@ -283,11 +350,12 @@ class StageServer:
         self.uplink_bps = uplink_bps
         self.test_perturb_scale = test_perturb_scale  # testing aid only: makes this node lie (see _perturb)
         self.test_slowdown_s = test_slowdown_s  # testing aid only: every step takes this much longer
-        self.budget = KVBudget(kv_budget_bytes)
+        self.budget = FairBudget(kv_budget_bytes)
         self.max_length = max_length
         self.idle_timeout_s = idle_timeout_s
         self.link = EmulatedLink(send_delay_s, send_bandwidth_bps)  # testing aid: a WAN uplink
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[tuple[str, str], Session] = {}  # by (client, session id): see Session.key
+        self.waiters = SessionWaiters()  # push streams waiting for their session; a node shares one among its stages
         # Per-peer limits, so one client cannot crowd out the others.
         self.max_sessions_per_peer = max_sessions_per_peer
         self.step_limiter = RateLimiter(rate_per_s=max_steps_per_s_per_peer, burst=2 * max_steps_per_s_per_peer)
@@ -369,7 +437,7 @@ class StageServer:
                 logger.exception("unexpected error opening a session for %s", client)
                 e = ProtocolError("bad_request", f"cannot open the session: {type(e).__name__}")
             yield _error_for(e)
-            await _linger(requests)
+            await linger(requests)
             return
         reader = asyncio.create_task(self._read_client_steps(session, requests))
         try:
@@ -404,15 +472,15 @@ class StageServer:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         pusher = context.remote_id.to_base58()
         try:
-            session_id = parse_push_open(await asyncio.wait_for(anext(requests), self.idle_timeout_s))
+            session_id, client = parse_push_open(await asyncio.wait_for(anext(requests), self.idle_timeout_s))
         except ProtocolError as e:
             yield _error_for(e)
-            await _linger(requests)
+            await linger(requests)
             return
         except (StopAsyncIteration, asyncio.TimeoutError):
             return
-        session = self.sessions.get(session_id)  # the node's dispatcher waited for it to open here
-        if session is None or not session.role.takes_pushes or session.opened.prev_peer != pusher:
+        session = self.pushed_session(session_id, client, pusher)  # the node's dispatcher waited for it to open
+        if session is None:
             # Only the stage the client named as our predecessor may feed its session.
             yield error_response("bad_request", f"no session {session_id!r} here expects pushes from {pusher}")
             return
@@ -422,12 +490,23 @@ class StageServer:
             yield push_offer(offer)
         try:
             await self._read_pushes(session, requests, offer.direct)
-        except DirectLinkError as e:
-            session.outbox.put(error_response("push_failed", f"the direct link from the previous stage broke: {e}",
-                                              peer=pusher))
+        except DirectLinkError as e:  # neither end is known to be at fault: the client retries, banning no one
+            session.outbox.put(error_response("link_failed", f"the direct link from the previous stage broke: {e}"))
         finally:
             if offer.direct is not None:
                 self.direct.withdraw(offer.direct)
+
+    def pushed_session(self, session_id: str, client: str | None, pusher: str) -> Session | None:
+        """The open session `pusher` may feed: `client`'s session `session_id` if it takes pushes from `pusher`, the
+        previous stage its client named. A pusher that names no client gets the one such session of that id."""
+        def fed_by_pusher(session: Session | None) -> bool:
+            return session is not None and session.role.takes_pushes and session.opened.prev_peer == pusher
+
+        if client is not None:
+            session = self.sessions.get((client, session_id))
+            return session if fed_by_pusher(session) else None
+        matches = [s for s in self.sessions.values() if s.session_id == session_id and fed_by_pusher(s)]
+        return matches[0] if len(matches) == 1 else None
 
     async def _read_pushes(self, session: Session, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                            direct: DirectOffer | None) -> None:
@@ -436,7 +515,7 @@ class StageServer:
         switched = False
         with contextlib.suppress(StopAsyncIteration, ConnectionError):
             async for request in requests:
-                if session.session_id not in self.sessions:
+                if session.key not in self.sessions:
                     return
                 if direct is not None and is_direct_switch(request):
                     switched = True
@@ -448,7 +527,7 @@ class StageServer:
         self.direct_links += 1
         try:
             async for request in reader.messages():
-                if session.session_id not in self.sessions:
+                if session.key not in self.sessions:
                     return
                 await self._process_step(session, request, pushed=True)
         finally:
@@ -467,28 +546,60 @@ class StageServer:
         stage = self.stage
         role = session_role(opened, num_layers=stage.source.num_layers, has_embedder=stage.embedder is not None,
                             has_head=stage.head is not None, has_head_share=stage.head_share is not None)
-        if opened.session_id in self.sessions:
+        if (client, opened.session_id) in self.sessions:
             raise ProtocolError("bad_request", f"session {opened.session_id!r} is already open here")
         if sum(s.client == client for s in self.sessions.values()) >= self.max_sessions_per_peer:
             raise ProtocolError("busy", f"a peer may hold at most {self.max_sessions_per_peer} sessions here")
         layers = (opened.start, opened.end)  # a chain may use any sub-range of what this node holds
         nbytes = self.stage.cache_bytes(opened.max_length, layers=layers)
-        self.budget.reserve(nbytes)
+        newcomer = self._reserve(nbytes, client)
         cache = self.stage.new_cache(opened.max_length, layers=layers)
-        session = Session(opened, role, client, nbytes, cache, Outbox(self.link))
+        session = Session(opened, role, client, nbytes, newcomer, cache, Outbox(self.link))
+        session.outbox.on_overflow = lambda: self._close(session)
         if role.pushes:
             session.push_link = PushLink(session, self.link, direct=self.direct is not None,
                                          on_failure=self._count_push_failure)
             session.push_link.start(self._p2p)
-        self.sessions[session.session_id] = session
+        self.sessions[session.key] = session
+        self.waiters.opened(session.session_id)
         return session
 
     def _count_push_failure(self) -> None:
         self.push_failures += 1
 
+    def _reserve(self, nbytes: int, client: str) -> bool:
+        """Reserves a session's KV memory within `client`'s share (`node.serve.admission`); when the node is full,
+        sessions idle for RECLAIM_IDLE_S are reclaimed first to make room."""
+        try:
+            return self.budget.reserve(nbytes, client)
+        except CapacityError as e:
+            if e.own_share or not self._reclaim_idle(nbytes, self.budget.is_newcomer(client)):
+                raise
+        return self.budget.reserve(nbytes, client)
+
+    def _reclaim_idle(self, nbytes: int, newcomer: bool) -> bool:
+        """Closes sessions that ran no step for RECLAIM_IDLE_S, longest idle first, until `nbytes` are free (or
+        none is left to close); returns whether any was closed."""
+        now = time.monotonic()
+        idle = sorted((s for s in self.sessions.values() if now - s.last_active > RECLAIM_IDLE_S),
+                      key=lambda s: s.last_active)
+        for session in idle:
+            budget = self.budget
+            if budget.free_bytes >= nbytes and not (
+                    newcomer and budget.newcomer_bytes + nbytes > budget.newcomers_share * budget.budget_bytes):
+                break
+            logger.info("reclaiming session %s of %s, idle for %.0f s", session.session_id, session.client,
+                        now - session.last_active)
+            session.outbox.put(error_response("reclaimed", f"the session ran no step for "
+                                              f"{now - session.last_active:.0f} s while others wait for memory"))
+            session.outbox.put(None)
+            self._close(session)
+        return bool(idle)
+
     def _close(self, session: Session) -> None:
-        if self.sessions.pop(session.session_id, None) is not None:
-            self.budget.release(session.reserved_bytes)
+        if self.sessions.get(session.key) is session:
+            del self.sessions[session.key]
+            self.budget.release(session.reserved_bytes, session.client, session.newcomer)
             self.batcher.forget(session.cache)
             session.cache = None
             if session.push_link is not None:
@@ -519,9 +630,10 @@ class StageServer:
     async def _run_step(self, session: Session, step: Step) -> None:
         """Runs one step, then sends its output on: to the next stage or to the client; a ring's last
         stage instead samples the next token and feeds it back to the first stage."""
-        if session.session_id not in self.sessions:
+        if session.key not in self.sessions:
             return  # closed meanwhile (a one-stage ring feeds itself after its client left)
         session.last_active = started = time.monotonic()
+        self.budget.served(session.client)
         role = session.role
         if step.position < session.position:  # after a rejected draft (parse_step bounds how far back)
             session.cache.truncate(step.position)
@@ -560,7 +672,7 @@ class StageServer:
         self.tokens_served += step.tokens
         if session.client in self.own_clients:
             self.own_tokens_served += step.tokens
-        if session.session_id not in self.sessions:
+        if session.key not in self.sessions:
             return  # closed while the step ran
         if role.samples:
             if tokens:  # a ring's last stage sends tokens (or its head's part), not hidden states
@@ -690,7 +802,7 @@ class StageServer:
             session.outbox.put(None)
             return
         self.head_merges += 1
-        if session.session_id in self.sessions:
+        if session.key in self.sessions:
             self._feed_tokens(session, [token], session.position)
 
     def _feed_tokens(self, session: Session, tokens: list[int], position: int) -> None:
@@ -719,9 +831,11 @@ class StageServer:
             await asyncio.sleep(min(30.0, self.idle_timeout_s / 2))
             now = time.monotonic()
             for session in list(self.sessions.values()):
-                if now - session.last_active > self.idle_timeout_s:
+                if now - session.last_active > self.idle_timeout_s:  # steps count as activity, pings do not
                     logger.info("session %s idle for %.0f s, closing", session.session_id, self.idle_timeout_s)
-                    session.outbox.queue.put_nowait(None)
+                    session.outbox.put(error_response("idle", f"no step for {self.idle_timeout_s:.0f} s"))
+                    session.outbox.put(None)
+                    self._close(session)
 
 
 def _perturb(output: torch.Tensor, scale: float) -> torch.Tensor:
@@ -732,7 +846,7 @@ def _perturb(output: torch.Tensor, scale: float) -> torch.Tensor:
     return (output.float() + scale * rms * torch.randn_like(output, dtype=torch.float32)).to(output.dtype)
 
 
-async def _linger(requests: AsyncIterator, timeout_s: float = 2.0) -> None:
+async def linger(requests: AsyncIterator, timeout_s: float = 2.0) -> None:
     """Waits for the peer to end its side before we close ours: closing at once can reset the stream
     and lose the refusal we just sent."""
     with contextlib.suppress(Exception):

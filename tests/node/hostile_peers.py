@@ -9,13 +9,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Coroutine
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
 from node.model.checkpoint import resolve_model
+from node.net.direct import DirectOffer
+from node.net.membership import open_dht
+from node.net.protocol import (
+    INFERENCE_HANDLER,
+    PUSH_HANDLER,
+    PushOffer,
+    pack,
+    parse_push_offer,
+    push_offer,
+    push_open,
+    unpack_metadata,
+)
 from node.serve.node import Node, NodeConfig
 from swarm.records import MAX_EPOCH
 
@@ -35,7 +54,8 @@ def ready() -> None:
 
 
 async def until_done(duration_s: float) -> None:
-    await asyncio.sleep(duration_s if duration_s > 0 else float("inf"))
+    """Keeps what the attack holds for `duration_s` more seconds (0: none)."""
+    await asyncio.sleep(max(0.0, duration_s))
 
 
 # --- lying records ---------------------------------------------------------------------------------------
@@ -62,10 +82,250 @@ async def lying_record(args: argparse.Namespace) -> dict:
     print(f"peer {node.record.peer_id}", flush=True)
     ready()
     try:
-        await until_done(args.duration)
+        await asyncio.sleep(args.duration or float("inf"))  # serves (and lies) until killed
     finally:
         await node.stop()
     return {"steps_served": node.steps_served}
+
+
+# --- attacks on a node's streams ------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def attacker(args: argparse.Namespace) -> AsyncIterator[P2P]:
+    """The attacker's own peer (a client-mode DHT peer on loopback) and its p2p replica."""
+    peer = await asyncio.to_thread(open_dht, args.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    p2p = await peer.dht.replicate_p2p()
+    try:
+        yield p2p
+    finally:
+        await p2p.shutdown()
+        peer.shutdown()
+
+
+def opening(args: argparse.Namespace, session_id: str, **fields) -> runtime_pb2.ExpertRequest:
+    start, end = (int(x) for x in args.layers.split(":"))
+    return pack({"open": {"session_id": session_id, "start": start, "end": end, "max_length": args.max_length,
+                          "relay": True, **fields}})
+
+
+async def raw_stream(p2p: P2P, target: str, handler: str = INFERENCE_HANDLER):
+    _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(target), handler)
+    return reader, writer
+
+
+async def first_answer(reader: asyncio.StreamReader, timeout_s: float = 30.0) -> str:
+    """The code of the first answer on a raw stream: an error code, "ok", or "closed"."""
+    try:
+        response, error = await asyncio.wait_for(P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader), timeout_s)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return "closed"
+    except asyncio.TimeoutError:
+        return "silent"
+    if error is not None:
+        return "rpc_error"
+    return str(unpack_metadata(response).get("error", {}).get("code", "ok"))
+
+
+@attack("oversized")
+async def oversized(args: argparse.Namespace) -> dict:
+    """`count` streams, each sending a message whose header announces `size_mb` MB, then that many bytes."""
+    size = int(args.size_mb * (1 << 20))
+
+    async def one(p2p: P2P, with_opening: bool) -> tuple[str, int]:
+        reader, writer = await raw_stream(p2p, args.target)
+        if with_opening:  # past the opening, the cap is a step's
+            await P2P.send_protobuf(opening(args, uuid.uuid4().hex), writer)
+            await first_answer(reader)
+        writer.write(P2P.MESSAGE_MARKER + size.to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER))
+        sent, chunk = 0, b"\0" * (1 << 20)
+        try:
+            while sent < size:
+                writer.write(chunk)
+                await asyncio.wait_for(writer.drain(), 10)
+                sent += len(chunk)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        answer = await first_answer(reader, 10)
+        writer.close()
+        return answer, sent
+
+    async with attacker(args) as p2p:
+        ready()
+        results = await asyncio.gather(*(one(p2p, i % 2 == 1) for i in range(args.count)), return_exceptions=True)
+        await until_done(args.duration)
+    answers = [r for r in results if isinstance(r, tuple)]
+    return {"codes": sorted({code for code, _ in answers}), "max_sent_mb": max((s for _, s in answers), default=0)
+            / (1 << 20), "failed": sum(not isinstance(r, tuple) for r in results)}
+
+
+@attack("never-read")
+async def never_read(args: argparse.Namespace) -> dict:
+    """`count` sessions that send refused steps with a large field as fast as they may, and never read a reply."""
+    bad_step = pack({"position": "x" * (256 << 10)})  # answered with an error text, which must not echo it
+
+    async def one(p2p: P2P) -> int:
+        reader, writer = await raw_stream(p2p, args.target)
+        await P2P.send_protobuf(opening(args, uuid.uuid4().hex), writer)
+        sent = 0
+        deadline = time.monotonic() + (args.duration or 3600)
+        try:
+            while time.monotonic() < deadline:
+                await asyncio.wait_for(P2P.send_protobuf(bad_step, writer), 5)
+                sent += 1
+        except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            pass
+        writer.close()
+        return sent
+
+    async with attacker(args) as p2p:
+        ready()
+        sent = await asyncio.gather(*(one(p2p) for _ in range(args.count)), return_exceptions=True)
+    return {"steps_sent": sum(n for n in sent if isinstance(n, int))}
+
+
+@attack("push-flood")
+async def push_flood(args: argparse.Namespace) -> dict:
+    """`count` push streams naming sessions that do not exist, held open."""
+
+    async def one(p2p: P2P) -> str:
+        reader, writer = await raw_stream(p2p, args.target, PUSH_HANDLER)
+        await P2P.send_protobuf(push_open(uuid.uuid4().hex, str(p2p.peer_id)), writer)
+        code = await first_answer(reader, 60)
+        writer.close()
+        return code
+
+    async with attacker(args) as p2p:
+        ready()
+        started = time.monotonic()
+        codes = await asyncio.gather(*(one(p2p) for _ in range(args.count)), return_exceptions=True)
+        held_s = time.monotonic() - started
+        await until_done(max(0.0, args.duration - held_s))
+    return {"codes": dict(Counter(c if isinstance(c, str) else type(c).__name__ for c in codes)),
+            "held_s": round(held_s, 1)}
+
+
+@attack("idle-hoard")
+async def idle_hoard(args: argparse.Namespace) -> dict:
+    """`count` sessions of `max_length` tokens from each of `peers` fresh peer ids, opened and never stepped."""
+
+    held: list = []  # the streams stay open (their sessions reserved) as long as we hold them
+
+    async def hoard(p2p: P2P) -> list:
+        async def one() -> str:
+            reader, writer = await raw_stream(p2p, args.target)
+            await P2P.send_protobuf(opening(args, uuid.uuid4().hex), writer)
+            held.append((reader, writer))
+            return await first_answer(reader)
+
+        return [await one() for _ in range(args.count)]
+
+    results = []
+    async with contextlib.AsyncExitStack() as stack:
+        peers = [await stack.enter_async_context(attacker(args)) for _ in range(args.peers)]
+        for p2p in peers:
+            results += await hoard(p2p)
+        ready()
+        await until_done(args.duration)
+    return {"codes": dict(Counter(results))}
+
+
+# --- attacks on direct links -----------------------------------------------------------------------------
+
+
+async def listen_recording(host: str, received: list[bytes]) -> tuple[asyncio.Server, int]:
+    """A TCP port that records whatever is written to it (a third party's, or one posing as a listener)."""
+
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            received.append(await asyncio.wait_for(reader.read(1 << 16), 10))
+        writer.close()
+
+    server = await asyncio.start_server(on_connection, host, 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@attack("bad-offer")
+async def bad_offer(args: argparse.Namespace) -> dict:
+    """As a session's next stage, answers the target's push stream with direct offers naming a third party's port
+    (on 127.0.0.2) or a port of ours that cannot prove the offer's key; records what reaches either."""
+    to_victim: list[bytes] = []
+    to_fake: list[bytes] = []
+    tickets: list[bytes] = []
+    victim, victim_port = await listen_recording("127.0.0.2", to_victim)
+    fake, fake_port = await listen_recording("127.0.0.1", to_fake)
+
+    async def as_next_stage(requests, context):
+        async for _ in requests:
+            break  # the push stream's opening
+        ticket = uuid.uuid4().bytes
+        tickets.append(ticket)
+        addrs = (("127.0.0.2", victim_port),) if len(tickets) % 2 else (("127.0.0.1", fake_port),)
+        yield push_offer(PushOffer(None, DirectOffer(addrs, ticket, uuid.uuid4().bytes * 2)))
+        async for _ in requests:
+            pass
+
+    async with attacker(args) as p2p:
+        await p2p.add_protobuf_handler(PUSH_HANDLER, as_next_stage, runtime_pb2.ExpertRequest, stream_input=True,
+                                       stream_output=True)
+        sessions = []
+        for _ in range(args.count):
+            reader, writer = await raw_stream(p2p, args.target)
+            await P2P.send_protobuf(opening(args, uuid.uuid4().hex, relay=False, next=str(p2p.peer_id)), writer)
+            sessions.append((await first_answer(reader), writer))
+        ready()
+        await asyncio.sleep(max(5.0, args.duration))
+    victim.close()
+    fake.close()
+    leaked = [t for t in tickets if any(t in data for data in to_victim + to_fake)]
+    return {"opened": sum(code == "ok" for code, _ in sessions), "offers": len(tickets),
+            "victim_connections": len(to_victim), "victim_bytes": sum(map(len, to_victim)),
+            "fake_connections": len(to_fake), "tickets_leaked": len(leaked)}
+
+
+@attack("direct-squat")
+async def direct_squat(args: argparse.Namespace) -> dict:
+    """Learns the target's direct port from an offer (posing as a session's previous stage), then holds `count`
+    connections to it from 127.0.0.2 that never present a ticket."""
+    async with attacker(args) as p2p:
+        me = str(p2p.peer_id)
+        session_id = uuid.uuid4().hex
+        reader, writer = await raw_stream(p2p, args.target)
+        await P2P.send_protobuf(opening(args, session_id, relay=False, prev=me), writer)
+        await first_answer(reader)
+        push_reader, push_writer = await raw_stream(p2p, args.target, PUSH_HANDLER)
+        await P2P.send_protobuf(push_open(session_id, me), push_writer)
+        response, _ = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, push_reader)
+        offer = parse_push_offer(unpack_metadata(response))
+        host, port = offer.direct.addrs[0]
+
+        async def squat() -> asyncio.StreamWriter | None:
+            """A connection that never presents a ticket: its writer while the listener keeps it, else None."""
+            try:
+                conn_reader, conn_writer = await asyncio.open_connection(host, port, local_addr=("127.0.0.2", 0))
+            except OSError:
+                return None
+            try:
+                if await asyncio.wait_for(conn_reader.read(1), 0.5) == b"":
+                    conn_writer.close()
+                    return None  # closed on us at once
+            except asyncio.TimeoutError:
+                return conn_writer  # the listener waits for our hello
+            except ConnectionError:
+                return None
+            return conn_writer
+
+        most_held, refused, rounds = 0, 0, 0
+        deadline = time.monotonic() + max(args.duration, 1.0)
+        ready()
+        while time.monotonic() < deadline:  # the listener drops silent ones after a while: open them again
+            writers = await asyncio.gather(*(squat() for _ in range(args.count)))
+            held = [w for w in writers if w is not None]
+            most_held, refused, rounds = max(most_held, len(held)), refused + len(writers) - len(held), rounds + 1
+            await asyncio.sleep(2.0)
+            for writer in held:
+                writer.close()
+    return {"most_held": most_held, "refused": refused, "rounds": rounds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,11 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--target", default=None, help="the peer id attacked")
     parser.add_argument("--layers", default="0:1", help="START:END the attack names (or serves, for a lying node)")
-    parser.add_argument("--duration", type=float, default=0.0, help="seconds; 0: until killed")
+    parser.add_argument("--duration", type=float, default=0.0,
+                        help="seconds the attack holds what it took (a lying node: serves this long; 0: until killed)")
     parser.add_argument("--slowdown-ms", type=float, default=0.0)
     parser.add_argument("--ttl", type=float, default=30.0)
     parser.add_argument("--count", type=int, default=64, help="how many streams, sessions or connections")
     parser.add_argument("--size-mb", type=float, default=64.0, help="how large an oversized message is")
+    parser.add_argument("--max-length", type=int, default=256, help="the sessions' max_length")
+    parser.add_argument("--peers", type=int, default=1, help="how many peer ids the attack uses")
     args = parser.parse_args(argv)
     result = asyncio.run(ATTACKS[args.attack](args))
     print("result " + json.dumps(result), flush=True)

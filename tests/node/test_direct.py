@@ -42,10 +42,9 @@ def test_a_direct_link_carries_messages_in_order_and_drops_strangers():
         await listener.start("127.0.0.1", [])
         try:
             offer = listener.offer()
-            stranger = await dial(DirectOffer(offer.addrs, b"\0" * 16, offer.key))  # a guessed ticket
-            stranger.send(_request(99))
-            await stranger.drain()
-            writer = await dial(offer)
+            with pytest.raises(DirectLinkError, match="no proof of the key"):  # a guessed ticket names no offer
+                await dial(DirectOffer(offer.addrs, b"\0" * 16, offer.key), ["127.0.0.1"])
+            writer = await dial(offer, ["127.0.0.1"])
             reading = asyncio.create_task(_read_all(listener, offer))
             for n in range(5):
                 writer.send(_request(n))
@@ -67,7 +66,7 @@ def test_a_direct_link_breaks_on_a_forged_replayed_or_dropped_message(attack):
         await listener.start("127.0.0.1", [])
         try:
             offer = listener.offer()
-            writer = await dial(offer)
+            writer = await dial(offer, ["127.0.0.1"])
             frames = []
             raw_write = writer._writer.write
             writer._writer.write = frames.append  # capture the sealed frames, then put them on the wire as told
@@ -221,7 +220,7 @@ def test_a_sampled_head_part_is_shared_only_over_a_link_that_carries_it_within_a
 
 def test_an_offer_no_one_takes_up_or_no_one_answers_fails_clearly():
     """The two ways a switch to a direct link can fail: the pusher's dial finds no one (it then keeps pushing
-    over libp2p), or the receiver waits for a dial that never comes (it reports push_failed to the client)."""
+    over libp2p), or the receiver waits for a dial that never comes (it reports link_failed to the client)."""
 
     async def main():
         listener = DirectListener()
@@ -229,7 +228,7 @@ def test_an_offer_no_one_takes_up_or_no_one_answers_fails_clearly():
         offer = listener.offer()
         await listener.close()  # the port is gone: nothing answers there now
         with pytest.raises(DirectLinkError, match="no address of the offer answered"):
-            await dial(offer, timeout_s=1.0)
+            await dial(offer, ["127.0.0.1"], timeout_s=1.0)
 
         listener = DirectListener()
         await listener.start("127.0.0.1", [])

@@ -12,15 +12,29 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
 
 from node.app.local_swarm import LocalSwarm
 from node.client.routing import believed, plan_chains
 from node.client.session import connect
 from node.model.checkpoint import resolve_model
+from node.model.sampling import SamplingParams
+from node.net.protocol import (
+    INFERENCE_HANDLER,
+    MAX_ERROR_CHARS,
+    ProtocolError,
+    pack,
+    parse_open,
+    parse_step,
+    unpack_metadata,
+)
 from node.serve.assignment import EpochTracker, check_records, model_spec, plan
 from swarm.records import (
     MAX_EPOCH,
@@ -31,6 +45,7 @@ from swarm.records import (
     ServerRecord,
     node_spec,
 )
+from swarm.types import Hop
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -127,12 +142,12 @@ def test_claims_beyond_hardware_are_taken_at_plausible_bounds():
 
 
 def test_a_record_claiming_absurd_speed_does_not_take_the_chains(tiny_checkpoint, tmp_path):
-    """Two honest nodes serve 0:2 and 2:4; a hostile process serves 0:2 too, 50 ms a step, while its record claims
+    """Two honest nodes serve 0:2 and 2:4; a hostile process serves 0:2 too, 200 ms a step, while its record claims
     0.1 us a layer, 50 TB and the largest epoch. Taken at its word it would carry every chain; the client measures
     it and routes around it. A node joining afterwards still gets layers and goes online."""
     model = str(tiny_checkpoint("llama", num_layers=4))
     with LocalSwarm(model, [(0, 2), (2, 4)], threads_per_node=1, log_dir=str(tmp_path)) as swarm, \
-            hostile("lying-record", swarm.initial_peers, model, "--layers", "0:2", "--slowdown-ms", "50",
+            hostile("lying-record", swarm.initial_peers, model, "--layers", "0:2", "--slowdown-ms", "200",
                     "--ttl", "6") as liar:
         liar_id = liar.value("peer ")
         honest_first = swarm.peer_id(0)
@@ -166,3 +181,186 @@ def test_a_record_claiming_absurd_speed_does_not_take_the_chains(tiny_checkpoint
         finally:
             joiner.terminate()
             joiner.wait(timeout=60)
+
+
+# --- the server: a live swarm of two nodes, attacked at its first stage -------------------------------------
+
+KV_BUDGET_MB = 4  # layers 0:2 of the tiny model: 512 B a token, so 32 sessions of 256 tokens
+PROMPT = [5, 17, 3, 99, 42]
+
+
+class RssPeak:
+    """The peak resident memory of a process (and its p2p daemon), sampled on a thread while in the context."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = self.idle = self.now()
+        self._stop = threading.Event()
+
+    def now(self) -> int:
+        with contextlib.suppress(psutil.Error):
+            return sum(p.memory_info().rss for p in [self.process, *self.process.children(recursive=True)])
+        return 0
+
+    def __enter__(self) -> RssPeak:
+        self.idle = self.peak = self.now()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, self.now())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.idle) / (1 << 20)
+
+
+async def honest_answer(swarm: LocalSwarm, sessions: int = 1) -> list[list[int]]:
+    """Greedy ring answers to PROMPT from a fresh client (a newcomer to every node)."""
+    async with connect(swarm.initial_peers, swarm.source) as client:
+        chain = [Hop(swarm.peer_id(0), 0, 2), Hop(swarm.peer_id(1), 2, 4)]
+        params = SamplingParams(max_new_tokens=8)
+        answers = []
+        for _ in range(sessions):
+            session = await client.open_session(chain, max_length=64, sampling=params)
+            try:
+                answers.append([t async for t in session.tokens(PROMPT, 0)])
+            finally:
+                await session.close()
+        return answers
+
+
+async def node_info(swarm: LocalSwarm, index: int) -> dict:
+    async with connect(swarm.initial_peers, swarm.source) as client:
+        return await client.node_info(swarm.peer_id(index))
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_checkpoint, tmp_path_factory) -> Iterator[LocalSwarm]:
+    model = str(tiny_checkpoint("llama", num_layers=4))
+    with LocalSwarm(model, [(0, 2), (2, 4)], threads_per_node=1, node_args=["--kv-budget-mb", str(KV_BUDGET_MB)],
+                    log_dir=str(tmp_path_factory.mktemp("hostile-swarm"))) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def reference(swarm) -> list[int]:
+    return asyncio.run(honest_answer(swarm))[0]
+
+
+def attack_args(swarm: LocalSwarm, *args: str) -> tuple:
+    return (swarm.initial_peers, str(swarm.source.root), "--target", swarm.peer_id(0), "--layers", "0:2", *args)
+
+
+def test_oversized_messages_are_refused_before_they_are_read(swarm, reference):
+    """Four streams announcing 64 MB messages (two as a session's opening, two after it): each is refused by its
+    header and its stream ended after at most a few hundred KB were read (into nothing), so the node never holds
+    the 256 MB. The refusal reaches a sender that stops to listen; one still writing sees its stream reset."""
+    with RssPeak(swarm.processes[0].pid) as rss, \
+            hostile("oversized", *attack_args(swarm, "--count", "4", "--size-mb", "64")) as attack:
+        result = attack.result()
+    assert set(result["codes"]) <= {"too_large", "closed"} and result["max_sent_mb"] <= 8, result
+    assert rss.growth_mb < 64, f"the node grew by {rss.growth_mb:.0f} MB"
+    assert asyncio.run(honest_answer(swarm)) == [reference]
+    assert swarm.processes[0].poll() is None
+
+
+def test_a_client_that_never_reads_its_replies_is_dropped(swarm, reference):
+    """Two sessions send refused steps carrying a 256 KB field as fast as the rate limit lets them and read
+    nothing: the errors are short, the outbox is bounded, the session is dropped, and memory stays bounded."""
+    with RssPeak(swarm.processes[0].pid) as rss, \
+            hostile("never-read", *attack_args(swarm, "--count", "2", "--duration", "20")) as attack:
+        assert asyncio.run(honest_answer(swarm)) == [reference]  # served during the attack
+        attack.result()
+    assert rss.growth_mb < 100, f"the node grew by {rss.growth_mb:.0f} MB"
+    deadline = time.monotonic() + 30
+    while asyncio.run(node_info(swarm, 0))["sessions"] and time.monotonic() < deadline:
+        time.sleep(1)
+    assert asyncio.run(node_info(swarm, 0))["sessions"] == 0  # dropped, its memory returned
+
+
+def test_error_texts_never_echo_unbounded_input():
+    huge = "x" * (1 << 20)
+    with pytest.raises(ProtocolError) as caught:
+        parse_step(pack({"position": huge}), hidden_size=64, expected_position=0, max_length=8)
+    assert len(str(caught.value)) <= MAX_ERROR_CHARS
+    with pytest.raises(ProtocolError) as caught:
+        parse_open(pack({"open": {"session_id": "s", "start": 0, "end": 1, "max_length": 8,
+                                  "sampling": {"max_new_tokens": 1, "temperature": huge, "top_p": 1, "seed": None,
+                                               "stop": []}}}), max_length_limit=8)
+    assert len(str(caught.value)) <= MAX_ERROR_CHARS
+
+
+def test_a_push_flood_is_capped_per_peer_and_waits_without_polling(swarm, reference):
+    """64 push streams naming sessions that do not exist: 16 may wait (on an event, for at most 10 s), the rest are
+    refused at once; honest sessions are served meanwhile."""
+    with hostile("push-flood", *attack_args(swarm, "--count", "64", "--duration", "15")) as attack:
+        assert asyncio.run(honest_answer(swarm)) == [reference]
+        result = attack.result()
+    assert result["codes"].get("busy", 0) >= 64 - 16 and set(result["codes"]) <= {"busy", "bad_request"}, result
+    assert result["held_s"] < 30
+
+
+def test_an_honest_newcomer_is_admitted_while_idle_hoarders_hold_their_shares(swarm, reference):
+    """Two fresh peer ids each try to open 64 sessions of 256 tokens (the node's budget holds 32) and never step:
+    each holds at most its newcomer share (2 sessions), and a fresh honest client still opens and generates."""
+    with hostile("idle-hoard", *attack_args(swarm, "--count", "64", "--peers", "2", "--max-length", "256",
+                                            "--duration", "30")) as attack:
+        answers = asyncio.run(honest_answer(swarm, sessions=3))
+        info = asyncio.run(node_info(swarm, 0))
+        codes = attack.result()["codes"]
+    assert answers == [reference] * 3
+    assert info["sessions"] <= 2 * 2 and codes.get("ok", 0) <= 2 * 2, (info, codes)  # 1/16 of the budget each
+    assert set(codes) <= {"ok", "no_capacity"}, codes
+
+
+def test_bad_direct_offers_make_no_one_a_port_scanner_or_a_blind_writer(swarm, reference):
+    """As a session's next stage, the attacker offers a third party's port (127.0.0.2) or a port of its own that
+    cannot prove the offer's key: the node dials no third party and never sends a ticket to the fake."""
+    with hostile("bad-offer", *attack_args(swarm, "--count", "4", "--duration", "8", "--max-length", "16")) as attack:
+        result = attack.result()
+    assert result["opened"] == 4 and result["offers"] == 4, result
+    assert result["victim_connections"] == 0 and result["tickets_leaked"] == 0, result
+    assert asyncio.run(honest_answer(swarm)) == [reference]
+
+
+def test_idle_connections_at_the_direct_port_do_not_break_honest_links(swarm, reference):
+    """70 connections from another address that never present a ticket: at most a few are held, and the honest
+    previous stage (on 127.0.0.1) still links directly, without anyone being blamed."""
+    before = asyncio.run(node_info(swarm, 0))["direct_links"]
+    with hostile("direct-squat", *attack_args(swarm, "--count", "70", "--duration", "30", "--max-length", "16")) \
+            as attack:
+        assert asyncio.run(honest_answer(swarm, sessions=2)) == [reference] * 2
+        after = asyncio.run(node_info(swarm, 0))["direct_links"]
+        result = attack.result()
+    assert result["most_held"] <= 4 and result["refused"] >= 66, result
+    assert after >= before + 2  # the ring's last stage pushed to the first over a direct link, each time
+
+
+def test_session_ids_are_scoped_to_the_client_that_opened_them(swarm):
+    """A chain member that learns a session id cannot squat it: another client opening the same id gets its own."""
+
+    async def main() -> list[str]:
+        async with connect(swarm.initial_peers, swarm.source) as squatter, \
+                connect(swarm.initial_peers, swarm.source) as victim:
+            codes, held = [], []
+            for client in (squatter, victim):
+                p2p = await client.p2p()
+                _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(swarm.peer_id(0)),
+                                                                         INFERENCE_HANDLER)
+                held.append(writer)  # the squatter's session stays open while the victim opens
+                await P2P.send_protobuf(pack({"open": {"session_id": "known-id", "start": 0, "end": 2,
+                                                       "max_length": 16}}), writer)
+                response, _ = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+                codes.append(unpack_metadata(response).get("error", {}).get("code", "opened"))
+            for writer in held:
+                writer.close()
+            return codes
+
+    assert asyncio.run(main()) == ["opened", "opened"]

@@ -80,7 +80,7 @@ def test_session_over_the_memory_budget_gets_no_capacity(tiny_checkpoint):
 
     async def body(node: Node, client: SwarmClient):
         hop = Hop(node.record.peer_id, 0, 4)
-        first = await client.open_session([hop], max_length=80)  # fits in the budget of 100 tokens
+        first = await client.open_session([hop], max_length=80)  # a newcomer's share: 1/16 of 1280 tokens
         with pytest.raises(StageFailure) as error:
             await client.open_session([hop], max_length=80)
         assert error.value.code == "no_capacity"
@@ -90,7 +90,7 @@ def test_session_over_the_memory_budget_gets_no_capacity(tiny_checkpoint):
         again = await client.open_session([hop], max_length=80)
         await again.close()
 
-    asyncio.run(_with_node(source, NodeConfig(start=0, end=4, kv_budget_bytes=100 * kv_per_token), body))
+    asyncio.run(_with_node(source, NodeConfig(start=0, end=4, kv_budget_bytes=1280 * kv_per_token), body))
 
 
 def test_wrong_range_is_refused(tiny_checkpoint):
