@@ -49,7 +49,7 @@ MODEL_ALIASES = {
     "smollm2-135m": DEFAULT_MODEL,
     "smollm2-135m-instruct": DEFAULT_MODEL,
 }
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -218,6 +218,8 @@ def _load_config(root: Path, name: str) -> PretrainedConfig:
             f"{name} is a {model_type!r} model (architectures {raw.get('architectures')}); "
             f"Layerhive serves only {', '.join(SUPPORTED_MODEL_TYPES)} models"
         )
+    if raw.get("attn_logit_softcapping"):  # SDPA cannot cap attention scores (Gemma 2 does)
+        raise UnsupportedModelError(f"{name} caps its attention logits, which Layerhive's attention does not do")
     if raw.get("quantization_config"):
         method = raw["quantization_config"].get("quant_method", "?")
         raise UnsupportedModelError(
