@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-TINY_ARCHS = ("llama", "qwen2", "mistral")
+TINY_ARCHS = ("llama", "qwen2", "mistral", "llama3", "qwen3", "phi3", "gemma3")
 TINY_VOCAB = 256
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
@@ -19,8 +19,10 @@ _WORDS = ["system", "user", "assistant", "hello", "hi", "the", "a", "is", "of", 
 
 
 def tiny_config(arch: str, num_layers: int):
-    """A tiny config of `arch`: hidden 64, 4 heads, 2 KV heads (GQA), vocab 256."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """A tiny config of `arch`: hidden 64, 4 heads, 2 KV heads (GQA), vocab 256, each architecture's own
+    features switched on (Llama 3 rope scaling, Qwen3 q/k norms, Phi-3 partial rotary and a sliding window,
+    Gemma 3 sandwich norms, q/k norms, local and global layers with their own rope bases)."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
@@ -33,6 +35,21 @@ def tiny_config(arch: str, num_layers: int):
         return Qwen2Config(**common, tie_word_embeddings=True)
     if arch == "mistral":
         return MistralConfig(**common, tie_word_embeddings=False, sliding_window=16)
+    if arch == "llama3":  # Llama 3.x: rope scaled past an original context shorter than the test sequences
+        rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=16)
+        return LlamaConfig(**common, tie_word_embeddings=True, rope_parameters=rope)
+    if arch == "qwen3":
+        return Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)
+    if arch == "phi3":
+        rope = dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5)
+        return Phi3Config(**common, tie_word_embeddings=False, sliding_window=16, rope_parameters=rope)
+    if arch == "gemma3":  # every third layer global, the others local with a window of 8
+        kinds = ["full_attention" if i % 3 == 2 else "sliding_attention" for i in range(num_layers)]
+        rope = {"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+                "full_attention": dict(rope_type="default", rope_theta=1000000.0)}
+        return Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                layer_types=kinds, rope_parameters=rope, tie_word_embeddings=True)
     raise ValueError(f"no tiny config for {arch!r}; have {TINY_ARCHS}")
 
 

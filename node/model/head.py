@@ -19,7 +19,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
 from node.model.checkpoint import EmbeddingRows, ModelSource, load_head, stage_config
 from node.model.projection import Projection
@@ -32,14 +32,25 @@ class Embedder:
         self.dtype, self.device = dtype, torch.device(device)
         self._rows = EmbeddingRows(source)
         self.vocab_size = self._rows.vocab_size
+        self.scale = embedding_scale(source)
 
     @torch.inference_mode()
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[batch, tokens] ids -> [batch, tokens, hidden] states."""
         if token_ids.numel() and not 0 <= int(token_ids.min()) <= int(token_ids.max()) < self.vocab_size:
             raise IndexError(f"token ids must be in [0, {self.vocab_size})")
-        rows = self._rows.rows(token_ids.reshape(-1))
-        return rows.to(device=self.device, dtype=self.dtype).view(*token_ids.shape, -1)
+        rows = self._rows.rows(token_ids.reshape(-1)).to(device=self.device, dtype=self.dtype)
+        if self.scale != 1.0:  # in the embedding's dtype, as transformers scales it
+            rows = rows * torch.tensor(self.scale, dtype=self.dtype)
+        return rows.view(*token_ids.shape, -1)
+
+
+def embedding_scale(source: ModelSource) -> float:
+    """What the architecture multiplies token embeddings by: sqrt(hidden) for Gemma, else 1; read off
+    transformers' own (meta, weightless) embedding module so every scaled architecture is covered."""
+    with torch.device("meta"):
+        model = AutoModel.from_config(stage_config(source.config, 0, 0))
+    return float(getattr(model.embed_tokens, "scalar_embed_scale", 1.0))
 
 
 class LMHead:
@@ -62,6 +73,7 @@ class LMHead:
         if (a, b) != (0, self.vocab_size):
             weight = weight[a:b].clone()  # a copy, so the whole matrix read from the checkpoint is freed
         self.norm = model.model.norm
+        self.softcap = getattr(source.config, "final_logit_softcapping", None)  # Gemma 2 style: cap * tanh(z / cap)
         self.lm_head = Projection(weight, sliceable=True)
         del weight  # on CPU in fp32 the projection holds a transposed copy
         # last positions waiting for the head, by the rows they need
@@ -75,7 +87,8 @@ class LMHead:
         if not self.rows[0] <= a < b <= self.rows[1]:
             raise ValueError(f"rows {a}:{b} are not within this head's {self.rows[0]}:{self.rows[1]}")
         normed = self.norm(hidden.to(device=self.device, dtype=self.dtype))
-        return self.lm_head(normed, outputs=(a - self.rows[0], b - self.rows[0])).float()
+        logits = self.lm_head(normed, outputs=(a - self.rows[0], b - self.rows[0])).float()
+        return logits if not self.softcap else torch.tanh(logits / self.softcap) * self.softcap
 
     async def next_logits(self, hidden: torch.Tensor, compute: ThreadPoolExecutor, *,
                           alone_on_loop: bool = False, rows: tuple[int, int] | None = None) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """A stage: decoder layers [start, end) of a model, with preallocated KV caches and batched steps.
 
-Weights live in transformers' own modules (the decoder layers of `XxxModel` for Llama, Qwen2 and
-Mistral, built on the meta device and filled by `node.model.checkpoint.load_layers`; q/k/v and gate/up are
-then fused into one projection each, and every projection becomes a `node.model.projection.Projection`,
+Weights live in transformers' own modules (the decoder layers of `XxxModel` for Llama, Qwen2, Qwen3,
+Mistral, Phi-3 and Gemma 3, built on the meta device and filled by `node.model.checkpoint.load_layers`; q/k/v
+and gate/up are then fused into one projection each, and every projection becomes a `node.model.projection.Projection`,
 which holds its weight the way the device multiplies fastest), and so do the norms, the MLP's
 activation and the rotary embedding; the forward itself is orchestrated here, gpt-fast style, so that:
 
@@ -22,6 +22,7 @@ computes in rings: `head_share`), and one that ends at the last layer the final 
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -145,10 +146,17 @@ def _fuse_projections(layer: torch.nn.Module, quant: str = "none", backend: str 
     (biases too: Qwen2 has them on q, k and v), and every projection by a `Projection`, which keeps its weight
     in the layout the device streams fastest, or by its `quant` form (`node.model.quant`, with `backend`'s
     kernels). Three fewer ops per layer took the projections and MLP of 10 SmolLM2 layers from 10.0 to 9.7 ms
-    here (each output is the same row-by-input dot product)."""
+    here (each output is the same row-by-input dot product).
+    Phi-3 checkpoints hold both fused already, in the same order; its MLP calls its activation `activation_fn`."""
+    if not hasattr(layer.mlp, "act_fn"):
+        layer.mlp.act_fn = layer.mlp.activation_fn
     for fused, full_names in FUSED_PROJECTIONS.items():
         owner_name, fused_name = fused.split(".")
         owner, names = getattr(layer, owner_name), [name.split(".")[1] for name in full_names]
+        if hasattr(owner, fused_name):
+            linear = getattr(owner, fused_name)
+            setattr(owner, fused_name, quantized_projection(linear.weight.detach(), linear.bias, quant, backend=backend))
+            continue
         parts = [getattr(owner, name) for name in names]
         bias = None
         if any(p.bias is not None for p in parts):
@@ -164,10 +172,30 @@ def _fuse_projections(layer: torch.nn.Module, quant: str = "none", backend: str 
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of `x` [tokens, heads, d] by `cos`/`sin` [tokens, 1, d], computed as
-    transformers' `apply_rotary_pos_emb` does for Llama, Qwen2 and Mistral: x * cos + rotate_half(x) * sin."""
-    half = x.shape[-1] // 2
+    """Rotary position embedding of `x` [tokens, heads, d] by `cos`/`sin` [tokens, 1, r], computed as
+    transformers' `apply_rotary_pos_emb` does: x * cos + rotate_half(x) * sin on the first r dims of each head
+    (r < d: Phi-3's partial rotary), the rest passed through."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat((_rotate(x[..., :r], cos, sin), x[..., r:]), dim=-1)
+    half = r // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+def _rotary_tables(rotary_emb: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor,
+                   layer_types: Sequence[str] | None) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
+    """cos/sin [tokens, 1, r] at `positions`, by layer type where the model turns each type by its own
+    frequencies (Gemma 3: local layers base 10k, global ones 1M), else under the key None."""
+    if "layer_type" not in inspect.signature(rotary_emb.forward).parameters:
+        kinds: list[str | None] = [None]
+    else:
+        kinds = sorted(set(layer_types or ()))
+    tables = {}
+    for kind in kinds:
+        extra = {} if kind is None else {"layer_type": kind}
+        cos, sin = rotary_emb(x, positions.unsqueeze(0), **extra)
+        tables[kind] = (cos[0, :, None], sin[0, :, None])
+    return tables
 
 
 @dataclass
@@ -213,6 +241,9 @@ class Stage:
         self.windows = sliding_windows(self.config)
         self.head_dim, self.kv_heads = _head_dim(self.config), _kv_heads(self.config)
         self.num_heads = self.config.num_attention_heads
+        self.layer_types = getattr(self.config, "layer_types", None)
+        self.qk_norms = hasattr(self.layers[0].self_attn, "q_norm")
+        self.sandwich_norms = hasattr(self.layers[0], "pre_feedforward_layernorm")
         # A chain's ends, so it can close into a ring (node.serve.server): the first stage embeds the tokens it
         # is sent, the last one computes logits and samples.
         self.embedder = Embedder(source, dtype=dtype, device=device) if with_ends and start == 0 else None
@@ -327,13 +358,13 @@ class Stage:
             rows.append(_Rows(begin, step.tokens, step.position, step.cache))
             begin += step.tokens
         positions = torch.cat([torch.arange(r.position, r.position + r.tokens) for r in rows]).to(self.device)
-        cos, sin = (t[0, :, None] for t in self.model.rotary_emb(x, positions.unsqueeze(0)))  # [tokens, 1, head_dim]
+        rotary = _rotary_tables(self.model.rotary_emb, x, positions, self.layer_types)
 
         bounds = sorted({b for step in steps for b in step.cache.layers})
         for seg_start, seg_end in itertools.pairwise(bounds):
             active = [i for i, step in enumerate(steps) if step.cache.layers[0] <= seg_start < step.cache.layers[1]]
             if len(active) == len(steps):
-                x = self._run_layers(seg_start, seg_end, x, cos, sin, rows)
+                x = self._run_layers(seg_start, seg_end, x, rotary, rows)
             elif active:  # only some sessions run these layers: gather their rows, run, scatter back
                 index = torch.cat([torch.arange(rows[i].begin, rows[i].begin + rows[i].tokens) for i in active])
                 index = index.to(self.device)
@@ -341,20 +372,32 @@ class Stage:
                 for i in active:
                     sub_rows.append(_Rows(begin, rows[i].tokens, rows[i].position, rows[i].cache))
                     begin += rows[i].tokens
-                out = self._run_layers(seg_start, seg_end, x[index], cos[index], sin[index], sub_rows)
+                sub_rotary = {kind: (cos[index], sin[index]) for kind, (cos, sin) in rotary.items()}
+                out = self._run_layers(seg_start, seg_end, x[index], sub_rotary, sub_rows)
                 x = x.index_copy(0, index, out)
         for step in steps:
             step.cache.length = step.position + step.tokens
         return [x[r.begin: r.begin + r.tokens].unsqueeze(0) for r in rows]
 
-    def _run_layers(self, a: int, b: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    rows: list[_Rows]) -> torch.Tensor:
-        """Absolute layers [a, b) on the flattened tokens `x` [tokens, hidden] of the sessions in `rows`."""
+    def _run_layers(self, a: int, b: int, x: torch.Tensor,
+                    rotary: dict[str | None, tuple[torch.Tensor, torch.Tensor]], rows: list[_Rows]) -> torch.Tensor:
+        """Absolute layers [a, b) on the flattened tokens `x` [tokens, hidden] of the sessions in `rows`.
+
+        Gemma 3 norms each sublayer's output too ("sandwich" norms): its `post_attention_layernorm` is applied
+        to the attention's output, and `pre_feedforward_layernorm` is the MLP's input norm."""
         for index in range(a, b):
             layer = self.layers[index - self.start]
-            x = x + self._attention(index, layer.self_attn, layer.input_layernorm(x), cos, sin, rows)
-            gate, up = layer.mlp.gate_up_proj(layer.post_attention_layernorm(x)).chunk(2, dim=-1)
-            x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            kind = self.layer_types[index - self.start] if self.layer_types and None not in rotary else None
+            attention = self._attention(index, layer.self_attn, layer.input_layernorm(x), *rotary[kind], rows)
+            if self.sandwich_norms:
+                x = x + layer.post_attention_layernorm(attention)
+                h = layer.pre_feedforward_layernorm(x)
+            else:
+                x = x + attention
+                h = layer.post_attention_layernorm(x)
+            gate, up = layer.mlp.gate_up_proj(h).chunk(2, dim=-1)
+            out = layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            x = x + (layer.post_feedforward_layernorm(out) if self.sandwich_norms else out)
         return x
 
     def _attention(self, index: int, attn: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor,
@@ -362,7 +405,10 @@ class Stage:
         n, d = h.shape[0], self.head_dim
         qkv = attn.qkv_proj(h)
         rotated = self.num_heads + self.kv_heads  # q and k heads, which turn by the same angles: one rotation
-        qk = _rotate(qkv[:, : rotated * d].view(n, rotated, d), cos, sin)
+        qk = qkv[:, : rotated * d].view(n, rotated, d)
+        if self.qk_norms:  # Qwen3, Gemma 3: each q and k head is RMS-normed before it turns
+            qk = torch.cat((attn.q_norm(qk[:, : self.num_heads]), attn.k_norm(qk[:, self.num_heads:])), dim=1)
+        qk = _rotate(qk, cos, sin)
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, rotated * d:].view(n, self.kv_heads, d)
         window = self.windows[index - self.start]
