@@ -155,7 +155,8 @@ def _fuse_projections(layer: torch.nn.Module, quant: str = "none", backend: str 
         owner, names = getattr(layer, owner_name), [name.split(".")[1] for name in full_names]
         if hasattr(owner, fused_name):
             linear = getattr(owner, fused_name)
-            setattr(owner, fused_name, quantized_projection(linear.weight.detach(), linear.bias, quant, backend=backend))
+            projection = quantized_projection(linear.weight.detach(), linear.bias, quant, backend=backend)
+            setattr(owner, fused_name, projection)
             continue
         parts = [getattr(owner, name) for name in names]
         bias = None
