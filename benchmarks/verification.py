@@ -16,7 +16,7 @@
    record whether it was caught and after how many tokens (the tainted tokens the user already got).
 
 Usage: python benchmarks/verification.py [--model tiny|PATH] [--generations 20] [--tokens 16] [--json out.json]
-       python benchmarks/verification.py --tolerances-only   (parts 1 and 1b, no swarm)
+       python benchmarks/verification.py --tolerances-only   (parts 1 and 1b, no swarm; --quant-only: 1b)
 """
 
 from __future__ import annotations
@@ -104,14 +104,14 @@ def real_inputs(source, start: int, tokens: int) -> torch.Tensor:
     return before.forward(hidden, 0, before.new_cache(tokens))
 
 
-def quant_study(source, prompt: int = 32, decode: int = 32) -> dict:
+def quant_study(source, prompt: int = 32, decode: int = 32, pairs: list[tuple[str, str]] = QUANT_PAIRS) -> dict:
     """Honest server-vs-verifier errors for every pair of quantizations, on each 10-layer stage, max over them."""
     study: dict = {}
     for start in range(0, source.num_layers, 10):
         end = min(start + 10, source.num_layers)
         inputs = real_inputs(source, start, prompt + decode)
-        for served, verifier in QUANT_PAIRS:
-            errors = honest_errors(source, start, end, torch.float32, prompt=prompt, decode=decode,
+        for served, verifier in pairs:
+            errors = honest_errors(source, start, end, torch.float32, prompt=prompt, decode=decode, every=4,
                                    quants=(served, verifier), inputs=inputs)
             key = f"{served} vs {verifier}"
             tolerance = tolerance_for(torch.float32, quants=(served, verifier))
@@ -213,21 +213,27 @@ def main() -> None:
     parser.add_argument("--probabilities", type=float, nargs="*", default=[0.05, 0.2])
     parser.add_argument("--json", default=None)
     parser.add_argument("--tolerances-only", action="store_true", help="the dtype and quantization studies only")
+    parser.add_argument("--quant-only", action="store_true", help="the quantization study only (1b)")
+    parser.add_argument("--quant-pairs", nargs="*", default=None, metavar="SERVER:VERIFIER",
+                        help="quantization pairs of the study (default all of QUANT_PAIRS)")
+    parser.add_argument("--quant-models", nargs="*", default=["model", "off_grid"], choices=["model", "off_grid"])
     args = parser.parse_args()
 
     results: dict = {"tolerances": {k: TOLERANCES[v] for k, v in DTYPES.items()}, "honest_error": {}}
     study = resolve_model(args.tolerance_model)
-    for name, dtype in DTYPES.items():
+    for name, dtype in DTYPES.items() if not args.quant_only else ():
         errors = honest_errors(study, 0, min(10, study.num_layers), dtype)
         results["honest_error"][name] = {
             "samples": len(errors), "max": max(errors), "median": statistics.median(errors),
             "above_tolerance": sum(e > TOLERANCES[dtype] for e in errors),
         }
         print(f"honest error {name}:", results["honest_error"][name], flush=True)
-    off_grid = resolve_model(str(off_grid_checkpoint(study, Path(tempfile.mkdtemp(prefix="off-grid-")))))
-    results["quant_honest_error"] = {"model": quant_study(study), "off_grid": quant_study(off_grid)}
+    pairs = [tuple(pair.split(":")) for pair in args.quant_pairs] if args.quant_pairs else QUANT_PAIRS
+    models = {"model": lambda: study, "off_grid": lambda: resolve_model(str(off_grid_checkpoint(
+        study, Path(tempfile.mkdtemp(prefix="off-grid-")))))}
+    results["quant_honest_error"] = {name: quant_study(models[name](), pairs=pairs) for name in args.quant_models}
     print(json.dumps(results["quant_honest_error"], indent=2), flush=True)
-    if args.tolerances_only:
+    if args.tolerances_only or args.quant_only:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return
