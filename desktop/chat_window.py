@@ -35,6 +35,8 @@ from node.client.chat import AnswerStats, Message
 from node.model.sampling import SamplingParams
 
 MUTED, ERROR = "#6b6f76", "#b3261e"
+LINE_BREAK = "\u2028"  # a new line inside the paragraph, as <br> draws it once the answer is done: a "\n" would
+# open a paragraph of its own, with a paragraph's margins
 
 
 @dataclass
@@ -183,7 +185,7 @@ class ChatWindow(QWidget):
         if not self._streamed:  # the answer's own paragraph under its header, in plain text, not the header's grey
             cursor.insertBlock(cursor.blockFormat(), QTextCharFormat())
         self._streamed.append(piece)
-        cursor.insertText(piece)
+        cursor.insertText(piece.replace("\n", LINE_BREAK))
         self.transcript.setTextCursor(cursor)
         self.transcript.ensureCursorVisible()
 

@@ -204,6 +204,7 @@ def test_a_gap_in_the_swarm_is_said_plainly_in_the_chat_and_on_the_map(half_swar
         f"The swarm cannot answer right now: no node serves layers 2–3 of {model}.")
     assert "Traceback" not in window.transcript.toPlainText() and window.messages == []
     assert window.send_button.isEnabled()
+    window.grab().save(str(tmp_path / "gap-chat.png"))
 
     swarm_map = SwarmMapWindow(half_swarm, refresh_ms=500)
     swarm_map.show()
