@@ -4,7 +4,8 @@ It starts like any launch (a demo swarm on this machine when no swarm is configu
 windows), then, once the node serves, asks the swarm one question through the app's own node bridge, prints the
 answer and leaves. It also prints when the first window appeared and when the node began serving, measured from
 the process's start (so interpreter and imports count): the figures a person double-clicking the app waits for.
-Runs headless with QT_QPA_PLATFORM=offscreen.
+A message box the app shows (an error at start) ends the test with its text. Runs headless with
+QT_QPA_PLATFORM=offscreen.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import psutil
 from PySide6.QtCore import QEvent, QObject, QTimer
-from PySide6.QtWidgets import QApplication, QWidget
+from PySide6.QtWidgets import QApplication, QMessageBox, QWidget
 
 from desktop.bridge import NodeBridge
 from node.app.controller import NodeStatus
@@ -45,10 +46,13 @@ class SelfTest(QObject):
         return time.time() - self.launched_at
 
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:
-        if event.type() == QEvent.Type.Show and isinstance(watched, QWidget) and watched.isWindow():
+        if event.type() != QEvent.Type.Show or not isinstance(watched, QWidget) or not watched.isWindow():
+            return False
+        if self.first_window_s is None:
             self.first_window_s = self.since_launch()
             self.say(f"first window {self.first_window_s:.2f} s after launch ({watched.windowTitle()!r})")
-            self.app.removeEventFilter(self)
+        if isinstance(watched, QMessageBox):  # the app tells the person something went wrong: nobody reads it here
+            self.fail(f"the app showed a message: {watched.text()}")
         return False
 
     def attach(self, bridge: NodeBridge) -> None:
