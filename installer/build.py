@@ -119,7 +119,8 @@ function Install-Layerhive([string[]] $arguments) {
         Expand-Archive -Path $zip -DestinationPath $work
         Push-Location $work
         try {
-            & $python[0] @($python | Select-Object -Skip 1) -m installer @arguments
+            # Out-Host: a function returns whatever reaches its pipeline; the installer's lines are for the person
+            & $python[0] @($python | Select-Object -Skip 1) -m installer @arguments | Out-Host
             return $LASTEXITCODE
         } finally {
             Pop-Location

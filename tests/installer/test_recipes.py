@@ -141,7 +141,7 @@ def test_the_three_installer_files_carry_the_same_payload(installer_file):
         assert {name: archive.read(name) for name in archive.namelist()} == unix_files
     code = text.replace(encoded, "")
     assert code.count("{") == code.count("}") and code.count("(") == code.count(")")
-    assert "-m installer @arguments" in code and "exit (Install-Layerhive $args)" in code
+    assert "-m installer @arguments | Out-Host" in code and "exit (Install-Layerhive $args)" in code
 
 
 def test_the_shell_launcher_parses_and_names_what_is_missing(installer_file, tmp_path):
