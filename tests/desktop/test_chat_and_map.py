@@ -85,7 +85,7 @@ def test_an_answer_comes_with_its_model_speed_and_chain_and_stays_across_launche
     chain = stats.chains[-1]  # one chain over the model's 4 layers, through nodes the swarm lists
     assert len(stats.chains) == 1 and chain[0].start == 0 and chain[-1].end == 4
     assert all(a.end == b.start for a, b in zip(chain, chain[1:], strict=False))
-    swarm_peers = {node["peer_id"] for node in bridge.controller.swarm_status().result(timeout=30)["nodes"]}
+    swarm_peers = {peer.record.peer_id for peer in bridge.controller.swarm_status().result(timeout=30).nodes}
     assert {hop.node_id for hop in chain} <= swarm_peers
     click_link(window, "Show chain")
     served_by = f"Served by: {describe_chain(chain, bridge.status().peer_id)}"
