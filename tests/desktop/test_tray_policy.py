@@ -71,7 +71,8 @@ def test_the_run_rules_pause_and_resume_the_node_and_the_contributor_comes_first
     assert tray.lifetime_action.text().startswith("Lifetime: ")
     swarm = bridge.controller.swarm_status().result(timeout=60)  # what the map shows of this node
     own = next(peer.record for peer in swarm.nodes if peer.record.peer_id == bridge.status().peer_id)
-    assert own.memory_bytes == pytest.approx(2e9, rel=1e-3)  # the record holds 1 GB of bfloat16-equivalent; the user offered 2 GB
+    # The record holds 1 GB of bfloat16-equivalent; the user offered 2 GB, and the map shows that.
+    assert own.memory_bytes == pytest.approx(2e9, rel=1e-3)
 
     tray.apply_policy(Decision(False, "the computer is in use"))
     wait_until(lambda: tray.doing_action.text() == "Paused: the computer is in use", 90, "the rules' pause")
