@@ -324,7 +324,7 @@ def test_layer_range_outside_the_model(tiny_checkpoint):
 
 def test_unsupported_architectures(tmp_path, tiny_checkpoint):
     GPT2Config(n_layer=2, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(UnsupportedModelError, match="'gpt2' model.*llama, qwen2, mistral"):
+    with pytest.raises(UnsupportedModelError, match="'gpt2' model.*llama, qwen2, qwen3, mistral, phi3, gemma3_text"):
         resolve_model(str(tmp_path / "gpt2"))
 
     quantized = shutil.copytree(tiny_checkpoint("llama"), tmp_path / "quantized")
