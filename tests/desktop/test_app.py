@@ -27,7 +27,7 @@ def test_tray_shows_what_the_node_serves_and_pauses_and_resumes_it(hive, tmp_pat
     opened = []
     settings = settings_in(tmp_path)
     tray = Tray(bridge, settings, open_chat=lambda: opened.append("chat"), open_map=lambda: opened.append("map"),
-                quit_app=lambda: None, snoozes=[("for 2 seconds", 2.0)])
+                quit_app=lambda: None, snoozes=[("for 10 seconds", 10.0)])  # longer than a drain under load
     assert tray.doing_action.text() == "Not started" and tray.toggle_action.text() == "Resume contributing"
     tray.toggle_action.trigger()  # a stopped node starts
     wait_until(lambda: tray.doing_action.text().startswith("Serving layers 0–1"), 90, "the node online")
