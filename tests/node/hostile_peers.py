@@ -12,13 +12,18 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
+import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
+import psutil
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
@@ -326,6 +331,91 @@ async def direct_squat(args: argparse.Namespace) -> dict:
             for writer in held:
                 writer.close()
     return {"most_held": most_held, "refused": refused, "rounds": rounds}
+
+
+# --- running them (the tests and benchmarks/hostile.py) ----------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Hostile:
+    """A hostile process (`python -m tests.node.hostile_peers ATTACK ...`), started and waited for `ready`."""
+
+    def __init__(self, attack: str, initial_peers: list[str], model: str, *args: str, ready_timeout_s: float = 180
+                 ) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.node.hostile_peers", attack, "--initial-peers", *initial_peers,
+             "--model", model, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "HIVEMIND_LOGLEVEL": "ERROR", "PYTHONPATH": str(ROOT)})
+        self.lines: list[str] = []
+        deadline = time.monotonic() + ready_timeout_s
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip())
+            if line.startswith("ready"):
+                return
+            if time.monotonic() > deadline:
+                break
+        self.stop()
+        raise AssertionError(f"the hostile process {attack} did not start:\n" + "\n".join(self.lines[-30:]))
+
+    def value(self, prefix: str) -> str:
+        return next(line.removeprefix(prefix).strip() for line in self.lines if line.startswith(prefix))
+
+    def result(self, timeout_s: float = 120) -> dict:
+        """Waits for the attack to end (its --duration) and returns what it reported."""
+        out, _ = self.process.communicate(timeout=timeout_s)
+        self.lines += out.splitlines()
+        return json.loads(self.value("result "))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def hostile(*args, **kwargs) -> Iterator[Hostile]:
+    process = Hostile(*args, **kwargs)
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+class RssPeak:
+    """The peak resident memory of a process (and its p2p daemon), sampled on a thread while in the context."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = self.idle = self.now()
+        self._stop = threading.Event()
+
+    def now(self) -> int:
+        with contextlib.suppress(psutil.Error):
+            return sum(p.memory_info().rss for p in [self.process, *self.process.children(recursive=True)])
+        return 0
+
+    def __enter__(self) -> RssPeak:
+        self.idle = self.peak = self.now()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, self.now())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.idle) / (1 << 20)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,298 @@
+"""Hostile peers against a live swarm: what each attack costs the node and the honest users beside it.
+
+A local swarm of the tiny model (two nodes, layers 0:2 and 2:4, a 4 MB KV budget each) serves an honest client
+that keeps generating greedy ring answers, each on a fresh session chosen by the router. Per attack (a real
+hostile process, `tests.node.hostile_peers`, aimed at the first node; the API attack at a `layerhive api`
+process), the table shows:
+- the attacked process's peak RSS (with its DHT process and p2p daemon) against its idle RSS;
+- the honest token step p50 under attack against without it, measured in the same run (goal <= 1.5x);
+- honest session opens admitted (goal 100%);
+- crashes of the swarm's processes (goal 0).
+
+Usage: python benchmarks/hostile.py [--answers 6] [--tokens 16] [--attacks oversized,never-read,...] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from node.app.local_swarm import LocalSwarm  # noqa: E402
+from node.client.session import connect  # noqa: E402
+from node.model.sampling import SamplingParams  # noqa: E402
+from tests.node.hostile_peers import RssPeak, hostile  # noqa: E402
+
+KV_BUDGET_MB = 4
+PROMPT = [5, 17, 3, 99, 42]
+
+# attack -> the hostile process's arguments (beyond the swarm and target)
+ATTACKS: dict[str, list[str]] = {
+    "oversized": ["--count", "4", "--size-mb", "64"],
+    "never-read": ["--count", "2", "--duration", "25"],
+    "push-flood": ["--count", "300", "--duration", "25"],
+    "idle-hoard": ["--count", "64", "--peers", "2", "--max-length", "256", "--duration", "30"],
+    "bad-offer": ["--count", "4", "--max-length", "16", "--duration", "25"],
+    "direct-squat": ["--count", "70", "--max-length", "16", "--duration", "25"],
+    "lying-record": ["--slowdown-ms", "200", "--ttl", "6", "--duration", "40"],
+    "api-bodies": [],
+}
+
+
+@dataclass
+class Row:
+    attack: str
+    idle_rss_mb: float
+    peak_rss_mb: float
+    step_p50_base_ms: float
+    step_p50_attack_ms: float
+    opens_admitted: int
+    opens_tried: int
+    crashes: int
+    note: str = ""
+
+
+class HonestLoad:
+    """An honest client generating answers until stopped; records every token step and every open's outcome."""
+
+    def __init__(self, swarm: LocalSwarm, tokens: int) -> None:
+        self.swarm, self.tokens = swarm, tokens
+        self.steps_s: list[float] = []
+        self.opened = self.tried = 0
+        self._stop = threading.Event()
+
+    def run(self, answers: int) -> None:
+        asyncio.run(self._answers(answers))
+
+    def run_until(self, stop: threading.Event) -> None:
+        self._stop = stop
+        asyncio.run(self._answers(10**9))
+
+    async def _answers(self, answers: int) -> None:
+        async with connect(self.swarm.initial_peers, self.swarm.source) as client:  # a newcomer to every node
+            for _ in range(answers):
+                if self._stop.is_set():
+                    return
+                self.tried += 1
+                try:
+                    chain = await client.choose_chain()
+                    session = await client.open_session(chain, max_length=len(PROMPT) + self.tokens,
+                                                        sampling=SamplingParams(max_new_tokens=self.tokens))
+                except Exception as e:
+                    print(f"  honest open failed: {type(e).__name__}: {e}", flush=True)
+                    await asyncio.sleep(0.5)
+                    continue
+                self.opened += 1
+                try:
+                    last = time.perf_counter()
+                    async for _ in session.tokens(PROMPT, 0):
+                        now = time.perf_counter()
+                        self.steps_s.append(now - last)
+                        last = now
+                except Exception as e:
+                    print(f"  honest answer failed: {type(e).__name__}: {e}", flush=True)
+                finally:
+                    await session.close()
+
+    @property
+    def p50_ms(self) -> float:
+        decode = self.steps_s[1:] if len(self.steps_s) > 1 else self.steps_s  # the first includes the prefill
+        return 1e3 * statistics.median(decode) if decode else float("nan")
+
+
+def honest_during(swarm: LocalSwarm, tokens: int, attack: Callable[[], None]) -> HonestLoad:
+    """Runs the honest load on a thread while `attack()` runs here."""
+    load, stop = HonestLoad(swarm, tokens), threading.Event()
+    thread = threading.Thread(target=load.run_until, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        attack()
+    finally:
+        stop.set()
+        thread.join(timeout=180)
+    return load
+
+
+def crashes(swarm: LocalSwarm) -> int:
+    return sum(process.poll() is not None for process in swarm.processes)
+
+
+def run_node_attack(swarm: LocalSwarm, name: str, args: list[str], tokens: int, base_ms: float) -> Row:
+    target = swarm.processes[0].pid
+    common = ["--target", swarm.peer_id(0), "--layers", "0:2"]
+    with RssPeak(target) as rss:
+        def attack() -> None:
+            with hostile(name, swarm.initial_peers, str(swarm.source.root), *common, *args) as process:
+                process.result(timeout_s=600)
+                print(f"  {name}: {process.lines[-1][:200]}", flush=True)
+
+        load = honest_during(swarm, tokens, attack)
+    return Row(name, rss.idle / 2**20, rss.peak / 2**20, base_ms, load.p50_ms, load.opened, load.tried,
+               crashes(swarm))
+
+
+def run_api_attack(swarm: LocalSwarm, tokens: int) -> Row:
+    """A `layerhive api` process flooded with 100 MB Content-Lengths, 64 MB chunked bodies and 200k-character
+    prompts from 8 threads, while an honest caller streams small completions through it."""
+    port = _free_port()
+    api = subprocess.Popen([sys.executable, "-m", "node.app.cli", "api", "--model", str(swarm.source.root),
+                            "--port", str(port), "--initial-peers", *swarm.initial_peers],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        _wait_for_api(url)
+        base = _api_steps(url, swarm.source.name, tokens, answers=4)
+        stop = threading.Event()
+        attackers = [threading.Thread(target=_api_flood, args=(port, stop), daemon=True) for _ in range(8)]
+        with RssPeak(api.pid) as rss:
+            for thread in attackers:
+                thread.start()
+            time.sleep(2)
+            during = _api_steps(url, swarm.source.name, tokens, answers=4)
+            stop.set()
+            for thread in attackers:
+                thread.join(timeout=60)
+        alive = api.poll() is None
+    finally:
+        api.terminate()
+        api.wait(timeout=60)
+    return Row("api-bodies", rss.idle / 2**20, rss.peak / 2**20, base.p50_ms, during.p50_ms, during.opened,
+               during.tried, crashes(swarm) + (not alive), note="API process; step = streamed chunk")
+
+
+@dataclass
+class _ApiSteps:
+    steps_s: list[float]
+    opened: int
+    tried: int
+
+    @property
+    def p50_ms(self) -> float:
+        return 1e3 * statistics.median(self.steps_s) if self.steps_s else float("nan")
+
+
+def _api_steps(url: str, model: str, tokens: int, answers: int) -> _ApiSteps:
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    steps, opened = [], 0
+    for _ in range(answers):
+        try:
+            stream = client.completions.create(model=model, prompt="hello hello", max_tokens=tokens, temperature=0,
+                                               stream=True)
+        except openai.APIError:
+            continue
+        opened += 1
+        last = None
+        for _chunk in stream:
+            now = time.perf_counter()
+            if last is not None:
+                steps.append(now - last)
+            last = now
+    return _ApiSteps(steps, opened, answers)
+
+
+def _api_flood(port: int, stop: threading.Event) -> None:
+    heads = [
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 104857600"
+        "\r\n\r\n",
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked"
+        "\r\n\r\n",
+    ]
+    big_prompt = json.dumps({"model": "x", "prompt": "hello " * 33_000, "max_tokens": 2}).encode()
+    chunk = b"x" * (1 << 20)
+    while not stop.is_set():
+        for kind in range(3):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                if kind == 2:
+                    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                 + f"Content-Length: {len(big_prompt)}\r\n\r\n".encode() + big_prompt)
+                else:
+                    sock.sendall(heads[kind].encode())
+                    for _ in range(64 if kind == 1 else 100):
+                        sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" if kind == 1 else chunk)
+                sock.recv(4096)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_api(url: str, timeout_s: float = 300) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"{url}/models", timeout=5).ok:
+                return
+        time.sleep(1)
+    raise TimeoutError(f"the API at {url} did not come up")
+
+
+def table(rows: list[Row]) -> str:
+    lines = [f"{'attack':14} {'idle RSS':>9} {'peak RSS':>9} {'ratio':>6} {'p50 base':>9} {'p50 attack':>10} "
+             f"{'ratio':>6} {'opens':>7} {'crashes':>7}"]
+    for r in rows:
+        lines.append(f"{r.attack:14} {r.idle_rss_mb:8.0f}M {r.peak_rss_mb:8.0f}M {r.peak_rss_mb / r.idle_rss_mb:6.2f} "
+                     f"{r.step_p50_base_ms:8.1f}ms {r.step_p50_attack_ms:9.1f}ms "
+                     f"{r.step_p50_attack_ms / r.step_p50_base_ms:6.2f} {r.opens_admitted:>3}/{r.opens_tried:<3} "
+                     f"{r.crashes:>7}  {r.note}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--answers", type=int, default=6, help="honest answers for the baseline")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens per honest answer")
+    parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    from tests.conftest import build_tiny_checkpoint
+
+    model = build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="hostile-tiny-")), "llama", num_layers=4)
+    rows: list[Row] = []
+    with LocalSwarm(str(model), [(0, 2), (2, 4)], threads_per_node=1,
+                    node_args=["--kv-budget-mb", str(KV_BUDGET_MB)]) as swarm:
+        print(f"swarm online; logs in {swarm.log_dir}", flush=True)
+        for name in args.attacks.split(","):
+            baseline = HonestLoad(swarm, args.tokens)
+            baseline.run(args.answers)  # measured next to each attack: the machine's load drifts
+            print(f"{name}: honest step p50 without attack {baseline.p50_ms:.1f} ms", flush=True)
+            if name == "api-bodies":
+                rows.append(run_api_attack(swarm, args.tokens))
+            else:
+                rows.append(run_node_attack(swarm, name, ATTACKS[name], args.tokens, baseline.p50_ms))
+            print(table(rows[-1:]).splitlines()[1], flush=True)
+            for index, process in enumerate(swarm.processes):  # a crashed node is replaced for the next attack
+                if process.poll() is not None:
+                    swarm.respawn(index)
+                    swarm.wait_until_covered(180)
+            time.sleep(5)  # the attack's sessions and streams end
+    print()
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
