@@ -183,7 +183,7 @@ def half_swarm(tiny_checkpoint, app):
     """A swarm where only layers 0:2 of the 4 are served, by the app's own node."""
     path = str(tiny_checkpoint("llama", num_layers=4))
     bootstrap = open_dht([], ["/ip4/127.0.0.1/tcp/0"])
-    peers = [str(m) for m in bootstrap.get_visible_maddrs()]
+    peers = bootstrap.visible_maddrs
     bridge = NodeBridge(NodeController(path, NodeConfig(start=0, end=2, initial_peers=peers, bench=False,
                                                         ttl_s=6.0)), poll_ms=200)
     try:
