@@ -1,16 +1,16 @@
 """Weight-only quantized projections: int8 with one scale per output channel, int4 with a scale and an offset
-per group of inputs. Activations stay in floating point; only the weights shrink (4x and ~7x against fp32).
+per group of 32 inputs. Activations stay in floating point; only the weights shrink (4x and 6.4x against fp32).
 
 Decode reads every weight once per token, so on CPU it runs at the speed the weights stream from memory:
 smaller weights are faster, if the kernel keeps up. Measured here (benchmarks/quant.py --kernels; 2-core
 AMD EPYC with AVX-512 BF16/VNNI, 1 thread, the forty matrices of 10 SmolLM2 layers, medians of interleaved
 runs on a machine shared with other jobs, so the ratios matter more than the times):
 
-    rows (tokens)                   1      8     64    (x fp32 oneDNN in the same run)
-    int8, torch _weight_int8pack  1.9x   0.8-1.4x  0.5-0.7x
-    int4 g64, torch int4pack_cpu  4.5-6x  1.7-2.3x 0.8-0.9x
-    bitsandbytes 0.50 NF4 (CPU)   0.45x  0.6x   1.2x
-    bitsandbytes 0.50 int8 (CPU)  0.23x  0.26x  0.6x
+    rows (tokens)                    1          8          64    (x fp32 oneDNN in the same run; two runs)
+    int8, torch _weight_int8pack   1.9-3.9x   0.8-1.4x   0.5-0.95x  (dequantized to one bf16 gemm: 1.5x at 64)
+    int4 g32/g64, torch int4pack   4.5-9.8x   1.6-2.3x   0.8-1.2x
+    bitsandbytes 0.50 NF4 (CPU)    0.45-1.2x  0.5-0.6x   0.7-1.2x
+    bitsandbytes 0.50 int8 (CPU)   0.2-0.5x   0.3-0.5x   0.6x
 
 So the CPU path uses torch's own kernels. They run fast only on bf16 activations (fp32 ones take a generic
 path 4-15x slower than fp32 oneDNN, fp16 ones 3-30x): rows are cast to bf16 and the result back, which adds
