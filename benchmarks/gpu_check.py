@@ -53,12 +53,10 @@ def variants(device: torch.device) -> list[tuple[str, str, str | None]]:
     """(label, quant, backend) of every kernel that can run on `device`; the baseline first."""
     out = [("fp16" if device.type == "cuda" else "fp32", "none", None)]
     for quant in ("int8", "int4"):
-        if quant not in supported_quants(device) and not bnb_available():
-            continue
+        if quant in supported_quants(device):
+            out.append((f"{quant} torch", quant, "torch"))
         if bnb_available():
             out.append((f"{quant} bnb", quant, "bnb"))
-        if quant == "int8" or device.type == "cpu" or torch.cuda.get_device_capability(device) >= (8, 0):
-            out.append((f"{quant} torch", quant, "torch"))
     return out
 
 

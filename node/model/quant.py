@@ -1,16 +1,16 @@
 """Weight-only quantized projections: int8 with one scale per output channel, int4 with a scale and an offset
-per group of inputs. Activations stay in floating point; only the weights shrink (4x and ~7x against fp32).
+per group of 32 inputs. Activations stay in floating point; only the weights shrink (4x and 6.4x against fp32).
 
 Decode reads every weight once per token, so on CPU it runs at the speed the weights stream from memory:
 smaller weights are faster, if the kernel keeps up. Measured here (benchmarks/quant.py --kernels; 2-core
 AMD EPYC with AVX-512 BF16/VNNI, 1 thread, the forty matrices of 10 SmolLM2 layers, medians of interleaved
 runs on a machine shared with other jobs, so the ratios matter more than the times):
 
-    rows (tokens)                   1      8     64    (x fp32 oneDNN in the same run)
-    int8, torch _weight_int8pack  1.9x   0.8-1.4x  0.5-0.7x
-    int4 g64, torch int4pack_cpu  4.5-6x  1.7-2.3x 0.8-0.9x
-    bitsandbytes 0.50 NF4 (CPU)   0.45x  0.6x   1.2x
-    bitsandbytes 0.50 int8 (CPU)  0.23x  0.26x  0.6x
+    rows (tokens)                    1          8          64    (x fp32 oneDNN in the same run; two runs)
+    int8, torch _weight_int8pack   1.9-3.9x   0.8-1.4x   0.5-0.95x  (dequantized to one bf16 gemm: 1.5x at 64)
+    int4 g32/g64, torch int4pack   4.5-9.8x   1.6-2.3x   0.8-1.2x
+    bitsandbytes 0.50 NF4 (CPU)    0.45-1.2x  0.5-0.6x   0.7-1.2x
+    bitsandbytes 0.50 int8 (CPU)   0.2-0.5x   0.3-0.5x   0.6x
 
 So the CPU path uses torch's own kernels. They run fast only on bf16 activations (fp32 ones take a generic
 path 4-15x slower than fp32 oneDNN, fp16 ones 3-30x): rows are cast to bf16 and the result back, which adds
@@ -24,9 +24,12 @@ the input size is not a multiple of 16: `weight_format` decides per matrix, from
 matrix a kernel cannot take stays in the dense `Projection` (or int8 for int4). `weight_bytes` counts bytes
 by the same rule, so the planner's bytes per layer (`node.model.checkpoint.layer_bytes`) are what a stage holds.
 
-CUDA (untested here: no GPU; `benchmarks/gpu_check.py` measures it): bitsandbytes as Petals uses it, NF4
-(blocks of 64) and LLM.int8 (threshold 6), when installed (`pip install layerhive[gpu]`); without it torch's
-own tinygemm int4 kernel (`_weight_int4pack_mm`, Ampere or newer, bf16) and int8 by dequantizing per call.
+CUDA (untested here: no GPU; `benchmarks/gpu_check.py` measures it): torch's own tinygemm int4 kernel
+(`_weight_int4pack_mm`, Ampere or newer, bf16) and int8 by torch's kernel or by dequantizing per call: the same
+formats as on CPU, so "int4" in a record means the same weights on every node, and two int4 nodes check each
+other at a tight tolerance (node.client.verify). bitsandbytes (NF4 in blocks of 64, LLM.int8 with threshold 6,
+as Petals uses them; `pip install layerhive[gpu]`) is a `backend="bnb"` away and measured by gpu_check, but
+rounds differently: it would need its own record value before nodes could use it.
 
 For quantized checkpoints (GGUF): `Int4Projection(q, scale, offset)` takes weights as w = q * scale + offset
 with q in 0..15 per group of 32..256 inputs, which is how Q4_0 (scale d, offset -8d) and Q4_K (scale d*sc,
@@ -53,7 +56,7 @@ logger = logging.getLogger(__name__)
 INT4_GROUP = 32
 INT8_KERNEL_MAX_ROWS = 16  # above: dequantize to bf16 and one gemm (1.3x the kernel's time at 16 rows, 0.8x at 32)
 KERNEL_DTYPE = torch.bfloat16  # activations and scales as the CPU kernels take them fast
-CUDA_BACKENDS = ("bnb", "torch")  # tried in this order on CUDA: bitsandbytes if installed, else torch's own
+BACKENDS = ("torch", "bnb")  # the first is the default everywhere (see the module docstring)
 # The projections of a decoder layer that stage.py fuses (their shared input lets one matmul serve them): the
 # kernels' shape rules apply to the fused matrix, so bytes are counted on it too.
 FUSED_PROJECTIONS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -275,13 +278,12 @@ class BnbProjection(_Quantized):
 
 
 def supported_quants(device: torch.device) -> tuple[str, ...]:
-    """The quantizations whose kernels run on `device`: all on CPU; on CUDA int8 always (dequantizing at worst),
-    int4 with bitsandbytes or on Ampere and newer (tinygemm); none on other devices (not tried there)."""
+    """The quantizations whose default kernels run on `device`: all on CPU; on CUDA int8 always (dequantizing at
+    worst), int4 on Ampere and newer (tinygemm); none on other devices (not tried there)."""
     if device.type == "cpu":
         return QUANTIZATIONS
     if device.type == "cuda":
-        int4 = bnb_available() or torch.cuda.get_device_capability(device) >= (8, 0)
-        return ("none", "int8", "int4") if int4 else ("none", "int8")
+        return QUANTIZATIONS if torch.cuda.get_device_capability(device) >= (8, 0) else ("none", "int8")
     return ("none",)
 
 
@@ -296,16 +298,16 @@ def bnb_available() -> bool:
 def quantized_projection(weight: torch.Tensor, bias: torch.Tensor | None = None, quant: str = "none", *,
                          backend: str | None = None) -> torch.nn.Module:
     """A projection of `weight` [out, in] (+ `bias`) at `quant`, on weight's device: `Projection` for "none" or a
-    shape no kernel takes (`weight_format`), else an int8 or int4 one. `backend`: "torch" (its own kernels,
-    the only choice on CPU by default) or "bnb"; None: torch on CPU, the first of CUDA_BACKENDS available on CUDA."""
+    shape no kernel takes (`weight_format`), else an int8 or int4 one. `backend`: "torch" (its own kernels: the
+    default) or "bnb" (bitsandbytes, which rounds to other weights: for measuring it)."""
     fmt = weight_format(*weight.shape, quant)
     if fmt == "none":
         return Projection(weight, bias)
-    backend = backend or ("bnb" if weight.device.type == "cuda" and bnb_available() else "torch")
+    backend = backend or BACKENDS[0]
     if backend == "bnb":
         return BnbProjection(weight, bias, fmt)
     if backend != "torch":
-        raise ValueError(f"unknown quantization backend {backend!r}; have {', '.join(CUDA_BACKENDS)}")
+        raise ValueError(f"unknown quantization backend {backend!r}; have {', '.join(BACKENDS)}")
     if fmt == "int4":
         return Int4Projection.quantize(weight, bias)
     return Int8Projection.quantize(weight, bias)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from node.client.verify import QUANT_TOLERANCES, Auditor, relative_error, tolerance_for
+from node.client.verify import QUANT_TOLERANCES, SAME_QUANT_TOLERANCE, Auditor, relative_error, tolerance_for
 from node.model.checkpoint import layer_bytes, resolve_model
 from node.model.projection import Projection
 from node.model.quant import (
@@ -228,6 +228,8 @@ def test_the_tolerance_follows_each_sides_quantization():
     assert tolerance_for(torch.float32) == tolerance_for(torch.float32, quants=("none", "none")) == 1e-4
     assert tolerance_for(torch.float32, quants=("none", "int8")) == QUANT_TOLERANCES["int8"]
     assert tolerance_for(torch.float32, quants=("int4", "int8")) == QUANT_TOLERANCES["int4"]
+    # the same quantization on both sides means the same weights: a tight tolerance
+    assert tolerance_for(torch.float32, quants=("int4", "int4")) == SAME_QUANT_TOLERANCE < QUANT_TOLERANCES["int8"]
     assert tolerance_for(torch.bfloat16, quants=("none", "none")) == 1e-1
     auditor = Auditor(client=None, probability=1.0, compute_dtype=torch.float32, quants={"a": "int4", "b": "none"})
     assert auditor.tolerance_between("a", "b") == QUANT_TOLERANCES["int4"]
