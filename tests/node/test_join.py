@@ -156,7 +156,9 @@ def test_a_started_nodes_server_enforces_the_kv_share_the_plan_gave_it(tiny_chec
     boot = open_dht([], ["/ip4/127.0.0.1/tcp/0"])
 
     async def scenario() -> None:
-        config = NodeConfig(initial_peers=boot.visible_maddrs, ttl_s=3.0, bench=False, max_memory_bytes=12_000_000)
+        # Unquantized: the test checks the fp32 arithmetic (a quantized node scales its announced memory).
+        config = NodeConfig(initial_peers=boot.visible_maddrs, ttl_s=3.0, bench=False, max_memory_bytes=12_000_000,
+                            quant="none")
         nodes = [Node(source, config), Node(source, config)]
         try:
             await asyncio.gather(*(node.start() for node in nodes))
