@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import signal
@@ -161,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         code = 0
     except Exception as e:  # every failure at start reaches the user, not only the log
         logger.exception("Layerhive could not start")
-        QMessageBox.critical(None, "Layerhive", f"Layerhive could not start:\n{type(e).__name__}: {e}\n\n"
-                                                f"The log has the details: {log_path}")
+        if args.self_test:  # a script waits for the answer: no one is there to close a dialog
+            print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+        else:
+            QMessageBox.critical(None, "Layerhive", f"Layerhive could not start:\n{type(e).__name__}: {e}\n\n"
+                                                    f"The log has the details: {log_path}")
         code = 1
     finally:
         if app is not None:

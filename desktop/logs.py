@@ -42,8 +42,10 @@ def setup_logging(path: Path | None = None, *, level: int = logging.INFO) -> Pat
         handler.close()
     handlers: list[logging.Handler] = [RotatingFileHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUPS,
                                                            encoding="utf-8")]
-    if sys.stderr is not None and sys.stderr.isatty():
-        handlers.append(logging.StreamHandler())
+    if sys.stderr is not None:  # a terminal sees everything; a launch log (the installer's) the warnings,
+        stream = logging.StreamHandler()  # which hold a dying Qt's own words ("could not connect to display")
+        stream.setLevel(logging.NOTSET if sys.stderr.isatty() else logging.WARNING)
+        handlers.append(stream)
     for handler in handlers:
         handler.setFormatter(logging.Formatter(FORMAT))
         handler.layerhive_app = True

@@ -229,7 +229,7 @@ class App:
             started = time.monotonic()
             answer = self.bridge.chat([Message("user", SELF_TEST_QUESTION)], SamplingParams(max_new_tokens=24))
             wait_for(answer.done, 300)
-            result.update(answer=answer.result(), chat_s=round(time.monotonic() - started, 2))
+            result.update(answer=answer.result().text, chat_s=round(time.monotonic() - started, 2))
             self.mark("answered")
         except Exception as e:
             result["error"] = f"{type(e).__name__}: {e}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -281,6 +282,14 @@ def test_model_the_swarm_does_not_serve_is_503(swarm, tiny_checkpoint):
 # ------------------------------------------------------------------------------------------ hostile callers
 
 
+def _whole_answer(answer: bytes) -> bool:
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    return length is None or len(body) >= int(length.group(1))
+
+
 def raw_post(url: str, head: str, body_chunks: Iterable[bytes] = (), timeout_s: float = 60) -> tuple[int, bytes]:
     """Sends a POST with hand-made headers and body pieces on a raw socket, stopping once the server answers or
     closes; returns the status and the bytes of the answer (a hostile client owes the server no well-formed body)."""
@@ -302,8 +311,8 @@ def raw_post(url: str, head: str, body_chunks: Iterable[bytes] = (), timeout_s: 
             except OSError:  # the server closed the connection on us: its answer is waiting
                 break
         sock.setblocking(True)
-        with contextlib.suppress(OSError):
-            while b"\r\n\r\n" not in answer and (more := sock.recv(65536)):
+        with contextlib.suppress(OSError):  # the head, then the body it announces (they may arrive apart)
+            while not _whole_answer(answer) and (more := sock.recv(65536)):
                 answer += more
     status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else 0
     return status, answer
