@@ -3,6 +3,7 @@ memory caps from the machine's totals, one instance per user, the log."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -51,6 +52,10 @@ def test_every_setting_survives_a_relaunch_and_a_broken_file_falls_back(tmp_path
     assert policy.only_when_idle and policy.idle_after_s == 720 and not policy.pause_on_battery
     assert policy.max_gpu_temp_c == 83 and policy.schedule == (time(22, 30), time(6, 0))
 
+    # The person edits the file while no launch holds it (a live QSettings keeps a cache Qt shares per file,
+    # and would write its values back over the edit).
+    del settings, again
+    gc.collect()
     text = (tmp_path / "layerhive.conf").read_text()
     for key, garbage in (("threads", "many"), ("schedule_start", "25:99"), ("kind", "moon"), ("idle_minutes", "-3")):
         text = "\n".join(f"{line.split('=')[0]}={garbage}" if line.split("=")[0].endswith(key) else line

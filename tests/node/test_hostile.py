@@ -191,7 +191,7 @@ def test_a_client_that_never_reads_its_replies_is_dropped(swarm, reference):
     """Two sessions send refused steps carrying a 256 KB field as fast as the rate limit lets them and read
     nothing: the errors are short, the outbox is bounded, the session is dropped, and memory stays bounded."""
     with RssPeak(swarm.processes[0].pid) as rss, \
-            hostile("never-read", *attack_args(swarm, "--count", "2", "--duration", "20")) as attack:
+            hostile("never-read", *attack_args(swarm, "--count", "2", "--duration", "12")) as attack:
         assert asyncio.run(honest_answer(swarm)) == [reference]  # served during the attack
         attack.result()
     assert rss.growth_mb < 100, f"the node grew by {rss.growth_mb:.0f} MB"
@@ -227,7 +227,7 @@ def test_an_honest_newcomer_is_admitted_while_idle_hoarders_hold_their_shares(sw
     """Two fresh peer ids each try to open 64 sessions of 256 tokens (the node's budget holds 32) and never step:
     each holds at most its newcomer share (2 sessions), and a fresh honest client still opens and generates."""
     with hostile("idle-hoard", *attack_args(swarm, "--count", "64", "--peers", "2", "--max-length", "256",
-                                            "--duration", "30")) as attack:
+                                            "--duration", "15")) as attack:
         answers = asyncio.run(honest_answer(swarm, sessions=3))
         info = asyncio.run(node_info(swarm, 0))
         codes = attack.result()["codes"]
@@ -250,7 +250,7 @@ def test_idle_connections_at_the_direct_port_do_not_break_honest_links(swarm, re
     """70 connections from another address that never present a ticket: at most a few are held, and the honest
     previous stage (on 127.0.0.1) still links directly, without anyone being blamed."""
     before = asyncio.run(node_info(swarm, 0))["direct_links"]
-    with hostile("direct-squat", *attack_args(swarm, "--count", "70", "--duration", "30", "--max-length", "16")) \
+    with hostile("direct-squat", *attack_args(swarm, "--count", "70", "--duration", "15", "--max-length", "16")) \
             as attack:
         assert asyncio.run(honest_answer(swarm, sessions=2)) == [reference] * 2
         after = asyncio.run(node_info(swarm, 0))["direct_links"]

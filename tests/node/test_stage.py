@@ -258,8 +258,9 @@ def test_long_prefill_is_chunked_and_shares_its_passes_with_decodes(llama_stage,
 
 @pytest.mark.parametrize("gather", [True, False])
 def test_sessions_arriving_out_of_step_are_gathered_into_one_pass(llama_stage, monkeypatch, gather):
-    """Two sessions step in the same rhythm (30 ms elsewhere per round), 12 ms apart. Without gathering
-    each keeps its own pass for good; with it, the stage waits for the due one once, and they stay together."""
+    """Two sessions step in the same rhythm (30 ms elsewhere per round), 12 ms apart. Without gathering the
+    stage never waits (on an idle machine each keeps its own pass); with it, the stage waits for the due one
+    once, and they stay together."""
     stage = llama_stage
     caches = tagged_caches(stage, 2)
     for cache in caches:
@@ -284,8 +285,8 @@ def test_sessions_arriving_out_of_step_are_gathered_into_one_pass(llama_stage, m
         together = sizes.index(2)  # one session has run a step more than the other when they meet
         assert together <= 4 and sizes[together: together + 10] == [2] * 10, sizes
         assert 1 <= waits <= 3, waits  # paid once (plus a jittery round at most), not every round
-    else:
-        assert sizes == [1] * 24 and waits == 0, sizes
+    else:  # never waits; on a loaded machine a slow pass may still find both queued and take them together
+        assert sum(sizes) == 24 and waits == 0, sizes
 
 
 def pass_threads(stage: Stage, monkeypatch) -> list[str]:
