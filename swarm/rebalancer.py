@@ -82,6 +82,27 @@ def apply_moves(
     return Assignment({n: ranges[n] for n in sorted(ranges)}, assignment.epoch + 1)
 
 
+def without_new_holes(moves: Sequence[Move], serving: Mapping[NodeId, LayerRange]) -> list[Move]:
+    """The `moves` that leave no layer served now without a server: a node keeps a layer it serves until the
+    nodes that take it over serve it themselves. Placing a node that does not serve yet (its `old` is None)
+    always passes and covers nothing, so a joiner that never serves, or lies about its memory or speed to be
+    planned wide, cannot pull the honest copies off their layers. `serving`: every serving node's range now."""
+    ranges = dict(serving)
+    kept: list[Move] = []
+    for move in moves:
+        if move.node_id in ranges:
+            after = {**ranges, move.node_id: move.new}
+            if _covered(ranges.values()) - _covered(after.values()):
+                continue  # it waits: the next plan, once the takers serve, moves it
+            ranges = after
+        kept.append(move)
+    return kept
+
+
+def _covered(ranges: Iterable[LayerRange]) -> set[int]:
+    return {layer for r in ranges for layer in range(r.start, r.end)}
+
+
 def plan_rebalance(
     model: ModelSpec,
     nodes: Mapping[NodeId, NodeSpec] | Iterable[NodeSpec],

@@ -24,7 +24,7 @@ from node.model.checkpoint import ModelSource, layer_bytes
 from node.model.stage import kv_bytes_per_token
 from swarm.allocator import DEFAULT_CONTEXT_TOKENS, allocate
 from swarm.costmodel import kv_share_bytes
-from swarm.rebalancer import RebalanceState, apply_moves, plan_rebalance
+from swarm.rebalancer import RebalanceState, apply_moves, plan_rebalance, without_new_holes
 from swarm.records import MAX_EPOCH, QUANTIZATIONS, RecordError, ServerRecord, node_spec
 from swarm.types import Assignment, LayerRange, ModelSpec, NodeSpec
 
@@ -199,6 +199,7 @@ def plan(model: ModelSpec, records: Iterable[ServerRecord], *, improvement_thres
     previous = Assignment(dict(sorted(current.items())), newest)
     moves, _ = plan_rebalance(model, nodes, previous, rtt, state=RebalanceState(), now_s=0.0, cooldown_s=0.0,
                               check_interval_s=0.0, improvement_threshold=improvement_threshold)
+    moves = without_new_holes(moves, current)  # a joiner proves itself by serving before others leave to it
     if not moves:
         return Plan(previous, current)
     return Plan(_bounded_epoch(apply_moves(previous, moves, live=nodes)), current)

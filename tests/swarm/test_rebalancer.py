@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from swarm.allocator import allocate, kv_sessions_per_node, layer_capacity, swarm_throughput, uncovered_layers
 from swarm.costmodel import range_fits
-from swarm.rebalancer import Move, RebalanceState, apply_moves, plan_rebalance
+from swarm.rebalancer import Move, RebalanceState, apply_moves, plan_rebalance, without_new_holes
 from swarm.types import Assignment, LayerRange, ModelSpec, NodeLoad, NodeSpec
 
 GB = 1e9
@@ -143,3 +143,16 @@ def test_settles_after_churn_stops(seed, pool_size, churn_events):
 def test_deterministic():
     runs = [_churn_run(11, 16, 25) for _ in range(2)]
     assert runs[0][1] == runs[1][1] and runs[0][2] == runs[1][2]
+
+
+def test_a_serving_node_keeps_its_layers_until_their_takers_serve():
+    a, b, c = LayerRange(0, 10), LayerRange(10, 20), LayerRange(20, 30)
+    serving = {"a": a, "b": b, "c": c, "b2": b}
+    # The joiner j is planned over 10:30 and b and c would leave to 0:10; c's layers would have no server.
+    moves = [Move("j", None, LayerRange(10, 30)), Move("b", b, a), Move("c", c, a)]
+    kept = without_new_holes(moves, serving)
+    assert kept == [Move("j", None, LayerRange(10, 30)), Move("b", b, a)]  # b2 still serves 10:20
+    # Once j serves, the same move of c passes.
+    assert without_new_holes([Move("c", c, a)], {**serving, "j": LayerRange(10, 30)}) == [Move("c", c, a)]
+    # A move into a gap from a layer others cover: kept.
+    assert without_new_holes([Move("b2", b, c)], {"a": a, "b": b, "b2": b}) == [Move("b2", b, c)]
