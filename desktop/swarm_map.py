@@ -42,15 +42,8 @@ class MapNode:
 
 @dataclass(frozen=True)
 class SwarmSnapshot:
-    model: str
-    num_layers: int
-    epoch: int
-    nodes: tuple[MapNode, ...]
-    replicas_per_layer: tuple[int, ...]  # online nodes serving each layer
-
-    @property
-    def uncovered_layers(self) -> list[int]:
-        return [layer for layer, count in enumerate(self.replicas_per_layer) if count == 0]
+    status: SwarmStatus  # the swarm's numbers (replicas per layer, uncovered layers, ...)
+    nodes: tuple[MapNode, ...]  # its nodes in the map's units
 
 
 def read_swarm_status(status: SwarmStatus) -> SwarmSnapshot:
@@ -65,7 +58,7 @@ def read_swarm_status(status: SwarmStatus) -> SwarmSnapshot:
         queue_len=p.record.queue_len, layer_latency_ms=measured(p.record.layer_latency_s, 1e3),
         memory_gb=measured(p.record.memory_bytes, 1e-9), uplink_mbps=measured(p.record.uplink_bps, 1e-6),
         region=p.record.region) for p in status.nodes)
-    return SwarmSnapshot(status.model, status.num_layers, status.epoch, nodes, tuple(status.replicas_per_layer))
+    return SwarmSnapshot(status, nodes)
 
 
 def pack_rows(nodes: Sequence[MapNode]) -> list[list[MapNode]]:
@@ -186,7 +179,7 @@ class SwarmMapView(QWidget):
             painter.setPen(self.palette().text().color())
             painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, text)
             return
-        layers = self.snapshot.num_layers
+        layers = self.snapshot.status.num_layers
         left, width = MARGIN + GUTTER, self.width() - 2 * MARGIN - GUTTER
         x = lambda layer: left + width * layer / layers  # noqa: E731
         self._paint_gaps(painter, x)
@@ -209,15 +202,15 @@ class SwarmMapView(QWidget):
     def _paint_gaps(self, painter: QPainter, x: Callable[[float], float]) -> None:
         """A red band over every layer no online node serves, from the axis down through the replicas."""
         bottom = self._strip_top() + STRIP_HEIGHT
-        for layer in self.snapshot.uncovered_layers:
+        for layer in self.snapshot.status.uncovered_layers:
             painter.fillRect(QRectF(x(layer), MARGIN, x(layer + 1) - x(layer), bottom - MARGIN), GAP_BAND)
 
     def _paint_axis(self, painter: QPainter, x: Callable[[float], float], width: float) -> None:
         """Numbers under each labelled layer's middle: layer i is the cell [x(i), x(i + 1))."""
         self._caption(painter, MARGIN, AXIS_HEIGHT - 6, "layer")
         base = MARGIN + AXIS_HEIGHT - 2
-        painter.drawLine(int(x(0)), int(base), int(x(self.snapshot.num_layers)), int(base))
-        for layer in tick_layers(self.snapshot.num_layers, width):
+        painter.drawLine(int(x(0)), int(base), int(x(self.snapshot.status.num_layers)), int(base))
+        for layer in tick_layers(self.snapshot.status.num_layers, width):
             middle = (x(layer) + x(layer + 1)) / 2
             painter.drawLine(int(middle), int(base - 4), int(middle), int(base))
             painter.drawText(QRectF(middle - 20, MARGIN, 40, AXIS_HEIGHT - 6), Qt.AlignmentFlag.AlignCenter, str(layer))
@@ -250,7 +243,7 @@ class SwarmMapView(QWidget):
         self._caption(painter, top, CHAIN_HEIGHT, "last answer")
         if not self.chain:
             painter.setPen(QColor("#6b6f76"))
-            painter.drawText(QRectF(x(0), top, x(self.snapshot.num_layers) - x(0), CHAIN_HEIGHT),
+            painter.drawText(QRectF(x(0), top, x(self.snapshot.status.num_layers) - x(0), CHAIN_HEIGHT),
                              Qt.AlignmentFlag.AlignVCenter, "no answer yet: ask in the chat to see its chain here")
             return
         for hop in self.chain:
@@ -264,7 +257,7 @@ class SwarmMapView(QWidget):
     def _paint_replicas(self, painter: QPainter, x: Callable[[float], float], top: float) -> None:
         """One cell per layer: red where no online node serves it, amber for a single replica, green above."""
         self._caption(painter, top, STRIP_HEIGHT, "replicas")
-        for layer, count in enumerate(self.snapshot.replicas_per_layer):
+        for layer, count in enumerate(self.snapshot.status.replicas_per_layer):
             color = FAILED if count == 0 else ONE_REPLICA if count == 1 else REPLICATED
             rect = QRectF(x(layer), top, x(layer + 1) - x(layer), STRIP_HEIGHT)
             painter.fillRect(rect.adjusted(0.5, 0, -0.5, 0), color)
@@ -345,22 +338,22 @@ class SwarmMapWindow(QWidget):
             self.gap_warning.hide()
             return
         self.summary.setText(self._summary(snapshot))
-        self.summary.setToolTip(f"Assignment epoch {snapshot.epoch}: it grows each time the swarm re-plans "
+        self.summary.setToolTip(f"Assignment epoch {snapshot.status.epoch}: it grows each time the swarm re-plans "
                                 "which node serves which layers.")
-        uncovered = snapshot.uncovered_layers
+        uncovered = snapshot.status.uncovered_layers
         self.gap_warning.setVisible(bool(uncovered))
-        if len(uncovered) == snapshot.num_layers:
-            self.gap_warning.setText(f"No online node serves any of the {snapshot.num_layers} layers: "
+        if len(uncovered) == snapshot.status.num_layers:
+            self.gap_warning.setText(f"No online node serves any of the {snapshot.status.num_layers} layers: "
                                      "the swarm cannot answer now.")
         elif uncovered:
             self.gap_warning.setText(f"Gap: no online node serves {layer_list(uncovered)}. "
                                      "The swarm cannot answer until a node serves them.")
 
     def _summary(self, snapshot: SwarmSnapshot) -> str:
-        replicas = snapshot.replicas_per_layer
+        replicas = snapshot.status.replicas_per_layer
         joining = sum(node.layers is None for node in snapshot.nodes)
         serving = len(snapshot.nodes) - joining
-        parts = [f"<b>{model_label(snapshot.model)}</b>", plural(snapshot.num_layers, "layer"),
+        parts = [f"<b>{model_label(snapshot.status.model)}</b>", plural(snapshot.status.num_layers, "layer"),
                  plural(serving, "node") + " serving" + (f" ({joining} joining)" if joining else ""),
                  f"{replicas_text(min(replicas, default=0), max(replicas, default=0))} per layer",
                  self._own_summary()]

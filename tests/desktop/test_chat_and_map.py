@@ -149,7 +149,7 @@ def test_the_map_shows_every_node_this_one_and_the_last_answers_chain(hive, tmp_
     wait_until(lambda: window.view.snapshot is not None and len(window.view.snapshot.nodes) == 3, 60,
                "the three nodes on the map")
     snapshot = window.view.snapshot
-    assert snapshot.replicas_per_layer == (2, 2, 1, 1) and snapshot.uncovered_layers == []
+    assert snapshot.status.replicas_per_layer == (2, 2, 1, 1) and snapshot.status.uncovered_layers == []
     assert sorted(len(row) for row in window.view.rows) == [1, 2]
     summary = window.summary.text()
     assert "4 layers · 3 nodes serving · 1–2 replicas per layer" in summary
@@ -172,7 +172,7 @@ def test_the_map_shows_every_node_this_one_and_the_last_answers_chain(hive, tmp_
 
     bridge.pause().result(timeout=90)  # the paused node leaves the map at the next read
     wait_until(lambda: len(window.view.snapshot.nodes) == 2, 60, "the paused node gone from the map")
-    assert window.view.snapshot.replicas_per_layer == (1, 1, 1, 1)
+    assert window.view.snapshot.status.replicas_per_layer == (1, 1, 1, 1)
     assert "1 replica per layer" in window.summary.text() and "your node is paused" in window.summary.text()
     bridge.resume().result(timeout=90)
     window.close()
@@ -209,7 +209,7 @@ def test_a_gap_in_the_swarm_is_said_plainly_in_the_chat_and_on_the_map(half_swar
     swarm_map = SwarmMapWindow(half_swarm, refresh_ms=500)
     swarm_map.show()
     wait_until(lambda: swarm_map.view.snapshot is not None, 60, "the swarm on the map")
-    assert swarm_map.view.snapshot.uncovered_layers == [2, 3]
+    assert swarm_map.view.snapshot.status.uncovered_layers == [2, 3]
     assert swarm_map.gap_warning.isVisible()
     assert swarm_map.gap_warning.text().startswith("Gap: no online node serves layers 2–3.")
     swarm_map.grab().save(str(tmp_path / "gap.png"))

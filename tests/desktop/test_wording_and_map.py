@@ -128,7 +128,7 @@ def test_a_gap_is_red_across_the_map_and_the_chain_blue(spec, app):
     view.set_chain([Hop("QmLeft", 0, 2)])
     image = view.grab().toImage()
     bar, node = view._bars[0]
-    assert node.peer_id == "QmLeft" and view.snapshot.uncovered_layers == [2, 3]
+    assert node.peer_id == "QmLeft" and view.snapshot.status.uncovered_layers == [2, 3]
     strip_y = view._strip_top() + 5
     layer_3 = bar.right() + 1 + 1.5 * (bar.width() + 2) / 2  # the bar spans layers 0-1, less a pixel each side
     assert pixel(image, layer_3, strip_y) == FAILED  # layer 3's replica cell
