@@ -28,7 +28,7 @@ from typing import TypeVar
 import psutil
 from PySide6.QtCore import QEventLoop, QTimer, QUrl
 from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import QApplication, QLabel, QMessageBox, QProgressBar, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QApplication, QDialog, QLabel, QMessageBox, QProgressBar, QVBoxLayout, QWidget
 
 from desktop import logs
 from desktop.icons import SERVING, hive_icon
@@ -122,6 +122,15 @@ def open_log_file() -> None:
     QDesktopServices.openUrl(QUrl.fromLocalFile(str(logs.log_file())))
 
 
+def terminate(qt: QApplication) -> None:
+    """SIGTERM or Ctrl-C: quit, as the menu's Quit does. A modal dialog on screen (a failure at start) runs a loop
+    of its own that `quit()` does not end, so it is closed first: an app must never outlive a logout."""
+    terminating.set()
+    for dialog in [w for w in qt.topLevelWidgets() if isinstance(w, QDialog) and w.isVisible()]:
+        dialog.done(QDialog.DialogCode.Rejected)
+    qt.quit()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log_path = logs.setup_logging()
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     # cleanly and the demo swarm stops. Python runs signal handlers only between bytecodes, so a timer lets
     # them in while Qt's loop waits.
     for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, lambda *_: (terminating.set(), qt.quit()))
+        signal.signal(number, lambda *_: terminate(qt))
     wake = QTimer()
     wake.timeout.connect(lambda: None)
     wake.start(200)

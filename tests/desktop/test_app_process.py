@@ -114,3 +114,24 @@ def test_a_qt_that_cannot_start_leaves_its_reason_in_the_log(tmp_path):
     logs = tmp_path / "layerhive" / "app" / "logs"
     assert "no Qt platform plugin could be initialized" in (logs / "layerhive-app.log").read_text()
     assert "Aborted" in (logs / "crash.log").read_text()  # and where it stopped
+
+
+def test_sigterm_ends_an_app_showing_its_could_not_start_dialog(tmp_path):
+    """A model that cannot be prepared: the app says so in a modal dialog, whose own loop once kept SIGTERM's
+    quit from ending the app (it outlived its `timeout` by an hour). Now SIGTERM closes the dialog and the app."""
+    env = app_env(tmp_path)
+    log = tmp_path / "layerhive" / "app" / "logs" / "layerhive-app.log"
+    app = subprocess.Popen([sys.executable, "-m", "desktop.app", "--initial-peers", "--model",
+                            str(tmp_path / "no-such-model")], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (log.exists() and "Layerhive could not start" in log.read_text()):
+            assert app.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:] if log.exists() else ""
+            time.sleep(0.3)
+        time.sleep(1)  # the dialog is up
+        assert app.poll() is None, "the dialog waits for the person"
+        app.send_signal(signal.SIGTERM)
+        assert app.wait(timeout=30) == 1  # the failure's exit code
+    finally:
+        kill_leftovers(app, [])
