@@ -240,7 +240,7 @@ def node_config(args: argparse.Namespace, settings: AppSettings, initial_peers: 
     """The node as the settings describe it; --max-memory-gb overrides the saved cap for this run."""
     cap = int(args.max_memory_gb * 1e9) if args.max_memory_gb else settings.memory_cap_bytes
     return NodeConfig(initial_peers=initial_peers, identity=args.identity, max_memory_bytes=cap,
-                      device=settings.device, ttl_s=args.ttl or DEFAULT_TTL_S)
+                      device=settings.device, quant=settings.quant, ttl_s=args.ttl or DEFAULT_TTL_S)
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float) -> None:
