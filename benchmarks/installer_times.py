@@ -12,7 +12,7 @@
   and to the answer. With the tiny test model, and with `--embedded` the default model: first launch in an empty
   home (fetching and converting the model), then a second launch (the model cached).
 
-Medians over --repeat runs.
+Medians over --repeat runs (and their range).
 Usage: python benchmarks/installer_times.py [--repeat 3] [--embedded] [--full] [--torch-wheels /opt/wheels]
 """
 
@@ -157,9 +157,9 @@ def main() -> int:
         if args.torch_wheels:
             with torch_index_mirror(args.torch_wheels, work) as mirror:
                 full_run(rows, installer, work, "torch from its (mirrored) CPU index", LAYERHIVE_TORCH_INDEX=mirror)
-        print(f"{'':60} {'median':>9}  runs")
+        print(f"{'':60} {'median':>9}  runs  {'min-max':>13}")
         for name, values in rows.items():
-            print(f"{name:60} {statistics.median(values):9.2f}  {len(values)}")
+            print(f"{name:60} {statistics.median(values):9.2f}  {len(values):4}  {min(values):6.2f}-{max(values):.2f}")
         hand, offline = rows["baseline: venv + pip install wheel (s)"], rows["install --offline (s)"]
         print(f"installer / by hand: {statistics.median(offline) / statistics.median(hand):.2f}x")
         print(f"load average at the end: {os.getloadavg()[0]:.1f}", flush=True)

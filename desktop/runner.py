@@ -31,6 +31,7 @@ from node.app.controller import NodeController
 from node.client.chat import Message
 from node.model.checkpoint import DEFAULT_MODEL, ModelSource, resolve_model
 from node.model.sampling import SamplingParams
+from node.net.membership import DEFAULT_TTL_S
 from node.serve.node import NodeConfig
 
 logger = logging.getLogger(__name__)
@@ -134,9 +135,7 @@ class App:
             initial_peers = self.local_swarm.initial_peers
         else:
             initial_peers = swarm.initial_peers()
-        cap = int(args.max_memory_gb * 1e9) if args.max_memory_gb else settings.memory_cap_bytes
-        config = NodeConfig(initial_peers=initial_peers, identity=args.identity, max_memory_bytes=cap,
-                            device=settings.device)
+        config = node_config(args, settings, initial_peers)
         controller = window.run("Loading the model…", lambda: NodeController(source, config))
         self.mark("node_ready")
         self.bridge = bridge = NodeBridge(controller)
@@ -235,6 +234,13 @@ class App:
             result["error"] = f"{type(e).__name__}: {e}"
         print(json.dumps(result), flush=True)
         return 0 if result.get("answer") else 1
+
+
+def node_config(args: argparse.Namespace, settings: AppSettings, initial_peers: list[str]) -> NodeConfig:
+    """The node as the settings describe it; --max-memory-gb overrides the saved cap for this run."""
+    cap = int(args.max_memory_gb * 1e9) if args.max_memory_gb else settings.memory_cap_bytes
+    return NodeConfig(initial_peers=initial_peers, identity=args.identity, max_memory_bytes=cap,
+                      device=settings.device, quant=settings.quant, ttl_s=args.ttl or DEFAULT_TTL_S)
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float) -> None:

@@ -3,6 +3,7 @@ the model given (default: the embedded one) and a real benchmark, and for the me
 local swarm. For docs/screenshots:
 
     QT_QPA_PLATFORM=offscreen python -m desktop.screenshots docs/screenshots [--model M] [--menu-model M]
+    QT_QPA_PLATFORM=offscreen python -m desktop.screenshots docs/screenshots --settings-only
 
 The benchmark runs for real (its cache lives in a temporary home; the model is shared from the usual one).
 """
@@ -31,9 +32,7 @@ def first_run_and_settings(out: Path, model: str) -> None:
 
     from desktop.first_run import FirstRunWindow
     from desktop.machine import GB, memory
-    from desktop.sensors import read_conditions
     from desktop.settings import AppSettings
-    from desktop.settings_window import SettingsWindow
 
     settings = AppSettings(QSettings(str(Path(tempfile.mkdtemp()) / "s.conf"), QSettings.Format.IniFormat))
     window = FirstRunWindow(model, settings, memory())
@@ -55,12 +54,22 @@ def first_run_and_settings(out: Path, model: str) -> None:
     window.swarm_picker.invite_text.setPlainText("layerhive://join?peers=/ip4/203.0.113.7/tcp/31337")
     _settle()
     window.grab().save(str(out / "first_run_bad_invite.png"))
-    settings_window = SettingsWindow(settings, memory(), conditions=read_conditions)
-    settings_window.show()
-    settings_window.only_when_idle.setChecked(True)
-    settings_window.use_schedule.setChecked(True)
+    settings_window(out, settings)
+
+
+def settings_window(out: Path, settings) -> None:
+    """The settings window with a few rules ticked and 8-bit weights chosen."""
+    from desktop.machine import memory
+    from desktop.sensors import read_conditions
+    from desktop.settings_window import SettingsWindow
+
+    window = SettingsWindow(settings, memory(), conditions=read_conditions)
+    window.show()
+    window.only_when_idle.setChecked(True)
+    window.use_schedule.setChecked(True)
+    window.quant.setCurrentIndex(window.quant.findData("int8"))
     _settle()
-    settings_window.grab().save(str(out / "settings.png"))
+    window.grab().save(str(out / "settings.png"))
 
 
 def tray_menu(out: Path, model: str) -> None:
@@ -107,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--model", default="SmolLM2-135M", help="the model the first-run window prepares")
     parser.add_argument("--menu-model", default="SmolLM2-135M", help="the model the tray's node serves")
+    parser.add_argument("--settings-only", action="store_true",
+                        help="only the settings window (no model, no benchmark, no swarm: seconds)")
     args = parser.parse_args(argv)
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     from PySide6.QtWidgets import QApplication
@@ -119,8 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     (layerhive_home() / "models").mkdir(parents=True, exist_ok=True)
     (home / "models").symlink_to(layerhive_home() / "models")
     os.environ["LAYERHIVE_HOME"] = str(home)
-    first_run_and_settings(args.out, args.model)
-    tray_menu(args.out, args.menu_model)
+    if args.settings_only:
+        from PySide6.QtCore import QSettings
+
+        from desktop.settings import AppSettings
+
+        settings_window(args.out, AppSettings(QSettings(str(home / "s.conf"), QSettings.Format.IniFormat)))
+    else:
+        first_run_and_settings(args.out, args.model)
+        tray_menu(args.out, args.menu_model)
     print(f"wrote {sorted(p.name for p in args.out.glob('*.png'))}")
     return 0
 

@@ -1,6 +1,6 @@
-"""What the app remembers between runs: the swarm chosen, the memory cap, CPU threads and device, the
-rules of when to run (idle, battery, GPU temperature, a daily schedule), whether the contributor
-paused, when a snooze ends, and whether the first run is done. Kept with QSettings, in the platform's
+"""What the app remembers between runs: the swarm chosen, the memory cap, CPU threads, device and the weights'
+precision (quantization), the rules of when to run (idle, battery, GPU temperature, a daily schedule), whether
+the contributor paused, when a snooze ends, and whether the first run is done. Kept with QSettings, in the platform's
 usual place (~/.config/Layerhive/Layerhive.conf on Linux, the registry on Windows, a plist on macOS).
 Start at login is not kept here: desktop.login_item reads it from the system itself.
 
@@ -16,6 +16,7 @@ from PySide6.QtCore import QSettings
 
 from desktop.policy import Policy
 from desktop.swarm_choice import KINDS, SwarmChoice
+from swarm.records import QUANTIZATIONS
 
 
 class AppSettings:
@@ -93,6 +94,19 @@ class AppSettings:
     @device.setter
     def device(self, value: str | None) -> None:
         self._set("device", value)
+
+    @property
+    def quant(self) -> str | None:
+        """How the layers' weights are held: one of swarm.records.QUANTIZATIONS ("none", "int8", "int4");
+        None: the least lossy at which they fit in memory (node.serve.benchmark.choose_quant)."""
+        text = self._text("quant")
+        return text if text in QUANTIZATIONS else None
+
+    @quant.setter
+    def quant(self, value: str | None) -> None:
+        if value is not None and value not in QUANTIZATIONS:
+            raise ValueError(f"quantization {value!r} is not one of {QUANTIZATIONS}")
+        self._set("quant", value)
 
     # --- when to run ----------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
-"""The settings window: swarm, memory, CPU threads and device, when to run (idle, battery, GPU temperature,
-a daily schedule), start at login. Saved to desktop.settings (and the login item to the system); what
-needs the node restarted (swarm, threads, device) says so and offers a restart."""
+"""The settings window: swarm, memory, CPU threads, device and the weights' precision, when to run (idle,
+battery, GPU temperature, a daily schedule), start at login. Saved to desktop.settings (and the login item to
+the system); what needs the node restarted (swarm, threads, device, weights) says so and offers a restart."""
 
 from __future__ import annotations
 
@@ -30,7 +30,14 @@ from desktop.policy import Conditions
 from desktop.settings import AppSettings
 from desktop.widgets import MemoryPicker, SwarmPicker, note_label
 
-RESTART_KEYS = ("swarm", "threads", "device")  # read when the node starts: they apply after a restart
+RESTART_KEYS = ("swarm", "threads", "device", "quant")  # read when the node starts: they apply after a restart
+# How a node may hold its layers' weights (swarm.records.QUANTIZATIONS; node.model.quant), as the menu says it.
+QUANT_CHOICES = (
+    (None, "Automatic: the most exact that fits the memory"),
+    ("none", "Full precision"),
+    ("int8", "8-bit (int8)"),
+    ("int4", "4-bit (int4)"),
+)
 
 
 class SettingsWindow(QWidget):
@@ -60,11 +67,18 @@ class SettingsWindow(QWidget):
         for name, label in devices():
             self.device.addItem(label, name)
         self.device.setCurrentIndex(max(0, self.device.findData(settings.device)))
+        self.quant = QComboBox()
+        for value, label in QUANT_CHOICES:
+            self.quant.addItem(label, value)
+        self.quant.setCurrentIndex(max(0, self.quant.findData(settings.quant)))
         resources = QGroupBox("What to lend")
         resources_form = QFormLayout(resources)
         resources_form.addRow("Memory:", self.memory_picker)
         resources_form.addRow("CPU threads:", self.threads)
         resources_form.addRow("Run layers on:", self.device)
+        resources_form.addRow("Weights:", self.quant)
+        resources_form.addRow("", note_label("Fewer bits hold more layers in the same memory and answer faster on a "
+                                             "CPU, a little less exactly (4-bit most)."))
 
         self.only_when_idle = QCheckBox("Only when the computer is not in use, after")
         self.only_when_idle.setChecked(settings.only_when_idle)
@@ -128,7 +142,7 @@ class SettingsWindow(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(columns, 1)
         layout.addLayout(buttons)
-        self.resize(960, 450)
+        self.resize(960, 500)
 
         self.only_when_idle.toggled.connect(self._update)
         self.limit_temperature.toggled.connect(self._update)
@@ -156,6 +170,7 @@ class SettingsWindow(QWidget):
         s.memory_cap_bytes = self.memory_picker.cap_bytes()
         s.threads = self.threads.value() or None
         s.device = self.device.currentData()
+        s.quant = self.quant.currentData()
         s.only_when_idle = self.only_when_idle.isChecked()
         s.idle_minutes = self.idle_minutes.value()
         s.pause_on_battery = self.pause_on_battery.isChecked()
@@ -179,9 +194,9 @@ class SettingsWindow(QWidget):
         return changed
 
 
-_NAMES = {"swarm": "swarm", "threads": "CPU threads", "device": "device"}
-_SAVED = ("swarm", "memory_cap_bytes", "threads", "device", "only_when_idle", "idle_minutes", "pause_on_battery",
-          "max_gpu_temp_c", "schedule")
+_NAMES = {"swarm": "swarm", "threads": "CPU threads", "device": "device", "quant": "weights"}
+_SAVED = ("swarm", "memory_cap_bytes", "threads", "device", "quant", "only_when_idle", "idle_minutes",
+          "pause_on_battery", "max_gpu_temp_c", "schedule")
 
 
 def _time(value: QTime) -> time:

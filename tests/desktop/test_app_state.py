@@ -41,13 +41,13 @@ def test_every_setting_survives_a_relaunch_and_a_broken_file_falls_back(tmp_path
     settings = settings_in(tmp_path)
     assert not settings.first_run_done and settings.swarm == SwarmChoice("demo") and settings.pause_on_battery
     settings.swarm = SwarmChoice("invite", (PEER, OTHER))
-    settings.memory_cap_bytes, settings.threads, settings.device = 3_000_000_000, 1, "cpu"
+    settings.memory_cap_bytes, settings.threads, settings.device, settings.quant = 3_000_000_000, 1, "cpu", "int8"
     settings.only_when_idle, settings.idle_minutes, settings.pause_on_battery = True, 12, False
     settings.max_gpu_temp_c, settings.schedule = 83, (time(22, 30), time(6, 0))
     settings.first_run_done = True
     again = settings_in(tmp_path)  # a new launch reads the file
     assert again.swarm == SwarmChoice("invite", (PEER, OTHER)) and again.first_run_done
-    assert (again.memory_cap_bytes, again.threads, again.device) == (3_000_000_000, 1, "cpu")
+    assert (again.memory_cap_bytes, again.threads, again.device, again.quant) == (3_000_000_000, 1, "cpu", "int8")
     policy = again.policy()
     assert policy.only_when_idle and policy.idle_after_s == 720 and not policy.pause_on_battery
     assert policy.max_gpu_temp_c == 83 and policy.schedule == (time(22, 30), time(6, 0))
@@ -57,12 +57,16 @@ def test_every_setting_survives_a_relaunch_and_a_broken_file_falls_back(tmp_path
     del settings, again
     gc.collect()
     text = (tmp_path / "layerhive.conf").read_text()
-    for key, garbage in (("threads", "many"), ("schedule_start", "25:99"), ("kind", "moon"), ("idle_minutes", "-3")):
+    for key, garbage in (("threads", "many"), ("schedule_start", "25:99"), ("kind", "moon"), ("idle_minutes", "-3"),
+                         ("quant", "int3")):
         text = "\n".join(f"{line.split('=')[0]}={garbage}" if line.split("=")[0].endswith(key) else line
                          for line in text.splitlines())
     (tmp_path / "layerhive.conf").write_text(text)
     broken = settings_in(tmp_path)  # a hand-edited file: defaults for what it broke, the rest kept
     assert broken.threads is None and broken.schedule is None and broken.swarm == SwarmChoice("demo")
+    assert broken.quant is None  # chosen by memory again
+    with pytest.raises(ValueError, match="int3"):
+        broken.quant = "int3"
     assert broken.idle_minutes == 5 and broken.memory_cap_bytes == 3_000_000_000
 
 

@@ -13,12 +13,16 @@ from PySide6.QtCore import QTime  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from desktop import login_item  # noqa: E402
+from desktop.app import parse_args  # noqa: E402
 from desktop.first_run import FirstRunWindow  # noqa: E402
 from desktop.machine import GB, memory  # noqa: E402
 from desktop.policy import Conditions  # noqa: E402
+from desktop.runner import node_config  # noqa: E402
 from desktop.settings_window import SettingsWindow  # noqa: E402
 from desktop.swarm_choice import SwarmChoice, invite_link  # noqa: E402
 from node.app.local_swarm import LocalSwarm  # noqa: E402
+from node.net.membership import DEFAULT_TTL_S  # noqa: E402
+from swarm.records import QUANTIZATIONS  # noqa: E402
 from tests.desktop.helpers import settings_in, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
@@ -131,3 +135,26 @@ def test_settings_window_saves_everything_and_says_what_needs_a_restart(app, tmp
     assert restarts == [True]
     window.start_at_login.setChecked(False)
     assert window.save() == {"start_at_login"} and not login_item.is_enabled()
+
+
+def test_the_weights_precision_is_saved_needs_a_restart_and_reaches_the_node(app, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    settings = settings_in(tmp_path)
+    window = SettingsWindow(settings, memory(), conditions=lambda: Conditions(now=datetime.now()))
+    window.show()
+    assert window.quant.currentData() is None  # a new install: chosen by memory
+    assert [window.quant.itemData(i) for i in range(window.quant.count())] == [None, *QUANTIZATIONS]
+    args = parse_args(["--ttl", "12"])
+    assert node_config(args, settings, []).quant is None
+    window.quant.setCurrentIndex(window.quant.findData("int4"))
+    assert window.save() == {"quant"} and window.restart_button.isVisible()
+    assert "weights" in window.restart_note.text()
+    again = settings_in(tmp_path)  # what the next start reads
+    config = node_config(args, again, ["/ip4/127.0.0.1/tcp/1/p2p/QmfY3kWkKgmTMmxq2ZThRUDuUDukYuXqh3m6rRAdpKaex9"])
+    assert (config.quant, config.ttl_s, config.identity) == ("int4", 12.0, "desktop")
+    assert SettingsWindow(again, memory()).quant.currentData() == "int4"  # shown as saved
+    window.quant.setCurrentIndex(0)
+    assert window.save() == {"quant"} and settings_in(tmp_path).quant is None
+    assert node_config(parse_args([]), settings_in(tmp_path), []).ttl_s == DEFAULT_TTL_S
+    with pytest.raises(SystemExit):
+        parse_args(["--ttl", "0"])

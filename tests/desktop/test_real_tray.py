@@ -5,6 +5,7 @@ this; elsewhere it is skipped only when they are missing."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -17,9 +18,11 @@ pytestmark = [pytest.mark.timeout(420),
               pytest.mark.skipif(bool(missing_tools()), reason=f"needs {', '.join(missing_tools())} (see .ci/run)")]
 
 
-# How long the node stays paused. Past the records' TTL (30 s) resume never finished once a node had re-joined
-# (issue 18, item 1, fixed on another branch): raise this to 35 once that fix is in, to hold it here too.
-PAUSE_S = 3.0
+# The app's node announces its records with this TTL (the hidden test-only `--ttl`; the default is 30 s), and
+# stays paused longer than it: its "offline" record expires meanwhile. Past the TTL, resume never finished once a
+# node had re-joined (issue 18, item 1: it announced an epoch older than one seen from itself, and ignored itself).
+TTL_S = 15.0
+PAUSE_S = TTL_S + 5.0
 
 
 def doing(menu: dict) -> str:
@@ -41,13 +44,27 @@ def own_leftovers(marker: str) -> list[int]:
     return pids
 
 
+def own_stale_epochs(log: Path) -> list[str]:
+    """The app log's warnings that the node ignored its own record as stale (the bug of issue 18, item 1)."""
+    text = log.read_text(errors="replace")
+    peer_ids = set(re.findall(r"serving \S+ layers \S+ as (\S+) \(epoch", text))
+    assert peer_ids, f"no 'serving ... as PEER (epoch N)' line in {log}"
+    return [line for line in text.splitlines() if "epoch: stale" in line
+            and any(f"record of {peer_id[:16]} " in line for peer_id in peer_ids)]
+
+
+def serving_epochs(log: Path) -> list[int]:
+    return [int(epoch) for epoch in re.findall(r"serving \S+ layers \S+ as \S+ \(epoch (\d+)\)", log.read_text())]
+
+
 def test_the_tray_menu_opens_the_windows_pauses_caps_the_memory_and_resumes(tiny_checkpoint, tmp_path):
     model = str(tiny_checkpoint("llama", num_layers=4))
     home = tmp_path / "home"
     home.mkdir()
     with TrayDisplay(tmp_path) as display:
         # An empty home: the first run takes its proposed choices (the demo swarm: no swarm is known) unclicked.
-        app = AppUnderTest(display, home, ["--model", model, "--identity", "tray-test", "--accept-defaults"])
+        app = AppUnderTest(display, home, ["--model", model, "--identity", "tray-test", "--accept-defaults",
+                                             "--ttl", str(TTL_S)])
         try:
             icon = app.tray_icon_center(180)
             menu = app.menu_until(icon, lambda m: doing(m).startswith("Serving layers"), 240, "the node serving")
@@ -74,12 +91,20 @@ def test_the_tray_menu_opens_the_windows_pauses_caps_the_memory_and_resumes(tiny
 
             app.choose(menu, "Pause contributing")
             menu = app.menu_until(icon, lambda m: doing(m) == "Paused", 120, "the node paused")
+            paused_at = time.monotonic()  # its "offline" record was announced before the menu said so
             app.close_menu()
             time.sleep(PAUSE_S)
             menu = app.open_menu(icon)
+            assert doing(menu) == "Paused"
             assert [a["text"] for a in menu["actions"] if a["text"].endswith("contributing")] == ["Resume contributing"]
+            assert time.monotonic() - paused_at > TTL_S
             app.choose(menu, "Resume contributing")
             menu = app.menu_until(icon, lambda m: doing(m).startswith("Serving layers"), 180, "the node back")
+            log = home / ".local/state/layerhive/logs/layerhive-app.log"
+            assert own_stale_epochs(log) == []
+            # Joined, re-joined with the cap, resumed: each time at an epoch no older than the one before.
+            epochs = serving_epochs(log)
+            assert len(epochs) == 3 and epochs == sorted(epochs), epochs
 
             app.choose(menu, "Quit Layerhive")
             assert app.process.wait(timeout=90) == 0
