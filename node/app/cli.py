@@ -12,6 +12,7 @@ import sys
 from node.app.cli_simulate import add_simulate_parser
 from node.model.checkpoint import DEFAULT_MODEL
 from node.net.config import ConfigError, default_initial_peers
+from node.serve.adversary import KINDS as ADVERSARY_KINDS
 
 
 def parse_layers(text: str) -> tuple[int, int]:
@@ -41,7 +42,8 @@ def node_config(args: argparse.Namespace):
     return NodeConfig(
         start=start, end=end, initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
         device=args.device, max_length=args.max_length, send_delay_s=args.emulate_delay_ms / 1000,
-        identity=args.identity, test_perturb_scale=args.test_perturb, region=args.region,
+        identity=args.identity, test_perturb_scale=args.test_perturb,
+        test_adversary=args.test_adversary, region=args.region,
         test_slowdown_s=args.test_slowdown_ms / 1000, send_bandwidth_bps=args.emulate_bandwidth_mbps * 1e6,
         max_memory_bytes=None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9),
         ttl_s=args.ttl or DEFAULT_TTL_S, bench=not args.quick_measure,
@@ -219,9 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="testing aid: limit what this node sends to this many Mbit/s (a WAN uplink)")
     node.add_argument("--emulate-delay-ms", type=float, default=0.0,
                       help="testing aid: delay everything this node sends by this many ms (a WAN link)")
-    # Testing aid, hidden from --help: add noise of SCALE × RMS to every output, i.e. make this node lie,
-    # so the client's spot checks (node.client.verify) can be exercised. Never useful to a real volunteer.
+    # Testing aid, hidden from --help: add noise of SCALE × RMS to outputs, i.e. make this node lie (in the way
+    # --test-adversary says, node.serve.adversary), so the client's checks can be exercised. Never useful to a
+    # real volunteer.
     node.add_argument("--test-perturb", type=float, default=0.0, metavar="SCALE", help=argparse.SUPPRESS)
+    node.add_argument("--test-adversary", default="liar", choices=ADVERSARY_KINDS, help=argparse.SUPPRESS)
     node.add_argument("--test-slowdown-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # a slower GPU
     node.add_argument("--max-memory-gb", type=float, default=None, help="offer at most this much memory (GB)")
     node.add_argument("--region", default="", help="where this machine is (e.g. eu-west); nearby nodes pipeline")

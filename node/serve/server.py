@@ -34,6 +34,7 @@ from node.net.protocol import (
     ProtocolError,
     PushOffer,
     Step,
+    digest,
     direct_switch,
     error_response,
     is_direct_switch,
@@ -49,6 +50,7 @@ from node.net.protocol import (
     push_offer,
     unpack_metadata,
 )
+from node.serve.adversary import Adversary
 from node.serve.batching import StepBatcher
 from node.serve.role import Ring, SessionRole, session_role
 
@@ -265,13 +267,13 @@ class StageServer:
     """Answers inference and push streams for one stage."""
 
     def __init__(self, stage: Stage, *, kv_budget_bytes: int, max_length: int = 8192,
-                 idle_timeout_s: float = 300.0, send_delay_s: float = 0.0, test_perturb_scale: float = 0.0,
+                 idle_timeout_s: float = 300.0, send_delay_s: float = 0.0, adversary: Adversary | None = None,
                  max_sessions_per_peer: int = 64, max_steps_per_s_per_peer: float = 1000.0,
                  test_slowdown_s: float = 0.0, send_bandwidth_bps: float = 0.0, uplink_bps: float = 0.0) -> None:
         """`uplink_bps`: this node's measured uplink (0: not measured), which decides what is worth sending."""
         self.stage = stage
         self.uplink_bps = uplink_bps
-        self.test_perturb_scale = test_perturb_scale  # testing aid only: makes this node lie (see _perturb)
+        self.adversary = adversary  # testing aid only: makes this node lie (node.serve.adversary)
         self.test_slowdown_s = test_slowdown_s  # testing aid only: every step takes this much longer
         self.budget = KVBudget(kv_budget_bytes)
         self.max_length = max_length
@@ -354,7 +356,8 @@ class StageServer:
             return
         reader = asyncio.create_task(self._read_client_steps(session, requests))
         try:
-            yield pack_response({"opened": session.session_id, "start": self.stage.start, "end": self.stage.end})
+            yield pack_response({"opened": session.session_id, "start": self.stage.start, "end": self.stage.end,
+                                 "dtype": str(self.stage.dtype).removeprefix("torch.")})
             async for message in session.outbox.drain():
                 yield message
         finally:
@@ -500,14 +503,20 @@ class StageServer:
         role = session.role
         sampling = session.opened.sampling if step.sample and role.samples else None
         shared = session.push_link.head_split if sampling and session.push_link else None
+        received = step.hidden if step.token_ids is None else step.token_ids
+        if self.adversary is not None and self.adversary.blames_now(session.session_id):
+            neighbour = session.opened.next_peer or session.opened.prev_peer or self.stage.source.name
+            session.outbox.put(error_response("push_failed", "the neighbour stopped answering", peer=neighbour))
+            return
         try:
             hidden = step.hidden if step.token_ids is None else await self._embed(step.token_ids)
             hidden = await self.batcher.run(session.cache, hidden, step.position,
                                             layers=(session.opened.start, session.opened.end))
             if self.test_slowdown_s:
                 await asyncio.sleep(self.test_slowdown_s)
-            if self.test_perturb_scale > 0:
-                hidden = _perturb(hidden, self.test_perturb_scale)
+            echoed = hidden
+            if self.adversary is not None:
+                hidden, echoed = self.adversary.outputs(hidden, audited=session.opened.audit)
             if shared is not None and self._share_pays(session, shared):
                 await self._share_head(session, hidden, step.position + step.tokens, shared)
                 sampling = None  # the first stage samples
@@ -526,18 +535,27 @@ class StageServer:
         self.tokens_served += step.tokens
         if session.session_id not in self.sessions:
             return  # closed while the step ran
+        receipt = {"position": step.position, "in": digest(received)}
         if role.samples:
             if token is not None:  # a ring's last stage sends tokens (or its head's part), not hidden states
                 self._feed_token(session, token)
+            self._echo(session, receipt, echoed)  # what it sampled from, for the client's checks
             return
-        output = hidden.to(step.hidden.dtype) if step.hidden is not None else hidden
+        dtype = step.hidden.dtype if step.hidden is not None else hidden.dtype
+        output, echoed = hidden.to(dtype), echoed.to(dtype)
         metadata = {"position": step.position, **({"sample": True} if step.sample else {})}
         if role.pushes:
             session.push_link.send(pack(metadata, [output], wire=session.opened.wire))
-            if role.echoes:  # a copy for the client's spot checks; the push above is already on its way
-                session.outbox.put(pack_response({"echo": step.position}, [output], wire=session.opened.wire))
+            self._echo(session, receipt, echoed)  # after the push, which is on the critical path
         else:
-            session.outbox.put(pack_response(metadata, [output], wire=session.opened.wire))
+            session.outbox.put(pack_response({**metadata, "in": receipt["in"]}, [output], wire=session.opened.wire))
+
+    @staticmethod
+    def _echo(session: Session, receipt: dict, output: torch.Tensor) -> None:
+        """The step's receipt for the client: a digest of the input as received, and the output sent on (every
+        step of every session alike, so nothing tells a stage which steps the client checks)."""
+        position = receipt["position"]
+        session.outbox.put(pack_response({"echo": position, "in": receipt["in"]}, [output], wire=session.opened.wire))
 
     async def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """A ring's first stage: a token is embedded on the loop (18 us); a prompt chunk reads a row file slice
@@ -638,14 +656,6 @@ class StageServer:
                 if now - session.last_active > self.idle_timeout_s:
                     logger.info("session %s idle for %.0f s, closing", session.session_id, self.idle_timeout_s)
                     session.outbox.queue.put_nowait(None)
-
-
-def _perturb(output: torch.Tensor, scale: float) -> torch.Tensor:
-    """TESTING AID, the one place a node lies: adds Gaussian noise of `scale` × the output's RMS to every
-    output it sends (pushed, answered and echoed alike, as a consistent cheat would). Enabled only by the
-    hidden `layerhive node --test-perturb SCALE`; the verification tests and benchmark use it."""
-    rms = output.float().pow(2).mean().sqrt()
-    return (output.float() + scale * rms * torch.randn_like(output, dtype=torch.float32)).to(output.dtype)
 
 
 async def _linger(requests: AsyncIterator, timeout_s: float = 2.0) -> None:
