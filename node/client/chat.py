@@ -7,12 +7,13 @@ embeds and samples on the client, which then needs the model's embedding and LM 
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
-from node.client.failover import ResilientSession
+from node.client.failover import ResilientSession, Revision
 from node.client.session import SwarmClient
 from node.model.checkpoint import ModelSource, load_tokenizer
 from node.model.head import ClientHead
@@ -25,6 +26,17 @@ class Message:
     content: str
 
 
+REVISED_NOTICE = "a node was caught lying; the answer restarts from what it did not touch"
+
+
+@dataclass(frozen=True)
+class TextRevision:
+    """In a stream of text deltas: of the text streamed so far only the first `keep_chars` characters stand (a
+    lying node was caught; `node.client.failover.Revision`); the deltas after this continue from there."""
+
+    keep_chars: int
+
+
 class TextStreamer:
     """Turns a growing list of token ids into text deltas, holding back half-formed characters."""
 
@@ -32,6 +44,15 @@ class TextStreamer:
         self.tokenizer = tokenizer
         self.token_ids: list[int] = []
         self.emitted = ""
+
+    def revise(self, keep_tokens: int) -> int:
+        """Drops the tokens after the first `keep_tokens` (a `Revision`); returns how many characters of the text
+        emitted so far still stand. The text after them comes again from the next `push`."""
+        del self.token_ids[keep_tokens:]
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True).removesuffix("\ufffd")
+        keep = len(os.path.commonprefix([self.emitted, text]))
+        self.emitted = self.emitted[:keep]
+        return keep
 
     def push(self, token_id: int) -> str:
         self.token_ids.append(token_id)
@@ -76,7 +97,8 @@ class ChatEngine:
         ids = {i for i in (eos, *(generation_eos if isinstance(generation_eos, list) else [generation_eos]))}
         return tuple(sorted(i for i in ids if i is not None))
 
-    async def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[int]:
+    async def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams
+                            ) -> AsyncIterator[int | Revision]:
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         max_length = len(prompt_ids) + params.max_new_tokens
@@ -94,8 +116,11 @@ class ChatEngine:
         finally:
             await session.close()
 
-    async def stream_chat(self, messages: Sequence[Message], params: SamplingParams) -> AsyncIterator[str]:
+    async def stream_chat(self, messages: Sequence[Message], params: SamplingParams
+                          ) -> AsyncIterator[str | TextRevision]:
         streamer = TextStreamer(self.tokenizer)
         async for token in self.stream_tokens(self.chat_prompt_ids(messages), params):
-            if delta := streamer.push(token):
+            if isinstance(token, Revision):
+                yield TextRevision(streamer.revise(token.keep))
+            elif delta := streamer.push(token):
                 yield delta

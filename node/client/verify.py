@@ -233,7 +233,8 @@ class Auditor:
             return self._report(hop, position, None, float("nan"), "unchecked", float("nan"))
         stage_dtype = announced_dtype(session.streams[index].opened.get("dtype"))
         candidates = await self._verifiers(hop)
-        reference, verifier, verifier_dtype = await self._recompute_on_any(candidates, hop, inputs, position, end)
+        reference, verifier, verifier_dtype = await self._recompute_on_any(candidates, hop, inputs, position, end,
+                                                                           want=stage_dtype)
         if reference is None:
             return self._report(hop, position, None, float("nan"), "unchecked", float("nan"))
         tolerance = self._tolerance(stage_dtype, verifier_dtype)
@@ -241,7 +242,8 @@ class Auditor:
         if error <= tolerance:
             return self._report(hop, position, verifier, error, "honest", tolerance)
         # A dispute: a third node decides; no one is called a liar unless two others agree against it.
-        third, tiebreaker, third_dtype = await self._recompute_on_any(candidates, hop, inputs, position, end)
+        third, tiebreaker, third_dtype = await self._recompute_on_any(candidates, hop, inputs, position, end,
+                                                                      want=stage_dtype)
         tolerance = max(tolerance, self._tolerance(stage_dtype, third_dtype or stage_dtype))
         if third is not None and relative_error(reference, third) <= tolerance < relative_error(claimed, third):
             verdict = "liar"
@@ -275,26 +277,36 @@ class Auditor:
         return peers
 
     async def _recompute_on_any(self, candidates: list[str], hop: Hop, inputs: torch.Tensor | list[int],
-                                position: int, end: int) -> tuple[torch.Tensor | None, str | None, torch.dtype]:
-        """Recomputes on the first candidate that answers (popping those tried); (None, None, _) if none does."""
-        while candidates:
-            peer = candidates.pop(0)
+                                position: int, end: int, *, want: torch.dtype
+                                ) -> tuple[torch.Tensor | None, str | None, torch.dtype]:
+        """Recomputes on the first candidate that answers (popping those tried), preferring one that computes at
+        least as precisely as `want` (a looser dtype loosens the check); (None, None, _) if none answers."""
+        looser: list[str] = []
+        while candidates or looser:
+            precise = bool(candidates)
+            peer = (candidates or looser).pop(0)
             try:
-                output, dtype = await self._recompute(Hop(peer, hop.start, hop.end), inputs, position, end)
-                return output, peer, dtype
+                output, dtype = await self._recompute(Hop(peer, hop.start, hop.end), inputs, position, end,
+                                                      at_most=TOLERANCES[want] if precise else None)
+                if output is not None:
+                    return output, peer, dtype
+                looser.append(peer)
             except (StageFailure, TimeoutError) as e:
                 logger.info("verifier %s could not recompute: %s", peer, e)
         return None, None, torch.bfloat16
 
-    async def _recompute(self, hop: Hop, inputs: torch.Tensor | list[int], position: int,
-                         end: int) -> tuple[torch.Tensor, torch.dtype]:
+    async def _recompute(self, hop: Hop, inputs: torch.Tensor | list[int], position: int, end: int, *,
+                         at_most: float | None = None) -> tuple[torch.Tensor | None, torch.dtype]:
         """Runs the step [position, end) on `hop` after replaying its inputs before it, in a fresh one-stage
-        session (given token ids, the verifier embeds them as the checked first stage did)."""
+        session (given token ids, the verifier embeds them as the checked first stage did); (None, its dtype)
+        without running anything if the node announces a dtype whose tolerance exceeds `at_most`."""
         tokens = isinstance(inputs, list)
         session = await self.client.open_session([hop], max_length=end, wire=self.wire, embed=tokens,
                                                  step_timeout_s=self.step_timeout_s)
         try:
             dtype = announced_dtype(session.streams[0].opened.get("dtype"))
+            if at_most is not None and TOLERANCES[dtype] > at_most:
+                return None, dtype
             run = session.embed_step if tokens else session.step
             for offset in range(0, position, PREFILL_CHUNK_TOKENS):
                 await run(inputs[:, offset:min(position, offset + PREFILL_CHUNK_TOKENS)] if not tokens

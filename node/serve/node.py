@@ -67,6 +67,7 @@ class NodeConfig:
     send_bandwidth_bps: float = 0.0  # emulated uplink bandwidth for what this node sends (0: unlimited)
     test_perturb_scale: float = 0.0  # testing aid: noise added to outputs (a lying node; see node.serve.adversary)
     test_adversary: str = "liar"  # testing aid: how a node with test_perturb_scale > 0 lies
+    dtype: str | None = None  # compute dtype ("float32", "bfloat16", "float16"); None: the device's default
     test_slowdown_s: float = 0.0  # testing aid: extra time per step, as on a slower GPU
     announce_maddrs: Sequence[str] = ()  # addresses peers should dial (e.g. behind port forwarding)
     relays: Sequence[str] | None = None  # relay peers to serve through; None: from the user's config
@@ -99,7 +100,7 @@ class Node:
         self.source, self.config = source, config
         self.spec = model_spec(source)
         self.device = torch.device(config.device) if config.device else default_device()
-        self.dtype = default_dtype(self.device)
+        self.dtype = getattr(torch, config.dtype) if config.dtype else default_dtype(self.device)
         self.dht: DHT | None = None
         self.p2p: P2P | None = None
         self.server: StageServer | None = None  # the stage new sessions go to

@@ -168,3 +168,37 @@ def test_every_adversary_is_caught_or_defeated_and_the_answer_is_the_honest_one(
     per_node = {index: adversary_args(kind) for index, (_, kind) in ADVERSARIES.items()}
     with LocalSwarm(str(path), ranges, threads_per_node=1, per_node_args=per_node) as swarm:
         asyncio.run(_scenarios(swarm, list(range(5, 25))))
+
+
+class _Letters:
+    """A tokenizer whose token i is the letter chr(97 + i)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i) for i in ids)
+
+
+def test_a_revision_rewinds_the_streamed_text_to_what_stands():
+    from node.app.api import Generation
+    from node.client.chat import TextRevision
+
+    class Engine:
+        tokenizer = _Letters()
+
+        async def stream_tokens(self, prompt_ids, params):
+            for item in (0, 1, 2, Revision(1), 3, 4, Revision(2), 5):
+                yield item
+
+    async def run(stops):
+        generation = Generation(Engine(), [0], SamplingParams(max_new_tokens=8), stops)
+        await generation.start()
+        deltas = [d async for d in generation.deltas()]
+        generation = Generation(Engine(), [0], SamplingParams(max_new_tokens=8), stops)
+        await generation.start()
+        return deltas, await generation.text(), generation
+
+    deltas, text, generation = asyncio.run(run([]))
+    assert deltas == ["a", "b", "c", TextRevision(1), "d", "e", TextRevision(2), "f"]
+    assert text == "adf" and generation.completion_tokens == 3
+    # Held back behind a possible stop sequence, text that is revised was never streamed: no revision is sent.
+    deltas, text, _ = asyncio.run(run(["bcd", "xyz"]))
+    assert text == "adf" and "".join(d for d in deltas if isinstance(d, str))[-1] == "f"
