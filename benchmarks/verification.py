@@ -166,12 +166,18 @@ async def swarm_figures(swarm: LocalSwarm, honest: list[int], hostile: dict[int,
     try:
         await wait_for_nodes(client_for(None, 0), len(peers))
         reference, _, _ = await ring(client_for(None, 0), prompt_ids, args.tokens, None)
+        async def adversary_run(name: str, run: int):
+            client = client_for(name, run)
+            auditor = Auditor(client, DEFAULT_PROBABILITY, rng=random.Random(1000 + run))
+            return client, auditor, *(await ring(client, prompt_ids, args.tokens, auditor))
+
         for adversary in chosen:
             caught, revised_after, equal, wrong_bans, caught_at = 0, [], 0, 0, []
-            for run in range(args.runs):
-                client = client_for(adversary.name, run)
-                auditor = Auditor(client, DEFAULT_PROBABILITY, rng=random.Random(1000 + run))
-                out, revised, session = await ring(client, prompt_ids, args.tokens, auditor)
+            results = []
+            for first in range(0, args.runs, args.concurrency):  # runs at once: each waits on the network mostly
+                batch = range(first, min(args.runs, first + args.concurrency))
+                results += await asyncio.gather(*(adversary_run(adversary.name, run) for run in batch))
+            for client, auditor, out, revised, session in results:
                 hostile_peers = set(client.prefer)
                 caught += bool(hostile_peers & client.banned)
                 if revised is not None:
@@ -191,22 +197,32 @@ async def swarm_figures(swarm: LocalSwarm, honest: list[int], hostile: dict[int,
                 "final_equals_honest": equal / args.runs, "runs_with_an_honest_node_banned": wrong_bans,
             }
             print(adversary.name, figures["adversaries"][adversary.name], flush=True)
+            if args.json:  # so far, in case the run is cut short
+                Path(args.json).write_text(json.dumps(figures, indent=2))
         # Honest swarm, fp32 and bf16 mixed, every step checked.
-        started, checks, flagged, banned, runs = time.perf_counter(), 0, 0, set(), 0
-        while checks < args.honest_steps:
-            client = client_for(None, runs)
-            auditor = Auditor(client, 1.0, rng=random.Random(runs))
+        started, checks, flagged, banned, runs, wrong = time.perf_counter(), 0, 0, set(), 0, 0
+
+        async def honest_run(run: int):
+            client = client_for(None, run)
+            auditor = Auditor(client, 1.0, rng=random.Random(run))
             out, _, _ = await ring(client, prompt_ids, args.tokens, auditor)
-            done = [r for r in auditor.reports if r.verdict != "unchecked"]
-            checks += len(done)
-            flagged += sum(r.verdict != "honest" for r in done)
-            banned |= long_bans(client) & honest_peers
-            runs += 1
-            if runs % 20 == 0:
-                print(f"  honest: {runs} runs, {checks} checks, {flagged} flagged", flush=True)
-        figures["honest"] = {"runs": runs, "checked_steps": checks, "flagged": flagged,
+            return client, auditor, out
+
+        while checks < args.honest_steps:
+            batch = range(runs, runs + args.concurrency)
+            for client, auditor, out in await asyncio.gather(*(honest_run(run) for run in batch)):
+                done = [r for r in auditor.reports if r.verdict != "unchecked"]
+                checks += len(done)
+                flagged += sum(r.verdict != "honest" for r in done)
+                banned |= long_bans(client) & honest_peers
+                wrong += out != reference
+            runs += len(batch)
+            print(f"  honest: {runs} runs, {checks} checks, {flagged} flagged", flush=True)
+        figures["honest"] = {"runs": runs, "checked_steps": checks, "flagged": flagged, "answers_not_reference": wrong,
                              "honest_nodes_banned": len(banned), "seconds": round(time.perf_counter() - started)}
         print("honest swarm (fp32 + bf16 nodes):", figures["honest"], flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2))
     finally:
         dht.shutdown()
     return figures
@@ -219,6 +235,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--honest-steps", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=5, help="generations run at once")
     parser.add_argument("--only", nargs="*", default=None, help="adversaries to run (names start with these)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
