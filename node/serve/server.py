@@ -536,12 +536,13 @@ class StageServer:
         if session.session_id not in self.sessions:
             return  # closed while the step ran
         receipt = {"position": step.position, "in": digest(received)}
+        # Hidden states leave a stage in the dtype they came in (a verifier's answer too, so the two compare).
+        dtype = step.hidden.dtype if step.hidden is not None else hidden.dtype
         if role.samples:
             if token is not None:  # a ring's last stage sends tokens (or its head's part), not hidden states
                 self._feed_token(session, token)
-            self._echo(session, receipt, echoed)  # what it sampled from, for the client's checks
+            self._echo(session, receipt, echoed.to(dtype))  # what it sampled from, for the client's checks
             return
-        dtype = step.hidden.dtype if step.hidden is not None else hidden.dtype
         output, echoed = hidden.to(dtype), echoed.to(dtype)
         metadata = {"position": step.position, **({"sample": True} if step.sample else {})}
         if role.pushes:
