@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from node.app.local_swarm import LocalSwarm  # noqa: E402
 from node.client.failover import ResilientSession, Revision  # noqa: E402
-from node.client.session import SwarmClient  # noqa: E402
+from node.client.session import NoChainError, SwarmClient  # noqa: E402
 from node.client.verify import DEFAULT_PROBABILITY, PROVEN_BAN_S, TOLERANCES, Auditor, relative_error  # noqa: E402
 from node.model.checkpoint import resolve_model  # noqa: E402
 from node.model.sampling import SamplingParams  # noqa: E402
@@ -104,9 +104,27 @@ class PreferringClient(SwarmClient):
                       if layers == (hop.start, hop.end) and peer not in banned), hop) for hop in chain]
 
 
-async def ring(client: SwarmClient, prompt_ids: list[int], tokens: int, auditor: Auditor | None
+async def ring(client: SwarmClient, prompt_ids: list[int], tokens: int, auditor: Auditor | None, attempts: int = 3
                ) -> tuple[list[int], int | None, ResilientSession]:
-    """(final tokens, tokens shown before the first revision or None, the session) of one greedy ring."""
+    """(final tokens, tokens shown before the first revision or None, the session) of one greedy ring. On this
+    loaded machine a DHT read now and then comes back empty (NoChainError at the first attempt): such a
+    generation is started again, up to `attempts` times, and counted in NO_CHAIN_RETRIES."""
+    for attempt in range(attempts):
+        try:
+            return await _ring_once(client, prompt_ids, tokens, auditor)
+        except NoChainError:
+            NO_CHAIN_RETRIES.append(1)
+            if attempt + 1 == attempts:
+                raise
+            await asyncio.sleep(2.0)
+    raise AssertionError("unreachable")
+
+
+NO_CHAIN_RETRIES: list[int] = []
+
+
+async def _ring_once(client: SwarmClient, prompt_ids: list[int], tokens: int, auditor: Auditor | None
+                     ) -> tuple[list[int], int | None, ResilientSession]:
     session = ResilientSession(client, max_length=len(prompt_ids) + tokens, step_timeout_s=30, auditor=auditor,
                                verify=auditor is not None)
     out, shown, revised_after = [], 0, None
@@ -195,6 +213,7 @@ async def swarm_figures(swarm: LocalSwarm, honest: list[int], hostile: dict[int,
                 "tokens_shown_before_revision_median": statistics.median(revised_after) if revised_after else None,
                 "tokens_shown_before_revision_max": max(revised_after) if revised_after else None,
                 "final_equals_honest": equal / args.runs, "runs_with_an_honest_node_banned": wrong_bans,
+                "generations_restarted_for_an_empty_dht_read": len(NO_CHAIN_RETRIES),
             }
             print(adversary.name, figures["adversaries"][adversary.name], flush=True)
             if args.json:  # so far, in case the run is cut short
@@ -255,7 +274,8 @@ def main() -> None:
 
     path = str(build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="verify-tiny-")), "llama", 6))
     halves = [(0, 3), (3, 6)]
-    chosen = [a for a in adversaries() if args.only is None or any(a.name.startswith(o) for o in args.only)]
+    chosen = adversaries() if args.only is None else [  # in the order asked
+        a for prefix in args.only for a in adversaries() if a.name.startswith(prefix)]
     # Two fp32 and one bf16 honest replica of each half (a check always has a tie-breaker), then the adversaries.
     ranges, per_node, honest = [], {}, []
     for half in halves:
