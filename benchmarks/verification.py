@@ -194,7 +194,12 @@ async def swarm_figures(swarm: LocalSwarm, honest: list[int], hostile: dict[int,
             results = []
             for first in range(0, args.runs, args.concurrency):  # runs at once: each waits on the network mostly
                 batch = range(first, min(args.runs, first + args.concurrency))
-                results += await asyncio.gather(*(adversary_run(adversary.name, run) for run in batch))
+                done = await asyncio.gather(*(adversary_run(adversary.name, run) for run in batch))
+                for run, (client, auditor, out, revised, session) in zip(batch, done, strict=True):
+                    print(f"  {adversary.name} run {run}: caught {bool(set(client.prefer) & client.banned)}, lie "
+                          f"found at step {first_caught_step(auditor, session)} (prompt {len(prompt_ids)}), tokens "
+                          f"shown before revision {revised}, final equals honest {out == reference}", flush=True)
+                results += done
             for client, auditor, out, revised, session in results:
                 hostile_peers = set(client.prefer)
                 caught += bool(hostile_peers & client.banned)
