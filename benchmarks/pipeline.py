@@ -18,6 +18,11 @@ gap between two tokens (a shared VM stalls now and then; the median keeps a stal
 The price of checks: --modes unchecked checked --replicas 2 (a ring through ResilientSession without and with
 its default checks; the checks need a second node per layer range).
 
+Speculation (`--speculate K`, default 8; `--speculation-only` skips the rest): the ring with and without
+prompt-lookup drafts, greedy, on (a) code and repetitive prompts and (b) a chat prompt, with each prompt's
+acceptance rate (draft tokens kept / verified at the last stage) and whether the outputs were identical;
+`speculative speedup` is the geometric mean of the (a) prompts' ratios of median decode rates.
+
 Usage: python benchmarks/pipeline.py [--model NAME] [--runs 5] [--new-tokens 64] [--delay-ms 20] [--replicas 2]
 """
 
@@ -199,6 +204,84 @@ def decode_passes(before: dict, after: dict) -> dict[int, int]:
     return {k: n for k, n in sorted(counts.items()) if n}
 
 
+_CODE = """def total_price(items, tax_rate):
+    subtotal = 0
+    for item in items:
+        subtotal += item.price * item.quantity
+    tax = subtotal * tax_rate
+    return subtotal + tax
+"""
+# Speculation's prompts: (a) code and repetitive ones, where prompt lookup drafts well, and (b) chat.
+SPEC_PROMPTS = {
+    "code": ("a", f"Here is some Python code:\n```python\n{_CODE}```\nRewrite it with comments."),
+    "list": ("a", "Repeat the following list exactly, one item per line:\napples, bananas, cherries, dates, "
+                  "elderberries, figs, grapes, honeydew melons, kiwis, lemons, mangoes, nectarines"),
+    "chat": ("b", "Explain pipeline parallelism in three sentences."),
+}
+
+
+async def speculative_run(client: SwarmClient, prompt_ids: list[int], new_tokens: int, speculate: int,
+                          stop_ids: tuple[int, ...]) -> tuple[float, list[int], tuple[int, int]]:
+    """(decode tokens/s, the tokens, (draft tokens verified, kept)) of one greedy ring generation. Drafts arrive
+    as bursts of tokens, so the rate is the tokens after the first over the time after it, not a median gap."""
+    params = SamplingParams(max_new_tokens=new_tokens, stop_token_ids=stop_ids)
+    chain = await client.choose_chain()
+    before = await client.node_info(chain[-1].node_id)
+    session = await client.open_session(chain, max_length=len(prompt_ids) + new_tokens, sampling=params,
+                                        speculate=speculate)
+    try:
+        arrivals = [(time.perf_counter(), token) async for token in session.tokens(prompt_ids, 0)]
+    finally:
+        await session.close()
+    after = await client.node_info(chain[-1].node_id)
+    drafts = (after["draft_tokens"] - before["draft_tokens"], after["draft_kept"] - before["draft_kept"])
+    times = [t for t, _ in arrivals]
+    return (len(times) - 1) / (times[-1] - times[0]), [token for _, token in arrivals], drafts
+
+
+async def measure_speculation(swarm: LocalSwarm, prompts: dict[str, list[int]], new_tokens: int, runs: int,
+                              delay_s: float, speculate: int, stop_ids: tuple[int, ...]) -> dict[str, dict]:
+    """Per prompt: the ring's decode rates without and with speculation, run by run interleaved, whether every
+    pair of greedy outputs was identical, and the draft tokens verified and kept over all runs."""
+    out = {name: {"plain": [], "spec": [], "identical": True, "drafted": 0, "kept": 0, "tokens": 0}
+           for name in prompts}
+    async with connect(swarm.initial_peers, swarm.source, send_delay_s=delay_s) as client:
+        for ids in prompts.values():  # warm-up: connections, and each path once
+            for k in (0, speculate):
+                await speculative_run(client, ids, 4, k, stop_ids)
+        for _ in range(runs):
+            for name, ids in prompts.items():
+                rate, plain, _ = await speculative_run(client, ids, new_tokens, 0, stop_ids)
+                spec_rate, spec, (drafted, kept) = await speculative_run(client, ids, new_tokens, speculate, stop_ids)
+                result = out[name]
+                result["plain"].append(rate)
+                result["spec"].append(spec_rate)
+                result["identical"] &= plain == spec
+                result["drafted"] += drafted
+                result["kept"] += kept
+                result["tokens"] = len(plain)
+    return out
+
+
+def print_speculation(results: dict[str, dict], speculate: int, delay_ms: float) -> None:
+    print(f"speculative decoding (ring, greedy, prompt-lookup drafts of up to {speculate} tokens, {delay_ms:g} ms "
+          "per leg; decode tok/s medians)")
+    print(f"{'prompt':10} {'kind':>4} {'tokens':>6} {'plain tok/s':>12} {'spec tok/s':>11} {'speedup':>8} "
+          f"{'accepted':>9} {'identical':>9}")
+    speedups: dict[str, list[float]] = {"a": [], "b": []}
+    for name, r in results.items():
+        kind = SPEC_PROMPTS[name][0]
+        plain, spec = statistics.median(r["plain"]), statistics.median(r["spec"])
+        speedups[kind].append(spec / plain)
+        accepted = r["kept"] / r["drafted"] if r["drafted"] else 0.0
+        print(f"{name:10} {kind:>4} {r['tokens']:6d} {plain:12.2f} {spec:11.2f} {spec / plain:7.2f}x "
+              f"{accepted:9.0%} {'yes' if r['identical'] else 'NO':>9}")
+    for kind, ratios in speedups.items():
+        if ratios:
+            print(f"{'speculative speedup' if kind == 'a' else 'speculative speedup (b, chat)'} "
+                  f"{statistics.geometric_mean(ratios):.2f}")
+
+
 async def measure_swarm(swarm: LocalSwarm, local: Callable[[], dict[str, tuple[float, float]]], prompt_ids,
                         new_tokens, runs, delay_s: float, concurrency: int, modes: list[str]):
     """{mode: [(ttft, decode tok/s), ...]} for local (single process) and `modes`, interleaved run by run:
@@ -242,6 +325,10 @@ def main() -> None:
                         help="nodes per layer range (checks need a second node holding the layers)")
     parser.add_argument("--modes", nargs="+", choices=sorted(LEGS), default=["ring", "whole", "push", "relay"],
                         help="ways through the chain to measure (fewer: more runs in the same time)")
+    parser.add_argument("--speculate", type=int, default=8,
+                        help="also compare the ring with and without speculation, drafts of up to this many tokens "
+                             "(0: skip)")
+    parser.add_argument("--speculation-only", action="store_true", help="skip the table above")
     args = parser.parse_args()
     args.threads = args.threads or max(1, cores // args.nodes)
     torch.set_num_threads(args.threads)
@@ -254,6 +341,14 @@ def main() -> None:
         source = swarm.source
         tokenizer = load_tokenizer(source)
         prompt_ids = chat_template_ids(tokenizer, [Message("user", "Explain pipeline parallelism in three sentences.")])
+        spec_prompts = {name: chat_template_ids(tokenizer, [Message("user", text)])
+                        for name, (_, text) in SPEC_PROMPTS.items()}
+        speculation = asyncio.run(measure_speculation(
+            swarm, spec_prompts, args.new_tokens, args.runs, delay_s, args.speculate, (tokenizer.eos_token_id,),
+        )) if args.speculate else None
+        if args.speculation_only:
+            print_speculation(speculation, args.speculate, args.delay_ms)
+            return
         local = LocalBaseline(str(source.root), args.local_threads, prompt_ids, args.new_tokens)
         try:
             swarm_results, rates, passes = asyncio.run(measure_swarm(
@@ -311,6 +406,8 @@ def main() -> None:
             steps = sum(size * n for size, n in counts.items())
             print(f"  stage {index}: {steps} decode steps in {sum(counts.values())} passes "
                   f"(mean {steps / max(1, sum(counts.values())):.1f} per pass; by size {counts})")
+    if speculation:
+        print_speculation(speculation, args.speculate, args.delay_ms)
 
 
 if __name__ == "__main__":

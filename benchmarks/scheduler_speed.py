@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from swarm.allocator import allocate, swarm_throughput, uncovered_layers  # noqa: E402
 from swarm.costmodel import GPU_DATASHEET, node_from_datasheet  # noqa: E402
-from swarm.router import LoadTable, build_route_index, route  # noqa: E402
+from swarm.router import LoadTable, RouteRequest, build_route_index, route  # noqa: E402
 from swarm.types import ModelSpec, NodeLoad, NodeSpec, RttFn  # noqa: E402
 
 LLAMA_2_70B = ModelSpec(
@@ -124,7 +124,7 @@ def main() -> None:
     weighted = tuple((c, 1.0) for c in clients)
     heavy_s = median_s(lambda: allocate(LLAMA_2_70B, nodes, rtt, seed=args.seed, expected_sessions=2000,
                                         context_tokens=640, clients=weighted), args.allocate_runs)
-    route(LLAMA_2_70B, node_map, assignment, rtt, client=clients[0])  # build the routing index once
+    shared = build_route_index(LLAMA_2_70B, node_map, assignment, rtt)  # once per plan, as a router keeps it
     counter = iter(range(10**9))
 
     load = busy_swarm_load(nodes, args.seed)
@@ -135,20 +135,19 @@ def main() -> None:
 
     def one_route(alternates: int, with_load: bool = False, loads=None, prompt: int = 0) -> None:
         client = clients[next(counter) % len(clients)]
-        route(LLAMA_2_70B, node_map, assignment, rtt, client=client, alternates=alternates,
-              load=(loads if loads is not None else load) if with_load else None, session_tokens=640,
-              prompt_tokens=prompt, output_tokens=128 if prompt else 0, ttft_weight=4.0)
+        request = RouteRequest(client, alternates=alternates, session_tokens=640, prompt_tokens=prompt,
+                               output_tokens=128 if prompt else 0, ttft_weight=4.0)
+        route(shared, request, (loads if loads is not None else load) if with_load else None)
 
     for client in clients:  # warm the per-client RTT vectors, as a long-running router would be
-        route(LLAMA_2_70B, node_map, assignment, rtt, client=client)
+        route(shared, RouteRequest(client))
     index = build_route_index(LLAMA_2_70B, node_map, assignment, rtt)
     for client in clients:
         index.rtt_to(client)
 
     def cold_route() -> None:  # the DP itself: nothing remembered from earlier requests
         index.unloaded_best.clear()
-        route(LLAMA_2_70B, node_map, assignment, rtt, client=clients[next(counter) % len(clients)], alternates=0,
-              session_tokens=640, index=index)
+        route(index, RouteRequest(clients[next(counter) % len(clients)], alternates=0, session_tokens=640))
 
     cold_s = median_s(cold_route, args.route_runs)
     route_s = median_s(lambda: one_route(3), args.route_runs)
@@ -156,7 +155,7 @@ def main() -> None:
     loaded_s = median_s(lambda: one_route(3, with_load=True), args.route_runs)
     loaded0_s = median_s(lambda: one_route(0, with_load=True), args.route_runs)
     table0_s = median_s(lambda: one_route(0, with_load=True, loads=table, prompt=512), args.route_runs)
-    best = route(LLAMA_2_70B, node_map, assignment, rtt, client="client:virginia")[0]
+    best = route(shared, RouteRequest("client:virginia"))[0]
 
     index_s = median_s(lambda: build_route_index(LLAMA_2_70B, node_map, assignment, rtt), 5)
     rows = [

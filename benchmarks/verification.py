@@ -3,6 +3,10 @@
 1. Tolerance: in-process, one stage run as a server would (prefill, then decode steps batched with other
    sessions) against a verifier's replay (one prefill, then the step); the relative error per token, max over
    tokens, in fp32, fp16 and bf16. Honest errors above `node.client.verify.TOLERANCES` would be false positives.
+1b. Quantized layers: the same, the server and the verifier each holding their layers as none (fp32), int8 or
+   int4 (`node.model.quant`), on each of SmolLM2's three 10-layer stages, fed the hidden states real text
+   has there (random ones would say nothing of the outliers real activations carry); against
+   `node.client.verify.QUANT_TOLERANCES`.
 2. Honest swarm, fp32 and bf16 nodes mixed: ring generations with every step checked (p = 1) until
    `--honest-steps` checks ran; how many flagged an honest node, and how many honest nodes ended banned.
 3. Adversaries (node.serve.adversary), each in its own ring generations at the DEFAULT check rate, the client
@@ -11,6 +15,7 @@
    the final answer equals the honest one; and no honest node may end banned as a proven liar.
 
 Usage: python benchmarks/verification.py [--runs 50] [--tokens 32] [--honest-steps 10000] [--json out.json]
+       python benchmarks/verification.py --tolerances-only   (parts 1 and 1b, no swarm)
 """
 
 from __future__ import annotations
@@ -34,11 +39,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from node.app.local_swarm import LocalSwarm  # noqa: E402
 from node.client.failover import ResilientSession, Revision  # noqa: E402
 from node.client.session import NoChainError, SwarmClient  # noqa: E402
-from node.client.verify import DEFAULT_PROBABILITY, PROVEN_BAN_S, TOLERANCES, Auditor, relative_error  # noqa: E402
-from node.model.checkpoint import resolve_model  # noqa: E402
+from node.client.verify import (  # noqa: E402
+    DEFAULT_PROBABILITY,
+    PROVEN_BAN_S,
+    TOLERANCES,
+    Auditor,
+    relative_error,
+    tolerance_for,
+)
+from node.model.checkpoint import load_tokenizer, resolve_model  # noqa: E402
+from node.model.head import Embedder  # noqa: E402
 from node.model.sampling import SamplingParams  # noqa: E402
 from node.model.stage import Stage, StepInput  # noqa: E402
-from node.serve.node import start_dht  # noqa: E402
+from node.net.membership import open_dht  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LIAR_SCALES = (1.0, 0.1, 0.01, 1e-3, 3e-4)  # x the output's RMS; fp32's tolerance is 1e-4 (relative, per token)
@@ -62,16 +75,20 @@ def adversaries() -> list[Adversary]:
 
 
 def honest_errors(source, start: int, end: int, dtype: torch.dtype, *, prompt: int = 32, decode: int = 32,
-                  others: int = 3, every: int = 2, seed: int = 0) -> list[float]:
-    """Relative errors between a served run and a verifier's replay of the same stage steps."""
-    stage = Stage(source, start, end, dtype=dtype, device=torch.device("cpu"))
+                  others: int = 3, every: int = 2, seed: int = 0, quants: tuple[str, str] = ("none", "none"),
+                  inputs: torch.Tensor | None = None) -> list[float]:
+    """Relative errors between a served run (layers held at quants[0]) and a verifier's replay of the same stage
+    steps (at quants[1]), on `inputs` [1, prompt + decode, hidden] (default random) among random neighbours."""
+    stage = Stage(source, start, end, dtype=dtype, device=torch.device("cpu"), quant=quants[0])
+    verifier = stage if quants[1] == quants[0] else Stage(source, start, end, dtype=dtype,
+                                                          device=torch.device("cpu"), quant=quants[1])
     gen = torch.Generator().manual_seed(seed)
     hidden = stage.shape.hidden_size
 
     def noise(tokens: int) -> torch.Tensor:
         return torch.randn(1, tokens, hidden, generator=gen).to(dtype)
 
-    inputs = noise(prompt + decode)
+    inputs = noise(prompt + decode) if inputs is None else inputs.to(dtype)
     cache = stage.new_cache(prompt + decode)
     neighbours = [stage.new_cache(prompt + decode) for _ in range(others)]
     for neighbour in neighbours:  # concurrent sessions whose decode steps share our passes
@@ -84,12 +101,52 @@ def honest_errors(source, start: int, end: int, dtype: torch.dtype, *, prompt: i
     errors = []
     for position in [0, *range(prompt, prompt + decode, every)]:
         end_position = prompt if position == 0 else position + 1
-        replay = stage.new_cache(end_position)
+        replay = verifier.new_cache(end_position)
         if position:
-            stage.forward(inputs[:, :position], 0, replay)
-        errors.append(relative_error(served[position], stage.forward(inputs[:, position:end_position], position,
-                                                                     replay)))
+            verifier.forward(inputs[:, :position], 0, replay)
+        errors.append(relative_error(served[position], verifier.forward(inputs[:, position:end_position], position,
+                                                                        replay)))
     return errors
+
+
+QUANT_PAIRS = [("int8", "int8"), ("int4", "int4"), ("int8", "none"), ("none", "int8"), ("int4", "none"),
+               ("none", "int4"), ("int4", "int8"), ("int8", "int4")]  # (server, verifier)
+STUDY_TEXT = ("The hive keeps its layers on many machines. Each volunteer lends a GPU or a laptop, and the swarm "
+              "routes every token through a chain of them, checking now and then that nobody lies about the work.")
+
+
+def real_inputs(source, start: int, tokens: int) -> torch.Tensor:
+    """The hidden states text has on entering layer `start`: its tokens embedded and run through layers
+    0..start in fp32 (the model's own activations, outliers included)."""
+    ids = load_tokenizer(source)(STUDY_TEXT)["input_ids"]
+    ids = (ids * (tokens // len(ids) + 1))[:tokens]
+    hidden = Embedder(source).embed(torch.tensor([ids]))
+    if start == 0:
+        return hidden
+    before = Stage(source, 0, start, dtype=torch.float32, device=torch.device("cpu"), with_ends=False)
+    return before.forward(hidden, 0, before.new_cache(tokens))
+
+
+def quant_study(source, prompt: int = 32, decode: int = 32) -> dict:
+    """Honest server-vs-verifier errors for every pair of quantizations, on each 10-layer stage, max over them."""
+    study: dict = {}
+    for start in range(0, source.num_layers, 10):
+        end = min(start + 10, source.num_layers)
+        inputs = real_inputs(source, start, prompt + decode)
+        for served, verifier in QUANT_PAIRS:
+            errors = honest_errors(source, start, end, torch.float32, prompt=prompt, decode=decode,
+                                   quants=(served, verifier), inputs=inputs)
+            key = f"{served} vs {verifier}"
+            tolerance = tolerance_for(torch.float32, quants=(served, verifier))
+            entry = study.setdefault(key, {"samples": 0, "max": 0.0, "medians": [], "above_tolerance": 0,
+                                           "tolerance": tolerance})
+            entry["samples"] += len(errors)
+            entry["max"] = max(entry["max"], max(errors))
+            entry["medians"].append(statistics.median(errors))
+            entry["above_tolerance"] += sum(e > tolerance for e in errors)
+            print(f"quant {key}, layers {start}:{end}: max {max(errors):.2e} median {statistics.median(errors):.2e}",
+                  flush=True)
+    return study
 
 
 class PreferringClient(SwarmClient):
@@ -170,11 +227,11 @@ async def swarm_figures(swarm: LocalSwarm, honest: list[int], hostile: dict[int,
     honest_peers = {peers[i] for i in honest}
     rng = random.Random(7)
     prompt_ids = [rng.randrange(5, 250) for _ in range(24)]
-    dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    peer = open_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     figures: dict = {"honest": {}, "adversaries": {}}
 
     def client_for(name: str | None, seed: int) -> PreferringClient:
-        client = PreferringClient(dht, source)
+        client = PreferringClient(peer, source)
         client.prefer = {peers[i]: layers for i, (n, layers) in hostile.items() if n == name}
         for index, (other, _) in hostile.items():
             if other != name:
@@ -248,7 +305,7 @@ async def swarm_figures(swarm: LocalSwarm, honest: list[int], hostile: dict[int,
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2))
     finally:
-        dht.shutdown()
+        peer.shutdown()
     return figures
 
 
@@ -262,6 +319,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=5, help="generations run at once")
     parser.add_argument("--only", nargs="*", default=None, help="adversaries to run (names start with these)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--tolerances-only", action="store_true", help="the dtype and quantization studies only")
     args = parser.parse_args()
 
     results: dict = {"tolerances": {k: TOLERANCES[v] for k, v in DTYPES.items()}, "honest_error": {}}
@@ -274,6 +332,12 @@ def main() -> None:
                 "above_tolerance": sum(e > TOLERANCES[dtype] for e in errors),
             }
             print(f"honest error {name}:", results["honest_error"][name], flush=True)
+        results["quant_honest_error"] = quant_study(study)
+        print(json.dumps(results["quant_honest_error"], indent=2), flush=True)
+    if args.tolerances_only:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return
 
     from tests.conftest import build_tiny_checkpoint
 

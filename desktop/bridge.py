@@ -12,8 +12,10 @@ from concurrent.futures import Future
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
-from node.app.controller import NodeController, NodeStatus
-from node.client.chat import Message
+from desktop.wording import layer_list, model_label
+from node.app.controller import ChatReply, NodeController, NodeStatus
+from node.client.chat import AnswerStats, Message
+from node.client.session import NoChainError
 from node.model.sampling import SamplingParams
 
 
@@ -21,13 +23,17 @@ class NodeBridge(QObject):
     status_changed = Signal(object)  # NodeStatus: on every state change, and every `poll_ms` for the counters
     failed = Signal(str)  # an operation (start, pause, resume) failed; the text is for the user
     chat_text = Signal(str)  # a piece of the answer being streamed
-    chat_done = Signal(str)  # the whole answer
-    chat_failed = Signal(str)
-    swarm_changed = Signal(object)  # after `refresh_swarm`: `NodeController.swarm_status`'s dict, None or {"error"}
+    chat_progress = Signal(object)  # AnswerStats: the answer's figures so far, with each piece
+    chat_done = Signal(object)  # ChatReply: the whole answer and its figures
+    chat_failed = Signal(str)  # "stopped", or why there is no answer, in words for the user
+    swarm_changed = Signal(object)  # after `refresh_swarm`: `NodeController.swarm_status`'s SwarmStatus, or None
+    swarm_failed = Signal(str)  # after `refresh_swarm`: why the swarm could not be read
 
     def __init__(self, controller: NodeController, *, poll_ms: int = 1000, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.controller = controller
+        self.swarm_label = ""  # how the app names the swarm joined (desktop.swarm_choice), for every window
+        self.last_reply: ChatReply | None = None  # the last answer, whose chain the swarm map highlights
         self._unsubscribe = controller.on_state_change(lambda _state, status: self.status_changed.emit(status))
         self._timer = QTimer(self)
         self._timer.timeout.connect(self.refresh)
@@ -45,7 +51,10 @@ class NodeBridge(QObject):
             if f.cancelled():
                 return
             error = f.exception()
-            self.swarm_changed.emit({"error": f"{type(error).__name__}: {error}"} if error else f.result())
+            if error is not None:
+                self.swarm_failed.emit(f"{type(error).__name__}: {error}")
+            else:
+                self.swarm_changed.emit(f.result())
 
         future = self.controller.swarm_status()
         future.add_done_callback(done)
@@ -69,19 +78,24 @@ class NodeBridge(QObject):
         return self.controller.stop()
 
     def chat(self, messages: Sequence[Message], params: SamplingParams) -> Future:
-        """Starts an answer; pieces arrive as `chat_text`, then `chat_done` or `chat_failed`. Cancel the
-        returned future to stop it."""
-        future = self.controller.chat(messages, params, self.chat_text.emit)
+        """Starts an answer; pieces arrive as `chat_text` and `chat_progress`, then `chat_done` or `chat_failed`.
+        Cancel the returned future to stop it."""
+        future = self.controller.chat(messages, params, self._chat_piece)
         future.add_done_callback(self._chat_finished)
         return future
+
+    def _chat_piece(self, piece: str, stats: AnswerStats) -> None:
+        self.chat_text.emit(piece)
+        self.chat_progress.emit(stats)
 
     def _chat_finished(self, future: Future) -> None:
         if future.cancelled():
             self.chat_failed.emit("stopped")
         elif (error := future.exception()) is not None:
-            self.chat_failed.emit(f"{type(error).__name__}: {error}")
+            self.chat_failed.emit(explain_chat_failure(error, self.controller.source.name))
         else:
-            self.chat_done.emit(future.result())
+            self.last_reply = future.result()
+            self.chat_done.emit(self.last_reply)
 
     def _watch(self, what: str, future: Future) -> Future:
         def done(f: Future) -> None:
@@ -90,3 +104,19 @@ class NodeBridge(QObject):
 
         future.add_done_callback(done)
         return future
+
+
+def explain_chat_failure(error: BaseException, model: str) -> str:
+    """Why the swarm gave no answer, in words for the user (the details follow, for a bug report)."""
+    name = model_label(model)
+    if isinstance(error, NoChainError) and error.uncovered_layers:
+        return (f"The swarm cannot answer right now: no node serves {layer_list(error.uncovered_layers)} of {name}. "
+                "Answers come back once nodes serve them again (the swarm map shows the gap).")
+    if isinstance(error, NoChainError):
+        return (f"The swarm cannot answer right now: the nodes serving {name} are full or failing. "
+                f"Try again in a minute. ({error})")
+    if isinstance(error, ValueError) and "context" in str(error):
+        return f"This conversation is too long for {name}: start a new chat. ({error})"
+    if isinstance(error, ConnectionError | TimeoutError):
+        return f"The swarm did not answer: a node stopped responding and no other took over. ({error})"
+    return f"No answer, because of an error: {type(error).__name__}: {error}"

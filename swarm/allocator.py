@@ -62,17 +62,20 @@ import math
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
+from typing import NamedTuple
 
 import numpy as np
 
 from swarm.costmodel import (
-    RELAY_EXTRA_LEG_S,
+    handover_s,
     kv_bytes_per_layer,
+    kv_share_bytes,
     layer_capacity,
     node_rate_tokens_per_s,
     range_fits,
     region_rtt_matrix,
-    transfer_s,
+    weight_bytes_per_layer,
 )
 from swarm.types import Assignment, LayerRange, ModelSpec, NodeId, NodeSpec, RttFn
 
@@ -206,33 +209,56 @@ class _Info:
         return self.spec.node_id
 
 
+def _largest_first(info: _Info) -> tuple[int, float, int]:
+    """The order in which the planner hands out ranges: most layers held first, then the fastest, then a
+    seeded tiebreak (the same order on every node)."""
+    return -info.cap, info.spec.layer_latency_s, info.tiebreak
+
+
+def _fastest_first(info: _Info) -> tuple[float, int]:
+    """Fastest per layer first, then the seeded tiebreak."""
+    return info.spec.layer_latency_s, info.tiebreak
+
+
 KV_FRACTION_STEPS = 64  # below one session, the reservation shrinks in 1/64ths of one context
 
 
-def _capacities(model: ModelSpec, memory: np.ndarray, sessions: float, context_tokens: int, *,
+class _Memory(NamedTuple):
+    """Per node: the memory it offers, and one layer's weights as it holds them (quantized or not)."""
+
+    offered: np.ndarray
+    per_layer: np.ndarray
+
+
+def _memory(model: ModelSpec, nodes: Iterable[NodeSpec]) -> _Memory:
+    nodes = list(nodes)
+    return _Memory(np.array([n.memory_bytes for n in nodes], dtype=float),
+                   np.array([weight_bytes_per_layer(model, n) for n in nodes], dtype=float))
+
+
+def _capacities(model: ModelSpec, memory: _Memory, sessions: float, context_tokens: int, *,
                 first: bool, last: bool) -> np.ndarray:
     """`layer_capacity` of many nodes at once (the same arithmetic, vectorised)."""
-    per_layer = model.layer_bytes + kv_bytes_per_layer(model, sessions, context_tokens)
-    free = memory - model.head_bytes / 2 * (int(first) + int(last))
-    if per_layer <= 0:
-        return np.zeros(len(memory), dtype=np.int64)
-    caps = np.minimum(model.num_layers, np.floor(free / per_layer + 1e-9))
-    return np.where(free > 0, np.maximum(caps, 0), 0).astype(np.int64)
+    per_layer = memory.per_layer + kv_bytes_per_layer(model, sessions, context_tokens)
+    free = memory.offered - model.head_bytes / 2 * (int(first) + int(last))
+    fits = np.floor(np.divide(free, per_layer, out=np.zeros_like(free), where=per_layer > 0) + 1e-9)
+    caps = np.minimum(model.num_layers, fits)
+    return np.where((free > 0) & (per_layer > 0), np.maximum(caps, 0), 0).astype(np.int64)
 
 
-def _chain_coverable(model: ModelSpec, memory: np.ndarray, sessions: float, context_tokens: int) -> bool:
+def _chain_coverable(model: ModelSpec, memory: _Memory, sessions: float, context_tokens: int) -> bool:
     """Whether some chain of distinct nodes holds every layer at this KV share (exact, heads counted).
 
     One node holding everything, or a first node (with the embedding), a last one (with the LM head)
     and every other node's full interior capacity in between.
     """
     L = model.num_layers
-    if not len(memory):
+    if not len(memory.offered):
         return False
     cap = _capacities(model, memory, sessions, context_tokens, first=False, last=False)
     if _capacities(model, memory, sessions, context_tokens, first=True, last=True).max() >= L:
         return True
-    if len(memory) < 2:
+    if len(memory.offered) < 2:
         return False
     first = _capacities(model, memory, sessions, context_tokens, first=True, last=False)
     last = _capacities(model, memory, sessions, context_tokens, first=False, last=True)
@@ -259,7 +285,7 @@ def kv_sessions_per_node(
     fit), and to 0 (weights only) when the swarm cannot even hold the weights, so that the allocator
     covers what it can. Whole shares are ints; fractions are floats in (0, 1).
     """
-    memory = np.array([n.memory_bytes for n in as_node_map(nodes).values()], dtype=float)
+    memory = _memory(model, as_node_map(nodes).values())
     L = model.num_layers
     heads = model.head_bytes > 0
 
@@ -329,7 +355,7 @@ def explain_allocation(
                               context_tokens=context_tokens)
     missing = uncovered_layers(model, assignment)
     if missing:
-        memory = np.array([n.memory_bytes for n in node_map.values()], dtype=float)
+        memory = _memory(model, node_map.values())
         weights_only = int(_capacities(model, memory, 0.0, context_tokens, first=False, last=False).sum())
         largest = max(node_map.values(), key=lambda n: (n.memory_bytes, n.node_id))
         runs = ", ".join(f"{a}:{b}" for a, b in _gaps(np.isin(np.arange(L), missing, invert=True)))
@@ -349,7 +375,7 @@ def _infos(
 ) -> dict[NodeId, _Info]:
     zones = zones if zones is not None else zones_of(node_map, rtt)
     ids = sorted(node_map)
-    memory = np.array([node_map[n].memory_bytes for n in ids], dtype=float)
+    memory = _memory(model, (node_map[n] for n in ids))
     caps = [
         _capacities(model, memory, sessions, context_tokens, first=first, last=last).tolist()
         for first, last in ((False, False), (True, False), (False, True), (True, True))
@@ -407,7 +433,7 @@ def _build_pipelines(
     few smallest that would (which waste the least memory) as the one adding the least per-token time:
     its share of layers at its speed plus its hop from the nearest member.
     """
-    pool = sorted(cands, key=lambda g: (-g.cap, g.spec.layer_latency_s, g.tiebreak))
+    pool = sorted(cands, key=_largest_first)
     neg_caps = [-g.cap for g in pool]
     pipelines: list[list[_Info]] = []
     pool_caps = sum(min(g.cap, L) for g in pool)
@@ -511,9 +537,9 @@ def _at_least_one_each(layers: list[int], caps: list[int]) -> list[int]:
 
 def _leg_after(model: ModelSpec, a: _Info, b: _Info | None, rtt: RttFn, zone_rtt: np.ndarray) -> float:
     """Outgoing leg of a stage: to the next stage, or (last stage) to a client in its own zone."""
-    rtt_s = rtt(a.node_id, b.node_id) if b is not None else float(zone_rtt[a.zone, a.zone])
-    relay = RELAY_EXTRA_LEG_S * (int(a.spec.relayed) + int(b is not None and b.spec.relayed))
-    return rtt_s / 2 + transfer_s(model.hidden_bytes_per_token, a.spec.uplink_bps) + relay
+    if b is None:
+        return handover_s(model, float(zone_rtt[a.zone, a.zone]), a.spec)
+    return handover_s(model, rtt(a.node_id, b.node_id), a.spec, b.spec)
 
 
 def _layout_pipeline(
@@ -645,6 +671,20 @@ class _Coverage:
         return rng
 
 
+def _place_around(model: ModelSpec, infos: Mapping[NodeId, _Info], ranges: dict[NodeId, LayerRange],
+                  rest: Iterable[_Info]) -> _Coverage:
+    """The coverage of `ranges`, then each of `rest` (largest first) placed in its weakest window and added
+    to `ranges` (a node that fits nowhere is left out)."""
+    coverage = _Coverage(model, infos)
+    for node_id, rng in ranges.items():
+        coverage.add(node_id, rng)
+    for info in sorted(rest, key=_largest_first):
+        rng = coverage.place(info)
+        if rng is not None:
+            ranges[info.node_id] = rng
+    return coverage
+
+
 def _global_plan(
     model: ModelSpec, infos: Mapping[NodeId, _Info], rtt: RttFn, sessions: float, context_tokens: int,
     pipelines_out: list[list[NodeId]] | None = None,
@@ -686,27 +726,14 @@ def _global_plan(
         else:
             ranges[node_id] = fitted
 
-    coverage = _Coverage(model, infos)
-    for node_id, rng in ranges.items():
-        coverage.add(node_id, rng)
-    for info in sorted(leftovers, key=lambda g: (-g.cap, g.spec.layer_latency_s, g.tiebreak)):
-        rng = coverage.place(info)
-        if rng is not None:
-            ranges[info.node_id] = rng
+    coverage = _place_around(model, infos, ranges, leftovers)
     _close_gaps(model, infos, ranges, coverage, sessions, context_tokens)
     if coverage.count.min() == 0:
         # Memory is tight: the pipelines left a gap. Lay one chain over every node it takes, if memory
         # allows one at all, and place everyone else around it.
         chain = _chain_cover(model, infos)
         if chain is not None:
-            fallback = _Coverage(model, infos)
-            for node_id, rng in chain.items():
-                fallback.add(node_id, rng)
-            rest = [infos[n] for n in infos if n not in chain]
-            for info in sorted(rest, key=lambda g: (-g.cap, g.spec.layer_latency_s, g.tiebreak)):
-                rng = fallback.place(info)
-                if rng is not None:
-                    chain[info.node_id] = rng
+            fallback = _place_around(model, infos, chain, [infos[n] for n in infos if n not in chain])
             _close_gaps(model, infos, chain, fallback, sessions, context_tokens)
             if (fallback.count == 0).sum() < (coverage.count == 0).sum():
                 return chain
@@ -720,7 +747,7 @@ def _chain_cover(model: ModelSpec, infos: Mapping[NodeId, _Info]) -> dict[NodeId
     capacity to the head parts, with the largest other nodes in between.
     """
     L = model.num_layers
-    items = sorted(infos.values(), key=lambda g: (g.spec.layer_latency_s, g.tiebreak))
+    items = sorted(infos.values(), key=_fastest_first)
     solo = [g for g in items if g.cap_both >= L]
     if solo:
         return {solo[0].node_id: LayerRange(0, L)}
@@ -732,8 +759,7 @@ def _chain_cover(model: ModelSpec, infos: Mapping[NodeId, _Info]) -> dict[NodeId
     first, last = min(pairs, key=lambda p: p[0].cap - p[0].cap_first + p[1].cap - p[1].cap_last)
     ranges = {first.node_id: LayerRange(0, min(first.cap_first, L - 1))}
     pos = ranges[first.node_id].end
-    middle = sorted((g for g in items if g.node_id not in (first.node_id, last.node_id)),
-                    key=lambda g: (-g.cap, g.spec.layer_latency_s, g.tiebreak))
+    middle = sorted((g for g in items if g.node_id not in (first.node_id, last.node_id)), key=_largest_first)
     for g in middle:
         if L - pos <= last.cap_last:
             break
@@ -778,7 +804,7 @@ def _peak_sessions(expected_sessions: float) -> float:
     return expected_sessions + 2.0 * math.sqrt(max(expected_sessions, 0.0))
 
 
-def _share_candidates(model: ModelSpec, memory: np.ndarray, base: float, expected_sessions: int,
+def _share_candidates(model: ModelSpec, memory: _Memory, base: float, expected_sessions: int,
                       context_tokens: int) -> list[float]:
     """KV shares worth comparing: the even share, then doubling while coverable, up to the whole load.
 
@@ -832,17 +858,13 @@ def _plan_cost(
             continue  # cut by the safety net: no longer a chain of its own
         specs = [infos[n].spec for n in chain]
         n_layers = np.array([len(ranges[n]) for n in chain], dtype=float)
-        head = [model.head_bytes / 2 * ((ranges[n].start == 0) + (ranges[n].end == L)) for n in chain]
-        free = np.array([sp.memory_bytes - k * model.layer_bytes - h for sp, k, h in zip(specs, n_layers, head,
-                                                                                          strict=True)])
+        free = np.array([kv_share_bytes(model, infos[n].spec.memory_bytes, ranges[n],
+                                        layer_bytes=infos[n].spec.layer_bytes) for n in chain])
         room.append(max(0.0, float(np.floor(np.min(free / (n_layers * kv_session))))))
         lat.append(np.array([sp.layer_latency_s for sp in specs]))
         pre.append(np.array([sp.prefill_s_per_token_per_layer for sp in specs]))
         layers.append(n_layers)
-        legs.append(sum(
-            rtt(a.node_id, b.node_id) / 2 + transfer_s(model.hidden_bytes_per_token, a.uplink_bps)
-            + RELAY_EXTRA_LEG_S * (int(a.relayed) + int(b.relayed))
-            for a, b in zip(specs, specs[1:], strict=False)))
+        legs.append(sum(handover_s(model, rtt(a.node_id, b.node_id), a, b) for a, b in pairwise(specs)))
         ends.append((chain[0], chain[-1]))
     if not room or expected_sessions <= 0:
         return math.inf if expected_sessions > 0 else 0.0
@@ -902,7 +924,7 @@ def _choose_plan(
     clients: Sequence[tuple[str, float]],
 ) -> tuple[dict[NodeId, LayerRange], float]:
     """Global plans for a few KV shares; the one whose pipelines serve the expected load fastest."""
-    memory = np.array([n.memory_bytes for n in node_map.values()], dtype=float)
+    memory = _memory(model, node_map.values())
     shares = _share_candidates(model, memory, base, expected_sessions, context_tokens)
     zones = zones_of(node_map, rtt)
     best: tuple[float, dict[NodeId, LayerRange], float] | None = None
@@ -948,14 +970,7 @@ def _incremental_plan(
         if fitted is not None:  # else it is placed from scratch below, like a joiner
             ranges[node_id] = fitted
 
-    coverage = _Coverage(model, infos)
-    for node_id, rng in ranges.items():
-        coverage.add(node_id, rng)
-    joiners = [infos[n] for n in infos if n not in ranges]
-    for info in sorted(joiners, key=lambda g: (-g.cap, g.spec.layer_latency_s, g.tiebreak)):
-        rng = coverage.place(info)
-        if rng is not None:
-            ranges[info.node_id] = rng
+    coverage = _place_around(model, infos, ranges, [infos[n] for n in infos if n not in ranges])
     _close_gaps(model, infos, ranges, coverage, floor_sessions, context_tokens)  # coverage before KV headroom
     return ranges
 

@@ -13,16 +13,23 @@ Public API (stable; the simulator and the allocator/router/rebalancer use these)
     node_from_datasheet(node_id, region, model, *, memory_bytes, mem_bandwidth_Bps, flops,
                         uplink_bps=100e6, relayed=False) -> NodeSpec
     kv_bytes_per_layer(model, sessions, context_tokens) -> float
-    memory_needed_bytes(model, layers, *, sessions, context_tokens, embedding=False, lm_head=False) -> float
+    weight_bytes_per_layer(model, node) -> float
+    memory_needed_bytes(model, layers, *, sessions, context_tokens, embedding=False, lm_head=False,
+                        layer_bytes=0.0) -> float
     layer_capacity(model, node, *, sessions=1, context_tokens=2048, embedding=False, lm_head=False) -> int
     range_fits(model, node, rng, *, sessions, context_tokens) -> bool
+    batched_step_s(layer_latency_s, prefill_s_per_token_per_layer, batch) -> float | numpy.ndarray
+    kv_share_bytes(model, memory_bytes, rng, *, layer_bytes=0.0) -> float
     batched_layer_s(node, batch) -> float
     stage_decode_s(node, layers, *, batch=1) -> float
     stage_prefill_s(node, layers, prompt_tokens) -> float
     node_rate_tokens_per_s(model, node, layers, *, batch=1) -> float
     transfer_s(payload_bytes, uplink_bps) -> float
     leg_s(rtt_s, payload_bytes, sender_uplink_bps, *, sender_relayed=False, receiver_relayed=False) -> float
+    handover_s(model, rtt_s, sender, receiver=None) -> float
+    loaded_step_s(layer_latency_s, prefill_s_per_token_per_layer, active_sessions, queue_len) -> float | ndarray
     loaded_layer_s(node, load) -> float
+    kv_shortage_s(free_kv_tokens, session_tokens) -> float | numpy.ndarray
     kv_penalty_s(load, session_tokens) -> float
     chain_token_s(model, hops, nodes, rtt, *, client, sink=None, transport="push", load=None,
                   session_tokens=0, client_uplink_bps=100e6) -> float
@@ -44,11 +51,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from itertools import pairwise
 
 import numpy as np
 
 from swarm.types import Hop, LayerRange, ModelSpec, NodeId, NodeLoad, NodeSpec, RttFn
+
+Figure = float | np.ndarray  # the load formulas take one node's figures, or a whole table's as arrays
 
 TOKEN_ID_BYTES = 4
 DEFAULT_CLIENT_UPLINK_BPS = 100e6
@@ -128,13 +138,25 @@ def node_from_datasheet(
     )
 
 
-def batched_layer_s(node: NodeSpec, batch: int) -> float:
-    """One decode step of `batch` concurrent tokens through one layer.
+def _maximum(a: Figure, b: Figure) -> Figure:
+    """max(a, b), elementwise when either is a numpy array: one formula serves a node or a whole table."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.maximum(a, b)
+    return max(a, b)
+
+
+def batched_step_s(layer_latency_s: Figure, prefill_s_per_token_per_layer: Figure, batch: Figure) -> Figure:
+    """One decode step of `batch` concurrent tokens through one layer (numbers, or numpy arrays elementwise).
 
     Memory bound (weights read once for the whole batch) until the batch's compute exceeds it,
     so batching is nearly free up to roughly layer_latency / prefill_per_token tokens.
     """
-    return max(node.layer_latency_s, max(batch, 1) * node.prefill_s_per_token_per_layer)
+    return _maximum(layer_latency_s, _maximum(batch, 1) * prefill_s_per_token_per_layer)
+
+
+def batched_layer_s(node: NodeSpec, batch: int) -> float:
+    """`batched_step_s` of one node."""
+    return batched_step_s(node.layer_latency_s, node.prefill_s_per_token_per_layer, batch)
 
 
 def stage_decode_s(node: NodeSpec, layers: int, *, batch: int = 1) -> float:
@@ -169,6 +191,11 @@ def kv_bytes_per_layer(model: ModelSpec, sessions: float, context_tokens: int) -
     return model.kv_bytes_per_token_per_layer * context_tokens * sessions
 
 
+def weight_bytes_per_layer(model: ModelSpec, node: NodeSpec) -> float:
+    """One layer's weights on `node`: what its quantization makes of them, else the model's size."""
+    return node.layer_bytes or model.layer_bytes
+
+
 def memory_needed_bytes(
     model: ModelSpec,
     layers: int,
@@ -177,13 +204,15 @@ def memory_needed_bytes(
     context_tokens: int,
     embedding: bool = False,
     lm_head: bool = False,
+    layer_bytes: float = 0.0,
 ) -> float:
     """Weights + KV budget of `layers` layers, plus half the head bytes for each chain end held.
 
     `model.head_bytes` is the embedding plus the LM head; a node starting at layer 0 holds the
-    embedding, one ending at the last layer holds the LM head (each about half).
+    embedding, one ending at the last layer holds the LM head (each about half). `layer_bytes`: a node's
+    own bytes per layer (`weight_bytes_per_layer`); 0: the model's.
     """
-    per_layer = model.layer_bytes + kv_bytes_per_layer(model, sessions, context_tokens)
+    per_layer = (layer_bytes or model.layer_bytes) + kv_bytes_per_layer(model, sessions, context_tokens)
     head = model.head_bytes / 2 * (int(embedding) + int(lm_head))
     return layers * per_layer + head
 
@@ -198,7 +227,7 @@ def layer_capacity(
     lm_head: bool = False,
 ) -> int:
     """How many layers (at most the whole model) fit in the node's memory with the KV budget."""
-    per_layer = model.layer_bytes + kv_bytes_per_layer(model, sessions, context_tokens)
+    per_layer = weight_bytes_per_layer(model, node) + kv_bytes_per_layer(model, sessions, context_tokens)
     free = node.memory_bytes - model.head_bytes / 2 * (int(embedding) + int(lm_head))
     if free <= 0 or per_layer <= 0:
         return 0
@@ -217,8 +246,19 @@ def range_fits(
         context_tokens=context_tokens,
         embedding=rng.start == 0,
         lm_head=rng.end == model.num_layers,
+        layer_bytes=node.layer_bytes,
     )
     return rng.end <= model.num_layers and need <= node.memory_bytes * (1 + 1e-9)
+
+
+def kv_share_bytes(model: ModelSpec, memory_bytes: float, rng: LayerRange, *, layer_bytes: float = 0.0) -> float:
+    """The KV cache a node offering `memory_bytes` keeps for sessions once it holds `rng`: what the range's
+    weights (`layer_bytes` each, as in `memory_needed_bytes`), and the head parts its ends imply, leave of its
+    memory (never below 0). The allocator plans a node's KV room with it, and the node's server enforces it as
+    its KV budget."""
+    weights = memory_needed_bytes(model, len(rng), sessions=0, context_tokens=0, embedding=rng.start == 0,
+                                  lm_head=rng.end == model.num_layers, layer_bytes=layer_bytes)
+    return max(0.0, memory_bytes - weights)
 
 
 # --- network --------------------------------------------------------------------------------------
@@ -242,27 +282,47 @@ def leg_s(
     return rtt_s / 2.0 + transfer_s(payload_bytes, sender_uplink_bps) + relay
 
 
+def handover_s(model: ModelSpec, rtt_s: float, sender: NodeSpec, receiver: NodeSpec | None = None) -> float:
+    """A hand-over between stages: one token's hidden state from `sender` to `receiver` over a link of `rtt_s`
+    (`receiver` None: an endpoint that is not a node, e.g. a client, so no relay detour on its side)."""
+    return leg_s(rtt_s, model.hidden_bytes_per_token, sender.uplink_bps, sender_relayed=sender.relayed,
+                 receiver_relayed=receiver is not None and receiver.relayed)
+
+
 # --- load -----------------------------------------------------------------------------------------
 
 
-def loaded_layer_s(node: NodeSpec, load: NodeLoad | None) -> float:
-    """Expected per-layer time of one more decode token on a node under `load`.
+def loaded_step_s(layer_latency_s: Figure, prefill_s_per_token_per_layer: Figure, active_sessions: Figure,
+                  queue_len: Figure) -> Figure:
+    """Expected per-layer time of one more decode token on a node under load (numbers, or numpy arrays
+    elementwise: the router reads a whole load table with it).
 
     Joining `active_sessions` others in the batch costs the batched step time; every queued
     request ahead adds about one more step.
     """
+    step = batched_step_s(layer_latency_s, prefill_s_per_token_per_layer, active_sessions + 1)
+    return step * (1.0 + QUEUE_STEP_WEIGHT * queue_len)
+
+
+def loaded_layer_s(node: NodeSpec, load: NodeLoad | None) -> float:
+    """`loaded_step_s` of one node under `load` (None: no load announced, its unloaded latency)."""
     if load is None:
         return node.layer_latency_s
-    step = batched_layer_s(node, load.active_sessions + 1)
-    return step * (1.0 + QUEUE_STEP_WEIGHT * load.queue_len)
+    return loaded_step_s(node.layer_latency_s, node.prefill_s_per_token_per_layer, load.active_sessions,
+                         load.queue_len)
+
+
+def kv_shortage_s(free_kv_tokens: Figure, session_tokens: int) -> Figure:
+    """Extra cost of a node announcing `free_kv_tokens`, too few for the session's KV cache (0 if enough);
+    numbers, or numpy arrays elementwise."""
+    return NO_KV_PENALTY_S * (free_kv_tokens < max(session_tokens, 1))
 
 
 def kv_penalty_s(load: NodeLoad | None, session_tokens: int) -> float:
-    """Extra cost of a node that cannot admit the session's KV cache (0 if it can)."""
+    """`kv_shortage_s` of one node under `load` (None: no load announced, no penalty)."""
     if load is None:
         return 0.0
-    needed = max(session_tokens, 1)
-    return NO_KV_PENALTY_S if load.free_kv_tokens < needed else 0.0
+    return kv_shortage_s(load.free_kv_tokens, session_tokens)
 
 
 # --- chains ---------------------------------------------------------------------------------------
@@ -276,6 +336,13 @@ def _endpoint_uplink(endpoint: str, nodes: Mapping[NodeId, NodeSpec], client_upl
 def _endpoint_relayed(endpoint: str, nodes: Mapping[NodeId, NodeSpec]) -> bool:
     node = nodes.get(endpoint)
     return node is not None and node.relayed
+
+
+def _endpoint_leg_s(nodes: Mapping[NodeId, NodeSpec], rtt: RttFn, client_uplink_bps: float, a: str, b: str,
+                    payload: float) -> float:
+    """`leg_s` from endpoint `a` to endpoint `b`, each a node id or a client."""
+    return leg_s(rtt(a, b), payload, _endpoint_uplink(a, nodes, client_uplink_bps),
+                 sender_relayed=_endpoint_relayed(a, nodes), receiver_relayed=_endpoint_relayed(b, nodes))
 
 
 def _payload_in(model: ModelSpec, layer: int) -> float:
@@ -320,16 +387,7 @@ def chain_token_s(
         node_load = load.get(hop.node_id)
         total += (hop.end - hop.start) * loaded_layer_s(node, node_load)
         total += kv_penalty_s(node_load, session_tokens)
-
-    def leg(a: str, b: str, payload: float) -> float:
-        return leg_s(
-            rtt(a, b),
-            payload,
-            _endpoint_uplink(a, nodes, client_uplink_bps),
-            sender_relayed=_endpoint_relayed(a, nodes),
-            receiver_relayed=_endpoint_relayed(b, nodes),
-        )
-
+    leg = partial(_endpoint_leg_s, nodes, rtt, client_uplink_bps)
     if transport == "push":
         total += leg(client, hops[0].node_id, _payload_in(model, hops[0].start))
         for prev, nxt in pairwise(hops):
@@ -365,16 +423,7 @@ def chain_prefill_s(
         return 0.0
     sink = client if sink is None else sink
     total = sum(stage_prefill_s(nodes[h.node_id], h.end - h.start, prompt_tokens) for h in hops)
-
-    def leg(a: str, b: str, payload: float) -> float:
-        return leg_s(
-            rtt(a, b),
-            payload,
-            _endpoint_uplink(a, nodes, client_uplink_bps),
-            sender_relayed=_endpoint_relayed(a, nodes),
-            receiver_relayed=_endpoint_relayed(b, nodes),
-        )
-
+    leg = partial(_endpoint_leg_s, nodes, rtt, client_uplink_bps)
     first_in = _payload_in(model, hops[0].start) * prompt_tokens
     last_out = _payload_out(model, hops[-1].end) * (1 if hops[-1].end == model.num_layers else prompt_tokens)
     hidden = model.hidden_bytes_per_token * prompt_tokens

@@ -10,11 +10,16 @@ import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
-from swarm.types import NodeSpec
+from swarm.types import ModelSpec, NodeSpec
 
 STATES = ("joining", "online", "draining", "offline")
 REACHABILITY = ("direct", "relayed", "unreachable")
+QUANTIZATIONS = ("none", "int8", "int4")  # how a node holds its layers' weights (node.model.quant)
 MAX_LAYERS = 1 << 12
+# Epochs count re-plans, one per change of the swarm: 2^53 is beyond any swarm's life, exact as a float, and
+# far from the 64-bit limit that `epoch + 1` would overflow when a node announces the next one.
+MAX_EPOCH = (1 << 53) - 1
+MAX_COUNT = 1 << 31  # free KV tokens, queue length, sessions
 
 
 class RecordError(ValueError):
@@ -39,6 +44,7 @@ class ServerRecord:
     region: str = ""
     epoch: int = 0  # the assignment epoch this range follows
     version: str = ""
+    quant: str = "none"  # one of QUANTIZATIONS: the planner sizes the node's layers by it, verification its error
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,15 +73,18 @@ class ServerRecord:
             raise RecordError(f"state: {self.state!r} is not one of {STATES}")
         if self.reachability not in REACHABILITY:
             raise RecordError(f"reachability: {self.reachability!r} is not one of {REACHABILITY}")
+        if self.quant not in QUANTIZATIONS:
+            raise RecordError(f"quant: {self.quant!r} is not one of {QUANTIZATIONS}")
         for name in ("layer_latency_s", "prefill_s_per_token_per_layer", "uplink_bps", "memory_bytes"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise RecordError(f"{name}: must be a finite number >= 0, got {value}")
         if self.memory_bytes > 1e14:  # 100 TB on one node is a lie, not a GPU
             raise RecordError(f"memory_bytes: {self.memory_bytes:.3g} is not a plausible amount of memory")
-        for name in ("free_kv_tokens", "queue_len", "sessions", "epoch"):
-            if getattr(self, name) < 0:
-                raise RecordError(f"{name}: must be >= 0")
+        for name, most in (("free_kv_tokens", MAX_COUNT), ("queue_len", MAX_COUNT), ("sessions", MAX_COUNT),
+                           ("epoch", MAX_EPOCH)):
+            if not 0 <= getattr(self, name) <= most:
+                raise RecordError(f"{name}: must be in [0, {most}], got {getattr(self, name)}")
 
 
 _REQUIRED = {"peer_id": str, "model": str, "start": int, "end": int}
@@ -96,15 +105,28 @@ UNKNOWN_LAYER_LATENCY_S = 0.005  # until a node has served a step and measured i
 UNKNOWN_MEMORY_BYTES = 16e9
 UNKNOWN_UPLINK_BPS = 100e6
 
+# Claims are believed only within what hardware can do; beyond, they are taken at these bounds. A decode step
+# of one layer is a dozen kernels at a few microseconds each, whatever the layer's size (a GPU's launch cost,
+# a CPU's dispatch); prefill amortises that over a chunk's tokens. No volunteer machine has more than a few
+# TB of memory, nor an uplink beyond 100 Gbit/s.
+MIN_LAYER_LATENCY_S = 10e-6
+MIN_PREFILL_S_PER_TOKEN_PER_LAYER = MIN_LAYER_LATENCY_S / 512
+MAX_MEMORY_BYTES = 2e12
+MAX_UPLINK_BPS = 100e9
 
-def node_spec(record: ServerRecord) -> NodeSpec:
-    """The planner's view of a node, from its record; unmeasured figures get the neutral guesses above."""
+
+def node_spec(record: ServerRecord, model: ModelSpec | None = None) -> NodeSpec:
+    """The planner's view of a node, from its record: unmeasured figures get the neutral guesses above, and
+    claims beyond what hardware can do are taken at the plausible bounds. With the `model`, its layers weigh
+    what they do at the record's quantization."""
     return NodeSpec(
         node_id=record.peer_id,
         region=record.region or "unknown",
-        memory_bytes=record.memory_bytes or UNKNOWN_MEMORY_BYTES,
-        layer_latency_s=record.layer_latency_s or UNKNOWN_LAYER_LATENCY_S,
-        prefill_s_per_token_per_layer=record.prefill_s_per_token_per_layer or UNKNOWN_LAYER_LATENCY_S / 20,
-        uplink_bps=record.uplink_bps or UNKNOWN_UPLINK_BPS,
+        memory_bytes=min(record.memory_bytes or UNKNOWN_MEMORY_BYTES, MAX_MEMORY_BYTES),
+        layer_latency_s=max(record.layer_latency_s or UNKNOWN_LAYER_LATENCY_S, MIN_LAYER_LATENCY_S),
+        prefill_s_per_token_per_layer=max(record.prefill_s_per_token_per_layer or UNKNOWN_LAYER_LATENCY_S / 20,
+                                          MIN_PREFILL_S_PER_TOKEN_PER_LAYER),
+        uplink_bps=min(record.uplink_bps or UNKNOWN_UPLINK_BPS, MAX_UPLINK_BPS),
         relayed=record.reachability == "relayed",
+        layer_bytes=model.layer_bytes_at(record.quant) if model is not None and record.quant != "none" else 0.0,
     )

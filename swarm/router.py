@@ -2,17 +2,19 @@
 
 Public API (stable):
 
-    route(model, nodes, assignment, rtt, *, client, load=None, transport="push", alternates=3,
-          exclude=frozenset(), start_layer=0, end_layer=None, sink=None, session_tokens=0,
-          client_uplink_bps=100e6, index=None, prompt_tokens=0, output_tokens=0, ttft_weight=1.0) -> list[Route]
     build_route_index(model, nodes, assignment, rtt) -> RouteIndex
+    route(index, request, load=None) -> list[Route]
+    RouteRequest(client, *, start_layer=0, end_layer=None, sink=None, exclude=frozenset(), transport="push",
+                 alternates=3, session_tokens=0, client_uplink_bps=100e6, prompt_tokens=0, output_tokens=0,
+                 ttft_weight=1.0)   # one frozen value per routing question
     LoadTable(node_ids)   # a Mapping[NodeId, NodeLoad] kept as arrays; `route` reads it vectorised
 
-`route` keeps the last few RouteIndex objects keyed by the identity of (model, nodes, assignment,
-rtt) plus the epoch and sizes, so pass the same objects between changes (a Mapping for `nodes`: a
-list is never cached), and a new Assignment or an explicit `index=` when node specs or RTTs change.
+The RouteIndex holds everything static about (model, nodes, assignment, rtt), and remembers the best
+unloaded chains it has found: a caller routing many requests over one assignment builds it once and
+passes it to every `route` (the simulator's policy, until its assignment changes); this module keeps no
+state of its own.
 
-`route` returns the best chain first, then up to `alternates` others for failover (node-disjoint
+`route` returns the best chain first, then up to `request.alternates` others for failover (node-disjoint
 from every earlier one while the swarm allows, otherwise differing in at least one hop), each
 costed exactly by `costmodel.chain_token_s`; [] when no chain covers [start_layer, end_layer).
 A chain is free-form: any node whose range covers the next layers may serve any sub-range of it.
@@ -46,7 +48,6 @@ How (a DP over layer boundaries, state = the last node of the chain):
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -54,25 +55,70 @@ import numpy as np
 
 from swarm.costmodel import (
     DEFAULT_CLIENT_UPLINK_BPS,
-    NO_KV_PENALTY_S,
-    QUEUE_STEP_WEIGHT,
     RELAY_EXTRA_LEG_S,
     TOKEN_ID_BYTES,
     chain_prefill_s,
     chain_token_s,
     kv_penalty_s,
+    kv_shortage_s,
     loaded_layer_s,
+    loaded_step_s,
     region_rtt_matrix,
+    transfer_s,
 )
 from swarm.types import Assignment, Hop, ModelSpec, NodeId, NodeLoad, NodeSpec, Route, RttFn
 
-__all__ = ["LoadTable", "RouteIndex", "build_route_index", "route"]
+__all__ = ["LoadTable", "RouteIndex", "RouteRequest", "build_route_index", "route"]
+
+TRANSPORTS = ("push", "relay")
 
 _INF = float("inf")
 _REVEAL_ROUNDS = 3  # DP runs on partially read loads before reading them all
 _LOAD_SAMPLE = 16  # loads read up front to judge whether load is widespread
 _UNLOADED_CACHE_SIZE = 4096  # remembered best unloaded chains per index
 _MISSING = object()
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """One routing question, as one value (hashable: policies memoise routes on it).
+
+    client, sink        who feeds the chain and who receives its output (sink None: the client); node ids
+                        when failover re-routes the layers of a dead stage between its neighbours
+    start_layer, end_layer  the span [start_layer, end_layer) to carry (end_layer None: the model's last layer)
+    exclude             nodes the chain may not use
+    transport           "push" (stage to stage) or "relay" (the client relays every hop)
+    alternates          how many other chains to return after the best, for failover
+    session_tokens      KV tokens the session needs on every node it uses
+    client_uplink_bps   the client's uplink, for the legs it sends
+    prompt_tokens, output_tokens, ttft_weight  the prompt-aware objective (see `route`; off without them)
+    """
+
+    client: str
+    start_layer: int = 0
+    end_layer: int | None = None
+    sink: str | None = None
+    exclude: frozenset[NodeId] = frozenset()
+    transport: str = "push"
+    alternates: int = 3
+    session_tokens: int = 0
+    client_uplink_bps: float = DEFAULT_CLIENT_UPLINK_BPS
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {self.transport!r} (expected 'push' or 'relay')")
+
+    def span(self, num_layers: int) -> tuple[int, int]:
+        """[start, end) of the layers to carry, in a model of `num_layers` layers."""
+        return self.start_layer, num_layers if self.end_layer is None else self.end_layer
+
+    @property
+    def destination(self) -> str:
+        """Who receives the chain's output: the sink, else the client."""
+        return self.client if self.sink is None else self.sink
 
 
 class LoadTable(Mapping):
@@ -241,7 +287,7 @@ def build_route_index(
         end=end,
         latency=np.array([s.layer_latency_s for s in specs], dtype=float),
         prefill=np.array([s.prefill_s_per_token_per_layer for s in specs], dtype=float),
-        hidden_out=model.hidden_bytes_per_token * 8.0 / uplink,
+        hidden_out=transfer_s(model.hidden_bytes_per_token, uplink),
         relay_extra=np.array([RELAY_EXTRA_LEG_S if s.relayed else 0.0 for s in specs]),
         offset_half=offset / 2,
         uplink_bps=uplink,
@@ -306,25 +352,6 @@ def _event_gathers(events: list[int], covering: list[np.ndarray], group_region: 
     }
 
 
-# A few recent indexes, keyed by the identity of their inputs (held alive here, so ids stay unique).
-_CACHE: OrderedDict[tuple, tuple[tuple, RouteIndex]] = OrderedDict()
-_CACHE_SIZE = 4
-
-
-def _cached_index(model: ModelSpec, nodes: object, assignment: Assignment, rtt: RttFn) -> RouteIndex:
-    size = len(nodes) if isinstance(nodes, Mapping) else -1
-    key = (id(model), id(nodes), id(assignment), id(rtt), assignment.epoch, size, len(assignment.ranges))
-    hit = _CACHE.get(key)
-    if hit is not None and size >= 0:
-        _CACHE.move_to_end(key)
-        return hit[1]
-    index = build_route_index(model, nodes, assignment, rtt)  # type: ignore[arg-type]
-    _CACHE[key] = ((model, nodes, assignment, rtt), index)
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return index
-
-
 class _Request:
     """Per-request costs over the index's nodes, reading node loads only where they matter.
 
@@ -372,7 +399,7 @@ class _Request:
         return changed
 
     def read_table(self, table: LoadTable) -> None:
-        """Read every load of a LoadTable at once (the same formulas as costmodel, vectorised)."""
+        """Read every load of a LoadTable at once."""
         rows = self.index.table_positions(table)
         at = np.flatnonzero(rows >= 0)
         at = at[table.present[rows[at]]]
@@ -380,9 +407,7 @@ class _Request:
         if not len(at):
             return
         r = rows[at]
-        step = np.maximum(self.index.latency[at], (table.active_sessions[r] + 1) * self.index.prefill[at])
-        self.per_layer[at] = step * (1.0 + QUEUE_STEP_WEIGHT * table.queue_len[r])
-        self.penalty[at] = np.where(table.free_kv_tokens[r] < max(self.session_tokens, 1), NO_KV_PENALTY_S, 0.0)
+        self._set_loads(at, table.active_sessions[r], table.queue_len[r], table.free_kv_tokens[r])
 
     def at_lower_bound(self, positions: list[int]) -> bool:
         """Read these nodes' loads; True if none of them costs more than unloaded."""
@@ -390,7 +415,7 @@ class _Request:
         return all(self.per_layer[i] == self.index.latency[i] and not self.penalty[i] for i in positions)
 
     def reveal_all(self) -> None:
-        """Read every remaining load at once (the same formulas as costmodel, vectorised)."""
+        """Read every remaining load at once."""
         unread = np.flatnonzero(~self.known)
         self.known[unread] = True
         if self.load is None or not len(unread):
@@ -400,13 +425,14 @@ class _Request:
         loads = [(i, x) for i, x in loads if x is not None]
         if not loads:
             return
-        at = np.array([i for i, _ in loads])
-        active = np.array([x.active_sessions for _, x in loads], dtype=float)
-        queue = np.array([x.queue_len for _, x in loads], dtype=float)
-        free_kv = np.array([x.free_kv_tokens for _, x in loads], dtype=float)
-        step = np.maximum(self.index.latency[at], (active + 1) * self.index.prefill[at])
-        self.per_layer[at] = step * (1.0 + QUEUE_STEP_WEIGHT * queue)
-        self.penalty[at] = np.where(free_kv < max(self.session_tokens, 1), NO_KV_PENALTY_S, 0.0)
+        self._set_loads(np.array([i for i, _ in loads]), np.array([x.active_sessions for _, x in loads], dtype=float),
+                        np.array([x.queue_len for _, x in loads], dtype=float),
+                        np.array([x.free_kv_tokens for _, x in loads], dtype=float))
+
+    def _set_loads(self, at: np.ndarray, active: np.ndarray, queue: np.ndarray, free_kv: np.ndarray) -> None:
+        """The loaded costs of the nodes at positions `at` (costmodel's formulas, on arrays)."""
+        self.per_layer[at] = loaded_step_s(self.index.latency[at], self.index.prefill[at], active, queue)
+        self.penalty[at] = kv_shortage_s(free_kv, self.session_tokens)
 
 
 def _endpoint_props(index: RouteIndex, endpoint: str, client_uplink_bps: float) -> tuple[float, float]:
@@ -416,21 +442,8 @@ def _endpoint_props(index: RouteIndex, endpoint: str, client_uplink_bps: float) 
     return node.uplink_bps, RELAY_EXTRA_LEG_S if node.relayed else 0.0
 
 
-def _request(
-    index: RouteIndex,
-    *,
-    client: str,
-    sink: str,
-    load: Mapping[NodeId, NodeLoad] | None,
-    transport: str,
-    start_layer: int,
-    end_layer: int,
-    session_tokens: int,
-    client_uplink_bps: float,
-    prompt_tokens: int = 0,
-    output_tokens: int = 0,
-    ttft_weight: float = 1.0,
-) -> _Request:
+def _request(index: RouteIndex, request: RouteRequest, load: Mapping[NodeId, NodeLoad] | None,
+             end_layer: int) -> _Request:
     """Per-node cost terms of one request; with a prompt, its prefill is amortised over the output.
 
     The objective is per-token decode time + w x prefill time with w = ttft_weight / output_tokens (0
@@ -439,32 +452,33 @@ def _request(
     """
     model = index.model
     hidden = model.hidden_bytes_per_token
-    w = ttft_weight / output_tokens if prompt_tokens > 0 and output_tokens > 0 else 0.0
+    prompt_tokens, output_tokens = request.prompt_tokens, request.output_tokens
+    w = request.ttft_weight / output_tokens if prompt_tokens > 0 and output_tokens > 0 else 0.0
     f = 1.0 + w
-    in_bytes = TOKEN_ID_BYTES if start_layer == 0 and model.head_bytes > 0 else hidden
+    in_bytes = TOKEN_ID_BYTES if request.start_layer == 0 and model.head_bytes > 0 else hidden
     out_bytes = TOKEN_ID_BYTES if end_layer == model.num_layers and model.head_bytes > 0 else hidden
     last_prefill = out_bytes * (1 if end_layer == model.num_layers else prompt_tokens)
-    client_up, client_relay = _endpoint_props(index, client, client_uplink_bps)
-    _, sink_relay = _endpoint_props(index, sink, client_uplink_bps)
+    client, sink = request.client, request.destination
+    client_up, client_relay = _endpoint_props(index, client, request.client_uplink_bps)
+    _, sink_relay = _endpoint_props(index, sink, request.client_uplink_bps)
     rtt_in = index.rtt_to(client)
     rtt_out = rtt_in if sink == client else index.rtt_to(sink)
     into = f * (rtt_in / 2 + client_relay + index.relay_extra)
     out_of = f * (rtt_out / 2 + index.relay_extra + sink_relay)
-    front = into + (in_bytes + w * prompt_tokens * in_bytes) * 8.0 / client_up
-    front_hidden = into + (hidden + w * prompt_tokens * hidden) * 8.0 / client_up
-    back_last = out_of + (out_bytes + w * last_prefill) * 8.0 / index.uplink_bps
+    front = into + transfer_s(in_bytes + w * prompt_tokens * in_bytes, client_up)
+    front_hidden = into + transfer_s(hidden + w * prompt_tokens * hidden, client_up)
+    back_last = out_of + transfer_s(out_bytes + w * last_prefill, index.uplink_bps)
     back_hidden = out_of + index.hidden_out * (1 + w * prompt_tokens)
     prefill_layer = None
     if w:
         prefill_layer = w * np.maximum(index.latency, prompt_tokens * index.prefill)
-    if transport == "push":
+    session_tokens = request.session_tokens
+    if request.transport == "push":
         between = f * (index.relay_extra + index.offset_half)
         return _Request(index, load, session_tokens, front, between,
                         index.hidden_out * (1 + w * prompt_tokens) + between, back_last, True, prefill_layer, f)
-    if transport == "relay":
-        return _Request(index, load, session_tokens, front, front_hidden, back_hidden, back_last, False,
-                        prefill_layer, f)
-    raise ValueError(f"unknown transport {transport!r} (expected 'push' or 'relay')")
+    return _Request(index, load, session_tokens, front, front_hidden, back_hidden, back_last, False,
+                    prefill_layer, f)
 
 
 def _best_chain(
@@ -567,47 +581,23 @@ def _unwind(
     return tuple(merged)
 
 
-def route(
-    model: ModelSpec,
-    nodes: Mapping[NodeId, NodeSpec] | Iterable[NodeSpec],
-    assignment: Assignment,
-    rtt: RttFn,
-    *,
-    client: str,
-    load: Mapping[NodeId, NodeLoad] | None = None,
-    transport: str = "push",
-    alternates: int = 3,
-    exclude: frozenset[NodeId] = frozenset(),
-    start_layer: int = 0,
-    end_layer: int | None = None,
-    sink: str | None = None,
-    session_tokens: int = 0,
-    client_uplink_bps: float = DEFAULT_CLIENT_UPLINK_BPS,
-    index: RouteIndex | None = None,
-    prompt_tokens: int = 0,
-    output_tokens: int = 0,
-    ttft_weight: float = 1.0,
-) -> list[Route]:
-    """Best chain first, then up to `alternates` differing ones; [] when no chain exists.
+def route(index: RouteIndex, request: RouteRequest, load: Mapping[NodeId, NodeLoad] | None = None) -> list[Route]:
+    """Best chain first, then up to `request.alternates` differing ones; [] when no chain exists.
 
-    With `prompt_tokens` and `output_tokens`, chains are ranked by the time of the whole answer per
-    output token: decode per token + ttft_weight x prefill / output_tokens (so a chain whose slow uplink
-    would take seconds to carry the prompt is avoided; ttft_weight > 1 counts a second of waiting for
-    the first token as worse than a second of decoding); `Route.expected_token_s` stays the per-token
-    decode time and `details["prefill_s"]` holds the prefill time.
+    `index` is `build_route_index` of the swarm to route over. With `prompt_tokens` and `output_tokens`,
+    chains are ranked by the time of the whole answer per output token: decode per token + ttft_weight x
+    prefill / output_tokens (so a chain whose slow uplink would take seconds to carry the prompt is avoided;
+    ttft_weight > 1 counts a second of waiting for the first token as worse than a second of decoding);
+    `Route.expected_token_s` stays the per-token decode time and `details["prefill_s"]` holds the prefill time.
     """
-    end_layer = model.num_layers if end_layer is None else end_layer
+    model = index.model
+    start_layer, end_layer = request.span(model.num_layers)
     if not 0 <= start_layer < end_layer <= model.num_layers:
         raise ValueError(f"invalid layer span [{start_layer}, {end_layer}) for {model.num_layers} layers")
-    if index is None:
-        index = _cached_index(model, nodes, assignment, rtt)
-    sink = client if sink is None else sink
     if not index.ids:
         return []
 
-    req = _request(index, client=client, sink=sink, load=load, transport=transport, start_layer=start_layer,
-                   end_layer=end_layer, session_tokens=session_tokens, client_uplink_bps=client_uplink_bps,
-                   prompt_tokens=prompt_tokens, output_tokens=output_tokens, ttft_weight=ttft_weight)
+    req = _request(index, request, load, end_layer)
     if isinstance(load, LoadTable):
         req.read_table(load)
     elif load:
@@ -620,15 +610,12 @@ def route(
 
     def unloaded_best(excluded: frozenset[NodeId], banned: list[int]) -> tuple[Hop, ...] | None:
         """The best chain with every node unloaded: a lower bound on every chain, remembered per index."""
-        key = (client, sink, transport, start_layer, end_layer, client_uplink_bps, prompt_tokens, output_tokens,
-               ttft_weight, excluded)
+        key = (request.client, request.destination, request.transport, start_layer, end_layer,
+               request.client_uplink_bps, request.prompt_tokens, request.output_tokens, request.ttft_weight, excluded)
         chain = index.unloaded_best.get(key, _MISSING)
         if chain is _MISSING:
             if not unloaded_req:
-                unloaded_req.append(_request(
-                    index, client=client, sink=sink, load=None, transport=transport, start_layer=start_layer,
-                    end_layer=end_layer, session_tokens=session_tokens, client_uplink_bps=client_uplink_bps,
-                    prompt_tokens=prompt_tokens, output_tokens=output_tokens, ttft_weight=ttft_weight))
+                unloaded_req.append(_request(index, request, None, end_layer))
             chain = _best_chain(index, unloaded_req[0], banned, start_layer, end_layer)
             if len(index.unloaded_best) >= _UNLOADED_CACHE_SIZE:
                 index.unloaded_best.clear()
@@ -652,61 +639,46 @@ def route(
         req.reveal_all()  # heavily loaded: read everything once and solve exactly
         return _best_chain(index, req, banned, start_layer, end_layer)
 
-    best = solve(frozenset(exclude))
+    exclude = frozenset(request.exclude)
+    best = solve(exclude)
     if best is None:
         return []
     chains = [best]
     used = {h.node_id for h in best}
     # Node-disjoint alternates while the swarm has them...
-    while len(chains) <= alternates:
-        alt = solve(frozenset(exclude) | used)
+    while len(chains) <= request.alternates:
+        alt = solve(exclude | used)
         if alt is None:
             break
         chains.append(alt)
         used |= {h.node_id for h in alt}
     # ...then chains that avoid one node of the best chain (its longest stages first).
     for hop in sorted(best, key=lambda h: (h.start - h.end, h.start)):
-        if len(chains) > alternates:
+        if len(chains) > request.alternates:
             break
-        alt = solve(frozenset(exclude) | {hop.node_id})
+        alt = solve(exclude | {hop.node_id})
         if alt is not None and alt not in chains:
             chains.append(alt)
 
-    routes = [_costed(index, hops, client=client, sink=sink, load=load, transport=transport,
-                      session_tokens=session_tokens, client_uplink_bps=client_uplink_bps,
-                      prompt_tokens=prompt_tokens, output_tokens=output_tokens, ttft_weight=ttft_weight)
-              for hops in chains]
+    routes = [_costed(index, hops, request, load) for hops in chains]
     # Stable: the DP's best stays first on ties; real per-node RTTs may reorder the rest.
     return sorted(routes, key=lambda r: r.details["objective_s"])
 
 
-def _costed(
-    index: RouteIndex,
-    hops: tuple[Hop, ...],
-    *,
-    client: str,
-    sink: str,
-    load: Mapping[NodeId, NodeLoad] | None,
-    transport: str,
-    session_tokens: int,
-    client_uplink_bps: float,
-    prompt_tokens: int = 0,
-    output_tokens: int = 0,
-    ttft_weight: float = 1.0,
-) -> Route:
-    total = chain_token_s(index.model, hops, index.nodes, index.rtt, client=client, sink=sink,
-                          transport=transport, load=load, session_tokens=session_tokens,
-                          client_uplink_bps=client_uplink_bps)
+def _costed(index: RouteIndex, hops: tuple[Hop, ...], request: RouteRequest,
+            load: Mapping[NodeId, NodeLoad] | None) -> Route:
+    endpoints = dict(client=request.client, sink=request.destination, transport=request.transport,
+                     client_uplink_bps=request.client_uplink_bps)
+    total = chain_token_s(index.model, hops, index.nodes, index.rtt, load=load,
+                          session_tokens=request.session_tokens, **endpoints)
     prefill = 0.0
-    if prompt_tokens > 0 and output_tokens > 0:
-        prefill = chain_prefill_s(index.model, hops, index.nodes, index.rtt, client=client, sink=sink,
-                                  prompt_tokens=prompt_tokens, transport=transport,
-                                  client_uplink_bps=client_uplink_bps)
+    if request.prompt_tokens > 0 and request.output_tokens > 0:
+        prefill = chain_prefill_s(index.model, hops, index.nodes, index.rtt, prompt_tokens=request.prompt_tokens,
+                                  **endpoints)
     load = load or {}
     compute = sum((h.end - h.start) * loaded_layer_s(index.nodes[h.node_id], load.get(h.node_id)) for h in hops)
-    penalty = sum(kv_penalty_s(load.get(h.node_id), session_tokens) for h in hops)
+    penalty = sum(kv_penalty_s(load.get(h.node_id), request.session_tokens) for h in hops)
+    objective = total + (request.ttft_weight * prefill / request.output_tokens if prefill else 0.0)
     return Route(hops=hops, expected_token_s=total,
                  details={"compute_s": compute, "network_s": total - compute - penalty, "kv_penalty_s": penalty,
-                          "hops": float(len(hops)), "prefill_s": prefill,
-                          "objective_s": total + (ttft_weight * prefill / output_tokens if prefill else 0.0)})
-
+                          "hops": float(len(hops)), "prefill_s": prefill, "objective_s": objective})

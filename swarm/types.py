@@ -29,6 +29,7 @@ class ModelSpec:
     head_bytes: float = 0.0  # embedding + LM head, for whoever holds the chain's ends
     flops_per_token_per_layer: float = 0.0  # 0 means "same as layer_bytes" (2 FLOPs / 16-bit weight)
     wire_bytes_per_element: int = 2  # hidden states cross the network as fp16/bf16
+    quant_layer_bytes: tuple[tuple[str, float], ...] = ()  # (quantization, layer_bytes) for quantized weights
 
     @property
     def hidden_bytes_per_token(self) -> float:
@@ -37,6 +38,10 @@ class ModelSpec:
     @property
     def flops_per_layer(self) -> float:
         return self.flops_per_token_per_layer or self.layer_bytes
+
+    def layer_bytes_at(self, quant: str) -> float:
+        """One layer's weights held at `quant` ("none" or one `quant_layer_bytes` lists: else the dense size)."""
+        return dict(self.quant_layer_bytes).get(quant, self.layer_bytes)
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class NodeSpec:
     prefill_s_per_token_per_layer: float  # prefill: amortised time per prompt token per layer
     uplink_bps: float = 100e6
     relayed: bool = False  # reachable only through a libp2p relay
+    layer_bytes: float = 0.0  # one layer's weights as this node holds them (quantized); 0: the model's layer_bytes
 
 
 @dataclass(frozen=True)

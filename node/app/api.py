@@ -4,14 +4,27 @@ Any OpenAI client can use the swarm through it. Every request runs on its own ch
 through the same `ChatEngine` the CLI and the chat window use; requests are served concurrently
 (nothing here serialises them). Wire shapes live in `node.app.api_schema`.
 
+Bounds before work (`Guard`, an ASGI middleware in front of every route): with an API key (required when
+the API listens beyond loopback) a request without `Authorization: Bearer <key>` is refused before its body
+is read; a body larger than `MAX_BODY_BYTES` is refused by its Content-Length, or as soon as the bytes read
+pass the limit, and a body that trickles in for longer than `BODY_TIMEOUT_S` is dropped. A prompt longer
+than the context could hold at `MAX_CHARS_PER_TOKEN` is refused before tokenizing, and tokenizing runs on
+a worker thread, so one caller's prompt never stalls the others. `max_tokens` is bounded by the context and
+by the longest session the swarm's nodes announce room for.
+
     app = create_app(DEFAULT_MODEL, initial_peers)   # or: layerhive api --initial-peers ADDR
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
 import logging
+import os
+import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -49,6 +62,12 @@ logger = logging.getLogger(__name__)
 # When a request gives no max_tokens: OpenAI would allow the rest of the context, but every node of the
 # chain reserves KV cache for the whole session up front, so an unbounded default would crowd a shared swarm.
 DEFAULT_MAX_TOKENS = 512
+MAX_BODY_BYTES = 4 << 20  # a whole context of text, even JSON-escaped at 6 bytes a character, fits in 1 MB
+BODY_TIMEOUT_S = 30.0  # a body must arrive within this (a client trickling bytes would hold its buffer forever)
+# Refused before tokenizing: a prompt of more characters than the context holds at this many per token (text
+# averages about 4; 16 leaves room for long tokens such as runs of spaces, and bounds the tokenizer's work).
+MAX_CHARS_PER_TOKEN = 16
+API_KEY_ENV = "LAYERHIVE_API_KEY"
 
 # Failures of the swarm itself (not of the request): answered 503 / 502 so clients may retry.
 SWARM_ERRORS: tuple[type[Exception], ...] = (
@@ -178,8 +197,18 @@ class ServedModel:
             raise APIError(404, f"The model `{requested}` does not exist or is not served here; "
                            f"this server serves `{self.id}`.", param="model", code="model_not_found")
 
+    def check_prompt_chars(self, chars: int, prompt_param: str) -> None:
+        """Refuses, before any tokenizing, a prompt too long to fit the context whatever its tokens."""
+        most = self.engine.max_context * MAX_CHARS_PER_TOKEN
+        if chars > most:
+            raise invalid_request(
+                f"This model's maximum context length is {self.engine.max_context} tokens, and your prompt has "
+                f"{chars} characters (more than {most}, which no text of that many tokens reaches). "
+                "Please reduce the length of the prompt.", prompt_param, "context_length_exceeded")
+
     def sampling_params(self, request: SamplingRequest, limit: int | None, prompt_tokens: int,
-                        prompt_param: str) -> SamplingParams:
+                        prompt_param: str, swarm_room: int | None = None) -> SamplingParams:
+        """`swarm_room`: the longest session (prompt and completion) the swarm's nodes announce room for now."""
         context = self.engine.max_context
         room = context - prompt_tokens
         if room < 1 or (limit is not None and limit > room):
@@ -190,6 +219,17 @@ class ServedModel:
                 "Please reduce the length of the prompt or of the completion.",
                 prompt_param, "context_length_exceeded",
             )
+        if swarm_room is not None:
+            room = min(room, swarm_room - prompt_tokens)
+            if room < 1:
+                raise APIError(503, f"The swarm has no room for a session of {prompt_tokens + 1} tokens right now "
+                               f"(at most {swarm_room}); try again later or with a shorter prompt.",
+                               type="service_unavailable", code="no_capacity")
+            if limit is not None and limit > room:
+                raise invalid_request(
+                    f"The swarm can hold sessions of at most {swarm_room} tokens right now. However, you requested "
+                    f"{prompt_tokens + limit} tokens ({prompt_tokens} in the prompt, {limit} for the completion). "
+                    "Please reduce max_tokens.", "max_tokens", "context_length_exceeded")
         return SamplingParams(
             max_new_tokens=limit if limit is not None else min(self.default_max_tokens, room),
             temperature=request.temperature, top_p=request.top_p, seed=request.seed,
@@ -311,7 +351,8 @@ async def _run(model: ServedModel, request: SamplingRequest, prompt_ids: list[in
                prompt_param: str) -> Generation:
     if not prompt_ids:
         raise invalid_request("The prompt is empty.", prompt_param)
-    params = model.sampling_params(request, limit, len(prompt_ids), prompt_param)
+    swarm_room = await model.engine.client.session_room()
+    params = model.sampling_params(request, limit, len(prompt_ids), prompt_param, swarm_room)
     generation = Generation(model.engine, prompt_ids, params, request.stop_sequences())
     await generation.start()
     return generation
@@ -339,7 +380,8 @@ def _add_routes(app: FastAPI) -> None:
         model.check_model(body.model)
         messages = [Message("system" if m.role == "developer" else m.role, m.text(i))
                     for i, m in enumerate(body.messages)]
-        prompt_ids = model.engine.chat_prompt_ids(messages)
+        model.check_prompt_chars(sum(len(m.content) for m in messages), "messages")
+        prompt_ids = await asyncio.to_thread(model.engine.chat_prompt_ids, messages)
         generation = await _run(model, body, prompt_ids, body.token_limit(), "messages")
         response_id, created = new_id("chatcmpl"), now()
         if not body.stream:
@@ -369,13 +411,14 @@ def _add_routes(app: FastAPI) -> None:
         model.check_model(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            prompt_ids = [int(t) for t in prompt]
+            prompt_ids = [int(t) for t in prompt]  # too many for the context: refused by sampling_params
             vocab = model.engine.vocab_size
             if any(not 0 <= t < vocab for t in prompt_ids):
                 raise invalid_request(f"Token ids in the prompt must be in [0, {vocab}).", "prompt")
         else:
             text = prompt if isinstance(prompt, str) else prompt[0] if prompt else ""
-            prompt_ids = model.engine.completion_prompt_ids(text)
+            model.check_prompt_chars(len(text), "prompt")
+            prompt_ids = await asyncio.to_thread(model.engine.completion_prompt_ids, text)
         generation = await _run(model, body, prompt_ids, body.token_limit(), "prompt")
         response_id, created = new_id("cmpl"), now()
         if not body.stream:
@@ -400,9 +443,11 @@ def _add_routes(app: FastAPI) -> None:
 
 
 def create_app(model: str, initial_peers: Sequence[str], *, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-               host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)) -> FastAPI:
+               host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",), api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The API for `model` in the swarm reached through `initial_peers`. The DHT client starts in the
-    lifespan, so its p2p replica belongs to the event loop that serves the requests."""
+    lifespan, so its p2p replica belongs to the event loop that serves the requests. With `api_key`, every
+    request must carry it as a bearer token."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -417,12 +462,117 @@ def create_app(model: str, initial_peers: Sequence[str], *, default_max_tokens: 
     app = FastAPI(title="Layerhive OpenAI-compatible API", lifespan=lifespan)
     _install_error_handlers(app)
     _add_routes(app)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     return app
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve beyond this machine
+        return False
+
+
+def api_key_for(host: str, given: str | None) -> tuple[str | None, bool]:
+    """The key the API requires: `given`, else $LAYERHIVE_API_KEY, else (listening beyond loopback) a fresh one;
+    None on loopback without one. The flag says whether the key was generated here (to be shown to the user)."""
+    key = given or os.environ.get(API_KEY_ENV) or None
+    if key is None and not is_loopback(host):
+        return secrets.token_urlsafe(24), True
+    return key, False
+
+
 def serve(model: str, initial_peers: Sequence[str], *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info") -> int:
+          log_level: str = "info", api_key: str | None = None) -> int:
     import uvicorn
 
-    uvicorn.run(create_app(model, initial_peers), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(model, initial_peers, api_key=api_key), host=host, port=port, log_level=log_level)
     return 0
+
+
+# ------------------------------------------------------------------------------------------- bounds before work
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware: the API key, then the body's size and arrival time, checked before any route runs.
+    A request that passes reaches the app with its body already read (at most `max_body_bytes`)."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, body_timeout_s: float = BODY_TIMEOUT_S
+                 ) -> None:
+        self.app, self.max_body_bytes, self.body_timeout_s = app, max_body_bytes, body_timeout_s
+        self.api_key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and not self._authorized(headers.get(b"authorization", b"")):
+            await _respond(send, APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer "
+                                          "<key>' (the key `layerhive api` printed, or its --api-key).",
+                                          code="invalid_api_key"))
+            return
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            await _respond(send, self._too_large())
+            return
+        try:
+            body = await self._read_body(receive)
+        except _BodyTooLarge:
+            await _respond(send, self._too_large())
+            return
+        except asyncio.TimeoutError:
+            await _respond(send, APIError(408, f"The request body did not arrive within {self.body_timeout_s:.0f} s."))
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"The request body is larger than {self.max_body_bytes} bytes.",
+                        code="request_too_large")
+
+    async def _read_body(self, receive) -> bytes:
+        chunks, size = [], 0
+        deadline = time.monotonic() + self.body_timeout_s
+        while True:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            if message["type"] == "http.disconnect":
+                raise asyncio.TimeoutError  # nobody to answer; end the request
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                raise _BodyTooLarge
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """A `receive` that hands the app the body read already, then passes on what the server sends (disconnect)."""
+    delivered = False
+
+    async def replay():
+        nonlocal delivered
+        if delivered:
+            return await receive()
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+async def _respond(send, error: APIError) -> None:
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if error.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

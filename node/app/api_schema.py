@@ -13,6 +13,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from node.model.sampling import MAX_SEED
+
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256
+
 # ---------------------------------------------------------------------------------------------------- errors
 
 
@@ -49,8 +54,9 @@ class SamplingRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)  # 0 would leave no token to sample from
     n: int = Field(default=1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    # As OpenAI: up to 4 stop sequences. Each is matched against the text at every token, so its length is bounded.
+    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
@@ -60,6 +66,14 @@ class SamplingRequest(BaseModel):
     @classmethod
     def _null_is_default(cls, value: Any, info) -> Any:
         return cls.model_fields[info.field_name].default if value is None else value
+
+    @field_validator("stop")
+    @classmethod
+    def _short_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        for stop in [value] if isinstance(value, str) else value or []:
+            if len(stop) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
+        return value
 
     def stop_sequences(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -12,41 +12,39 @@ import asyncio
 import signal
 from collections.abc import Sequence
 
-from hivemind import DHT
-
 from node.net.identity import load_identity
-from node.net.membership import open_dht
+from node.net.membership import SwarmPeer, open_dht
 from node.net.reachability import add_dialback_handler
 
 DEFAULT_IDENTITY = "bootstrap"
 
 
 async def start_bootstrap(host_maddrs: Sequence[str], *, announce_maddrs: Sequence[str] = (),
-                          initial_peers: Sequence[str] = (), identity: str | None = DEFAULT_IDENTITY) -> DHT:
+                          initial_peers: Sequence[str] = (), identity: str | None = DEFAULT_IDENTITY) -> SwarmPeer:
     """A running bootstrap/relay peer with its dial-back handler; `identity=None` for a throwaway peer id."""
-    dht = open_dht(initial_peers, host_maddrs, identity=load_identity(identity) if identity else None,
-                   announce_maddrs=announce_maddrs, relay_service=True)
+    peer = open_dht(initial_peers, host_maddrs, identity=load_identity(identity) if identity else None,
+                    announce_maddrs=announce_maddrs, relay_service=True)
     try:
-        await add_dialback_handler(await dht.replicate_p2p())
+        await add_dialback_handler(await peer.dht.replicate_p2p())
     except BaseException:
-        dht.shutdown()
+        peer.shutdown()
         raise
-    return dht
+    return peer
 
 
 async def run_bootstrap(host_maddrs: Sequence[str], *, announce_maddrs: Sequence[str] = (),
                         initial_peers: Sequence[str] = (), identity: str | None = DEFAULT_IDENTITY) -> None:
     """Serves until SIGINT/SIGTERM, after printing the multiaddrs to give users as initial peers."""
-    dht = await start_bootstrap(host_maddrs, announce_maddrs=announce_maddrs, initial_peers=initial_peers,
-                                identity=identity)
+    peer = await start_bootstrap(host_maddrs, announce_maddrs=announce_maddrs, initial_peers=initial_peers,
+                                 identity=identity)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         print("bootstrap and relay peer online; initial peers:", flush=True)
-        for maddr in dht.get_visible_maddrs():
+        for maddr in peer.visible_maddrs:
             print(f"  {maddr}", flush=True)
         await stop.wait()
     finally:
-        dht.shutdown()
+        peer.shutdown()

@@ -37,7 +37,9 @@ class ChaosResult:
 class ChaosRunner:
     """`head`: the client embeds and samples with it; None: generations run as rings."""
 
-    def __init__(self, swarm: LocalSwarm, client: SwarmClient, head: ClientHead | None, *, seed: int = 1234) -> None:
+    def __init__(self, swarm: LocalSwarm, client: SwarmClient, head: ClientHead | None, *, seed: int = 1234,
+                 speculate: int = 0) -> None:
+        self.speculate = speculate  # a ring's draft length limit (node.net.protocol: speculation)
         self.swarm, self.client, self.head = swarm, client, head
         self.rng = random.Random(seed)
         self.peer_to_index = {swarm.peer_id(i): i for i in range(len(swarm.processes))}
@@ -59,7 +61,8 @@ class ChaosRunner:
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, kill_at: int | None) -> ChaosResult:
         """After `kill_at` tokens a random stage of the current chain is killed and respawned."""
-        session = ResilientSession(self.client, max_length=len(prompt_ids) + params.max_new_tokens, step_timeout_s=20)
+        session = ResilientSession(self.client, max_length=len(prompt_ids) + params.max_new_tokens, step_timeout_s=20,
+                                   speculate=self.speculate)
         tokens: list[int] = []
         times: list[float] = []
         try:

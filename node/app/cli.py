@@ -8,11 +8,21 @@ import logging
 import os
 import signal
 import sys
+import threading
+from typing import TYPE_CHECKING
 
 from node.app.cli_simulate import add_simulate_parser
 from node.model.checkpoint import DEFAULT_MODEL
 from node.net.config import ConfigError, default_initial_peers
 from node.serve.adversary import KINDS as ADVERSARY_KINDS
+from swarm.records import QUANTIZATIONS
+
+QUANT_HELP = ("hold the layers' weights as int8 (per channel) or int4 (per group of 64) instead of the compute "
+              "dtype (default: the least lossy at which the whole model, or --layers, fits in memory)")
+
+if TYPE_CHECKING:
+    from node.serve.assignment import SwarmStatus
+    from swarm.types import LayerRange
 
 
 def parse_layers(text: str) -> tuple[int, int]:
@@ -48,6 +58,7 @@ def node_config(args: argparse.Namespace):
         max_memory_bytes=None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9),
         ttl_s=args.ttl or DEFAULT_TTL_S, bench=not args.quick_measure,
         announce_maddrs=args.announce_maddrs, relays=args.relay or None, direct_links=not args.no_direct_links,
+        quant=args.quant,
     )
 
 
@@ -89,22 +100,58 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from node.model.checkpoint import resolve_model
-    from node.net.membership import list_servers_blocking
-    from node.serve.assignment import format_status, model_spec, swarm_status
-    from node.serve.node import start_dht
+    from node.net.membership import open_dht
+    from node.serve.assignment import model_spec, swarm_status
 
     if not args.initial_peers:
         print("layerhive status: error: give --initial-peers of the swarm", file=sys.stderr)
         return 2
     source = resolve_model(args.model)
-    dht = start_dht(args.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    peer = open_dht(args.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
-        records = list_servers_blocking(dht, source.name, num_layers=source.num_layers)
+        records = peer.list_servers_blocking(source.name, num_layers=source.num_layers)
     finally:
-        dht.shutdown()
+        peer.shutdown()
     status = swarm_status(model_spec(source), records)
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    print(json.dumps(status_json(status), indent=2) if args.json else format_status(status))
     return 0
+
+
+# What `layerhive status --json` shows of each node's record, under the record's own names (SI units).
+STATUS_RECORD_FIELDS = ("epoch", "sessions", "queue_len", "free_kv_tokens", "layer_latency_s",
+                        "prefill_s_per_token_per_layer", "memory_bytes", "uplink_bps", "reachability", "region",
+                        "quant")
+
+
+def status_json(status: SwarmStatus) -> dict:
+    """`layerhive status --json`: numbers only; a range is {"start", "end"} (layers start..end-1), or null."""
+    def layers(rng: LayerRange | None) -> dict | None:
+        return None if rng is None else {"start": rng.start, "end": rng.end}
+
+    nodes = [{"peer_id": p.record.peer_id, "state": p.record.state, "range": layers(p.serving),
+              "planned": layers(p.planned), **{name: getattr(p.record, name) for name in STATUS_RECORD_FIELDS}}
+             for p in status.nodes]
+    return {"model": status.model, "num_layers": status.num_layers, "epoch": status.epoch, "nodes": nodes,
+            "replicas_per_layer": list(status.replicas_per_layer), "min_replicas": status.min_replicas,
+            "max_replicas": status.max_replicas, "uncovered_layers": status.uncovered_layers}
+
+
+def format_status(status: SwarmStatus) -> str:
+    """`layerhive status`: a summary line, a row per node, the online replicas of each layer."""
+    lines = [f"{status.model}: {len(status.nodes)} nodes, epoch {status.epoch}, "
+             f"replicas per layer min {status.min_replicas} max {status.max_replicas}"]
+    if status.uncovered_layers:
+        lines.append(f"  UNCOVERED layers: {status.uncovered_layers}")
+    lines.append(f"  {'peer':18} {'state':8} {'range':>7} {'planned':>7} {'epoch':>5} {'sess':>4} {'queue':>5} "
+                 f"{'ms/layer':>8} {'mem GB':>7} {'quant':5} region")
+    for peer in status.nodes:
+        r = peer.record
+        serving, planned = ("-" if rng is None else str(rng) for rng in (peer.serving, peer.planned))
+        lines.append(f"  {r.peer_id[:18]:18} {r.state:8} {serving:>7} {planned:>7} "
+                     f"{r.epoch:>5} {r.sessions:>4} {r.queue_len:>5} {r.layer_latency_s * 1e3:>8.3f} "
+                     f"{r.memory_bytes / 1e9:>7.3f} {r.quant:5} {r.region}")
+    lines.append("  replicas per layer: " + " ".join(str(n) for n in status.replicas_per_layer))
+    return "\n".join(lines)
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -118,15 +165,18 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 def cmd_swarm_local(args: argparse.Namespace) -> int:
     from node.app.local_swarm import LocalSwarm
 
-    # Block the signals before waiting for them, or SIGINT/SIGTERM would kill us before sigwait sees them.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    # Handlers rather than a blocked mask and sigwait: a mask would be inherited by the nodes we spawn.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     with LocalSwarm(args.model, num_nodes=args.nodes, threads_per_node=args.threads) as swarm:
         print("local swarm online:")
         for layers, process in zip(swarm.ranges, swarm.processes, strict=True):
             print(f"  node pid {process.pid}: layers {layers[0]}:{layers[1]}")
         print("initial peers:", " ".join(swarm.initial_peers), flush=True)
         print("join with: layerhive chat --initial-peers", swarm.initial_peers[0], '"Hello!"', flush=True)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        while not stop.wait(1.0):  # a timeout keeps the main thread where Python runs signal handlers
+            pass
         print("stopping the local swarm...", flush=True)
     return 0
 
@@ -164,16 +214,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    from node.app.api import serve
+    from node.app.api import API_KEY_ENV, api_key_for, serve
 
+    api_key, generated = api_key_for(args.host, args.api_key)
+    if generated:
+        print(f"the API listens beyond this machine ({args.host}): clients must send this key as a bearer token "
+              f"(OpenAI clients: api_key=...); set --api-key or ${API_KEY_ENV} to choose it:\n  {api_key}",
+              file=sys.stderr, flush=True)
     if args.initial_peers:
-        return serve(args.model, args.initial_peers, host=args.host, port=args.port)
+        return serve(args.model, args.initial_peers, host=args.host, port=args.port, api_key=api_key)
     from node.app.local_swarm import LocalSwarm
 
     print("no --initial-peers given: starting a local swarm of 3 nodes...", file=sys.stderr, flush=True)
     with LocalSwarm(args.model, num_nodes=3) as swarm:
         print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-        return serve(args.model, swarm.initial_peers, host=args.host, port=args.port)
+        return serve(args.model, swarm.initial_peers, host=args.host, port=args.port, api_key=api_key)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -193,7 +248,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         with tqdm_progress("bench") as progress:
             result = run_bench(args.model, device=args.device, initial_peers=args.initial_peers,
-                               max_memory_bytes=cap, force=args.force, progress=progress)
+                               max_memory_bytes=cap, force=args.force, progress=progress, quant=args.quant)
     except (BenchError, ModelNotFoundError, UnsupportedModelError, CheckpointError) as e:
         print(f"layerhive bench: error: {e}", file=sys.stderr)
         return 2
@@ -237,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "clients, whose checks allow for it")
     node.add_argument("--test-slowdown-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # a slower GPU
     node.add_argument("--max-memory-gb", type=float, default=None, help="offer at most this much memory (GB)")
+    node.add_argument("--quant", choices=QUANTIZATIONS, default=None, help=QUANT_HELP)
     node.add_argument("--region", default="", help="where this machine is (e.g. eu-west); nearby nodes pipeline")
     node.add_argument("--quick-measure", action="store_true",
                       help="estimate memory only instead of running (or reading the cached) `layerhive bench`")
@@ -280,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--model", default=DEFAULT_MODEL)
     api.add_argument("--initial-peers", nargs="*", default=[])
+    api.add_argument("--api-key", default=None,
+                     help="require this bearer token (default: $LAYERHIVE_API_KEY; beyond loopback, a generated one)")
     api.set_defaults(func=cmd_api)
 
     bench = commands.add_parser("bench", help="measure this machine's compute, memory and network for a model")
@@ -287,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     bench.add_argument("--initial-peers", nargs="*", default=[], help="measure RTT and uplink to this swarm")
     bench.add_argument("--max-memory-gb", type=float, default=None, help="offer at most this much memory (GB)")
+    bench.add_argument("--quant", choices=QUANTIZATIONS, default=None, help=QUANT_HELP)
     bench.add_argument("--json", action="store_true", help="print the result as JSON")
     bench.add_argument("--force", action="store_true", help="re-measure compute even if cached")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads, as for `layerhive node`")
@@ -297,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from node.net.lifeline import default_signals, follow_parent_from_env
+
+    default_signals()  # whatever our parent blocked or ignored, SIGINT/SIGTERM stop us
+    follow_parent_from_env()  # started by a local swarm: stop when it is gone
     args = build_parser().parse_args(argv)
     _quiet_logs(args.verbose)
     if getattr(args, "initial_peers", None) == [] and args.func is not cmd_bootstrap:

@@ -2,16 +2,17 @@
 
 `NodeController` runs the node's asyncio loop in a background thread, so a Qt UI thread never blocks:
 every method returns at once, with a `concurrent.futures.Future` for the ones that take time, and is
-safe to call from any thread. Operations run one at a time, in the order they were called (a `pause`
-called while the node is still joining runs once it is online), except `stop`, which cancels whatever
-is under way. State changes are reported to callbacks registered with `on_state_change`; they run on
-the node's thread, so a Qt app should re-emit them as a signal (queued connection) rather than touch
-widgets there.
+safe to call from any thread. Operations run one at a time, in the order they were called, except
+`stop`, which cancels whatever is under way, and `pause`, which gives up a join under way (a join can
+take a minute: the user who clicks Pause meanwhile means now, not once online). State changes are
+reported to callbacks registered with `on_state_change`; they run on the node's thread, so a Qt app
+should re-emit them as a signal (queued connection) rather than touch widgets there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Sequence
@@ -20,10 +21,11 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from node.client.chat import REVISED_NOTICE, ChatEngine, Message, TextRevision
+from node.client.chat import REVISED_NOTICE, AnswerStats, AnswerTrace, ChatEngine, Message, TextRevision
 from node.client.session import connect
 from node.model.checkpoint import ModelSource, resolve_model
 from node.model.sampling import SamplingParams
+from node.serve.assignment import SwarmStatus, reference_memory
 from node.serve.node import Node, NodeConfig
 
 logger = logging.getLogger(__name__)
@@ -42,9 +44,21 @@ class NodeStatus:
     sessions_opened: int
     online_s: float
     error: str | None = None
+    own_tokens_served: int = 0  # of tokens_served, those of this machine's own chats (not a contribution)
+    offered_memory_bytes: float | None = None  # memory offered to the swarm, in this node's own dtype; None: unknown
+
+    @property
+    def tokens_for_others(self) -> int:
+        return self.tokens_served - self.own_tokens_served
 
 
 StateCallback = Callable[[str, NodeStatus], None]
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    text: str
+    stats: AnswerStats  # the model, tokens, speed and the chains that served it
 
 
 class NodeController:
@@ -61,6 +75,7 @@ class NodeController:
         self._chat_engine: ChatEngine | None = None
         self._chat_client = AsyncExitStack()  # closes the chat engine's client, if one was started
         self._chat_lock: asyncio.Lock | None = None
+        self._beside: set[asyncio.Task] = set()  # swarm reads and chats under way, cancelled by stop()
 
     # --- the API --------------------------------------------------------------------------------------
 
@@ -70,7 +85,8 @@ class NodeController:
 
     def pause(self, deadline_s: float = 60.0) -> Future:
         """Refuses new sessions, lets open ones finish for up to `deadline_s`, withdraws from the DHT and
-        frees the layers' memory; the future resolves once paused."""
+        frees the layers' memory; the future resolves once paused. A node still joining withdraws at once."""
+        self._loop.call_soon_threadsafe(self._give_up_joining)  # runs before the pause is queued
         return self._submit(lambda: self._node.pause(deadline_s))
 
     def resume(self) -> Future:
@@ -82,9 +98,20 @@ class NodeController:
         return self._submit(lambda: self._node.set_memory_cap(max_memory_bytes))
 
     def swarm_status(self) -> Future:
-        """Resolves to the swarm as the DHT shows it (`node.serve.assignment.swarm_status`: nodes, their ranges and
-        load, replicas per layer), or None while the node has no DHT (stopped). Runs beside other operations."""
-        return asyncio.run_coroutine_threadsafe(self._node.swarm_status(), self._loop)
+        """Resolves to the swarm as the DHT shows it (a `node.serve.assignment.SwarmStatus`: nodes, their ranges and
+        load, replicas per layer), or None while the node has no DHT (stopped). Runs beside other operations.
+        Records announce memory at the planner's reference dtype; this node's own entry shows what it really
+        offers (a 2 GB cap on a float32 CPU node is announced as 1 GB of bfloat16)."""
+        return self._run_beside(self._swarm_status())
+
+    async def _swarm_status(self) -> SwarmStatus | None:
+        status = await self._node.swarm_status()
+        offered, own = self.status().offered_memory_bytes, self._node.record
+        if status is None or own is None or offered is None:
+            return status
+        nodes = tuple(dataclasses.replace(peer, record=dataclasses.replace(peer.record, memory_bytes=float(offered)))
+                      if peer.record.peer_id == own.peer_id else peer for peer in status.nodes)
+        return dataclasses.replace(status, nodes=nodes)
 
     def stop(self) -> Future:
         """Cancels what is under way, leaves the swarm and ends the node's thread."""
@@ -96,6 +123,10 @@ class NodeController:
         async def stop() -> None:
             if self._current is not None:
                 self._current.cancel()
+            beside = list(self._beside)
+            for task in beside:  # else they are destroyed pending when the loop stops
+                task.cancel()
+            await asyncio.gather(*beside, return_exceptions=True)
             try:
                 await self._node.stop()
             finally:
@@ -115,25 +146,29 @@ class NodeController:
         threading.Thread(target=finish, name="layerhive-node-stop", daemon=True).start()
         return future
 
-    def chat(self, messages: Sequence[Message], params: SamplingParams, on_text: Callable[[str], None]) -> Future:
-        """Streams an answer from the swarm: `on_text(piece)` gets each piece of text as it comes (on the node's
-        thread); the future resolves to the whole answer, and cancelling it stops the answer. The chain is
-        routed and failed over like any client's (`node.client.chat.ChatEngine`); it runs beside start/pause/resume."""
-        return asyncio.run_coroutine_threadsafe(self._chat(list(messages), params, on_text), self._loop)
+    def chat(self, messages: Sequence[Message], params: SamplingParams,
+             on_text: Callable[[str, AnswerStats], None]) -> Future:
+        """Streams an answer from the swarm: `on_text(piece, stats)` gets each piece of text as it comes, with the
+        answer's figures so far (tokens, speed, the chain serving it), on the node's thread. The future resolves
+        to a `ChatReply`, and cancelling it stops the answer. The chain is routed and failed over like any
+        client's (`node.client.chat.ChatEngine`); it runs beside start/pause/resume."""
+        return self._run_beside(self._chat(list(messages), params, on_text))
 
-    async def _chat(self, messages: list[Message], params: SamplingParams, on_text: Callable[[str], None]) -> str:
+    async def _chat(self, messages: list[Message], params: SamplingParams,
+                    on_text: Callable[[str, AnswerStats], None]) -> ChatReply:
+        trace = AnswerTrace(self.source.name)
         self._chat_lock = self._chat_lock or asyncio.Lock()
         async with self._chat_lock:  # the first answers of a session must not each start a client
             await self._start_chat_engine()
         answer = ""
-        async for piece in self._chat_engine.stream_chat(messages, params):
+        async for piece in self._chat_engine.stream_chat(messages, params, trace):
             if isinstance(piece, TextRevision):  # a lying node was caught: the answer restarts, marked so
                 answer = answer[:piece.keep_chars]
                 piece = f"\n[{REVISED_NOTICE}]\n{answer}"
             else:
                 answer += piece
-            on_text(piece)
-        return answer
+            on_text(piece, trace.stats())
+        return ChatReply(answer, trace.stats())
 
     async def _start_chat_engine(self) -> None:
         if self._chat_engine is None:
@@ -142,6 +177,7 @@ class NodeController:
             # the loop, which is serving.
             client = await self._chat_client.enter_async_context(
                 connect(self.config.initial_peers, self.source, host_maddrs=self.config.host_maddrs))
+            self._node.own_clients.add(client.peer.peer_id)  # its tokens are ours, not a contribution
             self._chat_engine = await asyncio.to_thread(ChatEngine, client, self.source)
 
     def status(self) -> NodeStatus:
@@ -157,6 +193,9 @@ class NodeController:
             draining_layers=tuple((s.stage.start, s.stage.end) for s in node.retiring if s.stage is not None),
             tokens_served=node.tokens_served, steps_served=node.steps_served,
             sessions_opened=node.sessions_opened, online_s=node.online_s, error=node.error,
+            own_tokens_served=node.own_tokens_served,
+            offered_memory_bytes=(record.memory_bytes / reference_memory(1.0, node.dtype, node.source, record.quant)
+                                  if record else None),
         )
 
     def on_state_change(self, callback: StateCallback) -> Callable[[], None]:
@@ -184,6 +223,10 @@ class NodeController:
             except Exception:
                 logger.exception("a state-change callback failed")
 
+    def _give_up_joining(self) -> None:
+        if self._node.state == "joining" and self._current is not None:
+            self._current.cancel()  # the pause that follows withdraws the joining record
+
     def _call_soon(self, fn: Callable[[], Any]) -> Future:
         future: Future = Future()
 
@@ -195,6 +238,18 @@ class NodeController:
 
         self._loop.call_soon_threadsafe(run)
         return future
+
+    def _run_beside(self, coroutine: Coroutine[Any, Any, Any]) -> Future:
+        """Runs `coroutine` on the node's loop beside the serialized operations; `stop` cancels it."""
+        async def tracked() -> Any:
+            task = asyncio.current_task()
+            self._beside.add(task)
+            try:
+                return await coroutine
+            finally:
+                self._beside.discard(task)
+
+        return asyncio.run_coroutine_threadsafe(tracked(), self._loop)
 
     def _submit(self, operation: Callable[[], Coroutine[Any, Any, None]]) -> Future:
         async def serialized() -> None:

@@ -16,10 +16,9 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from hivemind import DHT
-
 from node.model.checkpoint import resolve_model
-from node.net.membership import list_servers_blocking, open_dht
+from node.net.lifeline import child_env
+from node.net.membership import SwarmPeer, open_dht
 from swarm.records import ServerRecord
 
 
@@ -54,14 +53,14 @@ class LocalSwarm:
         self.node_args = list(node_args)
         self.per_node_args = {index: list(args) for index, args in (per_node_args or {}).items()}
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="layerhive-swarm-")
-        self.bootstrap: DHT | None = None
+        self.bootstrap: SwarmPeer | None = None
         self.processes: list[subprocess.Popen] = []
         self.dead_peers: set[str] = set()  # killed nodes whose records may linger until they expire
 
     @property
     def initial_peers(self) -> list[str]:
         assert self.bootstrap is not None, "the swarm is not started"
-        return [str(m) for m in self.bootstrap.get_visible_maddrs()]
+        return self.bootstrap.visible_maddrs
 
     def start(self, timeout_s: float = 180.0) -> list[str]:
         self.bootstrap = open_dht([], ["/ip4/127.0.0.1/tcp/0"])  # validates records like every Layerhive peer
@@ -76,7 +75,7 @@ class LocalSwarm:
             sys.executable, "-m", "node.app.cli", "node", "--model", self.source.name,
             *fixed, "--initial-peers", *self.initial_peers, *self.node_args, *self.per_node_args.get(index, ()),
         ]
-        env = dict(os.environ)
+        env = child_env()  # the node stops once this process is gone, even killed
         # Nodes here share the machine's cores and take turns (a chain runs one stage at a time). GNU OpenMP's
         # threads spin ~300k rounds after each op before sleeping, so a stage that has just finished keeps
         # cores busy that the next stage needs: measured on 2 cores, 3 stages of 2 threads, 37.9 -> 30.5 ms
@@ -92,7 +91,7 @@ class LocalSwarm:
 
     def online_records(self) -> list[ServerRecord]:
         assert self.bootstrap is not None
-        records = list_servers_blocking(self.bootstrap, self.source.name, num_layers=self.source.num_layers)
+        records = self.bootstrap.list_servers_blocking(self.source.name, num_layers=self.source.num_layers)
         return [record for record in records if record.state == "online"]
 
     def wait_until_covered(self, timeout_s: float) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from node.client.failover import ResilientSession, Revision
@@ -18,6 +19,7 @@ from node.client.session import SwarmClient
 from node.model.checkpoint import ModelSource, load_tokenizer
 from node.model.head import ClientHead
 from node.model.sampling import MAX_SEED, SamplingParams
+from swarm.types import Hop
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,43 @@ class TextRevision:
     lying node was caught; `node.client.failover.Revision`); the deltas after this continue from there."""
 
     keep_chars: int
+
+
+@dataclass(frozen=True)
+class AnswerStats:
+    """A snapshot of one answer: how many tokens, how fast, and the chains of stages that served it."""
+
+    model: str
+    tokens: int
+    elapsed_s: float  # since the question was sent
+    first_token_s: float | None  # the wait for the first token: routing, opening the chain, the prompt's prefill
+    tokens_per_s: float | None  # generation speed after the first token; None before the second
+    chains: tuple[tuple[Hop, ...], ...]  # in order: more than one when a stage failed and the answer moved
+
+
+@dataclass
+class AnswerTrace:
+    """Filled in while an answer streams (`ChatEngine.stream_tokens(..., trace=)`); `stats()` snapshots it."""
+
+    model: str
+    started_at: float = field(default_factory=time.monotonic)
+    tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    chains: list[tuple[Hop, ...]] = field(default_factory=list)
+
+    def count_token(self) -> None:
+        self.last_token_at = time.monotonic()
+        self.first_token_at = self.first_token_at or self.last_token_at
+        self.tokens += 1
+
+    def stats(self) -> AnswerStats:
+        now = time.monotonic()
+        speed = None
+        if self.tokens >= 2 and self.last_token_at > self.first_token_at:
+            speed = (self.tokens - 1) / (self.last_token_at - self.first_token_at)
+        first = self.first_token_at - self.started_at if self.first_token_at is not None else None
+        return AnswerStats(self.model, self.tokens, now - self.started_at, first, speed, tuple(self.chains))
 
 
 class TextStreamer:
@@ -97,8 +136,10 @@ class ChatEngine:
         ids = {i for i in (eos, *(generation_eos if isinstance(generation_eos, list) else [generation_eos]))}
         return tuple(sorted(i for i in ids if i is not None))
 
-    async def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams
-                            ) -> AsyncIterator[int | Revision]:
+    async def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams,
+                            trace: AnswerTrace | None = None) -> AsyncIterator[int | Revision]:
+        """Yields the answer's token ids, and a `Revision` when a lying node was caught; `trace`, if given, follows
+        its tokens and chains."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         max_length = len(prompt_ids) + params.max_new_tokens
@@ -110,16 +151,20 @@ class ChatEngine:
         if params.seed is None and params.temperature > 0:  # seeded, a chain rebuilt mid-answer draws the same
             params = replace(params, seed=random.randrange(MAX_SEED))
         session = ResilientSession(self.client, max_length=max_length)
+        if trace is not None:
+            trace.chains = session.chains  # the same list: the trace sees each chain as the session opens it
         try:
             async for token in session.generate(prompt_ids, params, None if self.ring else self.head):
+                if trace is not None and not isinstance(token, Revision):
+                    trace.count_token()
                 yield token
         finally:
             await session.close()
 
-    async def stream_chat(self, messages: Sequence[Message], params: SamplingParams
-                          ) -> AsyncIterator[str | TextRevision]:
+    async def stream_chat(self, messages: Sequence[Message], params: SamplingParams,
+                          trace: AnswerTrace | None = None) -> AsyncIterator[str | TextRevision]:
         streamer = TextStreamer(self.tokenizer)
-        async for token in self.stream_tokens(self.chat_prompt_ids(messages), params):
+        async for token in self.stream_tokens(self.chat_prompt_ids(messages), params, trace):
             if isinstance(token, Revision):
                 yield TextRevision(streamer.revise(token.keep))
             elif delta := streamer.push(token):

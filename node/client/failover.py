@@ -34,6 +34,7 @@ from node.client.verify import LIES, SUSPECT_AVOID_S, Auditor, Ledger, attach_le
 from node.model.head import ClientHead
 from node.model.sampling import SamplingParams
 from node.net.protocol import PREFILL_CHUNK_TOKENS
+from swarm.types import Hop
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,16 +65,18 @@ class ResilientSession:
 
     def __init__(self, client: SwarmClient, *, max_length: int, relay: bool = False, wire: str = "none",
                  max_failovers: int = 5, backoff_s: float = 0.2, step_timeout_s: float = 30.0,
-                 auditor: Auditor | None = None, verify: bool = True) -> None:
+                 auditor: Auditor | None = None, verify: bool = True, speculate: int = 0) -> None:
         self.client, self.max_length = client, max_length
         # Checks of the stages' work (node.client.verify): on unless `verify` is False (benchmarks' baseline).
         self.auditor = auditor or (Auditor(client, step_timeout_s=step_timeout_s) if verify else None)
         self.ledger: Ledger | None = None  # the current chain's receipts
         self.relay, self.wire = relay, wire
+        self.speculate = speculate  # a ring's draft length limit (node.net.protocol: speculation); 0: none
         self.max_failovers, self.backoff_s, self.step_timeout_s = max_failovers, backoff_s, step_timeout_s
         self.session: ChainSession | None = None
         self.history = _Inputs()  # chain inputs fed so far, in position order
         self.events: list[FailoverEvent] = []
+        self.chains: list[tuple[Hop, ...]] = []  # every chain opened, in order: more than one after a failover
         self._pending_event: tuple[StageFailure, int, float] | None = None  # a failure not yet recovered from
 
     async def open(self) -> None:
@@ -85,9 +88,10 @@ class ResilientSession:
         wire = self.client.wire_for(chain) if self.wire == "auto" else self.wire
         session = await self.client.open_session(
             chain, max_length=self.max_length, relay=self.relay, wire=wire, step_timeout_s=self.step_timeout_s,
-            sampling=sampling,
+            sampling=sampling, speculate=self.speculate if sampling is not None else 0,
         )
         self.ledger = attach_ledger(session)
+        self.chains.append(tuple(chain))
         return session
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,

@@ -9,13 +9,25 @@ ends, a neutral guess that keeps chains compact without inventing topology.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
-from swarm.records import ServerRecord, node_spec
-from swarm.router import route
+from swarm.records import UNKNOWN_LAYER_LATENCY_S, ServerRecord, node_spec
+from swarm.router import RouteRequest, build_route_index, route
 from swarm.types import Assignment, Hop, LayerRange, ModelSpec, NodeLoad
 
 CLIENT_ID = "client:self"
 UNKNOWN_RTT_S = 0.05
+
+
+def believed(record: ServerRecord, measured_s: float | None) -> ServerRecord:
+    """A record with the per-layer latency the client believes: the node's claim, but never faster than what the
+    client measured of it (`SwarmClient` probes each node it may route to), and for a node it could not measure,
+    never faster than the neutral guess. A record claiming absurd speed so no longer takes every chain."""
+    claimed = record.layer_latency_s or UNKNOWN_LAYER_LATENCY_S
+    floor = measured_s if measured_s is not None else UNKNOWN_LAYER_LATENCY_S
+    return replace(record, layer_latency_s=max(claimed, floor))
+
+
 def plan_chains(
     model: ModelSpec,
     records: Sequence[ServerRecord],
@@ -41,8 +53,8 @@ def plan_chains(
             return client_rtt_s.get(peer, UNKNOWN_RTT_S)
         return (client_rtt_s.get(a, UNKNOWN_RTT_S) + client_rtt_s.get(b, UNKNOWN_RTT_S)) / 2
 
-    routes = route(
-        model, nodes, assignment, rtt, client=CLIENT_ID, load=load, transport="relay" if relay else "push",
-        alternates=alternates, session_tokens=session_tokens,
-    )
+    # Records and RTTs are read afresh for every choice, so the index is built for this one.
+    request = RouteRequest(CLIENT_ID, transport="relay" if relay else "push", alternates=alternates,
+                           session_tokens=session_tokens)
+    routes = route(build_route_index(model, nodes, assignment, rtt), request, load)
     return [list(r.hops) for r in routes]

@@ -16,14 +16,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
-from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from node.client.routing import plan_chains
+from node.client.routing import believed, plan_chains
 from node.model.checkpoint import ModelSource
 from node.model.sampling import SamplingParams
-from node.net.membership import list_servers, open_dht
+from node.net.membership import SwarmPeer, open_dht
 from node.net.probe import measure_rtt
 from node.net.protocol import (
     INFERENCE_HANDLER,
@@ -43,15 +42,40 @@ from swarm.types import Hop, ModelSpec
 # Silence after which a waiting client pings its stages (see `node.net.protocol`): four times the last gap
 # between answers, within these bounds, so a dead stage of a fast chain is found within a few tokens' time.
 PING_AFTER_S = (0.05, 0.5)
+SPEED_MAX_AGE_S = 300.0  # a node's measured speed is re-measured after this
+SPEED_PROBE_TIMEOUT_S = 10.0
 
 
 class NoChainError(RuntimeError):
-    pass
+    """No chain can serve the model now. `uncovered_layers`: the layers no live online node serves; empty when
+    each layer is served but still no chain formed (its nodes full, or banned after failing)."""
+
+    def __init__(self, message: str, uncovered_layers: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.uncovered_layers = tuple(uncovered_layers)
 
 
 def coverage_summary(records: Sequence[ServerRecord]) -> str:
     ranges = sorted({(r.start, r.end) for r in records if r.state == "online"})
     return ", ".join(f"{a}:{b}" for a, b in ranges) or "none"
+
+
+def session_room(records: Sequence[ServerRecord], num_layers: int) -> int | None:
+    """The longest session, in tokens, the swarm's online nodes announce KV room for: per layer, the most free
+    tokens of a node serving it; the least of those over the layers. None if a layer has no online node (then
+    there is no chain at all, which choosing one reports)."""
+    room: list[int | None] = [None] * num_layers
+    for record in records:
+        if record.state == "online":
+            for layer in range(record.start, min(record.end, num_layers)):
+                room[layer] = max(room[layer] or 0, record.free_kv_tokens)
+    return None if None in room or not room else min(room)
+
+
+def uncovered_layers(records: Sequence[ServerRecord], num_layers: int) -> list[int]:
+    """The layers of [0, num_layers) that no online record serves."""
+    online = [r for r in records if r.state == "online"]
+    return [layer for layer in range(num_layers) if not any(r.start <= layer < r.end for r in online)]
 
 
 class StageFailure(ConnectionError):
@@ -230,8 +254,8 @@ class ChainSession:
 class SwarmClient:
     """A DHT client for one model's swarm."""
 
-    def __init__(self, dht: DHT, source: ModelSource, *, send_delay_s: float = 0.0) -> None:
-        self.dht, self.model, self.num_layers = dht, source.name, source.num_layers
+    def __init__(self, peer: SwarmPeer, source: ModelSource, *, send_delay_s: float = 0.0) -> None:
+        self.peer, self.model, self.num_layers = peer, source.name, source.num_layers
         # What the router needs of the model: hidden states' size on the wire (fp32 on CPU swarms).
         self.spec = ModelSpec(source.name, source.num_layers, source.hidden_size, layer_bytes=0.0,
                               kv_bytes_per_token_per_layer=0.0, wire_bytes_per_element=4)
@@ -240,10 +264,11 @@ class SwarmClient:
         self._banned_until: dict[str, float] = {}
         self._rtt_s: dict[str, tuple[float, float]] = {}  # peer -> (rtt, measured at)
         self._uplink_bps: dict[str, float] = {}  # as announced in the records last read
+        self._speed_s: dict[str, tuple[float | None, float]] = {}  # peer -> (measured s per layer or None, at)
 
     async def p2p(self) -> P2P:
         if self._p2p is None:
-            self._p2p = await self.dht.replicate_p2p()
+            self._p2p = await self.peer.dht.replicate_p2p()
         return self._p2p
 
     async def close(self) -> None:
@@ -254,7 +279,11 @@ class SwarmClient:
             self._p2p = None
 
     async def servers(self) -> list[ServerRecord]:
-        return await list_servers(self.dht, self.model, num_layers=self.num_layers)
+        return await self.peer.list_servers(self.model, num_layers=self.num_layers)
+
+    async def session_room(self) -> int | None:
+        """The longest session the swarm can hold now, by its records (`session_room`)."""
+        return session_room(await self.servers(), self.num_layers)
 
     async def node_info(self, peer: str, timeout_s: float = 10.0) -> dict:
         """What a node says of itself now: its layers, state, sessions, queue and work done."""
@@ -282,13 +311,16 @@ class SwarmClient:
         records = await self.servers()
         self._uplink_bps = {r.peer_id: r.uplink_bps for r in records}
         banned = self.banned
-        await self._measure_rtts([r.peer_id for r in records if r.peer_id not in banned])
+        candidates = [r for r in records if r.state == "online" and r.peer_id not in banned]
+        await self._measure_rtts([r.peer_id for r in candidates])
+        await self._measure_speeds(candidates)
+        records = [believed(r, self._speed_s.get(r.peer_id, (None, 0.0))[0]) for r in records]
         chains = plan_chains(self.spec, records, {peer: rtt for peer, (rtt, _) in self._rtt_s.items()},
                              exclude=banned, session_tokens=session_tokens, relay=relay, alternates=0)
         if not chains:
             live = [r for r in records if r.peer_id not in banned]
             raise NoChainError(f"no chain covers layers 0:{self.num_layers} of {self.model} "
-                               f"(ranges online: {coverage_summary(live)})")
+                               f"(ranges online: {coverage_summary(live)})", uncovered_layers(live, self.num_layers))
         return chains[0]
 
     async def _measure_rtts(self, peers: list[str], max_age_s: float = 60.0) -> None:
@@ -306,14 +338,50 @@ class SwarmClient:
             if isinstance(result, float):
                 self._rtt_s[peer] = (result, now)
 
+    async def _measure_speeds(self, records: Sequence[ServerRecord]) -> None:
+        """Times one decode step on one layer of each node we have no fresh figure for, all at once: what a node
+        delivers bounds what its record claims (`node.client.routing.believed`). A node that refuses or fails
+        the probe is recorded as unmeasured."""
+        now = time.monotonic()
+        stale = [r for r in records if r.peer_id not in self._speed_s or now - self._speed_s[r.peer_id][1] >
+                 SPEED_MAX_AGE_S]
+        if not stale:
+            return
+        results = await asyncio.gather(*(self._probe_speed(r) for r in stale), return_exceptions=True)
+        for record, result in zip(stale, results, strict=True):
+            self._speed_s[record.peer_id] = (result if isinstance(result, float) else None, now)
+
+    async def _probe_speed(self, record: ServerRecord) -> float:
+        """Seconds a node takes for a decode step of one layer: the best of two steps of a relayed one-layer session,
+        less our RTT to it."""
+        hop = Hop(record.peer_id, record.start, record.start + 1)
+        async with asyncio.timeout(SPEED_PROBE_TIMEOUT_S):
+            session = await self.open_session([hop], max_length=2, relay=True, step_timeout_s=SPEED_PROBE_TIMEOUT_S)
+            try:
+                hidden = 0.02 * torch.randn(1, 1, self.spec.hidden_size)
+                times = []
+                for position in range(2):
+                    started = time.perf_counter()
+                    await session.step(hidden, position)
+                    times.append(time.perf_counter() - started)
+            finally:
+                await session.close()
+        rtt = self._rtt_s.get(record.peer_id, (0.0, 0.0))[0]
+        return max(min(times) - rtt, 0.0)
+
     async def open_session(self, chain: list[Hop], *, max_length: int, relay: bool = False, wire: str = "none",
                            step_timeout_s: float = 60.0, embed: bool = False,
-                           sampling: SamplingParams | None = None, share_head: bool = True) -> ChainSession:
+                           sampling: SamplingParams | None = None, share_head: bool = True,
+                           speculate: int = 0) -> ChainSession:
         """Opens the session on every stage at once (in push mode a stage may start its push link
         before its successor has seen the session; the successor waits for it). `embed`: a one-stage session at
         layer 0 that takes token ids (`ChainSession.embed_step`: a check of a ring's first stage). `sampling`: open
         it as a ring whose last stage samples with these parameters (`ChainSession.tokens`); `share_head=False`
-        keeps the LM head's work whole at the last stage (see `node.net.protocol`: head sharing)."""
+        keeps the LM head's work whole at the last stage (see `node.net.protocol`: head sharing). `speculate`: a ring
+        whose first stage drafts up to that many tokens a round, verified at its last stage (`node.net.protocol`:
+        speculation)."""
+        if speculate and sampling is None:
+            raise ValueError("only a ring speculates: give its sampling")
         if sampling is not None and relay:
             raise ValueError("a ring session is not relayed")
         p2p = await self.p2p()
@@ -332,6 +400,7 @@ class SwarmClient:
                 "session_id": session_id, "start": hop.start, "end": hop.end, "max_length": max_length,
                 "prev": prev.node_id if prev else None, "next": nxt.node_id if nxt else None,
                 "relay": relay, "wire": wire, **({"embed": True} if embed else {}),
+                **({"speculate": speculate} if speculate else {}),
             }
             if sampling is not None and first:  # it samples too when it shares the head with the last stage
                 fields.update(embed=True, sampling=sampling.to_wire(), share_head=share_head)
@@ -362,11 +431,11 @@ async def connect(initial_peers: Sequence[str], source: ModelSource, *,
                   send_delay_s: float = 0.0) -> AsyncIterator[SwarmClient]:
     """A client of the swarm that `initial_peers` lead to: its own client-mode DHT peer listening on
     `host_maddrs`, and a `SwarmClient` on it, its p2p replica made on this loop; both closed on exit."""
-    dht = await asyncio.to_thread(open_dht, list(initial_peers), list(host_maddrs), client_mode=True)
-    client = SwarmClient(dht, source, send_delay_s=send_delay_s)
+    peer = await asyncio.to_thread(open_dht, list(initial_peers), list(host_maddrs), client_mode=True)
+    client = SwarmClient(peer, source, send_delay_s=send_delay_s)
     try:
         await client.p2p()  # now, on this loop, rather than racing on the first requests
         yield client
     finally:
         await client.close()
-        dht.shutdown()
+        peer.shutdown()

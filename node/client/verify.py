@@ -36,6 +36,7 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from node.client.session import ChainSession, StageFailure, SwarmClient
+from node.model.speculative import MAX_DRAFT_TOKENS
 from node.net.protocol import PREFILL_CHUNK_TOKENS, ProtocolError, digest, token_digest, unpack_metadata
 from node.net.wire import decode as wire_decode
 from swarm.types import Hop
@@ -59,10 +60,15 @@ LIES = {"failed_verification", "equivocation", "disputed"}
 WIRE_TOLERANCES = {"none": 0.0, "fp16": TOLERANCES[torch.float16], "int8": 1e-1}
 
 
-def tolerance_for(compute_dtype: torch.dtype, wire: str = "none") -> float:
-    """The tolerance for outputs computed in `compute_dtype` (the least precise of the two nodes compared) and
-    sent with the `wire` codec."""
-    return max(TOLERANCES[compute_dtype], WIRE_TOLERANCES[wire])
+# Quantized layers (node.model.quant) differ from dense ones, and from each other, by their weights' rounding:
+# the tolerance when either side holds its layers so (announced in its record; see benchmarks/verification.py).
+QUANT_TOLERANCES = {"none": 0.0, "int8": 1e-1, "int4": 3e-1}
+
+
+def tolerance_for(compute_dtype: torch.dtype, wire: str = "none", quants: tuple[str, ...] = ()) -> float:
+    """The tolerance for outputs computed in `compute_dtype` (the least precise of the nodes compared), sent with
+    the `wire` codec, by nodes holding their layers at `quants` (the checked one's and its verifiers')."""
+    return max(TOLERANCES[compute_dtype], WIRE_TOLERANCES[wire], *(QUANT_TOLERANCES[q] for q in quants))
 
 
 def announced_dtype(name: object) -> torch.dtype:
@@ -110,6 +116,7 @@ class Ledger(asyncio.Queue):
         self.fed: dict[int, dict[int, tuple[str, int | None]]] = {}  # what each stage was fed, and by which stage
         # (None: the client; in a ring, the first stage is fed each token the last stage announced)
         self.equivocations: list[tuple[int, int]] = []  # (receiving stage index, position)
+        self.drafts: dict[int, list[int]] = {}  # a speculating ring's first stage: position -> the draft it ran after
         self._arrived = asyncio.Event()
 
     def put_nowait(self, item: tuple[int, object]) -> None:
@@ -127,6 +134,8 @@ class Ledger(asyncio.Queue):
                     self._note(self.sent, index, position, digest(output))
                 if isinstance(metadata.get("in"), str):
                     self._note(self.received, index, position, metadata["in"])
+                if index == 0 and _is_draft(metadata.get("draft")):
+                    self.drafts[position] = metadata["draft"]
                 self._arrived.set()
             if "echo" in metadata:
                 return
@@ -185,6 +194,11 @@ class Ledger(asyncio.Queue):
         return None
 
 
+def _is_draft(draft: object) -> bool:
+    return (isinstance(draft, list) and 0 < len(draft) <= MAX_DRAFT_TOKENS
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in draft))
+
+
 def attach_ledger(session: ChainSession) -> Ledger:
     """Swaps the session's event queue for a ledger (before any step: the queue holds nothing yet)."""
     ledger = Ledger([hop.node_id for hop in session.chain])
@@ -207,6 +221,14 @@ class Auditor:
     step_timeout_s: float = 30.0
     rng: random.Random = field(default_factory=random.Random)
     reports: list[VerificationReport] = field(default_factory=list)
+    quants: dict[str, str] = field(default_factory=dict)  # peer -> the quantization its record announces
+
+    def tolerance_between(self, *nodes: tuple[str | None, torch.dtype]) -> float:
+        """Between the outputs of `nodes` (peer, the dtype it announced): the looser of their dtypes', and the
+        slack of the quantizations their records announce. A node that announces int4 gets int4's slack: the price
+        of letting quantized nodes serve (see QUANT_TOLERANCES)."""
+        quants = tuple(self.quants.get(peer, "none") for peer, _ in nodes if peer)
+        return max(tolerance_for(dtype, self.wire, quants) for _, dtype in nodes)
 
     def sample(self) -> bool:
         """Whether to check the step just run (drawn after the stages committed to it, so none can tell)."""
@@ -228,6 +250,8 @@ class Auditor:
         except TimeoutError:
             claimed = None
         end = position + (claimed.shape[1] if claimed is not None else 0)
+        if index == 0 and token_ids is not None and position in ledger.drafts:  # a speculating ring's first stage
+            token_ids = [*token_ids[:position + 1], *ledger.drafts[position]]  # ran its token, then its draft
         inputs = (chain_inputs if token_ids is None else token_ids) if index == 0 else ledger.inputs(index - 1, end)
         if inputs is None or claimed is None:
             return self._report(hop, position, None, float("nan"), "unchecked", float("nan"))
@@ -237,14 +261,16 @@ class Auditor:
                                                                            want=stage_dtype)
         if reference is None:
             return self._report(hop, position, None, float("nan"), "unchecked", float("nan"))
-        tolerance = self._tolerance(stage_dtype, verifier_dtype)
+        tolerance = self.tolerance_between((hop.node_id, stage_dtype), (verifier, verifier_dtype))
         error = relative_error(claimed, reference)
         if error <= tolerance:
             return self._report(hop, position, verifier, error, "honest", tolerance)
         # A dispute: a third node decides; no one is called a liar unless two others agree against it.
         third, tiebreaker, third_dtype = await self._recompute_on_any(candidates, hop, inputs, position, end,
                                                                       want=stage_dtype)
-        tolerance = max(tolerance, self._tolerance(stage_dtype, third_dtype or stage_dtype))
+        # One tolerance for the three comparisons: the loosest of the three nodes' dtypes and quantizations.
+        tolerance = self.tolerance_between((hop.node_id, stage_dtype), (verifier, verifier_dtype),
+                                           (tiebreaker, third_dtype or stage_dtype))
         if third is not None and relative_error(reference, third) <= tolerance < relative_error(claimed, third):
             verdict = "liar"
             self.client.ban(hop.node_id, for_s=PROVEN_BAN_S)
@@ -264,13 +290,12 @@ class Auditor:
                                code="failed_verification" if verdict == "liar" else "disputed")
         return report
 
-    def _tolerance(self, a: torch.dtype, b: torch.dtype) -> float:
-        return max(tolerance_for(a, self.wire), tolerance_for(b, self.wire))
-
     async def _verifiers(self, hop: Hop) -> list[str]:
-        """Other online, unbanned nodes that hold all of the hop's layers, in random order."""
-        banned = self.client.banned
-        peers = sorted({r.peer_id for r in await self.client.servers()
+        """Other online, unbanned nodes that hold all of the hop's layers, in random order (and every node's
+        quantization, from the same records)."""
+        banned, records = self.client.banned, await self.client.servers()
+        self.quants.update({r.peer_id: r.quant for r in records})
+        peers = sorted({r.peer_id for r in records
                         if r.state == "online" and r.start <= hop.start and hop.end <= r.end
                         and r.peer_id != hop.node_id and r.peer_id not in banned})
         self.rng.shuffle(peers)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import mmap
 import os
 import re
@@ -39,6 +38,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from node.model import embedded_model
+from node.model.quant import layer_weight_bytes
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def weight_map(source: ModelSource) -> dict[str, str]:
 def files_for_keys(mapping: dict[str, str], keys: Iterable[str]) -> dict[str, list[str]]:
     """Group `keys` by the file holding them: the only files a load of those keys needs to open.
 
-    Every key must be in `mapping` (check with `missing_tensors` first)."""
+    Every key must be in `mapping` (`_check_present` checks that first)."""
     by_file: dict[str, list[str]] = {}
     for key in keys:
         by_file.setdefault(mapping[key], []).append(key)
@@ -483,8 +483,9 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
         ) from e
 
 
-def layer_bytes(source: ModelSource, dtype: torch.dtype) -> int:
-    """Bytes of one decoder layer's weights at `dtype`, from the safetensors headers (no tensor data read).
+def layer_bytes(source: ModelSource, dtype: torch.dtype, quant: str = "none") -> int:
+    """Bytes of one decoder layer's weights at `dtype`, its projections held at `quant` (`node.model.quant`),
+    from the safetensors headers (no tensor data read).
 
     All layers of the supported architectures have the same shapes, so layer 0 stands for every one."""
     keys = layer_keys(source, 0)
@@ -498,9 +499,8 @@ def layer_bytes(source: ModelSource, dtype: torch.dtype) -> int:
                     f"checkpoint of {source.name} is broken: tensor {key!r} is listed in "
                     f"{INDEX_FILE} but missing from {filename}"
                 )
-            shapes[key] = header[key]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return sum(math.prod(shape) for shape in shapes.values()) * itemsize
+            shapes[key.removeprefix(f"{_prefix(source)}layers.0.")] = header[key]
+    return layer_weight_bytes(shapes, dtype, quant)
 
 
 # --- CLI helper -----------------------------------------------------------------------------------------

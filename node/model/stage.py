@@ -32,7 +32,7 @@ from transformers import AutoModel, PretrainedConfig
 
 from node.model.checkpoint import ModelSource, load_layers, stage_config
 from node.model.head import Embedder, LMHead
-from node.model.projection import Projection
+from node.model.quant import FUSED_PROJECTIONS, check_quant, quantized_projection
 
 LayerSpan = tuple[int, int]  # absolute [a, b) model layer indices
 
@@ -106,6 +106,13 @@ class KVCache:
     def get_seq_length(self) -> int:  # DynamicCache's name for it, for code written against that
         return self.length
 
+    def truncate(self, length: int) -> None:
+        """Forgets every position from `length` on (a rejected speculative draft); the next step starts there and
+        overwrites them. Nothing is freed: a preallocated cache keeps its size."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.length = length
+
     def _ensure_capacity(self, needed: int) -> None:
         if needed <= self.capacity:
             return
@@ -133,13 +140,15 @@ class StepInput:
         return self.hidden.shape[1]
 
 
-def _fuse_projections(layer: torch.nn.Module) -> None:
+def _fuse_projections(layer: torch.nn.Module, quant: str = "none", backend: str | None = None) -> None:
     """Replaces the layer's q/k/v projections by one `self_attn.qkv_proj` and gate/up by one `mlp.gate_up_proj`
     (biases too: Qwen2 has them on q, k and v), and every projection by a `Projection`, which keeps its weight
-    in the layout the device streams fastest. Three fewer ops per layer took the projections and MLP of 10
-    SmolLM2 layers from 10.0 to 9.7 ms here (each output is the same row-by-input dot product)."""
-    for owner, fused_name, names in ((layer.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
-                                     (layer.mlp, "gate_up_proj", ("gate_proj", "up_proj"))):
+    in the layout the device streams fastest, or by its `quant` form (`node.model.quant`, with `backend`'s
+    kernels). Three fewer ops per layer took the projections and MLP of 10 SmolLM2 layers from 10.0 to 9.7 ms
+    here (each output is the same row-by-input dot product)."""
+    for fused, full_names in FUSED_PROJECTIONS.items():
+        owner_name, fused_name = fused.split(".")
+        owner, names = getattr(layer, owner_name), [name.split(".")[1] for name in full_names]
         parts = [getattr(owner, name) for name in names]
         bias = None
         if any(p.bias is not None for p in parts):
@@ -148,10 +157,10 @@ def _fuse_projections(layer: torch.nn.Module) -> None:
         for name in names:
             delattr(owner, name)  # the fused copy replaces them: no weight is held twice
         del parts
-        setattr(owner, fused_name, Projection(weight, bias))
+        setattr(owner, fused_name, quantized_projection(weight, bias, quant, backend=backend))
     for owner, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
         linear = getattr(owner, name)
-        setattr(owner, name, Projection(linear.weight.detach(), linear.bias))
+        setattr(owner, name, quantized_projection(linear.weight.detach(), linear.bias, quant, backend=backend))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -176,33 +185,31 @@ class Stage:
 
     def __init__(
         self, source: ModelSource, start: int, end: int, *, dtype: torch.dtype, device: torch.device,
-        with_ends: bool = True, share_head: bool = True,
+        with_ends: bool = True, share_head: bool = True, quant: str = "none", quant_backend: str | None = None,
     ) -> None:
         """`with_ends=False`: layers only, even at the model's ends (timing layers, nothing served).
-        `share_head=False`: a first stage holds no share of the LM head (`head_share`)."""
+        `share_head=False`: a first stage holds no share of the LM head (`head_share`).
+        `quant`: how the layers' projections are held ("none", "int8", "int4": `node.model.quant`, whose
+        `quantized_projection` picks the kernels unless `quant_backend` names them); the embedding, norms and
+        LM head stay at `dtype`."""
         if not 0 <= start < end <= source.num_layers:
             raise ValueError(
                 f"layer range {start}:{end} is outside {source.name}, which has {source.num_layers} layers"
             )
         self.source, self.start, self.end = source, start, end
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device, self.quant = dtype, torch.device(device), check_quant(quant)
+        self.quant_backend = quant_backend
         self.config = stage_config(source.config, start, end)
         with torch.device("meta"):
             model = AutoModel.from_config(self.config, dtype=dtype)
         model.embed_tokens = None
         model.norm = torch.nn.Identity()  # the final norm belongs to the client's head
-        weights = load_layers(source, start, end, dtype=dtype, device=self.device)
-        missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-        if unexpected or any(key.startswith("layers.") for key in missing):
-            raise ValueError(f"checkpoint of {source.name} does not fit layers {start}:{end}: "
-                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        del weights  # the modules hold them now; fusing below frees each separate projection as it goes
+        for index in range(start, end):  # one at a time: a quantized stage never holds all its layers dense
+            self._load_layer(model, index)
         # Non-persistent buffers (rotary frequencies) cannot live on the meta device.
         model.rotary_emb = type(model.rotary_emb)(config=self.config).to(self.device)
         self.model = model.eval()
         self.layers = model.layers
-        for layer in self.layers:
-            _fuse_projections(layer)
         self.windows = sliding_windows(self.config)
         self.head_dim, self.kv_heads = _head_dim(self.config), _kv_heads(self.config)
         self.num_heads = self.config.num_attention_heads
@@ -221,6 +228,24 @@ class Stage:
             num_layers=end - start,
             kv_bytes_per_token=kv_bytes_per_token(self.config, dtype) * (end - start),
         )
+
+    def _load_layer(self, model: torch.nn.Module, index: int) -> None:
+        """Reads model layer `index` into `model` (its layer `index - start`), then fuses (and quantizes) it."""
+        local = f"layers.{index - self.start}."
+        weights = {local + key.removeprefix("layers.0."): tensor for key, tensor in
+                   load_layers(self.source, index, index + 1, dtype=self.dtype, device=self.device).items()}
+        missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+        if unexpected or any(key.startswith(local) for key in missing):
+            raise ValueError(f"checkpoint of {self.source.name} does not fit layer {index}: "
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        del weights  # the modules hold them now; fusing frees each separate projection as it goes
+        _fuse_projections(model.layers[index - self.start], self.quant, self.quant_backend)
+
+    @property
+    def layer_bytes(self) -> int:
+        """Bytes of one of this stage's layers as held (all have the same shapes)."""
+        layer = self.layers[0]
+        return sum(t.nbytes for t in itertools.chain(layer.parameters(), layer.buffers()))
 
     # --- caches -----------------------------------------------------------------------------------
 

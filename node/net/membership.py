@@ -5,19 +5,23 @@ heartbeat, so a node that dies silently drops out after `ttl_s`. The subkey is
 `<peer id>[owner:<ssh-rsa public key>]`: hivemind's RSASignatureValidator makes every honest peer refuse
 a value under it that the key's owner did not sign, and since a peer id is the hash of that same key
 (see node.net.identity), `ServerRecordValidator` also refuses a record whose peer id is not the signer's.
-Both run on every peer of a Layerhive DHT (`open_dht`): at storage time and on every value read back
-from another peer. `list_servers` checks everything but the signature again and logs why it drops a record.
+Both run on every peer of a Layerhive DHT (`open_dht`, which returns a `SwarmPeer`): at storage time and on
+every value read back from another peer. `SwarmPeer.list_servers` checks everything but the signature again and
+logs why it drops a record.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
-from weakref import WeakKeyDictionary
 
 import filelock
 from hivemind import DHT
@@ -29,6 +33,7 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from node.net.config import load_config
 from node.net.identity import IdentityError, NodeIdentity, claim, ephemeral_identity, peer_id_from_owner_key
+from node.net.lifeline import GRACE_S, default_signals, die_with_spawner, kill_descendants, watch_parent
 from node.net.reachability import measure_in_dht, peer_ids_of, relay_p2p_options
 from swarm.records import RecordError, ServerRecord
 
@@ -39,23 +44,74 @@ MAX_RECORD_BYTES = 8192  # a signed record is ~1 KB; the cap keeps strangers fro
 _OWNER_PREFIX = "[owner:"
 _LOG_EVERY_S = 60.0  # the same rejection is logged at most this often: a hostile peer must not flood the log
 
-# The signing identity of each DHT opened by `open_dht`, so `announce` knows which key it signs with.
-_identities: WeakKeyDictionary[DHT, NodeIdentity] = WeakKeyDictionary()
-# How peers reach each server DHT opened by `open_dht`, so `announce` can put it in the record.
-_reachability: WeakKeyDictionary[DHT, str] = WeakKeyDictionary()
+
+class _ParentBoundDHT(DHT):
+    """A DHT whose process ends with the process that opened it (see `node.net.lifeline`)."""
+
+    def run(self) -> None:
+        """The DHT process: it shuts down when its parent is gone (even killed), and its p2p daemon dies
+        with it (the daemon is spawned and awaited by this process's main thread)."""
+        default_signals()
+        watch_parent(self._shutdown_orphan)
+        spawn = asyncio.subprocess.create_subprocess_exec  # hivemind's way to start p2pd; this process is ours
+        asyncio.subprocess.create_subprocess_exec = functools.partial(spawn, preexec_fn=die_with_spawner)
+        super().run()
+
+    def _shutdown_orphan(self) -> None:
+        """The graceful shutdown the parent would have asked for (it stops p2pd), then the hard way."""
+        with contextlib.suppress(Exception):
+            self._outer_pipe.send(("_shutdown", [], {}))
+        time.sleep(GRACE_S)
+        kill_descendants()
+        os._exit(1)
 
 
-class _ClaimedDHT(DHT):
-    """A DHT running under a named identity: it gives the identity back (see `node.net.identity.claim`) on shutdown."""
+@dataclass(eq=False)
+class SwarmPeer:
+    """One running peer of a Layerhive DHT, as `open_dht` returns it: the hivemind DHT, the identity the
+    records it announces are signed with, and how peers reach it (measured when a server joins)."""
 
-    claimed: filelock.BaseFileLock | None = None
+    dht: DHT
+    identity: NodeIdentity
+    reachability: str | None = None  # "direct", "relayed" or "unreachable"; None: not measured (see open_dht)
+    claimed: filelock.BaseFileLock | None = None  # a named identity's claim, given back on shutdown
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    @property
+    def visible_maddrs(self) -> list[str]:
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    async def announce(self, record: ServerRecord, *, ttl_s: float = DEFAULT_TTL_S) -> bool:
+        """Stores `record`, signed, exactly as given. It must be this peer's and say the reachability measured
+        here: a record claiming another would mislead every planner and router."""
+        if record.peer_id != self.peer_id:
+            raise ValueError(f"record for {record.peer_id} cannot be signed by {self.peer_id}")
+        if self.reachability is not None and record.reachability != self.reachability:
+            raise ValueError(f"the record says reachability {record.reachability!r}, measured {self.reachability!r}")
+        return await self.dht.store(
+            servers_key(record.model), subkey=owner_subkey(self.identity), value=record.to_dict(),
+            expiration_time=get_dht_time() + ttl_s, return_future=True,
+        )
+
+    async def list_servers(self, model: str, *, num_layers: int | None = None) -> list[ServerRecord]:
+        """Live, valid records of `model`'s servers; bad ones are logged with the reason and skipped."""
+        found = await self.dht.get(servers_key(model), latest=True, return_future=True)
+        return _valid_records(found, model, num_layers)
+
+    def list_servers_blocking(self, model: str, *, num_layers: int | None = None) -> list[ServerRecord]:
+        """`list_servers` for synchronous callers (outside an event loop)."""
+        return _valid_records(self.dht.get(servers_key(model), latest=True), model, num_layers)
 
     def shutdown(self) -> None:
         try:
-            super().shutdown()
+            self.dht.shutdown()
         finally:
             if self.claimed is not None:
                 self.claimed.release()
+                self.claimed = None
 
 
 def servers_key(model: str) -> str:
@@ -68,7 +124,7 @@ def owner_subkey(identity: NodeIdentity) -> str:
 
 def open_dht(initial_peers: Sequence[str], host_maddrs: Sequence[str], *, client_mode: bool = False,
              identity: NodeIdentity | None = None, announce_maddrs: Sequence[str] = (),
-             relays: Sequence[str] | None = None, relay_service: bool = False) -> DHT:
+             relays: Sequence[str] | None = None, relay_service: bool = False) -> SwarmPeer:
     """A running DHT peer that signs its own records and validates everyone's. p2pd runs with the
     identity's key, so the DHT's peer id is the one its records are signed for; without an identity,
     an ephemeral key (fine for clients, bootstrap peers and throwaway nodes).
@@ -77,7 +133,7 @@ def open_dht(initial_peers: Sequence[str], host_maddrs: Sequence[str], *, client
     `relays`: relay peers' multiaddrs to serve through when peers cannot dial us (see node.net.reachability);
     None: a server DHT takes them from the user's configuration (node.net.config), a client or relay none.
     `relay_service`: this peer is publicly reachable and relays for others (a bootstrap peer).
-    A server DHT measures its reachability once it has joined; records `announce` signs carry it."""
+    A server DHT with peers to ask measures its reachability once it has joined (`SwarmPeer.reachability`)."""
     persistent = identity is not None and identity.name is not None
     identity = identity or ephemeral_identity()
     if relays is None:
@@ -86,7 +142,7 @@ def open_dht(initial_peers: Sequence[str], host_maddrs: Sequence[str], *, client
     claimed = claim(identity) if persistent else None
     try:
         with identity.p2pd_identity_file() as identity_path:  # p2pd has read the key once the DHT is ready
-            dht = _ClaimedDHT(
+            dht = _ParentBoundDHT(
                 initial_peers=list(initial_peers) or None, host_maddrs=list(host_maddrs), start=True,
                 client_mode=client_mode, record_validators=record_validators(identity.private_key),
                 identity_path=identity_path,
@@ -97,22 +153,16 @@ def open_dht(initial_peers: Sequence[str], host_maddrs: Sequence[str], *, client
         if claimed is not None:
             claimed.release()
         raise
-    dht.claimed = claimed
+    peer = SwarmPeer(dht, identity, claimed=claimed)
     if dht.peer_id.to_base58() != identity.peer_id:
-        dht.shutdown()
+        peer.shutdown()
         raise IdentityError(f"p2pd runs as {dht.peer_id} instead of the identity's {identity.peer_id}")
-    _identities[dht] = identity
     if not client_mode and not relay_service and initial_peers:
         probers = peer_ids_of([*relays, *initial_peers])
-        _reachability[dht] = dht.run_coroutine(functools.partial(measure_in_dht, probers=probers,
-                                                                 relayed=bool(relays)))
-        logger.info("reachability: %s", _reachability[dht])
-    return dht
-
-
-def measured_reachability(dht: DHT) -> str | None:
-    """What `open_dht` measured for this DHT: "direct", "relayed" or "unreachable"; None if it did not."""
-    return _reachability.get(dht)
+        peer.reachability = dht.run_coroutine(functools.partial(measure_in_dht, probers=probers,
+                                                                relayed=bool(relays)))
+        logger.info("reachability: %s", peer.reachability)
+    return peer
 
 
 def _network_options(announce_maddrs: Sequence[str], relays: Sequence[str], relay_service: bool) -> dict[str, Any]:
@@ -128,38 +178,6 @@ def _network_options(announce_maddrs: Sequence[str], relays: Sequence[str], rela
 
 def record_validators(private_key: RSAPrivateKey) -> list[RecordValidatorBase]:
     return [SignatureValidator(private_key), ServerRecordValidator()]
-
-
-async def announce(dht: DHT, record: ServerRecord, *, ttl_s: float = DEFAULT_TTL_S) -> bool:
-    identity = _identities.get(dht)
-    if identity is None:
-        raise ValueError("this DHT cannot sign records: open it with node.net.membership.open_dht")
-    if record.peer_id != identity.peer_id:
-        raise ValueError(f"record for {record.peer_id} cannot be signed by {identity.peer_id}")
-    if dht in _reachability:  # measured by this process's DHT peer: more current than what the caller set
-        record = dataclasses.replace(record, reachability=_reachability[dht])
-    return await dht.store(
-        servers_key(record.model), subkey=owner_subkey(identity), value=record.to_dict(),
-        expiration_time=get_dht_time() + ttl_s, return_future=True,
-    )
-
-
-async def list_servers(dht: DHT, model: str, *, num_layers: int | None = None) -> list[ServerRecord]:
-    """Live, valid records of `model`'s servers; bad ones are logged with the reason and skipped."""
-    _require_validating(dht)
-    found = await dht.get(servers_key(model), latest=True, return_future=True)
-    return _valid_records(found, model, num_layers)
-
-
-def list_servers_blocking(dht: DHT, model: str, *, num_layers: int | None = None) -> list[ServerRecord]:
-    """`list_servers` for synchronous callers (outside an event loop)."""
-    _require_validating(dht)
-    return _valid_records(dht.get(servers_key(model), latest=True), model, num_layers)
-
-
-def _require_validating(dht: DHT) -> None:
-    if dht not in _identities:  # only a DHT with our validators has checked the signatures
-        raise ValueError("this DHT does not verify record signatures: open it with node.net.membership.open_dht")
 
 
 def _valid_records(found: Any, model: str, num_layers: int | None) -> list[ServerRecord]:

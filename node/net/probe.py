@@ -49,11 +49,6 @@ async def add_probe_handlers(p2p: P2P, *, send_delay_s: float = 0.0) -> None:
     await p2p.add_protobuf_handler(SINK_HANDLER, _sink, runtime_pb2.ExpertRequest, stream_input=True)
 
 
-async def remove_probe_handlers(p2p: P2P) -> None:
-    await p2p.remove_protobuf_handler(PING_HANDLER)
-    await p2p.remove_protobuf_handler(SINK_HANDLER, stream_input=True)
-
-
 async def _ping(request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
     if len(request.metadata) > MAX_PING_BYTES or request.tensors:
         return error_response("bad_request", f"a ping carries at most {MAX_PING_BYTES} bytes of metadata only")

@@ -42,6 +42,14 @@ when it answers the client, else in an echo `{"echo": position, "in"}` + the out
 pushed on, or at a ring's sampling stage the hidden states it sampled from). The client holds every stage to what
 its neighbour says it received, and re-runs a sample of steps elsewhere (`node.client.verify`). Nothing in a
 session's messages tells a stage which steps are checked. The open's `audit` flag is accepted and ignored.
+Speculation (a ring opened with `speculate: k`, k <= 16, at every stage): the first stage appends to a
+sampled step a draft of up to k token ids (`node.model.speculative`), which every stage passes on with the
+step's output (`"draft": [...]`); the last stage computes the logits of the draft's positions and the one
+before, keeps the draft's tokens the model agrees with, sends each kept token and the model's next one to the
+client, and feeds that next one back to the first stage at its position, up to k positions before where the
+stages' caches end: each stage drops the rejected positions from its cache when that step arrives.
+Speculating rings do not share the LM head. The first stage's receipt names the token it was fed, and its echo
+carries the draft it appended (`"draft"`), so the client can re-run the step.
 Everything a peer sends is checked before any compute runs: each field here, and an open's flags
 together where the session opens (`node.serve.role`).
 """
@@ -58,6 +66,7 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from node.model.sampling import SamplingParams
+from node.model.speculative import MAX_DRAFT_TOKENS
 from node.net.direct import DirectOffer
 from node.net.wire import ACCEPTED_COMPRESSIONS
 from node.net.wire import CODECS as WIRE_CODECS
@@ -109,6 +118,7 @@ class OpenSession:
     # feed it to `next_peer` (the first stage), or to itself when it is the whole chain.
     sampling: SamplingParams | None = None
     share_head: bool = True  # a ring's first stage: offer the last stage to share the LM head's work
+    speculate: int = 0  # a ring's stages: drafts of up to this many tokens ride the sampled steps (see below)
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,7 @@ class Step:
     position: int
     token_ids: torch.Tensor | None = None  # [1, tokens] int64, for a session opened with `embed`
     sample: bool = False  # a ring's last stage samples a token after this step
+    draft: tuple[int, ...] = ()  # speculation: the step's last len(draft) tokens are a draft to verify
 
     @property
     def tokens(self) -> int:
@@ -215,13 +226,14 @@ def parse_open(message: runtime_pb2.ExpertRequest, *, max_length_limit: int) -> 
         raise ProtocolError("bad_request", f"'audit', 'embed' and 'share_head' must be booleans, "
                             f"got {audit!r}, {embed!r}, {share_head!r}")
     sampling = None
+    speculate = _int_field(opened, "speculate", low=0, high=MAX_DRAFT_TOKENS) if "speculate" in opened else 0
     if opened.get("sampling") is not None:
         try:
             sampling = SamplingParams.from_wire(opened["sampling"])
         except ValueError as e:
             raise ProtocolError("bad_request", f"bad 'sampling': {e}") from None
     return OpenSession(session_id, start, end, max_length, prev_peer, next_peer, relay, wire, audit, embed, sampling,
-                       share_head)
+                       share_head, speculate)
 
 
 def _peer_field(metadata: dict[str, Any], key: str) -> str | None:
@@ -241,24 +253,42 @@ def parse_push_open(message: runtime_pb2.ExpertRequest) -> str:
 
 def parse_step(
     message: runtime_pb2.ExpertRequest, *, hidden_size: int, expected_position: int, max_length: int,
-    vocab_size: int | None = None,
+    vocab_size: int | None = None, speculate: int = 0, model_vocab_size: int = 0,
 ) -> Step:
-    """A step of hidden states, or with `vocab_size` (a session opened with `embed`) a step of token ids."""
+    """A step of hidden states, or with `vocab_size` (a session opened with `embed`) a step of token ids.
+
+    `speculate` (a pushed step of a session opened with it): the step may start up to that many positions before
+    `expected_position` (after a rejected draft), and may carry a draft of up to that many token ids below
+    `model_vocab_size`, no longer than the step minus one token."""
     metadata = unpack_metadata(message)
     position = _int_field(metadata, "position", low=0, high=max_length - 1)
-    if position != expected_position:
+    if not expected_position - speculate <= position <= expected_position:
         raise ProtocolError("bad_step", f"step at position {position}, but the session is at {expected_position}")
     sample = metadata.get("sample", False)
     if not isinstance(sample, bool):
         raise ProtocolError("bad_request", f"'sample' must be a boolean, got {sample!r}")
+    draft = _draft(metadata, speculate, model_vocab_size)
     if vocab_size is not None:
-        return Step(None, position, _token_ids(metadata, message, vocab_size, position, max_length), sample)
-    size = _tensor_header(message, "hidden states", [1, None, hidden_size])
-    if position + size[1] > max_length:
-        raise ProtocolError(
-            "too_long", f"positions {position}..{position + size[1]} exceed the session's max_length {max_length}"
-        )
-    return Step(_tensor(message, "hidden states", size), position, sample=sample)
+        step = Step(None, position, _token_ids(metadata, message, vocab_size, position, max_length), sample, draft)
+    else:
+        size = _tensor_header(message, "hidden states", [1, None, hidden_size])
+        if position + size[1] > max_length:
+            raise ProtocolError(
+                "too_long", f"positions {position}..{position + size[1]} exceed the session's max_length {max_length}"
+            )
+        step = Step(_tensor(message, "hidden states", size), position, sample=sample, draft=draft)
+    if draft and (not sample or len(draft) >= step.tokens):
+        raise ProtocolError("bad_request", f"a draft of {len(draft)} tokens rides a sampled step of more tokens")
+    return step
+
+
+def _draft(metadata: dict[str, Any], speculate: int, vocab_size: int) -> tuple[int, ...]:
+    draft = metadata.get("draft", [])
+    if not isinstance(draft, list) or len(draft) > speculate or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in draft):
+        raise ProtocolError("bad_request", f"'draft' must be a list of at most {speculate} token ids below "
+                            f"{vocab_size} (the session's 'speculate' at open)")
+    return tuple(draft)
 
 
 def _tensor_header(message: runtime_pb2.ExpertRequest, what: str, shape: list[int | None]) -> list[int]:

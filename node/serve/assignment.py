@@ -22,9 +22,10 @@ import torch
 
 from node.model.checkpoint import ModelSource, layer_bytes
 from node.model.stage import kv_bytes_per_token
-from swarm.allocator import allocate
+from swarm.allocator import DEFAULT_CONTEXT_TOKENS, allocate
+from swarm.costmodel import kv_share_bytes
 from swarm.rebalancer import RebalanceState, apply_moves, plan_rebalance
-from swarm.records import RecordError, ServerRecord, node_spec
+from swarm.records import MAX_EPOCH, QUANTIZATIONS, RecordError, ServerRecord, node_spec
 from swarm.types import Assignment, LayerRange, ModelSpec, NodeSpec
 
 logger = logging.getLogger(__name__)
@@ -41,32 +42,60 @@ def model_spec(source: ModelSource) -> ModelSpec:
 
     `head_bytes` is the embedding plus the LM head, one vocab x hidden matrix each, of which the planner
     charges half to each end of a chain: the last stage does hold its LM head (node.model.stage), while the first
-    reads embedding rows from the mapped file (node.model.checkpoint.EmbeddingRows), so its half is slack."""
+    reads embedding rows from the mapped file (node.model.checkpoint.EmbeddingRows), so its half is slack.
+    `quant_layer_bytes`: a layer held int8 or int4 (its norms at the reference dtype), which the planner
+    charges a node whose record announces that quantization."""
     itemsize = torch.empty((), dtype=REFERENCE_DTYPE).element_size()
     return ModelSpec(source.name, source.num_layers, source.hidden_size,
                      layer_bytes=float(layer_bytes(source, REFERENCE_DTYPE)),
                      kv_bytes_per_token_per_layer=float(kv_bytes_per_token(source.config, REFERENCE_DTYPE)),
-                     head_bytes=float(2 * source.config.vocab_size * source.hidden_size * itemsize))
+                     head_bytes=float(2 * source.config.vocab_size * source.hidden_size * itemsize),
+                     quant_layer_bytes=tuple((quant, float(layer_bytes(source, REFERENCE_DTYPE, quant)))
+                                             for quant in QUANTIZATIONS if quant != "none"))
 
 
-def reference_memory(memory_bytes: float, local_dtype: torch.dtype) -> float:
-    """Memory to announce: what `memory_bytes` of `local_dtype` tensors would be at the reference dtype."""
-    local = torch.empty((), dtype=local_dtype).element_size()
-    return memory_bytes * torch.empty((), dtype=REFERENCE_DTYPE).element_size() / local
+def reference_memory(memory_bytes: float, local_dtype: torch.dtype, source: ModelSource | None = None,
+                     quant: str = "none") -> float:
+    """Memory to announce, in the planner's units: what `memory_bytes` of `local_dtype` tensors would be at the
+    reference dtype. Quantized weights do not scale with the dtype while the KV cache does, so a quantized
+    node scales by the ratio of one layer plus one session's KV (DEFAULT_CONTEXT_TOKENS) as the planner
+    charges them to what they take here: exact at that KV share, near it at others."""
+    if quant == "none" or source is None:
+        local = torch.empty((), dtype=local_dtype).element_size()
+        return memory_bytes * torch.empty((), dtype=REFERENCE_DTYPE).element_size() / local
+
+    def per_layer(dtype: torch.dtype) -> int:
+        return layer_bytes(source, dtype, quant) + DEFAULT_CONTEXT_TOKENS * kv_bytes_per_token(source.config, dtype)
+
+    return memory_bytes * per_layer(REFERENCE_DTYPE) / per_layer(local_dtype)
+
+
+def planned_kv_budget(model: ModelSpec, memory_bytes: float, layers: LayerRange, local_dtype: torch.dtype,
+                      *, layer_bytes: float = 0.0) -> int:
+    """The KV budget a node's server enforces: the KV share the plan gives a node announcing `memory_bytes`
+    (at the reference dtype) that serves `layers` (`swarm.costmodel.kv_share_bytes`; `layer_bytes`: its
+    quantized layers' planned bytes, 0 for the model's), in `local_dtype` bytes."""
+    share = kv_share_bytes(model, memory_bytes, layers, layer_bytes=layer_bytes)
+    return int(share * local_dtype.itemsize / REFERENCE_DTYPE.itemsize)
 
 
 class EpochTracker:
     """The newest epoch seen from each peer: an older record of a peer is stale (a replay, or a DHT replica
-    that missed an update) and is not followed."""
+    that missed an update) and is not followed. Remembers at most `max_peers` peers (the least recently seen
+    are forgotten first), so fresh peer ids cannot grow it without bound."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_peers: int = 4096) -> None:
         self.newest: dict[str, int] = {}
+        self.max_peers = max_peers
 
     def admit(self, record: ServerRecord) -> bool:
-        newest = self.newest.get(record.peer_id, -1)
+        newest = self.newest.pop(record.peer_id, -1)
         if record.epoch < newest:
+            self.newest[record.peer_id] = newest
             return False
-        self.newest[record.peer_id] = record.epoch
+        self.newest[record.peer_id] = record.epoch  # re-inserted: the dict's order is the order last seen
+        if len(self.newest) > self.max_peers:
+            del self.newest[next(iter(self.newest))]
         return True
 
 
@@ -93,7 +122,7 @@ def _problem(model: ModelSpec, record: ServerRecord, tracker: EpochTracker | Non
     except RecordError as e:
         return str(e)
     if record.state == "online" and record.memory_bytes > 0:
-        needed = (record.end - record.start) * model.layer_bytes
+        needed = (record.end - record.start) * model.layer_bytes_at(record.quant)
         if needed > record.memory_bytes * 1.01:  # the 1% covers rounding in the dtype scaling
             return (f"memory_bytes: claims {record.memory_bytes:.3g} bytes but serves layers "
                     f"{record.start}:{record.end}, whose weights alone need {needed:.3g}")
@@ -118,11 +147,14 @@ def _round_pow2(value: float) -> float:
     return 2.0 ** round(math.log2(value)) if value > 0 else value
 
 
-def planning_spec(record: ServerRecord) -> NodeSpec:
-    """The record's capabilities, with latencies rounded to a power of two so that noise does not move layers."""
-    spec = node_spec(record)
+def planning_spec(record: ServerRecord, model: ModelSpec | None = None) -> NodeSpec:
+    """The record's capabilities (its layers sized at its quantization, given the `model`), with latencies and
+    the measured uplink rounded to a power of two so that noise (a node re-measures its links now and then)
+    does not move layers."""
+    spec = node_spec(record, model)
     return replace(spec, layer_latency_s=_round_pow2(spec.layer_latency_s),
-                   prefill_s_per_token_per_layer=_round_pow2(spec.prefill_s_per_token_per_layer))
+                   prefill_s_per_token_per_layer=_round_pow2(spec.prefill_s_per_token_per_layer),
+                   uplink_bps=_round_pow2(spec.uplink_bps))
 
 
 @dataclass(frozen=True)
@@ -149,7 +181,7 @@ def plan(model: ModelSpec, records: Iterable[ServerRecord], *, improvement_thres
     Node-local state such as cooldown clocks would make nodes disagree, so none is used.
     """
     planned = sorted((r for r in records if r.state in PLANNED_STATES), key=lambda r: r.peer_id)
-    nodes = {r.peer_id: planning_spec(r) for r in planned}
+    nodes = {r.peer_id: planning_spec(r, model) for r in planned}
     current = {r.peer_id: LayerRange(r.start, r.end) for r in planned if r.state == "online"}
     newest = max((r.epoch for r in planned), default=0)
     regions = {peer: spec.region for peer, spec in nodes.items()}
@@ -163,49 +195,68 @@ def plan(model: ModelSpec, records: Iterable[ServerRecord], *, improvement_thres
         return Plan(Assignment({}, newest), {})
     if not current:
         fresh = allocate(model, nodes, rtt)
-        return Plan(Assignment(dict(sorted(fresh.ranges.items())), newest + 1), {})
+        return Plan(_bounded_epoch(Assignment(dict(sorted(fresh.ranges.items())), newest + 1)), {})
     previous = Assignment(dict(sorted(current.items())), newest)
     moves, _ = plan_rebalance(model, nodes, previous, rtt, state=RebalanceState(), now_s=0.0, cooldown_s=0.0,
                               check_interval_s=0.0, improvement_threshold=improvement_threshold)
     if not moves:
         return Plan(previous, current)
-    return Plan(apply_moves(previous, moves, live=nodes), current)
+    return Plan(_bounded_epoch(apply_moves(previous, moves, live=nodes)), current)
 
 
-# --- `layerhive status` ---------------------------------------------------------------------------------
+def _bounded_epoch(assignment: Assignment) -> Assignment:
+    """Epochs stop at MAX_EPOCH (records beyond it are refused): a peer that announced the largest epoch
+    can make the swarm's count stand still, not break the records that follow it."""
+    return replace(assignment, epoch=min(assignment.epoch, MAX_EPOCH))
 
 
-def swarm_status(model: ModelSpec, records: Iterable[ServerRecord]) -> dict:
-    """The swarm as its records show it: nodes, coverage per layer (online replicas), epoch, the plan."""
+# --- the swarm's status (`layerhive status`, the desktop's swarm map) -----------------------------------
+
+
+@dataclass(frozen=True)
+class PeerStatus:
+    """One node as its record shows it, and the range the plan gives it."""
+
+    record: ServerRecord
+    planned: LayerRange | None  # None: the plan gives it no range (draining, offline, or not needed)
+
+    @property
+    def serving(self) -> LayerRange | None:
+        """The layers it serves now; None while it joins (a joining record's range is not loaded yet)."""
+        return None if self.record.state == "joining" else LayerRange(self.record.start, self.record.end)
+
+
+@dataclass(frozen=True)
+class SwarmStatus:
+    """The swarm as its records show it: nodes, online replicas of each layer, the newest epoch, the plan.
+    Numbers only: the CLI and the swarm map format them."""
+
+    model: str
+    num_layers: int
+    epoch: int
+    nodes: tuple[PeerStatus, ...]
+    replicas_per_layer: tuple[int, ...]  # online nodes serving each layer
+
+    @property
+    def min_replicas(self) -> int:
+        return min(self.replicas_per_layer, default=0)
+
+    @property
+    def max_replicas(self) -> int:
+        return max(self.replicas_per_layer, default=0)
+
+    @property
+    def uncovered_layers(self) -> list[int]:
+        return [layer for layer, n in enumerate(self.replicas_per_layer) if n == 0]
+
+
+def swarm_status(model: ModelSpec, records: Iterable[ServerRecord]) -> SwarmStatus:
+    """The swarm as its (checked) records show it, with the range the plan gives each node."""
     records = check_records(model, records)
     online = [r for r in records if r.state == "online"]
-    replicas = [sum(r.start <= layer < r.end for r in online) for layer in range(model.num_layers)]
+    replicas = tuple(sum(r.start <= layer < r.end for r in online) for layer in range(model.num_layers))
     planned = plan(model, records)
-    nodes = [{
-        "peer_id": r.peer_id, "state": r.state, "range": f"{r.start}:{r.end}" if r.state != "joining" else None,
-        "planned": str(planned.range_of(r.peer_id)) if planned.range_of(r.peer_id) else None,
-        "epoch": r.epoch, "sessions": r.sessions, "queue_len": r.queue_len, "free_kv_tokens": r.free_kv_tokens,
-        "layer_latency_ms": round(r.layer_latency_s * 1e3, 3), "memory_gb": round(r.memory_bytes / 1e9, 3),
-        "uplink_mbps": round(r.uplink_bps / 1e6, 1), "region": r.region,
-    } for r in records]
-    return {
-        "model": model.name, "num_layers": model.num_layers, "epoch": max((r.epoch for r in records), default=0),
-        "nodes": nodes, "replicas_per_layer": replicas,
-        "min_replicas": min(replicas, default=0), "max_replicas": max(replicas, default=0),
-        "uncovered_layers": [layer for layer, n in enumerate(replicas) if n == 0],
-    }
-
-
-def format_status(status: dict) -> str:
-    lines = [f"{status['model']}: {len(status['nodes'])} nodes, epoch {status['epoch']}, "
-             f"replicas per layer min {status['min_replicas']} max {status['max_replicas']}"]
-    if status["uncovered_layers"]:
-        lines.append(f"  UNCOVERED layers: {status['uncovered_layers']}")
-    lines.append(f"  {'peer':18} {'state':8} {'range':>7} {'planned':>7} {'epoch':>5} {'sess':>4} {'queue':>5} "
-                 f"{'ms/layer':>8} {'mem GB':>7} region")
-    for n in status["nodes"]:
-        lines.append(f"  {n['peer_id'][:18]:18} {n['state']:8} {n['range'] or '-':>7} {n['planned'] or '-':>7} "
-                     f"{n['epoch']:>5} {n['sessions']:>4} {n['queue_len']:>5} {n['layer_latency_ms']:>8.3f} "
-                     f"{n['memory_gb']:>7.3f} {n['region']}")
-    lines.append("  replicas per layer: " + " ".join(str(n) for n in status["replicas_per_layer"]))
-    return "\n".join(lines)
+    return SwarmStatus(model=model.name, num_layers=model.num_layers,
+                       epoch=max((r.epoch for r in records), default=0),
+                       nodes=tuple(PeerStatus(r, planned.range_of(r.peer_id)) for r in records),
+                       replicas_per_layer=replicas)

@@ -34,9 +34,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from node.model.speculative import MAX_DRAFT_TOKENS
 from node.model.stage import KVCache, Stage, StepInput
 
 logger = logging.getLogger(__name__)
+
+
+MAX_ALONE_TOKENS = 1 + MAX_DRAFT_TOKENS
 
 
 class BatcherClosed(RuntimeError):
@@ -148,9 +152,10 @@ class StepBatcher:
                 self._rhythms[cache] = _Rhythm(loop.time())
             else:
                 rhythm.arrived(loop.time())
-            # Not a session's first step here: sessions that start together get one loop turn to meet.
-            if known and self._worker is None and self.alone:
-                return self._run_alone(step)
+        # Not a session's first step here: sessions that start together get one loop turn to meet. A decode step,
+        # or one with a speculative draft (a few tokens: as quick as a decode on a memory-bound pass).
+        if step.tokens <= MAX_ALONE_TOKENS and known and self._worker is None and self.alone:
+            return self._run_alone(step)
         pending = _Pending(step, loop.create_future())
         self._busy.add(cache)
         self._waiting.append(pending)
@@ -169,7 +174,7 @@ class StepBatcher:
         finally:
             self._running = 0
             self.steps_done += 1
-            self.batch_sizes[1] += 1
+            self.batch_sizes[1] += step.tokens == 1  # decode passes by size; a draft's pass is not one
         if isinstance(result, Exception):
             raise result
         return result

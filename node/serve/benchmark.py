@@ -41,6 +41,7 @@ import psutil
 import torch
 
 from node.model.checkpoint import ModelSource, Progress, layer_bytes, layerhive_home, resolve_model
+from node.model.quant import check_quant, supported_quants
 from node.model.stage import Stage, default_device, default_dtype, kv_bytes_per_token
 from swarm.costmodel import layer_capacity
 from swarm.types import ModelSpec, NodeSpec
@@ -107,12 +108,12 @@ class BenchResult:
     max_layers: int  # layers that fit in memory_bytes with that KV budget (at most the whole model)
     uplink_bps: float | None  # None: not measured (no peers)
     rtt_s: dict[str, float] = field(hash=False)  # peer id -> median RTT
-    reachability: str  # "direct" unless known otherwise (see records.REACHABILITY)
     measured_at: str  # when the compute numbers were measured (UTC, ISO 8601)
     versions: dict[str, str] = field(hash=False)
     notes: tuple[str, ...] = ()
     from_cache: bool = False  # compute numbers came from an earlier run
     num_layers: int = 0  # the model's layers, for context
+    quant: str = "none"  # how the layers were held (node.model.quant); layer_bytes and the timings are at it
 
     def stage_layer_latency_s(self, layers: int | None = None) -> float:
         """Per-layer decode latency of a stage of `layers` layers (default max_layers): the layer's
@@ -128,7 +129,6 @@ class BenchResult:
             memory_bytes=float(self.memory_bytes),
             layer_latency_s=self.stage_layer_latency_s(layers),
             prefill_s_per_token_per_layer=self.prefill_s_per_token_per_layer,
-            relayed=self.reachability == "relayed",
             **extra,
         )
 
@@ -139,7 +139,7 @@ class BenchResult:
             "prefill_s_per_token_per_layer": self.prefill_s_per_token_per_layer,
             "uplink_bps": self.uplink_bps or 0.0,
             "memory_bytes": float(self.memory_bytes),
-            "reachability": self.reachability,
+            "quant": self.quant,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,15 +241,19 @@ def _nvml_memory(index: int, cuda_error: Exception) -> tuple[int, int]:
         raise BenchError(f"cannot read the memory of cuda:{index}: torch says {cuda_error}; NVML says {e}") from e
 
 
-def usable_memory(device_type: str, free: int, total: int) -> int:
-    """Memory a node may take for weights + KV out of `free`, leaving headroom for the rest.
+def usable_memory(device_type: str, free: int, total: int, max_memory_bytes: int | None = None) -> int:
+    """Memory a node offers for weights + KV out of `free`, leaving headroom for the rest, at most the user's
+    `max_memory_bytes`. The one memory policy: the bench and a node's quick estimate offer this, and the
+    plan's KV share of it is what the node's server enforces (node.serve.assignment.planned_kv_budget).
 
     A GPU needs headroom for activations, the allocator's fragmentation and other CUDA contexts; a
     CPU or Apple machine is someone's computer, so we leave a quarter of its free RAM to its owner,
     and half a GiB more for this process itself (Python, torch, hivemind)."""
     if device_type == "cuda":
-        return max(0, free - max(512 << 20, total // 20))
-    return max(0, int(free * 0.75) - (512 << 20))
+        usable = max(0, free - max(512 << 20, total // 20))
+    else:
+        usable = max(0, int(free * 0.75) - (512 << 20))
+    return usable if max_memory_bytes is None else min(usable, int(max_memory_bytes))
 
 
 # --- compute ----------------------------------------------------------------------------------------
@@ -321,7 +325,7 @@ def split_step_time(one_layer_s: float, two_layers_s: float) -> tuple[float, flo
 
 def measure_compute(
     source: ModelSource, device: torch.device, dtype: torch.dtype, settings: BenchSettings, *,
-    num_layers: int = 2, progress: Progress | None = None,
+    num_layers: int = 2, progress: Progress | None = None, quant: str = "none",
 ) -> ComputeResult:
     """Time decode and prefill on the model's first one or two real layers.
 
@@ -332,7 +336,7 @@ def measure_compute(
     report = _Progress(progress)
     n = 2 if num_layers >= 2 and source.num_layers >= 2 else 1
     report(f"loading {n} layer{'s' if n > 1 else ''} of {source.name} to {device}", 0.0)
-    stage = Stage(source, 0, n, dtype=dtype, device=device, with_ends=False)
+    stage = Stage(source, 0, n, dtype=dtype, device=device, with_ends=False, quant=quant)
     sync = _synchronizer(device)
     max_positions = int(getattr(source.config, "max_position_embeddings", 0) or 1 << 20)
     steps = settings.decode_warmup + settings.decode_steps
@@ -445,7 +449,7 @@ class NetworkResult:
     notes: tuple[str, ...] = ()
 
 
-def _peer_id_of(maddr: str) -> str | None:
+def peer_id_of(maddr: str) -> str | None:
     from hivemind.utils.multiaddr import Multiaddr
 
     with contextlib.suppress(Exception):
@@ -459,60 +463,91 @@ async def measure_network(
 ) -> NetworkResult:
     """RTT to a few of `model`'s servers (found on the DHT) or the bootstrap peers, and uplink to the
     nearest ones that run the probe sink."""
-    from node.net.membership import list_servers, open_dht
-    from node.net.probe import ProbeError, measure_rtt, measure_uplink
-    from node.net.protocol import INFO_HANDLER
+    from node.net.membership import open_dht
 
-    settings = settings or DEFAULT_SETTINGS
     report = _Progress(progress)
     report("joining the swarm's DHT", 0.0)
     try:  # a client-mode peer only dials out, so listening on loopback is enough
-        dht = await asyncio.get_running_loop().run_in_executor(
+        client = await asyncio.get_running_loop().run_in_executor(
             None, lambda: open_dht(initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
         )
     except Exception as e:  # bad or unreachable peers: the compute and memory results still stand
         return NetworkResult(notes=(f"network not measured: cannot join the swarm: {type(e).__name__}: {e}",))
     notes: list[str] = []
     try:
-        p2p = await dht.replicate_p2p()
+        p2p = await client.dht.replicate_p2p()
         servers: list[str] = []
         try:
-            servers = [r.peer_id for r in await list_servers(dht, model) if r.state == "online"]
+            servers = [r.peer_id for r in await client.list_servers(model) if r.state == "online"]
         except Exception as e:  # a DHT hiccup should not cost us the bootstrap peers
             notes.append(f"could not list {model}'s servers: {e}")
         random.shuffle(servers)  # spread the probing load over the swarm
-        bootstrap = [p for p in (_peer_id_of(m) for m in initial_peers) if p]
-        candidates = list(dict.fromkeys(servers + bootstrap))[: settings.max_peers]
-        if not candidates:
-            return NetworkResult(notes=("no peers to measure: no servers listed and no /p2p/ id in the peers",))
-        rtt: dict[str, float] = {}
-        with_sink: list[str] = []
-        for i, peer in enumerate(candidates):
-            report(f"RTT to {peer[:12]}...", 0.1 + 0.5 * i / len(candidates))
-            try:
-                rtt[peer] = await measure_rtt(p2p, peer)
-                with_sink.append(peer)
-            except ProbeError as ping_error:  # a node without probe handlers still answers `info`
-                try:
-                    rtt[peer] = await measure_rtt(p2p, peer, handler=INFO_HANDLER)
-                except ProbeError:
-                    notes.append(f"no RTT to {peer}: {ping_error}")
-        uplinks = []
-        for peer in sorted(with_sink, key=rtt.__getitem__)[:2]:  # the max of two: their downlink may limit
-            report(f"uplink to {peer[:12]}...", 0.6 + 0.2 * len(uplinks))
-            try:
-                uplinks.append(await measure_uplink(p2p, peer, settings.uplink_bytes, rtt_s=rtt[peer]))
-            except ProbeError as e:
-                notes.append(f"no uplink to {peer}: {e}")
-        if not uplinks:
-            notes.append("uplink not measured: no reachable peer runs the layerhive.sink probe")
-        report("network measured", 1.0)
-        return NetworkResult(rtt, max(uplinks) if uplinks else None, tuple(notes))
+        bootstrap = [p for p in (peer_id_of(m) for m in initial_peers) if p]
+        result = await measure_links(p2p, servers + bootstrap, settings, progress=report.span(0.1, 1.0))
+        return dataclasses.replace(result, notes=(*notes, *result.notes))
     finally:
-        dht.shutdown()
+        client.shutdown()
+
+
+async def measure_links(p2p, peers: Sequence[str], settings: BenchSettings | None = None, *,
+                        uplink_bytes: int | None = None, progress: Progress | None = None) -> NetworkResult:
+    """RTT to the first `settings.max_peers` of `peers` (in order of preference), and
+    uplink to the nearest two that run the probe sink (the max of the two: a peer's downlink may be the limit).
+    Bounded: at most max_peers x 6 pings and 2 x `uplink_bytes` (default `settings.uplink_bytes`) sent."""
+    from node.net.probe import ProbeError, measure_rtt, measure_uplink
+    from node.net.protocol import INFO_HANDLER
+
+    settings = settings or DEFAULT_SETTINGS
+    report = _Progress(progress)
+    candidates = list(dict.fromkeys(peers))[: settings.max_peers]
+    if not candidates:
+        return NetworkResult(notes=("no peers to measure: no servers listed and no /p2p/ id in the peers",))
+    notes: list[str] = []
+    rtt: dict[str, float] = {}
+    with_sink: list[str] = []
+    for i, peer in enumerate(candidates):
+        report(f"RTT to {peer[:12]}...", 0.6 * i / len(candidates))
+        try:
+            rtt[peer] = await measure_rtt(p2p, peer)
+            with_sink.append(peer)
+        except ProbeError as ping_error:  # a node without probe handlers still answers `info`
+            try:
+                rtt[peer] = await measure_rtt(p2p, peer, handler=INFO_HANDLER)
+            except ProbeError:
+                notes.append(f"no RTT to {peer}: {ping_error}")
+    uplinks = []
+    for peer in sorted(with_sink, key=rtt.__getitem__)[:2]:
+        report(f"uplink to {peer[:12]}...", 0.6 + 0.2 * len(uplinks))
+        try:
+            uplinks.append(await measure_uplink(p2p, peer, uplink_bytes or settings.uplink_bytes, rtt_s=rtt[peer]))
+        except ProbeError as e:
+            notes.append(f"no uplink to {peer}: {e}")
+    if not uplinks:
+        notes.append("uplink not measured: no reachable peer runs the layerhive.sink probe")
+    report("network measured", 1.0)
+    return NetworkResult(rtt, max(uplinks) if uplinks else None, tuple(notes))
 
 
 # --- the whole bench --------------------------------------------------------------------------------
+
+
+def choose_quant(source: ModelSource, device: torch.device, dtype: torch.dtype, memory_bytes: float, *,
+                 layers: int | None = None, settings: BenchSettings | None = None) -> str:
+    """A node's quantization when the user sets none: the least lossy one at which `layers` (default the
+    whole model: a node holding all of it needs no other) fit in `memory_bytes` with the bench's KV policy;
+    else the smallest, which holds the most layers. Only quantizations with a kernel on `device`."""
+    settings = settings or DEFAULT_SETTINGS
+    wanted = layers or source.num_layers
+    node = NodeSpec("self", "", memory_bytes=memory_bytes, layer_latency_s=1.0, prefill_s_per_token_per_layer=1.0)
+    kv_per_token = kv_bytes_per_token(source.config, dtype)
+    choices = supported_quants(device)
+    for quant in choices:
+        spec = ModelSpec(source.name, source.num_layers, source.hidden_size, layer_bytes(source, dtype, quant),
+                         kv_per_token)
+        if layer_capacity(spec, node, sessions=settings.kv_sessions,
+                          context_tokens=settings.kv_context_tokens) >= wanted:
+            return quant
+    return choices[-1]
 
 
 def _gb(nbytes: float) -> str:
@@ -529,10 +564,12 @@ def run_bench(
     force: bool = False,
     settings: BenchSettings | None = None,
     progress: Progress | None = None,
+    quant: str | None = None,
 ) -> BenchResult:
-    """Benchmark this machine for `model`. Compute comes from the cache unless `force`; memory and
-    network are measured every time. Raises BenchError (ModelDoesNotFitError if no layer fits),
-    and checkpoint's ModelNotFoundError / UnsupportedModelError / CheckpointError.
+    """Benchmark this machine for `model`, its layers held at `quant` (None: `choose_quant`'s choice for the
+    memory offered). Compute comes from the cache unless `force`; memory and network are measured every time.
+    Raises BenchError (ModelDoesNotFitError if no layer fits), and checkpoint's ModelNotFoundError /
+    UnsupportedModelError / CheckpointError.
 
     Blocking (seconds to minutes): call it from a worker thread, not from a running event loop."""
     settings = settings or DEFAULT_SETTINGS
@@ -547,12 +584,12 @@ def run_bench(
     hardware = device_name(torch_device)
 
     report("measuring memory", 0.05)
-    per_layer = layer_bytes(source, torch_dtype)
     kv_per_token = kv_bytes_per_token(source.config, torch_dtype)
     free, total = free_memory(torch_device)
-    offered = usable_memory(torch_device.type, free, total)
-    if max_memory_bytes is not None:
-        offered = min(offered, int(max_memory_bytes))
+    offered = usable_memory(torch_device.type, free, total, max_memory_bytes)
+    quant = check_quant(quant) if quant is not None else choose_quant(source, torch_device, torch_dtype, offered,
+                                                                      settings=settings)
+    per_layer = layer_bytes(source, torch_dtype, quant)
     spec = ModelSpec(source.name, source.num_layers, source.hidden_size, per_layer, kv_per_token)
     node = NodeSpec("self", "", memory_bytes=offered, layer_latency_s=1.0, prefill_s_per_token_per_layer=1.0)
     max_layers = layer_capacity(spec, node, sessions=settings.kv_sessions, context_tokens=settings.kv_context_tokens)
@@ -562,13 +599,15 @@ def run_bench(
                  max_memory_bytes < usable_memory(torch_device.type, free, total) else
                  f"{_gb(offered)} usable of {_gb(free)} free on {torch_device}")
         raise ModelDoesNotFitError(
-            f"{source.name} does not fit: one layer needs {_gb(per_layer)} of {dtype_name} weights plus "
+            f"{source.name} does not fit: one layer needs {_gb(per_layer)} of {dtype_name} weights "
+            f"({quant} quantization) plus "
             f"{_gb(kv)} of KV cache ({settings.kv_sessions} sessions x {settings.kv_context_tokens} tokens), "
             f"but only {limit} is available"
         )
 
-    key = {"hardware": hardware, "model": source.name, "dtype": dtype_name, **versions()}
-    path = cache_path(hardware, source.name, dtype_name, settings)
+    held = dtype_name if quant == "none" else f"{dtype_name}-{quant}"  # the dtype and quantization timed
+    key = {"hardware": hardware, "model": source.name, "dtype": held, **versions()}
+    path = cache_path(hardware, source.name, held, settings)
     bench_layers = min(2, max_layers, source.num_layers)
     compute = None if force else _read_cache(path, key)
     if compute is not None and compute.measured_layers < bench_layers:  # measured under a tighter cap
@@ -576,7 +615,7 @@ def run_bench(
     from_cache = compute is not None
     if compute is None:
         compute = measure_compute(source, torch_device, torch_dtype, settings, num_layers=bench_layers,
-                                  progress=report.span(0.07, 0.8))
+                                  progress=report.span(0.07, 0.8), quant=quant)
         _write_cache(path, key, compute)
     notes = [f"compute from cache {path} (--force re-measures)"] if from_cache else []
     if compute.other_cpu_share > BUSY_SHARE:
@@ -598,9 +637,9 @@ def run_bench(
         memory_available_bytes=free, memory_bytes=offered, memory_cap_bytes=max_memory_bytes,
         layer_bytes=per_layer, kv_bytes_per_token_per_layer=kv_per_token,
         kv_sessions=settings.kv_sessions, kv_context_tokens=settings.kv_context_tokens, max_layers=max_layers,
-        uplink_bps=network.uplink_bps, rtt_s=network.rtt_s, reachability="direct",
+        uplink_bps=network.uplink_bps, rtt_s=network.rtt_s,
         measured_at=compute.measured_at, versions=versions(), notes=tuple(notes), from_cache=from_cache,
-        num_layers=source.num_layers,
+        num_layers=source.num_layers, quant=quant,
     )
 
 
@@ -608,7 +647,8 @@ def format_result(result: BenchResult) -> str:
     """The human-readable summary `layerhive bench` prints."""
     ms = lambda s: f"{s * 1e3:.3f} ms"
     lines = [
-        f"{result.model} on {result.device} ({result.device_name}), {result.dtype}",
+        f"{result.model} on {result.device} ({result.device_name}), {result.dtype}"
+        + (f", weights {result.quant}" if result.quant != "none" else ""),
         f"  decode:  {ms(result.layer_latency_s)} per layer per token (KV context {result.decode_context_tokens})"
         f" + {ms(result.stage_overhead_s)} per stage step",
         f"  prefill: {ms(result.prefill_s_per_token_per_layer)} per token per layer "
@@ -623,7 +663,7 @@ def format_result(result: BenchResult) -> str:
     if result.rtt_s or result.uplink_bps is not None:
         rtts = ", ".join(f"{peer[:12]}... {ms(rtt)}" for peer, rtt in result.rtt_s.items()) or "none"
         uplink = "not measured" if result.uplink_bps is None else f"{result.uplink_bps / 1e6:.1f} Mbit/s"
-        lines.append(f"  network: uplink {uplink}; RTT {rtts}; reachability {result.reachability}")
+        lines.append(f"  network: uplink {uplink}; RTT {rtts}")
     lines.append(f"  measured {result.measured_at}" + (" (cached)" if result.from_cache else ""))
     lines += [f"  note: {note}" for note in result.notes]
     return "\n".join(lines)

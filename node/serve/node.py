@@ -14,21 +14,20 @@ import asyncio
 import contextlib
 import gc
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
-import psutil
 import torch
-from hivemind import DHT
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
 from node.model.checkpoint import ModelSource
 from node.model.stage import Stage, default_device, default_dtype
 from node.net.direct import DirectListener, listen_host, maddr_hosts
-from node.net.identity import NodeIdentity, load_identity
-from node.net.membership import DEFAULT_TTL_S, announce, list_servers, open_dht
+from node.net.identity import load_identity
+from node.net.membership import DEFAULT_TTL_S, SwarmPeer, open_dht
 from node.net.probe import add_probe_handlers
 from node.net.protocol import (
     INFERENCE_HANDLER,
@@ -40,15 +39,30 @@ from node.net.protocol import (
     parse_open,
     parse_push_open,
 )
+from node.net.reachability import DIRECT
 from node.serve.adversary import Adversary
-from node.serve.assignment import EpochTracker, check_records, model_spec, plan, reference_memory, swarm_status
+from node.serve.assignment import (
+    EpochTracker,
+    SwarmStatus,
+    check_records,
+    model_spec,
+    plan,
+    planned_kv_budget,
+    reference_memory,
+    swarm_status,
+)
+from node.serve.benchmark import free_memory, measure_links, peer_id_of, run_bench, usable_memory
+from node.serve.epochs import OwnEpoch, epoch_file
 from node.serve.server import StageServer
-from swarm.records import ServerRecord
+from swarm.records import ServerRecord, node_spec
 from swarm.types import LayerRange
 
 logger = logging.getLogger(__name__)
 
 # Node states, as the controller reports them (record states are the swarm.records.STATES subset).
+LINK_PROBE_BYTES = 1 << 20  # per uplink probe: 0.8 s at 10 Mbit/s, and twice that is all a measurement sends
+LINK_REMEASURE_S = 600.0  # links change slowly; a failing push triggers a measurement sooner
+LINK_RETRY_S = 60.0
 NODE_STATES = ("stopped", "starting", "joining", "online", "draining", "paused", "failed")
 
 
@@ -59,7 +73,7 @@ class NodeConfig:
     initial_peers: Sequence[str] = ()
     host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",)
     device: str | None = None
-    kv_budget_bytes: int | None = None  # default: a quarter of the memory left after loading
+    kv_budget_bytes: int | None = None  # default: the plan's KV share of the memory offered (_planned_kv_budget)
     max_length: int = 8192
     ttl_s: float = DEFAULT_TTL_S  # records expire after this; heartbeats and re-planning run every ttl_s / 3
     identity: str | None = None  # name of a persistent identity (peer id + signing key); None: a new one per run
@@ -77,6 +91,7 @@ class NodeConfig:
     settle_periods: float = 2.0  # joining waits until the records stay unchanged this many heartbeat periods
     move_drain_s: float = 300.0  # how long a left range keeps serving its open sessions after a move
     direct_links: bool = True  # push to and take pushes from other stages over direct TCP links (node.net.direct)
+    quant: str | None = None  # "none", "int8", "int4" (node.model.quant); None: by memory (benchmark.choose_quant)
 
     @property
     def fixed(self) -> bool:
@@ -87,21 +102,13 @@ class NodeConfig:
         return self.ttl_s / 3
 
 
-def start_dht(initial_peers: Sequence[str], host_maddrs: Sequence[str], *, client_mode: bool = False,
-              identity: NodeIdentity | None = None, announce_maddrs: Sequence[str] = (),
-              relays: Sequence[str] | None = None) -> DHT:
-    """A DHT peer that signs its records with `identity` (an ephemeral one if None) and validates everyone's."""
-    return open_dht(initial_peers, host_maddrs, client_mode=client_mode, identity=identity,
-                    announce_maddrs=announce_maddrs, relays=relays)
-
-
 class Node:
     def __init__(self, source: ModelSource, config: NodeConfig) -> None:
         self.source, self.config = source, config
         self.spec = model_spec(source)
         self.device = torch.device(config.device) if config.device else default_device()
         self.dtype = getattr(torch, config.dtype) if config.dtype else default_dtype(self.device)
-        self.dht: DHT | None = None
+        self.peer: SwarmPeer | None = None  # our DHT peer: announces our record, reads everyone's
         self.p2p: P2P | None = None
         self.server: StageServer | None = None  # the stage new sessions go to
         self.retiring: list[StageServer] = []  # stages left by a move or a pause, finishing their sessions
@@ -109,9 +116,11 @@ class Node:
         self.state = "stopped"
         self.error: str | None = None
         self.listeners: list[Callable[[str], None]] = []  # called on the node's loop with the new state
-        self.tracker = EpochTracker()
+        self.tracker = EpochTracker()  # other peers' newest epochs; our own come from `own_epoch`
+        self.own_epoch = OwnEpoch(epoch_file(config.identity) if config.identity else None)
         self.sessions_opened = 0
-        self._retired_tokens = self._retired_steps = 0
+        self.own_clients: set[str] = set()  # peer ids of this machine's own chat clients (see own_tokens_served)
+        self._retired_tokens = self._retired_steps = self._retired_own_tokens = 0
         self._online_since: float | None = None
         self._online_s = 0.0
         self._capabilities: dict = {}
@@ -120,6 +129,10 @@ class Node:
         self._retirements: set[asyncio.Task] = set()
         self._last_plan_key: tuple | None = None
         self.direct: DirectListener | None = None
+        self.link_measurements = 0  # finished `_measure_links` runs
+        self._links_measured_at: float | None = None
+        self._link_failures_seen = 0
+        self._links: asyncio.Task | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -128,9 +141,9 @@ class Node:
         config = self.config
         self._set_state("starting")
         identity = load_identity(config.identity) if config.identity else None
-        self.dht = start_dht(config.initial_peers, config.host_maddrs, identity=identity,
+        self.peer = open_dht(config.initial_peers, config.host_maddrs, identity=identity,
                              announce_maddrs=config.announce_maddrs, relays=config.relays)
-        self.p2p = await self.dht.replicate_p2p()
+        self.p2p = await self.peer.dht.replicate_p2p()
         await self._add_handlers(self.p2p)
         if config.direct_links:
             self.direct = DirectListener()
@@ -138,13 +151,16 @@ class Node:
         # peers measure their RTT and uplink to us through these
         await add_probe_handlers(self.p2p, send_delay_s=self.config.send_delay_s)
         self._capabilities = await asyncio.get_running_loop().run_in_executor(None, self._measure)
+        await self._measure_links()
         await self._go_online()
 
     async def _go_online(self) -> None:
-        peer_id = self.dht.peer_id.to_base58()
-        epoch = max((r.epoch for r in await self._records()), default=0)  # continue the swarm's epochs
+        peer_id = self.peer.peer_id
+        # Continue the swarm's epochs, and never go below our own: peers drop records older than they saw from us.
+        epoch = max([r.epoch for r in await self._records()] + [self.own_epoch.newest])
         self.record = ServerRecord(peer_id=peer_id, model=self.source.name, start=0, end=1, state="joining",
-                                   region=self.config.region, epoch=epoch, **self._capabilities)
+                                   region=self.config.region, epoch=epoch, **self._capabilities,
+                                   reachability=self.peer.reachability or DIRECT)  # as measured: what peers see
         if self.config.fixed:
             target = LayerRange(self.config.start, self.config.end)
         else:
@@ -161,19 +177,21 @@ class Node:
 
     async def pause(self, deadline_s: float = 60.0) -> None:
         """Drains: refuses new sessions ("draining"), lets open ones finish for up to `deadline_s`, then
-        announces "offline", stops heartbeating and frees the layers. The DHT peer stays up for `resume`."""
-        if self.state != "online":
+        announces "offline", stops heartbeating and frees the layers. The DHT peer stays up for `resume`.
+        A node still "joining" (its join cancelled by the controller) serves nothing yet: it just withdraws."""
+        if self.state not in ("online", "joining"):
             return
         self._cancel_move()
-        self._set_state("draining")
         servers = [s for s in [self.server, *self.retiring] if s is not None]
-        for server in servers:
-            server.draining = True
-        if self.record is not None:
-            await self._announce("draining")
-        deadline = time.monotonic() + deadline_s
-        while any(s.sessions for s in servers) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        if self.state == "online":
+            self._set_state("draining")
+            for server in servers:
+                server.draining = True
+            if self.record is not None:
+                await self._announce("draining")
+            deadline = time.monotonic() + deadline_s
+            while any(s.sessions for s in servers) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
@@ -200,7 +218,7 @@ class Node:
         if max_memory_bytes is not None and max_memory_bytes <= 0:
             raise ValueError(f"the memory cap must be positive, got {max_memory_bytes} bytes")
         self.config = replace(self.config, max_memory_bytes=max_memory_bytes)
-        if self.dht is None:  # not started: `start` measures with the new cap
+        if self.peer is None:  # not started: `start` measures with the new cap
             return
         serving = self.state == "online"
         if serving:
@@ -211,6 +229,8 @@ class Node:
 
     async def stop(self) -> None:
         self._cancel_move()
+        if self._links is not None:
+            self._links.cancel()
         for task in list(self._retirements):
             task.cancel()
         if self._heartbeat is not None:
@@ -231,19 +251,24 @@ class Node:
         if self.p2p is not None:  # our replica's connections to the daemon, closed on this loop while it runs
             await self.p2p.shutdown()
             self.p2p = None
-        if self.dht is not None:
-            self.dht.shutdown()
-            self.dht = None
+        if self.peer is not None:
+            self.peer.shutdown()
+            self.peer = None
         self._set_state("stopped")
 
     @property
     def visible_maddrs(self) -> list[str]:
-        assert self.dht is not None
-        return [str(m) for m in self.dht.get_visible_maddrs()]
+        assert self.peer is not None
+        return self.peer.visible_maddrs
 
     @property
     def tokens_served(self) -> int:
         return self._retired_tokens + sum(s.tokens_served for s in self._servers())
+
+    @property
+    def own_tokens_served(self) -> int:
+        """Of `tokens_served`, those of sessions opened by `own_clients`: this machine's own chats."""
+        return self._retired_own_tokens + sum(s.own_tokens_served for s in self._servers())
 
     @property
     def steps_served(self) -> int:
@@ -283,56 +308,104 @@ class Node:
         config = self.config
         if config.bench and not config.fixed:  # a fixed range needs no plan, so no measurement worth waiting for
             try:
-                from node.serve.benchmark import run_bench
-
                 result = run_bench(self.source, device=str(self.device), dtype=self.dtype,
-                                   max_memory_bytes=config.max_memory_bytes)
+                                   max_memory_bytes=config.max_memory_bytes, quant=config.quant)
                 fields = result.record_fields()
-                fields["memory_bytes"] = reference_memory(fields["memory_bytes"], self.dtype)
+                fields["memory_bytes"] = reference_memory(fields["memory_bytes"], self.dtype, self.source,
+                                                          result.quant)
                 return fields
             except Exception as e:
                 logger.warning("bench failed (%s); estimating memory only", e)
-        if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            memory = int(free * 0.9)
-        else:
-            memory = int(psutil.virtual_memory().available * 0.5)
-        if config.max_memory_bytes is not None:
-            memory = min(memory, config.max_memory_bytes)
-        return {"memory_bytes": reference_memory(memory, self.dtype)}
+        memory = usable_memory(self.device.type, *free_memory(self.device), config.max_memory_bytes)
+        from node.serve.benchmark import choose_quant
+
+        layers = config.end - config.start if config.fixed else None
+        quant = config.quant or choose_quant(self.source, self.device, self.dtype, memory, layers=layers)
+        return {"memory_bytes": reference_memory(memory, self.dtype, self.source, quant), "quant": quant}
+
+    async def _measure_links(self) -> None:
+        """Measures our uplink and RTTs to a few peers of the swarm (`measure_links`: bounded, a few pings and
+        2 x 1 MB) and puts the uplink in our capabilities, so the next announce carries it. The first node of a
+        swarm has no one to measure against: it measures later, on the heartbeat (`_links_due`)."""
+        peers = [r.peer_id for r in await self._records() if r.peer_id != self.peer.peer_id]
+        random.shuffle(peers)  # spread the probing load over the swarm
+        peers += [p for p in (peer_id_of(m) for m in self.config.initial_peers) if p]
+        try:
+            result = await measure_links(self.p2p, peers, uplink_bytes=LINK_PROBE_BYTES)
+        except Exception as e:  # a failed measurement keeps the last figures; it is retried on the heartbeat
+            logger.warning("could not measure links: %s", e)
+            return
+        finally:
+            self._links_measured_at = time.monotonic()
+        self.link_measurements += 1
+        if result.uplink_bps is None:
+            logger.info("links not measured: %s", "; ".join(result.notes))
+            return
+        logger.info("measured uplink %.1f Mbit/s, RTT %s", result.uplink_bps / 1e6,
+                    ", ".join(f"{p[:8]} {rtt * 1000:.1f} ms" for p, rtt in result.rtt_s.items()))
+        self._capabilities["uplink_bps"] = result.uplink_bps
+        if self.record is not None:
+            self.record = replace(self.record, uplink_bps=result.uplink_bps)
+        for server in self._servers():
+            server.uplink_bps = result.uplink_bps
+
+    def _links_due(self) -> bool:
+        """Measure again: until a first uplink is measured (each heartbeat), every LINK_REMEASURE_S, and when a
+        push to a next stage failed since the last time (at most every LINK_RETRY_S)."""
+        if self._links is not None and not self._links.done():
+            return False
+        since = time.monotonic() - (self._links_measured_at or 0.0)
+        failures = sum(s.push_failures for s in self._servers())
+        troubled = failures > self._link_failures_seen
+        self._link_failures_seen = failures
+        if not self._capabilities.get("uplink_bps"):
+            return since >= self.config.period_s
+        return since >= LINK_REMEASURE_S or (troubled and since >= LINK_RETRY_S)
 
     async def _load(self, target: LayerRange) -> StageServer:
         config = self.config
         stage = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: Stage(self.source, target.start, target.end, dtype=self.dtype, device=self.device)
+            None, lambda: Stage(self.source, target.start, target.end, dtype=self.dtype, device=self.device,
+                                quant=self._capabilities.get("quant", "none"))
         )
-        budget = config.kv_budget_bytes or default_kv_budget(self.device)
+        budget = config.kv_budget_bytes or self._planned_kv_budget(target)
         server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
                              send_delay_s=config.send_delay_s, adversary=_adversary(config),
                              test_slowdown_s=config.test_slowdown_s, send_bandwidth_bps=config.send_bandwidth_bps,
                              uplink_bps=self._capabilities.get("uplink_bps", 0.0))
+        server.own_clients = self.own_clients
         server.attach(self.p2p, self.direct)
         return server
 
+    def _planned_kv_budget(self, layers: LayerRange) -> int:
+        """The KV share of our announced memory that the plan leaves us once we hold `layers`."""
+        budget = planned_kv_budget(self.spec, self.record.memory_bytes, layers, self.dtype,
+                                   layer_bytes=node_spec(self.record, self.spec).layer_bytes)
+        if budget == 0:
+            logger.warning("layers %s take all the memory offered: no KV cache is left, sessions will be refused",
+                           layers)
+        return budget
+
     def _drop(self, server: StageServer) -> None:
         self._retired_tokens += server.tokens_served
+        self._retired_own_tokens += server.own_tokens_served
         self._retired_steps += server.steps_served
         server.shutdown()
         server.stage = None  # the weights go with the last reference
 
     # --- the DHT record -------------------------------------------------------------------------------
 
-    async def swarm_status(self) -> dict | None:
+    async def swarm_status(self) -> SwarmStatus | None:
         """The swarm as its DHT records show it (`node.serve.assignment.swarm_status`); None before joining a DHT."""
-        if self.dht is None:
+        if self.peer is None:
             return None
         return swarm_status(self.spec, await self._records())
 
     async def _records(self) -> list[ServerRecord]:
-        return await list_servers(self.dht, self.source.name, num_layers=self.source.num_layers)
+        return await self.peer.list_servers(self.source.name, num_layers=self.source.num_layers)
 
     async def _announce(self, state: str | None = None) -> None:
-        assert self.record is not None and self.dht is not None
+        assert self.record is not None and self.peer is not None
         server = self.server
         fields = {}
         if server is not None:
@@ -341,7 +414,8 @@ class Node:
             if server.layer_latency_s > 0:  # measured while serving: better than the bench for routing
                 fields["layer_latency_s"] = server.layer_latency_s
         self.record = replace(self.record, state=state or self.record.state, **fields)
-        await announce(self.dht, self.record, ttl_s=self.config.ttl_s)
+        self.own_epoch.note(self.record.epoch)
+        await self.peer.announce(self.record, ttl_s=self.config.ttl_s)
 
     def _start_heartbeat(self) -> None:
         if self._heartbeat is None or self._heartbeat.done():
@@ -353,6 +427,8 @@ class Node:
             await asyncio.sleep(self.config.period_s)
             try:
                 await self._announce()
+                if self._links_due():  # in the background: a slow uplink must not hold the heartbeat
+                    self._links = asyncio.create_task(self._measure_links())
                 if self.state == "online" and not self.config.fixed:
                     await self._follow_plan()
             except asyncio.CancelledError:
@@ -363,7 +439,11 @@ class Node:
     # --- following the plan ---------------------------------------------------------------------------
 
     async def _plan(self):
-        records = check_records(self.spec, await self._records(), self.tracker)
+        """The plan over the swarm's records, with our own record as we hold it (the DHT's copy may lag)."""
+        own = self.record
+        others = [r for r in await self._records() if r.peer_id != own.peer_id]
+        records = sorted(check_records(self.spec, others, self.tracker) + check_records(self.spec, [own]),
+                         key=lambda r: r.peer_id)
         result = plan(self.spec, records)
         key = tuple((r.peer_id, r.state, r.start, r.end, r.epoch) for r in records if r.state in ("joining", "online"))
         return result, key
@@ -523,10 +603,3 @@ def _free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def default_kv_budget(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * 0.5)
-    return int(psutil.virtual_memory().available * 0.25)

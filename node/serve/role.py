@@ -66,7 +66,8 @@ def session_role(opened: OpenSession, *, num_layers: int, has_embedder: bool, ha
         takes_pushes=opened.prev_peer is not None and not opened.relay,
         pushes=pushes,
         echoes=pushes or ring in (Ring.LAST, Ring.WHOLE),
-        shares_head=ring is Ring.FIRST and opened.share_head and has_head_share,
+        # A draft's logits are computed at the last stage in one go: a speculating ring keeps its head whole there.
+        shares_head=ring is Ring.FIRST and opened.share_head and has_head_share and not opened.speculate,
     )
 
 

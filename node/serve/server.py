@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -25,6 +25,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from node.model.sampling import SamplingParams, sample
+from node.model.speculative import MAX_DRAFT_TOKENS, DraftLength, propose_draft, verify_draft
 from node.model.stage import Stage
 from node.net.direct import DirectLinkError, DirectListener, DirectOffer, DirectWriter, dial
 from node.net.protocol import (
@@ -140,6 +141,11 @@ class Session:
     # Head sharing (see node.net.protocol), at a ring's first stage: (position, the logits of its own rows for the
     # token there), waiting for the last stage's part.
     own_head_logits: tuple[int, torch.Tensor] | None = None
+    # Speculation, at a ring's stage that embeds (see node.net.protocol): the tokens at each position so far, how
+    # long a draft to make, and the draft in flight: (its first position, its length, when its round started).
+    history: list[int] = field(default_factory=list)
+    drafts: DraftLength | None = None
+    draft_at: tuple[int, int, float] | None = None
 
     @property
     def session_id(self) -> str:
@@ -154,8 +160,10 @@ class PushLink:
     offers a direct link (`node.net.direct`) and `direct` allows, later steps go over that.
     """
 
-    def __init__(self, session: Session, link: EmulatedLink, *, direct: bool = False) -> None:
+    def __init__(self, session: Session, link: EmulatedLink, *, direct: bool = False,
+                 on_failure: Callable[[], None] = lambda: None) -> None:
         self.session = session
+        self.on_failure = on_failure  # a push that could not reach the next stage: the node re-measures its links
         self.link = link
         self.outbox = Outbox(link)
         self.allow_direct = direct
@@ -177,6 +185,7 @@ class PushLink:
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            self.on_failure()
             self.session.outbox.put(
                 error_response("push_failed", f"cannot reach the next stage {next_peer}: {e}", peer=next_peer)
             )
@@ -203,6 +212,7 @@ class PushLink:
         except ProtocolError as e:
             self.session.outbox.put(error_response(e.code, f"the next stage answered: {e}", peer=next_peer))
         except Exception as e:
+            self.on_failure()
             self.session.outbox.put(
                 error_response("push_failed", f"cannot reach the next stage {next_peer}: {e}", peer=next_peer)
             )
@@ -285,8 +295,14 @@ class StageServer:
         self.step_limiter = RateLimiter(rate_per_s=max_steps_per_s_per_peer, burst=2 * max_steps_per_s_per_peer)
         self.steps_served = 0
         self.tokens_served = 0
+        # Peers whose sessions are this machine's own (its user's chats): their tokens are counted apart too,
+        # so the contribution shown is what others got. The node shares one set with all its stages.
+        self.own_clients: set[str] = set()
+        self.own_tokens_served = 0
         self.head_merges = 0  # tokens this stage sampled as a ring's first stage sharing the LM head
         self.direct_links = 0  # push streams that moved to a direct link
+        self.push_failures = 0  # push streams that broke or could not open
+        self.draft_tokens = self.draft_kept = 0  # speculative draft tokens verified here, and those kept
         self.layer_latency_s = 0.0  # moving average of measured decode time per layer (queueing included)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compute")
         # Decode steps of concurrent sessions that queue while a pass runs go through the layers together.
@@ -327,6 +343,7 @@ class StageServer:
             "model": self.stage.source.name,
             "start": self.stage.start,
             "end": self.stage.end,
+            "quant": self.stage.quant,
             "sessions": len(self.sessions),
             "queue_len": self.queue_len,
             "free_kv_tokens": self.free_kv_tokens,
@@ -336,6 +353,8 @@ class StageServer:
             "gather_waits": self.batcher.gather_waits,
             "head_merges": self.head_merges,
             "direct_links": self.direct_links,
+            "draft_tokens": self.draft_tokens,
+            "draft_kept": self.draft_kept,
         }
 
     async def rpc_inference(
@@ -461,10 +480,14 @@ class StageServer:
         cache = self.stage.new_cache(opened.max_length, layers=layers)
         session = Session(opened, role, client, nbytes, cache, Outbox(self.link))
         if role.pushes:
-            session.push_link = PushLink(session, self.link, direct=self.direct is not None)
+            session.push_link = PushLink(session, self.link, direct=self.direct is not None,
+                                         on_failure=self._count_push_failure)
             session.push_link.start(self._p2p)
         self.sessions[session.session_id] = session
         return session
+
+    def _count_push_failure(self) -> None:
+        self.push_failures += 1
 
     def _close(self, session: Session) -> None:
         if self.sessions.pop(session.session_id, None) is not None:
@@ -485,6 +508,8 @@ class StageServer:
                 request, hidden_size=self.stage.shape.hidden_size, expected_position=session.position,
                 max_length=session.opened.max_length,
                 vocab_size=self.stage.embedder.vocab_size if role.embeds else None,
+                speculate=session.opened.speculate if pushed else 0,
+                model_vocab_size=self.stage.source.config.vocab_size,
             )
         except ProtocolError as e:
             # A bad step is refused without touching the cache; the session stays usable.
@@ -501,9 +526,16 @@ class StageServer:
             return  # closed meanwhile (a one-stage ring feeds itself after its client left)
         session.last_active = started = time.monotonic()
         role = session.role
+        if step.position < session.position:  # after a rejected draft (parse_step bounds how far back)
+            session.cache.truncate(step.position)
+            session.position = step.position
+        # The receipt names the input as received: at a speculating first stage, before its own draft is appended
+        # (the client learns the draft from the echo, to re-run the step).
+        received = step.hidden if step.token_ids is None else step.token_ids
+        if role.embeds and session.opened.speculate:
+            step = self._with_draft(session, step)
         sampling = session.opened.sampling if step.sample and role.samples else None
         shared = session.push_link.head_split if sampling and session.push_link else None
-        received = step.hidden if step.token_ids is None else step.token_ids
         if self.adversary is not None and self.adversary.blames_now(session.session_id):
             neighbour = session.opened.next_peer or session.opened.prev_peer or self.stage.source.name
             session.outbox.put(error_response("push_failed", "the neighbour stopped answering", peer=neighbour))
@@ -520,7 +552,11 @@ class StageServer:
             if shared is not None and self._share_pays(session, shared):
                 await self._share_head(session, hidden, step.position + step.tokens, shared)
                 sampling = None  # the first stage samples
-            token = await self._sample(hidden, sampling, step.position + step.tokens) if sampling else None
+            next_position = step.position + step.tokens - len(step.draft)  # of the first token sampled now
+            if sampling and step.draft:
+                tokens = await self._verify(hidden, step.draft, sampling, next_position)
+            else:
+                tokens = [await self._sample(hidden, sampling, next_position)] if sampling else []
         except Exception as e:  # a compute failure: end the session rather than trust its cache
             logger.exception("step failed in session %s", session.session_id)
             session.outbox.put(error_response("internal", f"step failed: {type(e).__name__}: {e}"))
@@ -533,18 +569,22 @@ class StageServer:
         session.position += step.tokens
         self.steps_served += 1
         self.tokens_served += step.tokens
+        if session.client in self.own_clients:
+            self.own_tokens_served += step.tokens
         if session.session_id not in self.sessions:
             return  # closed while the step ran
-        receipt = {"position": step.position, "in": digest(received)}
+        receipt = {"position": step.position, "in": digest(received),
+                   **({"draft": list(step.draft)} if step.draft and role.embeds else {})}
         # Hidden states leave a stage in the dtype they came in (a verifier's answer too, so the two compare).
         dtype = step.hidden.dtype if step.hidden is not None else hidden.dtype
         if role.samples:
-            if token is not None:  # a ring's last stage sends tokens (or its head's part), not hidden states
-                self._feed_token(session, token)
+            if tokens:  # a ring's last stage sends tokens (or its head's part), not hidden states
+                self._feed_tokens(session, tokens, next_position)
             self._echo(session, receipt, echoed.to(dtype))  # what it sampled from, for the client's checks
             return
         output, echoed = hidden.to(dtype), echoed.to(dtype)
-        metadata = {"position": step.position, **({"sample": True} if step.sample else {})}
+        metadata = {"position": step.position, **({"sample": True} if step.sample else {}),
+                    **({"draft": list(step.draft)} if step.draft else {})}
         if role.pushes:
             session.push_link.send(pack(metadata, [output], wire=session.opened.wire))
             self._echo(session, receipt, echoed)  # after the push, which is on the critical path
@@ -555,15 +595,55 @@ class StageServer:
     def _echo(session: Session, receipt: dict, output: torch.Tensor) -> None:
         """The step's receipt for the client: a digest of the input as received, and the output sent on (every
         step of every session alike, so nothing tells a stage which steps the client checks)."""
-        position = receipt["position"]
-        session.outbox.put(pack_response({"echo": position, "in": receipt["in"]}, [output], wire=session.opened.wire))
+        echo = {"echo": receipt["position"], **{k: v for k, v in receipt.items() if k != "position"}}
+        session.outbox.put(pack_response(echo, [output], wire=session.opened.wire))
 
     async def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """A ring's first stage: a token is embedded on the loop (18 us); a prompt chunk reads a row file slice
-        per distinct id (5 ms for 512 ids), on the compute thread so the loop keeps forwarding meanwhile."""
-        if token_ids.shape[1] == 1:
+        """A ring's first stage: a token (and its draft) is embedded on the loop (18 us a token); a prompt chunk
+        reads a row file slice per distinct id (5 ms for 512 ids), on the compute thread so the loop keeps
+        forwarding meanwhile."""
+        if token_ids.shape[1] <= 1 + MAX_DRAFT_TOKENS:  # a token and its draft, if any
             return self.stage.embedder.embed(token_ids)
         return await asyncio.get_running_loop().run_in_executor(self._compute, self.stage.embedder.embed, token_ids)
+
+    def _with_draft(self, session: Session, step: Step) -> Step:
+        """A speculating ring's first stage: records the step's tokens and, on a sampled step, appends a draft of
+        what may follow (`propose_draft`), as long as `DraftLength` finds worth it at the acceptance rate and round
+        time seen. A step that arrives while a draft is out ends that draft's round: it starts at the position after
+        the kept tokens."""
+        ids = step.token_ids[0].tolist()
+        del session.history[step.position:]
+        session.history.extend(ids)
+        if not step.sample:
+            return step
+        now = time.monotonic()
+        drafts = session.drafts = session.drafts or DraftLength(session.opened.speculate)
+        if session.draft_at is not None:
+            first, drafted, started = session.draft_at
+            drafts.observe(drafted, max(0, min(drafted, step.position - first)), now - started)
+        end = step.position + step.tokens
+        room = session.opened.max_length - end
+        draft = propose_draft(session.history, min(drafts.choose(), room))
+        session.draft_at = (end, len(draft), now)
+        if not draft:
+            return step
+        return Step(None, step.position, torch.tensor([ids + draft]), sample=True, draft=tuple(draft))
+
+    async def _verify(self, hidden: torch.Tensor, draft: tuple[int, ...], params: SamplingParams,
+                      position: int) -> list[int]:
+        """The last stage of a speculating ring: the draft's tokens the model keeps, then its own next one."""
+        rows = hidden[:, -(len(draft) + 1):]
+
+        def verify() -> list[int]:
+            return verify_draft(self.stage.head.logits(rows)[0], draft, params, position)
+
+        if self.batcher.alone:  # as the head's batches do: nothing else for the loop to do meanwhile
+            tokens = verify()
+        else:
+            tokens = await asyncio.get_running_loop().run_in_executor(self._compute, verify)
+        self.draft_tokens += len(draft)
+        self.draft_kept += len(tokens) - 1
+        return tokens
 
     async def _sample(self, hidden: torch.Tensor, params: SamplingParams, position: int) -> int:
         logits = await self.stage.head.next_logits(hidden, self._compute, alone_on_loop=self.batcher.alone)
@@ -633,21 +713,28 @@ class StageServer:
             return
         self.head_merges += 1
         if session.session_id in self.sessions:
-            self._feed_token(session, token)
+            self._feed_tokens(session, [token], session.position)
 
-    def _feed_token(self, session: Session, token: int) -> None:
-        """The token this stage sampled goes to the first stage (first, as that is the critical path) as the next
-        step, unless generation ends with it, then to the client. A stage that embeds is the first one (a
+    def _feed_tokens(self, session: Session, tokens: list[int], position: int) -> None:
+        """The tokens this stage sampled, from `position` on (several when a draft was kept), up to the one that
+        ends generation: the last goes to the first stage (first, as that is the critical path) as the next step,
+        unless generation ends with it, then all go to the client. A stage that embeds is the first one (a
         one-stage ring, or a ring's first stage sharing the head) and feeds itself; else it pushes the token."""
-        session.produced += 1
-        position = session.position
-        if not session.opened.sampling.is_last(token, session.produced) and position < session.opened.max_length:
+        params, max_length = session.opened.sampling, session.opened.max_length
+        for count, token in enumerate(tokens, 1):
+            session.produced += 1
+            if params.is_last(token, session.produced) or position + count - 1 >= max_length:
+                tokens = tokens[:count]
+                break
+        else:
+            at, token = position + len(tokens) - 1, tokens[-1]
             if session.role.embeds:
-                step = Step(None, position, torch.tensor([[token]]), sample=True)
+                step = Step(None, at, torch.tensor([[token]]), sample=True)
                 session.feeding = asyncio.create_task(self._run_step(session, step))
             else:
-                session.push_link.send(pack({"position": position, "tokens": [token], "sample": True}))
-        session.outbox.put(pack_response({"token": token, "position": position}))
+                session.push_link.send(pack({"position": at, "tokens": [token], "sample": True}))
+        for offset, token in enumerate(tokens):
+            session.outbox.put(pack_response({"token": token, "position": position + offset}))
 
     async def _sweep_idle_sessions(self) -> None:
         while True:

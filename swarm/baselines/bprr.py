@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from swarm.sim.policies import Load, Policy, PolicyContext, RouteMemo, boundary_shortest_path_arrays
+from swarm.router import RouteRequest
+from swarm.sim.policies import Load, NodeArrays, Policy, PolicyContext, RouteMemo, client_centric_route
 from swarm.types import Assignment, LayerRange, NodeSpec, Route
 
 
@@ -94,30 +95,15 @@ class BprrPolicy(Policy):
         self._place(node, coverage)
         return self.assignment()
 
-    def route(
-        self, client: str, load: Load, *, exclude: frozenset[str] = frozenset(), start_layer: int = 0,
-        end_layer: int | None = None,
-    ) -> Route | None:
-        end = self.model.num_layers if end_layer is None else end_layer
-        tokens = self.ctx.session_tokens
-        key = (client, start_layer, end, exclude)
-        arr = self.node_arrays()
-        free = arr.free_kv(load, tokens)
-        memo = self.memo.get(key, self.epoch, free)
-        if memo is not None:
-            return memo
-        sel = np.flatnonzero(~arr.excluded(exclude) & (arr.end > start_layer) & (arr.start < end))
-        fixed = arr.rtt_from(client)[sel]
-        lacking = sel[~free[sel]]
-        if len(lacking):
+    def route(self, request: RouteRequest, load: Load) -> Route | None:
+        return client_centric_route(self, self.memo, request, load, self._hop_costs)
+
+    def _hop_costs(self, request: RouteRequest, load: Load, arr: NodeArrays, sel: np.ndarray, free: np.ndarray
+                   ) -> np.ndarray:
+        """Per hop RTT(client, j); through a server without a free cache slot, plus the expected wait for one."""
+        fixed = arr.rtt_from(request.client)[sel]
+        if (~free[sel]).any():
             # Waiting penalty: expected time until one of its sessions ends and frees a slot.
             active = np.maximum(1, arr.active_sessions(load)[sel])
             fixed = fixed + np.where(free[sel], 0.0, self.session_time_s / active)
-        found = boundary_shortest_path_arrays([arr.ids[i] for i in sel], arr.start[sel], arr.end[sel], fixed,
-                                              arr.latency[sel], start_layer, end)
-        if found is None:
-            return None
-        route = Route(tuple(found[0]), found[1])
-        hops = np.array([arr.position[h.node_id] for h in route.hops], dtype=np.int64)
-        self.memo.put(key, route, lacking, hops)
-        return route
+        return fixed

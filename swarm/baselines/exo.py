@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from swarm.router import RouteRequest
 from swarm.sim.policies import Load, Policy
 from swarm.types import Assignment, Hop, LayerRange, NodeSpec, Route
 
@@ -52,19 +53,16 @@ class ExoPolicy(Policy):
         self.nodes.pop(node_id, None)
         return self._partition()
 
-    def route(
-        self, client: str, load: Load, *, exclude: frozenset[str] = frozenset(), start_layer: int = 0,
-        end_layer: int | None = None,
-    ) -> Route | None:
-        end = self.model.num_layers if end_layer is None else end_layer
+    def route(self, request: RouteRequest, load: Load) -> Route | None:
+        start, end = request.span(self.model.num_layers)
         hops = []
         for nid in self.ring:
             r = self.ranges[nid]
-            if r.end <= start_layer or r.start >= end:
+            if r.end <= start or r.start >= end:
                 continue
-            if nid in exclude:
+            if nid in request.exclude:
                 return None  # the ring is the only chain
-            hops.append(Hop(nid, max(r.start, start_layer), min(r.end, end)))
+            hops.append(Hop(nid, max(r.start, start), min(r.end, end)))
         if not hops:
             return None
         return Route(tuple(hops), 0.0)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from swarm.router import RouteRequest
 from swarm.sim.policies import Load, Policy, PolicyContext, boundary_shortest_path, has_free_kv
 from swarm.types import Assignment, Hop, LayerRange, NodeSpec, Route
 
@@ -271,13 +272,10 @@ class OptimalPolicy(Policy):
             t += len(self.ranges[x]) * step
         return t
 
-    def route(
-        self, client: str, load: Load, *, exclude: frozenset[str] = frozenset(), start_layer: int = 0,
-        end_layer: int | None = None,
-    ) -> Route | None:
-        end = self.model.num_layers if end_layer is None else end_layer
-        tokens = self.ctx.session_tokens
-        if start_layer == 0 and end == self.model.num_layers:
+    def route(self, request: RouteRequest, load: Load) -> Route | None:
+        start, end = request.span(self.model.num_layers)
+        client, exclude, tokens = request.client, request.exclude, self.ctx.session_tokens
+        if start == 0 and end == self.model.num_layers:
             best: tuple[float, list[str]] | None = None
             for pipe in self.pipelines:
                 if any(x in exclude or not has_free_kv(load, x, tokens) for x in pipe):
@@ -294,5 +292,5 @@ class OptimalPolicy(Policy):
             for x, r in self.ranges.items()
             if x not in exclude and has_free_kv(load, x, tokens)
         ]
-        found = boundary_shortest_path(cands, start_layer, end)
+        found = boundary_shortest_path(cands, start, end)
         return None if found is None else Route(tuple(found[0]), found[1])

@@ -24,6 +24,7 @@ import math
 from collections.abc import Sequence
 from functools import cache
 
+from swarm.router import RouteRequest
 from swarm.sim.policies import Load, Policy, PolicyContext, has_free_kv
 from swarm.types import Assignment, Hop, LayerRange, NodeSpec, Route
 
@@ -319,18 +320,15 @@ class ParallaxPolicy(Policy):
         return self.assignment()
 
     # --- phase 2: routing ------------------------------------------------------------------------
-    def route(
-        self, client: str, load: Load, *, exclude: frozenset[str] = frozenset(), start_layer: int = 0,
-        end_layer: int | None = None,
-    ) -> Route | None:
-        if start_layer != 0 or (end_layer is not None and end_layer != self.model.num_layers):
+    def route(self, request: RouteRequest, load: Load) -> Route | None:
+        if request.span(self.model.num_layers) != (0, self.model.num_layers):
             return None  # Parallax routes whole requests only
         if not self.pipelines:
             self._register_more()
         tokens = self.ctx.session_tokens
         for k in range(len(self.pipelines)):
             p = self.pipelines[(self.rr + k) % len(self.pipelines)]
-            if any(x in exclude or not has_free_kv(load, x, tokens) for x in p):
+            if any(x in request.exclude or not has_free_kv(load, x, tokens) for x in p):
                 continue  # overloaded or not serving: skip
             self.rr = (self.rr + k + 1) % len(self.pipelines)
             hops = tuple(Hop(x, self.ranges[x].start, self.ranges[x].end) for x in p)

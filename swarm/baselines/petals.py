@@ -17,7 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from swarm.sim.policies import Load, Policy, PolicyContext, RouteMemo, boundary_shortest_path_arrays
+from swarm.router import RouteRequest
+from swarm.sim.policies import Load, NodeArrays, Policy, PolicyContext, RouteMemo, client_centric_route
 from swarm.types import Assignment, LayerRange, NodeSpec, Route
 
 GIB = 1024**3
@@ -175,27 +176,13 @@ class PetalsPolicy(Policy):
         return self.assignment() if changed else None
 
     # --- client-side ------------------------------------------------------------------------
-    def route(
-        self, client: str, load: Load, *, exclude: frozenset[str] = frozenset(), start_layer: int = 0,
-        end_layer: int | None = None,
-    ) -> Route | None:
-        end = self.model.num_layers if end_layer is None else end_layer
-        tokens = self.ctx.session_tokens
-        key = (client, start_layer, end, exclude)
-        arr = self.node_arrays()
-        free = arr.free_kv(load, tokens)
-        memo = self.memo.get(key, self.epoch, free)
-        if memo is not None:
-            return memo
-        sel = np.flatnonzero(~arr.excluded(exclude) & (arr.end > start_layer) & (arr.start < end))
-        rtt = arr.rtt_from(client)[sel]
+    def route(self, request: RouteRequest, load: Load) -> Route | None:
+        return client_centric_route(self, self.memo, request, load, self._hop_costs)
+
+    @staticmethod
+    def _hop_costs(request: RouteRequest, load: Load, arr: NodeArrays, sel: np.ndarray, free: np.ndarray
+                   ) -> np.ndarray:
+        """Per hop RTT/2 (unknown: UNKNOWN_RTT_S) + HOP_OVERHEAD_S, + NO_CACHE_PENALTY_S on a full server."""
+        rtt = arr.rtt_from(request.client)[sel]
         fixed = np.where(rtt == rtt, rtt, UNKNOWN_RTT_S * 2) / 2 + HOP_OVERHEAD_S
-        fixed = fixed + np.where(free[sel], 0.0, NO_CACHE_PENALTY_S)  # 1 / inference_rps per block below
-        found = boundary_shortest_path_arrays([arr.ids[i] for i in sel], arr.start[sel], arr.end[sel], fixed,
-                                              arr.latency[sel], start_layer, end)
-        if found is None:
-            return None
-        route = Route(tuple(found[0]), found[1])
-        hops = np.array([arr.position[h.node_id] for h in route.hops], dtype=np.int64)
-        self.memo.put(key, route, sel[~free[sel]], hops)
-        return route
+        return fixed + np.where(free[sel], 0.0, NO_CACHE_PENALTY_S)  # 1 / inference_rps per block below

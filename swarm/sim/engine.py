@@ -55,7 +55,7 @@ from swarm.baselines.optimal import OptimalPolicy
 from swarm.baselines.parallax import ParallaxPolicy
 from swarm.baselines.petals import PetalsPolicy
 from swarm.costmodel import TOKEN_ID_BYTES
-from swarm.router import LoadTable
+from swarm.router import LoadTable, RouteRequest
 from swarm.sim.metrics import Recorder
 from swarm.sim.policies import LayerhivePolicy, Policy, PolicyContext, covered, weights_bytes
 from swarm.sim.scenario import Scenario
@@ -225,8 +225,9 @@ class Simulator:
             self.queue.append(s)
 
     def _route(self, client: str, start: int, end: int, exclude: frozenset[str]):
+        request = RouteRequest(client, start_layer=start, end_layer=end, exclude=exclude, alternates=0)
         t0 = time.perf_counter()
-        r = self.policy.route(client, self.loads, exclude=exclude, start_layer=start, end_layer=end)
+        r = self.policy.route(request, self.loads)
         memo = getattr(self.policy, "memo", None)
         if memo is None or not memo.last_was_hit:  # a simulator-side memo hit is not scheduler work
             self.rec.route_s.append(time.perf_counter() - t0)

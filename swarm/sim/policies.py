@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
 
-from swarm.router import LoadTable
+from swarm.router import LoadTable, RouteIndex, RouteRequest, build_route_index, route
 from swarm.sim.scenario import SimNode
 from swarm.types import Assignment, Hop, LayerRange, ModelSpec, NodeLoad, NodeSpec, Route, RttFn
 
@@ -74,10 +74,9 @@ class Policy:
     def rebalance(self, now: float, load: Load) -> Assignment | None:
         return None
 
-    def route(
-        self, client: str, load: Load, *, exclude: frozenset[str] = frozenset(), start_layer: int = 0,
-        end_layer: int | None = None,
-    ) -> Route | None:
+    def route(self, request: RouteRequest, load: Load) -> Route | None:
+        """The chain for `request` (its client, span and exclusions; the workload's token counts are the
+        context's), or None."""
         raise NotImplementedError
 
     def kv_capacity_bytes(self, node: NodeSpec, rng: LayerRange) -> float | None:
@@ -244,6 +243,32 @@ def boundary_shortest_path_arrays(
     return merged, float(dist[-1])
 
 
+HopCosts = Callable[[RouteRequest, Load, "NodeArrays", np.ndarray, np.ndarray], np.ndarray]
+
+
+def client_centric_route(policy: Policy, memo: RouteMemo, request: RouteRequest, load: Load,
+                         hop_costs: HopCosts) -> Route | None:
+    """The cheapest chain when a hop's cost depends only on the client and the server (Petals, BPRR), remembered
+    in `memo` while it stays exact. `hop_costs(request, load, arrays, selected, free)`: the fixed cost of a hop
+    on each selected node (positions in the policy's `NodeArrays`; `free`: whether each node has KV for the
+    session); each layer adds the node's latency."""
+    start, end = request.span(policy.model.num_layers)
+    arr = policy.node_arrays()
+    free = arr.free_kv(load, policy.ctx.session_tokens)
+    remembered = memo.get(request, policy.epoch, free)
+    if remembered is not None:
+        return remembered
+    sel = np.flatnonzero(~arr.excluded(request.exclude) & (arr.end > start) & (arr.start < end))
+    found = boundary_shortest_path_arrays([arr.ids[i] for i in sel], arr.start[sel], arr.end[sel],
+                                          hop_costs(request, load, arr, sel, free), arr.latency[sel], start, end)
+    if found is None:
+        return None
+    chosen = Route(tuple(found[0]), found[1])
+    hops = np.array([arr.position[h.node_id] for h in chosen.hops], dtype=np.int64)
+    memo.put(request, chosen, sel[~free[sel]], hops)
+    return chosen
+
+
 class LayerhivePolicy(Policy):
     """Ours: an adapter over swarm.allocator / swarm.router / swarm.rebalancer, push transport.
 
@@ -263,6 +288,7 @@ class LayerhivePolicy(Policy):
     def __init__(self, ctx: PolicyContext) -> None:
         super().__init__(ctx)
         self.current = Assignment({})
+        self._index: tuple[Assignment, RouteIndex] | None = None
         self.rebalance_state = None
         # Little's law: concurrent sessions = arrival rate x session time; the session time is
         # estimated from a typical node before anything is measured (decode through all layers).
@@ -351,20 +377,20 @@ class LayerhivePolicy(Policy):
         self.ranges = dict(self.current.ranges)
         return self.current
 
-    def route(
-        self, client: str, load: Load, *, exclude: frozenset[str] = frozenset(), start_layer: int = 0,
-        end_layer: int | None = None,
-    ) -> Route | None:
-        from swarm.router import route
-
-        routes = route(
-            self.model, self.nodes, self.current, self.ctx.rtt, client=client, load=load,
-            transport=self.transport, alternates=0, exclude=exclude, start_layer=start_layer,
-            end_layer=end_layer, session_tokens=self.ctx.session_tokens,
-            prompt_tokens=self.ctx.session_tokens - self.ctx.output_tokens, output_tokens=self.ctx.output_tokens,
-            ttft_weight=TTFT_WEIGHT,
-        )
+    def route(self, request: RouteRequest, load: Load) -> Route | None:
+        ctx = self.ctx
+        ours = replace(request, transport=self.transport, alternates=0, session_tokens=ctx.session_tokens,
+                       prompt_tokens=ctx.session_tokens - ctx.output_tokens, output_tokens=ctx.output_tokens,
+                       ttft_weight=TTFT_WEIGHT)
+        routes = route(self._route_index(), ours, load)
         return routes[0] if routes else None
+
+    def _route_index(self) -> RouteIndex:
+        """The router's index of the current assignment, built once per assignment: every change of the node
+        set goes through `_allocate`, which makes a new assignment."""
+        if self._index is None or self._index[0] is not self.current:
+            self._index = (self.current, build_route_index(self.model, self.nodes, self.current, self.ctx.rtt))
+        return self._index[1]
 
 
 class RouteMemo:

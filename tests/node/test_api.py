@@ -7,7 +7,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import openai
 import pytest
@@ -276,6 +276,138 @@ def test_model_the_swarm_does_not_serve_is_503(swarm, tiny_checkpoint):
                                              max_tokens=2)
             assert (caught.value.status_code, caught.value.code) == (503, "no_chain")
         assert [m.id for m in tiny.models.list().data] == [path]
+
+
+# ------------------------------------------------------------------------------------------ hostile callers
+
+
+def raw_post(url: str, head: str, body_chunks: Iterable[bytes] = (), timeout_s: float = 60) -> tuple[int, bytes]:
+    """Sends a POST with hand-made headers and body pieces on a raw socket, stopping once the server answers or
+    closes; returns the status and the bytes of the answer (a hostile client owes the server no well-formed body)."""
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+        sock.sendall(head.encode())
+        sock.setblocking(False)
+        answer = b""
+        for chunk in body_chunks:
+            try:
+                answer += sock.recv(65536)
+                break  # the server answered before the body was all sent
+            except BlockingIOError:
+                pass
+            try:
+                sock.setblocking(True)
+                sock.sendall(chunk)
+                sock.setblocking(False)
+            except OSError:  # the server closed the connection on us: its answer is waiting
+                break
+        sock.setblocking(True)
+        with contextlib.suppress(OSError):
+            while b"\r\n\r\n" not in answer and (more := sock.recv(65536)):
+                answer += more
+    status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else 0
+    return status, answer
+
+
+def test_a_body_announced_too_large_is_refused_before_it_is_sent(client, api_url):
+    status, answer = raw_post(api_url, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                              "Content-Type: application/json\r\nContent-Length: 104857600\r\n\r\n")
+    assert status == 413 and b"request_too_large" in answer
+    assert_still_serves(client)
+
+
+def test_a_streamed_body_is_refused_once_it_passes_the_limit(client, api_url):
+    """Chunked, without a Content-Length: refused after the limit's worth of bytes, not after 64 MB."""
+    sent = []
+
+    def chunks() -> Iterator[bytes]:
+        piece = b"x" * (256 << 10)
+        for _ in range(256):  # 64 MB if the server read it all
+            sent.append(len(piece))
+            yield f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+
+    status, answer = raw_post(api_url, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                              "application/json\r\nTransfer-Encoding: chunked\r\n\r\n", chunks())
+    assert status == 413 and b"request_too_large" in answer
+    assert sum(sent) < 32 << 20, f"the server read {sum(sent)} bytes before refusing"
+    assert_still_serves(client)
+
+
+def test_a_prompt_longer_than_any_context_is_refused_before_tokenizing(client):
+    """200,000 characters in a 1.2 MB body: within the body limit, but more characters than 8192 tokens reach
+    at 16 a token, so it is refused on its length; the server keeps serving."""
+    huge = [{"role": "user", "content": "hello " * 33_000}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=huge, max_tokens=2)
+    assert caught.value.code == "context_length_exceeded" and "characters" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=DEFAULT_MODEL, prompt="hello " * 33_000, max_tokens=2)
+    assert caught.value.code == "context_length_exceeded"
+    assert_still_serves(client)
+
+
+@pytest.mark.parametrize(("param", "value"), [("stop", ["a", "b", "c", "d", "e"]), ("stop", "x" * 300),
+                                              ("seed", 2**64), ("seed", -1)])
+def test_unbounded_fields_are_400(client, param, value):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=STORY, max_tokens=2, **{param: value})
+    assert caught.value.param == param
+    assert_still_serves(client)
+
+
+def test_the_swarm_room_comes_from_the_records(swarm):
+    """The longest session the swarm can hold, from the free KV tokens its nodes announce."""
+    import asyncio
+
+    from node.client.session import connect, session_room
+
+    async def room() -> int | None:
+        async with connect(swarm.initial_peers, swarm.source) as probe:
+            return await probe.session_room()
+
+    swarm_room = asyncio.run(room())
+    assert swarm_room is not None and swarm_room > 0
+    records = swarm.online_records()
+    assert swarm_room == session_room(records, swarm.source.num_layers)
+    assert session_room(records[1:], swarm.source.num_layers) is None  # a layer uncovered: no chain, no figure
+
+
+def test_the_swarm_room_bounds_max_tokens_and_its_default(tiny_checkpoint, swarm):
+    """`ServedModel.sampling_params` with a small room: an explicit max_tokens beyond it is a 400 naming the room,
+    the default shrinks to it, and a prompt that alone exceeds it is a 503 (the swarm is full, not the request bad)."""
+    from node.app.api import APIError, ServedModel
+    from node.app.api_schema import ChatCompletionRequest
+
+    app = create_app(DEFAULT_MODEL, swarm.initial_peers)
+    with running(app):
+        model: ServedModel = app.state.served
+        request = ChatCompletionRequest(model=DEFAULT_MODEL, messages=STORY)
+        with pytest.raises(APIError) as caught:
+            model.sampling_params(request, 100, 20, "messages", swarm_room=64)
+        assert caught.value.status == 400 and "64" in caught.value.message and caught.value.param == "max_tokens"
+        assert model.sampling_params(request, None, 20, "messages", swarm_room=64).max_new_tokens == 44
+        with pytest.raises(APIError) as caught:
+            model.sampling_params(request, None, 64, "messages", swarm_room=64)
+        assert (caught.value.status, caught.value.code) == (503, "no_capacity")
+
+
+def test_a_bearer_token_is_required_when_set(swarm):
+    from node.app.api import api_key_for
+
+    assert api_key_for("127.0.0.1", None) == (None, False)
+    key, generated = api_key_for("0.0.0.0", None)  # beyond loopback: never open
+    assert generated and len(key) >= 24
+    assert api_key_for("0.0.0.0", "mine") == ("mine", False)
+    with running(create_app(DEFAULT_MODEL, swarm.initial_peers, api_key="s3cret")) as url:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            response = requests.post(f"{url}/chat/completions", json={"model": DEFAULT_MODEL, "messages": STORY},
+                                     headers=headers, timeout=30)
+            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        allowed = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0, timeout=120)  # as OpenAI clients send it
+        assert [m.id for m in allowed.models.list().data] == [DEFAULT_MODEL]
+        assert_still_serves(allowed)
 
 
 def test_a_node_crash_mid_stream_is_an_error_event_then_an_error_status(client, swarm):

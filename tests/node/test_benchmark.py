@@ -17,7 +17,7 @@ from hivemind.proto import runtime_pb2
 from node.app.cli import main
 from node.model.checkpoint import layer_bytes, resolve_model
 from node.net import probe
-from node.net.membership import announce
+from node.net.membership import SwarmPeer, open_dht
 from node.net.protocol import unpack_metadata
 from node.serve.benchmark import (
     BenchError,
@@ -27,7 +27,6 @@ from node.serve.benchmark import (
     split_step_time,
     usable_memory,
 )
-from node.serve.node import start_dht
 from swarm.costmodel import layer_capacity
 from swarm.records import ServerRecord
 from swarm.types import ModelSpec, NodeSpec
@@ -95,7 +94,7 @@ def test_max_layers_follows_the_memory_cap(home, tiny):
     source = resolve_model(tiny)
     per_layer = layer_bytes(source, torch.float32) + 256 * FAST.kv_sessions * FAST.kv_context_tokens
     cap = 3 * per_layer + per_layer // 2
-    result = run_bench(tiny, device="cpu", settings=FAST, max_memory_bytes=cap)
+    result = run_bench(tiny, device="cpu", settings=FAST, max_memory_bytes=cap, quant="none")
     assert result.memory_bytes == cap and result.memory_cap_bytes == cap and result.max_layers == 3
     model = ModelSpec(source.name, 6, 64, result.layer_bytes, result.kv_bytes_per_token_per_layer)
     assert result.max_layers == layer_capacity(model, result.to_node_spec("me", ""), sessions=FAST.kv_sessions,
@@ -104,7 +103,7 @@ def test_max_layers_follows_the_memory_cap(home, tiny):
 
 def test_a_model_that_does_not_fit_is_a_clear_error(home, tiny, capsys, monkeypatch):
     monkeypatch.setattr("node.serve.benchmark.DEFAULT_SETTINGS", FAST)
-    one_layer = layer_bytes(resolve_model(tiny), torch.float32)
+    one_layer = layer_bytes(resolve_model(tiny), torch.float32, "int4")  # the smallest a layer gets
     with pytest.raises(ModelDoesNotFitError, match=r"does not fit: one layer needs .* the cap of"):
         run_bench(tiny, device="cpu", settings=FAST, max_memory_bytes=one_layer // 2)
     with pytest.raises(BenchError, match="positive"):
@@ -138,6 +137,8 @@ def test_step_time_split_and_memory_policy():
     assert usable_memory("cuda", 20 * gib, 24 * gib) == 20 * gib - int(24 * gib * 0.05)
     assert usable_memory("cpu", 8 * gib, 16 * gib) == 6 * gib - (512 << 20)
     assert usable_memory("cpu", 100, 16 * gib) == 0
+    assert usable_memory("cpu", 8 * gib, 16 * gib, max_memory_bytes=gib) == gib  # the user's cap
+    assert usable_memory("cuda", 20 * gib, 24 * gib, max_memory_bytes=40 * gib) == 20 * gib - int(24 * gib * 0.05)
 
 
 # --- network probes -------------------------------------------------------------------------------
@@ -186,21 +187,21 @@ def test_probes_between_two_dht_peers():
 
 
 @contextlib.contextmanager
-def probe_node(model: str) -> Iterator[hivemind.DHT]:
+def probe_node(model: str) -> Iterator[SwarmPeer]:
     """A DHT peer that runs the probes and announces itself as a server of `model`, on its own event
     loop in a thread (so that the bench, which runs its own loop, can reach it)."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    dht = start_dht([], LOOPBACK)
+    peer = open_dht([], LOOPBACK)
 
     async def setup() -> None:
-        await probe.add_probe_handlers(await dht.replicate_p2p())
-        record = ServerRecord(peer_id=dht.peer_id.to_base58(), model=model, start=0, end=6)
-        assert await announce(dht, record, ttl_s=120)
+        await probe.add_probe_handlers(await peer.dht.replicate_p2p())
+        record = ServerRecord(peer_id=peer.peer_id, model=model, start=0, end=6)
+        assert await peer.announce(record, ttl_s=120)
 
     async def teardown() -> None:
-        await (await dht.replicate_p2p()).shutdown()
+        await (await peer.dht.replicate_p2p()).shutdown()
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
@@ -208,11 +209,11 @@ def probe_node(model: str) -> Iterator[hivemind.DHT]:
 
     try:
         asyncio.run_coroutine_threadsafe(setup(), loop).result(timeout=60)
-        yield dht
+        yield peer
     finally:
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(teardown(), loop).result(timeout=10)
-        dht.shutdown()
+        peer.shutdown()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
@@ -221,9 +222,8 @@ def probe_node(model: str) -> Iterator[hivemind.DHT]:
 def test_bench_measures_rtt_and_uplink_to_swarm_peers(home, tiny):
     source = resolve_model(tiny)
     with probe_node(source.name) as peer:
-        maddrs = [str(m) for m in peer.get_visible_maddrs()]
-        result = run_bench(tiny, device="cpu", settings=FAST, initial_peers=maddrs)
-    peer_id = peer.peer_id.to_base58()
+        result = run_bench(tiny, device="cpu", settings=FAST, initial_peers=peer.visible_maddrs)
+    peer_id = peer.peer_id
     assert set(result.rtt_s) == {peer_id} and 0 < result.rtt_s[peer_id] < 0.5
     assert result.uplink_bps is not None and result.uplink_bps > 1e6
     assert result.to_node_spec("me", "eu").uplink_bps == result.uplink_bps

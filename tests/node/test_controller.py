@@ -123,6 +123,4 @@ def test_pause_drains_a_session_in_flight_then_resume_rejoins(tiny_checkpoint):
 
 
 def _all_records(swarm: LocalSwarm):
-    from node.net.membership import list_servers_blocking
-
-    return list_servers_blocking(swarm.bootstrap, swarm.source.name, num_layers=swarm.source.num_layers)
+    return swarm.bootstrap.list_servers_blocking(swarm.source.name, num_layers=swarm.source.num_layers)

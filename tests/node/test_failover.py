@@ -22,10 +22,10 @@ REPLICAS = 3  # nodes per layer range; one is killed per generation and a fresh 
 
 
 async def _chaos(swarm: LocalSwarm, ranges, prompt_ids: list[int], params: SamplingParams, *, ring: bool,
-                 generations: int):
+                 generations: int, speculate: int = 0):
     source = swarm.source
     async with connect(swarm.initial_peers, source) as client:
-        runner = ChaosRunner(swarm, client, None if ring else ClientHead(source))
+        runner = ChaosRunner(swarm, client, None if ring else ClientHead(source), speculate=speculate)
         undisturbed = await runner.generate(prompt_ids, params, kill_at=None)
         assert not undisturbed.events and len(undisturbed.tokens) == NEW_TOKENS
         results = []
@@ -56,3 +56,18 @@ def test_generations_survive_a_killed_stage(tiny_checkpoint, ring):
         assert len(events) >= 1, "the kill must have forced a failover"
     recoveries = sorted(e.recovery_s for _, events in results for e in events)
     print(f"recovery s: median {recoveries[len(recoveries) // 2]:.3f}, max {recoveries[-1]:.3f}")
+
+
+def test_a_speculating_ring_survives_a_killed_stage(tiny_checkpoint):
+    """Greedy, as a speculating ring's sampled tokens depend on the drafts proposed (distributed as without, not
+    drawn identically), and a new ring drafts afresh. The prompt repeats itself so that drafts are made."""
+    path = tiny_checkpoint("llama", num_layers=6)
+    ranges = [(0, 2), (2, 4), (4, 6)]
+    prompt_ids = list(range(5, 17)) * 2
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    with LocalSwarm(str(path), ranges * REPLICAS, threads_per_node=1, node_args=["--test-slowdown-ms", "10"]) as swarm:
+        undisturbed, results = asyncio.run(_chaos(swarm, ranges, prompt_ids, params, ring=True, generations=4,
+                                                  speculate=6))
+    for tokens, events in results:
+        assert tokens == undisturbed
+        assert len(events) >= 1, "the kill must have forced a failover"

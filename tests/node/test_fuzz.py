@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 from node.client.session import StageFailure, SwarmClient
 from node.model.checkpoint import resolve_model
 from node.model.stage import Stage
+from node.net.membership import open_dht
 from node.net.protocol import INFERENCE_HANDLER, ProtocolError, parse_open, unpack_metadata
-from node.serve.node import Node, NodeConfig, start_dht
+from node.serve.node import Node, NodeConfig
 from swarm.types import Hop
 
 pytestmark = pytest.mark.timeout(600)
@@ -43,15 +44,15 @@ class LiveNode:
         self.source = source
         self.node = Node(source, NodeConfig(start=0, end=2, max_length=64))
         self.run(self.node.start())
-        self.dht = start_dht(self.node.visible_maddrs, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
-        self.client = SwarmClient(self.dht, source)
+        self.peer = open_dht(self.node.visible_maddrs, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+        self.client = SwarmClient(self.peer, source)
         self.hop = Hop(self.node.record.peer_id, 0, 2)
 
     def run(self, coro, timeout: float = 60):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
-        self.dht.shutdown()
+        self.peer.shutdown()
         self.run(self.node.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 
@@ -11,7 +12,9 @@ import torch
 from node.app.local_swarm import LocalSwarm
 from node.model.checkpoint import resolve_model
 from node.model.stage import Stage
-from node.serve.assignment import EpochTracker, check_records, model_spec, plan
+from node.net.membership import open_dht
+from node.serve.assignment import EpochTracker, check_records, model_spec, plan, planned_kv_budget
+from node.serve.node import Node, NodeConfig
 from swarm.allocator import allocate
 from swarm.records import ServerRecord
 from swarm.types import LayerRange, ModelSpec
@@ -145,6 +148,41 @@ def test_nodes_started_together_take_the_plan_and_cover_a_killed_one(tiny_checkp
         assert all(r.peer_id not in swarm.dead_peers for r in after)
 
 
+def test_a_started_nodes_server_enforces_the_kv_share_the_plan_gave_it(tiny_checkpoint):
+    """Two nodes join in-process with 12 MB each: each server's KV budget is exactly what the plan's weights
+    and head parts leave of the memory the node announced (swarm.costmodel.kv_share_bytes), in fp32 bytes."""
+    source = resolve_model(str(tiny_checkpoint("llama", num_layers=6)))
+    spec = model_spec(source)
+    boot = open_dht([], ["/ip4/127.0.0.1/tcp/0"])
+
+    async def scenario() -> None:
+        config = NodeConfig(initial_peers=boot.visible_maddrs, ttl_s=3.0, bench=False, max_memory_bytes=12_000_000)
+        nodes = [Node(source, config), Node(source, config)]
+        try:
+            await asyncio.gather(*(node.start() for node in nodes))
+            records = check_records(spec, await nodes[0].peer.list_servers(source.name, num_layers=6))
+            planned = plan(spec, records)
+            for node in nodes:
+                layers = LayerRange(node.record.start, node.record.end)
+                assert planned.range_of(node.record.peer_id) == layers
+                assert len(layers) < spec.num_layers  # 12 MB hold at most 5 layers: the two share the model
+                weights = len(layers) * spec.layer_bytes + spec.head_bytes / 2 * (
+                    (layers.start == 0) + (layers.end == spec.num_layers))
+                share_fp32 = int((node.record.memory_bytes - weights) * 4 / 2)  # planned at bf16, served in fp32
+                assert node.record.memory_bytes == 6_000_000 and share_fp32 > 0
+                assert node.server.budget.budget_bytes == share_fp32
+                assert share_fp32 == planned_kv_budget(spec, node.record.memory_bytes, layers, torch.float32)
+                announced = next(r for r in records if r.peer_id == node.record.peer_id)
+                assert announced.reachability == node.record.reachability == node.peer.reachability == "direct"
+        finally:
+            await asyncio.gather(*(node.stop() for node in nodes))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        boot.shutdown()
+
+
 def test_the_plan_charges_chain_ends_for_what_a_ring_loads_there(tiny_checkpoint):
     """A ring's last stage holds the LM head (one vocab x hidden matrix): the plan charges each end half of
     embedding + LM head, which covers it (the first stage reads embedding rows from the mapped file)."""
@@ -158,13 +196,51 @@ def test_the_plan_charges_chain_ends_for_what_a_ring_loads_there(tiny_checkpoint
 
 
 def test_status_reports_nodes_coverage_and_the_plan():
-    from node.serve.assignment import format_status, swarm_status
+    import json
+
+    from node.app.cli import format_status, status_json
+    from node.serve.assignment import swarm_status
 
     records = [joining(i) for i in range(4)]
     online = as_online(plan(SPEC, records), records)
     status = swarm_status(SPEC, [*online, joining(9)])
-    assert status["min_replicas"] >= 1 and not status["uncovered_layers"] and status["epoch"] == online[0].epoch
-    assert len(status["replicas_per_layer"]) == SPEC.num_layers and len(status["nodes"]) == 5
-    newcomer = next(n for n in status["nodes"] if n["peer_id"] == "peer9")
-    assert newcomer["range"] is None and newcomer["planned"] is not None
+    assert status.min_replicas >= 1 and not status.uncovered_layers and status.epoch == online[0].epoch
+    assert len(status.replicas_per_layer) == SPEC.num_layers and len(status.nodes) == 5
+    newcomer = next(n for n in status.nodes if n.record.peer_id == "peer9")
+    assert newcomer.serving is None and newcomer.planned is not None
+    assert all(n.serving == LayerRange(n.record.start, n.record.end) for n in status.nodes if n is not newcomer)
     assert "replicas per layer" in format_status(status)
+
+    shown = json.loads(json.dumps(status_json(status)))  # `layerhive status --json`: numbers, never "a:b"
+    assert shown["replicas_per_layer"] == list(status.replicas_per_layer) and shown["min_replicas"] >= 1
+    by_peer = {n["peer_id"]: n for n in shown["nodes"]}
+    assert by_peer["peer9"]["range"] is None
+    assert by_peer["peer9"]["planned"] == {"start": newcomer.planned.start, "end": newcomer.planned.end}
+    for record in online:
+        assert by_peer[record.peer_id]["range"] == {"start": record.start, "end": record.end}
+        assert by_peer[record.peer_id]["layer_latency_s"] == record.layer_latency_s
+
+
+def test_a_joined_node_announces_the_uplink_it_measured(tiny_checkpoint):
+    """Nodes started together find no one to measure at first; each measures on its heartbeat once the other
+    is there, announces it, and `layerhive status --json` shows it."""
+    import json
+    import subprocess
+    import sys
+
+    path = tiny_checkpoint("llama", num_layers=6)
+    with LocalSwarm(str(path), num_nodes=2, join=True, threads_per_node=1, node_args=NODE_ARGS) as swarm:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            records = swarm.online_records()
+            if len(records) == 2 and all(r.uplink_bps > 0 for r in records):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"no measured uplink announced: {swarm.online_records()}; logs in {swarm.log_dir}")
+        shown = subprocess.run([sys.executable, "-m", "node.app.cli", "status", "--model", str(path),
+                                "--initial-peers", *swarm.initial_peers, "--json"],
+                               capture_output=True, text=True, timeout=120, check=True)
+        nodes = json.loads(shown.stdout)["nodes"]
+        assert len(nodes) == 2 and all(n["uplink_bps"] > 1e6 for n in nodes), nodes  # loopback: far above 1 Mbit/s
+        print("measured uplinks (Mbit/s):", [round(n["uplink_bps"] / 1e6) for n in nodes])

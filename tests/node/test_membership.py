@@ -23,15 +23,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from node.net import membership
 from node.net.identity import IdentityError, NodeIdentity, ephemeral_identity, identity_dir, load_identity
-from node.net.membership import (
-    announce,
-    list_servers,
-    list_servers_blocking,
-    open_dht,
-    owner_subkey,
-    record_validators,
-    servers_key,
-)
+from node.net.membership import open_dht, owner_subkey, record_validators, servers_key
 from swarm.records import ServerRecord
 
 pytestmark = pytest.mark.timeout(120)
@@ -41,26 +33,22 @@ LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 KEY_ID = DHTID.generate(source=servers_key(MODEL)).to_bytes()
 
 
-def _maddrs(dht: DHT) -> list[str]:
-    return [str(m) for m in dht.get_visible_maddrs()]
-
-
 @pytest.fixture(scope="module")
 def swarm():
     """A bootstrap peer, an honest node that announced layers 0:2, a raw hivemind peer without validators
     (the attacker: it stores anything and can push raw bytes), and a client-mode reader."""
     boot = open_dht([], LOOPBACK)
-    peers = _maddrs(boot)
+    peers = boot.visible_maddrs
     honest_identity = ephemeral_identity()
     honest = open_dht(peers, LOOPBACK, identity=honest_identity)
     attacker = DHT(initial_peers=peers, host_maddrs=LOOPBACK, start=True)
     reader = open_dht(peers, LOOPBACK, client_mode=True)
     record = ServerRecord(peer_id=honest_identity.peer_id, model=MODEL, start=0, end=2, memory_bytes=1e9)
-    assert asyncio.run(announce(honest, record, ttl_s=300))
+    assert asyncio.run(honest.announce(record, ttl_s=300))
     yield SimpleNamespace(boot=boot, peers=peers, honest=honest, identity=honest_identity, record=record,
                           attacker=attacker, reader=reader)
-    for dht in (reader, attacker, honest, boot):
-        dht.shutdown()
+    for peer in (reader, attacker, honest, boot):
+        peer.shutdown()
 
 
 @pytest.fixture(autouse=True)
@@ -110,10 +98,10 @@ async def _ask_peer(peer_id: str, _dht, node) -> bool:
 
 
 def test_honest_record_round_trips(swarm):
-    assert asyncio.run(list_servers(swarm.reader, MODEL, num_layers=NUM_LAYERS)) == [swarm.record]
-    assert list_servers_blocking(swarm.boot, MODEL, num_layers=NUM_LAYERS) == [swarm.record]
-    assert swarm.honest.peer_id.to_base58() == swarm.identity.peer_id  # p2pd runs with the signing key
-    assert asyncio.run(list_servers(swarm.reader, "some-other-model")) == []
+    assert asyncio.run(swarm.reader.list_servers(MODEL, num_layers=NUM_LAYERS)) == [swarm.record]
+    assert swarm.boot.list_servers_blocking(MODEL, num_layers=NUM_LAYERS) == [swarm.record]
+    assert swarm.honest.dht.peer_id.to_base58() == swarm.identity.peer_id  # p2pd runs with the signing key
+    assert asyncio.run(swarm.reader.list_servers("some-other-model")) == []
 
 
 def test_forged_records_are_refused_by_honest_peers_and_never_listed(swarm):
@@ -144,17 +132,17 @@ def test_forged_records_are_refused_by_honest_peers_and_never_listed(swarm):
         "not msgpack": entry(forger, owner_subkey(forger), b"\xc1\xc1 not a record"),
     }
     answers = swarm.attacker.run_coroutine(functools.partial(_push_raw, list(forged.values())))
-    honest_peers = {swarm.boot.peer_id.to_base58(), victim}
+    honest_peers = {swarm.boot.peer_id, victim}
     for name, answer in zip(forged, answers, strict=True):
         assert honest_peers <= answer.keys(), f"{name}: not offered to every honest peer"
         assert not any(answer[peer] for peer in honest_peers), f"{name}: an honest peer stored it: {answer}"
 
     # The attacker itself keeps them all and serves them, but the reader's validators discard its answer...
-    assert not swarm.reader.run_coroutine(functools.partial(_ask_peer, swarm.attacker.peer_id.to_base58()))
-    assert swarm.reader.run_coroutine(functools.partial(_ask_peer, swarm.boot.peer_id.to_base58()))
+    assert not swarm.reader.dht.run_coroutine(functools.partial(_ask_peer, swarm.attacker.peer_id.to_base58()))
+    assert swarm.reader.dht.run_coroutine(functools.partial(_ask_peer, swarm.boot.peer_id))
     # ...so readers list only the honest record, which honest peers still hold.
-    assert asyncio.run(list_servers(swarm.reader, MODEL, num_layers=NUM_LAYERS)) == [swarm.record]
-    assert list_servers_blocking(swarm.boot, MODEL, num_layers=NUM_LAYERS) == [swarm.record]
+    assert asyncio.run(swarm.reader.list_servers(MODEL, num_layers=NUM_LAYERS)) == [swarm.record]
+    assert swarm.boot.list_servers_blocking(MODEL, num_layers=NUM_LAYERS) == [swarm.record]
 
 
 def test_a_validating_peer_cannot_announce_for_another(swarm):
@@ -162,20 +150,30 @@ def test_a_validating_peer_cannot_announce_for_another(swarm):
     try:
         claim = ServerRecord(peer_id=swarm.identity.peer_id, model=MODEL, start=2, end=4)
         with pytest.raises(ValueError, match="cannot be signed"):
-            asyncio.run(announce(forger, claim))
-        forger_identity = membership._identities[forger]
-        subkey = owner_subkey(forger_identity)
-        forger.store(servers_key(MODEL), subkey=subkey, value=claim.to_dict(), expiration_time=get_dht_time() + 60)
+            asyncio.run(forger.announce(claim))
+        subkey = owner_subkey(forger.identity)
+        forger.dht.store(servers_key(MODEL), subkey=subkey, value=claim.to_dict(), expiration_time=get_dht_time() + 60)
         # Refused by its own validators and by every honest peer (the module's validator-less attacker peer
         # may keep it, so the store call's overall answer says nothing; each honest storage is asked instead).
         honest_subkey = owner_subkey(swarm.identity)
-        assert any(peer.run_coroutine(functools.partial(_holds_subkey, honest_subkey))  # the probe can say yes
+        assert any(peer.dht.run_coroutine(functools.partial(_holds_subkey, honest_subkey))  # the probe can say yes
                    for peer in (swarm.boot, swarm.honest))
         for peer in (forger, swarm.boot, swarm.honest):
-            assert not peer.run_coroutine(functools.partial(_holds_subkey, subkey))
-        assert asyncio.run(list_servers(swarm.reader, MODEL, num_layers=NUM_LAYERS)) == [swarm.record]
+            assert not peer.dht.run_coroutine(functools.partial(_holds_subkey, subkey))
+        assert asyncio.run(swarm.reader.list_servers(MODEL, num_layers=NUM_LAYERS)) == [swarm.record]
     finally:
         forger.shutdown()
+
+
+def test_announce_publishes_the_record_as_given_and_refuses_another_reachability(swarm):
+    """A server peer measured its reachability on joining (with no dial-back answer on loopback: "direct");
+    `announce` stores the caller's record unchanged, so one that contradicts the measurement is refused."""
+    assert swarm.honest.reachability == "direct"
+    assert swarm.reader.reachability is None and swarm.boot.reachability is None  # a client; no peers to ask
+    for claimed in ("relayed", "unreachable"):
+        with pytest.raises(ValueError, match="measured 'direct'"):
+            asyncio.run(swarm.honest.announce(dataclasses.replace(swarm.record, reachability=claimed)))
+    assert asyncio.run(swarm.reader.list_servers(MODEL, num_layers=NUM_LAYERS)) == [swarm.record]
 
 
 def test_readers_refuse_what_peers_cannot_check_and_say_why(swarm, caplog):
@@ -188,14 +186,14 @@ def test_readers_refuse_what_peers_cannot_check_and_say_why(swarm, caplog):
         (owner_subkey(forger), _signed(forger, owner_subkey(forger), out_of_model, expiration), expiration),
         ("junk", MSGPackSerializer.dumps({"hello": "world"}), expiration),
     ]
-    answers = swarm.boot.run_coroutine(functools.partial(_push_raw, entries))  # from an honest peer this time
+    answers = swarm.boot.dht.run_coroutine(functools.partial(_push_raw, entries))  # from an honest peer this time
     assert all(any(answer.values()) for answer in answers)  # accepted: nothing in them is checkable at storage
     with caplog.at_level(logging.WARNING, logger="node.net.membership"):
-        assert asyncio.run(list_servers(swarm.reader, MODEL, num_layers=NUM_LAYERS)) == [swarm.record]
+        assert asyncio.run(swarm.reader.list_servers(MODEL, num_layers=NUM_LAYERS)) == [swarm.record]
     assert "range 2:9 is outside the model's 4 layers" in caplog.text
     assert "unsigned" in caplog.text
     # The swarm still holds them, so later tests see them too; they must keep being refused the same way.
-    assert list_servers_blocking(swarm.boot, MODEL, num_layers=NUM_LAYERS) == [swarm.record]
+    assert swarm.boot.list_servers_blocking(MODEL, num_layers=NUM_LAYERS) == [swarm.record]
 
 
 def test_validators_refuse_each_forgery_with_a_reason(caplog):
@@ -311,16 +309,16 @@ def test_same_name_keeps_its_peer_id_across_restarts(swarm, home):
     peer_ids = []
     for _ in range(2):
         identity = load_identity("restarting-node")
-        dht = open_dht(swarm.peers, LOOPBACK, identity=identity)
+        peer = open_dht(swarm.peers, LOOPBACK, identity=identity)
         try:
-            peer_ids.append(dht.peer_id.to_base58())
+            peer_ids.append(peer.dht.peer_id.to_base58())
             if len(peer_ids) == 1:  # the same node started twice at once is refused, not given a twin
                 with pytest.raises(IdentityError, match="already in use"):
                     open_dht(swarm.peers, LOOPBACK, identity=load_identity("restarting-node")).shutdown()
             record = ServerRecord(peer_id=peer_ids[-1], model=model, start=0, end=1, epoch=len(peer_ids))
-            assert asyncio.run(announce(dht, record))
+            assert asyncio.run(peer.announce(record))
         finally:
-            dht.shutdown()
+            peer.shutdown()
     assert peer_ids[0] == peer_ids[1] == identity.peer_id
     # The second run's record replaced the first under the same signed subkey.
-    assert [r.epoch for r in asyncio.run(list_servers(swarm.reader, model))] == [2]
+    assert [r.epoch for r in asyncio.run(swarm.reader.list_servers(model))] == [2]

@@ -25,8 +25,7 @@ import pytest
 
 from node.model.checkpoint import resolve_model
 from node.model.sampling import SamplingParams
-from node.net.membership import list_servers_blocking
-from node.serve.node import start_dht
+from node.net.membership import open_dht
 from tests.node.swarm_client import generate_through
 from tests.node.test_pipeline import reference_generate
 
@@ -192,17 +191,17 @@ def test_chain_generates_through_a_relay(topology: Topology, tiny_checkpoint, tm
         assert "Network is unreachable" in tcp_connect_from(topology, "A", topology.ip["B"], 9)
         assert tcp_connect_from(topology, "R", topology.ip["B"], 9) != "ok"  # and R cannot open connections to B
 
-        client_dht = start_dht([relay], [f"/ip4/{topology.ip['root']}/tcp/0"], client_mode=True)
+        client = open_dht([relay], [f"/ip4/{topology.ip['root']}/tcp/0"], client_mode=True)
         try:
             deadline = time.monotonic() + 30
             while True:
-                records = [r for r in list_servers_blocking(client_dht, source.name, num_layers=6)
+                records = [r for r in client.list_servers_blocking(source.name, num_layers=6)
                            if r.state == "online"]
                 if len(records) == 2 or time.monotonic() > deadline:
                     break
                 time.sleep(0.3)
         finally:
-            client_dht.shutdown()
+            client.shutdown()
         assert sorted((r.start, r.end, r.reachability) for r in records) == [(0, 3, "relayed"), (3, 6, "relayed")]
 
         prompt_ids = list(range(3, 30))

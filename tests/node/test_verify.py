@@ -16,8 +16,8 @@ from node.client.failover import ResilientSession, Revision
 from node.client.session import StageFailure, SwarmClient
 from node.client.verify import PROVEN_BAN_S, Auditor, Ledger, relative_error, tolerance_for
 from node.model.sampling import SamplingParams
+from node.net.membership import open_dht
 from node.net.protocol import digest, pack_response, token_digest
-from node.serve.node import start_dht
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -77,6 +77,12 @@ def test_ledger_binds_what_a_stage_sent_to_what_its_neighbour_received():
         ledger.feed_tokens(7, [3], sender=1)
         ledger.put_nowait((0, pack_response({"echo": 7, "in": token_digest([4])}, [honest])))
         assert ledger.equivocations == [(1, 6), (0, 7)]
+        # A speculating first stage's receipt names the token it was fed; its echo carries the draft it ran after
+        # it (kept for re-running the step), and a malformed draft is not kept.
+        ledger.feed_tokens(8, [5], sender=1)
+        ledger.put_nowait((0, pack_response({"echo": 8, "in": token_digest([5]), "draft": [6, 7]}, [honest])))
+        ledger.put_nowait((0, pack_response({"echo": 9, "in": token_digest([5]), "draft": [-1]}, [honest])))
+        assert ledger.equivocations == [(1, 6), (0, 7)] and ledger.drafts == {8: [6, 7]}
 
     asyncio.run(run())
 
@@ -119,10 +125,10 @@ def _long_bans(client: SwarmClient) -> set[str]:
 async def _scenarios(swarm: LocalSwarm, prompt_ids: list[int]) -> None:
     peers = {index: swarm.peer_id(index) for index in (*HONEST, *ADVERSARIES)}
     honest = {peers[i] for i in HONEST}
-    dht = start_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    peer = open_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
     try:
         def client_facing(index: int | None) -> PreferringClient:
-            client = PreferringClient(dht, swarm.source)
+            client = PreferringClient(peer, swarm.source)
             for other in ADVERSARIES:
                 if other != index:
                     client.ban(peers[other], for_s=1e6)
@@ -159,7 +165,7 @@ async def _scenarios(swarm: LocalSwarm, prompt_ids: list[int]) -> None:
             if kind == "blamer":
                 assert [e.code for e in session.events] == ["push_failed"] and not revisions
     finally:
-        dht.shutdown()
+        peer.shutdown()
 
 
 def test_every_adversary_is_caught_or_defeated_and_the_answer_is_the_honest_one(tiny_checkpoint):

@@ -16,6 +16,7 @@ from swarm.baselines.exo import ExoPolicy
 from swarm.baselines.optimal import OptimalPolicy, OptimalTooLarge
 from swarm.baselines.parallax import ParallaxPolicy
 from swarm.baselines.petals import PetalsPolicy, choose_best_start
+from swarm.router import RouteRequest
 from swarm.sim.engine import POLICIES
 from swarm.sim.policies import PolicyContext, boundary_shortest_path
 from swarm.sim.scenario import parse_scenario
@@ -61,7 +62,7 @@ def test_baselines_produce_valid_chains(home60, name):
     for r in assignment.ranges.values():
         assert 0 <= r.start < r.end <= L
     for client in ("client:virginia", "client:london"):
-        route = policy.route(client, {}, exclude=frozenset())
+        route = policy.route(RouteRequest(client), {})
         assert route is not None, name
         pos = 0
         for hop in route.hops:
@@ -102,7 +103,7 @@ def test_petals_joiners_cover_the_weakest_blocks_and_route_penalises_full_server
         covered[r.start:r.end] += 1
     assert covered.min() >= 1  # each joiner took the lexicographically weakest window
     full = {nid: NodeLoad(free_kv_tokens=0) for nid in a.ranges}
-    route = policy.route("client:eu", full)
+    route = policy.route(RouteRequest("client:eu"), full)
     assert route is not None and route.expected_token_s > 10.0  # 10 s penalty: no free cache anywhere
 
 

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 
 from swarm.costmodel import (
     GPU_DATASHEET,
     NO_KV_PENALTY_S,
     RELAY_EXTRA_LEG_S,
+    TOKEN_ID_BYTES,
     batched_layer_s,
     chain_prefill_s,
     chain_token_s,
+    handover_s,
     kv_penalty_s,
+    kv_share_bytes,
+    kv_shortage_s,
     layer_capacity,
     leg_s,
     loaded_layer_s,
+    loaded_step_s,
     memory_needed_bytes,
     node_from_datasheet,
     node_rate_tokens_per_s,
@@ -60,6 +68,19 @@ def test_memory_and_layer_capacity():
     assert not range_fits(LLAMA_70B, node, LayerRange(0, 14), sessions=4, context_tokens=2048)
 
 
+def test_a_ranges_kv_share_is_what_its_weights_leave_and_what_range_fits_checks():
+    middle, ends = LayerRange(10, 20), LayerRange(0, 80)
+    assert kv_share_bytes(LLAMA_70B, 24e9, middle) == pytest.approx(24e9 - 10 * 1.71e9)
+    assert kv_share_bytes(LLAMA_70B, 200e9, ends) == pytest.approx(200e9 - 80 * 1.71e9 - 1.05e9)  # both head halves
+    assert kv_share_bytes(LLAMA_70B, 10e9, middle) == 0.0  # the weights alone do not fit: no KV, never negative
+    # A range fits with s sessions exactly when its KV share holds s sessions' cache on each of its layers.
+    node = NodeSpec("x", "r", memory_bytes=24e9, layer_latency_s=0.002, prefill_s_per_token_per_layer=1e-5)
+    for sessions in (1, 4, 16, 64, 256):
+        session_kv = len(middle) * 4096 * 2048 * sessions
+        fits = range_fits(LLAMA_70B, node, middle, sessions=sessions, context_tokens=2048)
+        assert fits == (kv_share_bytes(LLAMA_70B, node.memory_bytes, middle) >= session_kv), sessions
+
+
 def test_batching_is_free_until_compute_bound():
     node = NodeSpec("x", "r", 24e9, layer_latency_s=0.002, prefill_s_per_token_per_layer=0.0001, uplink_bps=1e9)
     assert batched_layer_s(node, 1) == batched_layer_s(node, 20) == 0.002
@@ -77,6 +98,33 @@ def test_load_and_kv_penalty():
     assert loaded_layer_s(node, NodeLoad(active_sessions=39)) == pytest.approx(0.004)
     assert kv_penalty_s(NodeLoad(free_kv_tokens=100), 1000) == NO_KV_PENALTY_S
     assert kv_penalty_s(NodeLoad(free_kv_tokens=5000), 1000) == 0.0
+
+
+def test_one_load_formula_for_a_node_or_a_whole_table():
+    # The router reads a table of loads as arrays with the very formulas that cost one node: same figures.
+    nodes = [NodeSpec(f"n{i}", "r", 24e9, layer_latency_s=lat, prefill_s_per_token_per_layer=pre)
+             for i, (lat, pre) in enumerate([(0.002, 1e-4), (0.001, 3e-5), (0.004, 2e-6), (0.0005, 5e-5)])]
+    loads = [NodeLoad(0, 0, 0), NodeLoad(3, 39, 640), NodeLoad(1, 7, 5000), NodeLoad(0, 200, 639)]
+    per_layer = loaded_step_s(np.array([n.layer_latency_s for n in nodes]),
+                              np.array([n.prefill_s_per_token_per_layer for n in nodes]),
+                              np.array([x.active_sessions for x in loads]), np.array([x.queue_len for x in loads]))
+    assert per_layer.tolist() == [loaded_layer_s(n, x) for n, x in zip(nodes, loads, strict=True)]
+    assert len(set(per_layer.tolist())) == 4  # memory bound, queued, compute bound: the cases differ
+    penalty = kv_shortage_s(np.array([x.free_kv_tokens for x in loads]), 640)
+    assert penalty.tolist() == [kv_penalty_s(x, 640) for x in loads] == [NO_KV_PENALTY_S, 0.0, 0.0, NO_KV_PENALTY_S]
+
+
+def test_a_hand_over_is_the_chain_s_middle_leg():
+    # What the allocator charges between two stages is exactly what a chain's cost adds for that leg.
+    nodes, rtt, hops = _two_stage_swarm()
+    for relayed in [(False, False), (True, False), (False, True), (True, True)]:
+        spec = {n: dataclasses.replace(nodes[n], relayed=r) for n, r in zip("ab", relayed, strict=True)}
+        total = chain_token_s(LLAMA_70B, hops, spec, rtt, client="c")
+        compute = 40 * 0.001 + 40 * 0.002
+        # The model's ends are held by the swarm: token ids enter and leave the chain.
+        ends = (leg_s(rtt("c", "a"), TOKEN_ID_BYTES, 100e6, receiver_relayed=relayed[0])
+                + leg_s(rtt("b", "c"), TOKEN_ID_BYTES, 1e9, sender_relayed=relayed[1]))
+        assert handover_s(LLAMA_70B, rtt("a", "b"), spec["a"], spec["b"]) == pytest.approx(total - compute - ends)
 
 
 def test_transfer_and_leg():

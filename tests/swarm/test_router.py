@@ -12,12 +12,17 @@ from hypothesis import strategies as st
 
 from swarm.allocator import allocate
 from swarm.costmodel import chain_token_s
-from swarm.router import build_route_index, route
+from swarm.router import RouteRequest, build_route_index, route
 from swarm.types import Assignment, Hop, LayerRange, ModelSpec, NodeLoad, NodeSpec
 
 SMALL = ModelSpec("small", num_layers=8, hidden_size=1024, layer_bytes=1e8, kv_bytes_per_token_per_layer=1e4)
 WITH_HEAD = ModelSpec("small-head", num_layers=8, hidden_size=1024, layer_bytes=1e8,
                       kv_bytes_per_token_per_layer=1e4, head_bytes=3e8)
+
+
+def route_over(model, nodes, assignment, rtt, load=None, **request):
+    """One request over a freshly built index."""
+    return route(build_route_index(model, nodes, assignment, rtt), RouteRequest(**request), load)
 
 
 def metric_rtt(points: dict[str, tuple[float, float]], region_of: dict[str, str], base_s: float = 0.004,
@@ -106,8 +111,8 @@ def small_swarm(draw):
 @given(small_swarm())
 def test_route_is_optimal_and_valid_against_brute_force(case):
     model, nodes, assignment, rtt, load, start, end, exclude, transport = case
-    routes = route(model, nodes, assignment, rtt, client="client", load=load, transport=transport,
-                   exclude=exclude, start_layer=start, end_layer=end, session_tokens=100, alternates=2)
+    routes = route_over(model, nodes, assignment, rtt, load, client="client", transport=transport, exclude=exclude,
+                        start_layer=start, end_layer=end, session_tokens=100, alternates=2)
     expected = brute_force_best(model, nodes, assignment, rtt, client="client", load=load, transport=transport,
                                 start=start, end=end, exclude=exclude, session_tokens=100)
     if math.isinf(expected):
@@ -134,7 +139,7 @@ def test_alternates_are_node_disjoint_when_possible():
             nodes[node_id] = NodeSpec(node_id, "r0", 1e12, rng.uniform(0.005, 0.01), 1e-5)
             ranges[node_id] = LayerRange(s, e)
     rtt = metric_rtt({"r0": (0, 0)}, {n: "r0" for n in nodes} | {"c": "r0"})
-    routes = route(SMALL, nodes, Assignment(ranges), rtt, client="c", alternates=2)
+    routes = route_over(SMALL, nodes, Assignment(ranges), rtt, client="c", alternates=2)
     assert len(routes) == 3
     used = [set(h.node_id for h in r.hops) for r in routes]
     assert not (used[0] & used[1]) and not (used[0] & used[2]) and not (used[1] & used[2])
@@ -144,7 +149,7 @@ def test_alternates_differ_in_a_hop_when_disjoint_is_impossible():
     nodes = {n: NodeSpec(n, "r0", 1e12, 0.01, 1e-5) for n in ["a", "b", "c"]}
     ranges = {"a": LayerRange(0, 8), "b": LayerRange(0, 4), "c": LayerRange(4, 8)}
     rtt = metric_rtt({"r0": (0, 0)}, {n: "r0" for n in nodes} | {"x": "r0"})
-    routes = route(SMALL, nodes, Assignment(ranges), rtt, client="x", alternates=3)
+    routes = route_over(SMALL, nodes, Assignment(ranges), rtt, client="x", alternates=3)
     assert len(routes) >= 2
     assert len({r.hops for r in routes}) == len(routes)
 
@@ -153,8 +158,8 @@ def test_failover_reroutes_only_the_missing_layers_between_stages():
     nodes = {n: NodeSpec(n, "r0", 1e12, 0.01, 1e-5) for n in ["a", "b", "b2", "c"]}
     ranges = {"a": LayerRange(0, 3), "b": LayerRange(3, 6), "b2": LayerRange(2, 7), "c": LayerRange(6, 8)}
     rtt = metric_rtt({"r0": (0, 0)}, {n: "r0" for n in [*nodes, "x"]})
-    routes = route(SMALL, nodes, Assignment(ranges), rtt, client="a", sink="c", start_layer=3, end_layer=6,
-                   exclude=frozenset({"b"}))
+    routes = route_over(SMALL, nodes, Assignment(ranges), rtt, client="a", sink="c", start_layer=3, end_layer=6,
+                        exclude=frozenset({"b"}))
     assert [(h.node_id, h.start, h.end) for h in routes[0].hops] == [("b2", 3, 6)]
 
 
@@ -162,10 +167,10 @@ def test_no_route_when_a_layer_is_uncovered_or_everyone_is_excluded():
     nodes = {n: NodeSpec(n, "r0", 1e12, 0.01, 1e-5) for n in ["a", "b"]}
     rtt = metric_rtt({"r0": (0, 0)}, {n: "r0" for n in [*nodes, "x"]})
     gap = Assignment({"a": LayerRange(0, 3), "b": LayerRange(4, 8)})
-    assert route(SMALL, nodes, gap, rtt, client="x") == []
+    assert route_over(SMALL, nodes, gap, rtt, client="x") == []
     full = Assignment({"a": LayerRange(0, 8), "b": LayerRange(0, 8)})
-    assert route(SMALL, nodes, full, rtt, client="x", exclude=frozenset({"a", "b"})) == []
-    assert route(SMALL, nodes, Assignment({}), rtt, client="x") == []
+    assert route_over(SMALL, nodes, full, rtt, client="x", exclude=frozenset({"a", "b"})) == []
+    assert route_over(SMALL, nodes, Assignment({}), rtt, client="x") == []
 
 
 def test_full_nodes_are_avoided_and_queues_count():
@@ -173,11 +178,11 @@ def test_full_nodes_are_avoided_and_queues_count():
     nodes["fast"] = NodeSpec("fast", "r0", 1e12, 0.005, 1e-5)
     assignment = Assignment({"fast": LayerRange(0, 8), "slow": LayerRange(0, 8)})
     rtt = metric_rtt({"r0": (0, 0)}, {n: "r0" for n in [*nodes, "x"]})
-    assert route(SMALL, nodes, assignment, rtt, client="x")[0].hops[0].node_id == "fast"
+    assert route_over(SMALL, nodes, assignment, rtt, client="x")[0].hops[0].node_id == "fast"
     full = {"fast": NodeLoad(free_kv_tokens=0)}
-    assert route(SMALL, nodes, assignment, rtt, client="x", load=full, session_tokens=10)[0].hops[0].node_id == "slow"
+    assert route_over(SMALL, nodes, assignment, rtt, full, client="x", session_tokens=10)[0].hops[0].node_id == "slow"
     queued = {"fast": NodeLoad(queue_len=3)}
-    assert route(SMALL, nodes, assignment, rtt, client="x", load=queued)[0].hops[0].node_id == "slow"
+    assert route_over(SMALL, nodes, assignment, rtt, queued, client="x")[0].hops[0].node_id == "slow"
 
 
 def test_route_on_a_thousand_nodes_is_fast():
@@ -188,12 +193,11 @@ def test_route_on_a_thousand_nodes_is_fast():
     assignment = allocate(LLAMA_2_70B, nodes, rtt)
     index = build_route_index(LLAMA_2_70B, node_map, assignment, rtt)
     load = {n: NodeLoad(queue_len=i % 3, active_sessions=i % 5) for i, n in enumerate(node_map)}
-    route(LLAMA_2_70B, node_map, assignment, rtt, client="client:virginia", index=index)  # warm client RTTs
+    route(index, RouteRequest("client:virginia"))  # warm client RTTs
     times = []
     for _ in range(15):
         t0 = time.process_time()  # CPU time: other jobs may share this machine's cores
-        routes = route(LLAMA_2_70B, node_map, assignment, rtt, client="client:virginia", load=load, index=index,
-                       alternates=0)
+        routes = route(index, RouteRequest("client:virginia", alternates=0), load)
         times.append(time.process_time() - t0)
     assert_valid_chain(routes[0].hops, assignment, 0, 80)
     assert sorted(times)[len(times) // 2] < 0.010  # the 5 ms target, with slack for a loaded CI machine
@@ -212,9 +216,9 @@ def test_region_aggregation_is_exact_with_last_mile_rtts(seed):
     region_of = {n.node_id: n.region for n in nodes} | {"c": "r0"}
     rtt = metric_rtt(points, region_of, last_mile={n: rng.uniform(0.005, 0.015) for n in region_of})
     assignment = allocate(model, nodes, rtt)
-    got = route(model, nodes, assignment, rtt, client="c", alternates=0)[0]
+    got = route_over(model, nodes, assignment, rtt, client="c", alternates=0)[0]
     per_node = [dataclasses.replace(n, region=n.node_id) for n in nodes]
-    exact = route(model, per_node, assignment, rtt, client="c", alternates=0)[0]
+    exact = route_over(model, per_node, assignment, rtt, client="c", alternates=0)[0]
     assert got.expected_token_s == pytest.approx(exact.expected_token_s, rel=1e-9)
 
 
@@ -246,9 +250,9 @@ def test_prefill_aware_route_minimises_the_whole_answer_against_brute_force(case
 
     model, nodes, assignment, rtt, load, start, end, exclude, transport = case
     kw = dict(client="client", transport=transport, client_uplink_bps=100e6)
-    routes = route(model, nodes, assignment, rtt, load=load, exclude=exclude, start_layer=start, end_layer=end,
-                   session_tokens=100, alternates=1, prompt_tokens=prompt, output_tokens=output,
-                   ttft_weight=weight, **kw)
+    routes = route_over(model, nodes, assignment, rtt, load, exclude=exclude, start_layer=start, end_layer=end,
+                        session_tokens=100, alternates=1, prompt_tokens=prompt, output_tokens=output,
+                        ttft_weight=weight, **kw)
 
     def objective(hops):
         return (chain_token_s(model, hops, nodes, rtt, load=load, session_tokens=100, **kw)
@@ -279,8 +283,8 @@ def test_a_load_table_routes_exactly_like_the_same_loads_in_a_dict(case):
     assert dict(table) == dict(load or {})
     kw = dict(client="client", exclude=exclude, transport=transport, start_layer=start, end_layer=end,
               session_tokens=100, alternates=2)
-    got = route(model, nodes, assignment, rtt, load=table, **kw)
-    want = route(model, nodes, assignment, rtt, load=load, **kw)
+    got = route_over(model, nodes, assignment, rtt, table, **kw)
+    want = route_over(model, nodes, assignment, rtt, load, **kw)
     assert [r.expected_token_s for r in got] == pytest.approx([r.expected_token_s for r in want])
     if got:
         assert got[0].expected_token_s == pytest.approx(want[0].expected_token_s)
@@ -291,10 +295,21 @@ def test_remembered_unloaded_chains_never_hide_a_better_loaded_one():
     nodes = {n: NodeSpec(n, "r0", 1e12, lat, 1e-5) for n, lat in [("fast", 0.005), ("slow", 0.01)]}
     assignment = Assignment({"fast": LayerRange(0, 8), "slow": LayerRange(0, 8)})
     rtt = metric_rtt({"r0": (0, 0)}, {n: "r0" for n in [*nodes, "x"]})
-    node_map = dict(nodes)
-    assert route(SMALL, node_map, assignment, rtt, client="x")[0].hops[0].node_id == "fast"
+    index = build_route_index(SMALL, nodes, assignment, rtt)  # one index: it remembers the unloaded best
+    assert route(index, RouteRequest("x"))[0].hops[0].node_id == "fast"
     full = {"fast": NodeLoad(free_kv_tokens=0)}
-    assert route(SMALL, node_map, assignment, rtt, client="x", load=full,
-                 session_tokens=10)[0].hops[0].node_id == "slow"
-    assert route(SMALL, node_map, assignment, rtt, client="x", load={},
-                 session_tokens=10)[0].hops[0].node_id == "fast"
+    assert route(index, RouteRequest("x", session_tokens=10), full)[0].hops[0].node_id == "slow"
+    assert route(index, RouteRequest("x", session_tokens=10), {})[0].hops[0].node_id == "fast"
+
+
+def test_a_route_request_is_one_checked_value():
+    nodes = {"a": NodeSpec("a", "r0", 1e12, 0.01, 1e-5)}
+    index = build_route_index(SMALL, nodes, Assignment({"a": LayerRange(0, 8)}), lambda x, y: 0.0 if x == y else 0.01)
+    with pytest.raises(ValueError, match="unknown transport 'pigeon'"):
+        RouteRequest("x", transport="pigeon")
+    with pytest.raises(ValueError, match=r"invalid layer span \[5, 3\)"):
+        route(index, RouteRequest("x", start_layer=5, end_layer=3))
+    whole = RouteRequest("x")
+    assert whole.span(SMALL.num_layers) == (0, 8) and whole.destination == "x"
+    assert {whole: 1}[RouteRequest("x")] == 1  # frozen and hashable: policies memoise routes on it
+    assert route(index, whole)[0].hops == (Hop("a", 0, 8),)

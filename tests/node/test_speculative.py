@@ -1,0 +1,150 @@
+"""Speculative decoding: drafting, verifying, the draft length, cache rollback, and rings that speculate."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+import torch
+
+from node.client.session import SwarmClient
+from node.model.checkpoint import resolve_model
+from node.model.sampling import SamplingParams, token_probs
+from node.model.speculative import DraftLength, propose_draft, verify_draft
+from node.model.stage import Stage
+from node.net.protocol import pack
+from node.serve.node import Node, NodeConfig
+from swarm.types import Hop
+from tests.node.test_server import _first_answer, _with_node, refusal
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_match():
+    history = [1, 2, 3, 4, 9, 1, 2, 3, 5, 6, 7, 1, 2, 3]
+    assert propose_draft(history, 3) == [5, 6, 7]  # the latest "1 2 3", not the first
+    assert propose_draft(history, 1) == [5]
+    assert propose_draft([1, 2, 3, 4], 4) == []  # nothing repeats
+    assert propose_draft(history, 0) == [] and propose_draft([7], 4) == []
+    assert propose_draft([8, 8, 8], 4) == [8]  # what followed the latest earlier "8 8"
+
+
+def test_greedy_verification_keeps_the_argmax_prefix_then_corrects():
+    logits = torch.full((4, 10), -1.0)
+    for row, best in enumerate([3, 4, 7, 2]):
+        logits[row, best] = 1.0
+    greedy = SamplingParams(max_new_tokens=8)
+    assert verify_draft(logits, [3, 4, 7], greedy, 10) == [3, 4, 7, 2]  # all kept, plus the bonus
+    assert verify_draft(logits, [3, 5, 7], greedy, 10) == [3, 4]  # the first miss is replaced
+    assert verify_draft(logits, [0, 4, 7], greedy, 10) == [3]
+    assert verify_draft(logits[:1], [], greedy, 10) == [3]
+    with pytest.raises(ValueError):
+        verify_draft(logits, [3], greedy, 10)
+
+
+def test_sampled_verification_is_distributed_as_sampling_without_a_draft():
+    """Standard speculative sampling with a point-mass draft: the first token's distribution is p, whatever the
+    draft (one likely, one unlikely token here), over many seeds."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0], [0.0] * 5])
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=seed) for seed in range(6000)]
+    p = token_probs(logits[0], params[0])
+    p = p / p.sum()
+    for proposed in (0, 3):
+        counts = Counter(verify_draft(logits, [proposed], params[s], 7)[0] for s in range(len(params)))
+        observed = torch.tensor([counts[t] / len(params) for t in range(5)])
+        assert torch.allclose(observed, p, atol=0.02), (proposed, observed, p)
+    # The same (seed, position) draws the same tokens: a failover's replay.
+    assert verify_draft(logits, [3], params[5], 7) == verify_draft(logits, [3], params[5], 7)
+
+
+def test_draft_length_follows_acceptance_and_round_time():
+    drafts = DraftLength(limit=16)
+    assert drafts.choose() == 4  # nothing measured yet
+    for _ in range(30):  # long rounds (legs), cheap positions, every draft kept: draft long
+        drafts.observe(0, 0, 0.1)
+        drafts.observe(8, 8, 0.104)
+    assert drafts.choose() >= 8
+    for _ in range(60):  # nothing kept any more: stop drafting, once the old rounds have faded
+        drafts.observe(4, 0, 0.11)
+    assert drafts.choose() == 0
+    assert DraftLength(limit=0).choose() == 0
+
+
+def test_truncating_a_cache_then_stepping_matches_never_having_stepped(tiny_checkpoint):
+    source = resolve_model(str(tiny_checkpoint("qwen2", num_layers=4)))  # sliding-window layers too
+    stage = Stage(source, 0, 4, dtype=torch.float32, device=torch.device("cpu"))
+    x = torch.randn(1, 9, source.hidden_size)
+    rejected = torch.randn(1, 4, source.hidden_size)
+    cache, clean = stage.new_cache(32), stage.new_cache(32)
+    stage.forward(x[:, :6], 0, cache)
+    stage.forward(rejected, 6, cache)
+    cache.truncate(6)
+    stage.forward(x[:, :6], 0, clean)
+    assert torch.allclose(stage.forward(x[:, 6:], 6, cache), stage.forward(x[:, 6:], 6, clean), atol=1e-5)
+    with pytest.raises(ValueError):
+        cache.truncate(10)
+
+
+def test_one_node_ring_speculates_with_identical_greedy_output_and_refuses_bad_drafts(tiny_checkpoint):
+    source = resolve_model(str(tiny_checkpoint("llama", num_layers=4)))
+    prompt = [5, 17, 3, 99, 42, 5, 17, 3, 99, 42, 5, 17]
+    greedy = SamplingParams(max_new_tokens=24)
+    sampled = SamplingParams(max_new_tokens=24, temperature=0.7, seed=11)
+
+    async def body(node: Node, client: SwarmClient):
+        hop = Hop(node.record.peer_id, 0, 4)
+
+        async def run(params: SamplingParams, speculate: int) -> list[int]:
+            ring = await client.open_session([hop], max_length=64, sampling=params, speculate=speculate)
+            try:
+                return [t async for t in ring.tokens(prompt, 0)]
+            finally:
+                await ring.close()
+
+        plain = await run(greedy, 0)
+        assert await run(greedy, 6) == plain and len(plain) == 24
+        info = await client.node_info(hop.node_id)
+        assert info["draft_tokens"] > 0, info  # drafts were made and verified
+        assert len(await run(sampled, 6)) == 24
+
+        hostile = await client.open_session([hop], max_length=64, sampling=greedy, speculate=4)
+        for request in [pack({"position": 0, "tokens": [1, 2], "sample": True, "draft": [2]}),  # a client's draft
+                        pack({"position": 0, "tokens": [1], "draft": "x"})]:
+            assert await refusal(hostile, request) == "bad_request"
+        await hostile.close()
+        opening = {"session_id": "s", "start": 0, "end": 4, "max_length": 8, "embed": True,
+                   "sampling": greedy.to_wire(), "speculate": 17}  # over the protocol's bound of 16
+        assert b"bad_request" in await _first_answer(client, hop.node_id, pack({"open": opening}))
+        assert await run(greedy, 16) == plain  # and the node serves on
+
+    asyncio.run(_with_node(source, NodeConfig(start=0, end=4), body))
+
+
+def test_three_node_ring_speculates_with_identical_greedy_output(tiny_checkpoint, tmp_path):
+    """Drafts ride the steps through every stage, rejected positions roll back in each stage's cache, and the
+    tokens are those of the ring without speculation, greedy; sampled, a full answer comes."""
+    from node.app.local_swarm import LocalSwarm
+    from node.client.session import connect
+
+    path = tiny_checkpoint("llama", num_layers=6)
+    prompt = [5, 17, 3, 99, 42, 5, 17, 3, 99, 42, 5, 17, 3]
+    with LocalSwarm(str(path), num_nodes=3, threads_per_node=1, log_dir=str(tmp_path)) as swarm:
+        async def run(params: SamplingParams, speculate: int) -> tuple[list[int], list[dict]]:
+            async with connect(swarm.initial_peers, swarm.source) as client:
+                chain = await client.choose_chain()
+                ring = await client.open_session(chain, max_length=80, sampling=params, speculate=speculate)
+                try:
+                    tokens = [t async for t in ring.tokens(prompt, 0)]
+                finally:
+                    await ring.close()
+                return tokens, [await client.node_info(hop.node_id) for hop in chain]
+
+        greedy = SamplingParams(max_new_tokens=40)
+        plain, _ = asyncio.run(run(greedy, 0))
+        speculated, infos = asyncio.run(run(greedy, 8))
+        assert speculated == plain and len(plain) == 40
+        assert infos[-1]["draft_tokens"] > 0, infos[-1]
+        print(f"drafts at the last stage: {infos[-1]['draft_kept']} of {infos[-1]['draft_tokens']} kept")
+        sampled, _ = asyncio.run(run(SamplingParams(max_new_tokens=40, temperature=0.8, seed=3), 8))
+        assert len(sampled) == 40
