@@ -182,16 +182,17 @@ class Ledger(asyncio.Queue):
         return found
 
     def inputs(self, index: int, end: int) -> torch.Tensor | None:
-        """Stage `index + 1`'s inputs for positions [0, end): stage `index`'s outputs, in order."""
-        pieces, covered = [], 0
+        """Stage `index + 1`'s inputs for positions [0, end): stage `index`'s outputs, in order. A step that starts
+        before the previous one's rows end replaces them from there (a speculating ring's rejected draft: the
+        stages dropped those rows from their caches too)."""
+        rows: torch.Tensor | None = None
         for position, output in sorted(self.outputs.get(index, {}).items()):
-            if position != covered:
-                return None  # a gap (or overlap): the record is incomplete
-            pieces.append(output)
-            covered += output.shape[1]
-            if covered >= end:
-                return torch.cat(pieces, dim=1)[:, :end]
-        return None
+            if position >= end:
+                break
+            if position > (0 if rows is None else rows.shape[1]):
+                return None  # a gap: the record is incomplete
+            rows = output if rows is None else torch.cat([rows[:, :position], output], dim=1)
+        return rows[:, :end] if rows is not None and rows.shape[1] >= end else None
 
 
 def _is_draft(draft: object) -> bool:
@@ -251,7 +252,8 @@ class Auditor:
             claimed = None
         end = position + (claimed.shape[1] if claimed is not None else 0)
         if index == 0 and token_ids is not None and position in ledger.drafts:  # a speculating ring's first stage
-            token_ids = [*token_ids[:position + 1], *ledger.drafts[position]]  # ran its token, then its draft
+            draft = ledger.drafts[position]  # it ran the tokens it was fed, then its draft
+            token_ids = [*token_ids[:end - len(draft)], *draft]
         inputs = (chain_inputs if token_ids is None else token_ids) if index == 0 else ledger.inputs(index - 1, end)
         if inputs is None or claimed is None:
             return self._report(hop, position, None, float("nan"), "unchecked", float("nan"))

@@ -83,6 +83,13 @@ def test_ledger_binds_what_a_stage_sent_to_what_its_neighbour_received():
         ledger.put_nowait((0, pack_response({"echo": 8, "in": token_digest([5]), "draft": [6, 7]}, [honest])))
         ledger.put_nowait((0, pack_response({"echo": 9, "in": token_digest([5]), "draft": [-1]}, [honest])))
         assert ledger.equivocations == [(1, 6), (0, 7)] and ledger.drafts == {8: [6, 7]}
+        # After a rejected draft the next step starts inside the last one's rows: those rows are replaced.
+        ledger = Ledger(["A", "B"])
+        prompt, drafted, after = torch.randn(1, 2, 8), torch.randn(1, 3, 8), torch.randn(1, 2, 8)
+        for position, rows in ((0, prompt), (2, drafted), (3, after)):
+            ledger.put_nowait((0, pack_response({"echo": position}, [rows])))
+        assert torch.equal(ledger.inputs(0, 5), torch.cat([prompt, drafted[:, :1], after], dim=1))
+        assert ledger.inputs(0, 6) is None
 
     asyncio.run(run())
 
