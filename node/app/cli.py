@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from node.app.cli_simulate import add_simulate_parser
 from node.model.checkpoint import DEFAULT_MODEL
 from node.net.config import ConfigError, default_initial_peers
+from node.serve.adversary import KINDS as ADVERSARY_KINDS
 from swarm.records import QUANTIZATIONS
 
 QUANT_HELP = ("hold the layers' weights as int8 (per channel) or int4 (per group of 32) instead of the compute "
@@ -52,7 +53,8 @@ def node_config(args: argparse.Namespace):
         start=start, end=end, initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
         device=args.device, max_length=args.max_length, send_delay_s=args.emulate_delay_ms / 1000,
         kv_budget_bytes=int(args.kv_budget_mb * (1 << 20)) if args.kv_budget_mb else None,
-        identity=args.identity, test_perturb_scale=args.test_perturb, region=args.region,
+        identity=args.identity, test_perturb_scale=args.test_perturb,
+        test_adversary=args.test_adversary, dtype=args.dtype, region=args.region,
         test_slowdown_s=args.test_slowdown_ms / 1000, send_bandwidth_bps=args.emulate_bandwidth_mbps * 1e6,
         max_memory_bytes=None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9),
         ttl_s=args.ttl or DEFAULT_TTL_S, bench=not args.quick_measure,
@@ -181,7 +183,7 @@ def cmd_swarm_local(args: argparse.Namespace) -> int:
 
 
 async def _chat(args: argparse.Namespace, initial_peers: list[str]) -> int:
-    from node.client.chat import ChatEngine, Message
+    from node.client.chat import REVISED_NOTICE, ChatEngine, Message, TextRevision
     from node.client.session import connect
     from node.model.checkpoint import resolve_model
     from node.model.sampling import SamplingParams
@@ -190,7 +192,13 @@ async def _chat(args: argparse.Namespace, initial_peers: list[str]) -> int:
     async with connect(initial_peers, source) as client:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
+        answer = ""
         async for delta in ChatEngine(client, source).stream_chat([Message("user", args.prompt)], params):
+            if isinstance(delta, TextRevision):  # a lying node was caught: say so, and restart from what stands
+                answer = answer[:delta.keep_chars]
+                delta = f"\n[{REVISED_NOTICE}]\n{answer}"
+            else:
+                answer += delta
             print(delta, end="", flush=True)
         print()
     return 0
@@ -277,9 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="testing aid: limit what this node sends to this many Mbit/s (a WAN uplink)")
     node.add_argument("--emulate-delay-ms", type=float, default=0.0,
                       help="testing aid: delay everything this node sends by this many ms (a WAN link)")
-    # Testing aid, hidden from --help: add noise of SCALE × RMS to every output, i.e. make this node lie,
-    # so the client's spot checks (node.client.verify) can be exercised. Never useful to a real volunteer.
+    # Testing aid, hidden from --help: add noise of SCALE × RMS to outputs, i.e. make this node lie (in the way
+    # --test-adversary says, node.serve.adversary), so the client's checks can be exercised. Never useful to a
+    # real volunteer.
     node.add_argument("--test-perturb", type=float, default=0.0, metavar="SCALE", help=argparse.SUPPRESS)
+    node.add_argument("--test-adversary", default="liar", choices=ADVERSARY_KINDS, help=argparse.SUPPRESS)
+    node.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                      help="compute in this dtype (default: bfloat16 on a GPU, float32 on a CPU); announced to "
+                      "clients, whose checks allow for it")
     node.add_argument("--test-slowdown-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # a slower GPU
     node.add_argument("--max-memory-gb", type=float, default=None, help="offer at most this much memory (GB)")
     node.add_argument("--quant", choices=QUANTIZATIONS, default=None, help=QUANT_HELP)

@@ -36,6 +36,7 @@ from node.net.protocol import (
     ProtocolError,
     PushOffer,
     Step,
+    digest,
     direct_switch,
     error_response,
     is_direct_switch,
@@ -53,6 +54,7 @@ from node.net.protocol import (
     unpack_metadata,
 )
 from node.serve.admission import RECLAIM_IDLE_S, CapacityError, FairBudget
+from node.serve.adversary import Adversary
 from node.serve.batching import StepBatcher
 from node.serve.role import Ring, SessionRole, session_role
 
@@ -342,13 +344,13 @@ class StageServer:
     """Answers inference and push streams for one stage."""
 
     def __init__(self, stage: Stage, *, kv_budget_bytes: int, max_length: int = 8192,
-                 idle_timeout_s: float = 120.0, send_delay_s: float = 0.0, test_perturb_scale: float = 0.0,
+                 idle_timeout_s: float = 120.0, send_delay_s: float = 0.0, adversary: Adversary | None = None,
                  max_sessions_per_peer: int = 64, max_steps_per_s_per_peer: float = 1000.0,
                  test_slowdown_s: float = 0.0, send_bandwidth_bps: float = 0.0, uplink_bps: float = 0.0) -> None:
         """`uplink_bps`: this node's measured uplink (0: not measured), which decides what is worth sending."""
         self.stage = stage
         self.uplink_bps = uplink_bps
-        self.test_perturb_scale = test_perturb_scale  # testing aid only: makes this node lie (see _perturb)
+        self.adversary = adversary  # testing aid only: makes this node lie (node.serve.adversary)
         self.test_slowdown_s = test_slowdown_s  # testing aid only: every step takes this much longer
         self.budget = FairBudget(kv_budget_bytes)
         self.max_length = max_length
@@ -441,7 +443,8 @@ class StageServer:
             return
         reader = asyncio.create_task(self._read_client_steps(session, requests))
         try:
-            yield pack_response({"opened": session.session_id, "start": self.stage.start, "end": self.stage.end})
+            yield pack_response({"opened": session.session_id, "start": self.stage.start, "end": self.stage.end,
+                                 "dtype": str(self.stage.dtype).removeprefix("torch.")})
             async for message in session.outbox.drain():
                 yield message
         finally:
@@ -638,18 +641,26 @@ class StageServer:
         if step.position < session.position:  # after a rejected draft (parse_step bounds how far back)
             session.cache.truncate(step.position)
             session.position = step.position
+        # The receipt names the input as received: at a speculating first stage, before its own draft is appended
+        # (the client learns the draft from the echo, to re-run the step).
+        received = step.hidden if step.token_ids is None else step.token_ids
         if role.embeds and session.opened.speculate:
             step = self._with_draft(session, step)
         sampling = session.opened.sampling if step.sample and role.samples else None
         shared = session.push_link.head_split if sampling and session.push_link else None
+        if self.adversary is not None and self.adversary.blames_now(session.session_id):
+            neighbour = session.opened.next_peer or session.opened.prev_peer or self.stage.source.name
+            session.outbox.put(error_response("push_failed", "the neighbour stopped answering", peer=neighbour))
+            return
         try:
             hidden = step.hidden if step.token_ids is None else await self._embed(step.token_ids)
             hidden = await self.batcher.run(session.cache, hidden, step.position,
                                             layers=(session.opened.start, session.opened.end))
             if self.test_slowdown_s:
                 await asyncio.sleep(self.test_slowdown_s)
-            if self.test_perturb_scale > 0:
-                hidden = _perturb(hidden, self.test_perturb_scale)
+            echoed = hidden
+            if self.adversary is not None:
+                hidden, echoed = self.adversary.outputs(hidden, audited=session.opened.audit)
             if shared is not None and self._share_pays(session, shared):
                 await self._share_head(session, hidden, step.position + step.tokens, shared)
                 sampling = None  # the first stage samples
@@ -674,19 +685,30 @@ class StageServer:
             self.own_tokens_served += step.tokens
         if session.key not in self.sessions:
             return  # closed while the step ran
+        receipt = {"position": step.position, "in": digest(received),
+                   **({"draft": list(step.draft)} if step.draft and role.embeds else {})}
+        # Hidden states leave a stage in the dtype they came in (a verifier's answer too, so the two compare).
+        dtype = step.hidden.dtype if step.hidden is not None else hidden.dtype
         if role.samples:
             if tokens:  # a ring's last stage sends tokens (or its head's part), not hidden states
                 self._feed_tokens(session, tokens, next_position)
+            self._echo(session, receipt, echoed.to(dtype))  # what it sampled from, for the client's checks
             return
-        output = hidden.to(step.hidden.dtype) if step.hidden is not None else hidden
+        output, echoed = hidden.to(dtype), echoed.to(dtype)
         metadata = {"position": step.position, **({"sample": True} if step.sample else {}),
                     **({"draft": list(step.draft)} if step.draft else {})}
         if role.pushes:
             session.push_link.send(pack(metadata, [output], wire=session.opened.wire))
-            if role.echoes:  # a copy for the client's spot checks; the push above is already on its way
-                session.outbox.put(pack_response({"echo": step.position}, [output], wire=session.opened.wire))
+            self._echo(session, receipt, echoed)  # after the push, which is on the critical path
         else:
-            session.outbox.put(pack_response(metadata, [output], wire=session.opened.wire))
+            session.outbox.put(pack_response({**metadata, "in": receipt["in"]}, [output], wire=session.opened.wire))
+
+    @staticmethod
+    def _echo(session: Session, receipt: dict, output: torch.Tensor) -> None:
+        """The step's receipt for the client: a digest of the input as received, and the output sent on (every
+        step of every session alike, so nothing tells a stage which steps the client checks)."""
+        echo = {"echo": receipt["position"], **{k: v for k, v in receipt.items() if k != "position"}}
+        session.outbox.put(pack_response(echo, [output], wire=session.opened.wire))
 
     async def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """A ring's first stage: a token (and its draft) is embedded on the loop (18 us a token); a prompt chunk
@@ -836,14 +858,6 @@ class StageServer:
                     session.outbox.put(error_response("idle", f"no step for {self.idle_timeout_s:.0f} s"))
                     session.outbox.put(None)
                     self._close(session)
-
-
-def _perturb(output: torch.Tensor, scale: float) -> torch.Tensor:
-    """TESTING AID, the one place a node lies: adds Gaussian noise of `scale` × the output's RMS to every
-    output it sends (pushed, answered and echoed alike, as a consistent cheat would). Enabled only by the
-    hidden `layerhive node --test-perturb SCALE`; the verification tests and benchmark use it."""
-    rms = output.float().pow(2).mean().sqrt()
-    return (output.float() + scale * rms * torch.randn_like(output, dtype=torch.float32)).to(output.dtype)
 
 
 async def linger(requests: AsyncIterator, timeout_s: float = 2.0) -> None:
