@@ -101,6 +101,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from node.model.checkpoint import resolve_model
+    from node.net.credit import read_credit
     from node.net.membership import open_dht
     from node.serve.assignment import model_spec, swarm_status
 
@@ -109,11 +110,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     source = resolve_model(args.model)
     peer = open_dht(args.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+
+    async def read() -> SwarmStatus:
+        records = await peer.list_servers(source.name, num_layers=source.num_layers)
+        liars = await peer.proof_book(source.name).liars(r.peer_id for r in records)
+        return swarm_status(model_spec(source), records, credit=await read_credit(peer, source.name), liars=liars)
+
     try:
-        records = peer.list_servers_blocking(source.name, num_layers=source.num_layers)
+        status = asyncio.run(read())
     finally:
         peer.shutdown()
-    status = swarm_status(model_spec(source), records)
     print(json.dumps(status_json(status), indent=2) if args.json else format_status(status))
     return 0
 
@@ -130,11 +136,19 @@ def status_json(status: SwarmStatus) -> dict:
         return None if rng is None else {"start": rng.start, "end": rng.end}
 
     nodes = [{"peer_id": p.record.peer_id, "state": p.record.state, "range": layers(p.serving),
-              "planned": layers(p.planned), **{name: getattr(p.record, name) for name in STATUS_RECORD_FIELDS}}
+              "planned": layers(p.planned), **{name: getattr(p.record, name) for name in STATUS_RECORD_FIELDS},
+              **_credit_json(status, p.record.peer_id)}
              for p in status.nodes]
     return {"model": status.model, "num_layers": status.num_layers, "epoch": status.epoch, "nodes": nodes,
             "replicas_per_layer": list(status.replicas_per_layer), "min_replicas": status.min_replicas,
-            "max_replicas": status.max_replicas, "uncovered_layers": status.uncovered_layers}
+            "max_replicas": status.max_replicas, "uncovered_layers": status.uncovered_layers,
+            "proven_liars": sorted(status.proven_liars)}
+
+
+def _credit_json(status: SwarmStatus, peer: str) -> dict:
+    """A node's checked credit (node.net.credit): tokens clients' checks vouch for, and how many clients vouch."""
+    credit = status.credit.get(peer)
+    return {"checked_tokens": credit.tokens if credit else 0, "checked_by": credit.clients if credit else 0}
 
 
 def format_status(status: SwarmStatus) -> str:
@@ -143,14 +157,20 @@ def format_status(status: SwarmStatus) -> str:
              f"replicas per layer min {status.min_replicas} max {status.max_replicas}"]
     if status.uncovered_layers:
         lines.append(f"  UNCOVERED layers: {status.uncovered_layers}")
+    if status.proven_liars:
+        lines.append(f"  PROVEN LIARS, not used: {', '.join(sorted(status.proven_liars))}")
     lines.append(f"  {'peer':18} {'state':8} {'range':>7} {'planned':>7} {'epoch':>5} {'sess':>4} {'queue':>5} "
-                 f"{'ms/layer':>8} {'mem GB':>7} {'quant':5} region")
+                 f"{'ms/layer':>8} {'mem GB':>7} {'quant':5} {'checked tokens':>17} region")
     for peer in status.nodes:
         r = peer.record
         serving, planned = ("-" if rng is None else str(rng) for rng in (peer.serving, peer.planned))
+        credit = _credit_json(status, r.peer_id)
+        checked = f"{credit['checked_tokens']} ({credit['checked_by']} cl)"
         lines.append(f"  {r.peer_id[:18]:18} {r.state:8} {serving:>7} {planned:>7} "
                      f"{r.epoch:>5} {r.sessions:>4} {r.queue_len:>5} {r.layer_latency_s * 1e3:>8.3f} "
-                     f"{r.memory_bytes / 1e9:>7.3f} {r.quant:5} {r.region}")
+                     f"{r.memory_bytes / 1e9:>7.3f} {r.quant:5} {checked:>17} {r.region}")
+    lines.append("  checked tokens: served tokens that clients' checks vouch for (cl: how many clients vouch; "
+                 "see docs/trust.md)")
     lines.append("  replicas per layer: " + " ".join(str(n) for n in status.replicas_per_layer))
     return "\n".join(lines)
 

@@ -232,6 +232,11 @@ class ResilientSession:
         if self.session is not None:
             await self.session.close()
             self.session = None
+        if self.auditor is not None:  # what its checks vouched for in this session, for everyone to read
+            try:
+                await asyncio.wait_for(self.client.publish_credit(), 10.0)
+            except Exception as e:  # credit is bookkeeping: a DHT that does not answer must not fail the answer
+                logger.info("could not publish checked credit: %r", e)
 
 
 class _Inputs:

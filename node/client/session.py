@@ -22,6 +22,7 @@ from hivemind.proto import runtime_pb2
 from node.client.routing import believed, plan_chains
 from node.model.checkpoint import ModelSource
 from node.model.sampling import SamplingParams
+from node.net.credit import publish_credit
 from node.net.membership import SwarmPeer, open_dht
 from node.net.probe import measure_rtt
 from node.net.protocol import (
@@ -263,6 +264,8 @@ class SwarmClient:
         self.send_delay_s = send_delay_s  # emulated one-way latency on every message this client sends
         self._p2p: P2P | None = None
         self._banned_until: dict[str, float] = {}
+        self.checked_credit: dict[str, int] = {}  # node -> tokens this client's checks vouch for (node.net.credit)
+        self._credit_published: dict[str, int] = {}
         self._rtt_s: dict[str, tuple[float, float]] = {}  # peer -> (rtt, measured at)
         self._uplink_bps: dict[str, float] = {}  # as announced in the records last read
         self._speed_s: dict[str, tuple[float | None, float]] = {}  # peer -> (measured s per layer or None, at)
@@ -280,7 +283,17 @@ class SwarmClient:
             self._p2p = None
 
     async def servers(self) -> list[ServerRecord]:
-        return await self.peer.list_servers(self.model, num_layers=self.num_layers)
+        """The swarm's records but those of proven liars: a published proof that checks out (node.net.evidence)
+        keeps a node out of every chain and check of every client that reads it."""
+        records = await self.peer.list_servers(self.model, num_layers=self.num_layers)
+        return await self.peer.proof_book(self.model).drop_liars(records)
+
+    async def publish_credit(self) -> None:
+        """Publishes this client's checked-credit tally if it grew since it was last published."""
+        if self.checked_credit != self._credit_published:
+            tally = dict(self.checked_credit)
+            if await publish_credit(self.peer, self.model, tally):
+                self._credit_published = tally
 
     async def session_room(self) -> int | None:
         """The longest session the swarm can hold now, by its records (`session_room`)."""

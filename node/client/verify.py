@@ -15,6 +15,9 @@ The threat model, what each mechanism defeats and what is left are in docs/trust
   and its output compared within the tolerance of the dtypes the two nodes announce. A disagreement goes to a
   third node: a stage is called a liar only when two other nodes agree with each other and not with it. An
   unresolved dispute bans no one.
+* Evidence (`node.net.evidence`): receipts are signed with a per-session key each stage's identity endorses; a
+  stage outvoted by two others is published as a proof (its signed inputs and output and the two others'), which
+  every reader verifies before it drops the liar. A passed check credits the stage's tokens (`node.net.credit`).
 * Repair (`node.client.failover`): a caught liar or equivocator ends its chain; the answer is rebuilt on a new
   chain from the last token made before the chain with the liar opened, so the final text is the honest one.
 
@@ -37,63 +40,29 @@ from hivemind.proto import runtime_pb2
 
 from node.client.session import ChainSession, StageFailure, SwarmClient
 from node.model.speculative import MAX_DRAFT_TOKENS
+from node.net.evidence import EvidenceError, Witness, build_proof
 from node.net.protocol import PREFILL_CHUNK_TOKENS, ProtocolError, digest, token_digest, unpack_metadata
+from node.net.tolerance import (  # noqa: F401 (re-exported: the checks' tolerances)
+    DTYPE_NAMES,
+    QUANT_TOLERANCES,
+    SAME_QUANT_TOLERANCE,
+    TOLERANCES,
+    WIRE_TOLERANCES,
+    announced_dtype,
+    relative_error,
+    tolerance_for,
+)
 from node.net.wire import decode as wire_decode
 from swarm.types import Hop
 
 logger = logging.getLogger(__name__)
 
-# Relative error allowed between two honest runs of a step, by the least precise dtype involved:
-# about 30x (fp32), 4x (fp16) and 5x (bf16) the largest honest error measured (see the docstring).
-TOLERANCES = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 1e-1}
-DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in TOLERANCES}
 ECHO_WAIT_S = 10.0  # an echo leaves a stage right after its push; this is slack for a loaded machine
 DEFAULT_PROBABILITY = 0.3  # a liar on every step of a 2-stage chain is checked within 32 tokens in 99.5% of runs
 PROVEN_BAN_S = 24 * 3600.0  # a liar outvoted by two other nodes
 SUSPECT_AVOID_S = 60.0  # both ends of an equivocation or an unresolved dispute: avoided, not banned
 # Codes of a StageFailure that mean the chain's output so far cannot be trusted (the answer is rebuilt).
 LIES = {"failed_verification", "equivocation", "disputed"}
-
-# Lossy wire codecs (node.net.wire) round both outputs compared: fp16 as fp16 compute; int8 (blockwise) round-trips
-# hidden states with ~2e-2 relative error per token (measured on outlier-heavy tensors), so two honest outputs
-# may differ by about twice that.
-WIRE_TOLERANCES = {"none": 0.0, "fp16": TOLERANCES[torch.float16], "int8": 1e-1}
-
-
-# Quantized layers (node.model.quant), as their records announce them. Honest server-vs-verifier errors measured by
-# benchmarks/verification.py --quant-only on SmolLM2's 10-layer stages fed real activations, fp32, CPU (the
-# embedded model and a copy moved off its 4-bit grid, which is what a bf16-trained model looks like to int4):
-# * both sides at the same quantization (the same weights: rounding is deterministic): at most 6.8e-3 (int8,
-#   int4) -> SAME_QUANT_TOLERANCE, about 4x;
-# * int8 against fp32 or int4-on-grid: at most 4.1e-2 -> 2e-1, about 5x;
-# * int4 against fp32 or int8 off the grid: up to 3.4e-1 (median 1.4e-1) on layers 0:10 -> 7e-1, only 2x, and weak:
-#   an output within 70% of the truth passes. So the auditor asks a node of the audited one's quantization first.
-QUANT_TOLERANCES = {"none": 0.0, "int8": 2e-1, "int4": 7e-1}
-SAME_QUANT_TOLERANCE = 3e-2
-
-
-def tolerance_for(compute_dtype: torch.dtype, wire: str = "none", quants: tuple[str, ...] = ()) -> float:
-    """The tolerance for outputs computed in `compute_dtype` (the least precise any node may use),
-    sent with the `wire` codec, by nodes holding their layers at `quants` (the audited one's and the verifier's)."""
-    if len(set(quants)) == 1 and quants[0] != "none":
-        quant_tolerance = SAME_QUANT_TOLERANCE
-    else:
-        quant_tolerance = max((QUANT_TOLERANCES[q] for q in quants), default=0.0)
-    return max(TOLERANCES[compute_dtype], WIRE_TOLERANCES[wire], quant_tolerance)
-
-
-def announced_dtype(name: object) -> torch.dtype:
-    """The dtype a node announced when its session opened; anything else is taken as the least precise one."""
-    return DTYPE_NAMES.get(name, torch.bfloat16) if isinstance(name, str) else torch.bfloat16
-
-
-def relative_error(claimed: torch.Tensor, reference: torch.Tensor) -> float:
-    """Max over tokens of ‖claimed − reference‖ / ‖reference‖ (scale-free, so one tolerance fits all layers)."""
-    claimed, reference = claimed.float(), reference.float()
-    if claimed.shape != reference.shape:
-        return float("inf")
-    per_token = (claimed - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-12)
-    return per_token.max().item()
 
 
 @dataclass(frozen=True)
@@ -124,6 +93,8 @@ class Ledger(asyncio.Queue):
         self.outputs: dict[int, dict[int, torch.Tensor]] = {}  # stage index -> position -> [1, tokens, hidden]
         self.sent: dict[int, dict[int, str]] = {}  # digests of those outputs
         self.received: dict[int, dict[int, str]] = {}  # what each stage says it ran
+        self.signed: dict[int, dict[int, dict]] = {}  # each step's signed receipt {"out", "chain", "sig"}
+        self.credited: dict[int, int] = {}  # stage index -> positions credited as checked work (see Auditor.check)
         self.fed: dict[int, dict[int, tuple[str, int | None]]] = {}  # what each stage was fed, and by which stage
         # (None: the client; in a ring, the first stage is fed each token the last stage announced)
         self.equivocations: list[tuple[int, int]] = []  # (receiving stage index, position)
@@ -145,6 +116,7 @@ class Ledger(asyncio.Queue):
                     self._note(self.sent, index, position, digest(output))
                 if isinstance(metadata.get("in"), str):
                     self._note(self.received, index, position, metadata["in"])
+                self.signed.setdefault(index, {})[position] = {k: metadata.get(k) for k in ("out", "chain", "sig")}
                 if index == 0 and _is_draft(metadata.get("draft")):
                     self.drafts[position] = metadata["draft"]
                 self._arrived.set()
@@ -192,6 +164,14 @@ class Ledger(asyncio.Queue):
                 await self._arrived.wait()
         return found
 
+    def witness(self, index: int, position: int, endorsement: object) -> Witness | None:
+        """Stage `index`'s signed account of its step at `position` (node.net.evidence), if it sent one."""
+        outputs = self.outputs.get(index, {})
+        if position not in outputs or not isinstance(endorsement, dict):
+            return None
+        steps = [(p, output.shape[1]) for p, output in sorted(outputs.items()) if p <= position]
+        return Witness(endorsement, steps, self.signed.get(index, {}).get(position, {}), outputs[position])
+
     def inputs(self, index: int, end: int) -> torch.Tensor | None:
         """Stage `index + 1`'s inputs for positions [0, end): stage `index`'s outputs, in order. A step that starts
         before the previous one's rows end replaces them from there (a speculating ring's rejected draft: the
@@ -234,6 +214,7 @@ class Auditor:
     rng: random.Random = field(default_factory=random.Random)
     reports: list[VerificationReport] = field(default_factory=list)
     quants: dict[str, str] = field(default_factory=dict)  # peer -> the quantization its record announces
+    published: list[dict] = field(default_factory=list)  # proofs of lies this auditor published
 
     def tolerance_between(self, *nodes: tuple[str | None, torch.dtype]) -> float:
         """Between the outputs of `nodes` (peer, the dtype it announced): the looser of their dtypes', and the
@@ -270,23 +251,26 @@ class Auditor:
             return self._report(hop, position, None, float("nan"), "unchecked", float("nan"))
         stage_dtype = announced_dtype(session.streams[index].opened.get("dtype"))
         candidates = await self._verifiers(hop)
-        reference, verifier, verifier_dtype = await self._recompute_on_any(candidates, hop, inputs, position, end,
-                                                                           want=stage_dtype)
+        reference, verifier, verifier_dtype, first = await self._recompute_on_any(candidates, hop, inputs, position,
+                                                                                  end, want=stage_dtype)
         if reference is None:
             return self._report(hop, position, None, float("nan"), "unchecked", float("nan"))
         tolerance = self.tolerance_between((hop.node_id, stage_dtype), (verifier, verifier_dtype))
         error = relative_error(claimed, reference)
         if error <= tolerance:
+            self._credit(ledger, index, hop.node_id, end)
             return self._report(hop, position, verifier, error, "honest", tolerance)
         # A dispute: a third node decides; no one is called a liar unless two others agree against it.
-        third, tiebreaker, third_dtype = await self._recompute_on_any(candidates, hop, inputs, position, end,
-                                                                      want=stage_dtype)
+        third, tiebreaker, third_dtype, second = await self._recompute_on_any(candidates, hop, inputs, position, end,
+                                                                              want=stage_dtype)
         # One tolerance for the three comparisons: the loosest of the three nodes' dtypes and quantizations.
         tolerance = self.tolerance_between((hop.node_id, stage_dtype), (verifier, verifier_dtype),
                                            (tiebreaker, third_dtype or stage_dtype))
         if third is not None and relative_error(reference, third) <= tolerance < relative_error(claimed, third):
             verdict = "liar"
             self.client.ban(hop.node_id, for_s=PROVEN_BAN_S)
+            accused = ledger.witness(index, position, session.streams[index].opened.get("endorsement"))
+            await self._publish(hop, inputs, [accused, first, second])
         elif third is not None and relative_error(claimed, third) <= tolerance < relative_error(reference, third):
             verdict = "verifier_lied"
             self.client.ban(verifier, for_s=PROVEN_BAN_S)
@@ -303,6 +287,32 @@ class Auditor:
                                code="failed_verification" if verdict == "liar" else "disputed")
         return report
 
+    def _credit(self, ledger: Ledger, index: int, peer: str, end: int) -> None:
+        """A check passed at a stage: the tokens it ran in this session through the checked step, not credited yet,
+        count as its checked work (node.net.credit); those between two checks on the strength of the sample."""
+        gained = end - ledger.credited.get(index, 0)
+        if gained > 0:
+            ledger.credited[index] = end
+            self.client.checked_credit[peer] = self.client.checked_credit.get(peer, 0) + gained
+
+    async def _publish(self, hop: Hop, inputs: torch.Tensor | list[int], witnesses: list[Witness | None]) -> None:
+        """Publishes the proof that `hop` lied (node.net.evidence), so that other clients and the planners drop it
+        without catching it themselves; a lie whose proof would not check out (too long to carry, unsigned) stays
+        this client's to know."""
+        if any(w is None for w in witnesses):
+            logger.info("no proof to publish against %s: a witness did not sign its step", hop.node_id)
+            return
+        end = witnesses[0].steps[-1][0] + witnesses[0].steps[-1][1]
+        proof = build_proof(self.client.model, hop.node_id, hop.start, hop.end,
+                            inputs[:end] if isinstance(inputs, list) else inputs[:, :end], witnesses)
+        try:
+            async with asyncio.timeout(self.step_timeout_s):
+                stored = await self.client.peer.proof_book(self.client.model).publish(proof)
+            self.published.append(proof)
+            logger.warning("published the proof that %s lied (stored: %s)", hop.node_id, stored)
+        except (EvidenceError, TimeoutError) as e:
+            logger.warning("could not publish a proof that %s lied: %s", hop.node_id, e)
+
     async def _verifiers(self, hop: Hop) -> list[str]:
         """Other online, unbanned nodes that hold all of the hop's layers, in random order, those of the hop's
         quantization first (the tightest tolerance); records every node's quantization on the way."""
@@ -317,7 +327,7 @@ class Auditor:
 
     async def _recompute_on_any(self, candidates: list[str], hop: Hop, inputs: torch.Tensor | list[int],
                                 position: int, end: int, *, want: torch.dtype
-                                ) -> tuple[torch.Tensor | None, str | None, torch.dtype]:
+                                ) -> tuple[torch.Tensor | None, str | None, torch.dtype, Witness | None]:
         """Recomputes on the first candidate that answers (popping those tried), preferring one that computes at
         least as precisely as `want` (a looser dtype loosens the check); (None, None, _) if none answers."""
         looser: list[str] = []
@@ -325,32 +335,35 @@ class Auditor:
             precise = bool(candidates)
             peer = (candidates or looser).pop(0)
             try:
-                output, dtype = await self._recompute(Hop(peer, hop.start, hop.end), inputs, position, end,
-                                                      at_most=TOLERANCES[want] if precise else None)
+                output, dtype, witness = await self._recompute(Hop(peer, hop.start, hop.end), inputs, position, end,
+                                                               at_most=TOLERANCES[want] if precise else None)
                 if output is not None:
-                    return output, peer, dtype
+                    return output, peer, dtype, witness
                 looser.append(peer)
             except (StageFailure, TimeoutError) as e:
                 logger.info("verifier %s could not recompute: %s", peer, e)
-        return None, None, torch.bfloat16
+        return None, None, torch.bfloat16, None
 
     async def _recompute(self, hop: Hop, inputs: torch.Tensor | list[int], position: int, end: int, *,
-                         at_most: float | None = None) -> tuple[torch.Tensor | None, torch.dtype]:
+                         at_most: float | None = None) -> tuple[torch.Tensor | None, torch.dtype, Witness | None]:
         """Runs the step [position, end) on `hop` after replaying its inputs before it, in a fresh one-stage
         session (given token ids, the verifier embeds them as the checked first stage did); (None, its dtype)
-        without running anything if the node announces a dtype whose tolerance exceeds `at_most`."""
+        without running anything if the node announces a dtype whose tolerance exceeds `at_most`. With the output, the
+        verifier's signed account of the step (a witness for a proof)."""
         tokens = isinstance(inputs, list)
         session = await self.client.open_session([hop], max_length=end, wire=self.wire, embed=tokens,
                                                  step_timeout_s=self.step_timeout_s)
+        ledger = attach_ledger(session)
         try:
             dtype = announced_dtype(session.streams[0].opened.get("dtype"))
             if at_most is not None and TOLERANCES[dtype] > at_most:
-                return None, dtype
+                return None, dtype, None
             run = session.embed_step if tokens else session.step
             for offset in range(0, position, PREFILL_CHUNK_TOKENS):
                 await run(inputs[:, offset:min(position, offset + PREFILL_CHUNK_TOKENS)] if not tokens
                           else inputs[offset:min(position, offset + PREFILL_CHUNK_TOKENS)], offset)
-            return await run(inputs[:, position:end] if not tokens else inputs[position:end], position), dtype
+            output = await run(inputs[:, position:end] if not tokens else inputs[position:end], position)
+            return output, dtype, ledger.witness(0, position, session.streams[0].opened.get("endorsement"))
         finally:
             await session.close()
 

@@ -25,6 +25,7 @@ from hivemind.proto import runtime_pb2
 
 from node.model.checkpoint import ModelSource
 from node.model.stage import Stage, default_device, default_dtype
+from node.net.credit import read_credit
 from node.net.direct import DirectListener, listen_host, maddr_hosts
 from node.net.identity import load_identity
 from node.net.membership import DEFAULT_TTL_S, SwarmPeer, open_dht
@@ -378,7 +379,8 @@ class Node:
         server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
                              send_delay_s=config.send_delay_s, adversary=_adversary(config),
                              test_slowdown_s=config.test_slowdown_s, send_bandwidth_bps=config.send_bandwidth_bps,
-                             uplink_bps=self._capabilities.get("uplink_bps", 0.0))
+                             uplink_bps=self._capabilities.get("uplink_bps", 0.0),
+                             identity_key=self.peer.identity.private_key)
         server.own_clients = self.own_clients
         server.waiters = self.waiters
         server.attach(self.p2p, self.direct)
@@ -406,10 +408,14 @@ class Node:
         """The swarm as its DHT records show it (`node.serve.assignment.swarm_status`); None before joining a DHT."""
         if self.peer is None:
             return None
-        return swarm_status(self.spec, await self._records())
+        records = await self.peer.list_servers(self.source.name, num_layers=self.source.num_layers)
+        return swarm_status(self.spec, records, credit=await read_credit(self.peer, self.source.name),
+                            liars=await self.peer.proof_book(self.source.name).liars(r.peer_id for r in records))
 
     async def _records(self) -> list[ServerRecord]:
-        return await self.peer.list_servers(self.source.name, num_layers=self.source.num_layers)
+        """The swarm's records but those of proven liars (node.net.evidence): the plan gives them no layers."""
+        records = await self.peer.list_servers(self.source.name, num_layers=self.source.num_layers)
+        return await self.peer.proof_book(self.source.name).drop_liars(records)
 
     async def _announce(self, state: str | None = None) -> None:
         assert self.record is not None and self.peer is not None

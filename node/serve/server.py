@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.utils.crypto import RSAPrivateKey
 
 from node.model.sampling import SamplingParams, sample
 from node.model.speculative import MAX_DRAFT_TOKENS, DraftLength, propose_draft, verify_draft
 from node.model.stage import Stage
 from node.net.direct import DirectLinkError, DirectListener, DirectOffer, DirectWriter, dial, maddr_hosts
+from node.net.evidence import ReceiptSigner, wire_digest
 from node.net.protocol import (
     MAX_ERROR_CHARS,
     PUSH_HANDLER,
@@ -156,6 +158,7 @@ class Session:
     history: list[int] = field(default_factory=list)
     drafts: DraftLength | None = None
     draft_at: tuple[int, int, float] | None = None
+    signer: ReceiptSigner | None = None  # signs this session's receipts (node.net.evidence)
 
     @property
     def session_id(self) -> str:
@@ -346,9 +349,13 @@ class StageServer:
     def __init__(self, stage: Stage, *, kv_budget_bytes: int, max_length: int = 8192,
                  idle_timeout_s: float = 120.0, send_delay_s: float = 0.0, adversary: Adversary | None = None,
                  max_sessions_per_peer: int = 64, max_steps_per_s_per_peer: float = 1000.0,
-                 test_slowdown_s: float = 0.0, send_bandwidth_bps: float = 0.0, uplink_bps: float = 0.0) -> None:
-        """`uplink_bps`: this node's measured uplink (0: not measured), which decides what is worth sending."""
+                 test_slowdown_s: float = 0.0, send_bandwidth_bps: float = 0.0, uplink_bps: float = 0.0,
+                 identity_key: RSAPrivateKey | None = None) -> None:
+        """`uplink_bps`: this node's measured uplink (0: not measured), which decides what is worth sending.
+        `identity_key`: the node's identity (its peer id's key), which endorses each session's receipt key; None: a
+        throwaway key (a stage outside a node: its receipts prove nothing to others)."""
         self.stage = stage
+        self.identity_key = identity_key or RSAPrivateKey()
         self.uplink_bps = uplink_bps
         self.adversary = adversary  # testing aid only: makes this node lie (node.serve.adversary)
         self.test_slowdown_s = test_slowdown_s  # testing aid only: every step takes this much longer
@@ -444,7 +451,8 @@ class StageServer:
         reader = asyncio.create_task(self._read_client_steps(session, requests))
         try:
             yield pack_response({"opened": session.session_id, "start": self.stage.start, "end": self.stage.end,
-                                 "dtype": str(self.stage.dtype).removeprefix("torch.")})
+                                 "dtype": str(self.stage.dtype).removeprefix("torch."),
+                                 "endorsement": session.signer.endorsement})
             async for message in session.outbox.drain():
                 yield message
         finally:
@@ -558,6 +566,9 @@ class StageServer:
         newcomer = self._reserve(nbytes, client)
         cache = self.stage.new_cache(opened.max_length, layers=layers)
         session = Session(opened, role, client, nbytes, newcomer, cache, Outbox(self.link))
+        session.signer = ReceiptSigner(self.identity_key, session=opened.session_id, client=client, start=opened.start,
+                                       end=opened.end, dtype=str(stage.dtype).removeprefix("torch."),
+                                       quant=stage.quant, wire=opened.wire)
         session.outbox.on_overflow = lambda: self._close(session)
         if role.pushes:
             session.push_link = PushLink(session, self.link, direct=self.direct is not None,
@@ -685,23 +696,29 @@ class StageServer:
             self.own_tokens_served += step.tokens
         if session.key not in self.sessions:
             return  # closed while the step ran
-        receipt = {"position": step.position, "in": digest(received),
-                   **({"draft": list(step.draft)} if step.draft and role.embeds else {})}
         # Hidden states leave a stage in the dtype they came in (a verifier's answer too, so the two compare).
         dtype = step.hidden.dtype if step.hidden is not None else hidden.dtype
+        output, echoed = hidden.to(dtype), echoed.to(dtype)
+        # The receipt signs what the client is told this stage sent on: its echo, or its answer.
+        told = echoed if role.samples or role.pushes else output
+        in_digest = digest(received)
+        receipt = {"position": step.position, "in": in_digest,
+                   **({"draft": list(step.draft)} if step.draft and role.embeds else {}),
+                   **session.signer.sign(step.position, received.shape[1], in_digest,
+                                         wire_digest(told, session.opened.wire))}
         if role.samples:
             if tokens:  # a ring's last stage sends tokens (or its head's part), not hidden states
                 self._feed_tokens(session, tokens, next_position)
-            self._echo(session, receipt, echoed.to(dtype))  # what it sampled from, for the client's checks
+            self._echo(session, receipt, echoed)  # what it sampled from, for the client's checks
             return
-        output, echoed = hidden.to(dtype), echoed.to(dtype)
         metadata = {"position": step.position, **({"sample": True} if step.sample else {}),
                     **({"draft": list(step.draft)} if step.draft else {})}
         if role.pushes:
             session.push_link.send(pack(metadata, [output], wire=session.opened.wire))
             self._echo(session, receipt, echoed)  # after the push, which is on the critical path
         else:
-            session.outbox.put(pack_response({**metadata, "in": receipt["in"]}, [output], wire=session.opened.wire))
+            signed = {k: v for k, v in receipt.items() if k not in metadata}
+            session.outbox.put(pack_response({**metadata, **signed}, [output], wire=session.opened.wire))
 
     @staticmethod
     def _echo(session: Session, receipt: dict, output: torch.Tensor) -> None:

@@ -5,17 +5,25 @@ local swarm, the answer ending equal to the honest one."""
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
+import os
 import random
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
+from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from node.app.local_swarm import LocalSwarm
 from node.client.failover import ResilientSession, Revision
 from node.client.session import StageFailure, SwarmClient
 from node.client.verify import PROVEN_BAN_S, Auditor, Ledger, relative_error, tolerance_for
 from node.model.sampling import SamplingParams
+from node.net.credit import read_credit
+from node.net.evidence import endorsed_peer, proof_subkey, proofs_key, verify_proof
 from node.net.membership import open_dht
 from node.net.protocol import digest, pack_response, token_digest
 
@@ -215,3 +223,78 @@ def test_a_revision_rewinds_the_streamed_text_to_what_stands():
     # Held back behind a possible stop sequence, text that is revised was never streamed: no revision is sent.
     deltas, text, _ = asyncio.run(run(["bcd", "xyz"]))
     assert text == "adf" and "".join(d for d in deltas if isinstance(d, str))[-1] == "f"
+
+
+async def _proof_scenario(swarm: LocalSwarm, prompt_ids: list[int], liar: str, honest: list[str]) -> None:
+    peers = []
+
+    def fresh_client() -> PreferringClient:  # a new DHT peer: no bans, nothing learned
+        peers.append(open_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True))
+        return PreferringClient(peers[-1], swarm.source)
+
+    try:
+        catcher = fresh_client()
+        await _wait_for_nodes(catcher, len(honest) + 1)
+        catcher.ban(liar, for_s=1e6)  # the reference answer runs on honest nodes only
+        reference, _, _ = await _ring(catcher, prompt_ids, verify=False)
+        # A catches the liar (every step checked) and publishes the proof.
+        catcher._banned_until.clear()
+        catcher.prefer = liar
+        auditor = Auditor(catcher, 1.0, rng=random.Random(3))
+        tokens, _, _ = await _ring(catcher, prompt_ids, auditor=auditor)
+        assert tokens == reference and auditor.published, auditor.reports
+        proof = auditor.published[0]
+        assert verify_proof(proof, model=swarm.source.name) == liar
+
+        # B, fresh, never routes through the liar, nor checks with it: the proof is enough. Its answer, unchecked,
+        # is the honest one.
+        reader = fresh_client()
+        deadline = time.monotonic() + 120
+        while liar in {r.peer_id for r in await reader.servers()}:
+            assert time.monotonic() < deadline, "the published proof never reached a fresh client"
+            reader.peer.proof_book(swarm.source.name)._read_at.clear()
+            await asyncio.sleep(2.0)
+        assert {r.peer_id for r in await reader.servers()} == set(honest)
+        for _ in range(5):
+            assert liar not in {hop.node_id for hop in await reader.choose_chain()}
+        tokens, _, _ = await _ring(reader, prompt_ids, verify=False)
+        assert tokens == reference
+
+        # A forged proof against an honest node (the real proof's witnesses reordered to accuse a verifier, and
+        # junk) is stored on the DHT beside it; a fresh client reads and refuses both, and routes as before.
+        victim = endorsed_peer(proof["witnesses"][1]["endorsement"])
+        forged = copy.deepcopy(proof)
+        forged["accused"], forged["witnesses"][:2] = victim, forged["witnesses"][1::-1]
+        junk = {"v": 1, "model": swarm.source.name, "accused": victim, "witnesses": ["x"] * 3}
+        for value in (forged, junk):
+            subkey = proof_subkey(MSGPackSerializer.dumps(value))
+            assert await peers[0].dht.store(proofs_key(swarm.source.name, victim), subkey=subkey, value=value,
+                                            expiration_time=get_dht_time() + 600, return_future=True)
+        skeptic = fresh_client()
+        book = skeptic.peer.proof_book(swarm.source.name)
+        assert {r.peer_id for r in await skeptic.servers()} == set(honest)
+        assert book.refused == 2 and victim not in book.proven and liar in book.proven
+
+        # Credit for checked work: A's checks vouched for honest nodes' tokens, and for none of the liar's.
+        credit = await read_credit(skeptic.peer, swarm.source.name)
+        assert liar not in credit and credit and set(credit) <= set(honest), credit
+        assert all(c.clients == 1 and c.tokens >= len(prompt_ids) for c in credit.values())
+    finally:
+        for peer in peers:
+            peer.shutdown()
+
+
+def test_a_published_proof_keeps_every_client_off_the_liar_and_a_forged_one_changes_nothing(tiny_checkpoint):
+    path = tiny_checkpoint("llama", num_layers=6)
+    ranges = [*HONEST.values(), (0, 3)]
+    with LocalSwarm(str(path), ranges, threads_per_node=1, per_node_args={4: adversary_args("liar")}) as swarm:
+        liar, honest = swarm.peer_id(4), [swarm.peer_id(i) for i in HONEST]
+        asyncio.run(_proof_scenario(swarm, list(range(5, 25)), liar, honest))
+        # `layerhive status` leaves the proven liar out, names it, and shows each node's checked credit.
+        env = {**os.environ, "LAYERHIVE_INITIAL_PEERS": ",".join(swarm.initial_peers)}
+        shown = subprocess.run([sys.executable, "-m", "node.app.cli", "status", "--json", "--model", str(path)],
+                               capture_output=True, text=True, timeout=120, env=env)
+        assert shown.returncode == 0, shown.stderr
+        status = json.loads(shown.stdout)
+        assert status["proven_liars"] == [liar] and {n["peer_id"] for n in status["nodes"]} == set(honest)
+        assert any(n["checked_tokens"] > 0 and n["checked_by"] == 1 for n in status["nodes"]), status["nodes"]

@@ -1,0 +1,149 @@
+"""Evidence that travels (node.net.evidence): a proof of a lie checks out only if the accused signed a wrong output
+for inputs it signed, and two other nodes signed agreeing outputs for the same inputs; any forgery is refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils import MSGPackSerializer
+from hivemind.utils.crypto import RSAPrivateKey
+
+from node.net.evidence import (
+    MAX_PROOF_BYTES,
+    EvidenceError,
+    ProofValidator,
+    ReceiptSigner,
+    Witness,
+    build_proof,
+    endorsed_peer,
+    proof_subkey,
+    proofs_key,
+    verify_proof,
+    wire_digest,
+)
+from node.net.identity import NodeIdentity
+from node.net.protocol import digest
+
+MODEL = "tiny"
+KEYS = [RSAPrivateKey() for _ in range(3)]
+PEERS = [NodeIdentity(key).peer_id for key in KEYS]
+
+
+def _layer(hidden: torch.Tensor) -> torch.Tensor:
+    """The stage's honest computation in this test: any deterministic function of all inputs so far."""
+    return torch.tanh(hidden.cumsum(dim=1))
+
+
+def _witness(key: RSAPrivateKey, inputs: torch.Tensor, steps: list[tuple[int, int]], *, noise: float = 0.0,
+             session: str = "s") -> Witness:
+    signer = ReceiptSigner(key, session=session, client="client", start=0, end=3, dtype="float32", quant="none",
+                           wire="none")
+    for position, tokens in steps:
+        rows = inputs[:, position:position + tokens]
+        output = _layer(inputs[:, :position + tokens])[:, position:]
+        output = output + noise * torch.randn_like(output)
+        receipt = signer.sign(position, tokens, digest(rows), wire_digest(output, "none"))
+    return Witness(signer.endorsement, steps, receipt, output)
+
+
+def _proof(noise: float = 0.05) -> tuple[dict, torch.Tensor]:
+    inputs = torch.randn(1, 6, 8)
+    witnesses = [_witness(KEYS[0], inputs, [(0, 4), (4, 1), (5, 1)], noise=noise),  # served: prompt, two decodes
+                 _witness(KEYS[1], inputs, [(0, 5), (5, 1)]), _witness(KEYS[2], inputs, [(0, 5), (5, 1)])]
+    return build_proof(MODEL, PEERS[0], 0, 3, inputs, witnesses), inputs
+
+
+def test_a_proof_convicts_the_liar_and_only_it():
+    proof, inputs = _proof()
+    assert verify_proof(proof, model=MODEL) == PEERS[0]
+    assert verify_proof(MSGPackSerializer.loads(MSGPackSerializer.dumps(proof)), model=MODEL, accused=PEERS[0])
+    assert endorsed_peer(proof["witnesses"][1]["endorsement"]) == PEERS[1]
+    # An honest node's signed output agrees with the others: no proof against it, however the accuser dresses it.
+    honest, _ = _proof(noise=0.0)
+    with pytest.raises(EvidenceError, match="do not convict"):
+        verify_proof(honest, model=MODEL)
+
+
+def _forgeries(proof: dict) -> dict[str, dict]:
+    forged = {}
+    swapped = copy.deepcopy(proof)  # accuse an honest verifier, with the liar as a witness against it
+    swapped["accused"] = PEERS[1]
+    swapped["witnesses"][:2] = swapped["witnesses"][1::-1]
+    forged["honest accused"] = swapped
+    edited = copy.deepcopy(proof)  # the accused's output replaced by a wrong one it never signed
+    edited["witnesses"][0]["output"] = Witness({}, [], {}, torch.zeros(1, 1, 8)).to_wire()["output"]
+    forged["unsigned output"] = edited
+    renamed = copy.deepcopy(proof)  # the proof of one peer's lie pinned on another
+    renamed["accused"] = PEERS[2]
+    forged["another accused"] = renamed
+    other_inputs = copy.deepcopy(proof)  # inputs the witnesses did not sign
+    other_inputs["inputs"] = build_proof(MODEL, PEERS[0], 0, 3, torch.randn(1, 6, 8), [])["inputs"]
+    forged["other inputs"] = other_inputs
+    endorsement = copy.deepcopy(proof)  # a session key the accused's identity never endorsed
+    endorsement["witnesses"][0]["endorsement"]["key"] = bytes(32)
+    forged["unendorsed key"] = endorsement
+    twice = copy.deepcopy(proof)  # one verifier counted twice
+    twice["witnesses"][2] = twice["witnesses"][1]
+    forged["same verifier twice"] = twice
+    layers = copy.deepcopy(proof)
+    layers["end"] = 4
+    forged["other layers"] = layers
+    huge = copy.deepcopy(proof)
+    huge["padding"] = bytes(MAX_PROOF_BYTES)
+    forged["oversized"] = huge
+    forged["junk"] = {"v": 1, "model": MODEL, "accused": PEERS[0], "witnesses": "x"}
+    return forged
+
+
+def test_every_forgery_is_refused():
+    proof, _ = _proof()
+    for name, forged in _forgeries(proof).items():
+        with pytest.raises(EvidenceError):
+            verify_proof(forged, model=MODEL)
+            pytest.fail(f"{name}: a forged proof verified")
+    with pytest.raises(EvidenceError):
+        verify_proof(proof, model="another model")
+
+
+def test_the_dht_refuses_an_oversized_proof_or_one_under_another_subkey():
+    proof, _ = _proof()
+    validator = ProofValidator()
+    value = MSGPackSerializer.dumps(proof)
+
+    def record(value: bytes, subkey: str, accused: str = PEERS[0]) -> DHTRecord:
+        from hivemind.dht.routing import DHTID
+        return DHTRecord(key=DHTID.generate(source=proofs_key(MODEL, accused)).to_bytes(),
+                         subkey=MSGPackSerializer.dumps(subkey), value=value, expiration_time=0.0)
+
+    assert validator.validate(record(value, proof_subkey(value)))
+    junk = MSGPackSerializer.dumps({**proof, "witnesses": []})  # overwriting the proof's subkey with junk
+    assert not validator.validate(record(junk, proof_subkey(value)))
+    assert not validator.validate(record(value, proof_subkey(value), accused=PEERS[1]))  # under another's key
+    huge = MSGPackSerializer.dumps({**proof, "padding": bytes(MAX_PROOF_BYTES)})
+    assert not validator.validate(record(huge, proof_subkey(huge)))
+    assert validator.validate(record(MSGPackSerializer.dumps({"model": MODEL}), "x"))  # not a proof: not ours
+
+
+def test_credit_sums_signed_tallies_skips_malformed_ones_and_self_credit():
+    from types import SimpleNamespace
+
+    from hivemind.utils import ValueWithExpiration
+
+    from node.net.credit import MAX_CREDIT_PEERS, CheckedCredit, sum_tallies
+    from node.net.membership import owner_subkey
+
+    subkeys = [owner_subkey(NodeIdentity(key)) for key in KEYS]
+    tallies = {subkeys[0]: {"credit": {"A": 10, "B": 5, PEERS[0]: 1000}},  # its own node: not counted
+               subkeys[1]: {"credit": {"A": 7}},
+               subkeys[2]: {"credit": {"A": -3}},  # malformed: skipped whole
+               "unsigned": {"credit": {"A": 1000}},  # no owner: skipped
+               }
+    too_many = {f"n{i}": 1 for i in range(MAX_CREDIT_PEERS + 1)}
+    found = SimpleNamespace(value={k: ValueWithExpiration(v, 0.0) for k, v in tallies.items()})
+    assert sum_tallies(found) == {"A": CheckedCredit(17, 2), "B": CheckedCredit(5, 1)}
+    found.value[subkeys[2]] = ValueWithExpiration({"credit": too_many}, 0.0)
+    assert sum_tallies(found) == {"A": CheckedCredit(17, 2), "B": CheckedCredit(5, 1)}
+    assert sum_tallies(None) == {}
