@@ -204,7 +204,7 @@ def first_caught_step(auditor: Auditor, session: ResilientSession) -> int | None
     """The position of the first step at which a lie or equivocation was found (a check's step, or the step
     whose receipts disagreed); the tokens made through lies before it were already shown."""
     found = [r.position for r in auditor.reports if r.verdict in ("liar", "unresolved")]
-    found += [e.position for e in session.events if e.code in ("equivocation", "push_failed")]
+    found += [e.position for e in session.events if e.code in ("equivocation", "equivocated", "push_failed")]
     return min(found, default=None)
 
 

@@ -30,9 +30,10 @@ import torch
 
 from node.client.generate import generate
 from node.client.session import ChainSession, NoChainError, StageFailure, SwarmClient
-from node.client.verify import LIES, SUSPECT_AVOID_S, Auditor, Ledger, attach_ledger
+from node.client.verify import LIES, PROVEN_BAN_S, SUSPECT_AVOID_S, Auditor, Ledger, attach_ledger
 from node.model.head import ClientHead
 from node.model.sampling import SamplingParams
+from node.net.evidence import EvidenceError
 from node.net.protocol import PREFILL_CHUNK_TOKENS
 from swarm.types import Hop
 
@@ -92,7 +93,7 @@ class ResilientSession:
             chain, max_length=self.max_length, relay=self.relay, wire=wire, step_timeout_s=self.step_timeout_s,
             sampling=sampling, speculate=self.speculate if sampling is not None else 0,
         )
-        self.ledger = attach_ledger(session)
+        self.ledger = attach_ledger(session, self.client.model)
         self.chains.append(tuple(chain))
         return session
 
@@ -207,11 +208,26 @@ class ResilientSession:
             # lied, so both are avoided for a while and neither is banned (a proven liar already is).
             for peer in (failure.peer, failure.reporter):
                 self.client.ban(peer, for_s=SUSPECT_AVOID_S)
+            if failure.code == "equivocated":  # its own signatures convict it (node.client.verify.Ledger._culprit)
+                self.client.ban(failure.peer, for_s=PROVEN_BAN_S)
+                await self._publish_proofs()
         elif failure.code not in REFUSALS:
             self.client.ban(failure.peer)
         if self.session is not None:
             await self.session.close()
         self.session = None
+
+    async def _publish_proofs(self) -> None:
+        """Publishes the chain's proofs of equivocation (node.net.evidence), for other clients and the planners."""
+        book = self.client.peer.proof_book(self.client.model)
+        for proof in self.ledger.proofs if self.ledger is not None else ():
+            try:
+                await asyncio.wait_for(book.publish(proof), self.step_timeout_s)
+                logger.warning("published the proof that %s equivocated", proof["accused"])
+            except (EvidenceError, TimeoutError) as e:
+                logger.warning("could not publish a proof of equivocation: %r", e)
+        if self.ledger is not None:
+            self.ledger.proofs.clear()
 
     async def _replay(self) -> None:
         """Rebuilds the new chain's KV caches from the inputs fed so far."""

@@ -36,11 +36,19 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hivemind.proto import runtime_pb2
 
 from node.client.session import ChainSession, StageFailure, SwarmClient
 from node.model.speculative import MAX_DRAFT_TOKENS
-from node.net.evidence import EvidenceError, Witness, build_proof
+from node.net.evidence import (
+    EvidenceError,
+    Witness,
+    build_proof,
+    check_receipt,
+    equivocation_proof,
+    session_key,
+)
 from node.net.protocol import PREFILL_CHUNK_TOKENS, ProtocolError, digest, token_digest, unpack_metadata
 from node.net.tolerance import (  # noqa: F401 (re-exported: the checks' tolerances)
     DTYPE_NAMES,
@@ -62,7 +70,7 @@ DEFAULT_PROBABILITY = 0.3  # a liar on every step of a 2-stage chain is checked 
 PROVEN_BAN_S = 24 * 3600.0  # a liar outvoted by two other nodes
 SUSPECT_AVOID_S = 60.0  # both ends of an equivocation or an unresolved dispute: avoided, not banned
 # Codes of a StageFailure that mean the chain's output so far cannot be trusted (the answer is rebuilt).
-LIES = {"failed_verification", "equivocation", "disputed"}
+LIES = {"failed_verification", "equivocation", "equivocated", "disputed"}
 
 
 @dataclass(frozen=True)
@@ -87,13 +95,18 @@ class Ledger(asyncio.Queue):
     StageFailure(code="equivocation") on the session's queue, naming the receiver and, as `reporter`, the sender.
     """
 
-    def __init__(self, peers: list[str] | None = None) -> None:
+    def __init__(self, peers: list[str] | None = None, endorsements: list[object] | None = None,
+                 model: str = "") -> None:
         super().__init__()
         self.peers = peers or []
+        self.endorsements = endorsements or []  # each stage's session key, endorsed (node.net.evidence)
+        self.model = model
+        self.proofs: list[dict] = []  # proofs of equivocation found here, for the client to publish
         self.outputs: dict[int, dict[int, torch.Tensor]] = {}  # stage index -> position -> [1, tokens, hidden]
         self.sent: dict[int, dict[int, str]] = {}  # digests of those outputs
         self.received: dict[int, dict[int, str]] = {}  # what each stage says it ran
-        self.signed: dict[int, dict[int, dict]] = {}  # each step's signed receipt {"out", "chain", "sig"}
+        self.signed: dict[int, dict[int, dict]] = {}  # each step's signed receipt {"in", "out", "chain", "sig"}
+        self.forwarded: dict[int, dict[int, object]] = {}  # the pusher's signed receipt each stage says it ran
         self.credited: dict[int, int] = {}  # stage index -> positions credited as checked work (see Auditor.check)
         self.fed: dict[int, dict[int, tuple[str, int | None]]] = {}  # what each stage was fed, and by which stage
         # (None: the client; in a ring, the first stage is fed each token the last stage announced)
@@ -110,13 +123,16 @@ class Ledger(asyncio.Queue):
                 metadata = {}
             position = metadata.get("echo", metadata.get("position"))
             if isinstance(position, int) and "error" not in metadata:
+                # Signed receipts first: a comparison that the output or input digest below triggers may need them.
+                self.signed.setdefault(index, {})[position] = {k: metadata.get(k) for k in ("in", "out", "chain",
+                                                                                            "sig")}
+                self.forwarded.setdefault(index, {})[position] = metadata.get("prev")
                 with contextlib.suppress(Exception):  # a malformed tensor is the session's to report, not ours
                     output = wire_decode(message.tensors[0])
                     self.outputs.setdefault(index, {})[position] = output
                     self._note(self.sent, index, position, digest(output))
                 if isinstance(metadata.get("in"), str):
                     self._note(self.received, index, position, metadata["in"])
-                self.signed.setdefault(index, {})[position] = {k: metadata.get(k) for k in ("out", "chain", "sig")}
                 if index == 0 and _is_draft(metadata.get("draft")):
                     self.drafts[position] = metadata["draft"]
                 self._arrived.set()
@@ -150,9 +166,45 @@ class Ledger(asyncio.Queue):
         blamed = receiver if sender is None else self._peer(sender)  # the client trusts itself
         logger.warning("equivocation at position %d: %s says it received other than %s sent", position, receiver,
                        blamed)
-        failure = StageFailure(receiver, f"at position {position} it says it received other than {blamed} sent",
-                               code="equivocation", reporter=blamed)
+        culprit = self._culprit(index, position, sender) if sender == index - 1 else None
+        if culprit is not None:  # the signatures say who: it is banned, the other is not touched
+            failure = StageFailure(culprit, f"at position {position} it signed other than it sent or received",
+                                   code="equivocated")
+        else:
+            failure = StageFailure(receiver, f"at position {position} it says it received other than {blamed} sent",
+                                   code="equivocation", reporter=blamed)
         super().put_nowait((index, failure))
+
+    def _culprit(self, index: int, position: int, sender: int) -> str | None:
+        """Which end of the link from stage `sender` to stage `index` lied at `position`, by their signatures:
+        an honest receiver runs only a push its sender signed for, and names that receipt in its own, so a receiver
+        without a valid one lied; a sender whose receipt to this client is unsigned, or names another output than it
+        signed for pushing at the same step, lied (a proof of that is kept in `proofs`). None: cannot tell."""
+        key, rows = self._session_key(sender), self.outputs.get(sender, {}).get(position)
+        if key is None or rows is None:
+            return None
+        pushed, told = self.forwarded.get(index, {}).get(position), self.signed.get(sender, {}).get(position)
+        try:
+            check_receipt(key, position, rows.shape[1], pushed, self.received[index][position])
+        except EvidenceError:
+            return self._peer(index)
+        try:
+            check_receipt(key, position, rows.shape[1], told, self.sent[sender][position])
+        except EvidenceError:
+            return self._peer(sender)
+        if (pushed["in"], pushed["chain"]) != (told["in"], told["chain"]):
+            return None  # two different steps at one position (a rewind?): not the same statement twice
+        self.proofs.append(equivocation_proof(self.model, self._peer(sender), self.endorsements[sender], position,
+                                              rows.shape[1], [pushed, told]))
+        return self._peer(sender)
+
+    def _session_key(self, index: int) -> Ed25519PublicKey | None:
+        endorsement = self.endorsements[index] if 0 <= index < len(self.endorsements) else None
+        try:
+            session = endorsement["session"] if isinstance(endorsement, dict) else None
+            return session_key(endorsement, peer=self._peer(index), session=session, client=None)
+        except (EvidenceError, KeyError, TypeError):
+            return None
 
     def _peer(self, index: int) -> str:
         return self.peers[index] if 0 <= index < len(self.peers) else "?"
@@ -191,9 +243,11 @@ def _is_draft(draft: object) -> bool:
             and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in draft))
 
 
-def attach_ledger(session: ChainSession) -> Ledger:
-    """Swaps the session's event queue for a ledger (before any step: the queue holds nothing yet)."""
-    ledger = Ledger([hop.node_id for hop in session.chain])
+def attach_ledger(session: ChainSession, model: str = "") -> Ledger:
+    """Swaps the session's event queue for a ledger (before any step: the queue holds nothing yet); `model` names
+    the proofs it makes."""
+    ledger = Ledger([hop.node_id for hop in session.chain],
+                    [stream.opened.get("endorsement") for stream in session.streams], model)
     while not session.events.empty():
         ledger.put_nowait(session.events.get_nowait())
     session.events = ledger

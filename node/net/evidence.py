@@ -46,7 +46,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from node.net.identity import peer_id_from_owner_key
-from node.net.protocol import digest, token_digest
+from node.net.protocol import digest, is_receipt, token_digest
 from node.net.tolerance import announced_dtype, relative_error, tolerance_for
 from node.net.wire import decode as wire_decode
 from node.net.wire import encode as wire_encode
@@ -82,12 +82,23 @@ class ReceiptSigner:
                   "client": client, "start": start, "end": end, "dtype": dtype, "quant": quant, "wire": wire}
         self.endorsement = {**fields, "sig": identity_key.sign(_endorsement_bytes(fields))}
         self.chain = b""
+        self._step: tuple[int, int, str] = (0, 0, "")
+        self._signed: dict[str, dict[str, Any]] = {}  # the current step's receipts, by output digest
 
-    def sign(self, position: int, tokens: int, input_digest: str, output_digest: str) -> dict[str, Any]:
-        """The signed part of a step's receipt: {"out", "chain", "sig"}; the step extends the chain."""
+    def step(self, position: int, tokens: int, input_digest: str) -> None:
+        """A new step ran on these inputs: it extends the chain."""
         self.chain = chain_link(self.chain, position, tokens, input_digest)
-        signature = self._key.sign(_receipt_bytes(position, tokens, input_digest, output_digest, self.chain))
-        return {"out": output_digest, "chain": self.chain, "sig": signature}
+        self._step, self._signed = (position, tokens, input_digest), {}
+
+    def receipt(self, output_digest: str) -> dict[str, Any]:
+        """The current step's signed receipt, {"in", "out", "chain", "sig"}, for an output with this digest (an honest
+        stage signs one output a step, for its neighbour and its client alike)."""
+        if output_digest not in self._signed:
+            position, tokens, input_digest = self._step
+            signature = self._key.sign(_receipt_bytes(position, tokens, input_digest, output_digest, self.chain))
+            self._signed[output_digest] = {"in": input_digest, "out": output_digest, "chain": self.chain,
+                                           "sig": signature}
+        return self._signed[output_digest]
 
 
 def chain_link(chain: bytes, position: int, tokens: int, input_digest: str) -> bytes:
@@ -105,6 +116,28 @@ def _endorsement_bytes(fields: dict[str, Any]) -> bytes:
 
 def _receipt_bytes(position: int, tokens: int, input_digest: str, output_digest: str, chain: bytes) -> bytes:
     return msgpack.packb([_RECEIPT, position, tokens, input_digest, output_digest, chain])
+
+
+def check_receipt(key: Ed25519PublicKey, position: int, tokens: int, receipt: Any, output_digest: str) -> None:
+    """EvidenceError unless `receipt` is a well-formed receipt for an output of `output_digest` at (`position`,
+    `tokens`), signed with `key` (a pushed step's, checked by its receiver before it runs the step)."""
+    if not is_receipt(receipt) or receipt["out"] != output_digest:
+        raise EvidenceError("the receipt does not name what was sent")
+    try:
+        key.verify(receipt["sig"], _receipt_bytes(position, tokens, receipt["in"], receipt["out"], receipt["chain"]))
+    except InvalidSignature:
+        raise EvidenceError("the receipt is not signed by the sender's session key") from None
+
+
+def session_key(endorsement: Any, *, peer: str, session: str, client: str | None) -> Ed25519PublicKey:
+    """The session key `peer` endorsed for `client`'s session `session`; EvidenceError if it endorsed none."""
+    if endorsed_peer(endorsement) != peer or endorsement["session"] != session or (
+            client is not None and endorsement["client"] != client):
+        raise EvidenceError(f"the endorsement is not {peer}'s for this session")
+    try:
+        return Ed25519PublicKey.from_public_bytes(endorsement["key"])
+    except ValueError:
+        raise EvidenceError("the endorsed key is not an Ed25519 key") from None
 
 
 def endorsed_peer(endorsement: Any) -> str:
@@ -160,6 +193,8 @@ def verify_proof(proof: Any, *, model: str, accused: str | None = None) -> str:
         raise EvidenceError(f"a proof is at most {MAX_PROOF_BYTES} bytes")
     if accused is not None and proof.get("accused") != accused:
         raise EvidenceError(f"the proof accuses {str(proof.get('accused'))[:64]!r}, not {accused}")
+    if proof.get("kind") == "equivocation":
+        return _verify_equivocation(proof)
     witnesses = proof.get("witnesses")
     if not isinstance(witnesses, list) or len(witnesses) != 3 or not all(isinstance(w, dict) for w in witnesses):
         raise EvidenceError("a proof has exactly three witnesses: the accused's and two others'")
@@ -186,6 +221,33 @@ def verify_proof(proof: Any, *, model: str, accused: str | None = None) -> str:
         raise EvidenceError(f"the witnesses do not convict: the two others differ by {agreement:.2e}, the accused "
                             f"from them by {difference:.2e} (tolerance {tolerance:.1e})")
     return peers[0]
+
+
+def equivocation_proof(model: str, accused: str, endorsement: dict[str, Any], position: int, tokens: int,
+                       receipts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A proof that `accused` signed two receipts for one step of one session (same inputs, same chain) naming
+    different outputs: what it pushed to its neighbour, and what it told the client it sent."""
+    return {"v": 1, "kind": "equivocation", "model": model, "accused": accused, "endorsement": endorsement,
+            "position": position, "tokens": tokens, "receipts": receipts}
+
+
+def _verify_equivocation(proof: dict[str, Any]) -> str:
+    peer = endorsed_peer(proof.get("endorsement"))
+    position, tokens, receipts = proof.get("position"), proof.get("tokens"), proof.get("receipts")
+    if peer != proof["accused"] or not _is_int(position) or not _is_int(tokens):
+        raise EvidenceError("an equivocation proof names the accused's endorsement, a position and its tokens")
+    if not isinstance(receipts, list) or len(receipts) != 2 or not all(is_receipt(r) for r in receipts):
+        raise EvidenceError("an equivocation proof holds two receipts")
+    first, second = receipts
+    if first["in"] != second["in"] or first["chain"] != second["chain"] or first["out"] == second["out"]:
+        raise EvidenceError("the two receipts are not of one step with different outputs")
+    try:
+        key = Ed25519PublicKey.from_public_bytes(proof["endorsement"]["key"])
+    except ValueError:
+        raise EvidenceError("the endorsed key is not an Ed25519 key") from None
+    for receipt in receipts:
+        check_receipt(key, position, tokens, receipt, receipt["out"])
+    return peer
 
 
 def _checked_output(witness: dict[str, Any], inputs: torch.Tensor | list[int]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -272,7 +334,7 @@ class ProofValidator(RecordValidatorBase):
             value = MSGPackSerializer.loads(record.value)
         except Exception:
             return False
-        if not isinstance(value, dict) or value.get("v") != 1 or "witnesses" not in value:
+        if not isinstance(value, dict) or value.get("v") != 1 or "accused" not in value:
             return True  # not a proof
         model, accused = value.get("model"), value.get("accused")
         try:

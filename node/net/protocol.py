@@ -42,6 +42,10 @@ when it answers the client, else in an echo `{"echo": position, "in"}` + the out
 pushed on, or at a ring's sampling stage the hidden states it sampled from). The client holds every stage to what
 its neighbour says it received, and re-runs a sample of steps elsewhere (`node.client.verify`). Nothing in a
 session's messages tells a stage which steps are checked. The open's `audit` flag is accepted and ignored.
+Receipts are signed (`node.net.evidence`): the open's answer carries the stage's `endorsement` (a session key its
+identity endorses), and every receipt adds `"out"` (the output's digest), `"chain"` and `"sig"`. A push stream's
+opening carries the pusher's endorsement too, and each pushed step of hidden states its signed `"receipt"`,
+which the receiver checks before running the step and names as `"prev"` in its own receipt.
 Speculation (a ring opened with `speculate: k`, k <= 16, at every stage): the first stage appends to a
 sampled step a draft of up to k token ids (`node.model.speculative`), which every stage passes on with the
 step's output (`"draft": [...]`); the last stage computes the logits of the draft's positions and the one
@@ -148,6 +152,7 @@ class Step:
     token_ids: torch.Tensor | None = None  # [1, tokens] int64, for a session opened with `embed`
     sample: bool = False  # a ring's last stage samples a token after this step
     draft: tuple[int, ...] = ()  # speculation: the step's last len(draft) tokens are a draft to verify
+    receipt: dict[str, Any] | None = None  # a pushed step of hidden states: its sender's signed receipt
 
     @property
     def tokens(self) -> int:
@@ -263,8 +268,23 @@ def _peer_field(metadata: dict[str, Any], key: str) -> str | None:
     return value
 
 
-def push_open(session_id: str, client: str) -> runtime_pb2.ExpertRequest:
-    return pack({"push": session_id, "client": client})
+def push_open(session_id: str, client: str, endorsement: dict[str, Any] | None = None) -> runtime_pb2.ExpertRequest:
+    """`endorsement`: the pusher's session key, endorsed by its identity (node.net.evidence), which signs the
+    receipt riding each pushed step of hidden states (a pusher without one can push only tokens and head parts)."""
+    return pack({"push": session_id, "client": client, **({"endorsement": endorsement} if endorsement else {})})
+
+
+def push_endorsement(message: runtime_pb2.ExpertRequest) -> Any:
+    """The endorsement in a push stream's first message (checked by `node.net.evidence.session_key`)."""
+    return unpack_metadata(message).get("endorsement")
+
+
+def is_receipt(receipt: Any) -> bool:
+    """A signed receipt's shape (node.net.evidence): two digests, the chain, an Ed25519 signature."""
+    return (isinstance(receipt, dict) and set(receipt) == {"in", "out", "chain", "sig"}
+            and all(isinstance(receipt[k], str) and len(receipt[k]) <= 64 for k in ("in", "out"))
+            and isinstance(receipt["chain"], bytes) and len(receipt["chain"]) <= 64
+            and isinstance(receipt["sig"], bytes) and len(receipt["sig"]) == 64)
 
 
 def parse_push_open(message: runtime_pb2.ExpertRequest) -> tuple[str, str | None]:
@@ -305,7 +325,11 @@ def parse_step(
             raise ProtocolError(
                 "too_long", f"positions {position}..{position + size[1]} exceed the session's max_length {max_length}"
             )
-        step = Step(_tensor(message, "hidden states", size), position, sample=sample, draft=draft)
+        receipt = metadata.get("receipt")
+        if receipt is not None and not is_receipt(receipt):
+            raise ProtocolError("bad_request", "'receipt' must be {'in', 'out': digests, 'chain': bytes, "
+                                "'sig': 64 bytes}")
+        step = Step(_tensor(message, "hidden states", size), position, sample=sample, draft=draft, receipt=receipt)
     if draft and (not sample or len(draft) >= step.tokens):
         raise ProtocolError("bad_request", f"a draft of {len(draft)} tokens rides a sampled step of more tokens")
     return step

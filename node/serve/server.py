@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.crypto import RSAPrivateKey
@@ -29,7 +30,7 @@ from node.model.sampling import SamplingParams, sample
 from node.model.speculative import MAX_DRAFT_TOKENS, DraftLength, propose_draft, verify_draft
 from node.model.stage import Stage
 from node.net.direct import DirectLinkError, DirectListener, DirectOffer, DirectWriter, dial, maddr_hosts
-from node.net.evidence import ReceiptSigner, wire_digest
+from node.net.evidence import EvidenceError, ReceiptSigner, check_receipt, session_key, wire_digest
 from node.net.protocol import (
     MAX_ERROR_CHARS,
     PUSH_HANDLER,
@@ -51,6 +52,7 @@ from node.net.protocol import (
     parse_push_offer,
     parse_push_open,
     parse_step,
+    push_endorsement,
     push_offer,
     push_open,
     unpack_metadata,
@@ -159,6 +161,10 @@ class Session:
     drafts: DraftLength | None = None
     draft_at: tuple[int, int, float] | None = None
     signer: ReceiptSigner | None = None  # signs this session's receipts (node.net.evidence)
+    # The previous stage's session key, which signs what it pushes: endorsed on its push stream's opening, checked
+    # at the first pushed step of hidden states.
+    pusher_endorsement: object = None
+    pusher_key: Ed25519PublicKey | None = None
 
     @property
     def session_id(self) -> str:
@@ -197,7 +203,7 @@ class PushLink:
 
     async def _run(self, p2p: P2P) -> None:
         next_peer = self.session.opened.next_peer
-        self.outbox.put(push_open(self.session.session_id, self.session.client))
+        self.outbox.put(push_open(self.session.session_id, self.session.client, self.session.signer.endorsement))
         try:
             responses = await p2p.iterate_protobuf_handler(
                 PeerID.from_base58(next_peer), PUSH_HANDLER, self.outbox.drain(), runtime_pb2.ExpertResponse
@@ -483,7 +489,8 @@ class StageServer:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         pusher = context.remote_id.to_base58()
         try:
-            session_id, client = parse_push_open(await asyncio.wait_for(anext(requests), self.idle_timeout_s))
+            first = await asyncio.wait_for(anext(requests), self.idle_timeout_s)
+            session_id, client = parse_push_open(first)
         except ProtocolError as e:
             yield _error_for(e)
             await linger(requests)
@@ -495,6 +502,7 @@ class StageServer:
             # Only the stage the client named as our predecessor may feed its session.
             yield error_response("bad_request", f"no session {session_id!r} here expects pushes from {pusher}")
             return
+        session.pusher_endorsement = push_endorsement(first)  # the key that signs each pushed step
         offer = PushOffer(self.stage.head_share.rows[1] if session.role.shares_head else None,
                           self.direct.offer() if self.direct is not None else None)
         if offer != PushOffer():
@@ -639,9 +647,20 @@ class StageServer:
             return
         if pushed and role.ring is Ring.FIRST:
             session.produced += 1  # the last stage sampled this token (it did not share the head for it)
-        await self._run_step(session, step)
+        in_digest = digest(step.hidden if step.token_ids is None else step.token_ids)
+        if pushed and step.hidden is not None:  # what the previous stage pushed must be what it signed for
+            try:
+                session.pusher_key = session.pusher_key or session_key(
+                    session.pusher_endorsement, peer=session.opened.prev_peer, session=session.session_id,
+                    client=session.client)
+                check_receipt(session.pusher_key, step.position, step.tokens, step.receipt, in_digest)
+            except EvidenceError as e:
+                session.outbox.put(error_response("bad_receipt", f"the step pushed at position {step.position}: {e}",
+                                                  peer=session.opened.prev_peer))
+                return
+        await self._run_step(session, step, in_digest)
 
-    async def _run_step(self, session: Session, step: Step) -> None:
+    async def _run_step(self, session: Session, step: Step, in_digest: str | None = None) -> None:
         """Runs one step, then sends its output on: to the next stage or to the client; a ring's last
         stage instead samples the next token and feeds it back to the first stage."""
         if session.key not in self.sessions:
@@ -699,13 +718,14 @@ class StageServer:
         # Hidden states leave a stage in the dtype they came in (a verifier's answer too, so the two compare).
         dtype = step.hidden.dtype if step.hidden is not None else hidden.dtype
         output, echoed = hidden.to(dtype), echoed.to(dtype)
-        # The receipt signs what the client is told this stage sent on: its echo, or its answer.
+        # The receipt signs what the client is told this stage sent on (its echo, or its answer), and names what the
+        # previous stage signed for pushing here, so that the client can hold each end of the link to its word.
         told = echoed if role.samples or role.pushes else output
-        in_digest = digest(received)
-        receipt = {"position": step.position, "in": in_digest,
+        in_digest = in_digest or digest(received)
+        session.signer.step(step.position, step.tokens, in_digest)  # the rows it ran (a first stage's draft too)
+        receipt = {"position": step.position, **session.signer.receipt(wire_digest(told, session.opened.wire)),
                    **({"draft": list(step.draft)} if step.draft and role.embeds else {}),
-                   **session.signer.sign(step.position, received.shape[1], in_digest,
-                                         wire_digest(told, session.opened.wire))}
+                   **({"prev": step.receipt} if step.receipt is not None else {})}
         if role.samples:
             if tokens:  # a ring's last stage sends tokens (or its head's part), not hidden states
                 self._feed_tokens(session, tokens, next_position)
@@ -714,7 +734,9 @@ class StageServer:
         metadata = {"position": step.position, **({"sample": True} if step.sample else {}),
                     **({"draft": list(step.draft)} if step.draft else {})}
         if role.pushes:
-            session.push_link.send(pack(metadata, [output], wire=session.opened.wire))
+            pushed = receipt if output is told else session.signer.receipt(wire_digest(output, session.opened.wire))
+            signed = {key: pushed[key] for key in ("in", "out", "chain", "sig")}
+            session.push_link.send(pack({**metadata, "receipt": signed}, [output], wire=session.opened.wire))
             self._echo(session, receipt, echoed)  # after the push, which is on the critical path
         else:
             signed = {k: v for k, v in receipt.items() if k not in metadata}

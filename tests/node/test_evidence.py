@@ -45,7 +45,8 @@ def _witness(key: RSAPrivateKey, inputs: torch.Tensor, steps: list[tuple[int, in
         rows = inputs[:, position:position + tokens]
         output = _layer(inputs[:, :position + tokens])[:, position:]
         output = output + noise * torch.randn_like(output)
-        receipt = signer.sign(position, tokens, digest(rows), wire_digest(output, "none"))
+        signer.step(position, tokens, digest(rows))
+        receipt = signer.receipt(wire_digest(output, "none"))
     return Witness(signer.endorsement, steps, receipt, output)
 
 
@@ -147,3 +148,49 @@ def test_credit_sums_signed_tallies_skips_malformed_ones_and_self_credit():
     found.value[subkeys[2]] = ValueWithExpiration({"credit": too_many}, 0.0)
     assert sum_tallies(found) == {"A": CheckedCredit(17, 2), "B": CheckedCredit(5, 1)}
     assert sum_tallies(None) == {}
+
+
+def _stage(key: RSAPrivateKey, session: str = "s") -> ReceiptSigner:
+    return ReceiptSigner(key, session=session, client="client", start=0, end=3, dtype="float32", quant="none",
+                         wire="none")
+
+
+def test_an_equivocation_is_proven_by_the_signed_receipts_and_pinned_on_the_right_end():
+    from node.client.session import StageFailure
+    from node.client.verify import Ledger
+    from node.net.evidence import equivocation_proof
+    from node.net.protocol import pack_response
+
+    inputs, honest, noisy = torch.randn(1, 1, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8)
+
+    def link(*, sender_lies: bool = False, receiver_lies: bool = False) -> tuple[Ledger, StageFailure]:
+        sender, receiver = _stage(KEYS[0]), _stage(KEYS[1])
+        sender.step(0, 1, digest(inputs))
+        pushed = sender.receipt(digest(noisy if sender_lies else honest))  # what it signs for its push
+        received = noisy if sender_lies or receiver_lies else honest
+        receiver.step(0, 1, digest(received))
+        ledger = Ledger(PEERS[:2], [sender.endorsement, receiver.endorsement], MODEL)
+        ledger.put_nowait((0, pack_response({"echo": 0, **sender.receipt(digest(honest))}, [honest])))
+        ledger.put_nowait((1, pack_response({"position": 0, **receiver.receipt(digest(received)), "prev": pushed},
+                                            [received])))
+        failures = [item for _, item in (ledger.get_nowait() for _ in range(ledger.qsize()))
+                    if isinstance(item, StageFailure)]
+        return ledger, failures[0]
+
+    ledger, failure = link(sender_lies=True)  # pushed one output, told the client another: its own two signatures
+    assert (failure.code, failure.peer, failure.reporter) == ("equivocated", PEERS[0], PEERS[0])
+    assert verify_proof(ledger.proofs[0], model=MODEL, accused=PEERS[0]) == PEERS[0]
+    ledger, failure = link(receiver_lies=True)  # says it ran what its sender never signed for: no proof, but its fault
+    assert (failure.code, failure.peer) == ("equivocated", PEERS[1]) and not ledger.proofs
+
+    proof = link(sender_lies=True)[0].proofs[0]
+    same = copy.deepcopy(proof)
+    same["receipts"][1] = same["receipts"][0]  # one statement twice is no contradiction
+    rewound = copy.deepcopy(proof)
+    rewound["receipts"][1]["chain"] = bytes(16)  # two different steps at one position (after a rewind)
+    other = _stage(KEYS[2])
+    other.step(0, 1, "x")
+    pinned = equivocation_proof(MODEL, PEERS[2], other.endorsement, 0, 1, proof["receipts"])  # another's receipts
+    for forged in (same, rewound, pinned, {**proof, "position": 1}):
+        with pytest.raises(EvidenceError):
+            verify_proof(forged, model=MODEL)

@@ -175,8 +175,9 @@ async def _scenarios(swarm: LocalSwarm, prompt_ids: list[int]) -> None:
                 assert adversary in _long_bans(client)  # outvoted by two honest replicas: proven
                 assert any(r.verdict == "liar" and r.peer == adversary for r in auditor.reports)
                 assert revisions  # tokens made through it were withdrawn
-            if kind == "equivocator":
-                assert "equivocation" in [e.code for e in session.events]  # at the prompt: nothing to revise
+            if kind == "equivocator":  # at the prompt (nothing to revise), convicted by its own two signatures
+                assert "equivocated" in [e.code for e in session.events] and adversary in _long_bans(client)
+                assert adversary in client.peer.proof_book(swarm.source.name).proven  # and the proof published
             if kind == "blamer":
                 assert [e.code for e in session.events] == ["push_failed"] and not revisions
     finally:
