@@ -23,7 +23,7 @@ from node.net.membership import SwarmPeer, owner_subkey, subkey_owner
 from swarm.records import RecordError
 
 CREDIT_TTL_S = 24 * 3600.0
-MAX_CREDIT_PEERS = 256  # a tally names at most this many nodes (its largest)
+MAX_CREDIT_PEERS = 128  # a tally names at most this many nodes (its largest): a DHT call stays under 16 KB
 MAX_CREDIT_TOKENS = 1 << 40
 
 

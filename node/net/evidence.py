@@ -16,10 +16,11 @@ tolerance of the dtypes, wire codecs and quantizations all three endorsed and th
 accuser cannot forge a proof against an honest node: it would need that node's signature on a wrong output. It
 could bring two hostile verifiers of its own (a Sybil majority of replicas): out of scope, as in docs/trust.md.
 
-Publishing (`ProofBook`): a proof is stored on the DHT under a key per accused peer (`proofs_key`), under a subkey
-that is the hash of the proof, for `PROOF_TTL_S`. Honest DHT peers refuse a proof over `MAX_PROOF_BYTES` or under a
-subkey that is not its hash (`ProofValidator`: no one can overwrite a published proof with junk); a reader checks at
-most `MAX_PROOFS_READ` entries of a key, picked at random, so a flood of junk under a peer's key costs it bounded
+Publishing (`ProofBook`): a proof of at most `MAX_PROOF_BYTES` is stored on the DHT under a key per accused peer
+(`proofs_key`), for `PROOF_TTL_S`, in parts of `PART_BYTES` and a list of the parts' hashes (`proof_entries`), each
+under a subkey that is its own hash. Honest DHT peers refuse an entry over `MAX_ENTRY_BYTES` or under a subkey that
+is not its hash (`ProofValidator`: no one can overwrite a published proof with junk); a reader assembles at most
+`MAX_PROOFS_READ` listed proofs of a key, picked at random, so a flood of junk under a peer's key costs it bounded
 work. Only a proof that verifies changes anything; one is enough.
 """
 
@@ -54,6 +55,8 @@ from node.net.wire import encode as wire_encode
 logger = logging.getLogger(__name__)
 
 MAX_PROOF_BYTES = 512 << 10  # ~200 positions of a 576-wide fp32 stage's inputs; later lies stay with their client
+PART_BYTES = 8 << 10  # a proof is stored in parts: a hivemind DHT call must stay under 16 KB (see proof_entries)
+MAX_ENTRY_BYTES = PART_BYTES + 1024
 MAX_PROOF_STEPS = 4096
 MAX_PROOFS_READ = 8  # entries checked per accused peer and read
 PROOF_TTL_S = 24 * 3600.0
@@ -326,8 +329,9 @@ def proof_subkey(value_bytes: bytes) -> str:
 
 
 class ProofValidator(RecordValidatorBase):
-    """Refuses a proof stored under another key than its accused's, over MAX_PROOF_BYTES, or under a subkey that
-    is not its hash. (As with server records, a value that does not say it is a proof is left to its readers.)"""
+    """Refuses an entry of a published proof (a part, or the list of parts) stored under another key than its
+    accused's, over MAX_ENTRY_BYTES, or under a subkey that is not its hash: no one can overwrite a published
+    proof's entries. (As with server records, a value that does not say it is a proof's is left to its readers.)"""
 
     def validate(self, record: DHTRecord) -> bool:
         try:
@@ -335,15 +339,43 @@ class ProofValidator(RecordValidatorBase):
         except Exception:
             return False
         if not isinstance(value, dict) or value.get("v") != 1 or "accused" not in value:
-            return True  # not a proof
+            return True  # not a proof's
         model, accused = value.get("model"), value.get("accused")
         try:
             subkey = MSGPackSerializer.loads(record.subkey) if record.subkey is not None else None
         except Exception:
             return False
-        return (isinstance(model, str) and isinstance(accused, str) and len(record.value) <= MAX_PROOF_BYTES
+        return (isinstance(model, str) and isinstance(accused, str) and len(record.value) <= MAX_ENTRY_BYTES
                 and record.key == DHTID.generate(source=proofs_key(model, accused)).to_bytes()
                 and subkey == proof_subkey(record.value))
+
+
+def proof_entries(proof: dict[str, Any]) -> list[dict[str, Any]]:
+    """A proof as DHT entries of at most MAX_ENTRY_BYTES: its serialized bytes in parts of PART_BYTES, then the
+    list of the parts' hashes. (A hivemind DHT call carrying more than 16 KB breaks the DHT's process: it reads its
+    pipe without blocking, so a message written in two pieces is cut.)"""
+    data = MSGPackSerializer.dumps(proof)
+    head = {"v": 1, "model": proof["model"], "accused": proof["accused"]}
+    parts = [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)]
+    return [*({**head, "part": part} for part in parts), {**head, "parts": [proof_subkey(p) for p in parts]}]
+
+
+def assemble_proofs(entries: list[Any], limit: int = MAX_PROOFS_READ) -> list[Any]:
+    """The proofs that `entries` (the values under an accused's key) hold whole, at most `limit` of them, picked
+    at random among those listed (each decoded, not yet verified)."""
+    parts = {proof_subkey(e["part"]): e["part"] for e in entries
+             if isinstance(e, dict) and isinstance(e.get("part"), bytes) and len(e["part"]) <= PART_BYTES}
+    lists = [e["parts"] for e in entries if isinstance(e, dict) and isinstance(e.get("parts"), list)
+             and 0 < len(e["parts"]) <= MAX_PROOF_BYTES // PART_BYTES]
+    random.shuffle(lists)
+    proofs = []
+    for hashes in lists[:limit]:
+        if all(isinstance(h, str) and h in parts for h in hashes):
+            try:
+                proofs.append(MSGPackSerializer.loads(b"".join(parts[h] for h in hashes)))
+            except Exception:
+                proofs.append(None)
+    return proofs
 
 
 class ProofBook:
@@ -354,7 +386,7 @@ class ProofBook:
         self.dht, self.model, self.reread_s = dht, model, reread_s
         self.proven: dict[str, dict[str, Any]] = {}  # accused -> a proof that verified
         self._read_at: dict[str, float] = {}
-        self.refused = 0  # entries read that did not verify (forged, stale or junk)
+        self.refused = 0  # proofs read that did not verify (forged, stale or junk)
 
     async def liars(self, peers: Iterable[str]) -> frozenset[str]:
         """Those of `peers` proven to have lied (reading the proofs of those not read lately)."""
@@ -377,23 +409,27 @@ class ProofBook:
                                        READ_TIMEOUT_S)
         if found is None or not isinstance(found.value, dict):
             return
-        entries = list(found.value.values())
-        random.shuffle(entries)
-        for entry in entries[:MAX_PROOFS_READ]:
+        for proof in assemble_proofs([item.value for item in found.value.values()]):
             try:
-                verify_proof(entry.value, model=self.model, accused=accused)
+                verify_proof(proof, model=self.model, accused=accused)
             except EvidenceError as e:
                 self.refused += 1
                 logger.info("ignored a proof against %s: %s", accused[:16], e)
                 continue
             logger.warning("%s is a proven liar (a published proof checks out): not using it", accused)
-            self.proven[accused] = entry.value
+            self.proven[accused] = proof
             return
 
     async def publish(self, proof: dict[str, Any]) -> bool:
-        """Checks `proof` as any reader will, remembers it, and stores it under its accused's key."""
+        """Checks `proof` as any reader will, remembers it, and stores it in parts under its accused's key (the
+        list of parts last, so that a reader finds a list only once its parts are there)."""
         accused = verify_proof(proof, model=self.model)
         self.proven[accused] = proof
-        value_bytes = MSGPackSerializer.dumps(proof)
-        return await self.dht.store(proofs_key(self.model, accused), subkey=proof_subkey(value_bytes), value=proof,
+        *parts, listing = proof_entries(proof)
+        stored = await asyncio.gather(*(self._store(accused, entry) for entry in parts))
+        return all(stored) and await self._store(accused, listing)
+
+    async def _store(self, accused: str, entry: dict[str, Any]) -> bool:
+        subkey = proof_subkey(MSGPackSerializer.dumps(entry))
+        return await self.dht.store(proofs_key(self.model, accused), subkey=subkey, value=entry,
                                     expiration_time=get_dht_time() + PROOF_TTL_S, return_future=True)

@@ -12,13 +12,16 @@ from hivemind.utils import MSGPackSerializer
 from hivemind.utils.crypto import RSAPrivateKey
 
 from node.net.evidence import (
+    MAX_ENTRY_BYTES,
     MAX_PROOF_BYTES,
     EvidenceError,
     ProofValidator,
     ReceiptSigner,
     Witness,
+    assemble_proofs,
     build_proof,
     endorsed_peer,
+    proof_entries,
     proof_subkey,
     proofs_key,
     verify_proof,
@@ -109,10 +112,15 @@ def test_every_forgery_is_refused():
         verify_proof(proof, model="another model")
 
 
-def test_the_dht_refuses_an_oversized_proof_or_one_under_another_subkey():
+def test_a_proof_travels_in_small_parts_and_the_dht_refuses_oversized_or_misplaced_ones():
     proof, _ = _proof()
+    big = {**proof, "inputs": build_proof(MODEL, PEERS[0], 0, 3, torch.randn(1, 200, 64), [])["inputs"]}
+    entries = proof_entries(big)
+    assert len(entries) > 5 and all(len(MSGPackSerializer.dumps(e)) <= MAX_ENTRY_BYTES for e in entries)
+    assert assemble_proofs(entries) == [MSGPackSerializer.loads(MSGPackSerializer.dumps(big))]
+    assert assemble_proofs(entries[1:]) == []  # a part missing: nothing to verify
     validator = ProofValidator()
-    value = MSGPackSerializer.dumps(proof)
+    value = MSGPackSerializer.dumps(entries[0])
 
     def record(value: bytes, subkey: str, accused: str = PEERS[0]) -> DHTRecord:
         from hivemind.dht.routing import DHTID
@@ -120,10 +128,10 @@ def test_the_dht_refuses_an_oversized_proof_or_one_under_another_subkey():
                          subkey=MSGPackSerializer.dumps(subkey), value=value, expiration_time=0.0)
 
     assert validator.validate(record(value, proof_subkey(value)))
-    junk = MSGPackSerializer.dumps({**proof, "witnesses": []})  # overwriting the proof's subkey with junk
+    junk = MSGPackSerializer.dumps({**entries[0], "part": b"junk"})  # overwriting the part's subkey with junk
     assert not validator.validate(record(junk, proof_subkey(value)))
     assert not validator.validate(record(value, proof_subkey(value), accused=PEERS[1]))  # under another's key
-    huge = MSGPackSerializer.dumps({**proof, "padding": bytes(MAX_PROOF_BYTES)})
+    huge = MSGPackSerializer.dumps({**entries[0], "part": bytes(MAX_ENTRY_BYTES)})
     assert not validator.validate(record(huge, proof_subkey(huge)))
     assert validator.validate(record(MSGPackSerializer.dumps({"model": MODEL}), "x"))  # not a proof: not ours
 
