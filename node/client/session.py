@@ -178,8 +178,21 @@ class ChainSession:
         self.streams[0].send(pack({"position": position, "tokens": list(token_ids)}))
         return wire_decode((await self._answer_from((0,), position))[1].tensors[0])
 
-    def _send(self, stream: _Stream, hidden: torch.Tensor, position: int) -> None:
-        message = pack({"position": position}, [hidden], wire=self.wire)
+    async def sampled_token(self, hidden: torch.Tensor, position: int, *, sample: bool) -> int | None:
+        """A one-stage check of a ring's sampling (opened with `sampling` at the model's end, not at layer 0): sends
+        `hidden` from `position`; with `sample`, returns the token the stage samples after it. Its output comes as
+        an echo (a ledger keeps it)."""
+        self._send(self.streams[0], hidden, position, sample=sample)
+        if not sample:
+            return None
+        metadata, _, _ = await self._answer_from((0,), position + hidden.shape[1], "token")
+        token = metadata["token"]
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise StageFailure(self.chain[0].node_id, f"sent a malformed token {token!r}", code="bad_response")
+        return token
+
+    def _send(self, stream: _Stream, hidden: torch.Tensor, position: int, *, sample: bool = False) -> None:
+        message = pack({"position": position, **({"sample": True} if sample else {})}, [hidden], wire=self.wire)
         if self.ledger is not None:  # what the stage will say it received: the tensor as it decodes it
             self.ledger.feed(stream.index, position, digest(wire_decode(message.tensors[0])))
         stream.send(message)
@@ -417,7 +430,7 @@ class SwarmClient:
                 "relay": relay, "wire": wire, **({"embed": True} if embed else {}),
                 **({"speculate": speculate} if speculate else {}),
             }
-            if sampling is not None and first:  # it samples too when it shares the head with the last stage
+            if sampling is not None and first and hop.start == 0:  # it samples too when it shares the head
                 fields.update(embed=True, sampling=sampling.to_wire(), share_head=share_head)
             if sampling is not None and last:
                 fields["sampling"] = sampling.to_wire()

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hivemind.proto import runtime_pb2
 
 from node.client.session import ChainSession, StageFailure, SwarmClient
+from node.model.sampling import SamplingParams
 from node.model.speculative import MAX_DRAFT_TOKENS
 from node.net.evidence import (
     EvidenceError,
@@ -86,6 +87,17 @@ class VerificationReport:
     tiebreaker: str | None = None
 
 
+@dataclass(frozen=True)
+class Recomputed:
+    """A verifier's re-run of a checked step."""
+
+    output: torch.Tensor
+    peer: str
+    dtype: torch.dtype  # the dtype the verifier announced
+    witness: Witness | None  # its signed account of the step (node.net.evidence)
+    token: int | None = None  # a check of a ring's last stage: the token it sampled after the step
+
+
 class Ledger(asyncio.Queue):
     """A ChainSession's event queue that also keeps every stage's receipts: its outputs and the digests of its
     inputs, by stage index and position. Echoes are diverted here; answers pass through and are kept too.
@@ -108,6 +120,7 @@ class Ledger(asyncio.Queue):
         self.signed: dict[int, dict[int, dict]] = {}  # each step's signed receipt {"in", "out", "chain", "sig"}
         self.forwarded: dict[int, dict[int, object]] = {}  # the pusher's signed receipt each stage says it ran
         self.credited: dict[int, int] = {}  # stage index -> positions credited as checked work (see Auditor.check)
+        self.announced: dict[int, tuple[int, int]] = {}  # a ring: position -> (the token sampled there, by stage)
         self.fed: dict[int, dict[int, tuple[str, int | None]]] = {}  # what each stage was fed, and by which stage
         # (None: the client; in a ring, the first stage is fed each token the last stage announced)
         self.equivocations: list[tuple[int, int]] = []  # (receiving stage index, position)
@@ -146,6 +159,8 @@ class Ledger(asyncio.Queue):
         self._note(self.fed, index, position, (input_digest, sender))
 
     def feed_tokens(self, position: int, token_ids: list[int], sender: int | None = None) -> None:
+        if sender is not None and len(token_ids) == 1:  # a ring's token, as stage `sender` announced it
+            self.announced[position] = (token_ids[0], sender)
         self.feed(0, position, token_digest(token_ids), sender)
 
     def _note(self, table: dict, index: int, position: int, value: object) -> None:
@@ -304,42 +319,88 @@ class Auditor:
         if inputs is None or claimed is None:
             return self._report(hop, position, None, float("nan"), "unchecked", float("nan"))
         stage_dtype = announced_dtype(session.streams[index].opened.get("dtype"))
-        candidates = await self._verifiers(hop)
-        reference, verifier, verifier_dtype, first = await self._recompute_on_any(candidates, hop, inputs, position,
-                                                                                  end, want=stage_dtype)
-        if reference is None:
+        candidates = await self._verifiers(hop)  # (which also learns every node's quantization)
+        sampled, announcer = self._sampled_token(session, index, end)
+        if not self._exact(hop.node_id, stage_dtype):
+            sampled = None  # its token is not compared (see `_exact`)
+        sampling = session.sampling if sampled is not None else None
+        first = await self._recompute_on_any(candidates, hop, inputs, position, end, want=stage_dtype,
+                                             sampling=sampling)
+        if first is None:
             return self._report(hop, position, None, float("nan"), "unchecked", float("nan"))
-        tolerance = self.tolerance_between((hop.node_id, stage_dtype), (verifier, verifier_dtype))
-        error = relative_error(claimed, reference)
-        if error <= tolerance:
+        tolerance = self.tolerance_between((hop.node_id, stage_dtype), (first.peer, first.dtype))
+        error = relative_error(claimed, first.output)
+        if error <= tolerance and self._token(first) in (None, sampled):
             self._credit(ledger, index, hop.node_id, end)
-            return self._report(hop, position, verifier, error, "honest", tolerance)
+            return self._report(hop, position, first.peer, error, "honest", tolerance)
         # A dispute: a third node decides; no one is called a liar unless two others agree against it.
-        third, tiebreaker, third_dtype, second = await self._recompute_on_any(candidates, hop, inputs, position, end,
-                                                                              want=stage_dtype)
+        second = await self._recompute_on_any(candidates, hop, inputs, position, end, want=stage_dtype,
+                                              sampling=sampling)
         # One tolerance for the three comparisons: the loosest of the three nodes' dtypes and quantizations.
-        tolerance = self.tolerance_between((hop.node_id, stage_dtype), (verifier, verifier_dtype),
-                                           (tiebreaker, third_dtype or stage_dtype))
-        if third is not None and relative_error(reference, third) <= tolerance < relative_error(claimed, third):
+        tolerance = self.tolerance_between((hop.node_id, stage_dtype), (first.peer, first.dtype),
+                                           *(((second.peer, second.dtype),) if second else ()))
+
+        def agree(output: torch.Tensor, token: int | None, other: Recomputed) -> bool:
+            """Outputs within the tolerance, and the same token where both are compared."""
+            other_token = self._token(other)
+            same_token = token is None or other_token is None or token == other_token
+            return relative_error(output, other.output) <= tolerance and same_token
+
+        outvoted = second is not None and agree(first.output, self._token(first), second) and not agree(
+            claimed, sampled, second)
+        if outvoted and announcer not in (None, index) and relative_error(claimed, second.output) <= tolerance:
+            # Its output is right but the token is not, and the first stage sampled it from the LM head the two
+            # shared: either may have lied (its part of the logits, or the merge). Both are avoided, neither banned.
+            verdict = "unresolved"
+            for peer in (hop.node_id, session.chain[announcer].node_id):
+                self.client.ban(peer, for_s=SUSPECT_AVOID_S)
+        elif outvoted:
             verdict = "liar"
             self.client.ban(hop.node_id, for_s=PROVEN_BAN_S)
-            accused = ledger.witness(index, position, session.streams[index].opened.get("endorsement"))
-            await self._publish(hop, inputs, [accused, first, second])
-        elif third is not None and relative_error(claimed, third) <= tolerance < relative_error(reference, third):
+            if relative_error(claimed, second.output) > tolerance:  # a sampled token alone is not signed: no proof
+                accused = ledger.witness(index, position, session.streams[index].opened.get("endorsement"))
+                await self._publish(hop, inputs, [accused, first.witness, second.witness])
+        elif second is not None and agree(claimed, sampled, second) and not agree(
+                first.output, self._token(first), second):
             verdict = "verifier_lied"
-            self.client.ban(verifier, for_s=PROVEN_BAN_S)
+            self.client.ban(first.peer, for_s=PROVEN_BAN_S)
         else:
             verdict = "unresolved"
-            for peer in (hop.node_id, verifier):
+            for peer in (hop.node_id, first.peer):
                 self.client.ban(peer, for_s=SUSPECT_AVOID_S)
-        report = self._report(hop, position, verifier, error, verdict, tolerance, tiebreaker)
-        logger.warning("check of %s (layers %d:%d) at position %d: error %.2e > %.2e, %s", hop.node_id, hop.start,
-                       hop.end, position, error, tolerance, verdict)
+        report = self._report(hop, position, first.peer, error, verdict, tolerance, second and second.peer)
+        checked = self._token(first)
+        tokens = f", sampled {sampled} where the check sampled {checked}" if checked not in (None, sampled) else ""
+        logger.warning("check of %s (layers %d:%d) at position %d: error %.2e (tolerance %.2e)%s: %s", hop.node_id,
+                       hop.start, hop.end, position, error, tolerance, tokens, verdict)
         if verdict != "verifier_lied":
             raise StageFailure(hop.node_id, f"failed verification at position {position}: relative error "
-                               f"{error:.2e} > {tolerance:.1e} ({verdict})",
+                               f"{error:.2e} (tolerance {tolerance:.1e}){tokens} ({verdict})",
                                code="failed_verification" if verdict == "liar" else "disputed")
         return report
+
+    def _exact(self, peer: str, dtype: torch.dtype) -> bool:
+        """Whether a node's sampled token is compared with another's: only between fp32 nodes of unquantized layers.
+        A check samples from its own re-run of the step, whose hidden state differs from the served one by the
+        dtypes' noise; in fp32 (3e-6) that flips a token only at a near-exact tie of two logits, but bf16 chains
+        were measured to pick another greedy token now and then, which would convict an honest node."""
+        return dtype == torch.float32 and self.quants.get(peer, "none") == "none"
+
+    def _token(self, found: Recomputed) -> int | None:
+        """A verifier's sampled token, where it counts (`_exact`)."""
+        return found.token if found.token is not None and self._exact(found.peer, found.dtype) else None
+
+    @staticmethod
+    def _sampled_token(session: ChainSession, index: int, end: int) -> tuple[int | None, int | None]:
+        """At a ring's last stage (`index`): the token sampled after its step ending at `end`, which its check
+        re-derives, and the stage that announced it (itself, or the first stage when they shared the LM head).
+        (None, None) when there is none to check: not a ring's last stage, a speculating ring, or sampling with no
+        seed (each draw is fresh: no one can re-derive it)."""
+        params = session.sampling
+        if params is None or index == 0 or index != len(session.chain) - 1 or session.ledger.drafts or (
+                params.temperature > 0 and params.seed is None):
+            return None, None  # (a one-stage ring embeds: its check takes token ids and samples nothing)
+        return session.ledger.announced.get(end, (None, None))
 
     def _credit(self, ledger: Ledger, index: int, peer: str, end: int) -> None:
         """A check passed at a stage: the tokens it ran in this session through the checked step, not credited yet,
@@ -380,44 +441,55 @@ class Auditor:
         return sorted(peers, key=lambda peer: self.quants.get(peer, "none") != mine)  # stable: random within each
 
     async def _recompute_on_any(self, candidates: list[str], hop: Hop, inputs: torch.Tensor | list[int],
-                                position: int, end: int, *, want: torch.dtype
-                                ) -> tuple[torch.Tensor | None, str | None, torch.dtype, Witness | None]:
+                                position: int, end: int, *, want: torch.dtype,
+                                sampling: SamplingParams | None = None) -> Recomputed | None:
         """Recomputes on the first candidate that answers (popping those tried), preferring one that computes at
-        least as precisely as `want` (a looser dtype loosens the check); (None, None, _) if none answers."""
+        least as precisely as `want` (a looser dtype loosens the check); None if none answers. With `sampling`
+        (a ring's last stage), the candidate also samples the token after the step."""
         looser: list[str] = []
         while candidates or looser:
             precise = bool(candidates)
             peer = (candidates or looser).pop(0)
             try:
-                output, dtype, witness = await self._recompute(Hop(peer, hop.start, hop.end), inputs, position, end,
-                                                               at_most=TOLERANCES[want] if precise else None)
-                if output is not None:
-                    return output, peer, dtype, witness
+                found = await self._recompute(Hop(peer, hop.start, hop.end), inputs, position, end,
+                                              at_most=TOLERANCES[want] if precise else None, sampling=sampling)
+                if found is not None:
+                    return found
                 looser.append(peer)
             except (StageFailure, TimeoutError) as e:
                 logger.info("verifier %s could not recompute: %s", peer, e)
-        return None, None, torch.bfloat16, None
+        return None
 
     async def _recompute(self, hop: Hop, inputs: torch.Tensor | list[int], position: int, end: int, *,
-                         at_most: float | None = None) -> tuple[torch.Tensor | None, torch.dtype, Witness | None]:
+                         at_most: float | None = None, sampling: SamplingParams | None = None) -> Recomputed | None:
         """Runs the step [position, end) on `hop` after replaying its inputs before it, in a fresh one-stage
-        session (given token ids, the verifier embeds them as the checked first stage did); (None, its dtype)
-        without running anything if the node announces a dtype whose tolerance exceeds `at_most`. With the output, the
-        verifier's signed account of the step (a witness for a proof)."""
+        session (given token ids, the verifier embeds them as the checked first stage did), with the verifier's
+        signed account of the step (a witness for a proof); with `sampling` (a ring's last stage: hidden states in)
+        also the token it samples after the step. None, without running anything, if the node announces a dtype
+        whose tolerance exceeds `at_most`."""
         tokens = isinstance(inputs, list)
         session = await self.client.open_session([hop], max_length=end, wire=self.wire, embed=tokens,
-                                                 step_timeout_s=self.step_timeout_s)
+                                                 sampling=sampling, step_timeout_s=self.step_timeout_s)
         ledger = attach_ledger(session)
         try:
             dtype = announced_dtype(session.streams[0].opened.get("dtype"))
             if at_most is not None and TOLERANCES[dtype] > at_most:
-                return None, dtype, None
-            run = session.embed_step if tokens else session.step
-            for offset in range(0, position, PREFILL_CHUNK_TOKENS):
-                await run(inputs[:, offset:min(position, offset + PREFILL_CHUNK_TOKENS)] if not tokens
-                          else inputs[offset:min(position, offset + PREFILL_CHUNK_TOKENS)], offset)
-            output = await run(inputs[:, position:end] if not tokens else inputs[position:end], position)
-            return output, dtype, ledger.witness(0, position, session.streams[0].opened.get("endorsement"))
+                return None
+            token = None
+            if sampling is not None:
+                for offset in range(0, position, PREFILL_CHUNK_TOKENS):
+                    await session.sampled_token(inputs[:, offset:min(position, offset + PREFILL_CHUNK_TOKENS)], offset,
+                                                sample=False)
+                token = await session.sampled_token(inputs[:, position:end], position, sample=True)
+                output = await ledger.output(0, position)
+            else:
+                run = session.embed_step if tokens else session.step
+                for offset in range(0, position, PREFILL_CHUNK_TOKENS):
+                    await run(inputs[:, offset:min(position, offset + PREFILL_CHUNK_TOKENS)] if not tokens
+                              else inputs[offset:min(position, offset + PREFILL_CHUNK_TOKENS)], offset)
+                output = await run(inputs[:, position:end] if not tokens else inputs[position:end], position)
+            return Recomputed(output, hop.node_id, dtype,
+                              ledger.witness(0, position, session.streams[0].opened.get("endorsement")), token)
         finally:
             await session.close()
 

@@ -8,6 +8,9 @@ benchmarks/verification.py); an honest node has no `Adversary`. Each kind is one
 - "rare": lies as "liar" on about one step in 50, at random.
 - "sly": lies as "liar" only in sessions opened without the `audit` flag (which no client sets any more).
 - "blamer": answers its third step with an error whose `peer` names its neighbour, to get that one banned.
+- "missampler": a ring's last stage that computes honestly but samples another token than (seed, position) and the
+  logits give (the next id up), announcing and feeding that one alike; it declines to share the LM head's work
+  with the first stage (which would sample instead of it).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-KINDS = ("liar", "equivocator", "rare", "sly", "blamer")
+KINDS = ("liar", "equivocator", "rare", "sly", "blamer", "missampler")
 RARE_ONE_IN = 50
 BLAME_AT_STEP = 3
 
@@ -36,11 +39,19 @@ class Adversary:
     def outputs(self, hidden: torch.Tensor, *, audited: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(what this node sends on and samples from, what it echoes to the client) for an honest output."""
         lies = {"liar": True, "equivocator": True, "rare": self.rng.randrange(RARE_ONE_IN) == 0,
-                "sly": not audited, "blamer": False}[self.kind]
+                "sly": not audited, "blamer": False, "missampler": False}[self.kind]
         if not lies:
             return hidden, hidden
         noisy = perturb(hidden, self.scale)
         return noisy, hidden if self.kind == "equivocator" else noisy
+
+    def sampled(self, tokens: list[int], vocab_size: int) -> list[int]:
+        """The tokens this node says it sampled, for those it did."""
+        return [(t + 1) % vocab_size for t in tokens] if self.kind == "missampler" else tokens
+
+    @property
+    def shares_head(self) -> bool:
+        return self.kind != "missampler"
 
     def blames_now(self, session_id: str) -> bool:
         """Counts the session's steps; a blamer accuses its neighbour instead of running the BLAME_AT_STEP-th."""

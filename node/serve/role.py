@@ -14,7 +14,9 @@ A ring (opened with `sampling`; never relayed) has three kinds of stage:
 - FIRST: `embed`, at layer 0, short of the model's end; names `next` and `prev` (the last stage, which
   sends the sampled tokens back). It splits the LM head's work with the last stage when the open allows
   (`share_head`) and this stage holds a share of the head.
-- LAST: the model's last layer, no `embed`; names `next` (the first stage) and sends it each token.
+- LAST: the model's last layer, no `embed`; names `next` (the first stage) and sends it each token. Named
+  neither `prev` nor `next`, it is a check (`node.client.verify`): the client sends it hidden states and it
+  answers with its output (an echo) and the token it samples after a step flagged `sample`, and feeds no one.
 - WHOLE: `embed` and the model's last layer: one stage is the ring, names no neighbour, feeds itself.
 """
 
@@ -81,9 +83,9 @@ def _ring(opened: OpenSession, *, ends_model: bool, has_head: bool) -> Ring:
             _refuse("a ring's first stage takes the sampled tokens back from the last stage: name it as 'prev'")
         return Ring.FIRST
     if not opened.embed:
-        if opened.next_peer is None:
-            _refuse("a sampling stage feeds its tokens to the first stage: name it as 'next', or also 'embed' "
-                    "when this stage is the whole chain")
+        if opened.next_peer is None and opened.prev_peer is not None:
+            _refuse("a sampling stage feeds its tokens to the first stage: name it as 'next' (and 'prev'), or also "
+                    "'embed' when this stage is the whole chain, or neither to check a ring's sampling")
         return Ring.LAST
     if opened.prev_peer is not None or opened.next_peer is not None:
         _refuse("a stage that is the whole ring feeds itself its tokens: it names no 'prev' or 'next'")

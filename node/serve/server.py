@@ -678,6 +678,8 @@ class StageServer:
             step = self._with_draft(session, step)
         sampling = session.opened.sampling if step.sample and role.samples else None
         shared = session.push_link.head_split if sampling and session.push_link else None
+        if self.adversary is not None and not self.adversary.shares_head:
+            shared = None
         if self.adversary is not None and self.adversary.blames_now(session.session_id):
             neighbour = session.opened.next_peer or session.opened.prev_peer or self.stage.source.name
             session.outbox.put(error_response("push_failed", "the neighbour stopped answering", peer=neighbour))
@@ -699,6 +701,8 @@ class StageServer:
                 tokens = await self._verify(hidden, step.draft, sampling, next_position)
             else:
                 tokens = [await self._sample(hidden, sampling, next_position)] if sampling else []
+            if self.adversary is not None:
+                tokens = self.adversary.sampled(tokens, self.stage.source.config.vocab_size)
         except Exception as e:  # a compute failure: end the session rather than trust its cache
             logger.exception("step failed in session %s", session.session_id)
             session.outbox.put(error_response("internal", f"step failed: {type(e).__name__}: {e}"))
@@ -882,7 +886,7 @@ class StageServer:
             if session.role.embeds:
                 step = Step(None, at, torch.tensor([[token]]), sample=True)
                 session.feeding = asyncio.create_task(self._run_step(session, step))
-            else:
+            elif session.push_link is not None:  # else a check of a ring's sampling: the token goes to the client
                 session.push_link.send(pack({"position": at, "tokens": [token], "sample": True}))
         for offset, token in enumerate(tokens):
             session.outbox.put(pack_response({"token": token, "position": position + offset}))

@@ -37,7 +37,8 @@ ROLES = [
     ("0 0 1 0 * 1", NOT_A_SAMPLER),
     ("0 1 1 0 0 1", NO_PREV),
     ("0 1 1 0 1 1", "first: client+prev -> next"),
-    ("0 0 1 1 * 0", NO_NEXT),
+    ("0 0 1 1 0 0", "last: client -> client"),  # a check of a ring's sampling (node.client.verify)
+    ("0 0 1 1 1 0", NO_NEXT),
     ("0 0 1 1 0 1", "last: client -> next"),
     ("0 0 1 1 1 1", "last: prev -> next"),
     ("0 1 1 1 0 0", "whole: client -> itself"),

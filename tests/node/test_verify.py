@@ -23,7 +23,7 @@ from node.client.session import StageFailure, SwarmClient
 from node.client.verify import PROVEN_BAN_S, Auditor, Ledger, relative_error, tolerance_for
 from node.model.sampling import SamplingParams
 from node.net.credit import read_credit
-from node.net.evidence import endorsed_peer, proof_subkey, proofs_key, verify_proof
+from node.net.evidence import endorsed_peer, proof_entries, proof_subkey, proofs_key, verify_proof
 from node.net.membership import open_dht
 from node.net.protocol import digest, pack_response, token_digest
 
@@ -33,7 +33,8 @@ NEW_TOKENS = 12
 PERTURB = 0.01  # noise of 1% of the output's RMS: 100x the fp32 tolerance, small enough to look plausible
 # Nodes of the test swarm (a 6-layer tiny llama): two honest replicas of each half, and one of each adversary.
 HONEST = {0: (0, 3), 1: (0, 3), 2: (3, 6), 3: (3, 6)}
-ADVERSARIES = {4: ((0, 3), "liar"), 5: ((0, 3), "equivocator"), 6: ((0, 3), "blamer"), 7: ((3, 6), "sly")}
+ADVERSARIES = {4: ((0, 3), "liar"), 5: ((0, 3), "equivocator"), 6: ((0, 3), "blamer"), 7: ((3, 6), "sly"),
+               8: ((3, 6), "missampler")}
 
 
 class PreferringClient(SwarmClient):
@@ -171,7 +172,7 @@ async def _scenarios(swarm: LocalSwarm, prompt_ids: list[int]) -> None:
             assert tokens == reference, kind  # whatever it did, the user reads the honest answer
             assert not _long_bans(client) & honest, kind  # and no honest node is banned for it
             assert adversary in client.banned, kind  # the adversary is out of this client's chains
-            if kind in ("liar", "sly"):
+            if kind in ("liar", "sly", "missampler"):
                 assert adversary in _long_bans(client)  # outvoted by two honest replicas: proven
                 assert any(r.verdict == "liar" and r.peer == adversary for r in auditor.reports)
                 assert revisions  # tokens made through it were withdrawn
@@ -267,7 +268,7 @@ async def _proof_scenario(swarm: LocalSwarm, prompt_ids: list[int], liar: str, h
         forged = copy.deepcopy(proof)
         forged["accused"], forged["witnesses"][:2] = victim, forged["witnesses"][1::-1]
         junk = {"v": 1, "model": swarm.source.name, "accused": victim, "witnesses": ["x"] * 3}
-        for value in (forged, junk):
+        for value in (*proof_entries(forged), *proof_entries(junk)):
             subkey = proof_subkey(MSGPackSerializer.dumps(value))
             assert await peers[0].dht.store(proofs_key(swarm.source.name, victim), subkey=subkey, value=value,
                                             expiration_time=get_dht_time() + 600, return_future=True)
