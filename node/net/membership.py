@@ -32,9 +32,9 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from node.net.config import load_config
-from node.net.evidence import ProofBook, ProofValidator
 from node.net.identity import IdentityError, NodeIdentity, claim, ephemeral_identity, peer_id_from_owner_key
 from node.net.lifeline import GRACE_S, default_signals, die_with_spawner, kill_descendants, watch_parent
+from node.net.proofbook import ProofBook, ProofValidator
 from node.net.reachability import measure_in_dht, peer_ids_of, relay_p2p_options
 from swarm.records import RecordError, ServerRecord
 

@@ -12,22 +12,24 @@ from hivemind.utils import MSGPackSerializer
 from hivemind.utils.crypto import RSAPrivateKey
 
 from node.net.evidence import (
-    MAX_ENTRY_BYTES,
     MAX_PROOF_BYTES,
     EvidenceError,
-    ProofValidator,
     ReceiptSigner,
     Witness,
-    assemble_proofs,
     build_proof,
     endorsed_peer,
-    proof_entries,
-    proof_subkey,
-    proofs_key,
     verify_proof,
     wire_digest,
 )
 from node.net.identity import NodeIdentity
+from node.net.proofbook import (
+    MAX_ENTRY_BYTES,
+    ProofValidator,
+    assemble_proofs,
+    proof_entries,
+    proof_subkey,
+    proofs_key,
+)
 from node.net.protocol import digest
 
 MODEL = "tiny"

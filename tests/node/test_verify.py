@@ -23,8 +23,9 @@ from node.client.session import StageFailure, SwarmClient
 from node.client.verify import PROVEN_BAN_S, Auditor, Ledger, relative_error, tolerance_for
 from node.model.sampling import SamplingParams
 from node.net.credit import read_credit
-from node.net.evidence import endorsed_peer, proof_entries, proof_subkey, proofs_key, verify_proof
+from node.net.evidence import endorsed_peer, verify_proof
 from node.net.membership import open_dht
+from node.net.proofbook import proof_entries, proof_subkey, proofs_key
 from node.net.protocol import digest, pack_response, token_digest
 
 pytestmark = pytest.mark.timeout(900)
