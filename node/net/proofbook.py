@@ -102,21 +102,28 @@ class ProofBook:
         self.proven: dict[str, dict[str, Any]] = {}  # accused -> a proof that verified
         self._read_at: dict[str, float] = {}
         self.refused = 0  # proofs read that did not verify (forged, stale or junk)
+        self._background: set[asyncio.Future] = set()  # reads left running (`liars(wait=False)`)
 
-    async def liars(self, peers: Iterable[str]) -> frozenset[str]:
-        """Those of `peers` proven to have lied (reading the proofs of those not read lately)."""
+    async def liars(self, peers: Iterable[str], *, wait: bool = True) -> frozenset[str]:
+        """Those of `peers` proven to have lied, reading the proofs of those not read lately: at once, or
+        (`wait=False`, a node's heartbeat, which a slow DHT read must not hold up) in the background, for later."""
         peers, now = set(peers), time.monotonic()
         if len(self._read_at) > 4096:
             self._read_at.clear()
         due = [p for p in peers if p not in self.proven and now - self._read_at.get(p, -self.reread_s) >= self.reread_s]
         for peer in due:
             self._read_at[peer] = now
-        await asyncio.gather(*(self._read(peer) for peer in due), return_exceptions=True)
+        reads = asyncio.gather(*(self._read(peer) for peer in due), return_exceptions=True)
+        if wait:
+            await reads
+        else:
+            self._background.add(reads)
+            reads.add_done_callback(self._background.discard)
         return frozenset(peers & self.proven.keys())
 
-    async def drop_liars(self, records: list) -> list:
-        """`records` (ServerRecords) without those of proven liars."""
-        liars = await self.liars(r.peer_id for r in records)
+    async def drop_liars(self, records: list, *, wait: bool = True) -> list:
+        """`records` (ServerRecords) without those of proven liars (see `liars`)."""
+        liars = await self.liars((r.peer_id for r in records), wait=wait)
         return [r for r in records if r.peer_id not in liars]
 
     async def _read(self, accused: str) -> None:

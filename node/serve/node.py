@@ -413,9 +413,10 @@ class Node:
                             liars=await self.peer.proof_book(self.source.name).liars(r.peer_id for r in records))
 
     async def _records(self) -> list[ServerRecord]:
-        """The swarm's records but those of proven liars (node.net.evidence): the plan gives them no layers."""
+        """The swarm's records but those of proven liars (node.net.proofbook): the plan gives them no layers. Proofs
+        are read in the background, so a liar leaves the plan at the heartbeat after its proof was read."""
         records = await self.peer.list_servers(self.source.name, num_layers=self.source.num_layers)
-        return await self.peer.proof_book(self.source.name).drop_liars(records)
+        return await self.peer.proof_book(self.source.name).drop_liars(records, wait=False)
 
     async def _announce(self, state: str | None = None) -> None:
         assert self.record is not None and self.peer is not None
