@@ -15,12 +15,15 @@ netem) and the table compares each against its physical limit: the single-proces
 compute at the nodes' thread count + legs x D. A run's decode rate is one over the median
 gap between two tokens (a shared VM stalls now and then; the median keeps a stall out).
 
+The price of checks: --modes unchecked checked --replicas 2 (a ring through ResilientSession without and with
+its default checks; the checks need a second node per layer range).
+
 Speculation (`--speculate K`, default 8; `--speculation-only` skips the rest): the ring with and without
 prompt-lookup drafts, greedy, on (a) code and repetitive prompts and (b) a chat prompt, with each prompt's
 acceptance rate (draft tokens kept / verified at the last stage) and whether the outputs were identical;
 `speculative speedup` is the geometric mean of the (a) prompts' ratios of median decode rates.
 
-Usage: python benchmarks/pipeline.py [--model NAME] [--runs 5] [--new-tokens 64] [--delay-ms 20]
+Usage: python benchmarks/pipeline.py [--model NAME] [--runs 5] [--new-tokens 64] [--delay-ms 20] [--replicas 2]
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from node.app.local_swarm import LocalSwarm  # noqa: E402
+from node.app.local_swarm import LocalSwarm, even_split  # noqa: E402
 from node.client.chat import Message, chat_template_ids  # noqa: E402
+from node.client.failover import ResilientSession  # noqa: E402
 from node.client.generate import decode_one_token, prefill  # noqa: E402
 from node.client.session import SwarmClient, connect  # noqa: E402
 from node.model.checkpoint import DEFAULT_MODEL, load_tokenizer, resolve_model  # noqa: E402
@@ -141,13 +145,18 @@ class LocalBaseline:
 
 
 LEGS = {"ring": lambda stages: stages, "whole": lambda stages: stages, "push": lambda stages: stages + 1,
-        "relay": lambda stages: 2 * stages}
+        "relay": lambda stages: 2 * stages, "unchecked": lambda stages: stages, "checked": lambda stages: stages}
 RINGS = ("ring", "whole")
+# A ring through the client's ResilientSession, with its default checks (node.client.verify) or without; a
+# checked run's decode rate counts from its first token to the end of its last check, so the checks' cost shows.
+RESILIENT = ("unchecked", "checked")
 
 
 async def swarm_run(client: SwarmClient, head: ClientHead, prompt_ids: list[int], new_tokens: int, mode: str):
     """(time to first token, decode tokens/s) of one greedy generation; `mode` is one of LEGS."""
     params = SamplingParams(max_new_tokens=new_tokens)
+    if mode in RESILIENT:
+        return await resilient_run(client, prompt_ids, params, checked=mode == "checked")
     t0 = time.perf_counter()
     session = await client.open_session(await client.choose_chain(), max_length=len(prompt_ids) + new_tokens,
                                         relay=mode == "relay", sampling=params if mode in RINGS else None,
@@ -166,6 +175,18 @@ async def swarm_run(client: SwarmClient, head: ClientHead, prompt_ids: list[int]
     finally:
         await session.close()
     return times[0] - t0, decode_rate(times)
+
+
+async def resilient_run(client: SwarmClient, prompt_ids: list[int], params: SamplingParams, *, checked: bool):
+    session = ResilientSession(client, max_length=len(prompt_ids) + params.max_new_tokens, verify=checked)
+    t0 = time.perf_counter()
+    try:
+        times = [time.perf_counter() async for _ in session.generate(prompt_ids, params)]
+        done = time.perf_counter()  # generate returns once every check of the answer is in
+    finally:
+        await session.close()
+    assert len(times) == params.max_new_tokens, "a revision in an honest swarm"
+    return times[0] - t0, (len(times) - 1) / (done - times[0])
 
 
 async def aggregate_rate(client: SwarmClient, head: ClientHead, prompt_ids: list[int], new_tokens: int,
@@ -300,7 +321,9 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=0.0, help="emulated one-way delay of every leg")
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent sessions for the aggregate rate")
     parser.add_argument("--no-direct-links", action="store_true", help="stages push over libp2p only")
-    parser.add_argument("--modes", nargs="+", choices=sorted(LEGS), default=list(LEGS),
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="nodes per layer range (checks need a second node holding the layers)")
+    parser.add_argument("--modes", nargs="+", choices=sorted(LEGS), default=["ring", "whole", "push", "relay"],
                         help="ways through the chain to measure (fewer: more runs in the same time)")
     parser.add_argument("--speculate", type=int, default=8,
                         help="also compare the ring with and without speculation, drafts of up to this many tokens "
@@ -313,7 +336,8 @@ def main() -> None:
     node_args = ["--emulate-delay-ms", str(args.delay_ms)] if args.delay_ms else []
     node_args += ["--no-direct-links"] if args.no_direct_links else []
 
-    with LocalSwarm(args.model, num_nodes=args.nodes, threads_per_node=args.threads, node_args=node_args) as swarm:
+    ranges = [r for r in even_split(resolve_model(args.model).num_layers, args.nodes) for _ in range(args.replicas)]
+    with LocalSwarm(args.model, ranges, threads_per_node=args.threads, node_args=node_args) as swarm:
         source = swarm.source
         tokenizer = load_tokenizer(source)
         prompt_ids = chat_template_ids(tokenizer, [Message("user", "Explain pipeline parallelism in three sentences.")])

@@ -1,21 +1,21 @@
-"""Spot checks (node.client.verify): honest-vs-honest error by dtype, false positives, detection of a lying node.
+"""Checks of volunteers' work (node.client.verify, docs/trust.md): tolerances, false positives, adversaries.
 
-1. Tolerance: in-process, one stage run as a server would (prefill, then decode steps batched with
-   other sessions) against a verifier's replay (one prefill, then the step); the relative error per
-   token, max over tokens, in fp32, fp16 and bf16. Honest errors above `node.client.verify.TOLERANCES` are the
-   false positives of a swarm computing in that dtype.
+1. Tolerance: in-process, one stage run as a server would (prefill, then decode steps batched with other
+   sessions) against a verifier's replay (one prefill, then the step); the relative error per token, max over
+   tokens, in fp32, fp16 and bf16. Honest errors above `node.client.verify.TOLERANCES` would be false positives.
 1b. Quantized layers: the same, the server and the verifier each holding their layers as none (fp32), int8 or
    int4 (`node.model.quant`), on each of SmolLM2's three 10-layer stages, fed the hidden states real text
    has there (random ones would say nothing of the outliers real activations carry); against
    `node.client.verify.QUANT_TOLERANCES`. Also on SmolLM2 moved off its 4-bit grid (benchmarks/quant.py
    --off-grid), since the embedded SmolLM2's own weights are those of a Q4_1 file, which int4 reproduces.
-2. False positives on real nodes: a local swarm of honest CPU fp32 nodes, every step audited
-   (p = 1), over a long run, with the wire as is (fp32 tolerance) and with the fp16 wire codec.
-3. Detection: one node adds noise of SCALE × RMS to its outputs (`layerhive node --test-perturb`);
-   it is forced into every chain (the harness's router prefers it) until caught; per generation we
-   record whether it was caught and after how many tokens (the tainted tokens the user already got).
+2. Honest swarm, fp32 and bf16 nodes mixed: ring generations with every step checked (p = 1) until
+   `--honest-steps` checks ran; how many flagged an honest node, and how many honest nodes ended banned.
+3. Adversaries (node.serve.adversary), each in its own ring generations at the DEFAULT check rate, the client
+   routed through the adversary (the other adversaries kept out): per run, whether it was caught (banned or
+   avoided by the client), how many tokens the user had been shown before the answer was revised, and whether
+   the final answer equals the honest one; and no honest node may end banned as a proven liar.
 
-Usage: python benchmarks/verification.py [--model tiny|PATH] [--generations 20] [--tokens 16] [--json out.json]
+Usage: python benchmarks/verification.py [--runs 50] [--tokens 32] [--honest-steps 10000] [--json out.json]
        python benchmarks/verification.py --tolerances-only   (parts 1 and 1b, no swarm; --quant-only: 1b)
 """
 
@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,18 +38,43 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.quant import off_grid_checkpoint  # noqa: E402
-from node.client.failover import ResilientSession  # noqa: E402
-from node.client.generate import generate  # noqa: E402
-from node.client.session import SwarmClient  # noqa: E402
-from node.client.verify import TOLERANCES, Auditor, relative_error, tolerance_for  # noqa: E402
+from node.app.local_swarm import LocalSwarm  # noqa: E402
+from node.client.failover import ResilientSession, Revision  # noqa: E402
+from node.client.session import NoChainError, SwarmClient  # noqa: E402
+from node.client.verify import (  # noqa: E402
+    DEFAULT_PROBABILITY,
+    PROVEN_BAN_S,
+    TOLERANCES,
+    Auditor,
+    relative_error,
+    tolerance_for,
+)
 from node.model.checkpoint import load_tokenizer, resolve_model  # noqa: E402
-from node.model.head import ClientHead, Embedder  # noqa: E402
+from node.model.head import Embedder  # noqa: E402
 from node.model.sampling import SamplingParams  # noqa: E402
 from node.model.stage import Stage, StepInput  # noqa: E402
 from node.net.membership import open_dht  # noqa: E402
-from tests.node.test_verify import SwarmWithLiar  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LIAR_SCALES = (1.0, 0.1, 0.01, 1e-3, 3e-4)  # x the output's RMS; fp32's tolerance is 1e-4 (relative, per token)
+
+
+@dataclass(frozen=True)
+class Adversary:
+    name: str
+    nodes: tuple[tuple[tuple[int, int], str, float], ...]  # (layers as halves 0/1, kind, scale) per hostile node
+
+
+def adversaries() -> list[Adversary]:
+    liars = [Adversary(f"liar x{scale:g}", (((0, 1), "liar", scale),)) for scale in LIAR_SCALES]
+    return [*liars,
+            Adversary("liar at the ring's end x0.01", (((1, 2), "liar", 0.01),)),
+            Adversary("equivocator x0.01", (((0, 1), "equivocator", 0.01),)),
+            Adversary("liar when unaudited x0.01", (((0, 1), "sly", 0.01),)),
+            Adversary("liar 1 step in 50 x0.1", (((0, 1), "rare", 0.1),)),
+            Adversary("blame-shifter", (((0, 1), "blamer", 0.01),)),
+            Adversary("token sampler at the ring's end", (((1, 2), "missampler", 0.01),)),
+            Adversary("two colluding adjacent liars x0.01", (((0, 1), "liar", 0.01), ((1, 2), "liar", 0.01)))]
 
 
 def honest_errors(source, start: int, end: int, dtype: torch.dtype, *, prompt: int = 32, decode: int = 32,
@@ -126,78 +152,161 @@ def quant_study(source, prompt: int = 32, decode: int = 32, pairs: list[tuple[st
     return study
 
 
-class LiarFirstClient(SwarmClient):
-    """Routes through `liar` whenever it is not banned (to measure detection per exposure)."""
+class PreferringClient(SwarmClient):
+    """Routes through the peers in `prefer` whenever they are not banned (to meet the adversary every run)."""
 
-    liar: str = ""
+    prefer: dict[str, tuple[int, int]] = {}
 
     async def choose_chain(self, **kwargs):
         chain = await super().choose_chain(**kwargs)
-        if self.liar in self.banned:
-            return chain
-        records = {r.peer_id: r for r in await self.servers()}
-        liar = records[self.liar]
-        return [type(hop)(self.liar, hop.start, hop.end) if liar.start <= hop.start and hop.end <= liar.end else hop
-                for hop in chain]
+        banned = self.banned
+        return [next((type(hop)(peer, hop.start, hop.end) for peer, layers in self.prefer.items()
+                      if layers == (hop.start, hop.end) and peer not in banned), hop) for hop in chain]
 
 
-async def run_generation(client, head, prompt_ids, tokens, auditor) -> tuple[list[int], ResilientSession]:
-    session = ResilientSession(client, max_length=len(prompt_ids) + tokens, step_timeout_s=30, auditor=auditor)
-    await session.open()
+async def ring(client: SwarmClient, prompt_ids: list[int], tokens: int, auditor: Auditor | None, attempts: int = 3
+               ) -> tuple[list[int], int | None, ResilientSession]:
+    """(final tokens, tokens shown before the first revision or None, the session) of one greedy ring. On this
+    loaded machine a DHT read now and then comes back empty (NoChainError at the first attempt): such a
+    generation is started again, up to `attempts` times, and counted in NO_CHAIN_RETRIES."""
+    for attempt in range(attempts):
+        try:
+            return await _ring_once(client, prompt_ids, tokens, auditor)
+        except NoChainError:
+            NO_CHAIN_RETRIES.append(1)
+            if attempt + 1 == attempts:
+                raise
+            await asyncio.sleep(2.0)
+    raise AssertionError("unreachable")
+
+
+NO_CHAIN_RETRIES: list[int] = []
+
+
+async def _ring_once(client: SwarmClient, prompt_ids: list[int], tokens: int, auditor: Auditor | None
+                     ) -> tuple[list[int], int | None, ResilientSession]:
+    session = ResilientSession(client, max_length=len(prompt_ids) + tokens, step_timeout_s=30, auditor=auditor,
+                               verify=auditor is not None)
+    out, shown, revised_after = [], 0, None
     try:
-        out = [t async for t in generate(session, head, prompt_ids, SamplingParams(max_new_tokens=tokens))]
+        async for item in session.generate(prompt_ids, SamplingParams(max_new_tokens=tokens)):
+            if isinstance(item, Revision):
+                revised_after = shown if revised_after is None else revised_after
+                del out[item.keep:]
+            else:
+                out.append(item)
+                shown += 1
     finally:
         await session.close()
-    return out, session
+    return out, revised_after, session
 
 
-async def swarm_figures(swarm: SwarmWithLiar, args) -> dict:
-    source, liar = swarm.source, swarm.peer_id(swarm.liar)
-    head = ClientHead(source)
+def first_caught_step(auditor: Auditor, session: ResilientSession) -> int | None:
+    """The position of the first step at which a lie or equivocation was found (a check's step, or the step
+    whose receipts disagreed); the tokens made through lies before it were already shown."""
+    found = [r.position for r in auditor.reports if r.verdict in ("liar", "unresolved")]
+    found += [e.position for e in session.events if e.code in ("equivocation", "equivocated", "push_failed")]
+    return min(found, default=None)
+
+
+def long_bans(client: SwarmClient) -> set[str]:
+    now = time.monotonic()
+    return {peer for peer, until in client._banned_until.items() if until - now > PROVEN_BAN_S / 2}
+
+
+async def wait_for_nodes(client: SwarmClient, count: int, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len({r.peer_id for r in await client.servers() if r.state == "online"}) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the swarm's nodes did not all come online")
+        await asyncio.sleep(1.0)
+
+
+async def swarm_figures(swarm: LocalSwarm, honest: list[int], hostile: dict[int, tuple[str, tuple[int, int]]],
+                        chosen: list[Adversary], args) -> dict:
+    """`hostile`: node index -> (adversary name, layers)."""
+    source = swarm.source
+    peers = {index: swarm.peer_id(index) for index in (*honest, *hostile)}
+    honest_peers = {peers[i] for i in honest}
     rng = random.Random(7)
     prompt_ids = [rng.randrange(5, 250) for _ in range(24)]
     peer = open_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
-    figures: dict = {"false_positives": {}, "detection": {}}
+    figures: dict = {"honest": {}, "adversaries": {}}
+
+    def client_for(name: str | None, seed: int) -> PreferringClient:
+        client = PreferringClient(peer, source)
+        client.prefer = {peers[i]: layers for i, (n, layers) in hostile.items() if n == name}
+        for index, (other, _) in hostile.items():
+            if other != name:
+                client.ban(peers[index], for_s=1e6)
+        return client
+
     try:
-        for wire in ("none", "fp16"):  # honest run, every step audited
-            client = SwarmClient(peer, source)
-            client.ban(liar, for_s=1e6)
-            auditor = Auditor(client, 1.0, compute_dtype=torch.float32, wire=wire, rng=random.Random(1))
-            started = time.perf_counter()
-            for _ in range(args.generations):
-                await run_generation(client, head, prompt_ids, args.tokens, auditor)
-            checked = [r for r in auditor.reports if r.verdict != "unchecked"]
-            errors = [r.error for r in checked]
-            figures["false_positives"][wire] = {
-                "checks": len(checked), "flagged": sum(r.verdict != "honest" for r in checked),
-                "unchecked": len(auditor.reports) - len(checked), "tolerance": auditor.tolerance,
-                "max_error": max(errors), "median_error": statistics.median(errors),
-                "seconds": round(time.perf_counter() - started, 1),
+        await wait_for_nodes(client_for(None, 0), len(peers))
+        reference, _, _ = await ring(client_for(None, 0), prompt_ids, args.tokens, None)
+        async def adversary_run(name: str, run: int):
+            client = client_for(name, run)
+            auditor = Auditor(client, DEFAULT_PROBABILITY, rng=random.Random(1000 + run))
+            return client, auditor, *(await ring(client, prompt_ids, args.tokens, auditor))
+
+        for adversary in chosen:
+            caught, revised_after, equal, wrong_bans, caught_at = 0, [], 0, 0, []
+            results = []
+            for first in range(0, args.runs, args.concurrency):  # runs at once: each waits on the network mostly
+                batch = range(first, min(args.runs, first + args.concurrency))
+                done = await asyncio.gather(*(adversary_run(adversary.name, run) for run in batch))
+                for run, (client, auditor, out, revised, session) in zip(batch, done, strict=True):
+                    print(f"  {adversary.name} run {run}: caught {bool(set(client.prefer) & client.banned)}, lie "
+                          f"found at step {first_caught_step(auditor, session)} (prompt {len(prompt_ids)}), tokens "
+                          f"shown before revision {revised}, final equals honest {out == reference}", flush=True)
+                results += done
+            for client, auditor, out, revised, session in results:
+                hostile_peers = set(client.prefer)
+                caught += bool(hostile_peers & client.banned)
+                if revised is not None:
+                    revised_after.append(revised)
+                if (first := first_caught_step(auditor, session)) is not None:
+                    caught_at.append(max(0, first - len(prompt_ids) + 1))
+                equal += out == reference
+                wrong_bans += bool(long_bans(client) & honest_peers)
+            figures["adversaries"][adversary.name] = {
+                "runs": args.runs, "tokens": args.tokens, "caught": caught / args.runs,
+                "revised_runs": len(revised_after),
+                "caught_at_token_median": statistics.median(caught_at) if caught_at else None,
+                "caught_at_token_max": max(caught_at) if caught_at else None,
+                "caught_within_32_tokens": sum(t <= 32 for t in caught_at) / args.runs,
+                "tokens_shown_before_revision_median": statistics.median(revised_after) if revised_after else None,
+                "tokens_shown_before_revision_max": max(revised_after) if revised_after else None,
+                "final_equals_honest": equal / args.runs, "runs_with_an_honest_node_banned": wrong_bans,
+                "generations_restarted_for_an_empty_dht_read": len(NO_CHAIN_RETRIES),
             }
-            print("false positives, wire", wire, figures["false_positives"][wire], flush=True)
-        for p in args.probabilities:
-            caught, tainted, generations = 0, [], 0
-            for g in range(args.generations):
-                client = LiarFirstClient(peer, source)
-                client.liar = liar
-                auditor = Auditor(client, p, compute_dtype=torch.float32, rng=random.Random(1000 + g))
-                _, session = await run_generation(client, head, prompt_ids, args.tokens, auditor)
-                generations += 1
-                flagged = [r for r in auditor.reports if liar in (r.peer, r.verifier) and r.verdict != "honest"]
-                wrong = [r for r in auditor.reports if r.verdict != "honest" and liar not in (r.peer, r.verifier)]
-                assert not wrong, f"an honest node was flagged: {wrong}"
-                if flagged:
-                    caught += 1
-                    # tokens already handed out from tainted states: one per step before the one that was caught
-                    tainted.append(flagged[0].position - len(prompt_ids) + 1 if flagged[0].position else 0)
-            figures["detection"][str(p)] = {
-                "generations": generations, "tokens_per_generation": args.tokens, "caught": caught,
-                "detection_rate": caught / generations,
-                "tokens_until_detection_mean": statistics.mean(tainted) if tainted else None,
-                "tokens_until_detection_median": statistics.median(tainted) if tainted else None,
-                "expected_steps_until_the_liar_is_checked": len(set(swarm.ranges)) / p,
-            }
-            print("detection, p =", p, figures["detection"][str(p)], flush=True)
+            print(adversary.name, figures["adversaries"][adversary.name], flush=True)
+            if args.json:  # so far, in case the run is cut short
+                Path(args.json).write_text(json.dumps(figures, indent=2))
+        # Honest swarm, fp32 and bf16 mixed, every step checked.
+        started, checks, flagged, banned, runs, wrong = time.perf_counter(), 0, 0, set(), 0, 0
+
+        async def honest_run(run: int):
+            client = client_for(None, run)
+            auditor = Auditor(client, 1.0, rng=random.Random(run))
+            out, _, _ = await ring(client, prompt_ids, args.tokens, auditor)
+            return client, auditor, out
+
+        while checks < args.honest_steps:
+            batch = range(runs, runs + args.concurrency)
+            for client, auditor, out in await asyncio.gather(*(honest_run(run) for run in batch)):
+                done = [r for r in auditor.reports if r.verdict != "unchecked"]
+                checks += len(done)
+                flagged += sum(r.verdict != "honest" for r in done)
+                banned |= long_bans(client) & honest_peers
+                wrong += out != reference
+            runs += len(batch)
+            print(f"  honest: {runs} runs, {checks} checks, {flagged} flagged", flush=True)
+        figures["honest"] = {"runs": runs, "checked_steps": checks, "flagged": flagged, "answers_not_reference": wrong,
+                             "honest_nodes_banned": len(banned), "seconds": round(time.perf_counter() - started)}
+        print("honest swarm (fp32 + bf16 nodes):", figures["honest"], flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=2))
     finally:
         peer.shutdown()
     return figures
@@ -205,12 +314,13 @@ async def swarm_figures(swarm: SwarmWithLiar, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="'tiny' (a random 6-layer llama) or a model name/path")
     parser.add_argument("--tolerance-model", default="SmolLM2-135M-Instruct", help="model for the dtype study")
-    parser.add_argument("--generations", type=int, default=20)
-    parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--scale", type=float, default=0.01, help="the liar's noise, × the output's RMS")
-    parser.add_argument("--probabilities", type=float, nargs="*", default=[0.05, 0.2])
+    parser.add_argument("--skip-tolerance", action="store_true")
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--honest-steps", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=5, help="generations run at once")
+    parser.add_argument("--only", nargs="*", default=None, help="adversaries to run (names start with these)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--tolerances-only", action="store_true", help="the dtype and quantization studies only")
     parser.add_argument("--quant-only", action="store_true", help="the quantization study only (1b)")
@@ -220,36 +330,48 @@ def main() -> None:
     args = parser.parse_args()
 
     results: dict = {"tolerances": {k: TOLERANCES[v] for k, v in DTYPES.items()}, "honest_error": {}}
-    study = resolve_model(args.tolerance_model)
-    for name, dtype in DTYPES.items() if not args.quant_only else ():
-        errors = honest_errors(study, 0, min(10, study.num_layers), dtype)
-        results["honest_error"][name] = {
-            "samples": len(errors), "max": max(errors), "median": statistics.median(errors),
-            "above_tolerance": sum(e > TOLERANCES[dtype] for e in errors),
-        }
-        print(f"honest error {name}:", results["honest_error"][name], flush=True)
-    pairs = [tuple(pair.split(":")) for pair in args.quant_pairs] if args.quant_pairs else QUANT_PAIRS
-    models = {"model": lambda: study, "off_grid": lambda: resolve_model(str(off_grid_checkpoint(
-        study, Path(tempfile.mkdtemp(prefix="off-grid-")))))}
-    results["quant_honest_error"] = {name: quant_study(models[name](), pairs=pairs) for name in args.quant_models}
-    print(json.dumps(results["quant_honest_error"], indent=2), flush=True)
+    if not args.skip_tolerance:
+        study = resolve_model(args.tolerance_model)
+        for name, dtype in DTYPES.items() if not args.quant_only else ():
+            errors = honest_errors(study, 0, min(10, study.num_layers), dtype)
+            results["honest_error"][name] = {
+                "samples": len(errors), "max": max(errors), "median": statistics.median(errors),
+                "above_tolerance": sum(e > TOLERANCES[dtype] for e in errors),
+            }
+            print(f"honest error {name}:", results["honest_error"][name], flush=True)
+        pairs = [tuple(pair.split(":")) for pair in args.quant_pairs] if args.quant_pairs else QUANT_PAIRS
+        models = {"model": lambda: study, "off_grid": lambda: resolve_model(str(off_grid_checkpoint(
+            study, Path(tempfile.mkdtemp(prefix="off-grid-")))))}
+        results["quant_honest_error"] = {name: quant_study(models[name](), pairs=pairs)
+                                         for name in args.quant_models}
+        print(json.dumps(results["quant_honest_error"], indent=2), flush=True)
     if args.tolerances_only or args.quant_only:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return
 
-    if args.model == "tiny":
-        from tests.conftest import build_tiny_checkpoint
+    from tests.conftest import build_tiny_checkpoint
 
-        path = str(build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="verify-tiny-")), "llama", 6))
-    else:
-        path = args.model
-    source = resolve_model(path)
-    half = source.num_layers // 2
-    ranges = [(0, half)] * 3 + [(half, source.num_layers)] * 2
-    with SwarmWithLiar(path, ranges, threads_per_node=1, liar=0, scale=args.scale) as swarm:
-        results.update(asyncio.run(swarm_figures(swarm, args)))
-    results["liar_scale"] = args.scale
+    path = str(build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="verify-tiny-")), "llama", 6))
+    halves = [(0, 3), (3, 6)]
+    chosen = adversaries() if args.only is None else [  # in the order asked
+        a for prefix in args.only for a in adversaries() if a.name.startswith(prefix)]
+    # Two fp32 and one bf16 honest replica of each half (a check always has a tie-breaker), then the adversaries.
+    ranges, per_node, honest = [], {}, []
+    for half in halves:
+        for dtype in ("float32", "float32", "bfloat16"):
+            per_node[len(ranges)] = ["--dtype", dtype]
+            honest.append(len(ranges))
+            ranges.append(half)
+    hostile = {}
+    for adversary in chosen:
+        for (first, last), kind, scale in adversary.nodes:
+            layers = (halves[first][0], halves[last - 1][1])
+            per_node[len(ranges)] = ["--dtype", "float32", "--test-perturb", str(scale), "--test-adversary", kind]
+            hostile[len(ranges)] = (adversary.name, layers)
+            ranges.append(layers)
+    with LocalSwarm(path, ranges, threads_per_node=1, per_node_args=per_node) as swarm:
+        results.update(asyncio.run(swarm_figures(swarm, honest, hostile, chosen, args)))
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -50,7 +50,8 @@ from node.app.api_schema import (
     text_completion,
     usage,
 )
-from node.client.chat import ChatEngine, Message, TextStreamer
+from node.client.chat import ChatEngine, Message, TextRevision, TextStreamer
+from node.client.failover import Revision
 from node.client.session import NoChainError, connect
 from node.model.checkpoint import MODEL_ALIASES, resolve_model
 from node.model.sampling import SamplingParams
@@ -115,6 +116,7 @@ class Generation:
         self._text = TextStreamer(engine.tokenizer)
         self._stops = StopSequences(stops)
         self._first: int | None = None
+        self._emitted = 0  # characters of text streamed to the caller so far
 
     async def start(self) -> None:
         """Chooses a chain, opens the session and decides the first token, so that a swarm failure
@@ -125,16 +127,23 @@ class Generation:
             await self.aclose()
             raise
 
-    async def deltas(self) -> AsyncIterator[str]:
+    async def deltas(self) -> AsyncIterator[str | TextRevision]:
+        """Text deltas; a `TextRevision` when a lying node was caught after text it made was streamed."""
         assert self._first is not None, "start() first"
         try:
-            token: int | None = self._first
+            token: int | Revision | None = self._first
             while token is not None:
+                if isinstance(token, Revision):
+                    if revision := self._revise(token):
+                        yield revision
+                    token = await anext(self._tokens, None)
+                    continue
                 self.completion_tokens += 1
                 # generation only ends after a stop token or at max_new_tokens
                 self.finish_reason = "stop" if token in self._stop_token_ids else "length"
                 text, hit_stop = self._stops.push(self._text.push(token))
                 if text:
+                    self._emitted += len(text)
                     yield text
                 if hit_stop:
                     self.finish_reason = "stop"
@@ -144,6 +153,23 @@ class Generation:
                 yield tail
         finally:
             await self.aclose()  # frees the session on every node now, not when the generator is collected
+
+    async def text(self) -> str:
+        """The whole answer, revisions applied."""
+        text = ""
+        async for delta in self.deltas():
+            text = text[:delta.keep_chars] if isinstance(delta, TextRevision) else text + delta
+        return text
+
+    def _revise(self, revision: Revision) -> TextRevision | None:
+        """Rewinds to the tokens that stand; a TextRevision if text already streamed does not."""
+        self.completion_tokens = revision.keep
+        keep = self._text.revise(revision.keep)
+        if keep >= self._emitted:  # only held-back text changed: the caller need not know
+            self._stops.pending = self._text.emitted[self._emitted:]
+            return None
+        self._stops.pending, self._emitted = "", keep
+        return TextRevision(keep)
 
     async def aclose(self) -> None:
         await self._tokens.aclose()
@@ -307,7 +333,9 @@ async def _events(generation: Generation, *, first: dict[str, Any] | None, delta
         if first is not None:
             yield _sse(first)
         async for text in generation.deltas():
-            yield _sse(delta(text))
+            # A revision is an event of its own, which OpenAI clients ignore (see the README: Trust).
+            yield _sse({"object": "layerhive.revision", "keep_chars": text.keep_chars}
+                       if isinstance(text, TextRevision) else delta(text))
         yield _sse(last())
         if usage_chunk is not None:
             yield _sse(usage_chunk())
@@ -357,7 +385,7 @@ def _add_routes(app: FastAPI) -> None:
         generation = await _run(model, body, prompt_ids, body.token_limit(), "messages")
         response_id, created = new_id("chatcmpl"), now()
         if not body.stream:
-            text = "".join([delta async for delta in generation.deltas()])
+            text = await generation.text()
             assert generation.finish_reason is not None
             return chat_completion(response_id, created, model.id, text, generation.finish_reason, generation.usage())
 
@@ -394,7 +422,7 @@ def _add_routes(app: FastAPI) -> None:
         generation = await _run(model, body, prompt_ids, body.token_limit(), "prompt")
         response_id, created = new_id("cmpl"), now()
         if not body.stream:
-            text = "".join([delta async for delta in generation.deltas()])
+            text = await generation.text()
             return text_completion(response_id, created, model.id, text, generation.finish_reason, generation.usage())
 
         with_usage = body.include_usage()

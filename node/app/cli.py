@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from node.app.cli_simulate import add_simulate_parser
 from node.model.checkpoint import DEFAULT_MODEL
 from node.net.config import ConfigError, default_initial_peers
+from node.serve.adversary import KINDS as ADVERSARY_KINDS
 from swarm.records import QUANTIZATIONS
 
 QUANT_HELP = ("hold the layers' weights as int8 (per channel) or int4 (per group of 32) instead of the compute "
@@ -52,7 +53,8 @@ def node_config(args: argparse.Namespace):
         start=start, end=end, initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
         device=args.device, max_length=args.max_length, send_delay_s=args.emulate_delay_ms / 1000,
         kv_budget_bytes=int(args.kv_budget_mb * (1 << 20)) if args.kv_budget_mb else None,
-        identity=args.identity, test_perturb_scale=args.test_perturb, region=args.region,
+        identity=args.identity, test_perturb_scale=args.test_perturb,
+        test_adversary=args.test_adversary, dtype=args.dtype, region=args.region,
         test_slowdown_s=args.test_slowdown_ms / 1000, send_bandwidth_bps=args.emulate_bandwidth_mbps * 1e6,
         max_memory_bytes=None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9),
         ttl_s=args.ttl or DEFAULT_TTL_S, bench=not args.quick_measure,
@@ -99,6 +101,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from node.model.checkpoint import resolve_model
+    from node.net.credit import read_credit
     from node.net.membership import open_dht
     from node.serve.assignment import model_spec, swarm_status
 
@@ -107,11 +110,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     source = resolve_model(args.model)
     peer = open_dht(args.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+
+    async def read() -> SwarmStatus:
+        records = await peer.list_servers(source.name, num_layers=source.num_layers)
+        liars = await peer.proof_book(source.name).liars(r.peer_id for r in records)
+        return swarm_status(model_spec(source), records, credit=await read_credit(peer, source.name), liars=liars)
+
     try:
-        records = peer.list_servers_blocking(source.name, num_layers=source.num_layers)
+        status = asyncio.run(read())
     finally:
         peer.shutdown()
-    status = swarm_status(model_spec(source), records)
     print(json.dumps(status_json(status), indent=2) if args.json else format_status(status))
     return 0
 
@@ -128,11 +136,19 @@ def status_json(status: SwarmStatus) -> dict:
         return None if rng is None else {"start": rng.start, "end": rng.end}
 
     nodes = [{"peer_id": p.record.peer_id, "state": p.record.state, "range": layers(p.serving),
-              "planned": layers(p.planned), **{name: getattr(p.record, name) for name in STATUS_RECORD_FIELDS}}
+              "planned": layers(p.planned), **{name: getattr(p.record, name) for name in STATUS_RECORD_FIELDS},
+              **_credit_json(status, p.record.peer_id)}
              for p in status.nodes]
     return {"model": status.model, "num_layers": status.num_layers, "epoch": status.epoch, "nodes": nodes,
             "replicas_per_layer": list(status.replicas_per_layer), "min_replicas": status.min_replicas,
-            "max_replicas": status.max_replicas, "uncovered_layers": status.uncovered_layers}
+            "max_replicas": status.max_replicas, "uncovered_layers": status.uncovered_layers,
+            "proven_liars": sorted(status.proven_liars)}
+
+
+def _credit_json(status: SwarmStatus, peer: str) -> dict:
+    """A node's checked credit (node.net.credit): tokens clients' checks vouch for, and how many clients vouch."""
+    credit = status.credit.get(peer)
+    return {"checked_tokens": credit.tokens if credit else 0, "checked_by": credit.clients if credit else 0}
 
 
 def format_status(status: SwarmStatus) -> str:
@@ -141,14 +157,20 @@ def format_status(status: SwarmStatus) -> str:
              f"replicas per layer min {status.min_replicas} max {status.max_replicas}"]
     if status.uncovered_layers:
         lines.append(f"  UNCOVERED layers: {status.uncovered_layers}")
+    if status.proven_liars:
+        lines.append(f"  PROVEN LIARS, not used: {', '.join(sorted(status.proven_liars))}")
     lines.append(f"  {'peer':18} {'state':8} {'range':>7} {'planned':>7} {'epoch':>5} {'sess':>4} {'queue':>5} "
-                 f"{'ms/layer':>8} {'mem GB':>7} {'quant':5} region")
+                 f"{'ms/layer':>8} {'mem GB':>7} {'quant':5} {'checked tokens':>17} region")
     for peer in status.nodes:
         r = peer.record
         serving, planned = ("-" if rng is None else str(rng) for rng in (peer.serving, peer.planned))
+        credit = _credit_json(status, r.peer_id)
+        checked = f"{credit['checked_tokens']} ({credit['checked_by']} cl)"
         lines.append(f"  {r.peer_id[:18]:18} {r.state:8} {serving:>7} {planned:>7} "
                      f"{r.epoch:>5} {r.sessions:>4} {r.queue_len:>5} {r.layer_latency_s * 1e3:>8.3f} "
-                     f"{r.memory_bytes / 1e9:>7.3f} {r.quant:5} {r.region}")
+                     f"{r.memory_bytes / 1e9:>7.3f} {r.quant:5} {checked:>17} {r.region}")
+    lines.append("  checked tokens: served tokens that clients' checks vouch for (cl: how many clients vouch; "
+                 "see docs/trust.md)")
     lines.append("  replicas per layer: " + " ".join(str(n) for n in status.replicas_per_layer))
     return "\n".join(lines)
 
@@ -181,7 +203,7 @@ def cmd_swarm_local(args: argparse.Namespace) -> int:
 
 
 async def _chat(args: argparse.Namespace, initial_peers: list[str]) -> int:
-    from node.client.chat import ChatEngine, Message
+    from node.client.chat import REVISED_NOTICE, ChatEngine, Message, TextRevision
     from node.client.session import connect
     from node.model.checkpoint import resolve_model
     from node.model.sampling import SamplingParams
@@ -190,7 +212,13 @@ async def _chat(args: argparse.Namespace, initial_peers: list[str]) -> int:
     async with connect(initial_peers, source) as client:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
+        answer = ""
         async for delta in ChatEngine(client, source).stream_chat([Message("user", args.prompt)], params):
+            if isinstance(delta, TextRevision):  # a lying node was caught: say so, and restart from what stands
+                answer = answer[:delta.keep_chars]
+                delta = f"\n[{REVISED_NOTICE}]\n{answer}"
+            else:
+                answer += delta
             print(delta, end="", flush=True)
         print()
     return 0
@@ -277,9 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="testing aid: limit what this node sends to this many Mbit/s (a WAN uplink)")
     node.add_argument("--emulate-delay-ms", type=float, default=0.0,
                       help="testing aid: delay everything this node sends by this many ms (a WAN link)")
-    # Testing aid, hidden from --help: add noise of SCALE × RMS to every output, i.e. make this node lie,
-    # so the client's spot checks (node.client.verify) can be exercised. Never useful to a real volunteer.
+    # Testing aid, hidden from --help: add noise of SCALE × RMS to outputs, i.e. make this node lie (in the way
+    # --test-adversary says, node.serve.adversary), so the client's checks can be exercised. Never useful to a
+    # real volunteer.
     node.add_argument("--test-perturb", type=float, default=0.0, metavar="SCALE", help=argparse.SUPPRESS)
+    node.add_argument("--test-adversary", default="liar", choices=ADVERSARY_KINDS, help=argparse.SUPPRESS)
+    node.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                      help="compute in this dtype (default: bfloat16 on a GPU, float32 on a CPU); announced to "
+                      "clients, whose checks allow for it")
     node.add_argument("--test-slowdown-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # a slower GPU
     node.add_argument("--max-memory-gb", type=float, default=None, help="offer at most this much memory (GB)")
     node.add_argument("--quant", choices=QUANTIZATIONS, default=None, help=QUANT_HELP)

@@ -21,7 +21,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from node.client.chat import AnswerStats, AnswerTrace, ChatEngine, Message
+from node.client.chat import REVISED_NOTICE, AnswerStats, AnswerTrace, ChatEngine, Message, TextRevision
 from node.client.session import connect
 from node.model.checkpoint import ModelSource, resolve_model
 from node.model.sampling import SamplingParams
@@ -160,11 +160,15 @@ class NodeController:
         self._chat_lock = self._chat_lock or asyncio.Lock()
         async with self._chat_lock:  # the first answers of a session must not each start a client
             await self._start_chat_engine()
-        pieces = []
+        answer = ""
         async for piece in self._chat_engine.stream_chat(messages, params, trace):
-            pieces.append(piece)
+            if isinstance(piece, TextRevision):  # a lying node was caught: the answer restarts, marked so
+                answer = answer[:piece.keep_chars]
+                piece = f"\n[{REVISED_NOTICE}]\n{answer}"
+            else:
+                answer += piece
             on_text(piece, trace.stats())
-        return ChatReply("".join(pieces), trace.stats())
+        return ChatReply(answer, trace.stats())
 
     async def _start_chat_engine(self) -> None:
         if self._chat_engine is None:

@@ -7,13 +7,14 @@ embeds and samples on the client, which then needs the model's embedding and LM 
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
-from node.client.failover import ResilientSession
+from node.client.failover import ResilientSession, Revision
 from node.client.session import SwarmClient
 from node.model.checkpoint import ModelSource, load_tokenizer
 from node.model.head import ClientHead
@@ -25,6 +26,17 @@ from swarm.types import Hop
 class Message:
     role: str  # "system" | "user" | "assistant"
     content: str
+
+
+REVISED_NOTICE = "a node was caught lying; the answer restarts from what it did not touch"
+
+
+@dataclass(frozen=True)
+class TextRevision:
+    """In a stream of text deltas: of the text streamed so far only the first `keep_chars` characters stand (a
+    lying node was caught; `node.client.failover.Revision`); the deltas after this continue from there."""
+
+    keep_chars: int
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,15 @@ class TextStreamer:
         self.tokenizer = tokenizer
         self.token_ids: list[int] = []
         self.emitted = ""
+
+    def revise(self, keep_tokens: int) -> int:
+        """Drops the tokens after the first `keep_tokens` (a `Revision`); returns how many characters of the text
+        emitted so far still stand. The text after them comes again from the next `push`."""
+        del self.token_ids[keep_tokens:]
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True).removesuffix("\ufffd")
+        keep = len(os.path.commonprefix([self.emitted, text]))
+        self.emitted = self.emitted[:keep]
+        return keep
 
     def push(self, token_id: int) -> str:
         self.token_ids.append(token_id)
@@ -129,8 +150,9 @@ class ChatEngine:
         return tuple(sorted(i for i in ids if i is not None))
 
     async def stream_tokens(self, prompt_ids: Sequence[int], params: SamplingParams,
-                            trace: AnswerTrace | None = None) -> AsyncIterator[int]:
-        """Yields the answer's token ids; `trace`, if given, follows its tokens and chains."""
+                            trace: AnswerTrace | None = None) -> AsyncIterator[int | Revision]:
+        """Yields the answer's token ids, and a `Revision` when a lying node was caught; `trace`, if given, follows
+        its tokens and chains."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         max_length = len(prompt_ids) + params.max_new_tokens
@@ -146,15 +168,17 @@ class ChatEngine:
             trace.chains = session.chains  # the same list: the trace sees each chain as the session opens it
         try:
             async for token in session.generate(prompt_ids, params, None if self.ring else self.head):
-                if trace is not None:
+                if trace is not None and not isinstance(token, Revision):
                     trace.count_token()
                 yield token
         finally:
             await session.close()
 
     async def stream_chat(self, messages: Sequence[Message], params: SamplingParams,
-                          trace: AnswerTrace | None = None) -> AsyncIterator[str]:
+                          trace: AnswerTrace | None = None) -> AsyncIterator[str | TextRevision]:
         streamer = TextStreamer(self.tokenizer)
         async for token in self.stream_tokens(self.chat_prompt_ids(messages), params, trace):
-            if delta := streamer.push(token):
+            if isinstance(token, Revision):
+                yield TextRevision(streamer.revise(token.keep))
+            elif delta := streamer.push(token):
                 yield delta

@@ -8,6 +8,13 @@ continues as if nothing happened:
   so far, and asks the new ring for the rest. Sampling depends only on (seed, position)
   (`node.model.sampling`), so the new last stage draws what the old one would have.
 - `step` (the client embeds and samples) remembers the hidden states it fed and replays them.
+
+Every chain is checked (`node.client.verify`, docs/trust.md): its stages' receipts are bound in a ledger, and
+an `Auditor` re-runs a random sample of steps elsewhere. A ring is checked off its critical path: the checks of
+the tokens already yielded run in the background, and a liar found among them (or an equivocation) ends the
+chain; `generate` then yields a `Revision` — the answer keeps only the tokens made before that chain opened —
+and the rest is rebuilt on a chain without the liar, so the final answer is the honest one. A step of the client's
+own chain (`step`) is checked before its output is used.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ import torch
 
 from node.client.generate import generate
 from node.client.session import ChainSession, NoChainError, StageFailure, SwarmClient
-from node.client.verify import Auditor, EchoRecorder, attach_recorder
+from node.client.verify import LIES, PROVEN_BAN_S, SUSPECT_AVOID_S, Auditor, Ledger, attach_ledger
 from node.model.head import ClientHead
 from node.model.sampling import SamplingParams
+from node.net.evidence import EvidenceError
 from node.net.protocol import PREFILL_CHUNK_TOKENS
 from swarm.types import Hop
 
@@ -36,6 +44,14 @@ T = TypeVar("T")
 # Answers that blame no stage: a refusal, a session reclaimed for being idle, a direct link between stages that
 # broke (either end could be at fault). The client retries without banning anyone.
 REFUSALS = {"no_capacity", "busy", "draining", "link_failed", "reclaimed", "idle"}
+
+
+@dataclass(frozen=True)
+class Revision:
+    """Yielded by a ring's `generate` when a check failed: of the tokens yielded so far, only the first `keep`
+    stand (they were made before the chain with the liar opened); the tokens after this replace the rest."""
+
+    keep: int
 
 
 @dataclass(frozen=True)
@@ -52,10 +68,11 @@ class ResilientSession:
 
     def __init__(self, client: SwarmClient, *, max_length: int, relay: bool = False, wire: str = "none",
                  max_failovers: int = 5, backoff_s: float = 0.2, step_timeout_s: float = 30.0,
-                 auditor: Auditor | None = None, speculate: int = 0) -> None:
+                 auditor: Auditor | None = None, verify: bool = True, speculate: int = 0) -> None:
         self.client, self.max_length = client, max_length
-        self.auditor = auditor  # spot checks of stages' outputs (node.client.verify); None or p = 0: none, no echoes
-        self.recorder: EchoRecorder | None = None  # the current chain's stage outputs, when audited
+        # Checks of the stages' work (node.client.verify): on unless `verify` is False (benchmarks' baseline).
+        self.auditor = auditor or (Auditor(client, step_timeout_s=step_timeout_s) if verify else None)
+        self.ledger: Ledger | None = None  # the current chain's receipts
         self.relay, self.wire = relay, wire
         self.speculate = speculate  # a ring's draft length limit (node.net.protocol: speculation); 0: none
         self.max_failovers, self.backoff_s, self.step_timeout_s = max_failovers, backoff_s, step_timeout_s
@@ -71,42 +88,66 @@ class ResilientSession:
 
     async def _open_new_chain(self, sampling: SamplingParams | None = None) -> ChainSession:
         chain = await self.client.choose_chain(session_tokens=self.max_length, relay=self.relay)
-        audit = self.auditor is not None and self.auditor.probability > 0
         wire = self.client.wire_for(chain) if self.wire == "auto" else self.wire
         session = await self.client.open_session(
             chain, max_length=self.max_length, relay=self.relay, wire=wire, step_timeout_s=self.step_timeout_s,
-            audit=audit, sampling=sampling, speculate=self.speculate if sampling is not None else 0,
+            sampling=sampling, speculate=self.speculate if sampling is not None else 0,
         )
-        self.recorder = attach_recorder(session) if audit else None
+        self.ledger = attach_ledger(session, self.client.model)
         self.chains.append(tuple(chain))
         return session
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                       head: ClientHead | None = None) -> AsyncIterator[int]:
+                       head: ClientHead | None = None) -> AsyncIterator[int | Revision]:
         """Yields generated tokens, up to a stop token (yielded) or max_new_tokens. Without `head` the
         chain runs as a ring, and a failed ring is replaced by a new one fed the prompt and the tokens so
-        far, which samples the rest; with `head` the client embeds and samples (`node.client.generate`)."""
+        far, which samples the rest; a ring caught lying is replaced the same way after a `Revision`. With
+        `head` the client embeds and samples (`node.client.generate`)."""
         if head is not None:
             await self.open()
             async for token in generate(self, head, prompt_ids, params):
                 yield token
             return
-        if self.relay or self.auditor is not None:
-            raise ValueError("a ring is neither relayed nor audited: pass the client's head")
+        if self.relay:
+            raise ValueError("a ring is not relayed: pass the client's head")
         produced: list[int] = []
-        failovers = 0
-        while True:
-            try:
-                if self.session is None:
-                    rest = replace(params, max_new_tokens=params.max_new_tokens - len(produced))
-                    self.session = await self._open_new_chain(sampling=rest)
-                async for token in self.session.tokens([*prompt_ids, *produced], 0):
-                    produced.append(token)
-                    self._record_recovery()
-                    yield token
-                return
-            except (StageFailure, NoChainError) as error:
-                failovers = await self._recover(error, len(prompt_ids) + len(produced), failovers)
+        failovers, chain_from = 0, 0
+        checks: set[asyncio.Task] = set()
+        try:
+            while True:
+                try:
+                    if self.session is None:
+                        chain_from = len(produced)  # tokens made by earlier chains: none of those was caught
+                        rest = replace(params, max_new_tokens=params.max_new_tokens - len(produced))
+                        self.session = await self._open_new_chain(sampling=rest)
+                    async for token in self.session.tokens([*prompt_ids, *produced], 0):
+                        produced.append(token)
+                        self._check_ring_step(checks, [*prompt_ids, *produced])
+                        _raise_caught(checks)
+                        self._record_recovery()
+                        yield token
+                    await _settle(checks)  # the answer is final once every check of it is in
+                    return
+                except (StageFailure, NoChainError) as error:
+                    _cancel(checks)
+                    if isinstance(error, StageFailure) and error.code in LIES and len(produced) > chain_from:
+                        del produced[chain_from:]
+                        yield Revision(chain_from)
+                    failovers = await self._recover(error, len(prompt_ids) + len(produced), failovers)
+        finally:
+            _cancel(checks)
+
+    def _check_ring_step(self, checks: set[asyncio.Task], ids: list[int]) -> None:
+        """Maybe checks one stage of the ring step that sampled the last of `ids`, in the background."""
+        if self.auditor is None or not self.auditor.sample():
+            return
+        session, token_at = self.session, len(ids) - 1
+        steps = [p for p in self.ledger.fed.get(0, {}) if p < token_at]
+        if not steps:
+            return
+        index = self.auditor.pick_stage(session)
+        task = asyncio.create_task(self.auditor.check(session, index, max(steps), token_ids=ids[:token_at]))
+        checks.add(task)
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         if position != self.history.length:
@@ -115,8 +156,9 @@ class ResilientSession:
         async def attempt() -> torch.Tensor:
             await self._ensure_chain()
             output = await self.session.step(hidden, position)
-            if self.recorder is not None and self.auditor.sample():
-                await self.auditor.check_step(self.session, self.recorder, self.history.through(hidden), position)
+            if self.auditor is not None and self.auditor.sample():
+                index = self.auditor.pick_stage(self.session)
+                await self.auditor.check(self.session, index, position, chain_inputs=self.history.through(hidden))
             return output
 
         output = await self._with_failover(position, attempt)
@@ -161,11 +203,31 @@ class ResilientSession:
 
     async def _abandon(self, failure: StageFailure, position: int) -> None:
         logger.warning("stage %s failed at position %d (%s); failing over", failure.peer, position, failure)
-        if failure.code not in REFUSALS and failure.peer not in self.client.banned:  # keep a liar's longer ban
+        if failure.accusation or failure.code in LIES:
+            # One stage's word against another's, an equivocation or an unresolved dispute: no evidence of which
+            # lied, so both are avoided for a while and neither is banned (a proven liar already is).
+            for peer in (failure.peer, failure.reporter):
+                self.client.ban(peer, for_s=SUSPECT_AVOID_S)
+            if failure.code == "equivocated":  # its own signatures convict it (node.client.verify.Ledger._culprit)
+                self.client.ban(failure.peer, for_s=PROVEN_BAN_S)
+                await self._publish_proofs()
+        elif failure.code not in REFUSALS:
             self.client.ban(failure.peer)
         if self.session is not None:
             await self.session.close()
         self.session = None
+
+    async def _publish_proofs(self) -> None:
+        """Publishes the chain's proofs of equivocation (node.net.evidence), for other clients and the planners."""
+        book = self.client.peer.proof_book(self.client.model)
+        for proof in self.ledger.proofs if self.ledger is not None else ():
+            try:
+                await asyncio.wait_for(book.publish(proof), self.step_timeout_s)
+                logger.warning("published the proof that %s equivocated", proof["accused"])
+            except (EvidenceError, TimeoutError) as e:
+                logger.warning("could not publish a proof of equivocation: %r", e)
+        if self.ledger is not None:
+            self.ledger.proofs.clear()
 
     async def _replay(self) -> None:
         """Rebuilds the new chain's KV caches from the inputs fed so far."""
@@ -186,6 +248,11 @@ class ResilientSession:
         if self.session is not None:
             await self.session.close()
             self.session = None
+        if self.auditor is not None:  # what its checks vouched for in this session, for everyone to read
+            try:
+                await asyncio.wait_for(self.client.publish_credit(), 10.0)
+            except Exception as e:  # credit is bookkeeping: a DHT that does not answer must not fail the answer
+                logger.info("could not publish checked credit: %r", e)
 
 
 class _Inputs:
@@ -214,6 +281,28 @@ class _Inputs:
     def append(self, hidden: torch.Tensor) -> None:
         self.through(hidden)
         self.length += hidden.shape[1]
+
+
+def _raise_caught(checks: set[asyncio.Task]) -> None:
+    """Raises the failure of a finished check that caught a liar; forgets the finished ones."""
+    for task in [t for t in checks if t.done()]:
+        checks.discard(task)
+        if not task.cancelled() and isinstance(task.exception(), StageFailure):
+            raise task.exception()
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("a check could not run: %r", task.exception())
+
+
+async def _settle(checks: set[asyncio.Task]) -> None:
+    if checks:
+        await asyncio.wait(checks)
+    _raise_caught(checks)
+
+
+def _cancel(checks: set[asyncio.Task]) -> None:
+    for task in checks:
+        task.cancel()
+    checks.clear()
 
 
 def _backoff(base_s: float, attempt: int) -> float:

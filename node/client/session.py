@@ -22,6 +22,7 @@ from hivemind.proto import runtime_pb2
 from node.client.routing import believed, plan_chains
 from node.model.checkpoint import ModelSource
 from node.model.sampling import SamplingParams
+from node.net.credit import publish_credit
 from node.net.membership import SwarmPeer, open_dht
 from node.net.probe import measure_rtt
 from node.net.protocol import (
@@ -29,6 +30,7 @@ from node.net.protocol import (
     INFO_HANDLER,
     PREFILL_CHUNK_TOKENS,
     RemoteError,
+    digest,
     pack,
     ping,
     raise_if_error,
@@ -81,9 +83,14 @@ def uncovered_layers(records: Sequence[ServerRecord], num_layers: int) -> list[i
 class StageFailure(ConnectionError):
     """A stage of the chain broke, stalled or refused a step; `peer` is the stage at fault."""
 
-    def __init__(self, peer: str, reason: str, code: str = "unreachable") -> None:
-        super().__init__(f"stage {peer}: {reason}")
+    def __init__(self, peer: str, reason: str, code: str = "unreachable", reporter: str | None = None) -> None:
+        super().__init__(f"stage {peer}: {reason}" + (f" (says {reporter})" if reporter not in (None, peer) else ""))
         self.peer, self.code = peer, code
+        self.reporter = reporter or peer  # who says so: another stage's word is an accusation, not evidence
+
+    @property
+    def accusation(self) -> bool:
+        return self.reporter != self.peer
 
 
 class _Stream:
@@ -94,6 +101,7 @@ class _Stream:
         self.send_delay_s = send_delay_s
         self._outbox: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
         self._reader: asyncio.Task | None = None
+        self.opened: dict[str, Any] = {}  # the stage's answer to the open (its layers and compute dtype)
 
     async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while (item := await self._outbox.get()) is not None:
@@ -109,7 +117,7 @@ class _Stream:
             first = await anext(responses)
         except StopAsyncIteration:
             raise StageFailure(self.hop.node_id, "closed the stream while opening") from None
-        raise_if_error(self.hop.node_id, first)
+        self.opened = raise_if_error(self.hop.node_id, first)
         self._reader = asyncio.create_task(self._read(responses))
 
     async def _read(self, responses: AsyncIterator[runtime_pb2.ExpertResponse]) -> None:
@@ -152,17 +160,42 @@ class ChainSession:
         self.sampling = sampling
         self._ping_after_s = PING_AFTER_S[1]
         self._last_answer_at: float | None = None
+        self.ledger = None  # the stages' receipts, once `node.client.verify.attach_ledger` swapped the queue for one
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         if self.sampling is not None:
             raise RuntimeError("a ring session takes token ids (tokens), not hidden states")
         if self.relay:
             for stream in self.streams:
-                stream.send(pack({"position": position}, [hidden], wire=self.wire))
+                self._send(stream, hidden, position)
                 hidden = wire_decode((await self._answer_from((stream.index,), position))[1].tensors[0])
             return hidden
-        self.streams[0].send(pack({"position": position}, [hidden], wire=self.wire))
+        self._send(self.streams[0], hidden, position)
         return wire_decode((await self._answer_from((len(self.streams) - 1,), position))[1].tensors[0])
+
+    async def embed_step(self, token_ids: Sequence[int], position: int) -> torch.Tensor:
+        """A one-stage session opened with `embed` (not a ring): the stage's output on these token ids."""
+        self.streams[0].send(pack({"position": position, "tokens": list(token_ids)}))
+        return wire_decode((await self._answer_from((0,), position))[1].tensors[0])
+
+    async def sampled_token(self, hidden: torch.Tensor, position: int, *, sample: bool) -> int | None:
+        """A one-stage check of a ring's sampling (opened with `sampling` at the model's end, not at layer 0): sends
+        `hidden` from `position`; with `sample`, returns the token the stage samples after it. Its output comes as
+        an echo (a ledger keeps it)."""
+        self._send(self.streams[0], hidden, position, sample=sample)
+        if not sample:
+            return None
+        metadata, _, _ = await self._answer_from((0,), position + hidden.shape[1], "token")
+        token = metadata["token"]
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise StageFailure(self.chain[0].node_id, f"sent a malformed token {token!r}", code="bad_response")
+        return token
+
+    def _send(self, stream: _Stream, hidden: torch.Tensor, position: int, *, sample: bool = False) -> None:
+        message = pack({"position": position, **({"sample": True} if sample else {})}, [hidden], wire=self.wire)
+        if self.ledger is not None:  # what the stage will say it received: the tensor as it decodes it
+            self.ledger.feed(stream.index, position, digest(wire_decode(message.tensors[0])))
+        stream.send(message)
 
     async def tokens(self, token_ids: Sequence[int], position: int) -> AsyncIterator[int]:
         """A ring: feeds `token_ids` from `position` to the first stage, then yields each token the chain
@@ -176,6 +209,8 @@ class ChainSession:
                                     "tokens": list(token_ids[offset: offset + PREFILL_CHUNK_TOKENS])}
             if offset == offsets[-1]:
                 step["sample"] = True
+            if self.ledger is not None:
+                self.ledger.feed_tokens(step["position"], step["tokens"])
             self.streams[0].send(pack(step))
         position += len(token_ids)
         for produced in range(1, self.sampling.max_new_tokens + 1):
@@ -184,6 +219,8 @@ class ChainSession:
             if not isinstance(token, int) or isinstance(token, bool) or token < 0:
                 raise StageFailure(self.chain[source].node_id, f"sent a malformed token {token!r}",
                                    code="bad_response")
+            if self.ledger is not None:  # the first stage must say it ran the token announced, and nothing else
+                self.ledger.feed_tokens(position, [token], sender=source)
             yield token
             position += 1
             if self.sampling.is_last(token, produced) or position >= self.max_length:
@@ -213,7 +250,7 @@ class ChainSession:
             try:
                 metadata = raise_if_error(peer, item)
             except RemoteError as e:
-                raise StageFailure(e.peer, e.message, code=e.code) from e
+                raise StageFailure(e.peer, e.message, code=e.code, reporter=e.reporter) from e
             if source not in indices or metadata.get("position") != position:
                 continue
             if (field in metadata) if field is not None else len(item.tensors) == 1:
@@ -240,6 +277,8 @@ class SwarmClient:
         self.send_delay_s = send_delay_s  # emulated one-way latency on every message this client sends
         self._p2p: P2P | None = None
         self._banned_until: dict[str, float] = {}
+        self.checked_credit: dict[str, int] = {}  # node -> tokens this client's checks vouch for (node.net.credit)
+        self._credit_published: dict[str, int] = {}
         self._rtt_s: dict[str, tuple[float, float]] = {}  # peer -> (rtt, measured at)
         self._uplink_bps: dict[str, float] = {}  # as announced in the records last read
         self._speed_s: dict[str, tuple[float | None, float]] = {}  # peer -> (measured s per layer or None, at)
@@ -257,7 +296,17 @@ class SwarmClient:
             self._p2p = None
 
     async def servers(self) -> list[ServerRecord]:
-        return await self.peer.list_servers(self.model, num_layers=self.num_layers)
+        """The swarm's records but those of proven liars: a published proof that checks out (node.net.evidence)
+        keeps a node out of every chain and check of every client that reads it."""
+        records = await self.peer.list_servers(self.model, num_layers=self.num_layers)
+        return await self.peer.proof_book(self.model).drop_liars(records)
+
+    async def publish_credit(self) -> None:
+        """Publishes this client's checked-credit tally if it grew since it was last published."""
+        if self.checked_credit != self._credit_published:
+            tally = dict(self.checked_credit)
+            if await publish_credit(self.peer, self.model, tally):
+                self._credit_published = tally
 
     async def session_room(self) -> int | None:
         """The longest session the swarm can hold now, by its records (`session_room`)."""
@@ -271,8 +320,9 @@ class SwarmClient:
         return raise_if_error(peer, response)
 
     def ban(self, peer: str, for_s: float = 120.0) -> None:
-        """Keeps a failed peer out of this client's chains (its DHT record may outlive it by a TTL)."""
-        self._banned_until[peer] = time.monotonic() + for_s
+        """Keeps a failed peer out of this client's chains (its DHT record may outlive it by a TTL); a longer ban
+        already in force stays."""
+        self._banned_until[peer] = max(self._banned_until.get(peer, 0.0), time.monotonic() + for_s)
 
     @property
     def banned(self) -> frozenset[str]:
@@ -348,19 +398,20 @@ class SwarmClient:
         return max(min(times) - rtt, 0.0)
 
     async def open_session(self, chain: list[Hop], *, max_length: int, relay: bool = False, wire: str = "none",
-                           step_timeout_s: float = 60.0, audit: bool = False,
+                           step_timeout_s: float = 60.0, embed: bool = False,
                            sampling: SamplingParams | None = None, share_head: bool = True,
                            speculate: int = 0) -> ChainSession:
         """Opens the session on every stage at once (in push mode a stage may start its push link
-        before its successor has seen the session; the successor waits for it). `audit`: pushing stages
-        echo their outputs to the client for spot checks (`node.client.verify`). `sampling`: open it as a ring
-        whose last stage samples with these parameters (`ChainSession.tokens`); `share_head=False` keeps the LM
-        head's work whole at the last stage (see `node.net.protocol`: head sharing). `speculate`: a ring whose first
-        stage drafts up to that many tokens a round, verified at its last stage (`node.net.protocol`: speculation)."""
+        before its successor has seen the session; the successor waits for it). `embed`: a one-stage session at
+        layer 0 that takes token ids (`ChainSession.embed_step`: a check of a ring's first stage). `sampling`: open
+        it as a ring whose last stage samples with these parameters (`ChainSession.tokens`); `share_head=False`
+        keeps the LM head's work whole at the last stage (see `node.net.protocol`: head sharing). `speculate`: a ring
+        whose first stage drafts up to that many tokens a round, verified at its last stage (`node.net.protocol`:
+        speculation)."""
         if speculate and sampling is None:
             raise ValueError("only a ring speculates: give its sampling")
-        if sampling is not None and (relay or audit):
-            raise ValueError("a ring session is neither relayed nor audited: the client sees no hidden states")
+        if sampling is not None and relay:
+            raise ValueError("a ring session is not relayed")
         p2p = await self.p2p()
         session_id = uuid.uuid4().hex
         events: asyncio.Queue = asyncio.Queue()
@@ -376,10 +427,10 @@ class SwarmClient:
             fields = {
                 "session_id": session_id, "start": hop.start, "end": hop.end, "max_length": max_length,
                 "prev": prev.node_id if prev else None, "next": nxt.node_id if nxt else None,
-                "relay": relay, "wire": wire, **({"audit": True} if audit else {}),
+                "relay": relay, "wire": wire, **({"embed": True} if embed else {}),
                 **({"speculate": speculate} if speculate else {}),
             }
-            if sampling is not None and first:  # it samples too when it shares the head with the last stage
+            if sampling is not None and first and hop.start == 0:  # it samples too when it shares the head
                 fields.update(embed=True, sampling=sampling.to_wire(), share_head=share_head)
             if sampling is not None and last:
                 fields["sampling"] = sampling.to_wire()

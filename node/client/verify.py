@@ -1,26 +1,30 @@
-"""Spot checks of volunteers' outputs: re-run a stage's step on another node and compare.
+"""Checks of volunteers' work: every step is committed to, a random sample is re-run elsewhere.
 
-Nobody in the field checks what volunteers compute (Petals, Parallax, exo trust them; BOINC
-recomputes every work unit twice). Here the client audits a random sample of steps instead:
+The threat model, what each mechanism defeats and what is left are in docs/trust.md; in short:
 
-* An audited session is opened with `audit`: each pushing stage also echoes its output to the
-  client (`{"echo": position}`), off the critical path. `EchoRecorder` taps the session's event
-  queue and keeps every stage's outputs, so the client knows each stage's inputs (the chain's
-  inputs for stage 0, the previous stage's outputs after that).
-* After a step, with probability `p`, `Auditor` picks one stage of the chain at random, opens a
-  one-stage session on another node that holds those layers (a sub-range is fine), replays that
-  stage's inputs before the step as a chunked prefill, runs the step, and compares the outputs.
-* On a mismatch a third node breaks the tie when there is one. The liar is banned and reported;
-  if it is in the chain, `StageFailure(code="failed_verification")` lets `ResilientSession`
-  re-route and replay, so the answer continues on honest nodes. With no tie-breaker both peers
-  are dropped: the client cannot tell who lied, and the answer's integrity comes first.
+* Receipts, always (`node.net.protocol`): for every step of every session kind (ring, push, relay), every stage
+  tells the client a digest of the input it ran and sends it its output (an echo, or its answer). A session's
+  messages are the same whether or not the client will check it, and the client picks what to check after the
+  stage has committed, so a stage cannot lie only when unchecked.
+* Binding (`Ledger`): what a stage says it received must equal what its sender says it sent (the previous
+  stage's echo; what the client fed the first stage, token ids included, in a ring the token the last stage
+  announced). A mismatch is an equivocation by one of the two: the session stops at once, and both are avoided
+  for a while by this client, banned by no one (the client cannot tell which of the two lied).
+* Re-execution (`Auditor`): with probability `p` per step, one stage, picked at random, is re-run on another node
+  holding its layers from the inputs the receipts bound (the token ids for a ring's first stage, which embeds),
+  and its output compared within the tolerance of the dtypes the two nodes announce. A disagreement goes to a
+  third node: a stage is called a liar only when two other nodes agree with each other and not with it. An
+  unresolved dispute bans no one.
+* Evidence (`node.net.evidence`): receipts are signed with a per-session key each stage's identity endorses; a
+  stage outvoted by two others is published as a proof (its signed inputs and output and the two others'), which
+  every reader verifies before it drops the liar. A passed check credits the stage's tokens (`node.net.credit`).
+* Repair (`node.client.failover`): a caught liar or equivocator ends its chain; the answer is rebuilt on a new
+  chain from the last token made before the chain with the liar opened, so the final text is the honest one.
 
-The tolerance is measured, not guessed (benchmarks/verification.py): honest-vs-honest relative
-error (per token, ‖a − b‖ / ‖b‖, max over tokens) between the original run (prefill, then decode
-steps batched with other sessions) and a verifier's replay (one prefill, then the step) on
-SmolLM2-135M 10-layer stages on CPU reached 3.3e-6 in fp32, 7.4e-3 in fp16 and 1.9e-2 in bf16.
-Nodes may compute in different dtypes, and the client cannot see which, so the tolerance follows
-the least precise dtype the caller says the swarm may use (and the wire codec).
+Tolerances are measured, not guessed (benchmarks/verification.py, part 1): honest-vs-honest relative error (per
+token, ‖a − b‖ / ‖b‖, max over tokens) between a served run (prefill, then decode steps batched with other
+sessions) and a verifier's replay (one prefill, then the step) on SmolLM2-135M 10-layer stages on CPU reached
+3.3e-6 in fp32, 7.4e-3 in fp16 and 1.9e-2 in bf16. Two stages are compared at the looser of their two dtypes.
 """
 
 from __future__ import annotations
@@ -32,56 +36,42 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hivemind.proto import runtime_pb2
 
 from node.client.session import ChainSession, StageFailure, SwarmClient
-from node.net.protocol import PREFILL_CHUNK_TOKENS, ProtocolError, unpack_metadata
+from node.model.sampling import SamplingParams
+from node.model.speculative import MAX_DRAFT_TOKENS
+from node.net.evidence import (
+    EvidenceError,
+    Witness,
+    build_proof,
+    check_receipt,
+    equivocation_proof,
+    session_key,
+)
+from node.net.protocol import PREFILL_CHUNK_TOKENS, ProtocolError, digest, token_digest, unpack_metadata
+from node.net.tolerance import (  # noqa: F401 (re-exported: the checks' tolerances)
+    DTYPE_NAMES,
+    QUANT_TOLERANCES,
+    SAME_QUANT_TOLERANCE,
+    TOLERANCES,
+    WIRE_TOLERANCES,
+    announced_dtype,
+    relative_error,
+    tolerance_for,
+)
 from node.net.wire import decode as wire_decode
 from swarm.types import Hop
 
 logger = logging.getLogger(__name__)
 
-# Relative error allowed between two honest runs of a step, by the least precise dtype involved:
-# about 30x (fp32), 4x (fp16) and 5x (bf16) the largest honest error measured (see the docstring).
-TOLERANCES = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 1e-1}
-ECHO_WAIT_S = 10.0  # an echo leaves a stage before its push reaches the end of the chain; this is slack
-
-
-# Lossy wire codecs (node.net.wire) round both outputs compared: fp16 as fp16 compute; int8 (blockwise) round-trips
-# hidden states with ~2e-2 relative error per token (measured on outlier-heavy tensors), so two honest outputs
-# may differ by about twice that.
-WIRE_TOLERANCES = {"none": 0.0, "fp16": TOLERANCES[torch.float16], "int8": 1e-1}
-
-
-# Quantized layers (node.model.quant), as their records announce them. Honest server-vs-verifier errors measured by
-# benchmarks/verification.py --quant-only on SmolLM2's 10-layer stages fed real activations, fp32, CPU (the
-# embedded model and a copy moved off its 4-bit grid, which is what a bf16-trained model looks like to int4):
-# * both sides at the same quantization (the same weights: rounding is deterministic): at most 6.8e-3 (int8,
-#   int4) -> SAME_QUANT_TOLERANCE, about 4x;
-# * int8 against fp32 or int4-on-grid: at most 4.1e-2 -> 2e-1, about 5x;
-# * int4 against fp32 or int8 off the grid: up to 3.4e-1 (median 1.4e-1) on layers 0:10 -> 7e-1, only 2x, and weak:
-#   an output within 70% of the truth passes. So the auditor asks a node of the audited one's quantization first.
-QUANT_TOLERANCES = {"none": 0.0, "int8": 2e-1, "int4": 7e-1}
-SAME_QUANT_TOLERANCE = 3e-2
-
-
-def tolerance_for(compute_dtype: torch.dtype, wire: str = "none", quants: tuple[str, ...] = ()) -> float:
-    """The tolerance for outputs computed in `compute_dtype` (the least precise any node may use),
-    sent with the `wire` codec, by nodes holding their layers at `quants` (the audited one's and the verifier's)."""
-    if len(set(quants)) == 1 and quants[0] != "none":
-        quant_tolerance = SAME_QUANT_TOLERANCE
-    else:
-        quant_tolerance = max((QUANT_TOLERANCES[q] for q in quants), default=0.0)
-    return max(TOLERANCES[compute_dtype], WIRE_TOLERANCES[wire], quant_tolerance)
-
-
-def relative_error(claimed: torch.Tensor, reference: torch.Tensor) -> float:
-    """Max over tokens of ‖claimed − reference‖ / ‖reference‖ (scale-free, so one tolerance fits all layers)."""
-    claimed, reference = claimed.float(), reference.float()
-    if claimed.shape != reference.shape:
-        return float("inf")
-    per_token = (claimed - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-12)
-    return per_token.max().item()
+ECHO_WAIT_S = 10.0  # an echo leaves a stage right after its push; this is slack for a loaded machine
+DEFAULT_PROBABILITY = 0.3  # a liar on every step of a 2-stage chain is checked within 32 tokens in 99.5% of runs
+PROVEN_BAN_S = 24 * 3600.0  # a liar outvoted by two other nodes
+SUSPECT_AVOID_S = 60.0  # both ends of an equivocation or an unresolved dispute: avoided, not banned
+# Codes of a StageFailure that mean the chain's output so far cannot be trusted (the answer is rebuilt).
+LIES = {"failed_verification", "equivocation", "equivocated", "disputed"}
 
 
 @dataclass(frozen=True)
@@ -93,19 +83,48 @@ class VerificationReport:
     verifier: str | None
     error: float  # relative error between the audited output and the verifier's
     tolerance: float
-    verdict: str  # "honest", "liar" (peer lied), "verifier_lied", "unresolved" (both dropped), "unchecked"
+    verdict: str  # "honest", "liar" (peer lied), "verifier_lied", "unresolved" (no one banned), "unchecked"
     tiebreaker: str | None = None
 
 
-class EchoRecorder(asyncio.Queue):
-    """A ChainSession's event queue that also keeps every stage's step outputs, by stage index.
+@dataclass(frozen=True)
+class Recomputed:
+    """A verifier's re-run of a checked step."""
 
-    Echoes are diverted here (the session has no use for them); answers pass through and are kept too.
+    output: torch.Tensor
+    peer: str
+    dtype: torch.dtype  # the dtype the verifier announced
+    witness: Witness | None  # its signed account of the step (node.net.evidence)
+    token: int | None = None  # a check of a ring's last stage: the token it sampled after the step
+
+
+class Ledger(asyncio.Queue):
+    """A ChainSession's event queue that also keeps every stage's receipts: its outputs and the digests of its
+    inputs, by stage index and position. Echoes are diverted here; answers pass through and are kept too.
+
+    Whenever both sides of a link are known for a step, it compares them: what stage k says it received must be
+    what stage k - 1 sent (its echo or answer), or what the client fed it (`fed`). A mismatch puts a
+    StageFailure(code="equivocation") on the session's queue, naming the receiver and, as `reporter`, the sender.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, peers: list[str] | None = None, endorsements: list[object] | None = None,
+                 model: str = "") -> None:
         super().__init__()
+        self.peers = peers or []
+        self.endorsements = endorsements or []  # each stage's session key, endorsed (node.net.evidence)
+        self.model = model
+        self.proofs: list[dict] = []  # proofs of equivocation found here, for the client to publish
         self.outputs: dict[int, dict[int, torch.Tensor]] = {}  # stage index -> position -> [1, tokens, hidden]
+        self.sent: dict[int, dict[int, str]] = {}  # digests of those outputs
+        self.received: dict[int, dict[int, str]] = {}  # what each stage says it ran
+        self.signed: dict[int, dict[int, dict]] = {}  # each step's signed receipt {"in", "out", "chain", "sig"}
+        self.forwarded: dict[int, dict[int, object]] = {}  # the pusher's signed receipt each stage says it ran
+        self.credited: dict[int, int] = {}  # stage index -> positions credited as checked work (see Auditor.check)
+        self.announced: dict[int, tuple[int, int]] = {}  # a ring: position -> (the token sampled there, by stage)
+        self.fed: dict[int, dict[int, tuple[str, int | None]]] = {}  # what each stage was fed, and by which stage
+        # (None: the client; in a ring, the first stage is fed each token the last stage announced)
+        self.equivocations: list[tuple[int, int]] = []  # (receiving stage index, position)
+        self.drafts: dict[int, list[int]] = {}  # a speculating ring's first stage: position -> the draft it ran after
         self._arrived = asyncio.Event()
 
     def put_nowait(self, item: tuple[int, object]) -> None:
@@ -117,12 +136,93 @@ class EchoRecorder(asyncio.Queue):
                 metadata = {}
             position = metadata.get("echo", metadata.get("position"))
             if isinstance(position, int) and "error" not in metadata:
+                # Signed receipts first: a comparison that the output or input digest below triggers may need them.
+                self.signed.setdefault(index, {})[position] = {k: metadata.get(k) for k in ("in", "out", "chain",
+                                                                                            "sig")}
+                self.forwarded.setdefault(index, {})[position] = metadata.get("prev")
                 with contextlib.suppress(Exception):  # a malformed tensor is the session's to report, not ours
-                    self.outputs.setdefault(index, {})[position] = wire_decode(message.tensors[0])
+                    output = wire_decode(message.tensors[0])
+                    self.outputs.setdefault(index, {})[position] = output
+                    self._note(self.sent, index, position, digest(output))
+                if isinstance(metadata.get("in"), str):
+                    self._note(self.received, index, position, metadata["in"])
+                if index == 0 and _is_draft(metadata.get("draft")):
+                    self.drafts[position] = metadata["draft"]
                 self._arrived.set()
             if "echo" in metadata:
                 return
         super().put_nowait(item)
+
+    def feed(self, index: int, position: int, input_digest: str, sender: int | None = None) -> None:
+        """Stage `index` was fed a step at `position` whose digest is `input_digest`, by the client (`sender`
+        None) or by stage `sender` (a ring's last stage, which announced the token to the client)."""
+        self._note(self.fed, index, position, (input_digest, sender))
+
+    def feed_tokens(self, position: int, token_ids: list[int], sender: int | None = None) -> None:
+        if sender is not None and len(token_ids) == 1:  # a ring's token, as stage `sender` announced it
+            self.announced[position] = (token_ids[0], sender)
+        self.feed(0, position, token_digest(token_ids), sender)
+
+    def _note(self, table: dict, index: int, position: int, value: object) -> None:
+        table.setdefault(index, {})[position] = value
+        self._compare(index, position)
+        if table is self.sent:
+            self._compare(index + 1, position)
+
+    def _compare(self, index: int, position: int) -> None:
+        received = self.received.get(index, {}).get(position)
+        expected, sender = self.fed.get(index, {}).get(position, (None, None))
+        if expected is None and index > 0:
+            expected, sender = self.sent.get(index - 1, {}).get(position), index - 1
+        if received is None or expected is None or received == expected or (index, position) in self.equivocations:
+            return
+        self.equivocations.append((index, position))
+        receiver = self._peer(index)
+        blamed = receiver if sender is None else self._peer(sender)  # the client trusts itself
+        logger.warning("equivocation at position %d: %s says it received other than %s sent", position, receiver,
+                       blamed)
+        culprit = self._culprit(index, position, sender) if sender == index - 1 else None
+        if culprit is not None:  # the signatures say who: it is banned, the other is not touched
+            failure = StageFailure(culprit, f"at position {position} it signed other than it sent or received",
+                                   code="equivocated")
+        else:
+            failure = StageFailure(receiver, f"at position {position} it says it received other than {blamed} sent",
+                                   code="equivocation", reporter=blamed)
+        super().put_nowait((index, failure))
+
+    def _culprit(self, index: int, position: int, sender: int) -> str | None:
+        """Which end of the link from stage `sender` to stage `index` lied at `position`, by their signatures:
+        an honest receiver runs only a push its sender signed for, and names that receipt in its own, so a receiver
+        without a valid one lied; a sender whose receipt to this client is unsigned, or names another output than it
+        signed for pushing at the same step, lied (a proof of that is kept in `proofs`). None: cannot tell."""
+        key, rows = self._session_key(sender), self.outputs.get(sender, {}).get(position)
+        if key is None or rows is None:
+            return None
+        pushed, told = self.forwarded.get(index, {}).get(position), self.signed.get(sender, {}).get(position)
+        try:
+            check_receipt(key, position, rows.shape[1], pushed, self.received[index][position])
+        except EvidenceError:
+            return self._peer(index)
+        try:
+            check_receipt(key, position, rows.shape[1], told, self.sent[sender][position])
+        except EvidenceError:
+            return self._peer(sender)
+        if (pushed["in"], pushed["chain"]) != (told["in"], told["chain"]):
+            return None  # two different steps at one position (a rewind?): not the same statement twice
+        self.proofs.append(equivocation_proof(self.model, self._peer(sender), self.endorsements[sender], position,
+                                              rows.shape[1], [pushed, told]))
+        return self._peer(sender)
+
+    def _session_key(self, index: int) -> Ed25519PublicKey | None:
+        endorsement = self.endorsements[index] if 0 <= index < len(self.endorsements) else None
+        try:
+            session = endorsement["session"] if isinstance(endorsement, dict) else None
+            return session_key(endorsement, peer=self._peer(index), session=session, client=None)
+        except (EvidenceError, KeyError, TypeError):
+            return None
+
+    def _peer(self, index: int) -> str:
+        return self.peers[index] if 0 <= index < len(self.peers) else "?"
 
     async def output(self, index: int, position: int, timeout_s: float = ECHO_WAIT_S) -> torch.Tensor | None:
         async with asyncio.timeout(timeout_s):
@@ -131,103 +231,202 @@ class EchoRecorder(asyncio.Queue):
                 await self._arrived.wait()
         return found
 
+    def witness(self, index: int, position: int, endorsement: object) -> Witness | None:
+        """Stage `index`'s signed account of its step at `position` (node.net.evidence), if it sent one."""
+        outputs = self.outputs.get(index, {})
+        if position not in outputs or not isinstance(endorsement, dict):
+            return None
+        steps = [(p, output.shape[1]) for p, output in sorted(outputs.items()) if p <= position]
+        return Witness(endorsement, steps, self.signed.get(index, {}).get(position, {}), outputs[position])
+
     def inputs(self, index: int, end: int) -> torch.Tensor | None:
-        """Stage `index + 1`'s inputs for positions [0, end): stage `index`'s outputs, in order."""
-        pieces, covered = [], 0
+        """Stage `index + 1`'s inputs for positions [0, end): stage `index`'s outputs, in order. A step that starts
+        before the previous one's rows end replaces them from there (a speculating ring's rejected draft: the
+        stages dropped those rows from their caches too)."""
+        rows: torch.Tensor | None = None
         for position, output in sorted(self.outputs.get(index, {}).items()):
-            if position != covered:
-                return None  # a gap (or overlap): the record is incomplete
-            pieces.append(output)
-            covered += output.shape[1]
-            if covered >= end:
-                return torch.cat(pieces, dim=1)[:, :end]
-        return None
+            if position >= end:
+                break
+            if position > (0 if rows is None else rows.shape[1]):
+                return None  # a gap: the record is incomplete
+            rows = output if rows is None else torch.cat([rows[:, :position], output], dim=1)
+        return rows[:, :end] if rows is not None and rows.shape[1] >= end else None
 
 
-def attach_recorder(session: ChainSession) -> EchoRecorder:
-    """Swaps the session's event queue for a recorder (before any step: the queue holds nothing yet)."""
-    recorder = EchoRecorder()
+def _is_draft(draft: object) -> bool:
+    return (isinstance(draft, list) and 0 < len(draft) <= MAX_DRAFT_TOKENS
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in draft))
+
+
+def attach_ledger(session: ChainSession, model: str = "") -> Ledger:
+    """Swaps the session's event queue for a ledger (before any step: the queue holds nothing yet); `model` names
+    the proofs it makes."""
+    ledger = Ledger([hop.node_id for hop in session.chain],
+                    [stream.opened.get("endorsement") for stream in session.streams], model)
     while not session.events.empty():
-        recorder.put_nowait(session.events.get_nowait())
-    session.events = recorder
+        ledger.put_nowait(session.events.get_nowait())
+    session.events = ledger
+    session.ledger = ledger
     for stream in session.streams:
-        stream.events = recorder
-    return recorder
+        stream.events = ledger
+    return ledger
 
 
 @dataclass
 class Auditor:
-    """Spot-checks steps of a ResilientSession's chains; `reports` keeps every check's outcome."""
+    """Re-runs a random sample of a session's steps on other nodes; `reports` keeps every check's outcome."""
 
     client: SwarmClient
-    probability: float  # chance that a step is checked (one stage of it, picked at random)
-    compute_dtype: torch.dtype = torch.bfloat16  # the least precise dtype any node may compute in
+    probability: float = DEFAULT_PROBABILITY  # chance that a step is checked (one stage of it, picked at random)
     wire: str = "none"
     step_timeout_s: float = 30.0
     rng: random.Random = field(default_factory=random.Random)
     reports: list[VerificationReport] = field(default_factory=list)
     quants: dict[str, str] = field(default_factory=dict)  # peer -> the quantization its record announces
+    published: list[dict] = field(default_factory=list)  # proofs of lies this auditor published
 
-    @property
-    def tolerance(self) -> float:
-        """Between two nodes that hold their layers unquantized."""
-        return tolerance_for(self.compute_dtype, self.wire)
-
-    def tolerance_between(self, a: str | None, b: str | None) -> float:
-        """Between the outputs of peers `a` and `b`, by the quantizations their records announce. A node that
-        announces int4 gets int4's slack: the price of letting quantized nodes serve (see QUANT_TOLERANCES)."""
-        return tolerance_for(self.compute_dtype, self.wire, tuple(self.quants.get(p, "none") for p in (a, b) if p))
+    def tolerance_between(self, *nodes: tuple[str | None, torch.dtype]) -> float:
+        """Between the outputs of `nodes` (peer, the dtype it announced): the looser of their dtypes', and the
+        slack of the quantizations their records announce. A node that announces int4 gets int4's slack: the price
+        of letting quantized nodes serve (see QUANT_TOLERANCES)."""
+        quants = tuple(self.quants.get(peer, "none") for peer, _ in nodes if peer)
+        return max(tolerance_for(dtype, self.wire, quants) for _, dtype in nodes)
 
     def sample(self) -> bool:
-        """Whether to check the step just run (drawn per step, so a liar cannot tell which steps count)."""
+        """Whether to check the step just run (drawn after the stages committed to it, so none can tell)."""
         return self.probability > 0 and self.rng.random() < self.probability
 
-    async def check_step(self, session: ChainSession, recorder: EchoRecorder, chain_inputs: torch.Tensor,
-                         position: int) -> VerificationReport:
-        """Checks one stage, picked at random, of the step at `position` (`chain_inputs` ends with that step's
-        inputs); raises StageFailure(code="failed_verification") if that stage lied."""
-        index = self.rng.randrange(len(session.chain))
-        return await self.check(session.chain[index], index, recorder, chain_inputs, position)
+    def pick_stage(self, session: ChainSession) -> int:
+        return self.rng.randrange(len(session.chain))
 
-    async def check(self, hop: Hop, index: int, recorder: EchoRecorder, chain_inputs: torch.Tensor,
-                    position: int) -> VerificationReport:
-        end = chain_inputs.shape[1]
+    async def check(self, session: ChainSession, index: int, position: int, *, chain_inputs: torch.Tensor | None = None,
+                    token_ids: list[int] | None = None) -> VerificationReport:
+        """Checks stage `index`'s step at `position`: its inputs are the client's (`chain_inputs`, ending with the
+        step's, or a ring's `token_ids` through the step) for the first stage, else the previous stage's echoes.
+        Raises StageFailure(code="failed_verification") if it lied, ("disputed") if no one can tell."""
+        ledger, hop = session.ledger, session.chain[index]
         try:
-            claimed = await recorder.output(index, position)
+            claimed = await ledger.output(index, position)
             if index > 0:  # the previous stage's echo of this step may still be on its way
-                await recorder.output(index - 1, position)
+                await ledger.output(index - 1, position)
         except TimeoutError:
             claimed = None
-        inputs = chain_inputs if index == 0 else recorder.inputs(index - 1, end)
+        end = position + (claimed.shape[1] if claimed is not None else 0)
+        if index == 0 and token_ids is not None and position in ledger.drafts:  # a speculating ring's first stage
+            draft = ledger.drafts[position]  # it ran the tokens it was fed, then its draft
+            token_ids = [*token_ids[:end - len(draft)], *draft]
+        inputs = (chain_inputs if token_ids is None else token_ids) if index == 0 else ledger.inputs(index - 1, end)
         if inputs is None or claimed is None:
-            return self._report(hop, position, None, float("nan"), self.tolerance, "unchecked")
-        candidates = await self._verifiers(hop)
-        reference, verifier = await self._recompute_on_any(candidates, hop, inputs, position)
-        if reference is None:
-            return self._report(hop, position, None, float("nan"), self.tolerance, "unchecked")
-        error, tolerance = relative_error(claimed, reference), self.tolerance_between(hop.node_id, verifier)
-        if error <= tolerance:
-            return self._report(hop, position, verifier, error, tolerance, "honest")
-        # A dispute: a third opinion decides who lied.
-        third, tiebreaker = await self._recompute_on_any(candidates, hop, inputs, position)
-        claimed_fits = third is not None and \
-            relative_error(claimed, third) <= self.tolerance_between(hop.node_id, tiebreaker)
-        if third is not None and not claimed_fits and \
-                relative_error(reference, third) <= self.tolerance_between(verifier, tiebreaker):
-            liars, verdict = [hop.node_id], "liar"
-        elif claimed_fits:
-            liars, verdict = [verifier], "verifier_lied"
+            return self._report(hop, position, None, float("nan"), "unchecked", float("nan"))
+        stage_dtype = announced_dtype(session.streams[index].opened.get("dtype"))
+        candidates = await self._verifiers(hop)  # (which also learns every node's quantization)
+        sampled, announcer = self._sampled_token(session, index, end)
+        if not self._exact(hop.node_id, stage_dtype):
+            sampled = None  # its token is not compared (see `_exact`)
+        sampling = session.sampling if sampled is not None else None
+        first = await self._recompute_on_any(candidates, hop, inputs, position, end, want=stage_dtype,
+                                             sampling=sampling)
+        if first is None:
+            return self._report(hop, position, None, float("nan"), "unchecked", float("nan"))
+        tolerance = self.tolerance_between((hop.node_id, stage_dtype), (first.peer, first.dtype))
+        error = relative_error(claimed, first.output)
+        if error <= tolerance and self._token(first) in (None, sampled):
+            self._credit(ledger, index, hop.node_id, end)
+            return self._report(hop, position, first.peer, error, "honest", tolerance)
+        # A dispute: a third node decides; no one is called a liar unless two others agree against it.
+        second = await self._recompute_on_any(candidates, hop, inputs, position, end, want=stage_dtype,
+                                              sampling=sampling)
+        # One tolerance for the three comparisons: the loosest of the three nodes' dtypes and quantizations.
+        tolerance = self.tolerance_between((hop.node_id, stage_dtype), (first.peer, first.dtype),
+                                           *(((second.peer, second.dtype),) if second else ()))
+
+        def agree(output: torch.Tensor, token: int | None, other: Recomputed) -> bool:
+            """Outputs within the tolerance, and the same token where both are compared."""
+            other_token = self._token(other)
+            same_token = token is None or other_token is None or token == other_token
+            return relative_error(output, other.output) <= tolerance and same_token
+
+        outvoted = second is not None and agree(first.output, self._token(first), second) and not agree(
+            claimed, sampled, second)
+        if outvoted and announcer not in (None, index) and relative_error(claimed, second.output) <= tolerance:
+            # Its output is right but the token is not, and the first stage sampled it from the LM head the two
+            # shared: either may have lied (its part of the logits, or the merge). Both are avoided, neither banned.
+            verdict = "unresolved"
+            for peer in (hop.node_id, session.chain[announcer].node_id):
+                self.client.ban(peer, for_s=SUSPECT_AVOID_S)
+        elif outvoted:
+            verdict = "liar"
+            self.client.ban(hop.node_id, for_s=PROVEN_BAN_S)
+            if relative_error(claimed, second.output) > tolerance:  # a sampled token alone is not signed: no proof
+                accused = ledger.witness(index, position, session.streams[index].opened.get("endorsement"))
+                await self._publish(hop, inputs, [accused, first.witness, second.witness])
+        elif second is not None and agree(claimed, sampled, second) and not agree(
+                first.output, self._token(first), second):
+            verdict = "verifier_lied"
+            self.client.ban(first.peer, for_s=PROVEN_BAN_S)
         else:
-            liars, verdict = [hop.node_id, verifier], "unresolved"
-        for peer in liars:
-            self.client.ban(peer, for_s=3600.0)
-        report = self._report(hop, position, verifier, error, tolerance, verdict, tiebreaker)
-        logger.warning("spot check of %s (layers %d:%d) at position %d: error %.2e > %.2e, %s",
-                       hop.node_id, hop.start, hop.end, position, error, tolerance, verdict)
-        if hop.node_id in liars:
+            verdict = "unresolved"
+            for peer in (hop.node_id, first.peer):
+                self.client.ban(peer, for_s=SUSPECT_AVOID_S)
+        report = self._report(hop, position, first.peer, error, verdict, tolerance, second and second.peer)
+        checked = self._token(first)
+        tokens = f", sampled {sampled} where the check sampled {checked}" if checked not in (None, sampled) else ""
+        logger.warning("check of %s (layers %d:%d) at position %d: error %.2e (tolerance %.2e)%s: %s", hop.node_id,
+                       hop.start, hop.end, position, error, tolerance, tokens, verdict)
+        if verdict != "verifier_lied":
             raise StageFailure(hop.node_id, f"failed verification at position {position}: relative error "
-                               f"{error:.2e} > {tolerance:.1e} ({verdict})", code="failed_verification")
+                               f"{error:.2e} (tolerance {tolerance:.1e}){tokens} ({verdict})",
+                               code="failed_verification" if verdict == "liar" else "disputed")
         return report
+
+    def _exact(self, peer: str, dtype: torch.dtype) -> bool:
+        """Whether a node's sampled token is compared with another's: only between fp32 nodes of unquantized layers.
+        A check samples from its own re-run of the step, whose hidden state differs from the served one by the
+        dtypes' noise; in fp32 (3e-6) that flips a token only at a near-exact tie of two logits, but bf16 chains
+        were measured to pick another greedy token now and then, which would convict an honest node."""
+        return dtype == torch.float32 and self.quants.get(peer, "none") == "none"
+
+    def _token(self, found: Recomputed) -> int | None:
+        """A verifier's sampled token, where it counts (`_exact`)."""
+        return found.token if found.token is not None and self._exact(found.peer, found.dtype) else None
+
+    @staticmethod
+    def _sampled_token(session: ChainSession, index: int, end: int) -> tuple[int | None, int | None]:
+        """At a ring's last stage (`index`): the token sampled after its step ending at `end`, which its check
+        re-derives, and the stage that announced it (itself, or the first stage when they shared the LM head).
+        (None, None) when there is none to check: not a ring's last stage, a speculating ring, or sampling with no
+        seed (each draw is fresh: no one can re-derive it)."""
+        params = session.sampling
+        if params is None or index == 0 or index != len(session.chain) - 1 or session.ledger.drafts or (
+                params.temperature > 0 and params.seed is None):
+            return None, None  # (a one-stage ring embeds: its check takes token ids and samples nothing)
+        return session.ledger.announced.get(end, (None, None))
+
+    def _credit(self, ledger: Ledger, index: int, peer: str, end: int) -> None:
+        """A check passed at a stage: the tokens it ran in this session through the checked step, not credited yet,
+        count as its checked work (node.net.credit); those between two checks on the strength of the sample."""
+        gained = end - ledger.credited.get(index, 0)
+        if gained > 0:
+            ledger.credited[index] = end
+            self.client.checked_credit[peer] = self.client.checked_credit.get(peer, 0) + gained
+
+    async def _publish(self, hop: Hop, inputs: torch.Tensor | list[int], witnesses: list[Witness | None]) -> None:
+        """Publishes the proof that `hop` lied (node.net.evidence), so that other clients and the planners drop it
+        without catching it themselves; a lie whose proof would not check out (too long to carry, unsigned) stays
+        this client's to know."""
+        if any(w is None for w in witnesses):
+            logger.info("no proof to publish against %s: a witness did not sign its step", hop.node_id)
+            return
+        end = witnesses[0].steps[-1][0] + witnesses[0].steps[-1][1]
+        proof = build_proof(self.client.model, hop.node_id, hop.start, hop.end,
+                            inputs[:end] if isinstance(inputs, list) else inputs[:, :end], witnesses)
+        try:
+            async with asyncio.timeout(self.step_timeout_s):
+                stored = await self.client.peer.proof_book(self.client.model).publish(proof)
+            self.published.append(proof)
+            logger.warning("published the proof that %s lied (stored: %s)", hop.node_id, stored)
+        except (EvidenceError, TimeoutError) as e:
+            logger.warning("could not publish a proof that %s lied: %s", hop.node_id, e)
 
     async def _verifiers(self, hop: Hop) -> list[str]:
         """Other online, unbanned nodes that hold all of the hop's layers, in random order, those of the hop's
@@ -241,31 +440,62 @@ class Auditor:
         mine = self.quants.get(hop.node_id, "none")
         return sorted(peers, key=lambda peer: self.quants.get(peer, "none") != mine)  # stable: random within each
 
-    async def _recompute_on_any(self, candidates: list[str], hop: Hop, inputs: torch.Tensor,
-                                position: int) -> tuple[torch.Tensor | None, str | None]:
-        """Recomputes on the first candidate that answers (popping those tried); (None, None) if none does."""
-        while candidates:
-            peer = candidates.pop(0)
+    async def _recompute_on_any(self, candidates: list[str], hop: Hop, inputs: torch.Tensor | list[int],
+                                position: int, end: int, *, want: torch.dtype,
+                                sampling: SamplingParams | None = None) -> Recomputed | None:
+        """Recomputes on the first candidate that answers (popping those tried), preferring one that computes at
+        least as precisely as `want` (a looser dtype loosens the check); None if none answers. With `sampling`
+        (a ring's last stage), the candidate also samples the token after the step."""
+        looser: list[str] = []
+        while candidates or looser:
+            precise = bool(candidates)
+            peer = (candidates or looser).pop(0)
             try:
-                return await self._recompute(Hop(peer, hop.start, hop.end), inputs, position), peer
+                found = await self._recompute(Hop(peer, hop.start, hop.end), inputs, position, end,
+                                              at_most=TOLERANCES[want] if precise else None, sampling=sampling)
+                if found is not None:
+                    return found
+                looser.append(peer)
             except (StageFailure, TimeoutError) as e:
                 logger.info("verifier %s could not recompute: %s", peer, e)
-        return None, None
+        return None
 
-    async def _recompute(self, hop: Hop, inputs: torch.Tensor, position: int) -> torch.Tensor:
-        """Runs the step at `position` on `hop` after replaying its inputs before it, in a fresh session."""
-        session = await self.client.open_session([hop], max_length=inputs.shape[1], wire=self.wire,
-                                                 step_timeout_s=self.step_timeout_s)
+    async def _recompute(self, hop: Hop, inputs: torch.Tensor | list[int], position: int, end: int, *,
+                         at_most: float | None = None, sampling: SamplingParams | None = None) -> Recomputed | None:
+        """Runs the step [position, end) on `hop` after replaying its inputs before it, in a fresh one-stage
+        session (given token ids, the verifier embeds them as the checked first stage did), with the verifier's
+        signed account of the step (a witness for a proof); with `sampling` (a ring's last stage: hidden states in)
+        also the token it samples after the step. None, without running anything, if the node announces a dtype
+        whose tolerance exceeds `at_most`."""
+        tokens = isinstance(inputs, list)
+        session = await self.client.open_session([hop], max_length=end, wire=self.wire, embed=tokens,
+                                                 sampling=sampling, step_timeout_s=self.step_timeout_s)
+        ledger = attach_ledger(session)
         try:
-            for offset in range(0, position, PREFILL_CHUNK_TOKENS):
-                await session.step(inputs[:, offset:min(position, offset + PREFILL_CHUNK_TOKENS)], offset)
-            return await session.step(inputs[:, position:], position)
+            dtype = announced_dtype(session.streams[0].opened.get("dtype"))
+            if at_most is not None and TOLERANCES[dtype] > at_most:
+                return None
+            token = None
+            if sampling is not None:
+                for offset in range(0, position, PREFILL_CHUNK_TOKENS):
+                    await session.sampled_token(inputs[:, offset:min(position, offset + PREFILL_CHUNK_TOKENS)], offset,
+                                                sample=False)
+                token = await session.sampled_token(inputs[:, position:end], position, sample=True)
+                output = await ledger.output(0, position)
+            else:
+                run = session.embed_step if tokens else session.step
+                for offset in range(0, position, PREFILL_CHUNK_TOKENS):
+                    await run(inputs[:, offset:min(position, offset + PREFILL_CHUNK_TOKENS)] if not tokens
+                              else inputs[offset:min(position, offset + PREFILL_CHUNK_TOKENS)], offset)
+                output = await run(inputs[:, position:end] if not tokens else inputs[position:end], position)
+            return Recomputed(output, hop.node_id, dtype,
+                              ledger.witness(0, position, session.streams[0].opened.get("endorsement")), token)
         finally:
             await session.close()
 
-    def _report(self, hop: Hop, position: int, verifier: str | None, error: float, tolerance: float, verdict: str,
+    def _report(self, hop: Hop, position: int, verifier: str | None, error: float, verdict: str, tolerance: float,
                 tiebreaker: str | None = None) -> VerificationReport:
-        report = VerificationReport(hop.node_id, hop.start, hop.end, position, verifier, error, tolerance,
-                                    verdict, tiebreaker)
+        report = VerificationReport(hop.node_id, hop.start, hop.end, position, verifier, error, tolerance, verdict,
+                                    tiebreaker)
         self.reports.append(report)
         return report

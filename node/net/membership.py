@@ -34,6 +34,7 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from node.net.config import load_config
 from node.net.identity import IdentityError, NodeIdentity, claim, ephemeral_identity, peer_id_from_owner_key
 from node.net.lifeline import GRACE_S, default_signals, die_with_spawner, kill_descendants, watch_parent
+from node.net.proofbook import ProofBook, ProofValidator
 from node.net.reachability import measure_in_dht, peer_ids_of, relay_p2p_options
 from swarm.records import RecordError, ServerRecord
 
@@ -75,6 +76,7 @@ class SwarmPeer:
     identity: NodeIdentity
     reachability: str | None = None  # "direct", "relayed" or "unreachable"; None: not measured (see open_dht)
     claimed: filelock.BaseFileLock | None = None  # a named identity's claim, given back on shutdown
+    proof_books: dict[str, ProofBook] = dataclasses.field(default_factory=dict)  # by model
 
     @property
     def peer_id(self) -> str:
@@ -100,6 +102,12 @@ class SwarmPeer:
         """Live, valid records of `model`'s servers; bad ones are logged with the reason and skipped."""
         found = await self.dht.get(servers_key(model), latest=True, return_future=True)
         return _valid_records(found, model, num_layers)
+
+    def proof_book(self, model: str) -> ProofBook:
+        """The proven liars of `model`'s swarm as this peer reads them (node.net.evidence), shared by its users."""
+        if model not in self.proof_books:
+            self.proof_books[model] = ProofBook(self.dht, model)
+        return self.proof_books[model]
 
     def list_servers_blocking(self, model: str, *, num_layers: int | None = None) -> list[ServerRecord]:
         """`list_servers` for synchronous callers (outside an event loop)."""
@@ -177,7 +185,7 @@ def _network_options(announce_maddrs: Sequence[str], relays: Sequence[str], rela
 
 
 def record_validators(private_key: RSAPrivateKey) -> list[RecordValidatorBase]:
-    return [SignatureValidator(private_key), ServerRecordValidator()]
+    return [SignatureValidator(private_key), ServerRecordValidator(), ProofValidator()]
 
 
 def _valid_records(found: Any, model: str, num_layers: int | None) -> list[ServerRecord]:
@@ -196,6 +204,18 @@ def check_entry(subkey: Any, value: Any, *, model: str | None = None, num_layers
                 ) -> ServerRecord:
     """The record under `subkey` if the subkey's owner key is the claimed peer's and the value is a valid
     record of that peer (and of `model`); else RecordError saying why. Does not check the signature."""
+    owner = subkey_owner(subkey)
+    record = ServerRecord.from_dict(value, num_layers=num_layers)
+    if record.peer_id != owner:
+        raise RecordError(f"peer_id: the record claims {record.peer_id} but is owned by {owner}")
+    if model is not None and record.model != model:
+        raise RecordError(f"model: a record of {record.model!r} under the key of {model!r}")
+    return record
+
+
+def subkey_owner(subkey: Any) -> str:
+    """The peer that owns (signed the value under) an `owner_subkey`; RecordError if the subkey names none, or names
+    a peer id that is not its owner key's. Does not check the signature (the DHT's validators did)."""
     if not isinstance(subkey, str):
         raise RecordError(f"subkey: expected str, got {type(subkey).__name__}")
     claimed, prefix, rest = subkey.partition(_OWNER_PREFIX)
@@ -207,12 +227,7 @@ def check_entry(subkey: Any, value: Any, *, model: str | None = None, num_layers
         raise RecordError("subkey: the owner key is not an RSA public key") from None
     if claimed != owner:
         raise RecordError(f"subkey: names peer {claimed!r} but its owner key is peer {owner}'s")
-    record = ServerRecord.from_dict(value, num_layers=num_layers)
-    if record.peer_id != owner:
-        raise RecordError(f"peer_id: the record claims {record.peer_id} but is owned by {owner}")
-    if model is not None and record.model != model:
-        raise RecordError(f"model: a record of {record.model!r} under the key of {model!r}")
-    return record
+    return owner
 
 
 class SignatureValidator(RSASignatureValidator):

@@ -36,21 +36,31 @@ client: the head's time on the critical path halves and no leg is added. A sampl
 vocabulary's logits, so the last stage shares those only over a link that carries them within a
 millisecond, and otherwise samples from the whole head itself as without an offer. A client opens
 the first stage with `share_head: false` to keep the head whole at the last stage.
+Receipts (always, every session kind; see docs/trust.md): for every step, a stage tells its client a digest of
+the input it ran (`"in"`, `digest` of the hidden states or token ids as received) and its output: in its answer
+when it answers the client, else in an echo `{"echo": position, "in"}` + the output tensor (the hidden states it
+pushed on, or at a ring's sampling stage the hidden states it sampled from). The client holds every stage to what
+its neighbour says it received, and re-runs a sample of steps elsewhere (`node.client.verify`). Nothing in a
+session's messages tells a stage which steps are checked. The open's `audit` flag is accepted and ignored.
+Receipts are signed (`node.net.evidence`): the open's answer carries the stage's `endorsement` (a session key its
+identity endorses), and every receipt adds `"out"` (the output's digest), `"chain"` and `"sig"`. A push stream's
+opening carries the pusher's endorsement too, and each pushed step of hidden states its signed `"receipt"`,
+which the receiver checks before running the step and names as `"prev"` in its own receipt.
 Speculation (a ring opened with `speculate: k`, k <= 16, at every stage): the first stage appends to a
 sampled step a draft of up to k token ids (`node.model.speculative`), which every stage passes on with the
 step's output (`"draft": [...]`); the last stage computes the logits of the draft's positions and the one
 before, keeps the draft's tokens the model agrees with, sends each kept token and the model's next one to the
 client, and feeds that next one back to the first stage at its position, up to k positions before where the
 stages' caches end: each stage drops the rejected positions from its cache when that step arrives.
-Speculating rings do not share the LM head.
-With `audit` set at open, a pushing stage also echoes each step's output to its client
-stream as `{"echo": position}` + tensor, for the client's spot checks (`node.client.verify`).
+Speculating rings do not share the LM head. The first stage's receipt names the token it was fed, and its echo
+carries the draft it appended (`"draft"`), so the client can re-run the step.
 Everything a peer sends is checked before any compute runs: each field here, and an open's flags
 together where the session opens (`node.serve.role`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import reprlib
 from dataclasses import dataclass
@@ -110,9 +120,10 @@ class ProtocolError(Exception):
 class RemoteError(Exception):
     """An error answer received from a peer; `peer` is the stage at fault."""
 
-    def __init__(self, peer: str, code: str, message: str) -> None:
+    def __init__(self, peer: str, code: str, message: str, reporter: str | None = None) -> None:
         super().__init__(f"{peer}: {code}: {message}")
         self.peer, self.code, self.message = peer, code, message
+        self.reporter = reporter or peer  # the peer that sent the error (it may name another as at fault)
 
 
 @dataclass(frozen=True)
@@ -125,9 +136,7 @@ class OpenSession:
     next_peer: str | None = None  # the stage this one pushes its output to (None: answer the client)
     relay: bool = False  # answer every step on the client stream instead of pushing
     wire: str = "none"
-    # Also copy every step's output to the client stream as {"echo": position}, so the client can
-    # spot-check this stage against another node (node.client.verify); off unless the client audits.
-    audit: bool = False
+    audit: bool = False  # accepted and ignored: every session is checked the same way (see node.client.verify)
     embed: bool = False  # a ring's first stage: steps carry token ids, which this stage embeds
     # A ring's last stage: after a step flagged `sample`, sample the next token with these parameters and
     # feed it to `next_peer` (the first stage), or to itself when it is the whole chain.
@@ -143,10 +152,27 @@ class Step:
     token_ids: torch.Tensor | None = None  # [1, tokens] int64, for a session opened with `embed`
     sample: bool = False  # a ring's last stage samples a token after this step
     draft: tuple[int, ...] = ()  # speculation: the step's last len(draft) tokens are a draft to verify
+    receipt: dict[str, Any] | None = None  # a pushed step of hidden states: its sender's signed receipt
 
     @property
     def tokens(self) -> int:
         return (self.hidden if self.hidden is not None else self.token_ids).shape[1]
+
+
+def digest(tensor: torch.Tensor) -> str:
+    """A commitment to a step's input or output as one side of a link holds it: 16 bytes of BLAKE2b over the
+    tensor's dtype, shape and bytes (both ends decode the same wire encoding, so honest ends agree bit for bit)."""
+    data = tensor.detach().cpu().contiguous()
+    if data.dtype == torch.bfloat16:
+        data = data.view(torch.int16)
+    h = hashlib.blake2b(f"{tensor.dtype}{list(tensor.shape)}".encode(), digest_size=16)
+    h.update(data.numpy().tobytes())
+    return h.hexdigest()
+
+
+def token_digest(token_ids: list[int]) -> str:
+    """The digest of a step of token ids, as the stage that embeds them computes it."""
+    return digest(torch.tensor([token_ids], dtype=torch.long))
 
 
 _PING_METADATA = msgpack.packb({"ping": True})
@@ -242,8 +268,23 @@ def _peer_field(metadata: dict[str, Any], key: str) -> str | None:
     return value
 
 
-def push_open(session_id: str, client: str) -> runtime_pb2.ExpertRequest:
-    return pack({"push": session_id, "client": client})
+def push_open(session_id: str, client: str, endorsement: dict[str, Any] | None = None) -> runtime_pb2.ExpertRequest:
+    """`endorsement`: the pusher's session key, endorsed by its identity (node.net.evidence), which signs the
+    receipt riding each pushed step of hidden states (a pusher without one can push only tokens and head parts)."""
+    return pack({"push": session_id, "client": client, **({"endorsement": endorsement} if endorsement else {})})
+
+
+def push_endorsement(message: runtime_pb2.ExpertRequest) -> Any:
+    """The endorsement in a push stream's first message (checked by `node.net.evidence.session_key`)."""
+    return unpack_metadata(message).get("endorsement")
+
+
+def is_receipt(receipt: Any) -> bool:
+    """A signed receipt's shape (node.net.evidence): two digests, the chain, an Ed25519 signature."""
+    return (isinstance(receipt, dict) and set(receipt) == {"in", "out", "chain", "sig"}
+            and all(isinstance(receipt[k], str) and len(receipt[k]) <= 64 for k in ("in", "out"))
+            and isinstance(receipt["chain"], bytes) and len(receipt["chain"]) <= 64
+            and isinstance(receipt["sig"], bytes) and len(receipt["sig"]) == 64)
 
 
 def parse_push_open(message: runtime_pb2.ExpertRequest) -> tuple[str, str | None]:
@@ -284,7 +325,11 @@ def parse_step(
             raise ProtocolError(
                 "too_long", f"positions {position}..{position + size[1]} exceed the session's max_length {max_length}"
             )
-        step = Step(_tensor(message, "hidden states", size), position, sample=sample, draft=draft)
+        receipt = metadata.get("receipt")
+        if receipt is not None and not is_receipt(receipt):
+            raise ProtocolError("bad_request", "'receipt' must be {'in', 'out': digests, 'chain': bytes, "
+                                "'sig': 64 bytes}")
+        step = Step(_tensor(message, "hidden states", size), position, sample=sample, draft=draft, receipt=receipt)
     if draft and (not sample or len(draft) >= step.tokens):
         raise ProtocolError("bad_request", f"a draft of {len(draft)} tokens rides a sampled step of more tokens")
     return step
@@ -449,5 +494,5 @@ def raise_if_error(peer: str, response: runtime_pb2.ExpertResponse) -> dict[str,
         if not isinstance(error, dict):
             raise RemoteError(peer, "bad_response", f"malformed error: {_short(error)}")
         at_fault = error.get("peer") if isinstance(error.get("peer"), str) else peer
-        raise RemoteError(at_fault, str(error.get("code", "unknown")), str(error.get("message", "")))
+        raise RemoteError(at_fault, str(error.get("code", "unknown")), str(error.get("message", "")), reporter=peer)
     return metadata

@@ -16,12 +16,13 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from node.model.checkpoint import ModelSource, layer_bytes
 from node.model.stage import kv_bytes_per_token
+from node.net.credit import CheckedCredit
 from swarm.allocator import DEFAULT_CONTEXT_TOKENS, allocate
 from swarm.costmodel import kv_share_bytes
 from swarm.rebalancer import RebalanceState, apply_moves, plan_rebalance, without_new_holes
@@ -237,6 +238,10 @@ class SwarmStatus:
     epoch: int
     nodes: tuple[PeerStatus, ...]
     replicas_per_layer: tuple[int, ...]  # online nodes serving each layer
+    # Tokens each node served that clients' checks vouch for (node.net.credit), by peer id; and the nodes left out
+    # of everything above because a published proof shows they lied (node.net.evidence).
+    credit: Mapping[str, CheckedCredit] = field(default_factory=dict)
+    proven_liars: frozenset[str] = frozenset()
 
     @property
     def min_replicas(self) -> int:
@@ -251,13 +256,16 @@ class SwarmStatus:
         return [layer for layer, n in enumerate(self.replicas_per_layer) if n == 0]
 
 
-def swarm_status(model: ModelSpec, records: Iterable[ServerRecord]) -> SwarmStatus:
-    """The swarm as its (checked) records show it, with the range the plan gives each node."""
-    records = check_records(model, records)
+def swarm_status(model: ModelSpec, records: Iterable[ServerRecord], *,
+                 credit: Mapping[str, CheckedCredit] | None = None, liars: frozenset[str] = frozenset()
+                 ) -> SwarmStatus:
+    """The swarm as its (checked) records show it, with the range the plan gives each node; proven `liars` are
+    left out (as every planner leaves them out), and each node's checked `credit` rides along."""
+    records = [r for r in check_records(model, records) if r.peer_id not in liars]
     online = [r for r in records if r.state == "online"]
     replicas = tuple(sum(r.start <= layer < r.end for r in online) for layer in range(model.num_layers))
     planned = plan(model, records)
     return SwarmStatus(model=model.name, num_layers=model.num_layers,
                        epoch=max((r.epoch for r in records), default=0),
                        nodes=tuple(PeerStatus(r, planned.range_of(r.peer_id)) for r in records),
-                       replicas_per_layer=replicas)
+                       replicas_per_layer=replicas, credit=dict(credit or {}), proven_liars=frozenset(liars))

@@ -25,6 +25,7 @@ from hivemind.proto import runtime_pb2
 
 from node.model.checkpoint import ModelSource
 from node.model.stage import Stage, default_device, default_dtype
+from node.net.credit import read_credit
 from node.net.direct import DirectListener, listen_host, maddr_hosts
 from node.net.identity import load_identity
 from node.net.membership import DEFAULT_TTL_S, SwarmPeer, open_dht
@@ -43,6 +44,7 @@ from node.net.protocol import (
 )
 from node.net.reachability import DIRECT
 from node.net.streams import MessageTooLarge, PendingStreams, add_bounded_stream_handler
+from node.serve.adversary import Adversary
 from node.serve.assignment import (
     EpochTracker,
     SwarmStatus,
@@ -81,7 +83,9 @@ class NodeConfig:
     identity: str | None = None  # name of a persistent identity (peer id + signing key); None: a new one per run
     send_delay_s: float = 0.0  # emulated one-way latency on everything this node sends (WAN tests)
     send_bandwidth_bps: float = 0.0  # emulated uplink bandwidth for what this node sends (0: unlimited)
-    test_perturb_scale: float = 0.0  # testing aid: noise added to every output (a lying node; see node.client.verify)
+    test_perturb_scale: float = 0.0  # testing aid: noise added to outputs (a lying node; see node.serve.adversary)
+    test_adversary: str = "liar"  # testing aid: how a node with test_perturb_scale > 0 lies
+    dtype: str | None = None  # compute dtype ("float32", "bfloat16", "float16"); None: the device's default
     test_slowdown_s: float = 0.0  # testing aid: extra time per step, as on a slower GPU
     announce_maddrs: Sequence[str] = ()  # addresses peers should dial (e.g. behind port forwarding)
     relays: Sequence[str] | None = None  # relay peers to serve through; None: from the user's config
@@ -107,7 +111,7 @@ class Node:
         self.source, self.config = source, config
         self.spec = model_spec(source)
         self.device = torch.device(config.device) if config.device else default_device()
-        self.dtype = default_dtype(self.device)
+        self.dtype = getattr(torch, config.dtype) if config.dtype else default_dtype(self.device)
         self.peer: SwarmPeer | None = None  # our DHT peer: announces our record, reads everyone's
         self.p2p: P2P | None = None
         self.server: StageServer | None = None  # the stage new sessions go to
@@ -373,9 +377,10 @@ class Node:
         )
         budget = config.kv_budget_bytes or self._planned_kv_budget(target)
         server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
-                             send_delay_s=config.send_delay_s, test_perturb_scale=config.test_perturb_scale,
+                             send_delay_s=config.send_delay_s, adversary=_adversary(config),
                              test_slowdown_s=config.test_slowdown_s, send_bandwidth_bps=config.send_bandwidth_bps,
-                             uplink_bps=self._capabilities.get("uplink_bps", 0.0))
+                             uplink_bps=self._capabilities.get("uplink_bps", 0.0),
+                             identity_key=self.peer.identity.private_key)
         server.own_clients = self.own_clients
         server.waiters = self.waiters
         server.attach(self.p2p, self.direct)
@@ -403,10 +408,15 @@ class Node:
         """The swarm as its DHT records show it (`node.serve.assignment.swarm_status`); None before joining a DHT."""
         if self.peer is None:
             return None
-        return swarm_status(self.spec, await self._records())
+        records = await self.peer.list_servers(self.source.name, num_layers=self.source.num_layers)
+        return swarm_status(self.spec, records, credit=await read_credit(self.peer, self.source.name),
+                            liars=await self.peer.proof_book(self.source.name).liars(r.peer_id for r in records))
 
     async def _records(self) -> list[ServerRecord]:
-        return await self.peer.list_servers(self.source.name, num_layers=self.source.num_layers)
+        """The swarm's records but those of proven liars (node.net.proofbook): the plan gives them no layers. Proofs
+        are read in the background, so a liar leaves the plan at the heartbeat after its proof was read."""
+        records = await self.peer.list_servers(self.source.name, num_layers=self.source.num_layers)
+        return await self.peer.proof_book(self.source.name).drop_liars(records, wait=False)
 
     async def _announce(self, state: str | None = None) -> None:
         assert self.record is not None and self.peer is not None
@@ -624,6 +634,13 @@ async def _prepend(first: runtime_pb2.ExpertRequest, rest: AsyncIterator[runtime
     yield first
     async for item in rest:
         yield item
+
+
+def _adversary(config: NodeConfig) -> Adversary | None:
+    """The hostile test mode the hidden CLI options ask for (tests and benchmarks only); None for an honest node."""
+    if config.test_perturb_scale <= 0 and config.test_adversary != "blamer":
+        return None
+    return Adversary(config.test_adversary, config.test_perturb_scale)
 
 
 def _free_memory(device: torch.device) -> None:

@@ -7,14 +7,16 @@ when the session opens, with code "bad_request".
 Steps come from the client's stream when this stage is the chain's first (no `prev`), when the session is
 relayed, or when it embeds (a ring's first stage takes the prompt from the client); and from the push
 stream of `prev` when one is named and the session is not relayed. Outputs go to the push stream of
-`next` when one is named and the session is not relayed, else to the client; `audit` also copies a
-pushed output to the client, unless it is a sampled token.
+`next` when one is named and the session is not relayed, else to the client. A stage whose output does
+not go to the client (it pushes, or samples a token) echoes it there with its receipt (`node.net.protocol`).
 
 A ring (opened with `sampling`; never relayed) has three kinds of stage:
 - FIRST: `embed`, at layer 0, short of the model's end; names `next` and `prev` (the last stage, which
   sends the sampled tokens back). It splits the LM head's work with the last stage when the open allows
   (`share_head`) and this stage holds a share of the head.
-- LAST: the model's last layer, no `embed`; names `next` (the first stage) and sends it each token.
+- LAST: the model's last layer, no `embed`; names `next` (the first stage) and sends it each token. Named
+  neither `prev` nor `next`, it is a check (`node.client.verify`): the client sends it hidden states and it
+  answers with its output (an echo) and the token it samples after a step flagged `sample`, and feeds no one.
 - WHOLE: `embed` and the model's last layer: one stage is the ring, names no neighbour, feeds itself.
 """
 
@@ -40,7 +42,7 @@ class SessionRole:
     client_steps: bool  # the client may send steps on its stream
     takes_pushes: bool  # the stage named `prev` may push steps
     pushes: bool  # outputs go to the next stage's push stream; else to the client
-    echoes: bool  # a copy of each pushed output goes to the client too (`audit`)
+    echoes: bool  # a copy of each output goes to the client with the step's receipt (it is not the client's answer)
     shares_head: bool  # a ring's first stage offering to split the LM head's work with the last one
 
     @property
@@ -65,7 +67,7 @@ def session_role(opened: OpenSession, *, num_layers: int, has_embedder: bool, ha
         client_steps=opened.prev_peer is None or opened.relay or opened.embed,
         takes_pushes=opened.prev_peer is not None and not opened.relay,
         pushes=pushes,
-        echoes=opened.audit and pushes and ring not in (Ring.LAST, Ring.WHOLE),
+        echoes=pushes or ring in (Ring.LAST, Ring.WHOLE),
         # A draft's logits are computed at the last stage in one go: a speculating ring keeps its head whole there.
         shares_head=ring is Ring.FIRST and opened.share_head and has_head_share and not opened.speculate,
     )
@@ -81,9 +83,9 @@ def _ring(opened: OpenSession, *, ends_model: bool, has_head: bool) -> Ring:
             _refuse("a ring's first stage takes the sampled tokens back from the last stage: name it as 'prev'")
         return Ring.FIRST
     if not opened.embed:
-        if opened.next_peer is None:
-            _refuse("a sampling stage feeds its tokens to the first stage: name it as 'next', or also 'embed' "
-                    "when this stage is the whole chain")
+        if opened.next_peer is None and opened.prev_peer is not None:
+            _refuse("a sampling stage feeds its tokens to the first stage: name it as 'next' (and 'prev'), or also "
+                    "'embed' when this stage is the whole chain, or neither to check a ring's sampling")
         return Ring.LAST
     if opened.prev_peer is not None or opened.next_peer is not None:
         _refuse("a stage that is the whole ring feeds itself its tokens: it names no 'prev' or 'next'")

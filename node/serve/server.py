@@ -21,13 +21,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.utils.crypto import RSAPrivateKey
 
 from node.model.sampling import SamplingParams, sample
 from node.model.speculative import MAX_DRAFT_TOKENS, DraftLength, propose_draft, verify_draft
 from node.model.stage import Stage
 from node.net.direct import DirectLinkError, DirectListener, DirectOffer, DirectWriter, dial, maddr_hosts
+from node.net.evidence import EvidenceError, ReceiptSigner, check_receipt, session_key, wire_digest
 from node.net.protocol import (
     MAX_ERROR_CHARS,
     PUSH_HANDLER,
@@ -36,6 +39,7 @@ from node.net.protocol import (
     ProtocolError,
     PushOffer,
     Step,
+    digest,
     direct_switch,
     error_response,
     is_direct_switch,
@@ -48,11 +52,13 @@ from node.net.protocol import (
     parse_push_offer,
     parse_push_open,
     parse_step,
+    push_endorsement,
     push_offer,
     push_open,
     unpack_metadata,
 )
 from node.serve.admission import RECLAIM_IDLE_S, CapacityError, FairBudget
+from node.serve.adversary import Adversary
 from node.serve.batching import StepBatcher
 from node.serve.role import Ring, SessionRole, session_role
 
@@ -154,6 +160,11 @@ class Session:
     history: list[int] = field(default_factory=list)
     drafts: DraftLength | None = None
     draft_at: tuple[int, int, float] | None = None
+    signer: ReceiptSigner | None = None  # signs this session's receipts (node.net.evidence)
+    # The previous stage's session key, which signs what it pushes: endorsed on its push stream's opening, checked
+    # at the first pushed step of hidden states.
+    pusher_endorsement: object = None
+    pusher_key: Ed25519PublicKey | None = None
 
     @property
     def session_id(self) -> str:
@@ -192,7 +203,7 @@ class PushLink:
 
     async def _run(self, p2p: P2P) -> None:
         next_peer = self.session.opened.next_peer
-        self.outbox.put(push_open(self.session.session_id, self.session.client))
+        self.outbox.put(push_open(self.session.session_id, self.session.client, self.session.signer.endorsement))
         try:
             responses = await p2p.iterate_protobuf_handler(
                 PeerID.from_base58(next_peer), PUSH_HANDLER, self.outbox.drain(), runtime_pb2.ExpertResponse
@@ -342,13 +353,17 @@ class StageServer:
     """Answers inference and push streams for one stage."""
 
     def __init__(self, stage: Stage, *, kv_budget_bytes: int, max_length: int = 8192,
-                 idle_timeout_s: float = 120.0, send_delay_s: float = 0.0, test_perturb_scale: float = 0.0,
+                 idle_timeout_s: float = 120.0, send_delay_s: float = 0.0, adversary: Adversary | None = None,
                  max_sessions_per_peer: int = 64, max_steps_per_s_per_peer: float = 1000.0,
-                 test_slowdown_s: float = 0.0, send_bandwidth_bps: float = 0.0, uplink_bps: float = 0.0) -> None:
-        """`uplink_bps`: this node's measured uplink (0: not measured), which decides what is worth sending."""
+                 test_slowdown_s: float = 0.0, send_bandwidth_bps: float = 0.0, uplink_bps: float = 0.0,
+                 identity_key: RSAPrivateKey | None = None) -> None:
+        """`uplink_bps`: this node's measured uplink (0: not measured), which decides what is worth sending.
+        `identity_key`: the node's identity (its peer id's key), which endorses each session's receipt key; None: a
+        throwaway key (a stage outside a node: its receipts prove nothing to others)."""
         self.stage = stage
+        self.identity_key = identity_key or RSAPrivateKey()
         self.uplink_bps = uplink_bps
-        self.test_perturb_scale = test_perturb_scale  # testing aid only: makes this node lie (see _perturb)
+        self.adversary = adversary  # testing aid only: makes this node lie (node.serve.adversary)
         self.test_slowdown_s = test_slowdown_s  # testing aid only: every step takes this much longer
         self.budget = FairBudget(kv_budget_bytes)
         self.max_length = max_length
@@ -441,7 +456,9 @@ class StageServer:
             return
         reader = asyncio.create_task(self._read_client_steps(session, requests))
         try:
-            yield pack_response({"opened": session.session_id, "start": self.stage.start, "end": self.stage.end})
+            yield pack_response({"opened": session.session_id, "start": self.stage.start, "end": self.stage.end,
+                                 "dtype": str(self.stage.dtype).removeprefix("torch."),
+                                 "endorsement": session.signer.endorsement})
             async for message in session.outbox.drain():
                 yield message
         finally:
@@ -472,7 +489,8 @@ class StageServer:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         pusher = context.remote_id.to_base58()
         try:
-            session_id, client = parse_push_open(await asyncio.wait_for(anext(requests), self.idle_timeout_s))
+            first = await asyncio.wait_for(anext(requests), self.idle_timeout_s)
+            session_id, client = parse_push_open(first)
         except ProtocolError as e:
             yield _error_for(e)
             await linger(requests)
@@ -484,6 +502,7 @@ class StageServer:
             # Only the stage the client named as our predecessor may feed its session.
             yield error_response("bad_request", f"no session {session_id!r} here expects pushes from {pusher}")
             return
+        session.pusher_endorsement = push_endorsement(first)  # the key that signs each pushed step
         offer = PushOffer(self.stage.head_share.rows[1] if session.role.shares_head else None,
                           self.direct.offer() if self.direct is not None else None)
         if offer != PushOffer():
@@ -555,6 +574,9 @@ class StageServer:
         newcomer = self._reserve(nbytes, client)
         cache = self.stage.new_cache(opened.max_length, layers=layers)
         session = Session(opened, role, client, nbytes, newcomer, cache, Outbox(self.link))
+        session.signer = ReceiptSigner(self.identity_key, session=opened.session_id, client=client, start=opened.start,
+                                       end=opened.end, dtype=str(stage.dtype).removeprefix("torch."),
+                                       quant=stage.quant, wire=opened.wire)
         session.outbox.on_overflow = lambda: self._close(session)
         if role.pushes:
             session.push_link = PushLink(session, self.link, direct=self.direct is not None,
@@ -625,9 +647,20 @@ class StageServer:
             return
         if pushed and role.ring is Ring.FIRST:
             session.produced += 1  # the last stage sampled this token (it did not share the head for it)
-        await self._run_step(session, step)
+        in_digest = digest(step.hidden if step.token_ids is None else step.token_ids)
+        if pushed and step.hidden is not None:  # what the previous stage pushed must be what it signed for
+            try:
+                session.pusher_key = session.pusher_key or session_key(
+                    session.pusher_endorsement, peer=session.opened.prev_peer, session=session.session_id,
+                    client=session.client)
+                check_receipt(session.pusher_key, step.position, step.tokens, step.receipt, in_digest)
+            except EvidenceError as e:
+                session.outbox.put(error_response("bad_receipt", f"the step pushed at position {step.position}: {e}",
+                                                  peer=session.opened.prev_peer))
+                return
+        await self._run_step(session, step, in_digest)
 
-    async def _run_step(self, session: Session, step: Step) -> None:
+    async def _run_step(self, session: Session, step: Step, in_digest: str | None = None) -> None:
         """Runs one step, then sends its output on: to the next stage or to the client; a ring's last
         stage instead samples the next token and feeds it back to the first stage."""
         if session.key not in self.sessions:
@@ -638,18 +671,28 @@ class StageServer:
         if step.position < session.position:  # after a rejected draft (parse_step bounds how far back)
             session.cache.truncate(step.position)
             session.position = step.position
+        # The receipt names the input as received: at a speculating first stage, before its own draft is appended
+        # (the client learns the draft from the echo, to re-run the step).
+        received = step.hidden if step.token_ids is None else step.token_ids
         if role.embeds and session.opened.speculate:
             step = self._with_draft(session, step)
         sampling = session.opened.sampling if step.sample and role.samples else None
         shared = session.push_link.head_split if sampling and session.push_link else None
+        if self.adversary is not None and not self.adversary.shares_head:
+            shared = None
+        if self.adversary is not None and self.adversary.blames_now(session.session_id):
+            neighbour = session.opened.next_peer or session.opened.prev_peer or self.stage.source.name
+            session.outbox.put(error_response("push_failed", "the neighbour stopped answering", peer=neighbour))
+            return
         try:
             hidden = step.hidden if step.token_ids is None else await self._embed(step.token_ids)
             hidden = await self.batcher.run(session.cache, hidden, step.position,
                                             layers=(session.opened.start, session.opened.end))
             if self.test_slowdown_s:
                 await asyncio.sleep(self.test_slowdown_s)
-            if self.test_perturb_scale > 0:
-                hidden = _perturb(hidden, self.test_perturb_scale)
+            echoed = hidden
+            if self.adversary is not None:
+                hidden, echoed = self.adversary.outputs(hidden, audited=session.opened.audit)
             if shared is not None and self._share_pays(session, shared):
                 await self._share_head(session, hidden, step.position + step.tokens, shared)
                 sampling = None  # the first stage samples
@@ -658,6 +701,8 @@ class StageServer:
                 tokens = await self._verify(hidden, step.draft, sampling, next_position)
             else:
                 tokens = [await self._sample(hidden, sampling, next_position)] if sampling else []
+            if self.adversary is not None:
+                tokens = self.adversary.sampled(tokens, self.stage.source.config.vocab_size)
         except Exception as e:  # a compute failure: end the session rather than trust its cache
             logger.exception("step failed in session %s", session.session_id)
             session.outbox.put(error_response("internal", f"step failed: {type(e).__name__}: {e}"))
@@ -674,19 +719,39 @@ class StageServer:
             self.own_tokens_served += step.tokens
         if session.key not in self.sessions:
             return  # closed while the step ran
+        # Hidden states leave a stage in the dtype they came in (a verifier's answer too, so the two compare).
+        dtype = step.hidden.dtype if step.hidden is not None else hidden.dtype
+        output, echoed = hidden.to(dtype), echoed.to(dtype)
+        # The receipt signs what the client is told this stage sent on (its echo, or its answer), and names what the
+        # previous stage signed for pushing here, so that the client can hold each end of the link to its word.
+        told = echoed if role.samples or role.pushes else output
+        in_digest = in_digest or digest(received)
+        session.signer.step(step.position, step.tokens, in_digest)  # the rows it ran (a first stage's draft too)
+        receipt = {"position": step.position, **session.signer.receipt(wire_digest(told, session.opened.wire)),
+                   **({"draft": list(step.draft)} if step.draft and role.embeds else {}),
+                   **({"prev": step.receipt} if step.receipt is not None else {})}
         if role.samples:
             if tokens:  # a ring's last stage sends tokens (or its head's part), not hidden states
                 self._feed_tokens(session, tokens, next_position)
+            self._echo(session, receipt, echoed)  # what it sampled from, for the client's checks
             return
-        output = hidden.to(step.hidden.dtype) if step.hidden is not None else hidden
         metadata = {"position": step.position, **({"sample": True} if step.sample else {}),
                     **({"draft": list(step.draft)} if step.draft else {})}
         if role.pushes:
-            session.push_link.send(pack(metadata, [output], wire=session.opened.wire))
-            if role.echoes:  # a copy for the client's spot checks; the push above is already on its way
-                session.outbox.put(pack_response({"echo": step.position}, [output], wire=session.opened.wire))
+            pushed = receipt if output is told else session.signer.receipt(wire_digest(output, session.opened.wire))
+            signed = {key: pushed[key] for key in ("in", "out", "chain", "sig")}
+            session.push_link.send(pack({**metadata, "receipt": signed}, [output], wire=session.opened.wire))
+            self._echo(session, receipt, echoed)  # after the push, which is on the critical path
         else:
-            session.outbox.put(pack_response(metadata, [output], wire=session.opened.wire))
+            signed = {k: v for k, v in receipt.items() if k not in metadata}
+            session.outbox.put(pack_response({**metadata, **signed}, [output], wire=session.opened.wire))
+
+    @staticmethod
+    def _echo(session: Session, receipt: dict, output: torch.Tensor) -> None:
+        """The step's receipt for the client: a digest of the input as received, and the output sent on (every
+        step of every session alike, so nothing tells a stage which steps the client checks)."""
+        echo = {"echo": receipt["position"], **{k: v for k, v in receipt.items() if k != "position"}}
+        session.outbox.put(pack_response(echo, [output], wire=session.opened.wire))
 
     async def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """A ring's first stage: a token (and its draft) is embedded on the loop (18 us a token); a prompt chunk
@@ -821,7 +886,7 @@ class StageServer:
             if session.role.embeds:
                 step = Step(None, at, torch.tensor([[token]]), sample=True)
                 session.feeding = asyncio.create_task(self._run_step(session, step))
-            else:
+            elif session.push_link is not None:  # else a check of a ring's sampling: the token goes to the client
                 session.push_link.send(pack({"position": at, "tokens": [token], "sample": True}))
         for offset, token in enumerate(tokens):
             session.outbox.put(pack_response({"token": token, "position": position + offset}))
@@ -836,14 +901,6 @@ class StageServer:
                     session.outbox.put(error_response("idle", f"no step for {self.idle_timeout_s:.0f} s"))
                     session.outbox.put(None)
                     self._close(session)
-
-
-def _perturb(output: torch.Tensor, scale: float) -> torch.Tensor:
-    """TESTING AID, the one place a node lies: adds Gaussian noise of `scale` × the output's RMS to every
-    output it sends (pushed, answered and echoed alike, as a consistent cheat would). Enabled only by the
-    hidden `layerhive node --test-perturb SCALE`; the verification tests and benchmark use it."""
-    rms = output.float().pow(2).mean().sqrt()
-    return (output.float() + scale * rms * torch.randn_like(output, dtype=torch.float32)).to(output.dtype)
 
 
 async def linger(requests: AsyncIterator, timeout_s: float = 2.0) -> None:

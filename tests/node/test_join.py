@@ -246,3 +246,18 @@ def test_a_joined_node_announces_the_uplink_it_measured(tiny_checkpoint):
         nodes = json.loads(shown.stdout)["nodes"]
         assert len(nodes) == 2 and all(n["uplink_bps"] > 1e6 for n in nodes), nodes  # loopback: far above 1 Mbit/s
         print("measured uplinks (Mbit/s):", [round(n["uplink_bps"] / 1e6) for n in nodes])
+
+
+def test_status_leaves_proven_liars_out_of_the_plan_and_shows_checked_credit():
+    from node.app.cli import format_status, status_json
+    from node.net.credit import CheckedCredit
+    from node.serve.assignment import swarm_status
+
+    records = as_online(plan(SPEC, [joining(i) for i in range(4)]), [joining(i) for i in range(4)])
+    status = swarm_status(SPEC, records, credit={"peer1": CheckedCredit(120, 2)}, liars=frozenset({"peer0"}))
+    assert "peer0" not in {n.record.peer_id for n in status.nodes} and status.proven_liars == {"peer0"}
+    text = format_status(status)
+    assert "PROVEN LIARS, not used: peer0" in text and "120 (2 cl)" in text
+    shown = {n["peer_id"]: n for n in status_json(status)["nodes"]}
+    assert (shown["peer1"]["checked_tokens"], shown["peer1"]["checked_by"]) == (120, 2)
+    assert (shown["peer2"]["checked_tokens"], shown["peer2"]["checked_by"]) == (0, 0)

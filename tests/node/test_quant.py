@@ -14,7 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from node.client.verify import QUANT_TOLERANCES, SAME_QUANT_TOLERANCE, Auditor, relative_error, tolerance_for
+from node.client.verify import (
+    QUANT_TOLERANCES,
+    SAME_QUANT_TOLERANCE,
+    TOLERANCES,
+    Auditor,
+    relative_error,
+    tolerance_for,
+)
 from node.model.checkpoint import layer_bytes, resolve_model
 from node.model.projection import Projection
 from node.model.quant import (
@@ -224,13 +231,18 @@ def test_a_quantized_node_announces_memory_the_planner_fills_exactly(smollm2):
         assert layer_capacity(spec, planning_spec(record, spec), sessions=1) == 7
 
 
-def test_the_tolerance_follows_each_sides_quantization():
+def test_the_tolerance_follows_each_sides_quantization_and_dtype():
     assert tolerance_for(torch.float32) == tolerance_for(torch.float32, quants=("none", "none")) == 1e-4
     assert tolerance_for(torch.float32, quants=("none", "int8")) == QUANT_TOLERANCES["int8"]
     assert tolerance_for(torch.float32, quants=("int4", "int8")) == QUANT_TOLERANCES["int4"]
     # the same quantization on both sides means the same weights: a tight tolerance
     assert tolerance_for(torch.float32, quants=("int4", "int4")) == SAME_QUANT_TOLERANCE < QUANT_TOLERANCES["int8"]
     assert tolerance_for(torch.bfloat16, quants=("none", "none")) == 1e-1
-    auditor = Auditor(client=None, probability=1.0, compute_dtype=torch.float32, quants={"a": "int4", "b": "none"})
-    assert auditor.tolerance_between("a", "b") == QUANT_TOLERANCES["int4"]
-    assert auditor.tolerance_between("b", "unknown") == auditor.tolerance == 1e-4  # no record: held to fp32
+    auditor = Auditor(client=None, probability=1.0, quants={"a": "int4", "b": "none", "c": "int8"})
+    fp32, fp16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    assert auditor.tolerance_between(("a", fp32), ("b", fp32)) == QUANT_TOLERANCES["int4"]
+    assert auditor.tolerance_between(("b", fp32), ("unknown", fp32)) == TOLERANCES[fp32]  # no record: unquantized
+    # Both count: the looser of the two dtypes, and the looser of the two quantizations.
+    assert auditor.tolerance_between(("b", fp32), ("unknown", fp16)) == TOLERANCES[fp16]
+    assert auditor.tolerance_between(("b", fp16), ("c", fp32)) == max(TOLERANCES[fp16], QUANT_TOLERANCES["int8"])
+    assert auditor.tolerance_between(("a", bf16), ("b", fp32), ("c", fp32)) == QUANT_TOLERANCES["int4"]

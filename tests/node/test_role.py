@@ -37,7 +37,8 @@ ROLES = [
     ("0 0 1 0 * 1", NOT_A_SAMPLER),
     ("0 1 1 0 0 1", NO_PREV),
     ("0 1 1 0 1 1", "first: client+prev -> next"),
-    ("0 0 1 1 * 0", NO_NEXT),
+    ("0 0 1 1 0 0", "last: client -> client"),  # a check of a ring's sampling (node.client.verify)
+    ("0 0 1 1 1 0", NO_NEXT),
     ("0 0 1 1 0 1", "last: client -> next"),
     ("0 0 1 1 1 1", "last: prev -> next"),
     ("0 1 1 1 0 0", "whole: client -> itself"),
@@ -90,8 +91,8 @@ def test_every_combination_of_an_opens_flags_has_one_role_or_a_clear_refusal(fla
         embed = flags[1]
         assert role.embeds == embed
         assert role.samples == (role.ring in (Ring.LAST, Ring.WHOLE))
-        # Only hidden states pushed on are echoed for an audit; a ring's last stage pushes tokens.
-        assert role.echoes == (audit and role.pushes and role.ring is not Ring.LAST)
+        # Every output that is not the client's answer is echoed to it, whatever the audit flag says.
+        assert role.echoes == (role.pushes or role.samples)
         # Only a ring's first stage shares the LM head, and only when the open allows it.
         assert role.shares_head == (role.ring is Ring.FIRST and share_head)
 
