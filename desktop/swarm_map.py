@@ -38,6 +38,8 @@ class MapNode:
     memory_gb: float | None
     uplink_mbps: float | None
     region: str
+    checked_tokens: int = 0  # tokens other clients' checks vouch for (node.net.credit)
+    checked_by: int = 0  # how many clients vouch for them
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,13 @@ def read_swarm_status(status: SwarmStatus) -> SwarmSnapshot:
         layers=None if p.serving is None else (p.serving.start, p.serving.end), sessions=p.record.sessions,
         queue_len=p.record.queue_len, layer_latency_ms=measured(p.record.layer_latency_s, 1e3),
         memory_gb=measured(p.record.memory_bytes, 1e-9), uplink_mbps=measured(p.record.uplink_bps, 1e-6),
-        region=p.record.region) for p in status.nodes)
+        region=p.record.region, **_credit(status, p.record.peer_id)) for p in status.nodes)
     return SwarmSnapshot(status, nodes)
+
+
+def _credit(status: SwarmStatus, peer_id: str) -> dict[str, int]:
+    credit = status.credit.get(peer_id)
+    return {} if credit is None else {"checked_tokens": credit.tokens, "checked_by": credit.clients}
 
 
 def pack_rows(nodes: Sequence[MapNode]) -> list[list[MapNode]]:
@@ -98,8 +105,10 @@ def describe_node(node: MapNode, own: bool) -> str:
                f"uplink {figure(node.uplink_mbps, 'Mbit/s', 0)}"]
     if node.region:
         figures.append(f"region {node.region}")
+    checked = (f"checked work: {plural(node.checked_tokens, 'token')}, vouched for by "
+               f"{plural(node.checked_by, 'client')}" if node.checked_by else "checked work: none yet")
     return (f"{'This node (yours)' if own else 'Node'} {node.peer_id}\n{node.state}, {where}, {load}\n"
-            + ", ".join(figures))
+            + ", ".join(figures) + f"\n{checked}")
 
 
 def tooltip(node: MapNode, own: bool) -> str:

@@ -4,6 +4,7 @@ builds them."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 from PySide6.QtGui import QColor
@@ -24,6 +25,7 @@ from desktop.wording import describe_chain, layer_list, layer_range, model_label
 from node.client.chat import AnswerStats
 from node.client.session import NoChainError, StageFailure
 from node.model.checkpoint import resolve_model
+from node.net.credit import CheckedCredit
 from node.serve.assignment import SwarmStatus, model_spec, swarm_status
 from swarm.records import ServerRecord
 from swarm.types import Hop
@@ -95,6 +97,14 @@ def test_unmeasured_figures_say_so_and_measured_ones_have_units(spec):
     assert "layers 2–3, 1 open session," in text and "region <b>x</b>" in text
     assert "region &lt;b&gt;x&lt;/b&gt;" in tooltip(measured, own=False)  # a peer's words are not markup
     assert "0.42 ms per layer" in text and "memory offered 2.0 GB" in text and "uplink 80 Mbit/s" in text
+    assert "checked work: none yet" in text
+
+
+def test_a_nodes_checked_work_is_shown_with_how_many_clients_vouch_for_it(spec):
+    status = replace(status_of(spec, [("QmChecked333", 0, 4, {})]),
+                     credit={"QmChecked333": CheckedCredit(tokens=1234, clients=3)})
+    text = describe_node(read_swarm_status(status).nodes[0], own=False)
+    assert text.endswith("checked work: 1,234 tokens, vouched for by 3 clients")
 
 
 def test_rows_of_the_map_never_overlap(spec):
