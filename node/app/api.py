@@ -7,10 +7,11 @@ through the same `ChatEngine` the CLI and the chat window use; requests are serv
 Bounds before work (`Guard`, an ASGI middleware in front of every route): with an API key (required when
 the API listens beyond loopback) a request without `Authorization: Bearer <key>` is refused before its body
 is read; a body larger than `MAX_BODY_BYTES` is refused by its Content-Length, or as soon as the bytes read
-pass the limit, and a body that trickles in for longer than `BODY_TIMEOUT_S` is dropped. A prompt longer
-than the context could hold at `MAX_CHARS_PER_TOKEN` is refused before tokenizing, and tokenizing runs on
-a worker thread, so one caller's prompt never stalls the others. `max_tokens` is bounded by the context and
-by the longest session the swarm's nodes announce room for.
+pass the limit; a chunked body (no Content-Length) is refused by its headers; and a body that trickles in
+for longer than `BODY_TIMEOUT_S` is dropped. A prompt longer than the context could hold at
+`MAX_CHARS_PER_TOKEN` is refused before tokenizing, and tokenizing runs on a worker thread, so one caller's
+prompt never stalls the others. `max_tokens` is bounded by the context and by the longest session the swarm's
+nodes announce room for.
 
     app = create_app(DEFAULT_MODEL, initial_peers)   # or: layerhive api --initial-peers ADDR
 """
@@ -519,6 +520,12 @@ class Guard:
                                           code="invalid_api_key"))
             return
         length = headers.get(b"content-length")
+        if length is None and b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            # Every OpenAI client sends a Content-Length; a chunked body would have to be read up to the limit
+            # before it could be refused, which a flood of them turns into work (benchmarks/hostile.py).
+            await _respond(send, APIError(411, "Send the request body with a Content-Length: chunked bodies are "
+                                          "not accepted.", code="length_required"))
+            return
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             await _respond(send, self._too_large())
             return

@@ -325,8 +325,8 @@ def test_a_body_announced_too_large_is_refused_before_it_is_sent(client, api_url
     assert_still_serves(client)
 
 
-def test_a_streamed_body_is_refused_once_it_passes_the_limit(client, api_url):
-    """Chunked, without a Content-Length: refused after the limit's worth of bytes, not after 64 MB."""
+def test_a_chunked_body_is_refused_before_it_is_read(client, api_url):
+    """Chunked, without a Content-Length: refused by its headers (411), not after 64 MB, nor after the limit."""
     sent = []
 
     def chunks() -> Iterator[bytes]:
@@ -337,8 +337,8 @@ def test_a_streamed_body_is_refused_once_it_passes_the_limit(client, api_url):
 
     status, answer = raw_post(api_url, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
                               "application/json\r\nTransfer-Encoding: chunked\r\n\r\n", chunks())
-    assert status == 413 and b"request_too_large" in answer
-    assert sum(sent) < 32 << 20, f"the server read {sum(sent)} bytes before refusing"
+    assert status == 411 and b"length_required" in answer
+    assert sum(sent) < 4 << 20, f"the server read {sum(sent)} bytes before refusing"
     assert_still_serves(client)
 
 
