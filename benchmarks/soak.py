@@ -215,8 +215,10 @@ def main() -> int:
             if now >= next_report:
                 next_report += 60
                 done = sum(t.answers for t in tallies)
+                errors = sum((t.errors for t in tallies), Counter()).most_common(1)
                 print(f"{(now - started) / 60:5.1f} min: {done} answers, {sum(t.failed for t in tallies)} failed, "
-                      f"{churn.kills} kills, {churn.restarts} restarts, {uncovered_s} s uncovered", flush=True)
+                      f"{churn.kills} kills, {churn.restarts} restarts, {uncovered_s} s uncovered"
+                      + (f"; most frequent error ({errors[0][1]}x): {errors[0][0]}" if errors else ""), flush=True)
             time.sleep(max(0.0, 1.0 - (time.monotonic() - now)))
         stop.set()
         for thread in clients:

@@ -44,6 +44,7 @@ T = TypeVar("T")
 # Answers that blame no stage: a refusal, a session reclaimed for being idle, a direct link between stages that
 # broke (either end could be at fault). The client retries without banning anyone.
 REFUSALS = {"no_capacity", "busy", "draining", "link_failed", "reclaimed", "idle"}
+SETTLE_TIMEOUT_S = 60.0  # an answer waits this long at most for its last checks (each one tries several verifiers)
 
 
 @dataclass(frozen=True)
@@ -293,9 +294,17 @@ def _raise_caught(checks: set[asyncio.Task]) -> None:
             logger.warning("a check could not run: %r", task.exception())
 
 
-async def _settle(checks: set[asyncio.Task]) -> None:
+async def _settle(checks: set[asyncio.Task], timeout_s: float = SETTLE_TIMEOUT_S) -> None:
+    """Waits for the answer's checks to end, but not for ever: a check that cannot finish (its verifiers died
+    and none answers) leaves its step unchecked rather than the answer unfinished."""
     if checks:
-        await asyncio.wait(checks)
+        _, late = await asyncio.wait(checks, timeout=timeout_s)
+        if late:
+            logger.warning("%d check(s) of this answer did not finish within %.0f s: left unchecked", len(late),
+                           timeout_s)
+            for task in late:
+                task.cancel()
+            checks.difference_update(late)
     _raise_caught(checks)
 
 

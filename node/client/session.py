@@ -436,9 +436,15 @@ class SwarmClient:
                 fields["sampling"] = sampling.to_wire()
             return fields
 
-        results = await asyncio.gather(
-            *(stream.open(p2p, opening(i)) for i, stream in enumerate(streams)), return_exceptions=True
-        )
+        async def open_one(i: int, stream: _Stream) -> None:
+            try:  # a stage killed or stalled mid-handshake may never answer nor close: its open must not hang
+                await asyncio.wait_for(stream.open(p2p, opening(i)), step_timeout_s)
+            except asyncio.TimeoutError:
+                raise StageFailure(stream.hop.node_id, f"no answer to the opening in {step_timeout_s:.0f} s",
+                                   "timeout") from None
+
+        results = await asyncio.gather(*(open_one(i, stream) for i, stream in enumerate(streams)),
+                                       return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             for stream in streams:
