@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hivemind.proto import runtime_pb2
 
 from node.app.chaos import ChaosRunner
 from node.app.local_swarm import LocalSwarm
-from node.client.session import connect
+from node.client.session import StageFailure, connect
 from node.model.checkpoint import resolve_model
 from node.model.head import ClientHead
 from node.model.sampling import SamplingParams
+from node.net.membership import open_dht
+from node.net.protocol import INFERENCE_HANDLER
+from swarm.types import Hop
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -73,3 +77,33 @@ def test_a_speculating_ring_survives_a_killed_stage(tiny_checkpoint):
     for tokens, events in results:
         assert tokens == undisturbed
         assert len(events) >= 1, "the kill must have forced a failover"
+
+
+def test_a_stage_that_never_answers_the_opening_fails_the_open_in_time(tiny_checkpoint):
+    """A peer that takes the inference stream and says nothing (a stage killed or stalled mid-handshake): the
+    open ends in a timeout StageFailure naming it, so failover and checks move on (a check that waited on such
+    an open once hung every client of the churn soak for good)."""
+    source = resolve_model(str(tiny_checkpoint("llama", num_layers=4)))
+
+    async def silent(requests, _context):
+        async for _ in requests:
+            await asyncio.sleep(3600)  # takes the opening, never answers
+        yield  # an async generator handler, never reached
+
+    async def main() -> StageFailure:
+        silent_peer = await asyncio.to_thread(open_dht, [], ["/ip4/127.0.0.1/tcp/0"])
+        p2p = await silent_peer.dht.replicate_p2p()
+        try:
+            await p2p.add_protobuf_handler(INFERENCE_HANDLER, silent, runtime_pb2.ExpertRequest,
+                                           stream_input=True, stream_output=True)
+            async with connect([str(a) for a in silent_peer.visible_maddrs], source) as client:
+                with pytest.raises(StageFailure) as failed:
+                    await asyncio.wait_for(client.open_session([Hop(str(p2p.peer_id), 0, 4)], max_length=16,
+                                                               step_timeout_s=3), 60)
+                return failed.value
+        finally:
+            await p2p.shutdown()
+            silent_peer.shutdown()
+
+    failure = asyncio.run(main())
+    assert failure.code == "timeout" and "opening" in str(failure)
