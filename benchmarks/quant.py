@@ -172,9 +172,13 @@ def swarm_answers(model: str, quant: str, prompts: list[list[int]], new_tokens: 
     from tests.node.swarm_client import generate_through
 
     params = SamplingParams(max_new_tokens=new_tokens)
-    with LocalSwarm(model, num_nodes=3, threads_per_node=threads, node_args=["--quant", quant]) as swarm:
+    swarm = LocalSwarm(model, num_nodes=3, threads_per_node=threads, node_args=["--quant", quant])
+    try:
+        swarm.start(timeout_s=900)  # three nodes loading a model at once on a shared, loaded machine
         return [asyncio.run(generate_through(swarm.initial_peers, swarm.source, ids, params,
                                              expect_ranges=swarm.ranges)) for ids in prompts]
+    finally:
+        swarm.stop()
 
 
 def model_table(args: argparse.Namespace) -> None:

@@ -3,8 +3,20 @@ Gemma 3 270M Q4_K_M (from PyPI) read by offset, layer by layer, against transfor
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
+import psutil
 import pytest
+import requests
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from gguf.quants import dequantize, quantize
@@ -143,3 +155,71 @@ def test_gguf_stages_greedy_tokens_equal_transformers_on_the_same_file(gemma, ge
             step = torch.tensor([[tokens[-1]]])
         assert tokens == expected, (prompt, tokenizer.decode(tokens), tokenizer.decode(expected))
     assert "Paris" in tokenizer.decode(gemma_greedy[PROMPTS[0]])
+
+
+# ------------------------------------------------------------------- Gemma through the product: `layerhive api`
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def layerhive_api(model: str, log_path: Path, timeout_s: float = 600) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`layerhive api --model MODEL` as a user runs it (no swarm given: it starts its own local one); yields its
+    /v1 base URL once it answers, and the process. Stopped with SIGTERM (as Ctrl-C would), then the hard way."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "LAYERHIVE_INITIAL_PEERS"}  # no known swarm
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "node.app.cli", "api", "--model", model,
+                                    "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{port}/v1", time.monotonic() + timeout_s
+    try:
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"layerhive api exited with {process.returncode}:\n{log_path.read_text()}")
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(f"{url}/models", timeout=30).ok:
+                    break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"layerhive api did not answer in {timeout_s:.0f} s:\n{log_path.read_text()}")
+            time.sleep(1.0)
+        yield url, process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        with contextlib.suppress(ProcessLookupError):  # whatever it left behind in its group
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def node_processes(pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(pid).children() if "node.app.cli node" in " ".join(p.cmdline())]
+
+
+def test_layerhive_api_over_its_local_swarm_completes_paris_as_transformers_does(gemma, gemma_greedy, tmp_path):
+    """The issue's check through the product: `layerhive api --model gemma-3-270m-q4_k_m.gguf` starts a local
+    swarm of 3 node processes, and /v1/completions (greedy) answers what transformers decodes from the same file."""
+    from node.model.checkpoint import load_tokenizer
+
+    prompt = PROMPTS[0]
+    expected = load_tokenizer(gemma).decode(gemma_greedy[prompt])
+    with layerhive_api(str(gemma.gguf), tmp_path / "api.log") as (url, process):
+        assert len(node_processes(process.pid)) == 3
+        assert [m["id"] for m in requests.get(f"{url}/models", timeout=30).json()["data"]] == [str(gemma.gguf)]
+        reply = requests.post(f"{url}/completions", timeout=300, json={
+            "model": str(gemma.gguf), "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        text = reply.json()["choices"][0]["text"]
+    assert "starting a local swarm of 3 nodes" in (tmp_path / "api.log").read_text()
+    assert text == expected, (text, expected)
+    assert "Paris" in text
