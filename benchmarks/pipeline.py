@@ -21,7 +21,8 @@ its default checks; the checks need a second node per layer range).
 Speculation (`--speculate K`, default 8; `--speculation-only` skips the rest): the ring with and without
 prompt-lookup drafts, greedy, on (a) code and repetitive prompts and (b) a chat prompt, with each prompt's
 acceptance rate (draft tokens kept / verified at the last stage) and whether the outputs were identical;
-`speculative speedup` is the geometric mean of the (a) prompts' ratios of median decode rates.
+`speculative speedup` is the geometric mean of the (a) prompts' ratios of median decode rates. With
+`--draft-model M --draft-quant Q` the first stage drafts with model M held at Q (`node.model.draft`) instead.
 
 Usage: python benchmarks/pipeline.py [--model NAME] [--runs 5] [--new-tokens 64] [--delay-ms 20] [--replicas 2]
 """
@@ -263,8 +264,8 @@ async def measure_speculation(swarm: LocalSwarm, prompts: dict[str, list[int]], 
     return out
 
 
-def print_speculation(results: dict[str, dict], speculate: int, delay_ms: float) -> None:
-    print(f"speculative decoding (ring, greedy, prompt-lookup drafts of up to {speculate} tokens, {delay_ms:g} ms "
+def print_speculation(results: dict[str, dict], speculate: int, delay_ms: float, drafts: str) -> None:
+    print(f"speculative decoding (ring, greedy, drafts of up to {speculate} tokens by {drafts}, {delay_ms:g} ms "
           "per leg; decode tok/s medians)")
     print(f"{'prompt':10} {'kind':>4} {'tokens':>6} {'plain tok/s':>12} {'spec tok/s':>11} {'speedup':>8} "
           f"{'accepted':>9} {'identical':>9}")
@@ -329,12 +330,17 @@ def main() -> None:
                         help="also compare the ring with and without speculation, drafts of up to this many tokens "
                              "(0: skip)")
     parser.add_argument("--speculation-only", action="store_true", help="skip the table above")
+    parser.add_argument("--draft-model", default=None,
+                        help="the first stage drafts with this model (node --draft-model) instead of prompt lookup")
+    parser.add_argument("--draft-quant", default="none", help="how the draft model is held (node --draft-quant)")
     args = parser.parse_args()
     args.threads = args.threads or max(1, cores // args.nodes)
     torch.set_num_threads(args.threads)
     delay_s = args.delay_ms / 1000
     node_args = ["--emulate-delay-ms", str(args.delay_ms)] if args.delay_ms else []
     node_args += ["--no-direct-links"] if args.no_direct_links else []
+    node_args += ["--draft-model", args.draft_model, "--draft-quant", args.draft_quant] if args.draft_model else []
+    drafts = f"draft model {args.draft_model} ({args.draft_quant})" if args.draft_model else "prompt lookup"
 
     ranges = [r for r in even_split(resolve_model(args.model).num_layers, args.nodes) for _ in range(args.replicas)]
     with LocalSwarm(args.model, ranges, threads_per_node=args.threads, node_args=node_args) as swarm:
@@ -347,7 +353,7 @@ def main() -> None:
             swarm, spec_prompts, args.new_tokens, args.runs, delay_s, args.speculate, (tokenizer.eos_token_id,),
         )) if args.speculate else None
         if args.speculation_only:
-            print_speculation(speculation, args.speculate, args.delay_ms)
+            print_speculation(speculation, args.speculate, args.delay_ms, drafts)
             return
         local = LocalBaseline(str(source.root), args.local_threads, prompt_ids, args.new_tokens)
         try:
@@ -407,7 +413,7 @@ def main() -> None:
             print(f"  stage {index}: {steps} decode steps in {sum(counts.values())} passes "
                   f"(mean {steps / max(1, sum(counts.values())):.1f} per pass; by size {counts})")
     if speculation:
-        print_speculation(speculation, args.speculate, args.delay_ms)
+        print_speculation(speculation, args.speculate, args.delay_ms, drafts)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def node_config(args: argparse.Namespace):
         max_memory_bytes=None if args.max_memory_gb is None else int(args.max_memory_gb * 1e9),
         ttl_s=args.ttl or DEFAULT_TTL_S, bench=not args.quick_measure,
         announce_maddrs=args.announce_maddrs, relays=args.relay or None, direct_links=not args.no_direct_links,
-        quant=args.quant,
+        quant=args.quant, draft_model=args.draft_model, draft_quant=args.draft_quant,
     )
 
 
@@ -316,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--test-slowdown-ms", type=float, default=0.0, help=argparse.SUPPRESS)  # a slower GPU
     node.add_argument("--max-memory-gb", type=float, default=None, help="offer at most this much memory (GB)")
     node.add_argument("--quant", choices=QUANTIZATIONS, default=None, help=QUANT_HELP)
+    node.add_argument("--draft-model", default=None, metavar="MODEL",
+                      help="a small model with the served model's tokenizer, held when this node starts the chain: "
+                      "it drafts tokens for speculating rings (default: drafts by prompt lookup only)")
+    node.add_argument("--draft-quant", choices=QUANTIZATIONS, default="none", help="how the draft model is held")
     node.add_argument("--region", default="", help="where this machine is (e.g. eu-west); nearby nodes pipeline")
     node.add_argument("--quick-measure", action="store_true",
                       help="estimate memory only instead of running (or reading the cached) `layerhive bench`")

@@ -23,7 +23,8 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from node.model.checkpoint import ModelSource
+from node.model.checkpoint import ModelSource, resolve_model
+from node.model.draft import DraftModel
 from node.model.stage import Stage, default_device, default_dtype
 from node.net.credit import read_credit
 from node.net.direct import DirectListener, listen_host, maddr_hosts
@@ -96,6 +97,8 @@ class NodeConfig:
     move_drain_s: float = 300.0  # how long a left range keeps serving its open sessions after a move
     direct_links: bool = True  # push to and take pushes from other stages over direct TCP links (node.net.direct)
     quant: str | None = None  # "none", "int8", "int4" (node.model.quant); None: by memory (benchmark.choose_quant)
+    draft_model: str | None = None  # a small model with the target's tokenizer, drafting at a ring's first stage
+    draft_quant: str = "none"  # how the draft model's layers are held (node.model.quant)
 
     @property
     def fixed(self) -> bool:
@@ -128,6 +131,7 @@ class Node:
         self._online_since: float | None = None
         self._online_s = 0.0
         self._capabilities: dict = {}
+        self.drafter: DraftModel | None = None  # loaded with the first range that starts at layer 0
         self._heartbeat: asyncio.Task | None = None
         self._move: asyncio.Task | None = None
         self._retirements: set[asyncio.Task] = set()
@@ -375,16 +379,26 @@ class Node:
             None, lambda: Stage(self.source, target.start, target.end, dtype=self.dtype, device=self.device,
                                 quant=self._capabilities.get("quant", "none"))
         )
+        if target.start == 0 and config.draft_model and self.drafter is None:
+            self.drafter = await asyncio.get_running_loop().run_in_executor(None, self._load_drafter)
         budget = config.kv_budget_bytes or self._planned_kv_budget(target)
         server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
                              send_delay_s=config.send_delay_s, adversary=_adversary(config),
                              test_slowdown_s=config.test_slowdown_s, send_bandwidth_bps=config.send_bandwidth_bps,
                              uplink_bps=self._capabilities.get("uplink_bps", 0.0),
-                             identity_key=self.peer.identity.private_key)
+                             identity_key=self.peer.identity.private_key,
+                             drafter=self.drafter if target.start == 0 else None)
         server.own_clients = self.own_clients
         server.waiters = self.waiters
         server.attach(self.p2p, self.direct)
         return server
+
+    def _load_drafter(self) -> DraftModel:
+        source = resolve_model(self.config.draft_model)
+        drafter = DraftModel(source, target_vocab_size=self.source.config.vocab_size, dtype=self.dtype,
+                             device=self.device, quant=self.config.draft_quant)
+        logger.info("drafting with %s (%s) for speculating rings", source.name, self.config.draft_quant)
+        return drafter
 
     def _planned_kv_budget(self, layers: LayerRange) -> int:
         """The KV share of our announced memory that the plan leaves us once we hold `layers`."""

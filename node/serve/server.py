@@ -26,6 +26,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
+from node.model.draft import DraftModel
 from node.model.sampling import SamplingParams, sample
 from node.model.speculative import MAX_DRAFT_TOKENS, DraftLength, propose_draft, verify_draft
 from node.model.stage import Stage
@@ -356,13 +357,16 @@ class StageServer:
                  idle_timeout_s: float = 120.0, send_delay_s: float = 0.0, adversary: Adversary | None = None,
                  max_sessions_per_peer: int = 64, max_steps_per_s_per_peer: float = 1000.0,
                  test_slowdown_s: float = 0.0, send_bandwidth_bps: float = 0.0, uplink_bps: float = 0.0,
-                 identity_key: RSAPrivateKey | None = None) -> None:
-        """`uplink_bps`: this node's measured uplink (0: not measured), which decides what is worth sending.
+                 identity_key: RSAPrivateKey | None = None, drafter: DraftModel | None = None) -> None:
+        """`drafter`: a small model that drafts for speculating rings at this first stage (`node.model.draft`);
+        None: drafts by prompt lookup.
+        `uplink_bps`: this node's measured uplink (0: not measured), which decides what is worth sending.
         `identity_key`: the node's identity (its peer id's key), which endorses each session's receipt key; None: a
         throwaway key (a stage outside a node: its receipts prove nothing to others)."""
         self.stage = stage
         self.identity_key = identity_key or RSAPrivateKey()
         self.uplink_bps = uplink_bps
+        self.drafter = drafter
         self.adversary = adversary  # testing aid only: makes this node lie (node.serve.adversary)
         self.test_slowdown_s = test_slowdown_s  # testing aid only: every step takes this much longer
         self.budget = FairBudget(kv_budget_bytes)
@@ -624,6 +628,8 @@ class StageServer:
             self.budget.release(session.reserved_bytes, session.client, session.newcomer)
             self.batcher.forget(session.cache)
             session.cache = None
+            if self.drafter is not None:  # on the thread that drafts, so the two never race
+                self._compute.submit(self.drafter.forget, session.key)
             if session.push_link is not None:
                 session.push_link.close()
 
@@ -675,7 +681,7 @@ class StageServer:
         # (the client learns the draft from the echo, to re-run the step).
         received = step.hidden if step.token_ids is None else step.token_ids
         if role.embeds and session.opened.speculate:
-            step = self._with_draft(session, step)
+            step = await self._with_draft(session, step)
         sampling = session.opened.sampling if step.sample and role.samples else None
         shared = session.push_link.head_split if sampling and session.push_link else None
         if self.adversary is not None and not self.adversary.shares_head:
@@ -761,10 +767,11 @@ class StageServer:
             return self.stage.embedder.embed(token_ids)
         return await asyncio.get_running_loop().run_in_executor(self._compute, self.stage.embedder.embed, token_ids)
 
-    def _with_draft(self, session: Session, step: Step) -> Step:
+    async def _with_draft(self, session: Session, step: Step) -> Step:
         """A speculating ring's first stage: records the step's tokens and, on a sampled step, appends a draft of
-        what may follow (`propose_draft`), as long as `DraftLength` finds worth it at the acceptance rate and round
-        time seen. A step that arrives while a draft is out ends that draft's round: it starts at the position after
+        what may follow, from the draft model if this node holds one (on the compute thread) or else by prompt
+        lookup (`propose_draft`), as long as `DraftLength` finds worth it at the acceptance rate and round time
+        seen. A step that arrives while a draft is out ends that draft's round: it starts at the position after
         the kept tokens."""
         ids = step.token_ids[0].tolist()
         del session.history[step.position:]
@@ -777,8 +784,10 @@ class StageServer:
             first, drafted, started = session.draft_at
             drafts.observe(drafted, max(0, min(drafted, step.position - first)), now - started)
         end = step.position + step.tokens
-        room = session.opened.max_length - end
-        draft = propose_draft(session.history, min(drafts.choose(), room))
+        length = min(drafts.choose(), session.opened.max_length - end)
+        draft = propose_draft(session.history, length) if self.drafter is None else \
+            await asyncio.get_running_loop().run_in_executor(
+                self._compute, self.drafter.propose, session.key, tuple(session.history), length)
         session.draft_at = (end, len(draft), now)
         if not draft:
             return step

@@ -148,3 +148,69 @@ def test_three_node_ring_speculates_with_identical_greedy_output(tiny_checkpoint
         print(f"drafts at the last stage: {infos[-1]['draft_kept']} of {infos[-1]['draft_tokens']} kept")
         sampled, _ = asyncio.run(run(SamplingParams(max_new_tokens=40, temperature=0.8, seed=3), 8))
         assert len(sampled) == 40
+
+
+def test_a_draft_model_drafts_the_greedy_continuation_and_follows_a_rewritten_history(tiny_checkpoint):
+    """The same model as its own draft: its drafts are the model's greedy tokens; when the verifier keeps only
+    part of a draft and picks another token, the next draft continues from the rewritten history (the draft's
+    cache rolled back), as a fresh draft model would."""
+    from node.model.draft import DraftModel
+
+    source = resolve_model(str(tiny_checkpoint("llama", num_layers=4)))
+    vocab = source.config.vocab_size
+    drafter = DraftModel(source, target_vocab_size=vocab, max_sessions=2, max_context=64)
+    stage = Stage(source, 0, 4, dtype=torch.float32, device=torch.device("cpu"), share_head=False)
+
+    def greedy(history: list[int], n: int) -> list[int]:
+        cache, out = stage.new_cache(64), []
+        hidden = stage.forward(stage.embedder.embed(torch.tensor([history])), 0, cache)
+        for _ in range(n):
+            out.append(int(stage.head.logits(hidden[:, -1:])[0, -1].argmax()))
+            hidden = stage.forward(stage.embedder.embed(torch.tensor([[out[-1]]])), len(history) + len(out) - 1,
+                                   cache)
+        return out
+
+    prompt = [7, 200, 41, 9, 250, 3, 88]
+    draft = drafter.propose("a", prompt, 5)
+    assert draft == greedy(prompt, 5)
+    rewritten = [*prompt, *draft[:2], (draft[2] + 1) % vocab]  # two kept, then the verifier's own token
+    assert drafter.propose("a", rewritten, 4) == greedy(rewritten, 4)
+    assert drafter.propose("a", rewritten[:5], 3) == greedy(rewritten[:5], 3)  # shorter than what it holds
+    for key in ("b", "c"):  # at most 2 sessions held: "a" is dropped, and drafts afresh the same
+        drafter.propose(key, prompt, 1)
+    assert list(drafter._states) == ["b", "c"]
+    assert drafter.propose("a", rewritten, 4) == greedy(rewritten, 4)
+    assert drafter.propose("a", list(range(62)), 4) == []  # beyond its context bound: no draft
+    with pytest.raises(ValueError, match="tokenizer"):
+        DraftModel(source, target_vocab_size=vocab - 1)
+
+
+def test_a_ring_with_a_draft_model_keeps_greedy_output_and_accepts_what_lookup_cannot(tiny_checkpoint):
+    """A node started with --draft-model (here the served model itself) drafts for its rings: on a prompt with no
+    repeats, where prompt lookup finds little, most draft tokens are kept, and the output is the plain ring's."""
+    source = resolve_model(str(tiny_checkpoint("llama", num_layers=4)))
+    prompt = [7, 200, 41, 9, 250, 3, 88, 121, 64]
+    greedy = SamplingParams(max_new_tokens=24)
+
+    async def body(node: Node, client: SwarmClient):
+        hop = Hop(node.record.peer_id, 0, 4)
+
+        async def run(speculate: int) -> list[int]:
+            ring = await client.open_session([hop], max_length=64, sampling=greedy, speculate=speculate)
+            try:
+                return [t async for t in ring.tokens(prompt, 0)]
+            finally:
+                await ring.close()
+
+        plain = await run(0)
+        assert await run(6) == plain and len(plain) == 24
+        info = await client.node_info(hop.node_id)
+        assert info["draft_tokens"] > 0 and info["draft_kept"] >= 0.8 * info["draft_tokens"], info
+        sampled = await client.open_session([hop], max_length=64, sampling=SamplingParams(
+            max_new_tokens=24, temperature=0.8, seed=5), speculate=6)
+        try:
+            assert len([t async for t in sampled.tokens(prompt, 0)]) == 24
+        finally:
+            await sampled.close()
+
+    asyncio.run(_with_node(source, NodeConfig(start=0, end=4, draft_model=str(source.root)), body))
