@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from node.app.cli_simulate import add_simulate_parser
 from node.model.checkpoint import DEFAULT_MODEL
+from node.model.speculative import MAX_DRAFT_TOKENS
 from node.net.config import ConfigError, default_initial_peers
 from node.serve.adversary import KINDS as ADVERSARY_KINDS
 from swarm.records import QUANTIZATIONS
@@ -20,9 +21,18 @@ from swarm.records import QUANTIZATIONS
 QUANT_HELP = ("hold the layers' weights as int8 (per channel) or int4 (per group of 32) instead of the compute "
               "dtype (default: the least lossy at which the whole model, or --layers, fits in memory)")
 
+SPECULATE_HELP = (f"draft up to K tokens (at most {MAX_DRAFT_TOKENS}) per trip round the ring, verified in one pass: "
+                  "the same answer, often several tokens per round trip (default 0: one token per trip)")
+
 if TYPE_CHECKING:
     from node.serve.assignment import SwarmStatus
     from swarm.types import LayerRange
+
+
+def draft_length(text: str) -> int:
+    if not text.isdigit() or int(text) > MAX_DRAFT_TOKENS:
+        raise argparse.ArgumentTypeError(f"a draft length is 0 to {MAX_DRAFT_TOKENS}, got {text!r}")
+    return int(text)
 
 
 def parse_layers(text: str) -> tuple[int, int]:
@@ -213,7 +223,8 @@ async def _chat(args: argparse.Namespace, initial_peers: list[str]) -> int:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed)
         answer = ""
-        async for delta in ChatEngine(client, source).stream_chat([Message("user", args.prompt)], params):
+        engine = ChatEngine(client, source, speculate=args.speculate)
+        async for delta in engine.stream_chat([Message("user", args.prompt)], params):
             if isinstance(delta, TextRevision):  # a lying node was caught: say so, and restart from what stands
                 answer = answer[:delta.keep_chars]
                 delta = f"\n[{REVISED_NOTICE}]\n{answer}"
@@ -356,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0)
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--speculate", type=draft_length, default=0, metavar="K", help=SPECULATE_HELP)
     chat.set_defaults(func=cmd_chat)
 
     api = commands.add_parser("api", help="serve an OpenAI-compatible HTTP API through the swarm")

@@ -125,8 +125,10 @@ def chat_template_ids(tokenizer, messages: Sequence[Message]) -> list[int]:
 
 
 class ChatEngine:
-    def __init__(self, client: SwarmClient, source: ModelSource, *, ring: bool = True) -> None:
+    def __init__(self, client: SwarmClient, source: ModelSource, *, ring: bool = True, speculate: int = 0) -> None:
+        """`speculate`: a ring's drafts of up to this many tokens (`node.net.protocol`, speculation; 0: none)."""
         self.client, self.source, self.ring = client, source, ring
+        self.speculate = speculate if ring else 0
         self.tokenizer = load_tokenizer(source)
         self.max_context = int(getattr(source.config, "max_position_embeddings", 8192))
         self.vocab_size = int(source.config.vocab_size)
@@ -163,7 +165,7 @@ class ChatEngine:
             params = replace(params, stop_token_ids=self.stop_token_ids())
         if params.seed is None and params.temperature > 0:  # seeded, a chain rebuilt mid-answer draws the same
             params = replace(params, seed=random.randrange(MAX_SEED))
-        session = ResilientSession(self.client, max_length=max_length)
+        session = ResilientSession(self.client, max_length=max_length, speculate=self.speculate)
         if trace is not None:
             trace.chains = session.chains  # the same list: the trace sees each chain as the session opens it
         try:

@@ -791,6 +791,8 @@ class StageServer:
         session.draft_at = (end, len(draft), now)
         if not draft:
             return step
+        # The draft joins the history: the next step starts after the tokens kept, so it cuts the rest off above.
+        session.history.extend(draft)
         return Step(None, step.position, torch.tensor([ids + draft]), sample=True, draft=tuple(draft))
 
     async def _verify(self, hidden: torch.Tensor, draft: tuple[int, ...], params: SamplingParams,

@@ -186,8 +186,8 @@ def test_a_draft_model_drafts_the_greedy_continuation_and_follows_a_rewritten_hi
 
 
 def test_a_ring_with_a_draft_model_keeps_greedy_output_and_accepts_what_lookup_cannot(tiny_checkpoint):
-    """A node started with --draft-model (here the served model itself) drafts for its rings: on a prompt with no
-    repeats, where prompt lookup finds little, most draft tokens are kept, and the output is the plain ring's."""
+    """A node started with --draft-model (here the served model itself) drafts for its rings: the output is the
+    plain ring's, and the draft tokens are kept."""
     source = resolve_model(str(tiny_checkpoint("llama", num_layers=4)))
     prompt = [7, 200, 41, 9, 250, 3, 88, 121, 64]
     greedy = SamplingParams(max_new_tokens=24)
@@ -205,7 +205,10 @@ def test_a_ring_with_a_draft_model_keeps_greedy_output_and_accepts_what_lookup_c
         plain = await run(0)
         assert await run(6) == plain and len(plain) == 24
         info = await client.node_info(hop.node_id)
-        assert info["draft_tokens"] > 0 and info["draft_kept"] >= 0.8 * info["draft_tokens"], info
+        # The model drafts for itself, so every draft token is kept (one may fall to the batched pass's rounding)
+        # as long as the first stage drafts from the true history, the kept draft tokens included (20 of 22 when
+        # it forgot them).
+        assert info["draft_tokens"] > 0 and info["draft_kept"] >= info["draft_tokens"] - 1, info
         sampled = await client.open_session([hop], max_length=64, sampling=SamplingParams(
             max_new_tokens=24, temperature=0.8, seed=5), speculate=6)
         try:
