@@ -21,7 +21,7 @@ from hivemind.dht.validation import CompositeValidator, DHTRecord
 from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
-from node.net import membership
+from node.net import dhtkeys
 from node.net.identity import IdentityError, NodeIdentity, ephemeral_identity, identity_dir, load_identity
 from node.net.membership import open_dht, owner_subkey, record_validators, servers_key
 from swarm.records import ServerRecord
@@ -53,7 +53,7 @@ def swarm():
 
 @pytest.fixture(autouse=True)
 def _fresh_rejection_log():
-    membership._last_logged.clear()  # rejections are rate-limited per reason; each test expects its own
+    dhtkeys._last_logged.clear()  # rejections are rate-limited per reason; each test expects its own
 
 
 def _record_dict(peer_id: str, **changes) -> dict:
@@ -107,7 +107,7 @@ def test_honest_record_round_trips(swarm):
 def test_forged_records_are_refused_by_honest_peers_and_never_listed(swarm):
     victim = swarm.identity.peer_id
     forger = ephemeral_identity()
-    expiration = get_dht_time() + 300
+    expiration, in_a_year = get_dht_time() + 300, get_dht_time() + 3e7
 
     def entry(identity: NodeIdentity, subkey: str, value: dict | bytes) -> tuple[str, bytes, float]:
         return subkey, _signed(identity, subkey, value, expiration), expiration
@@ -130,8 +130,17 @@ def test_forged_records_are_refused_by_honest_peers_and_never_listed(swarm):
         "wrong type": entry(forger, owner_subkey(forger), {**_record_dict(forger.peer_id), "start": "2"}),
         "impossible memory": entry(forger, owner_subkey(forger), _record_dict(forger.peer_id, memory_bytes=1e18)),
         "not msgpack": entry(forger, owner_subkey(forger), b"\xc1\xc1 not a record"),
+        # (d) what is not a record at all, or one key signing many subkeys, or a record built to linger.
+        "junk that claims no model": ("junk", MSGPackSerializer.dumps({"hello": "world"}), expiration),
+        "signed junk that claims no model": entry(forger, owner_subkey(forger), {"hello": "x" * 1000}),
+        "a comment in the owner key": entry(forger, owner_subkey(forger).replace("]", " alias7]"),
+                                            _record_dict(forger.peer_id)),
+        "9 KB": entry(forger, owner_subkey(forger), {**_record_dict(forger.peer_id), "pad": "x" * 9000}),
+        "expires in a year": (owner_subkey(forger), _signed(forger, owner_subkey(forger), _record_dict(forger.peer_id),
+                                                            in_a_year), in_a_year),
     }
-    answers = swarm.attacker.run_coroutine(functools.partial(_push_raw, list(forged.values())))
+    # One entry a call: a hivemind DHT (the attacker's) breaks on a call over ~16 KB (see membership._WholeMessagePipe).
+    answers = [swarm.attacker.run_coroutine(functools.partial(_push_raw, [entry]))[0] for entry in forged.values()]
     honest_peers = {swarm.boot.peer_id, victim}
     for name, answer in zip(forged, answers, strict=True):
         assert honest_peers <= answer.keys(), f"{name}: not offered to every honest peer"
@@ -177,21 +186,17 @@ def test_announce_publishes_the_record_as_given_and_refuses_another_reachability
 
 
 def test_readers_refuse_what_peers_cannot_check_and_say_why(swarm, caplog):
-    """A range outside this model (peers do not know the model's size) and junk that claims no model
-    pass storage, so the reader refuses them itself, with the reason in the log."""
+    """A range outside this model (peers do not know the model's size) passes storage, so the reader refuses it
+    itself, with the reason in the log."""
     forger = ephemeral_identity()
     expiration = get_dht_time() + 300
     out_of_model = _record_dict(forger.peer_id, start=2, end=9)
-    entries = [
-        (owner_subkey(forger), _signed(forger, owner_subkey(forger), out_of_model, expiration), expiration),
-        ("junk", MSGPackSerializer.dumps({"hello": "world"}), expiration),
-    ]
+    entries = [(owner_subkey(forger), _signed(forger, owner_subkey(forger), out_of_model, expiration), expiration)]
     answers = swarm.boot.dht.run_coroutine(functools.partial(_push_raw, entries))  # from an honest peer this time
-    assert all(any(answer.values()) for answer in answers)  # accepted: nothing in them is checkable at storage
-    with caplog.at_level(logging.WARNING, logger="node.net.membership"):
+    assert answers[0][swarm.identity.peer_id]  # accepted: nothing in it is checkable at storage
+    with caplog.at_level(logging.WARNING):
         assert asyncio.run(swarm.reader.list_servers(MODEL, num_layers=NUM_LAYERS)) == [swarm.record]
     assert "range 2:9 is outside the model's 4 layers" in caplog.text
-    assert "unsigned" in caplog.text
     # The swarm still holds them, so later tests see them too; they must keep being refused the same way.
     assert swarm.boot.list_servers_blocking(MODEL, num_layers=NUM_LAYERS) == [swarm.record]
 
@@ -223,12 +228,22 @@ def test_validators_refuse_each_forgery_with_a_reason(caplog):
                                                              _record_dict(forger.peer_id, memory_bytes=1e18),
                                                              expiration)),
     }
-    with caplog.at_level(logging.WARNING, logger="node.net.membership"):
+    commented, in_two_hours = good.replace("]", " alias]"), get_dht_time() + 7200
+    cases |= {
+        "canonical OpenSSH form": record(commented, _signed(owner, commented, _record_dict(owner.peer_id), expiration)),
+        "value 20": record(good, _signed(owner, good, {**_record_dict(owner.peer_id), "pad": "x" * 20000}, expiration)),
+        "none of Layerhive's key kinds": record(good, _signed(owner, good, {"hello": "world"}, expiration)),
+        "a credit value under another key": record(good, _signed(owner, good, {"model": MODEL, "credit": {}},
+                                                                 expiration)),
+        "expires more than": DHTRecord(KEY_ID, MSGPackSerializer.dumps(good), _signed(
+            owner, good, _record_dict(owner.peer_id), in_two_hours), in_two_hours),
+    }
+    with caplog.at_level(logging.WARNING):
         for reason, bad in cases.items():
             assert not validator.validate(bad), reason
             assert reason in caplog.text, f"{reason!r} not logged: {caplog.text}"
-    # A record of another application (no model, no owner) is none of these validators' business.
-    assert validator.validate(DHTRecord(b"k" * 20, MSGPackSerializer.dumps(None), MSGPackSerializer.dumps(1), 0))
+    # A Layerhive DHT holds nothing else: a record of another application (no model, no owner) is refused too.
+    assert not validator.validate(DHTRecord(b"k" * 20, MSGPackSerializer.dumps(None), MSGPackSerializer.dumps(1), 0))
 
 
 # ---------------------------------------------------------------------------------------------- identity
