@@ -66,6 +66,7 @@ MAX_VALUE_BYTES = max(kind.max_value_bytes for kind in KINDS) + 1024  # room for
 MAX_SUBKEY_BYTES = 1024  # an owner subkey of a 2048-bit key is ~440 bytes
 MAX_SUBKEYS = max(kind.max_subkeys for kind in KINDS)
 STORAGE_BUDGET_BYTES = 64 << 20  # per storage (a peer's own and its cache): ~50,000 server records
+ENTRY_OVERHEAD_BYTES = 64  # a stored value's key or subkey and expiration, roughly
 RECOUNT_S = 1.0  # how often a storage's bytes are counted again (stores in between are added up)
 _HASH_SUBKEY = re.compile(r"[0-9a-f]{32}")
 
@@ -171,7 +172,7 @@ class BoundedStorage(DHTLocalStorage):
         return super().store_subkey(key, subkey, value, expiration_time)
 
     def _room_for(self, value: Any) -> bool:
-        size = value_bytes(value)
+        size = value_bytes(value) + ENTRY_OVERHEAD_BYTES
         if self.held_bytes() + size > self.budget_bytes:
             self.refused += 1
             log_rejection("for room", None, f"the storage holds {self._held_bytes} bytes of {self.budget_bytes}")
@@ -182,13 +183,14 @@ class BoundedStorage(DHTLocalStorage):
     def held_bytes(self) -> int:
         now = time.monotonic()
         if now - self._counted_at >= RECOUNT_S:
-            self._held_bytes, self._counted_at = sum(value_bytes(item.value) for item in self.data.values()), now
+            held = sum(value_bytes(item.value) + ENTRY_OVERHEAD_BYTES for item in self.data.values())
+            self._held_bytes, self._counted_at = held, now
         return self._held_bytes
 
 
 def value_bytes(value: Any) -> int:
     if isinstance(value, DictionaryDHTValue):
-        return sum(len(item.value) + 64 for item in value.data.values())  # 64: the subkey and expiration, roughly
+        return sum(len(item.value) + ENTRY_OVERHEAD_BYTES for item in value.data.values())
     return len(value)
 
 

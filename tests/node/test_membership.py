@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from types import SimpleNamespace
 
 import keyring
@@ -22,6 +23,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from node.net import dhtkeys
+from node.net.dhtbounds import MAX_OWNERS_PER_KEY, RECOUNT_S, BoundedStorage
 from node.net.identity import IdentityError, NodeIdentity, ephemeral_identity, identity_dir, load_identity
 from node.net.membership import open_dht, owner_subkey, record_validators, servers_key
 from swarm.records import ServerRecord
@@ -337,3 +339,17 @@ def test_same_name_keeps_its_peer_id_across_restarts(swarm, home):
     assert peer_ids[0] == peer_ids[1] == identity.peer_id
     # The second run's record replaced the first under the same signed subkey.
     assert [r.epoch for r in asyncio.run(swarm.reader.list_servers(model))] == [2]
+
+
+def test_a_storage_bounds_subkeys_per_key_and_its_bytes_but_always_takes_a_refresh():
+    storage = BoundedStorage(budget_bytes=100_000)
+    owners, proofs = DHTID.generate(source="owners"), DHTID.generate(source="proofs")
+    expiration = get_dht_time() + 60
+    subkeys = [f"peer{i}[owner:key{i}]" for i in range(MAX_OWNERS_PER_KEY + 1)]
+    assert all(storage.store_subkey(owners, subkey, b"v", expiration) for subkey in subkeys[:-1])
+    assert not storage.store_subkey(owners, subkeys[-1], b"v", expiration)  # the key is full
+    assert storage.store_subkey(owners, subkeys[0], b"refreshed", expiration + 1)  # one it holds may be refreshed
+    stored = sum(storage.store_subkey(proofs, f"{i:032x}", b"x" * 9000, expiration) for i in range(50))
+    assert 5 <= stored <= 100_000 // 9000 and storage.held_bytes() <= 100_000  # the budget, not the key's cap
+    time.sleep(RECOUNT_S)
+    assert storage.held_bytes() <= 100_000  # counted again from what it holds
