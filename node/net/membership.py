@@ -49,12 +49,15 @@ DEFAULT_TTL_S = 30.0
 class _ParentBoundDHT(DHT):
     """A DHT whose process ends with the process that opened it (see `node.net.lifeline`)."""
 
+    bounded = True  # with node.net.dhtbounds' bounds on storage and answers (a test's raw attacker goes without)
+
     def run(self) -> None:
         """The DHT process: it shuts down when its parent is gone (even killed), and its p2p daemon dies
         with it (the daemon is spawned and awaited by this process's main thread)."""
         default_signals()
         watch_parent(self._shutdown_orphan)
-        dhtbounds.install()  # bounded subkeys per key, storage and answers read (this is the DHT's process)
+        if self.bounded:
+            dhtbounds.install()  # bounded subkeys per key, storage and answers read (this is the DHT's process)
         self._inner_pipe = _WholeMessagePipe(self._inner_pipe)
         spawn = asyncio.subprocess.create_subprocess_exec  # hivemind's way to start p2pd; this process is ours
         asyncio.subprocess.create_subprocess_exec = functools.partial(spawn, preexec_fn=die_with_spawner)

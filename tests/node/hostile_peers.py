@@ -38,7 +38,7 @@ from node.net.credit import credit_key
 from node.net.dhtkeys import owner_subkey, servers_key
 from node.net.direct import DirectOffer
 from node.net.identity import NodeIdentity, ephemeral_identity
-from node.net.membership import open_dht
+from node.net.membership import _ParentBoundDHT, open_dht
 from node.net.protocol import (
     INFERENCE_HANDLER,
     PUSH_HANDLER,
@@ -345,6 +345,12 @@ async def direct_squat(args: argparse.Namespace) -> dict:
 # --- attacks on the DHT ------------------------------------------------------------------------------------
 
 
+class RawDHT(_ParentBoundDHT):
+    """hivemind's DHT as any peer may run it (no validators, no bounds), in a process that ends with this one's."""
+
+    bounded = False
+
+
 @attack("dht-junk")
 async def dht_junk(args: argparse.Namespace) -> dict:
     """A DHT peer without validators that keeps, and offers to every peer near our keys: a 1 MB server record,
@@ -352,7 +358,7 @@ async def dht_junk(args: argparse.Namespace) -> dict:
     signed values of no Layerhive kind, or of another kind than their key's. It serves them to readers until its
     `--duration` ends; it reports how many of each the other peers accepted."""
     identity = ephemeral_identity()
-    dht = DHT(initial_peers=args.initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    dht = RawDHT(initial_peers=args.initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     try:
         plant = functools.partial(_plant_junk, identity.private_key, resolve_model(args.model).name,
                                   args.count, max(args.duration, 60.0) + 60.0)
