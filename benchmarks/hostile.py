@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -168,12 +170,20 @@ def run_api_attack(swarm: LocalSwarm, tokens: int) -> Row:
             deadline = time.monotonic() + 120
             while sent.value < 64 and time.monotonic() < deadline:  # the spawned process imports for seconds
                 time.sleep(0.2)
+            parts = {"api": [api.pid], "flooder": [flood.pid], "nodes": [p.pid for p in swarm.processes],
+                     "honest client": [-os.getpid()]}  # this process alone: the others are its children
+            before, started = {name: _cpu_s(pids) for name, pids in parts.items()}, time.monotonic()
             during = _api_steps(url, swarm.source.name, tokens, answers=4)
+            spent = {name: _cpu_s(pids) - before[name] for name, pids in parts.items()}
+            wall = time.monotonic() - started
             stop.set()
             flood.join(timeout=60)
             if flood.is_alive():
                 flood.kill()
-        print(f"  api-bodies: {sent.value} hostile requests sent, {refused.value} answered with a 4xx", flush=True)
+        print(f"  api-bodies: {sent.value} hostile requests sent, {refused.value} refused (a 4xx, or the connection "
+              "closed on them before their body was sent)", flush=True)
+        print(f"  CPU seconds while the honest caller was timed under the flood ({wall:.1f} s wall, 2 cores = "
+              f"{2 * wall:.1f} CPU s): " + ", ".join(f"{name} {cpu:.1f}" for name, cpu in spent.items()), flush=True)
         alive = api.poll() is None
     finally:
         api.terminate()
@@ -236,16 +246,35 @@ def _api_flood(port: int, stop, sent, refused) -> None:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
                 with sent.get_lock():
                     sent.value += 1
-                if kind == 2:
-                    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                                 + f"Content-Length: {len(big_prompt)}\r\n\r\n".encode() + big_prompt)
-                else:
-                    sock.sendall(heads[kind].encode())
-                    for _ in range(64 if kind == 1 else 100):
-                        sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" if kind == 1 else chunk)
+                try:
+                    if kind == 2:
+                        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                                     + f"\r\nContent-Length: {len(big_prompt)}\r\n\r\n".encode() + big_prompt)
+                    else:
+                        sock.sendall(heads[kind].encode())
+                        for _ in range(64 if kind == 1 else 100):
+                            sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" if kind == 1 else chunk)
+                except (BrokenPipeError, ConnectionResetError):  # refused, and the connection closed on us
+                    with refused.get_lock():
+                        refused.value += 1
+                    continue
                 if sock.recv(4096).startswith((b"HTTP/1.1 4", b"HTTP/1.0 4")):
                     with refused.get_lock():
                         refused.value += 1
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) the processes `pids` and their descendants have used so far (a negative pid:
+    that process alone)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(abs(pid))
+            for each in [process, *(process.children(recursive=True) if pid > 0 else [])]:
+                with contextlib.suppress(psutil.Error):
+                    times = each.cpu_times()
+                    total += times.user + times.system
+    return total
 
 
 def _free_port() -> int:

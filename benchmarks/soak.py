@@ -8,7 +8,8 @@ once. Meanwhile `--clients` clients each generate greedy ring answers to their o
 through `ResilientSession` (failover and replay), each answer compared with the reference the same model gives
 in one process. Reported: answers done, answers failed (goal 0), answers differing from the reference
 (goal 0), seconds during which some layer had no live node, and the RSS drift of every node process that lived
-at least 5 minutes (its RSS with its DHT process and p2p daemon, last sample minus the one a minute after start).
+at least `--min-life` seconds (its RSS with its DHT process and p2p daemon, last sample minus the one a minute after
+start), in all and by part; every minute, the median RSS by part of the nodes up since the start.
 
 Usage: python benchmarks/soak.py [--minutes 15] [--interval 10] [--clients 4] [--tokens 24] [--json out.json]
 """
@@ -56,13 +57,21 @@ class Lifetime:
     slot: int
     pid: int
     started: float
-    samples: list[tuple[float, int]] = field(default_factory=list)
+    samples: list[tuple[float, dict[str, int]]] = field(default_factory=list)  # (s since start, RSS by PARTS)
 
-    def drift_mb(self) -> float | None:
+    def drift_mb(self, min_life_s: float, part: str | None = None) -> float | None:
+        """RSS growth from a minute after start to the last sample, of one part or (None) all, if it lived long."""
         settled = [rss for t, rss in self.samples if t >= 60]
-        if not self.samples or self.samples[-1][0] < 300 or not settled:
+        if not self.samples or self.samples[-1][0] < min_life_s or not settled:
             return None
-        return (self.samples[-1][1] - settled[0]) / 2**20
+        return (_part_bytes(self.samples[-1][1], part) - _part_bytes(settled[0], part)) / 2**20
+
+
+PARTS = ("node", "dht", "p2pd")  # a node's process, its DHT process, the DHT's p2p daemon
+
+
+def _part_bytes(rss: dict[str, int], part: str | None) -> int:
+    return sum(rss.values()) if part is None else rss.get(part, 0)
 
 
 @dataclass
@@ -117,7 +126,10 @@ class Churn:
         for life in self.lifetimes:
             try:
                 process = psutil.Process(life.pid)
-                rss = sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
+                rss = dict.fromkeys(PARTS, 0)
+                rss["node"] = process.memory_info().rss
+                for child in process.children(recursive=True):
+                    rss["p2pd" if child.name().startswith("p2pd") else "dht"] += child.memory_info().rss
             except psutil.Error:
                 continue
             if process.status() != psutil.STATUS_ZOMBIE:
@@ -179,6 +191,24 @@ def chat_forever(swarm: LocalSwarm, prompt: list[int], reference: list[int], tok
     asyncio.run(run())
 
 
+def rss_report(lifetimes: list[Lifetime], elapsed_s: float) -> str:
+    """The median RSS by part of the nodes up since the start (still alive), as it stands now."""
+    originals = [life.samples[-1][1] for life in lifetimes
+                 if life.samples and life.samples[-1][0] >= elapsed_s - 5 and life.pid in _first_pids(lifetimes)]
+    if not originals:
+        return "RSS: no node has lived since the start"
+    medians = {part: statistics.median(rss[part] for rss in originals) / 2**20 for part in PARTS}
+    return (f"RSS of the {len(originals)} nodes up since the start (median MB): "
+            + ", ".join(f"{part} {mb:.0f}" for part, mb in medians.items()))
+
+
+def _first_pids(lifetimes: list[Lifetime]) -> set[int]:
+    first: dict[int, int] = {}
+    for life in lifetimes:
+        first.setdefault(life.slot, life.pid)
+    return set(first.values())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=15.0)
@@ -186,6 +216,8 @@ def main() -> int:
     parser.add_argument("--down", type=float, default=20.0, help="seconds a killed node stays down")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=24)
+    parser.add_argument("--min-life", type=float, default=300.0,
+                        help="seconds a node must have lived for its RSS drift to be reported")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     from tests.conftest import build_tiny_checkpoint
@@ -219,12 +251,15 @@ def main() -> int:
                 print(f"{(now - started) / 60:5.1f} min: {done} answers, {sum(t.failed for t in tallies)} failed, "
                       f"{churn.kills} kills, {churn.restarts} restarts, {uncovered_s} s uncovered"
                       + (f"; most frequent error ({errors[0][1]}x): {errors[0][0]}" if errors else ""), flush=True)
+                print("  " + rss_report(churn.lifetimes, now - started), flush=True)
             time.sleep(max(0.0, 1.0 - (time.monotonic() - now)))
         stop.set()
         for thread in clients:
             thread.join(timeout=120)
     drifts = {f"slot {life.slot} pid {life.pid}": round(d, 1) for life in churn.lifetimes
-              if (d := life.drift_mb()) is not None}
+              if (d := life.drift_mb(args.min_life)) is not None}
+    drift_by_part = {part: [round(d, 1) for life in churn.lifetimes if (d := life.drift_mb(args.min_life, part))
+                            is not None] for part in PARTS}
     errors = sum((t.errors for t in tallies), Counter())
     summary = {
         "minutes": args.minutes, "nodes": len(RANGES) * REPLICAS, "clients": args.clients,
@@ -233,6 +268,7 @@ def main() -> int:
         "answers_differing": sum(t.differing for t in tallies), "failovers": sum(t.failovers for t in tallies),
         "seconds_uncovered": uncovered_s, "rss_drift_mb": drifts,
         "rss_drift_mb_median": statistics.median(drifts.values()) if drifts else None,
+        "rss_drift_mb_by_part": drift_by_part,
         "errors": dict(errors.most_common(5)),
     }
     print()

@@ -6,9 +6,11 @@ through the same `ChatEngine` the CLI and the chat window use; requests are serv
 
 Bounds before work (`Guard`, an ASGI middleware in front of every route): with an API key (required when
 the API listens beyond loopback) a request without `Authorization: Bearer <key>` is refused before its body
-is read; a body larger than `MAX_BODY_BYTES` is refused by its Content-Length, or as soon as the bytes read
-pass the limit; a chunked body (no Content-Length) is refused by its headers; and a body that trickles in
-for longer than `BODY_TIMEOUT_S` is dropped. A prompt longer than the context could hold at
+is read; a body larger than a prompt the model's context can hold needs (`ServedModel.max_body_bytes`, at most
+`MAX_BODY_BYTES`) is refused by its Content-Length, or as soon as the bytes read pass the limit; a chunked body
+(no Content-Length) is refused by its headers; and a body that trickles in for longer than `BODY_TIMEOUT_S` is
+dropped. Every refusal before the body closes the connection, so the server
+reads no more of what the client goes on sending. A prompt longer than the context could hold at
 `MAX_CHARS_PER_TOKEN` is refused before tokenizing, and tokenizing runs on a worker thread, so one caller's
 prompt never stalls the others. `max_tokens` is bounded by the context and by the longest session the swarm's
 nodes announce room for.
@@ -68,6 +70,11 @@ BODY_TIMEOUT_S = 30.0  # a body must arrive within this (a client trickling byte
 # Refused before tokenizing: a prompt of more characters than the context holds at this many per token (text
 # averages about 4; 16 leaves room for long tokens such as runs of spaces, and bounds the tokenizer's work).
 MAX_CHARS_PER_TOKEN = 16
+# A body's limit comes from the served model's context: its prompt at MAX_CHARS_PER_TOKEN, each character at most
+# this many bytes in JSON (4 covers UTF-8; honest text runs ~4 characters a token, so even \uXXXX escapes fit), and
+# room for the rest of the request. Larger bodies are refused by their Content-Length, before a byte is read.
+MAX_BODY_BYTES_PER_CHAR = 4
+BODY_OVERHEAD_BYTES = 64 << 10
 API_KEY_ENV = "LAYERHIVE_API_KEY"
 
 # Failures of the swarm itself (not of the request): answered 503 / 502 so clients may retry.
@@ -197,6 +204,11 @@ class ServedModel:
         if requested not in self.names:
             raise APIError(404, f"The model `{requested}` does not exist or is not served here; "
                            f"this server serves `{self.id}`.", param="model", code="model_not_found")
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body a prompt that may fit the context can need (see MAX_BODY_BYTES_PER_CHAR)."""
+        return self.engine.max_context * MAX_CHARS_PER_TOKEN * MAX_BODY_BYTES_PER_CHAR + BODY_OVERHEAD_BYTES
 
     def check_prompt_chars(self, chars: int, prompt_param: str) -> None:
         """Refuses, before any tokenizing, a prompt too long to fit the context whatever its tokens."""
@@ -526,13 +538,14 @@ class Guard:
             await _respond(send, APIError(411, "Send the request body with a Content-Length: chunked bodies are "
                                           "not accepted.", code="length_required"))
             return
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            await _respond(send, self._too_large())
+        limit = self._body_limit(scope)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await _respond(send, self._too_large(limit))
             return
         try:
-            body = await self._read_body(receive)
+            body = await self._read_body(receive, limit)
         except _BodyTooLarge:
-            await _respond(send, self._too_large())
+            await _respond(send, self._too_large(limit))
             return
         except asyncio.TimeoutError:
             await _respond(send, APIError(408, f"The request body did not arrive within {self.body_timeout_s:.0f} s."))
@@ -543,11 +556,17 @@ class Guard:
         scheme, _, token = header.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
-    def _too_large(self) -> APIError:
-        return APIError(413, f"The request body is larger than {self.max_body_bytes} bytes.",
-                        code="request_too_large")
+    def _body_limit(self, scope) -> int:
+        """`max_body_bytes`, or less: what the served model's context can need (once the model is served)."""
+        served_model = getattr(getattr(scope.get("app"), "state", None), "served", None)
+        return min(self.max_body_bytes, served_model.max_body_bytes) if served_model else self.max_body_bytes
 
-    async def _read_body(self, receive) -> bytes:
+    @staticmethod
+    def _too_large(limit: int) -> APIError:
+        return APIError(413, f"The request body is larger than {limit} bytes, more than a prompt this model's "
+                        "context can hold needs.", code="request_too_large")
+
+    async def _read_body(self, receive, limit: int) -> bytes:
         chunks, size = [], 0
         deadline = time.monotonic() + self.body_timeout_s
         while True:
@@ -555,7 +574,7 @@ class Guard:
             if message["type"] == "http.disconnect":
                 raise asyncio.TimeoutError  # nobody to answer; end the request
             size += len(message.get("body", b""))
-            if size > self.max_body_bytes:
+            if size > limit:
                 raise _BodyTooLarge
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
@@ -577,8 +596,11 @@ def _replay(body: bytes, receive):
 
 
 async def _respond(send, error: APIError) -> None:
+    """Answers a request refused before its body was read, and closes its connection: kept open, the server would
+    read (and throw away) the whole body the client goes on sending, 100 MB if it announced 100 MB."""
     body = json.dumps(error.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]
     if error.status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": error.status, "headers": headers})

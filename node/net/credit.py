@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hivemind.utils import get_dht_time
 
-from node.net.membership import SwarmPeer, owner_subkey, subkey_owner
+from node.net.dhtkeys import owner_subkey, subkey_owner
 from swarm.records import RecordError
+
+if TYPE_CHECKING:  # membership's validators check tallies (node.net.dhtbounds), so it imports this module
+    from node.net.membership import SwarmPeer
 
 CREDIT_TTL_S = 24 * 3600.0
 MAX_CREDIT_PEERS = 128  # a tally names at most this many nodes (its largest): a DHT call stays under 16 KB
@@ -38,9 +41,11 @@ def credit_key(model: str) -> str:
 
 
 async def publish_credit(peer: SwarmPeer, model: str, tally: Mapping[str, int]) -> bool:
-    """Stores this client's tally (node -> checked tokens), signed by its identity, replacing its previous one."""
+    """Stores this client's tally (node -> checked tokens), signed by its identity, replacing its previous one. The
+    value names its model, so that DHT peers can tell it belongs under the model's credit key (node.net.dhtbounds)."""
     largest = dict(sorted(tally.items(), key=lambda item: -item[1])[:MAX_CREDIT_PEERS])
-    return await peer.dht.store(credit_key(model), subkey=owner_subkey(peer.identity), value={"credit": largest},
+    value = {"model": model, "credit": largest}
+    return await peer.dht.store(credit_key(model), subkey=owner_subkey(peer.identity), value=value,
                                 expiration_time=get_dht_time() + CREDIT_TTL_S, return_future=True)
 
 
@@ -60,7 +65,7 @@ def sum_tallies(found: Any) -> dict[str, CheckedCredit]:
         except RecordError:
             continue
         tally = item.value.get("credit") if isinstance(item.value, dict) else None
-        if not _valid_tally(tally):
+        if not valid_tally(tally):
             continue
         for node, count in tally.items():
             if node != publisher and count > 0:
@@ -69,7 +74,7 @@ def sum_tallies(found: Any) -> dict[str, CheckedCredit]:
     return {node: CheckedCredit(tokens[node], clients[node]) for node in tokens}
 
 
-def _valid_tally(tally: Any) -> bool:
+def valid_tally(tally: Any) -> bool:
     return (isinstance(tally, dict) and len(tally) <= MAX_CREDIT_PEERS
             and all(isinstance(node, str) and len(node) <= 128 and isinstance(count, int)
                     and not isinstance(count, bool) and 0 <= count <= MAX_CREDIT_TOKENS

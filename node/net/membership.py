@@ -6,8 +6,9 @@ heartbeat, so a node that dies silently drops out after `ttl_s`. The subkey is
 a value under it that the key's owner did not sign, and since a peer id is the hash of that same key
 (see node.net.identity), `ServerRecordValidator` also refuses a record whose peer id is not the signer's.
 Both run on every peer of a Layerhive DHT (`open_dht`, which returns a `SwarmPeer`): at storage time and on
-every value read back from another peer. `SwarmPeer.list_servers` checks everything but the signature again and
-logs why it drops a record.
+every value read back from another peer, with the bounds of node.net.dhtbounds (what kinds of value, how large,
+how many under a key; a value of no kind is refused). `SwarmPeer.list_servers` checks everything but the
+signature again and logs why it drops a record.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from typing import Any
 import filelock
 from hivemind import DHT
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
+from node.net import dhtbounds
 from node.net.config import load_config
-from node.net.identity import IdentityError, NodeIdentity, claim, ephemeral_identity, peer_id_from_owner_key
+from node.net.dhtbounds import BoundsValidator, KindValidator, key_id
+from node.net.dhtkeys import log_rejection, owner_subkey, servers_key, subkey_owner
+from node.net.identity import IdentityError, NodeIdentity, claim, ephemeral_identity
 from node.net.lifeline import GRACE_S, default_signals, die_with_spawner, kill_descendants, watch_parent
 from node.net.proofbook import ProofBook, ProofValidator
 from node.net.reachability import measure_in_dht, peer_ids_of, relay_p2p_options
@@ -41,19 +44,21 @@ from swarm.records import RecordError, ServerRecord
 logger = logging.getLogger(__name__)
 
 DEFAULT_TTL_S = 30.0
-MAX_RECORD_BYTES = 8192  # a signed record is ~1 KB; the cap keeps strangers from parking blobs in our key
-_OWNER_PREFIX = "[owner:"
-_LOG_EVERY_S = 60.0  # the same rejection is logged at most this often: a hostile peer must not flood the log
 
 
 class _ParentBoundDHT(DHT):
     """A DHT whose process ends with the process that opened it (see `node.net.lifeline`)."""
+
+    bounded = True  # with node.net.dhtbounds' bounds on storage and answers (a test's raw attacker goes without)
 
     def run(self) -> None:
         """The DHT process: it shuts down when its parent is gone (even killed), and its p2p daemon dies
         with it (the daemon is spawned and awaited by this process's main thread)."""
         default_signals()
         watch_parent(self._shutdown_orphan)
+        if self.bounded:
+            dhtbounds.install()  # bounded subkeys per key, storage and answers read (this is the DHT's process)
+        self._inner_pipe = _WholeMessagePipe(self._inner_pipe)
         spawn = asyncio.subprocess.create_subprocess_exec  # hivemind's way to start p2pd; this process is ours
         asyncio.subprocess.create_subprocess_exec = functools.partial(spawn, preexec_fn=die_with_spawner)
         super().run()
@@ -65,6 +70,25 @@ class _ParentBoundDHT(DHT):
         time.sleep(GRACE_S)
         kill_descendants()
         os._exit(1)
+
+
+class _WholeMessagePipe:
+    """The DHT process's end of its call pipe, read whole. hivemind watches the pipe on its event loop, which makes
+    it non-blocking, so a call larger than what the pipe holds at once (seen from 20 KB on a loaded machine) was read
+    in part, raised BlockingIOError and left the rest to be read as a broken call: the DHT process died."""
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+
+    def recv(self) -> Any:
+        os.set_blocking(self._connection.fileno(), True)  # poll() said a call has begun: wait for all of it
+        try:
+            return self._connection.recv()
+        finally:
+            os.set_blocking(self._connection.fileno(), False)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
 
 
 @dataclass(eq=False)
@@ -122,14 +146,6 @@ class SwarmPeer:
                 self.claimed = None
 
 
-def servers_key(model: str) -> str:
-    return f"layerhive:{model}:servers"
-
-
-def owner_subkey(identity: NodeIdentity) -> str:
-    return f"{identity.peer_id}{_OWNER_PREFIX}{identity.owner_key.decode()}]"
-
-
 def open_dht(initial_peers: Sequence[str], host_maddrs: Sequence[str], *, client_mode: bool = False,
              identity: NodeIdentity | None = None, announce_maddrs: Sequence[str] = (),
              relays: Sequence[str] | None = None, relay_service: bool = False) -> SwarmPeer:
@@ -185,7 +201,8 @@ def _network_options(announce_maddrs: Sequence[str], relays: Sequence[str], rela
 
 
 def record_validators(private_key: RSAPrivateKey) -> list[RecordValidatorBase]:
-    return [SignatureValidator(private_key), ServerRecordValidator(), ProofValidator()]
+    return [BoundsValidator(), SignatureValidator(private_key), ServerRecordValidator(), ProofValidator(),
+            KindValidator()]
 
 
 def _valid_records(found: Any, model: str, num_layers: int | None) -> list[ServerRecord]:
@@ -196,7 +213,7 @@ def _valid_records(found: Any, model: str, num_layers: int | None) -> list[Serve
         try:
             records.append(check_entry(subkey, item.value, model=model, num_layers=num_layers))
         except RecordError as e:
-            _log_rejection("read", subkey, e)
+            log_rejection("read", subkey, e)
     return sorted(records, key=lambda r: (r.start, r.end, r.peer_id))
 
 
@@ -213,23 +230,6 @@ def check_entry(subkey: Any, value: Any, *, model: str | None = None, num_layers
     return record
 
 
-def subkey_owner(subkey: Any) -> str:
-    """The peer that owns (signed the value under) an `owner_subkey`; RecordError if the subkey names none, or names
-    a peer id that is not its owner key's. Does not check the signature (the DHT's validators did)."""
-    if not isinstance(subkey, str):
-        raise RecordError(f"subkey: expected str, got {type(subkey).__name__}")
-    claimed, prefix, rest = subkey.partition(_OWNER_PREFIX)
-    if not prefix or not rest.endswith("]"):
-        raise RecordError("subkey: unsigned, it names no [owner:<public key>]")
-    try:
-        owner = peer_id_from_owner_key(rest[:-1].encode())
-    except Exception:
-        raise RecordError("subkey: the owner key is not an RSA public key") from None
-    if claimed != owner:
-        raise RecordError(f"subkey: names peer {claimed!r} but its owner key is peer {owner}'s")
-    return owner
-
-
 class SignatureValidator(RSASignatureValidator):
     """hivemind's owner-signature check, also refusing malformed owner keys (hivemind raises on them)
     and logging why a record fails (hivemind logs at debug level only)."""
@@ -237,7 +237,7 @@ class SignatureValidator(RSASignatureValidator):
     def validate(self, record: DHTRecord) -> bool:
         problem = self._problem(record)
         if problem is not None:
-            _log_rejection("by signature", _subkey_text(record.subkey), problem)
+            log_rejection("by signature", _subkey_text(record.subkey), problem)
         return problem is None
 
     def _problem(self, record: DHTRecord) -> str | None:
@@ -266,31 +266,24 @@ class ServerRecordValidator(RecordValidatorBase):
     signature check, on the value with the signature stripped.
 
     A peer cannot invert the hashed DHT key, so a value counts as a servers record when it names a
-    model whose servers key hashes to the record's key; anything else under that key (junk that claims
-    no model) is left for readers, whose `check_entry` refuses it."""
+    model whose servers key hashes to the record's key; anything else is `KindValidator`'s to refuse
+    (node.net.dhtbounds: a value of none of our kinds, or beyond its kind's bounds)."""
 
     def validate(self, record: DHTRecord) -> bool:
         try:
             value = MSGPackSerializer.loads(record.value)
         except Exception:
-            _log_rejection("by schema", _subkey_text(record.subkey), "the value is not msgpack")
+            log_rejection("by schema", _subkey_text(record.subkey), "the value is not msgpack")
             return False
         model = value.get("model") if isinstance(value, dict) else None
-        if not isinstance(model, str) or record.key != _servers_key_id(model):
+        if not isinstance(model, str) or record.key != key_id(servers_key(model)):
             return True  # not a servers record
         try:
-            if len(record.value) > MAX_RECORD_BYTES:
-                raise RecordError(f"{len(record.value)} bytes, more than {MAX_RECORD_BYTES}")
             check_entry(MSGPackSerializer.loads(record.subkey), value, model=model)
         except Exception as e:  # RecordError, or a subkey that is not msgpack
-            _log_rejection("by schema", _subkey_text(record.subkey), e)
+            log_rejection("by schema", _subkey_text(record.subkey), e)
             return False
         return True
-
-
-@functools.lru_cache(maxsize=256)
-def _servers_key_id(model: str) -> bytes:
-    return DHTID.generate(source=servers_key(model)).to_bytes()
 
 
 def _subkey_text(subkey_bytes: bytes | None) -> str:
@@ -298,17 +291,3 @@ def _subkey_text(subkey_bytes: bytes | None) -> str:
         return str(MSGPackSerializer.loads(subkey_bytes))
     except Exception:
         return repr(subkey_bytes)
-
-
-_last_logged: dict[tuple[str, str], float] = {}
-
-
-def _log_rejection(stage: str, subkey: Any, reason: object) -> None:
-    subkey_text = str(subkey).partition(_OWNER_PREFIX)[0][:80]  # the peer id part, not the long public key
-    key, now = (subkey_text, str(reason)), time.monotonic()
-    if now - _last_logged.get(key, -_LOG_EVERY_S) < _LOG_EVERY_S:
-        return
-    if len(_last_logged) > 1024:
-        _last_logged.clear()
-    _last_logged[key] = now
-    logger.warning("rejected a server record %s (subkey %r): %s", stage, subkey_text, reason)

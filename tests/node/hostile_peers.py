@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -24,12 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from hivemind import DHT
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer, get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
 from node.model.checkpoint import resolve_model
+from node.net.credit import credit_key
+from node.net.dhtkeys import owner_subkey, servers_key
 from node.net.direct import DirectOffer
-from node.net.membership import open_dht
+from node.net.identity import NodeIdentity, ephemeral_identity
+from node.net.membership import _ParentBoundDHT, open_dht
 from node.net.protocol import (
     INFERENCE_HANDLER,
     PUSH_HANDLER,
@@ -41,7 +50,7 @@ from node.net.protocol import (
     unpack_metadata,
 )
 from node.serve.node import Node, NodeConfig
-from swarm.records import MAX_EPOCH
+from swarm.records import MAX_EPOCH, ServerRecord
 
 ATTACKS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, dict]]] = {}
 
@@ -331,6 +340,78 @@ async def direct_squat(args: argparse.Namespace) -> dict:
             for writer in held:
                 writer.close()
     return {"most_held": most_held, "refused": refused, "rounds": rounds}
+
+
+# --- attacks on the DHT ------------------------------------------------------------------------------------
+
+
+class RawDHT(_ParentBoundDHT):
+    """hivemind's DHT as any peer may run it (no validators, no bounds), in a process that ends with this one's."""
+
+    bounded = False
+
+
+@attack("dht-junk")
+async def dht_junk(args: argparse.Namespace) -> dict:
+    """A DHT peer without validators that keeps, and offers to every peer near our keys: a 1 MB server record,
+    `count` copies of its own signed server record under distinct subkeys (its owner key with a comment added), and
+    signed values of no Layerhive kind, or of another kind than their key's. It serves them to readers until its
+    `--duration` ends; it reports how many of each the other peers accepted."""
+    identity = ephemeral_identity()
+    dht = RawDHT(initial_peers=args.initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    try:
+        plant = functools.partial(_plant_junk, identity.private_key, resolve_model(args.model).name,
+                                  args.count, max(args.duration, 60.0) + 60.0)
+        accepted = await asyncio.to_thread(dht.run_coroutine, plant)
+        print(f"peer {dht.peer_id.to_base58()}", flush=True)
+        print("accepted " + json.dumps(accepted), flush=True)
+        ready()
+        await until_done(args.duration)
+    finally:
+        dht.shutdown()
+    return {"accepted": accepted}
+
+
+async def _plant_junk(private_key: RSAPrivateKey, model: str, count: int, ttl_s: float, _dht: DHT, node: Any
+                      ) -> dict[str, int]:
+    """Runs in the attacker's DHT process (a hivemind DHT call carries at most a few KB in: all is made here)."""
+    me = NodeIdentity(private_key)
+    subkey, expiration = owner_subkey(me), get_dht_time() + ttl_s
+    record = ServerRecord(peer_id=me.peer_id, model=model, start=0, end=1, memory_bytes=1e9).to_dict()
+
+    def signed(key_name: str, sub: str, value: dict) -> tuple[DHTID, str, bytes]:
+        key_id, value_bytes = DHTID.generate(source=key_name), MSGPackSerializer.dumps(value)
+        unsigned = DHTRecord(key_id.to_bytes(), MSGPackSerializer.dumps(sub), value_bytes, expiration)
+        signature = private_key.sign(MSGPackSerializer.dumps(dataclasses.astuple(unsigned)))
+        return key_id, sub, value_bytes + b"[signature:" + signature + b"]"
+
+    junk = {
+        "huge": [signed(servers_key(model), subkey, {**record, "pad": "x" * (1 << 20)})],
+        "many": [signed(servers_key(model), subkey.replace("]", f" copy{i}]"), record) for i in range(count)],
+        "no_kind": [signed(servers_key(model), subkey, {"hello": "world"}),
+                    signed(credit_key(model), subkey, {"hello": "world"})],
+        "wrong_key": [signed(credit_key(model), subkey, record)],
+    }
+    accepted = {}
+    for name, entries in junk.items():
+        for key_id, sub, value in entries:
+            node.protocol.storage.store_subkey(key_id, sub, value, expiration)
+        accepted[name] = await _offer(node, entries[:1000], expiration)
+    return accepted
+
+
+async def _offer(node: Any, entries: list[tuple[DHTID, str, bytes]], expiration: float) -> int:
+    """Offers `entries` to every peer near their keys, 100 a call; how many of them the peers stored, in all."""
+    stored = 0
+    for key_id in {key_id for key_id, _, _ in entries}:
+        mine = [(sub, value) for k, sub, value in entries if k == key_id]
+        for peer in (await node.find_nearest_nodes([key_id], exclude_self=True))[key_id].values():
+            for i in range(0, len(mine), 100):
+                batch = mine[i:i + 100]
+                ok = await node.protocol.call_store(peer, [key_id] * len(batch), [v for _, v in batch],
+                                                    expiration, subkeys=[s for s, _ in batch])
+                stored += sum(bool(x) for x in ok or [])
+    return stored
 
 
 # --- running them (the tests and benchmarks/hostile.py) ----------------------------------------------------

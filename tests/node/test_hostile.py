@@ -7,7 +7,9 @@ still served.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import json
 import random
 import subprocess
 import sys
@@ -15,6 +17,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hivemind.dht.routing import DHTID
+from hivemind.dht.storage import DictionaryDHTValue
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
@@ -23,6 +27,9 @@ from node.client.routing import believed, plan_chains
 from node.client.session import connect
 from node.model.checkpoint import resolve_model
 from node.model.sampling import SamplingParams
+from node.net.credit import credit_key
+from node.net.dhtbounds import MAX_SUBKEYS
+from node.net.dhtkeys import servers_key
 from node.net.protocol import (
     INFERENCE_HANDLER,
     MAX_ERROR_CHARS,
@@ -313,3 +320,60 @@ def test_session_ids_are_scoped_to_the_client_that_opened_them(swarm):
             return codes
 
     assert asyncio.run(main()) == ["opened", "opened"]
+
+
+# --- the DHT: junk under our keys ---------------------------------------------------------------------------
+
+
+async def _count_validations(_dht, node) -> None:
+    """Runs in a reader's DHT process: from now on, counts the records its validators check."""
+    validator, node.validations = node.protocol.record_validator, 0
+    check = validator.validate
+
+    def counted(record) -> bool:
+        node.validations += 1
+        return check(record)
+
+    validator.validate = counted
+
+
+async def _validations(_dht, node) -> int:
+    return node.validations
+
+
+async def _subkeys_held(key_name: str, _dht, node) -> int:
+    """Runs in a DHT process: how many subkeys its own storage holds under `key_name`."""
+    held = node.protocol.storage.get(DHTID.generate(source=key_name))
+    return len(held.value) if held is not None and isinstance(held.value, DictionaryDHTValue) else 0
+
+
+def test_junk_under_our_dht_keys_is_refused_and_a_reader_checks_a_bounded_number(swarm, reference):
+    """A hostile DHT peer keeps, and offers to every peer, a 1 MB server record, 2,000 copies of its signed record
+    under distinct subkeys (its owner key with a comment added; more would not fit one answer, which hivemind caps at
+    4 MB), and values of no kind or of another kind than their key's. No honest peer stores any; a fresh reader
+    offered the 2,000 refuses that answer before checking them, lists the honest servers only, and its DHT process
+    lives on; the swarm keeps routing and answering."""
+    name = swarm.source.name
+    with RssPeak(swarm.processes[0].pid) as rss, \
+            hostile("dht-junk", swarm.initial_peers, str(swarm.source.root), "--count", "2000", "--duration", "120",
+                    ready_timeout_s=300) as attack:
+        accepted = json.loads(attack.value("accepted "))
+        held = [swarm.bootstrap.dht.run_coroutine(functools.partial(_subkeys_held, key)) for key in
+                (servers_key(name), credit_key(name))]
+
+        async def read() -> tuple[set[str], int, list[Hop], bool]:
+            async with connect(swarm.initial_peers, swarm.source) as client:
+                await client.peer.dht.run_coroutine(_count_validations, return_future=True)
+                listed = {r.peer_id for r in await client.servers()}
+                checked = await client.peer.dht.run_coroutine(_validations, return_future=True)
+                return listed, checked, await client.choose_chain(), client.peer.dht.is_alive()
+
+        listed, checked, chain, alive = asyncio.run(read())
+        answers = asyncio.run(honest_answer(swarm))
+    assert accepted == {"huge": 0, "many": 0, "no_kind": 0, "wrong_key": 0}, accepted
+    assert held == [2, 0], held  # the bootstrap peer holds the two honest records, nothing else
+    assert listed == {swarm.peer_id(0), swarm.peer_id(1)} and alive
+    assert checked < MAX_SUBKEYS, f"the reader checked {checked} records"
+    assert [hop.node_id for hop in chain] == [swarm.peer_id(0), swarm.peer_id(1)]
+    assert answers == [reference]
+    assert rss.growth_mb < 64, f"the node grew by {rss.growth_mb:.0f} MB"
