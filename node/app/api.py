@@ -457,16 +457,16 @@ def _add_routes(app: FastAPI) -> None:
 
 def create_app(model: str, initial_peers: Sequence[str], *, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",), api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, speculate: int = 0) -> FastAPI:
     """The API for `model` in the swarm reached through `initial_peers`. The DHT client starts in the
     lifespan, so its p2p replica belongs to the event loop that serves the requests. With `api_key`, every
-    request must carry it as a bearer token."""
+    request must carry it as a bearer token. `speculate`: drafts per ring round (`ChatEngine`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         source = await asyncio.to_thread(resolve_model, model)
         async with connect(initial_peers, source, host_maddrs=host_maddrs) as client:
-            engine = await asyncio.to_thread(ChatEngine, client, source)
+            engine = await asyncio.to_thread(lambda: ChatEngine(client, source, speculate=speculate))
             names = {source.name, *(alias for alias, name in MODEL_ALIASES.items() if name == source.name)}
             app.state.served = ServedModel(engine, frozenset(names), now(), default_max_tokens)
             logger.info("serving %s through the swarm", source.name)
@@ -498,10 +498,11 @@ def api_key_for(host: str, given: str | None) -> tuple[str | None, bool]:
 
 
 def serve(model: str, initial_peers: Sequence[str], *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", api_key: str | None = None) -> int:
+          log_level: str = "info", api_key: str | None = None, speculate: int = 0) -> int:
     import uvicorn
 
-    uvicorn.run(create_app(model, initial_peers, api_key=api_key), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(model, initial_peers, api_key=api_key, speculate=speculate), host=host, port=port,
+                log_level=log_level)
     return 0
 
 

@@ -254,13 +254,15 @@ def cmd_api(args: argparse.Namespace) -> int:
               f"(OpenAI clients: api_key=...); set --api-key or ${API_KEY_ENV} to choose it:\n  {api_key}",
               file=sys.stderr, flush=True)
     if args.initial_peers:
-        return serve(args.model, args.initial_peers, host=args.host, port=args.port, api_key=api_key)
+        return serve(args.model, args.initial_peers, host=args.host, port=args.port, api_key=api_key,
+                     speculate=args.speculate)
     from node.app.local_swarm import LocalSwarm
 
     print("no --initial-peers given: starting a local swarm of 3 nodes...", file=sys.stderr, flush=True)
     with LocalSwarm(args.model, num_nodes=3) as swarm:
         print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-        return serve(args.model, swarm.initial_peers, host=args.host, port=args.port, api_key=api_key)
+        return serve(args.model, swarm.initial_peers, host=args.host, port=args.port, api_key=api_key,
+                     speculate=args.speculate)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -377,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--initial-peers", nargs="*", default=[])
     api.add_argument("--api-key", default=None,
                      help="require this bearer token (default: $LAYERHIVE_API_KEY; beyond loopback, a generated one)")
+    api.add_argument("--speculate", type=draft_length, default=0, metavar="K", help=SPECULATE_HELP)
     api.set_defaults(func=cmd_api)
 
     bench = commands.add_parser("bench", help="measure this machine's compute, memory and network for a model")

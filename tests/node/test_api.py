@@ -451,6 +451,16 @@ def test_a_bearer_token_is_required_when_set(swarm):
         assert_still_serves(allowed)
 
 
+def test_a_speculating_api_gives_the_same_greedy_answer(swarm, story):
+    """`layerhive api --speculate K`: rings draft by prompt lookup; the greedy text is the plain API's."""
+    with running(create_app(DEFAULT_MODEL, swarm.initial_peers, speculate=6)) as url:
+        speculating = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        reply = speculating.chat.completions.create(model=DEFAULT_MODEL, messages=STORY, max_tokens=MAX_TOKENS,
+                                                    temperature=0)
+    assert reply.choices[0].message.content == story.choices[0].message.content
+    assert reply.usage == story.usage
+
+
 def test_a_node_crash_mid_stream_is_an_error_event_then_an_error_status(client, swarm):
     """Runs last: it kills a node of the module's swarm, which has no replica of its layers, so failover
     finds no chain. A failure after the headers went out can only be reported inside the stream (an
