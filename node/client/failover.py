@@ -61,6 +61,7 @@ class FailoverEvent:
     code: str
     position: int
     recovery_s: float  # from noticing the failure to the retried step's answer
+    reporter: str | None = None  # who said so: another stage than `peer` for an accusation
 
 
 class ResilientSession:
@@ -242,7 +243,8 @@ class ResilientSession:
         if self._pending_event is None:
             return
         failure, position, started = self._pending_event
-        self.events.append(FailoverEvent(failure.peer, failure.code, position, time.perf_counter() - started))
+        self.events.append(FailoverEvent(failure.peer, failure.code, position, time.perf_counter() - started,
+                                         failure.reporter))
         self._pending_event = None
 
     async def close(self) -> None:
