@@ -46,6 +46,7 @@ from node.net.evidence import (
     EvidenceError,
     Witness,
     build_proof,
+    build_token_proof,
     check_receipt,
     equivocation_proof,
     session_key,
@@ -121,6 +122,7 @@ class Ledger(asyncio.Queue):
         self.forwarded: dict[int, dict[int, object]] = {}  # the pusher's signed receipt each stage says it ran
         self.credited: dict[int, int] = {}  # stage index -> positions credited as checked work (see Auditor.check)
         self.announced: dict[int, tuple[int, int]] = {}  # a ring: position -> (the token sampled there, by stage)
+        self.tokens: dict[int, dict[int, dict]] = {}  # stage index -> position -> the token it signed {"token", "sig"}
         self.fed: dict[int, dict[int, tuple[str, int | None]]] = {}  # what each stage was fed, and by which stage
         # (None: the client; in a ring, the first stage is fed each token the last stage announced)
         self.equivocations: list[tuple[int, int]] = []  # (receiving stage index, position)
@@ -151,7 +153,20 @@ class Ledger(asyncio.Queue):
                 self._arrived.set()
             if "echo" in metadata:
                 return
+        elif isinstance(message, runtime_pb2.ExpertResponse) and not message.tensors:
+            self._note_token(index, message)
         super().put_nowait(item)
+
+    def _note_token(self, index: int, message: runtime_pb2.ExpertResponse) -> None:
+        """Keeps a ring's sampled token with its signature (node.net.evidence), for a proof if it was a lie."""
+        try:
+            metadata = unpack_metadata(message)
+        except ProtocolError:
+            return
+        token, position, signature = metadata.get("token"), metadata.get("position"), metadata.get("sig")
+        if all(isinstance(n, int) and not isinstance(n, bool) for n in (token, position)) and isinstance(
+                signature, bytes) and len(signature) == 64:
+            self.tokens.setdefault(index, {})[position] = {"token": token, "sig": signature}
 
     def feed(self, index: int, position: int, input_digest: str, sender: int | None = None) -> None:
         """Stage `index` was fed a step at `position` whose digest is `input_digest`, by the client (`sender`
@@ -237,7 +252,8 @@ class Ledger(asyncio.Queue):
         if position not in outputs or not isinstance(endorsement, dict):
             return None
         steps = [(p, output.shape[1]) for p, output in sorted(outputs.items()) if p <= position]
-        return Witness(endorsement, steps, self.signed.get(index, {}).get(position, {}), outputs[position])
+        token = self.tokens.get(index, {}).get(position + outputs[position].shape[1])  # sampled right after it
+        return Witness(endorsement, steps, self.signed.get(index, {}).get(position, {}), outputs[position], token)
 
     def inputs(self, index: int, end: int) -> torch.Tensor | None:
         """Stage `index + 1`'s inputs for positions [0, end): stage `index`'s outputs, in order. A step that starts
@@ -357,9 +373,10 @@ class Auditor:
         elif outvoted:
             verdict = "liar"
             self.client.ban(hop.node_id, for_s=PROVEN_BAN_S)
-            if relative_error(claimed, second.output) > tolerance:  # a sampled token alone is not signed: no proof
-                accused = ledger.witness(index, position, session.streams[index].opened.get("endorsement"))
-                await self._publish(hop, inputs, [accused, first.witness, second.witness])
+            accused = ledger.witness(index, position, session.streams[index].opened.get("endorsement"))
+            token_lie = relative_error(claimed, second.output) <= tolerance  # its output is right, its token is not
+            await self._publish(hop, inputs, [accused, first.witness, second.witness],
+                                sampling=session.sampling if token_lie else None)
         elif second is not None and agree(claimed, sampled, second) and not agree(
                 first.output, self._token(first), second):
             verdict = "verifier_lied"
@@ -410,16 +427,22 @@ class Auditor:
             ledger.credited[index] = end
             self.client.checked_credit[peer] = self.client.checked_credit.get(peer, 0) + gained
 
-    async def _publish(self, hop: Hop, inputs: torch.Tensor | list[int], witnesses: list[Witness | None]) -> None:
+    async def _publish(self, hop: Hop, inputs: torch.Tensor | list[int], witnesses: list[Witness | None], *,
+                       sampling: SamplingParams | None = None) -> None:
         """Publishes the proof that `hop` lied (node.net.evidence), so that other clients and the planners drop it
-        without catching it themselves; a lie whose proof would not check out (too long to carry, unsigned) stays
-        this client's to know."""
+        without catching it themselves: about its output, or with `sampling` about the token it sampled (the three
+        witnesses' signed tokens). A lie whose proof would not check out (too long to carry, unsigned) stays this
+        client's to know."""
         if any(w is None for w in witnesses):
             logger.info("no proof to publish against %s: a witness did not sign its step", hop.node_id)
             return
         end = witnesses[0].steps[-1][0] + witnesses[0].steps[-1][1]
-        proof = build_proof(self.client.model, hop.node_id, hop.start, hop.end,
-                            inputs[:end] if isinstance(inputs, list) else inputs[:, :end], witnesses)
+        inputs = inputs[:end] if isinstance(inputs, list) else inputs[:, :end]
+        if sampling is None:
+            proof = build_proof(self.client.model, hop.node_id, hop.start, hop.end, inputs, witnesses)
+        else:
+            proof = build_token_proof(self.client.model, hop.node_id, hop.start, hop.end, inputs, witnesses, {
+                "temperature": float(sampling.temperature), "top_p": float(sampling.top_p), "seed": sampling.seed})
         try:
             async with asyncio.timeout(self.step_timeout_s):
                 stored = await self.client.peer.proof_book(self.client.model).publish(proof)

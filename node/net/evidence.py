@@ -47,6 +47,7 @@ MAX_PROOF_BYTES = 512 << 10  # ~200 positions of a 576-wide fp32 stage's inputs;
 MAX_PROOF_STEPS = 4096
 _ENDORSEMENT = b"layerhive-session-key-v1"
 _RECEIPT = b"layerhive-receipt-v1"
+_TOKEN = b"layerhive-token-v1"
 _ENDORSED_FIELDS = ("owner", "key", "session", "client", "start", "end", "dtype", "quant", "wire")
 
 
@@ -86,6 +87,16 @@ class ReceiptSigner:
                                            "sig": signature}
         return self._signed[output_digest]
 
+    def token(self, output_digest: str, position: int, token: int, sampling: bytes) -> bytes:
+        """The signature of a ring's last stage on the token it sampled at `position` from the current step's
+        output (of digest `output_digest`) with the sampling parameters `sampling` (`sampling_bytes`)."""
+        return self._key.sign(_token_bytes(position, token, output_digest, self.chain, sampling))
+
+
+def sampling_bytes(temperature: float, top_p: float, seed: int | None) -> bytes:
+    """What a token's signature commits to of the sampling parameters: those that pick it (node.model.sampling)."""
+    return msgpack.packb([float(temperature), float(top_p), seed])
+
 
 def chain_link(chain: bytes, position: int, tokens: int, input_digest: str) -> bytes:
     return hashlib.blake2b(chain + msgpack.packb([position, tokens, input_digest]), digest_size=16).digest()
@@ -102,6 +113,10 @@ def _endorsement_bytes(fields: dict[str, Any]) -> bytes:
 
 def _receipt_bytes(position: int, tokens: int, input_digest: str, output_digest: str, chain: bytes) -> bytes:
     return msgpack.packb([_RECEIPT, position, tokens, input_digest, output_digest, chain])
+
+
+def _token_bytes(position: int, token: int, output_digest: str, chain: bytes, sampling: bytes) -> bytes:
+    return msgpack.packb([_TOKEN, position, token, output_digest, chain, sampling])
 
 
 def check_receipt(key: Ed25519PublicKey, position: int, tokens: int, receipt: Any, output_digest: str) -> None:
@@ -157,10 +172,11 @@ class Witness:
     steps: list[tuple[int, int]]
     receipt: dict[str, Any]  # {"out", "chain", "sig"}
     output: torch.Tensor
+    token: dict[str, Any] | None = None  # a ring's last stage: {"token", "sig"}, sampled right after the step
 
     def to_wire(self) -> dict[str, Any]:
         return {"endorsement": self.endorsement, "steps": [list(s) for s in self.steps], "receipt": self.receipt,
-                "output": _tensor_bytes(self.output)}
+                "output": _tensor_bytes(self.output), **({"token": self.token} if self.token is not None else {})}
 
 
 def build_proof(model: str, accused: str, start: int, end: int, inputs: torch.Tensor | list[int],
@@ -169,6 +185,14 @@ def build_proof(model: str, accused: str, start: int, end: int, inputs: torch.Te
     encoded = {"tokens": list(inputs)} if isinstance(inputs, list) else {"hidden": _tensor_bytes(inputs)}
     return {"v": 1, "model": model, "accused": accused, "start": start, "end": end, "inputs": encoded,
             "witnesses": [w.to_wire() for w in witnesses]}
+
+
+def build_token_proof(model: str, accused: str, start: int, end: int, inputs: torch.Tensor | list[int],
+                      witnesses: list[Witness], sampling: dict[str, Any]) -> dict[str, Any]:
+    """A proof that `witnesses[0]` (a ring's last stage) sampled another token than its step's output gives: the
+    two others, re-running the step, sampled a token of their own from it with the same `sampling`
+    ({"temperature", "top_p", "seed"}), and each signed it; check it with `verify_proof`."""
+    return {**build_proof(model, accused, start, end, inputs, witnesses), "kind": "token", "sampling": sampling}
 
 
 def verify_proof(proof: Any, *, model: str, accused: str | None = None) -> str:
@@ -181,6 +205,28 @@ def verify_proof(proof: Any, *, model: str, accused: str | None = None) -> str:
         raise EvidenceError(f"the proof accuses {str(proof.get('accused'))[:64]!r}, not {accused}")
     if proof.get("kind") == "equivocation":
         return _verify_equivocation(proof)
+    if proof.get("kind") not in (None, "token"):
+        raise EvidenceError("a proof's kind is a lie (none given), 'token' or 'equivocation'")
+    peers, witnesses, outputs, tolerance = _witnessed_step(proof)
+    claimed, first, second = outputs
+    agreement, difference = relative_error(first, second), min(relative_error(claimed, first),
+                                                               relative_error(claimed, second))
+    if proof.get("kind") == "token":
+        tokens = _signed_tokens(proof, witnesses, inputs_length=_length(_inputs(proof["inputs"])))
+        if not (agreement <= tolerance and tokens[1] == tokens[2] != tokens[0]):
+            raise EvidenceError(f"the witnesses do not convict: the two others sampled {tokens[1]} and {tokens[2]} "
+                                f"from outputs {agreement:.2e} apart (tolerance {tolerance:.1e}), the accused "
+                                f"{tokens[0]}")
+        return peers[0]
+    if not agreement <= tolerance < difference:
+        raise EvidenceError(f"the witnesses do not convict: the two others differ by {agreement:.2e}, the accused "
+                            f"from them by {difference:.2e} (tolerance {tolerance:.1e})")
+    return peers[0]
+
+
+def _witnessed_step(proof: dict[str, Any]) -> tuple[list[str], list[dict], list[torch.Tensor], float]:
+    """A proof's three witnesses' peers, the witnesses, their outputs of the step once every digest, chain and
+    signature checks out, and the tolerance between those outputs (from what all three endorsed)."""
     witnesses = proof.get("witnesses")
     if not isinstance(witnesses, list) or len(witnesses) != 3 or not all(isinstance(w, dict) for w in witnesses):
         raise EvidenceError("a proof has exactly three witnesses: the accused's and two others'")
@@ -200,13 +246,43 @@ def verify_proof(proof: Any, *, model: str, accused: str | None = None) -> str:
         tolerance = max(tolerance_for(announced_dtype(e["dtype"]), e["wire"], quants) for e in endorsements)
     except KeyError:
         raise EvidenceError("a witness endorsed an unknown wire codec or quantization") from None
-    claimed, first, second = outputs
-    agreement, difference = relative_error(first, second), min(relative_error(claimed, first),
-                                                               relative_error(claimed, second))
-    if not agreement <= tolerance < difference:
-        raise EvidenceError(f"the witnesses do not convict: the two others differ by {agreement:.2e}, the accused "
-                            f"from them by {difference:.2e} (tolerance {tolerance:.1e})")
-    return peers[0]
+    return peers, witnesses, list(outputs), tolerance
+
+
+def _signed_tokens(proof: dict[str, Any], witnesses: list[dict], *, inputs_length: int) -> list[int]:
+    """The token each witness signed it sampled right after the step (at the position that ends the inputs), with
+    the proof's sampling parameters, from the output it signed. Tokens count only between fp32 nodes of unquantized
+    layers and a plain wire (node.client.verify.Auditor._exact: elsewhere honest noise flips near-tied tokens), and
+    only for parameters that pick one token (greedy, or seeded)."""
+    sampling = proof.get("sampling")
+    if not isinstance(sampling, dict) or set(sampling) != {"temperature", "top_p", "seed"}:
+        raise EvidenceError("a token proof names its sampling parameters: temperature, top_p, seed")
+    temperature, top_p, seed = sampling["temperature"], sampling["top_p"], sampling["seed"]
+    if not all(isinstance(v, float) for v in (temperature, top_p)) or not (seed is None or _is_int(seed)):
+        raise EvidenceError("a token proof's temperature and top_p are floats, its seed an integer or none")
+    if temperature != 0 and seed is None:
+        raise EvidenceError("an unseeded draw cannot be re-derived: no token proof")
+    signed = sampling_bytes(temperature, top_p, seed)
+    tokens = []
+    for witness in witnesses:
+        endorsement, token = witness["endorsement"], witness.get("token")
+        if (endorsement["dtype"], endorsement["quant"], endorsement["wire"]) != ("float32", "none", "none"):
+            raise EvidenceError("tokens are compared only between fp32 nodes of unquantized layers on a plain wire")
+        if not isinstance(token, dict) or set(token) != {"token", "sig"} or not _is_int(token["token"]) or not (
+                isinstance(token["sig"], bytes)):
+            raise EvidenceError("every witness of a token proof signs the token it sampled: {'token', 'sig'}")
+        receipt = witness["receipt"]
+        try:
+            Ed25519PublicKey.from_public_bytes(endorsement["key"]).verify(
+                token["sig"], _token_bytes(inputs_length, token["token"], receipt["out"], receipt["chain"], signed))
+        except (InvalidSignature, ValueError):
+            raise EvidenceError("a witness's token is not signed by its session's key") from None
+        tokens.append(token["token"])
+    return tokens
+
+
+def _length(inputs: torch.Tensor | list[int]) -> int:
+    return len(inputs) if isinstance(inputs, list) else inputs.shape[1]
 
 
 def equivocation_proof(model: str, accused: str, endorsement: dict[str, Any], position: int, tokens: int,
@@ -242,7 +318,7 @@ def _checked_output(witness: dict[str, Any], inputs: torch.Tensor | list[int]) -
     if (not isinstance(steps, list) or not 0 < len(steps) <= MAX_PROOF_STEPS or not isinstance(receipt, dict)
             or not all(isinstance(s, list) and len(s) == 2 and all(_is_int(n) for n in s) for s in steps)):
         raise EvidenceError("a witness lists its steps as [position, tokens] pairs and one receipt")
-    length = len(inputs) if isinstance(inputs, list) else inputs.shape[1]
+    length = _length(inputs)
     chain, expected, in_digest = b"", 0, ""
     for position, tokens in steps:
         if position != expected or tokens < 1 or position + tokens > length:

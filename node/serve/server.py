@@ -30,7 +30,7 @@ from node.model.sampling import SamplingParams, sample
 from node.model.speculative import MAX_DRAFT_TOKENS, DraftLength, propose_draft, verify_draft
 from node.model.stage import Stage
 from node.net.direct import DirectLinkError, DirectListener, DirectOffer, DirectWriter, dial, maddr_hosts
-from node.net.evidence import EvidenceError, ReceiptSigner, check_receipt, session_key, wire_digest
+from node.net.evidence import EvidenceError, ReceiptSigner, check_receipt, sampling_bytes, session_key, wire_digest
 from node.net.protocol import (
     MAX_ERROR_CHARS,
     PUSH_HANDLER,
@@ -732,7 +732,7 @@ class StageServer:
                    **({"prev": step.receipt} if step.receipt is not None else {})}
         if role.samples:
             if tokens:  # a ring's last stage sends tokens (or its head's part), not hidden states
-                self._feed_tokens(session, tokens, next_position)
+                self._feed_tokens(session, tokens, next_position, signed_from=receipt["out"])
             self._echo(session, receipt, echoed)  # what it sampled from, for the client's checks
             return
         metadata = {"position": step.position, **({"sample": True} if step.sample else {}),
@@ -870,11 +870,15 @@ class StageServer:
         if session.key in self.sessions:
             self._feed_tokens(session, [token], session.position)
 
-    def _feed_tokens(self, session: Session, tokens: list[int], position: int) -> None:
+    def _feed_tokens(self, session: Session, tokens: list[int], position: int, signed_from: str | None = None
+                     ) -> None:
         """The tokens this stage sampled, from `position` on (several when a draft was kept), up to the one that
         ends generation: the last goes to the first stage (first, as that is the critical path) as the next step,
         unless generation ends with it, then all go to the client. A stage that embeds is the first one (a
-        one-stage ring, or a ring's first stage sharing the head) and feeds itself; else it pushes the token."""
+        one-stage ring, or a ring's first stage sharing the head) and feeds itself; else it pushes the token.
+        `signed_from`: the digest of the output they were sampled from (this step's), which each token's signature
+        names, with its position, the session's chain and the sampling parameters (node.net.evidence): a token lie
+        is then a proof others can check. (A first stage that merged the head's parts signs no token.)"""
         params, max_length = session.opened.sampling, session.opened.max_length
         for count, token in enumerate(tokens, 1):
             session.produced += 1
@@ -889,7 +893,9 @@ class StageServer:
             elif session.push_link is not None:  # else a check of a ring's sampling: the token goes to the client
                 session.push_link.send(pack({"position": at, "tokens": [token], "sample": True}))
         for offset, token in enumerate(tokens):
-            session.outbox.put(pack_response({"token": token, "position": position + offset}))
+            signature = {} if signed_from is None else {"sig": session.signer.token(
+                signed_from, position + offset, token, _sampling_bytes(params))}
+            session.outbox.put(pack_response({"token": token, "position": position + offset, **signature}))
 
     async def _sweep_idle_sessions(self) -> None:
         while True:
@@ -910,6 +916,10 @@ async def linger(requests: AsyncIterator, timeout_s: float = 2.0) -> None:
         async with asyncio.timeout(timeout_s):
             async for _ in requests:
                 pass
+
+
+def _sampling_bytes(params: SamplingParams) -> bytes:
+    return sampling_bytes(params.temperature, params.top_p, params.seed)
 
 
 def _error_for(e: Exception) -> runtime_pb2.ExpertResponse:

@@ -228,7 +228,8 @@ def test_a_revision_rewinds_the_streamed_text_to_what_stands():
     assert text == "adf" and "".join(d for d in deltas if isinstance(d, str))[-1] == "f"
 
 
-async def _proof_scenario(swarm: LocalSwarm, prompt_ids: list[int], liar: str, honest: list[str]) -> None:
+async def _proof_scenario(swarm: LocalSwarm, prompt_ids: list[int], liar: str, honest: list[str], kind: str
+                          ) -> None:
     peers = []
 
     def fresh_client() -> PreferringClient:  # a new DHT peer: no bans, nothing learned
@@ -248,6 +249,8 @@ async def _proof_scenario(swarm: LocalSwarm, prompt_ids: list[int], liar: str, h
         assert tokens == reference and auditor.published, auditor.reports
         proof = auditor.published[0]
         assert verify_proof(proof, model=swarm.source.name) == liar
+        # A missampler's output is honest: its proof is the token it signed against two others' signed tokens.
+        assert proof.get("kind") == ("token" if kind == "missampler" else None)
 
         # B, fresh, never routes through the liar, nor checks with it: the proof is enough. Its answer, unchecked,
         # is the honest one.
@@ -287,12 +290,14 @@ async def _proof_scenario(swarm: LocalSwarm, prompt_ids: list[int], liar: str, h
             peer.shutdown()
 
 
-def test_a_published_proof_keeps_every_client_off_the_liar_and_a_forged_one_changes_nothing(tiny_checkpoint):
+@pytest.mark.parametrize("kind, layers", [("liar", (0, 3)), ("missampler", (3, 6))])
+def test_a_published_proof_keeps_every_client_off_the_liar_and_a_forged_one_changes_nothing(tiny_checkpoint, kind,
+                                                                                             layers):
     path = tiny_checkpoint("llama", num_layers=6)
-    ranges = [*HONEST.values(), (0, 3)]
-    with LocalSwarm(str(path), ranges, threads_per_node=1, per_node_args={4: adversary_args("liar")}) as swarm:
+    ranges = [*HONEST.values(), layers]
+    with LocalSwarm(str(path), ranges, threads_per_node=1, per_node_args={4: adversary_args(kind)}) as swarm:
         liar, honest = swarm.peer_id(4), [swarm.peer_id(i) for i in HONEST]
-        asyncio.run(_proof_scenario(swarm, list(range(5, 25)), liar, honest))
+        asyncio.run(_proof_scenario(swarm, list(range(5, 25)), liar, honest, kind))
         # `layerhive status` leaves the proven liar out, names it, and shows each node's checked credit.
         env = {**os.environ, "LAYERHIVE_INITIAL_PEERS": ",".join(swarm.initial_peers)}
         shown = subprocess.run([sys.executable, "-m", "node.app.cli", "status", "--json", "--model", str(path)],
