@@ -48,10 +48,20 @@ from node.net.evidence import (
     build_proof,
     build_token_proof,
     check_receipt,
+    check_token,
     equivocation_proof,
+    sampling_bytes,
     session_key,
+    token_equivocation_proof,
 )
-from node.net.protocol import PREFILL_CHUNK_TOKENS, ProtocolError, digest, token_digest, unpack_metadata
+from node.net.protocol import (
+    PREFILL_CHUNK_TOKENS,
+    ProtocolError,
+    digest,
+    is_token_receipt,
+    token_digest,
+    unpack_metadata,
+)
 from node.net.tolerance import (  # noqa: F401 (re-exported: the checks' tolerances)
     DTYPE_NAMES,
     QUANT_TOLERANCES,
@@ -122,7 +132,8 @@ class Ledger(asyncio.Queue):
         self.forwarded: dict[int, dict[int, object]] = {}  # the pusher's signed receipt each stage says it ran
         self.credited: dict[int, int] = {}  # stage index -> positions credited as checked work (see Auditor.check)
         self.announced: dict[int, tuple[int, int]] = {}  # a ring: position -> (the token sampled there, by stage)
-        self.tokens: dict[int, dict[int, dict]] = {}  # stage index -> position -> the token it signed {"token", "sig"}
+        self.tokens: dict[int, dict[int, dict]] = {}  # stage index -> position -> its token receipt for the client
+        self.sampling: bytes | None = None  # a ring's sampling parameters, as token receipts sign them
         self.fed: dict[int, dict[int, tuple[str, int | None]]] = {}  # what each stage was fed, and by which stage
         # (None: the client; in a ring, the first stage is fed each token the last stage announced)
         self.equivocations: list[tuple[int, int]] = []  # (receiving stage index, position)
@@ -163,10 +174,9 @@ class Ledger(asyncio.Queue):
             metadata = unpack_metadata(message)
         except ProtocolError:
             return
-        token, position, signature = metadata.get("token"), metadata.get("position"), metadata.get("sig")
-        if all(isinstance(n, int) and not isinstance(n, bool) for n in (token, position)) and isinstance(
-                signature, bytes) and len(signature) == 64:
-            self.tokens.setdefault(index, {})[position] = {"token": token, "sig": signature}
+        position, receipt = metadata.get("position"), metadata.get("receipt")
+        if isinstance(position, int) and is_token_receipt(receipt) and receipt["token"] == metadata.get("token"):
+            self.tokens.setdefault(index, {})[position] = receipt
 
     def feed(self, index: int, position: int, input_digest: str, sender: int | None = None) -> None:
         """Stage `index` was fed a step at `position` whose digest is `input_digest`, by the client (`sender`
@@ -196,7 +206,8 @@ class Ledger(asyncio.Queue):
         blamed = receiver if sender is None else self._peer(sender)  # the client trusts itself
         logger.warning("equivocation at position %d: %s says it received other than %s sent", position, receiver,
                        blamed)
-        culprit = self._culprit(index, position, sender) if sender == index - 1 else None
+        culprit = (self._culprit(index, position, sender) if sender == index - 1
+                   else self._token_culprit(position, sender) if index == 0 and sender not in (None, 0) else None)
         if culprit is not None:  # the signatures say who: it is banned, the other is not touched
             failure = StageFailure(culprit, f"at position {position} it signed other than it sent or received",
                                    code="equivocated")
@@ -226,6 +237,32 @@ class Ledger(asyncio.Queue):
             return None  # two different steps at one position (a rewind?): not the same statement twice
         self.proofs.append(equivocation_proof(self.model, self._peer(sender), self.endorsements[sender], position,
                                               rows.shape[1], [pushed, told]))
+        return self._peer(sender)
+
+    def _token_culprit(self, position: int, sender: int) -> str | None:
+        """Which end of a ring's token feed lied at `position`, by their signatures, when the first stage says it ran
+        another token than the last stage (`sender`) announced: an honest first stage runs only a token its sender
+        signed, and names that receipt in its own, so a first stage without a valid one lied; a last stage whose
+        announced token is unsigned lied to the client; a last stage that signed two tokens for one output (one
+        fed, one announced) equivocated, and the two receipts are a proof kept in `proofs`. None: cannot tell."""
+        key = self._session_key(sender)
+        if key is None or self.sampling is None:
+            return None
+        fed, told = self.forwarded.get(0, {}).get(position), self.tokens.get(sender, {}).get(position)
+        try:
+            check_token(key, position, fed, self.sampling)
+            if token_digest([fed["token"]]) != self.received[0][position]:
+                raise EvidenceError("the first stage names another token than it ran")
+        except EvidenceError:
+            return self._peer(0)
+        try:
+            check_token(key, position, told, self.sampling)
+        except EvidenceError:
+            return self._peer(sender)
+        if (fed["out"], fed["chain"]) != (told["out"], told["chain"]) or fed["token"] == told["token"]:
+            return None
+        self.proofs.append(token_equivocation_proof(self.model, self._peer(sender), self.endorsements[sender],
+                                                    position, self.sampling, [fed, told]))
         return self._peer(sender)
 
     def _session_key(self, index: int) -> Ed25519PublicKey | None:
@@ -283,6 +320,9 @@ def attach_ledger(session: ChainSession, model: str = "") -> Ledger:
         ledger.put_nowait(session.events.get_nowait())
     session.events = ledger
     session.ledger = ledger
+    if session.sampling is not None:
+        params = session.sampling
+        ledger.sampling = sampling_bytes(params.temperature, params.top_p, params.seed)
     for stream in session.streams:
         stream.events = ledger
     return ledger

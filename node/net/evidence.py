@@ -36,7 +36,7 @@ from hivemind.utils import MSGPackSerializer
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from node.net.identity import peer_id_from_owner_key
-from node.net.protocol import digest, is_receipt, token_digest
+from node.net.protocol import digest, is_receipt, is_token_receipt, token_digest
 from node.net.tolerance import announced_dtype, relative_error, tolerance_for
 from node.net.wire import decode as wire_decode
 from node.net.wire import encode as wire_encode
@@ -87,10 +87,12 @@ class ReceiptSigner:
                                            "sig": signature}
         return self._signed[output_digest]
 
-    def token(self, output_digest: str, position: int, token: int, sampling: bytes) -> bytes:
-        """The signature of a ring's last stage on the token it sampled at `position` from the current step's
-        output (of digest `output_digest`) with the sampling parameters `sampling` (`sampling_bytes`)."""
-        return self._key.sign(_token_bytes(position, token, output_digest, self.chain, sampling))
+    def token(self, output_digest: str, position: int, token: int, sampling: bytes) -> dict[str, Any]:
+        """A ring's last stage's signed token receipt {"token", "out", "chain", "sig"}: the token it sampled at
+        `position` from the current step's output (of digest `output_digest`) with the sampling parameters
+        `sampling` (`sampling_bytes`). It rides the token to the first stage and to the client alike."""
+        signature = self._key.sign(_token_bytes(position, token, output_digest, self.chain, sampling))
+        return {"token": token, "out": output_digest, "chain": self.chain, "sig": signature}
 
 
 def sampling_bytes(temperature: float, top_p: float, seed: int | None) -> bytes:
@@ -117,6 +119,18 @@ def _receipt_bytes(position: int, tokens: int, input_digest: str, output_digest:
 
 def _token_bytes(position: int, token: int, output_digest: str, chain: bytes, sampling: bytes) -> bytes:
     return msgpack.packb([_TOKEN, position, token, output_digest, chain, sampling])
+
+
+def check_token(key: Ed25519PublicKey, position: int, receipt: Any, sampling: bytes) -> None:
+    """EvidenceError unless `receipt` is a well-formed token receipt for `position`, signed with `key` for these
+    sampling parameters (a ring's first stage checks the token pushed to it before it runs it)."""
+    if not is_token_receipt(receipt):
+        raise EvidenceError("the token is not signed: a token receipt is {'token', 'out', 'chain', 'sig'}")
+    try:
+        key.verify(receipt["sig"], _token_bytes(position, receipt["token"], receipt["out"], receipt["chain"],
+                                                sampling))
+    except InvalidSignature:
+        raise EvidenceError("the token is not signed by the sampling stage's session key") from None
 
 
 def check_receipt(key: Ed25519PublicKey, position: int, tokens: int, receipt: Any, output_digest: str) -> None:
@@ -172,7 +186,7 @@ class Witness:
     steps: list[tuple[int, int]]
     receipt: dict[str, Any]  # {"out", "chain", "sig"}
     output: torch.Tensor
-    token: dict[str, Any] | None = None  # a ring's last stage: {"token", "sig"}, sampled right after the step
+    token: dict[str, Any] | None = None  # a ring's last stage: its token receipt for the token sampled right after
 
     def to_wire(self) -> dict[str, Any]:
         return {"endorsement": self.endorsement, "steps": [list(s) for s in self.steps], "receipt": self.receipt,
@@ -205,8 +219,10 @@ def verify_proof(proof: Any, *, model: str, accused: str | None = None) -> str:
         raise EvidenceError(f"the proof accuses {str(proof.get('accused'))[:64]!r}, not {accused}")
     if proof.get("kind") == "equivocation":
         return _verify_equivocation(proof)
+    if proof.get("kind") == "token_equivocation":
+        return _verify_token_equivocation(proof)
     if proof.get("kind") not in (None, "token"):
-        raise EvidenceError("a proof's kind is a lie (none given), 'token' or 'equivocation'")
+        raise EvidenceError("a proof's kind is a lie (none given), 'token', 'equivocation' or 'token_equivocation'")
     peers, witnesses, outputs, tolerance = _witnessed_step(proof)
     claimed, first, second = outputs
     agreement, difference = relative_error(first, second), min(relative_error(claimed, first),
@@ -268,15 +284,13 @@ def _signed_tokens(proof: dict[str, Any], witnesses: list[dict], *, inputs_lengt
         endorsement, token = witness["endorsement"], witness.get("token")
         if (endorsement["dtype"], endorsement["quant"], endorsement["wire"]) != ("float32", "none", "none"):
             raise EvidenceError("tokens are compared only between fp32 nodes of unquantized layers on a plain wire")
-        if not isinstance(token, dict) or set(token) != {"token", "sig"} or not _is_int(token["token"]) or not (
-                isinstance(token["sig"], bytes)):
-            raise EvidenceError("every witness of a token proof signs the token it sampled: {'token', 'sig'}")
         receipt = witness["receipt"]
+        if not is_token_receipt(token) or (token["out"], token["chain"]) != (receipt["out"], receipt["chain"]):
+            raise EvidenceError("every witness of a token proof signs the token it sampled from its step's output")
         try:
-            Ed25519PublicKey.from_public_bytes(endorsement["key"]).verify(
-                token["sig"], _token_bytes(inputs_length, token["token"], receipt["out"], receipt["chain"], signed))
-        except (InvalidSignature, ValueError):
-            raise EvidenceError("a witness's token is not signed by its session's key") from None
+            check_token(Ed25519PublicKey.from_public_bytes(endorsement["key"]), inputs_length, token, signed)
+        except ValueError:
+            raise EvidenceError("a witness's endorsed key is not an Ed25519 key") from None
         tokens.append(token["token"])
     return tokens
 
@@ -291,6 +305,33 @@ def equivocation_proof(model: str, accused: str, endorsement: dict[str, Any], po
     different outputs: what it pushed to its neighbour, and what it told the client it sent."""
     return {"v": 1, "kind": "equivocation", "model": model, "accused": accused, "endorsement": endorsement,
             "position": position, "tokens": tokens, "receipts": receipts}
+
+
+def token_equivocation_proof(model: str, accused: str, endorsement: dict[str, Any], position: int, sampling: bytes,
+                             receipts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A proof that a ring's last stage `accused` signed two different tokens at one position from one output of
+    one step (same output digest, same chain): the one it fed the first stage, and the one it told the client."""
+    return {"v": 1, "kind": "token_equivocation", "model": model, "accused": accused, "endorsement": endorsement,
+            "position": position, "sampling": sampling, "receipts": receipts}
+
+
+def _verify_token_equivocation(proof: dict[str, Any]) -> str:
+    peer = endorsed_peer(proof.get("endorsement"))
+    position, sampling, receipts = proof.get("position"), proof.get("sampling"), proof.get("receipts")
+    if peer != proof["accused"] or not _is_int(position) or not isinstance(sampling, bytes) or len(sampling) > 64:
+        raise EvidenceError("a token equivocation proof names the accused's endorsement, a position and sampling")
+    if not isinstance(receipts, list) or len(receipts) != 2 or not all(is_token_receipt(r) for r in receipts):
+        raise EvidenceError("a token equivocation proof holds two token receipts")
+    first, second = receipts
+    if (first["out"], first["chain"]) != (second["out"], second["chain"]) or first["token"] == second["token"]:
+        raise EvidenceError("the two token receipts are not of one output with different tokens")
+    try:
+        key = Ed25519PublicKey.from_public_bytes(proof["endorsement"]["key"])
+    except ValueError:
+        raise EvidenceError("the endorsed key is not an Ed25519 key") from None
+    for receipt in receipts:
+        check_token(key, position, receipt, sampling)
+    return peer
 
 
 def _verify_equivocation(proof: dict[str, Any]) -> str:

@@ -152,7 +152,7 @@ class Step:
     token_ids: torch.Tensor | None = None  # [1, tokens] int64, for a session opened with `embed`
     sample: bool = False  # a ring's last stage samples a token after this step
     draft: tuple[int, ...] = ()  # speculation: the step's last len(draft) tokens are a draft to verify
-    receipt: dict[str, Any] | None = None  # a pushed step of hidden states: its sender's signed receipt
+    receipt: dict[str, Any] | None = None  # a pushed step: its sender's signed receipt (of hidden states, or a token)
 
     @property
     def tokens(self) -> int:
@@ -287,6 +287,15 @@ def is_receipt(receipt: Any) -> bool:
             and isinstance(receipt["sig"], bytes) and len(receipt["sig"]) == 64)
 
 
+def is_token_receipt(receipt: Any) -> bool:
+    """A signed token receipt's shape (node.net.evidence): the token, its output's digest, the chain, a signature."""
+    return (isinstance(receipt, dict) and set(receipt) == {"token", "out", "chain", "sig"}
+            and isinstance(receipt["token"], int) and not isinstance(receipt["token"], bool) and receipt["token"] >= 0
+            and isinstance(receipt["out"], str) and len(receipt["out"]) <= 64
+            and isinstance(receipt["chain"], bytes) and len(receipt["chain"]) <= 64
+            and isinstance(receipt["sig"], bytes) and len(receipt["sig"]) == 64)
+
+
 def parse_push_open(message: runtime_pb2.ExpertRequest) -> tuple[str, str | None]:
     """The first message of a stage-to-stage push stream names the session it feeds: its id and the client that
     opened it (session ids are the client's own, so another peer may use the same id). `client` is None from a
@@ -317,7 +326,13 @@ def parse_step(
         raise ProtocolError("bad_request", f"'sample' must be a boolean, got {_short(sample)}")
     draft = _draft(metadata, speculate, model_vocab_size)
     if vocab_size is not None:
-        step = Step(None, position, _token_ids(metadata, message, vocab_size, position, max_length), sample, draft)
+        token_ids = _token_ids(metadata, message, vocab_size, position, max_length)
+        receipt = metadata.get("receipt")  # a ring's last stage signs the token it pushes
+        if receipt is not None and not (is_token_receipt(receipt) and token_ids.shape[1] == 1
+                                        and receipt["token"] == int(token_ids[0, -1])):
+            raise ProtocolError("bad_request", "'receipt' of a token must be {'token': the token, 'out': digest, "
+                                "'chain': bytes, 'sig': 64 bytes}")
+        step = Step(None, position, token_ids, sample, draft, receipt)
     else:
         size = _tensor_header(message, "hidden states", [1, None, hidden_size])
         _check_chunk(size[1])

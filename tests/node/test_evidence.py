@@ -20,6 +20,7 @@ from node.net.evidence import (
     build_token_proof,
     endorsed_peer,
     sampling_bytes,
+    token_equivocation_proof,
     verify_proof,
     wire_digest,
 )
@@ -129,8 +130,8 @@ def _token_witness(key: RSAPrivateKey, inputs: torch.Tensor, steps: list[tuple[i
         signer.step(position, tokens, digest(inputs[:, position:position + tokens]))
         receipt = signer.receipt(wire_digest(output, "none"))
     end = steps[-1][0] + steps[-1][1]
-    signature = signer.token(receipt["out"], end, token, sampling_bytes(**sampling))
-    return Witness(signer.endorsement, steps, receipt, output, {"token": token, "sig": signature})
+    return Witness(signer.endorsement, steps, receipt, output,
+                   signer.token(receipt["out"], end, token, sampling_bytes(**sampling)))
 
 
 def _token_proof(tokens: tuple[int, int, int] = (8, 7, 7), sampling: dict = GREEDY,
@@ -170,6 +171,27 @@ def test_a_token_lie_is_proven_by_the_signed_tokens_and_a_forged_one_is_refused(
         with pytest.raises(EvidenceError):
             verify_proof(bad, model=MODEL)
             pytest.fail(f"{name}: a forged token proof verified")
+
+
+def test_two_tokens_signed_for_one_output_prove_a_token_equivocation():
+    signer = ReceiptSigner(KEYS[0], session="s", client="client", start=3, end=6, dtype="float32", quant="none",
+                           wire="none")
+    signer.step(5, 1, "in")
+    sampling = sampling_bytes(**GREEDY)
+    fed, told = signer.token("out", 6, 8, sampling), signer.token("out", 6, 7, sampling)
+    proof = token_equivocation_proof(MODEL, PEERS[0], signer.endorsement, 6, sampling, [fed, told])
+    assert verify_proof(MSGPackSerializer.loads(MSGPackSerializer.dumps(proof)), model=MODEL) == PEERS[0]
+    signer.step(6, 1, "in2")  # a later step's token at another position: not the same statement twice
+    later = signer.token("out", 7, 9, sampling)
+    forged = {"same token twice": [fed, fed], "another step": [fed, later],
+              "edited token": [fed, {**told, "token": 9}], "one receipt": [fed]}
+    for name, receipts in forged.items():
+        with pytest.raises(EvidenceError):
+            verify_proof(token_equivocation_proof(MODEL, PEERS[0], signer.endorsement, 6, sampling, receipts),
+                         model=MODEL)
+            pytest.fail(f"{name}: a forged token equivocation verified")
+    with pytest.raises(EvidenceError):  # pinned on another peer
+        verify_proof({**proof, "accused": PEERS[1]}, model=MODEL)
 
 
 def test_a_proof_travels_in_small_parts_and_the_dht_refuses_oversized_or_misplaced_ones():

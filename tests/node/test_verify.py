@@ -35,7 +35,7 @@ PERTURB = 0.01  # noise of 1% of the output's RMS: 100x the fp32 tolerance, smal
 # Nodes of the test swarm (a 6-layer tiny llama): two honest replicas of each half, and one of each adversary.
 HONEST = {0: (0, 3), 1: (0, 3), 2: (3, 6), 3: (3, 6)}
 ADVERSARIES = {4: ((0, 3), "liar"), 5: ((0, 3), "equivocator"), 6: ((0, 3), "blamer"), 7: ((3, 6), "sly"),
-               8: ((3, 6), "missampler")}
+               8: ((3, 6), "missampler"), 9: ((3, 6), "forker")}
 
 
 class PreferringClient(SwarmClient):
@@ -177,9 +177,10 @@ async def _scenarios(swarm: LocalSwarm, prompt_ids: list[int]) -> None:
                 assert adversary in _long_bans(client)  # outvoted by two honest replicas: proven
                 assert any(r.verdict == "liar" and r.peer == adversary for r in auditor.reports)
                 assert revisions  # tokens made through it were withdrawn
-            if kind == "equivocator":  # at the prompt (nothing to revise), convicted by its own two signatures
+            if kind in ("equivocator", "forker"):  # convicted by its own two signatures, the proof published
                 assert "equivocated" in [e.code for e in session.events] and adversary in _long_bans(client)
-                assert adversary in client.peer.proof_book(swarm.source.name).proven  # and the proof published
+                proof = client.peer.proof_book(swarm.source.name).proven[adversary]
+                assert proof["kind"] == {"equivocator": "equivocation", "forker": "token_equivocation"}[kind]
             if kind == "blamer":
                 assert [e.code for e in session.events] == ["push_failed"] and not revisions
     finally:
