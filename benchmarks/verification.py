@@ -297,7 +297,9 @@ async def adversary_figures(swarm: LocalSwarm, honest: list[int], hostile: dict[
                     row = {"caught_token": None if at is None else token_number(at, len(PROMPT_IDS)),
                            "revised_after": revised, "equal": out == reference,
                            "honest_banned": bool(long_bans(client) & honest_peers),
-                           "proven": hostile_peers <= long_bans(client), "published": len(auditor.published)}
+                           "proven": hostile_peers <= long_bans(client), "published": len(auditor.published),
+                           "checks_of_it": sum(r.peer in hostile_peers for r in auditor.reports),
+                           "unchecked": sum(r.verdict == "unchecked" for r in auditor.reports)}
                     print(f"  {adversary.name} run {run}: {row}", flush=True)
                     rows.append(row)
             figures[adversary.name] = summarize(rows, args.tokens)
@@ -325,6 +327,7 @@ def summarize(rows: list[dict], tokens: int) -> dict:
         "tokens_shown_before_revision_max": max(revised) if revised else None,
         "final_equals_honest": sum(r["equal"] for r in rows) / runs,
         "runs_with_an_honest_node_banned": sum(r["honest_banned"] for r in rows),
+        "checks_that_could_not_run": sum(r["unchecked"] for r in rows),
         "generations_restarted_for_an_empty_dht_read": len(NO_CHAIN_RETRIES),
     }
 

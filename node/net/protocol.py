@@ -45,7 +45,11 @@ session's messages tells a stage which steps are checked. The open's `audit` fla
 Receipts are signed (`node.net.evidence`): the open's answer carries the stage's `endorsement` (a session key its
 identity endorses), and every receipt adds `"out"` (the output's digest), `"chain"` and `"sig"`. A push stream's
 opening carries the pusher's endorsement too, and each pushed step of hidden states its signed `"receipt"`,
-which the receiver checks before running the step and names as `"prev"` in its own receipt.
+which the receiver checks before running the step and names as `"prev"` in its own receipt. A ring's last stage
+signs each token it samples: a token receipt `{"token", "out", "chain", "sig"}` (the output it sampled from, the
+session's chain, and the sampling parameters, `node.net.evidence.ReceiptSigner.token`) rides the token to the client
+(`{"token", "position", "receipt"}`) and the token it pushes to the first stage (`"receipt"`), which checks it
+before running the token and names it as `"prev"` in its own receipt.
 Speculation (a ring opened with `speculate: k`, k <= 16, at every stage): the first stage appends to a
 sampled step a draft of up to k token ids (`node.model.speculative`), which every stage passes on with the
 step's output (`"draft": [...]`); the last stage computes the logits of the draft's positions and the one

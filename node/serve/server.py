@@ -894,6 +894,15 @@ class StageServer:
         parameters, to the first stage and the client alike, so that a token lie, or feeding one token and
         announcing another, is a proof others can check. (A first stage that merged the head's parts signs none.)"""
         params, max_length = session.opened.sampling, session.opened.max_length
+        receipts: dict[tuple[int, int], dict] = {}  # (position, token) -> its receipt: one signature for both
+
+        def signed(at: int, token: int) -> dict:
+            if signed_from is None:
+                return {}
+            if (at, token) not in receipts:
+                receipts[at, token] = self._token_receipt(session, signed_from, at, token)
+            return {"receipt": receipts[at, token]}
+
         for count, token in enumerate(tokens, 1):
             session.produced += 1
             if params.is_last(token, session.produced) or position + count - 1 >= max_length:
@@ -907,12 +916,10 @@ class StageServer:
             elif session.push_link is not None:  # else a check of a ring's sampling: the token goes to the client
                 vocab = self.stage.source.config.vocab_size
                 fed = token if self.adversary is None else self.adversary.fed(token, vocab)
-                signed = {} if signed_from is None else {"receipt": self._token_receipt(session, signed_from, at, fed)}
-                session.push_link.send(pack({"position": at, "tokens": [fed], "sample": True, **signed}))
+                session.push_link.send(pack({"position": at, "tokens": [fed], "sample": True, **signed(at, fed)}))
         for offset, token in enumerate(tokens):
-            signed = {} if signed_from is None else {
-                "receipt": self._token_receipt(session, signed_from, position + offset, token)}
-            session.outbox.put(pack_response({"token": token, "position": position + offset, **signed}))
+            session.outbox.put(pack_response({"token": token, "position": position + offset,
+                                              **signed(position + offset, token)}))
 
     @staticmethod
     def _token_receipt(session: Session, output_digest: str, position: int, token: int) -> dict:
