@@ -104,6 +104,20 @@ def test_ledger_binds_what_a_stage_sent_to_what_its_neighbour_received():
     asyncio.run(run())
 
 
+def test_sampled_checks_take_the_chain_s_stages_in_turn_from_a_random_one():
+    class Session:
+        chain = ["A", "B", "C"]
+
+    starts = set()
+    for seed in range(20):
+        session, auditor = Session(), Auditor(None, rng=random.Random(seed))
+        session.ledger = Ledger(["A", "B", "C"])
+        picks = [auditor.pick_stage(session) for _ in range(7)]
+        assert picks == [(picks[0] + i) % 3 for i in range(7)]
+        starts.add(picks[0])
+    assert starts == {0, 1, 2}
+
+
 def test_an_accusation_is_not_evidence():
     failure = StageFailure("B", "push failed", code="push_failed", reporter="A")
     assert failure.accusation and StageFailure("B", "timeout").reporter == "B"
