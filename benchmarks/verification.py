@@ -78,6 +78,7 @@ def adversaries() -> list[Adversary]:
             Adversary("liar 1 step in 50 x0.1", (((0, 1), "rare", 0.1),)),
             Adversary("blame-shifter", (((0, 1), "blamer", 0.01),)),
             Adversary("token sampler at the ring's end", (((1, 2), "missampler", 0.01),)),
+            Adversary("token forker at the ring's end", (((1, 2), "forker", 0.01),)),
             Adversary("two colluding adjacent liars x0.01", (((0, 1), "liar", 0.01), ((1, 2), "liar", 0.01)))]
 
 
