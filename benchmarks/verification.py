@@ -169,11 +169,12 @@ class PreferringClient(SwarmClient):
                       if layers == (hop.start, hop.end) and peer not in banned), hop) for hop in chain]
 
 
-async def ring(client: SwarmClient, prompt_ids: list[int], tokens: int, auditor: Auditor | None, attempts: int = 3
+async def ring(client: SwarmClient, prompt_ids: list[int], tokens: int, auditor: Auditor | None, attempts: int = 20
                ) -> tuple[list[int], int | None, ResilientSession]:
     """(final tokens, tokens shown before the first revision or None, the session) of one greedy ring. On this
-    loaded machine a DHT read now and then comes back empty (NoChainError at the first attempt): such a
-    generation is started again, up to `attempts` times, and counted in NO_CHAIN_RETRIES."""
+    loaded machine a DHT read now and then comes back empty (NoChainError at the first attempt; once for 6 s in a
+    row, which ended a series): such a generation is started again, up to `attempts` times 5 s apart, and counted
+    in NO_CHAIN_RETRIES."""
     for attempt in range(attempts):
         try:
             return await _ring_once(client, prompt_ids, tokens, auditor)
@@ -181,7 +182,7 @@ async def ring(client: SwarmClient, prompt_ids: list[int], tokens: int, auditor:
             NO_CHAIN_RETRIES.append(1)
             if attempt + 1 == attempts:
                 raise
-            await asyncio.sleep(2.0)
+            await asyncio.sleep(5.0)
     raise AssertionError("unreachable")
 
 
