@@ -149,10 +149,7 @@ def session_key(endorsement: Any, *, peer: str, session: str, client: str | None
     if endorsed_peer(endorsement) != peer or endorsement["session"] != session or (
             client is not None and endorsement["client"] != client):
         raise EvidenceError(f"the endorsement is not {peer}'s for this session")
-    try:
-        return Ed25519PublicKey.from_public_bytes(endorsement["key"])
-    except ValueError:
-        raise EvidenceError("the endorsed key is not an Ed25519 key") from None
+    return _endorsed_key(endorsement)
 
 
 def endorsed_peer(endorsement: Any) -> str:
@@ -287,10 +284,7 @@ def _signed_tokens(proof: dict[str, Any], witnesses: list[dict], *, inputs_lengt
         receipt = witness["receipt"]
         if not is_token_receipt(token) or (token["out"], token["chain"]) != (receipt["out"], receipt["chain"]):
             raise EvidenceError("every witness of a token proof signs the token it sampled from its step's output")
-        try:
-            check_token(Ed25519PublicKey.from_public_bytes(endorsement["key"]), inputs_length, token, signed)
-        except ValueError:
-            raise EvidenceError("a witness's endorsed key is not an Ed25519 key") from None
+        check_token(_endorsed_key(endorsement), inputs_length, token, signed)
         tokens.append(token["token"])
     return tokens
 
@@ -325,13 +319,18 @@ def _verify_token_equivocation(proof: dict[str, Any]) -> str:
     first, second = receipts
     if (first["out"], first["chain"]) != (second["out"], second["chain"]) or first["token"] == second["token"]:
         raise EvidenceError("the two token receipts are not of one output with different tokens")
-    try:
-        key = Ed25519PublicKey.from_public_bytes(proof["endorsement"]["key"])
-    except ValueError:
-        raise EvidenceError("the endorsed key is not an Ed25519 key") from None
+    key = _endorsed_key(proof["endorsement"])
     for receipt in receipts:
         check_token(key, position, receipt, sampling)
     return peer
+
+
+def _endorsed_key(endorsement: dict[str, Any]) -> Ed25519PublicKey:
+    """The session key of an endorsement already checked (`endorsed_peer`)."""
+    try:
+        return Ed25519PublicKey.from_public_bytes(endorsement["key"])
+    except ValueError:
+        raise EvidenceError("the endorsed key is not an Ed25519 key") from None
 
 
 def _verify_equivocation(proof: dict[str, Any]) -> str:
@@ -344,10 +343,7 @@ def _verify_equivocation(proof: dict[str, Any]) -> str:
     first, second = receipts
     if first["in"] != second["in"] or first["chain"] != second["chain"] or first["out"] == second["out"]:
         raise EvidenceError("the two receipts are not of one step with different outputs")
-    try:
-        key = Ed25519PublicKey.from_public_bytes(proof["endorsement"]["key"])
-    except ValueError:
-        raise EvidenceError("the endorsed key is not an Ed25519 key") from None
+    key = _endorsed_key(proof["endorsement"])
     for receipt in receipts:
         check_receipt(key, position, tokens, receipt, receipt["out"])
     return peer
