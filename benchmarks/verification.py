@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,11 +275,12 @@ class Clients:
 
 
 async def adversary_figures(swarm: LocalSwarm, honest: list[int], hostile: dict[int, tuple[str, tuple[int, int]]],
-                            chosen: list[Adversary], args) -> dict:
+                            chosen: list[Adversary], args, figures: dict, progress: Callable[[], None]) -> None:
     """Part 3 in a swarm of fp32 honest replicas (the honest answer is one answer whichever replicas a rebuilt
-    chain lands on); `hostile`: node index -> (adversary name, layers)."""
+    chain lands on), into `figures` by adversary (`progress` after each); `hostile`: node index -> (adversary
+    name, layers)."""
     honest_peers = {swarm.peer_id(i) for i in honest}
-    clients, figures = Clients(swarm, hostile), {}
+    clients = Clients(swarm, hostile)
     try:
         await wait_for_nodes(clients(None), len(honest) + len(hostile))
         reference, _, _ = await ring(clients(None), PROMPT_IDS, args.tokens, None)
@@ -306,11 +308,9 @@ async def adversary_figures(swarm: LocalSwarm, honest: list[int], hostile: dict[
                     rows.append(row)
             figures[adversary.name] = summarize(rows, args.tokens)
             print(adversary.name, figures[adversary.name], flush=True)
-            if args.json:  # so far, in case the run is cut short
-                Path(args.json).write_text(json.dumps({"adversaries": figures}, indent=2))
+            progress()  # so far, in case the run is cut short
     finally:
         clients.peer.shutdown()
-    return figures
 
 
 def summarize(rows: list[dict], tokens: int) -> dict:
@@ -396,6 +396,8 @@ def main() -> None:
     parser.add_argument("--honest-steps", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=5, help="generations run at once")
     parser.add_argument("--only", nargs="*", default=None, help="adversaries to run (names start with these)")
+    parser.add_argument("--swarm-each", action="store_true",
+                        help="each adversary in its own swarm (fewer idle nodes: faster on a small, loaded machine)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--tolerances-only", action="store_true", help="the dtype and quantization studies only")
     parser.add_argument("--quant-only", action="store_true", help="the quantization study only (1b)")
@@ -431,18 +433,20 @@ def main() -> None:
     halves = [(0, 3), (3, 6)]
     chosen = adversaries() if args.only is None else [  # in the order asked
         a for prefix in args.only for a in adversaries() if a.name.startswith(prefix)]
-    if chosen:  # three fp32 honest replicas of each half (every check has a tie-breaker), then the adversaries
+    results["adversaries"] = {}
+    for group in ([[a] for a in chosen] if args.swarm_each else [chosen] if chosen else []):
+        # Three fp32 honest replicas of each half (every check has a tie-breaker), then the group's adversaries.
         ranges, per_node = [half for half in halves for _ in range(3)], {}
         honest, hostile = list(range(len(ranges))), {}
-        for adversary in chosen:
+        for adversary in group:
             for (first, last), kind, scale in adversary.nodes:
                 layers = (halves[first][0], halves[last - 1][1])
                 per_node[len(ranges)] = ["--dtype", "float32", "--test-perturb", str(scale), "--test-adversary", kind]
                 hostile[len(ranges)] = (adversary.name, layers)
                 ranges.append(layers)
         with LocalSwarm(path, ranges, threads_per_node=1, per_node_args=per_node) as swarm:
-            results["adversaries"] = asyncio.run(adversary_figures(swarm, honest, hostile, chosen, args))
-        save(results, args.json)
+            asyncio.run(adversary_figures(swarm, honest, hostile, group, args, results["adversaries"],
+                                          lambda: save(results, args.json)))
     if args.honest_steps > 0:  # two fp32 and one bf16 replica of each half
         dtypes = ("float32", "float32", "bfloat16")
         ranges = [half for half in halves for _ in dtypes]
