@@ -303,7 +303,8 @@ async def adversary_figures(swarm: LocalSwarm, honest: list[int], hostile: dict[
                            "honest_banned": bool(long_bans(client) & honest_peers),
                            "proven": hostile_peers <= long_bans(client), "published": len(auditor.published),
                            "checks_of_it": sum(r.peer in hostile_peers for r in auditor.reports),
-                           "unchecked": sum(r.verdict == "unchecked" for r in auditor.reports)}
+                           "unchecked": sum(r.verdict == "unchecked" for r in auditor.reports)
+                           + session.unfinished_checks}
                     print(f"  {adversary.name} run {run}: {row}", flush=True)
                     rows.append(row)
             figures[adversary.name] = summarize(rows, args.tokens)
@@ -329,7 +330,7 @@ def summarize(rows: list[dict], tokens: int) -> dict:
         "tokens_shown_before_revision_max": max(revised) if revised else None,
         "final_equals_honest": sum(r["equal"] for r in rows) / runs,
         "runs_with_an_honest_node_banned": sum(r["honest_banned"] for r in rows),
-        "checks_that_could_not_run": sum(r["unchecked"] for r in rows),
+        "checks_that_could_not_run_or_finish": sum(r["unchecked"] for r in rows),
         "generations_restarted_for_an_empty_dht_read": len(NO_CHAIN_RETRIES),
     }
 
@@ -340,7 +341,7 @@ async def honest_figures(swarm: LocalSwarm, honest: list[int], args) -> dict:
     bf16 stage picks another greedy token at a near tie; that is honest work in another dtype, not a lie.)"""
     honest_peers = {swarm.peer_id(i) for i in honest}
     clients = Clients(swarm, {})
-    started, checks, flagged, banned, runs, other_answers = time.perf_counter(), 0, 0, set(), 0, 0
+    started, checks, flagged, banned, runs, other_answers, unfinished = time.perf_counter(), 0, 0, set(), 0, 0, 0
     try:
         await wait_for_nodes(clients(None), len(honest))
         first_answer, _, _ = await ring(clients(None), PROMPT_IDS, args.tokens, None)
@@ -348,13 +349,14 @@ async def honest_figures(swarm: LocalSwarm, honest: list[int], args) -> dict:
         async def run_once(run: int):
             client = clients(None)
             auditor = Auditor(client, 1.0, rng=random.Random(run))
-            out, _, _ = await ring(client, PROMPT_IDS, args.tokens, auditor)
-            return client, auditor, out
+            out, _, session = await ring(client, PROMPT_IDS, args.tokens, auditor)
+            return client, auditor, out, session
 
         while checks < args.honest_steps:
             batch = range(runs, runs + args.concurrency)
-            for client, auditor, out in await asyncio.gather(*(run_once(run) for run in batch)):
+            for client, auditor, out, session in await asyncio.gather(*(run_once(run) for run in batch)):
                 done = [r for r in auditor.reports if r.verdict != "unchecked"]
+                unfinished += len(auditor.reports) - len(done) + session.unfinished_checks
                 checks += len(done)
                 flagged += sum(r.verdict != "honest" for r in done)
                 banned |= long_bans(client) & honest_peers
@@ -364,7 +366,8 @@ async def honest_figures(swarm: LocalSwarm, honest: list[int], args) -> dict:
     finally:
         clients.peer.shutdown()
     figures = {"runs": runs, "checked_steps": checks, "flagged": flagged, "honest_nodes_banned": len(banned),
-               "answers_unlike_the_first": other_answers, "seconds": round(time.perf_counter() - started)}
+               "answers_unlike_the_first": other_answers, "checks_that_could_not_run_or_finish": unfinished,
+               "seconds": round(time.perf_counter() - started)}
     print("honest swarm (fp32 + bf16 nodes):", figures, flush=True)
     return figures
 

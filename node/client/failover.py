@@ -83,6 +83,7 @@ class ResilientSession:
         self.events: list[FailoverEvent] = []
         self.chains: list[tuple[Hop, ...]] = []  # every chain opened, in order: more than one after a failover
         self._pending_event: tuple[StageFailure, int, float] | None = None  # a failure not yet recovered from
+        self.unfinished_checks = 0  # a ring's checks cut off after SETTLE_TIMEOUT_S: those steps went unchecked
 
     async def open(self) -> None:
         """Opens a chain now rather than at the first step; a stage that cannot open is failed over as in `step`."""
@@ -128,7 +129,7 @@ class ResilientSession:
                         _raise_caught(checks)
                         self._record_recovery()
                         yield token
-                    await _settle(checks)  # the answer is final once every check of it is in
+                    self.unfinished_checks += await _settle(checks)  # the answer is final once its checks are in
                     return
                 except (StageFailure, NoChainError) as error:
                     _cancel(checks)
@@ -296,9 +297,11 @@ def _raise_caught(checks: set[asyncio.Task]) -> None:
             logger.warning("a check could not run: %r", task.exception())
 
 
-async def _settle(checks: set[asyncio.Task], timeout_s: float = SETTLE_TIMEOUT_S) -> None:
+async def _settle(checks: set[asyncio.Task], timeout_s: float = SETTLE_TIMEOUT_S) -> int:
     """Waits for the answer's checks to end, but not for ever: a check that cannot finish (its verifiers died
-    and none answers) leaves its step unchecked rather than the answer unfinished."""
+    and none answers, or a machine too loaded to run it in time) leaves its step unchecked rather than the answer
+    unfinished. Returns how many were left unfinished."""
+    late: set[asyncio.Task] = set()
     if checks:
         _, late = await asyncio.wait(checks, timeout=timeout_s)
         if late:
@@ -308,6 +311,7 @@ async def _settle(checks: set[asyncio.Task], timeout_s: float = SETTLE_TIMEOUT_S
                 task.cancel()
             checks.difference_update(late)
     _raise_caught(checks)
+    return len(late)
 
 
 def _cancel(checks: set[asyncio.Task]) -> None:
