@@ -377,7 +377,8 @@ COLUMNS = (("runs", "runs", "{}"), ("caught %", "caught", "{:.0%}"),
            ("tok to detect med", "tokens_to_detection_median", "{}"), ("max", "tokens_to_detection_max", "{}"),
            ("shown before revision med", "tokens_shown_before_revision_median", "{}"),
            ("max", "tokens_shown_before_revision_max", "{}"), ("final == honest %", "final_equals_honest", "{:.0%}"),
-           ("proven %", "proven_banned", "{:.0%}"), ("honest banned", "runs_with_an_honest_node_banned", "{}"))
+           ("proven %", "proven_banned", "{:.0%}"), ("honest banned", "runs_with_an_honest_node_banned", "{}"),
+           ("checks cut", "checks_that_could_not_run_or_finish", "{}"))
 
 
 def table(figures: dict) -> str:
@@ -385,7 +386,7 @@ def table(figures: dict) -> str:
     lines = ["| adversary | " + " | ".join(title for title, _, _ in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     for name, row in figures.items():
-        cells = ["-" if row[key] is None else fmt.format(row[key]) for _, key, fmt in COLUMNS]
+        cells = ["-" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
