@@ -132,6 +132,10 @@ class ResilientSession:
                     self.unfinished_checks += await _settle(checks)  # the answer is final once its checks are in
                     return
                 except (StageFailure, NoChainError) as error:
+                    if not (isinstance(error, StageFailure) and error.code in LIES):
+                        # The failed chain's tokens stand only once their checks are in: a liar that goes silent
+                        # right after lying must not keep its lies by cutting its checks short.
+                        error = await self._caught_among(checks) or error
                     _cancel(checks)
                     if isinstance(error, StageFailure) and error.code in LIES and len(produced) > chain_from:
                         del produced[chain_from:]
@@ -139,6 +143,15 @@ class ResilientSession:
                     failovers = await self._recover(error, len(prompt_ids) + len(produced), failovers)
         finally:
             _cancel(checks)
+
+    async def _caught_among(self, checks: set[asyncio.Task]) -> StageFailure | None:
+        """After a chain failed for another reason than a lie: the lie its pending checks find, if any (waiting for
+        them as an answer's end does, so a failover after a crash waits for the crashed chain's checks)."""
+        try:
+            self.unfinished_checks += await _settle(checks)
+        except StageFailure as caught:
+            return caught
+        return None
 
     def _check_ring_step(self, checks: set[asyncio.Task], ids: list[int]) -> None:
         """Maybe checks one stage of the ring step that sampled the last of `ids`, in the background."""
