@@ -8,12 +8,16 @@
    has there (random ones would say nothing of the outliers real activations carry); against
    `node.client.verify.QUANT_TOLERANCES`. Also on SmolLM2 moved off its 4-bit grid (benchmarks/quant.py
    --off-grid), since the embedded SmolLM2's own weights are those of a Q4_1 file, which int4 reproduces.
-2. Honest swarm, fp32 and bf16 nodes mixed: ring generations with every step checked (p = 1) until
-   `--honest-steps` checks ran; how many flagged an honest node, and how many honest nodes ended banned.
-3. Adversaries (node.serve.adversary), each in its own ring generations at the DEFAULT check rate, the client
-   routed through the adversary (the other adversaries kept out): per run, whether it was caught (banned or
-   avoided by the client), how many tokens the user had been shown before the answer was revised, and whether
-   the final answer equals the honest one; and no honest node may end banned as a proven liar.
+2. Honest swarm, two fp32 and one bf16 replica of each half: ring generations with every step checked (p = 1)
+   until `--honest-steps` checks ran; how many flagged an honest node, and how many honest nodes ended banned.
+   (`--honest-steps 0` skips it.)
+3. Adversaries (node.serve.adversary), in their own swarm whose honest replicas are all fp32 (three of each half,
+   so every check has a tie-breaker, and the honest answer is one answer whichever replicas a rebuilt chain
+   lands on), each in its own ring generations at the DEFAULT check rate, the client routed through the
+   adversary (the other adversaries kept out): per run, whether and at which token it was caught with evidence
+   (see `caught_at`: outvoted by two other nodes, convicted by its own signatures, or, a blame-shifter, avoided
+   for its accusation), how many tokens the user had been shown before the answer was revised, whether the final
+   answer equals the honest one, and whether an honest node ended banned as a proven liar. A table at the end.
 
 Usage: python benchmarks/verification.py [--runs 50] [--tokens 32] [--honest-steps 10000] [--json out.json]
        python benchmarks/verification.py --tolerances-only   (parts 1 and 1b, no swarm; --quant-only: 1b)
@@ -30,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +79,7 @@ def adversaries() -> list[Adversary]:
             Adversary("liar 1 step in 50 x0.1", (((0, 1), "rare", 0.1),)),
             Adversary("blame-shifter", (((0, 1), "blamer", 0.01),)),
             Adversary("token sampler at the ring's end", (((1, 2), "missampler", 0.01),)),
+            Adversary("token forker at the ring's end", (((1, 2), "forker", 0.01),)),
             Adversary("two colluding adjacent liars x0.01", (((0, 1), "liar", 0.01), ((1, 2), "liar", 0.01)))]
 
 
@@ -164,11 +170,12 @@ class PreferringClient(SwarmClient):
                       if layers == (hop.start, hop.end) and peer not in banned), hop) for hop in chain]
 
 
-async def ring(client: SwarmClient, prompt_ids: list[int], tokens: int, auditor: Auditor | None, attempts: int = 3
+async def ring(client: SwarmClient, prompt_ids: list[int], tokens: int, auditor: Auditor | None, attempts: int = 12
                ) -> tuple[list[int], int | None, ResilientSession]:
     """(final tokens, tokens shown before the first revision or None, the session) of one greedy ring. On this
-    loaded machine a DHT read now and then comes back empty (NoChainError at the first attempt): such a
-    generation is started again, up to `attempts` times, and counted in NO_CHAIN_RETRIES."""
+    loaded machine a DHT read now and then comes back empty (NoChainError at the first attempt; once for 6 s in a
+    row, which ended a series): such a generation is started again, up to `attempts` times 5 s apart, and counted
+    in NO_CHAIN_RETRIES."""
     for attempt in range(attempts):
         try:
             return await _ring_once(client, prompt_ids, tokens, auditor)
@@ -176,7 +183,7 @@ async def ring(client: SwarmClient, prompt_ids: list[int], tokens: int, auditor:
             NO_CHAIN_RETRIES.append(1)
             if attempt + 1 == attempts:
                 raise
-            await asyncio.sleep(2.0)
+            await asyncio.sleep(5.0)
     raise AssertionError("unreachable")
 
 
@@ -201,12 +208,37 @@ async def _ring_once(client: SwarmClient, prompt_ids: list[int], tokens: int, au
     return out, revised_after, session
 
 
-def first_caught_step(auditor: Auditor, session: ResilientSession) -> int | None:
-    """The position of the first step at which a lie or equivocation was found (a check's step, or the step
-    whose receipts disagreed); the tokens made through lies before it were already shown."""
-    found = [r.position for r in auditor.reports if r.verdict in ("liar", "unresolved")]
-    found += [e.position for e in session.events if e.code in ("equivocation", "equivocated", "push_failed")]
-    return min(found, default=None)
+def caught_at(adversary: Adversary, hostile_peers: set[str], auditor: Auditor, session: ResilientSession
+              ) -> int | None:
+    """The position of the step at which this run had caught every one of the adversary's nodes with evidence
+    (the latest of their catches), or None if one was not. Evidence, per node: a check in which two other nodes
+    outvoted it (verdict "liar" against it, or "verifier_lied" when it was the verifier), or its own two signatures
+    on one step (an "equivocated" failover naming it); for a blame-shifter, whose lie is an accusation rather than a
+    computation, its accusation (a failover it reported against another stage), for which it is avoided and its
+    victim is not banned. Avoidance without evidence (an unresolved dispute, an unattributed equivocation) is not a
+    catch."""
+    found: dict[str, int] = {}
+
+    def note(peer: str | None, position: int) -> None:
+        if peer in hostile_peers:
+            found[peer] = min(found.get(peer, position), position)
+
+    for report in auditor.reports:
+        if report.verdict == "liar":
+            note(report.peer, report.position)
+        elif report.verdict == "verifier_lied":
+            note(report.verifier, report.position)
+    for event in session.events:
+        if event.code == "equivocated":
+            note(event.peer, event.position)
+        elif any(kind == "blamer" for _, kind, _ in adversary.nodes) and event.reporter not in (None, event.peer):
+            note(event.reporter, event.position)
+    return max(found.values()) if found.keys() == hostile_peers else None
+
+
+def token_number(position: int, prompt_length: int) -> int:
+    """Which generated token (1-based) the step at `position` produced: the prompt's step the first."""
+    return 1 if position < prompt_length else position - prompt_length + 2
 
 
 def long_bans(client: SwarmClient) -> set[str]:
@@ -222,94 +254,150 @@ async def wait_for_nodes(client: SwarmClient, count: int, timeout_s: float = 300
         await asyncio.sleep(1.0)
 
 
-async def swarm_figures(swarm: LocalSwarm, honest: list[int], hostile: dict[int, tuple[str, tuple[int, int]]],
-                        chosen: list[Adversary], args) -> dict:
-    """`hostile`: node index -> (adversary name, layers)."""
-    source = swarm.source
-    peers = {index: swarm.peer_id(index) for index in (*honest, *hostile)}
-    honest_peers = {peers[i] for i in honest}
-    rng = random.Random(7)
-    prompt_ids = [rng.randrange(5, 250) for _ in range(24)]
-    peer = open_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
-    figures: dict = {"honest": {}, "adversaries": {}}
+PROMPT_IDS = [random.Random(7).randrange(5, 250) for _ in range(24)]
 
-    def client_for(name: str | None, seed: int) -> PreferringClient:
-        client = PreferringClient(peer, source)
-        client.prefer = {peers[i]: layers for i, (n, layers) in hostile.items() if n == name}
-        for index, (other, _) in hostile.items():
+
+class Clients:
+    """Clients of one local swarm on one DHT peer; a client for an adversary routes through its nodes and keeps
+    every other adversary's nodes out."""
+
+    def __init__(self, swarm: LocalSwarm, hostile: dict[int, tuple[str, tuple[int, int]]]) -> None:
+        self.source, self.hostile = swarm.source, {swarm.peer_id(i): entry for i, entry in hostile.items()}
+        self.peer = open_dht(swarm.initial_peers, ["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+
+    def __call__(self, name: str | None) -> PreferringClient:
+        client = PreferringClient(self.peer, self.source)
+        client.prefer = {peer: layers for peer, (other, layers) in self.hostile.items() if other == name}
+        for peer, (other, _) in self.hostile.items():
             if other != name:
-                client.ban(peers[index], for_s=1e6)
+                client.ban(peer, for_s=1e6)
         return client
 
+
+async def adversary_figures(swarm: LocalSwarm, honest: list[int], hostile: dict[int, tuple[str, tuple[int, int]]],
+                            chosen: list[Adversary], args, figures: dict, progress: Callable[[], None]) -> None:
+    """Part 3 in a swarm of fp32 honest replicas (the honest answer is one answer whichever replicas a rebuilt
+    chain lands on), into `figures` by adversary (`progress` after each); `hostile`: node index -> (adversary
+    name, layers)."""
+    honest_peers = {swarm.peer_id(i) for i in honest}
+    clients = Clients(swarm, hostile)
     try:
-        await wait_for_nodes(client_for(None, 0), len(peers))
-        reference, _, _ = await ring(client_for(None, 0), prompt_ids, args.tokens, None)
-        async def adversary_run(name: str, run: int):
-            client = client_for(name, run)
+        await wait_for_nodes(clients(None), len(honest) + len(hostile))
+        reference, _, _ = await ring(clients(None), PROMPT_IDS, args.tokens, None)
+
+        async def run_once(name: str, run: int):
+            client = clients(name)
             auditor = Auditor(client, DEFAULT_PROBABILITY, rng=random.Random(1000 + run))
-            return client, auditor, *(await ring(client, prompt_ids, args.tokens, auditor))
+            try:
+                return client, auditor, *(await ring(client, PROMPT_IDS, args.tokens, auditor))
+            except NoChainError as e:  # the DHT showed no chain for minutes: counted, not the end of the series
+                print(f"  {name} run {run}: no chain ({e})", flush=True)
+                return client, auditor, None, None, None
 
         for adversary in chosen:
-            caught, revised_after, equal, wrong_bans, caught_at = 0, [], 0, 0, []
-            results = []
+            rows = []
             for first in range(0, args.runs, args.concurrency):  # runs at once: each waits on the network mostly
                 batch = range(first, min(args.runs, first + args.concurrency))
-                done = await asyncio.gather(*(adversary_run(adversary.name, run) for run in batch))
-                for run, (client, auditor, out, revised, session) in zip(batch, done, strict=True):
-                    print(f"  {adversary.name} run {run}: caught {bool(set(client.prefer) & client.banned)}, lie "
-                          f"found at step {first_caught_step(auditor, session)} (prompt {len(prompt_ids)}), tokens "
-                          f"shown before revision {revised}, final equals honest {out == reference}", flush=True)
-                results += done
-            for client, auditor, out, revised, session in results:
-                hostile_peers = set(client.prefer)
-                caught += bool(hostile_peers & client.banned)
-                if revised is not None:
-                    revised_after.append(revised)
-                if (first := first_caught_step(auditor, session)) is not None:
-                    caught_at.append(max(0, first - len(prompt_ids) + 1))
-                equal += out == reference
-                wrong_bans += bool(long_bans(client) & honest_peers)
-            figures["adversaries"][adversary.name] = {
-                "runs": args.runs, "tokens": args.tokens, "caught": caught / args.runs,
-                "revised_runs": len(revised_after),
-                "caught_at_token_median": statistics.median(caught_at) if caught_at else None,
-                "caught_at_token_max": max(caught_at) if caught_at else None,
-                "caught_within_32_tokens": sum(t <= 32 for t in caught_at) / args.runs,
-                "tokens_shown_before_revision_median": statistics.median(revised_after) if revised_after else None,
-                "tokens_shown_before_revision_max": max(revised_after) if revised_after else None,
-                "final_equals_honest": equal / args.runs, "runs_with_an_honest_node_banned": wrong_bans,
-                "generations_restarted_for_an_empty_dht_read": len(NO_CHAIN_RETRIES),
-            }
-            print(adversary.name, figures["adversaries"][adversary.name], flush=True)
-            if args.json:  # so far, in case the run is cut short
-                Path(args.json).write_text(json.dumps(figures, indent=2))
-        # Honest swarm, fp32 and bf16 mixed, every step checked.
-        started, checks, flagged, banned, runs, wrong = time.perf_counter(), 0, 0, set(), 0, 0
+                for run, (client, auditor, out, revised, session) in zip(
+                        batch, await asyncio.gather(*(run_once(adversary.name, run) for run in batch)), strict=True):
+                    hostile_peers = set(client.prefer)
+                    if session is None:
+                        rows.append({"no_chain": True})
+                        continue
+                    at = caught_at(adversary, hostile_peers, auditor, session)
+                    row = {"caught_token": None if at is None else token_number(at, len(PROMPT_IDS)),
+                           "revised_after": revised, "equal": out == reference,
+                           "honest_banned": bool(long_bans(client) & honest_peers),
+                           "proven": hostile_peers <= long_bans(client), "published": len(auditor.published),
+                           "checks_of_it": sum(r.peer in hostile_peers for r in auditor.reports),
+                           "unchecked": sum(r.verdict == "unchecked" for r in auditor.reports)
+                           + session.unfinished_checks}
+                    print(f"  {adversary.name} run {run}: {row}", flush=True)
+                    rows.append(row)
+            figures[adversary.name] = summarize(rows, args.tokens)
+            print(adversary.name, figures[adversary.name], flush=True)
+            progress()  # so far, in case the run is cut short
+    finally:
+        clients.peer.shutdown()
 
-        async def honest_run(run: int):
-            client = client_for(None, run)
+
+def summarize(rows: list[dict], tokens: int) -> dict:
+    """The figures of an adversary's runs; a run that found no chain counts as not caught and not equal."""
+    runs, failed = len(rows), sum(r.get("no_chain", False) for r in rows)
+    rows = [r for r in rows if not r.get("no_chain")]
+    caught = [r["caught_token"] for r in rows if r["caught_token"] is not None]
+    revised = [r["revised_after"] for r in rows if r["revised_after"] is not None]
+    return {
+        "runs": runs, "tokens": tokens, "caught": len(caught) / runs,
+        "caught_within_32_tokens": sum(t <= 32 for t in caught) / runs,
+        "tokens_to_detection_median": statistics.median(caught) if caught else None,
+        "tokens_to_detection_max": max(caught) if caught else None,
+        "proven_banned": sum(r["proven"] for r in rows) / runs,
+        "runs_publishing_a_proof": sum(r["published"] > 0 for r in rows),
+        "revised_runs": len(revised),
+        "tokens_shown_before_revision_median": statistics.median(revised) if revised else None,
+        "tokens_shown_before_revision_max": max(revised) if revised else None,
+        "final_equals_honest": sum(r["equal"] for r in rows) / runs,
+        "runs_with_an_honest_node_banned": sum(r["honest_banned"] for r in rows),
+        "checks_that_could_not_run_or_finish": sum(r["unchecked"] for r in rows),
+        "generations_restarted_for_an_empty_dht_read": len(NO_CHAIN_RETRIES), "runs_that_found_no_chain": failed,
+    }
+
+
+async def honest_figures(swarm: LocalSwarm, honest: list[int], args) -> dict:
+    """Part 2 in a swarm of fp32 and bf16 honest replicas, every step checked: how many checks flagged an honest
+    node, and how many honest nodes ended banned. (Answers differ from the first one now and then: a chain with a
+    bf16 stage picks another greedy token at a near tie; that is honest work in another dtype, not a lie.)"""
+    honest_peers = {swarm.peer_id(i) for i in honest}
+    clients = Clients(swarm, {})
+    started, checks, flagged, banned, runs, other_answers, unfinished = time.perf_counter(), 0, 0, set(), 0, 0, 0
+    try:
+        await wait_for_nodes(clients(None), len(honest))
+        first_answer, _, _ = await ring(clients(None), PROMPT_IDS, args.tokens, None)
+
+        async def run_once(run: int):
+            client = clients(None)
             auditor = Auditor(client, 1.0, rng=random.Random(run))
-            out, _, _ = await ring(client, prompt_ids, args.tokens, auditor)
-            return client, auditor, out
+            out, _, session = await ring(client, PROMPT_IDS, args.tokens, auditor)
+            return client, auditor, out, session
 
         while checks < args.honest_steps:
             batch = range(runs, runs + args.concurrency)
-            for client, auditor, out in await asyncio.gather(*(honest_run(run) for run in batch)):
+            for client, auditor, out, session in await asyncio.gather(*(run_once(run) for run in batch)):
                 done = [r for r in auditor.reports if r.verdict != "unchecked"]
+                unfinished += len(auditor.reports) - len(done) + session.unfinished_checks
                 checks += len(done)
                 flagged += sum(r.verdict != "honest" for r in done)
                 banned |= long_bans(client) & honest_peers
-                wrong += out != reference
+                other_answers += out != first_answer
             runs += len(batch)
             print(f"  honest: {runs} runs, {checks} checks, {flagged} flagged", flush=True)
-        figures["honest"] = {"runs": runs, "checked_steps": checks, "flagged": flagged, "answers_not_reference": wrong,
-                             "honest_nodes_banned": len(banned), "seconds": round(time.perf_counter() - started)}
-        print("honest swarm (fp32 + bf16 nodes):", figures["honest"], flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(figures, indent=2))
     finally:
-        peer.shutdown()
+        clients.peer.shutdown()
+    figures = {"runs": runs, "checked_steps": checks, "flagged": flagged, "honest_nodes_banned": len(banned),
+               "answers_unlike_the_first": other_answers, "checks_that_could_not_run_or_finish": unfinished,
+               "seconds": round(time.perf_counter() - started)}
+    print("honest swarm (fp32 + bf16 nodes):", figures, flush=True)
     return figures
+
+
+COLUMNS = (("runs", "runs", "{}"), ("caught %", "caught", "{:.0%}"),
+           ("<=32 tok %", "caught_within_32_tokens", "{:.0%}"),
+           ("tok to detect med", "tokens_to_detection_median", "{}"), ("max", "tokens_to_detection_max", "{}"),
+           ("shown before revision med", "tokens_shown_before_revision_median", "{}"),
+           ("max", "tokens_shown_before_revision_max", "{}"), ("final == honest %", "final_equals_honest", "{:.0%}"),
+           ("proven %", "proven_banned", "{:.0%}"), ("honest banned", "runs_with_an_honest_node_banned", "{}"),
+           ("checks cut", "checks_that_could_not_run_or_finish", "{}"))
+
+
+def table(figures: dict) -> str:
+    """The adversaries' figures as a markdown table."""
+    lines = ["| adversary | " + " | ".join(title for title, _, _ in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
+    for name, row in figures.items():
+        cells = ["-" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -321,6 +409,8 @@ def main() -> None:
     parser.add_argument("--honest-steps", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=5, help="generations run at once")
     parser.add_argument("--only", nargs="*", default=None, help="adversaries to run (names start with these)")
+    parser.add_argument("--swarm-each", action="store_true",
+                        help="each adversary in its own swarm (fewer idle nodes: faster on a small, loaded machine)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--tolerances-only", action="store_true", help="the dtype and quantization studies only")
     parser.add_argument("--quant-only", action="store_true", help="the quantization study only (1b)")
@@ -356,25 +446,35 @@ def main() -> None:
     halves = [(0, 3), (3, 6)]
     chosen = adversaries() if args.only is None else [  # in the order asked
         a for prefix in args.only for a in adversaries() if a.name.startswith(prefix)]
-    # Two fp32 and one bf16 honest replica of each half (a check always has a tie-breaker), then the adversaries.
-    ranges, per_node, honest = [], {}, []
-    for half in halves:
-        for dtype in ("float32", "float32", "bfloat16"):
-            per_node[len(ranges)] = ["--dtype", dtype]
-            honest.append(len(ranges))
-            ranges.append(half)
-    hostile = {}
-    for adversary in chosen:
-        for (first, last), kind, scale in adversary.nodes:
-            layers = (halves[first][0], halves[last - 1][1])
-            per_node[len(ranges)] = ["--dtype", "float32", "--test-perturb", str(scale), "--test-adversary", kind]
-            hostile[len(ranges)] = (adversary.name, layers)
-            ranges.append(layers)
-    with LocalSwarm(path, ranges, threads_per_node=1, per_node_args=per_node) as swarm:
-        results.update(asyncio.run(swarm_figures(swarm, honest, hostile, chosen, args)))
+    results["adversaries"] = {}
+    for group in ([[a] for a in chosen] if args.swarm_each else [chosen] if chosen else []):
+        # Three fp32 honest replicas of each half (every check has a tie-breaker), then the group's adversaries.
+        ranges, per_node = [half for half in halves for _ in range(3)], {}
+        honest, hostile = list(range(len(ranges))), {}
+        for adversary in group:
+            for (first, last), kind, scale in adversary.nodes:
+                layers = (halves[first][0], halves[last - 1][1])
+                per_node[len(ranges)] = ["--dtype", "float32", "--test-perturb", str(scale), "--test-adversary", kind]
+                hostile[len(ranges)] = (adversary.name, layers)
+                ranges.append(layers)
+        with LocalSwarm(path, ranges, threads_per_node=1, per_node_args=per_node) as swarm:
+            asyncio.run(adversary_figures(swarm, honest, hostile, group, args, results["adversaries"],
+                                          lambda: save(results, args.json)))
+    if args.honest_steps > 0:  # two fp32 and one bf16 replica of each half
+        dtypes = ("float32", "float32", "bfloat16")
+        ranges = [half for half in halves for _ in dtypes]
+        per_node = {i: ["--dtype", dtypes[i % len(dtypes)]] for i in range(len(ranges))}
+        with LocalSwarm(path, ranges, threads_per_node=1, per_node_args=per_node) as swarm:
+            results["honest"] = asyncio.run(honest_figures(swarm, list(range(len(ranges))), args))
+        save(results, args.json)
     print(json.dumps(results, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    if results.get("adversaries"):
+        print(table(results["adversaries"]))
+
+
+def save(results: dict, path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ class FailoverEvent:
     code: str
     position: int
     recovery_s: float  # from noticing the failure to the retried step's answer
+    reporter: str | None = None  # who said so: another stage than `peer` for an accusation
 
 
 class ResilientSession:
@@ -82,6 +83,7 @@ class ResilientSession:
         self.events: list[FailoverEvent] = []
         self.chains: list[tuple[Hop, ...]] = []  # every chain opened, in order: more than one after a failover
         self._pending_event: tuple[StageFailure, int, float] | None = None  # a failure not yet recovered from
+        self.unfinished_checks = 0  # a ring's checks cut off after SETTLE_TIMEOUT_S: those steps went unchecked
 
     async def open(self) -> None:
         """Opens a chain now rather than at the first step; a stage that cannot open is failed over as in `step`."""
@@ -127,9 +129,13 @@ class ResilientSession:
                         _raise_caught(checks)
                         self._record_recovery()
                         yield token
-                    await _settle(checks)  # the answer is final once every check of it is in
+                    self.unfinished_checks += await _settle(checks)  # the answer is final once its checks are in
                     return
                 except (StageFailure, NoChainError) as error:
+                    if not (isinstance(error, StageFailure) and error.code in LIES):
+                        # The failed chain's tokens stand only once their checks are in: a liar that goes silent
+                        # right after lying must not keep its lies by cutting its checks short.
+                        error = await self._caught_among(checks) or error
                     _cancel(checks)
                     if isinstance(error, StageFailure) and error.code in LIES and len(produced) > chain_from:
                         del produced[chain_from:]
@@ -137,6 +143,15 @@ class ResilientSession:
                     failovers = await self._recover(error, len(prompt_ids) + len(produced), failovers)
         finally:
             _cancel(checks)
+
+    async def _caught_among(self, checks: set[asyncio.Task]) -> StageFailure | None:
+        """After a chain failed for another reason than a lie: the lie its pending checks find, if any (waiting for
+        them as an answer's end does, so a failover after a crash waits for the crashed chain's checks)."""
+        try:
+            self.unfinished_checks += await _settle(checks)
+        except StageFailure as caught:
+            return caught
+        return None
 
     def _check_ring_step(self, checks: set[asyncio.Task], ids: list[int]) -> None:
         """Maybe checks one stage of the ring step that sampled the last of `ids`, in the background."""
@@ -242,7 +257,8 @@ class ResilientSession:
         if self._pending_event is None:
             return
         failure, position, started = self._pending_event
-        self.events.append(FailoverEvent(failure.peer, failure.code, position, time.perf_counter() - started))
+        self.events.append(FailoverEvent(failure.peer, failure.code, position, time.perf_counter() - started,
+                                         failure.reporter))
         self._pending_event = None
 
     async def close(self) -> None:
@@ -294,9 +310,11 @@ def _raise_caught(checks: set[asyncio.Task]) -> None:
             logger.warning("a check could not run: %r", task.exception())
 
 
-async def _settle(checks: set[asyncio.Task], timeout_s: float = SETTLE_TIMEOUT_S) -> None:
+async def _settle(checks: set[asyncio.Task], timeout_s: float = SETTLE_TIMEOUT_S) -> int:
     """Waits for the answer's checks to end, but not for ever: a check that cannot finish (its verifiers died
-    and none answers) leaves its step unchecked rather than the answer unfinished."""
+    and none answers, or a machine too loaded to run it in time) leaves its step unchecked rather than the answer
+    unfinished. Returns how many were left unfinished."""
+    late: set[asyncio.Task] = set()
     if checks:
         _, late = await asyncio.wait(checks, timeout=timeout_s)
         if late:
@@ -306,6 +324,7 @@ async def _settle(checks: set[asyncio.Task], timeout_s: float = SETTLE_TIMEOUT_S
                 task.cancel()
             checks.difference_update(late)
     _raise_caught(checks)
+    return len(late)
 
 
 def _cancel(checks: set[asyncio.Task]) -> None:

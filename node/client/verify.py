@@ -46,11 +46,22 @@ from node.net.evidence import (
     EvidenceError,
     Witness,
     build_proof,
+    build_token_proof,
     check_receipt,
+    check_token,
     equivocation_proof,
+    sampling_bytes,
     session_key,
+    token_equivocation_proof,
 )
-from node.net.protocol import PREFILL_CHUNK_TOKENS, ProtocolError, digest, token_digest, unpack_metadata
+from node.net.protocol import (
+    PREFILL_CHUNK_TOKENS,
+    ProtocolError,
+    digest,
+    is_token_receipt,
+    token_digest,
+    unpack_metadata,
+)
 from node.net.tolerance import (  # noqa: F401 (re-exported: the checks' tolerances)
     DTYPE_NAMES,
     QUANT_TOLERANCES,
@@ -67,7 +78,7 @@ from swarm.types import Hop
 logger = logging.getLogger(__name__)
 
 ECHO_WAIT_S = 10.0  # an echo leaves a stage right after its push; this is slack for a loaded machine
-DEFAULT_PROBABILITY = 0.3  # a liar on every step of a 2-stage chain is checked within 32 tokens in 99.5% of runs
+DEFAULT_PROBABILITY = 0.3  # a liar on every step of a 2-stage chain is checked within 32 tokens in 99.99% of runs
 PROVEN_BAN_S = 24 * 3600.0  # a liar outvoted by two other nodes
 SUSPECT_AVOID_S = 60.0  # both ends of an equivocation or an unresolved dispute: avoided, not banned
 # Codes of a StageFailure that mean the chain's output so far cannot be trusted (the answer is rebuilt).
@@ -121,10 +132,13 @@ class Ledger(asyncio.Queue):
         self.forwarded: dict[int, dict[int, object]] = {}  # the pusher's signed receipt each stage says it ran
         self.credited: dict[int, int] = {}  # stage index -> positions credited as checked work (see Auditor.check)
         self.announced: dict[int, tuple[int, int]] = {}  # a ring: position -> (the token sampled there, by stage)
+        self.tokens: dict[int, dict[int, dict]] = {}  # stage index -> position -> its token receipt for the client
+        self.sampling: bytes | None = None  # a ring's sampling parameters, as token receipts sign them
         self.fed: dict[int, dict[int, tuple[str, int | None]]] = {}  # what each stage was fed, and by which stage
         # (None: the client; in a ring, the first stage is fed each token the last stage announced)
         self.equivocations: list[tuple[int, int]] = []  # (receiving stage index, position)
         self.drafts: dict[int, list[int]] = {}  # a speculating ring's first stage: position -> the draft it ran after
+        self.check_turn: int | None = None  # whose turn it is to be checked (Auditor.pick_stage)
         self._arrived = asyncio.Event()
 
     def put_nowait(self, item: tuple[int, object]) -> None:
@@ -151,7 +165,19 @@ class Ledger(asyncio.Queue):
                 self._arrived.set()
             if "echo" in metadata:
                 return
+        elif isinstance(message, runtime_pb2.ExpertResponse) and not message.tensors:
+            self._note_token(index, message)
         super().put_nowait(item)
+
+    def _note_token(self, index: int, message: runtime_pb2.ExpertResponse) -> None:
+        """Keeps a ring's sampled token with its signature (node.net.evidence), for a proof if it was a lie."""
+        try:
+            metadata = unpack_metadata(message)
+        except ProtocolError:
+            return
+        position, receipt = metadata.get("position"), metadata.get("receipt")
+        if isinstance(position, int) and is_token_receipt(receipt) and receipt["token"] == metadata.get("token"):
+            self.tokens.setdefault(index, {})[position] = receipt
 
     def feed(self, index: int, position: int, input_digest: str, sender: int | None = None) -> None:
         """Stage `index` was fed a step at `position` whose digest is `input_digest`, by the client (`sender`
@@ -181,7 +207,8 @@ class Ledger(asyncio.Queue):
         blamed = receiver if sender is None else self._peer(sender)  # the client trusts itself
         logger.warning("equivocation at position %d: %s says it received other than %s sent", position, receiver,
                        blamed)
-        culprit = self._culprit(index, position, sender) if sender == index - 1 else None
+        culprit = (self._culprit(index, position, sender) if sender == index - 1
+                   else self._token_culprit(position, sender) if index == 0 and sender not in (None, 0) else None)
         if culprit is not None:  # the signatures say who: it is banned, the other is not touched
             failure = StageFailure(culprit, f"at position {position} it signed other than it sent or received",
                                    code="equivocated")
@@ -213,6 +240,32 @@ class Ledger(asyncio.Queue):
                                               rows.shape[1], [pushed, told]))
         return self._peer(sender)
 
+    def _token_culprit(self, position: int, sender: int) -> str | None:
+        """Which end of a ring's token feed lied at `position`, by their signatures, when the first stage says it ran
+        another token than the last stage (`sender`) announced: an honest first stage runs only a token its sender
+        signed, and names that receipt in its own, so a first stage without a valid one lied; a last stage whose
+        announced token is unsigned lied to the client; a last stage that signed two tokens for one output (one
+        fed, one announced) equivocated, and the two receipts are a proof kept in `proofs`. None: cannot tell."""
+        key = self._session_key(sender)
+        if key is None or self.sampling is None:
+            return None
+        fed, told = self.forwarded.get(0, {}).get(position), self.tokens.get(sender, {}).get(position)
+        try:
+            check_token(key, position, fed, self.sampling)
+            if token_digest([fed["token"]]) != self.received[0][position]:
+                raise EvidenceError("the first stage names another token than it ran")
+        except EvidenceError:
+            return self._peer(0)
+        try:
+            check_token(key, position, told, self.sampling)
+        except EvidenceError:
+            return self._peer(sender)
+        if (fed["out"], fed["chain"]) != (told["out"], told["chain"]) or fed["token"] == told["token"]:
+            return None
+        self.proofs.append(token_equivocation_proof(self.model, self._peer(sender), self.endorsements[sender],
+                                                    position, self.sampling, [fed, told]))
+        return self._peer(sender)
+
     def _session_key(self, index: int) -> Ed25519PublicKey | None:
         endorsement = self.endorsements[index] if 0 <= index < len(self.endorsements) else None
         try:
@@ -237,7 +290,8 @@ class Ledger(asyncio.Queue):
         if position not in outputs or not isinstance(endorsement, dict):
             return None
         steps = [(p, output.shape[1]) for p, output in sorted(outputs.items()) if p <= position]
-        return Witness(endorsement, steps, self.signed.get(index, {}).get(position, {}), outputs[position])
+        token = self.tokens.get(index, {}).get(position + outputs[position].shape[1])  # sampled right after it
+        return Witness(endorsement, steps, self.signed.get(index, {}).get(position, {}), outputs[position], token)
 
     def inputs(self, index: int, end: int) -> torch.Tensor | None:
         """Stage `index + 1`'s inputs for positions [0, end): stage `index`'s outputs, in order. A step that starts
@@ -267,6 +321,9 @@ def attach_ledger(session: ChainSession, model: str = "") -> Ledger:
         ledger.put_nowait(session.events.get_nowait())
     session.events = ledger
     session.ledger = ledger
+    if session.sampling is not None:
+        params = session.sampling
+        ledger.sampling = sampling_bytes(params.temperature, params.top_p, params.seed)
     for stream in session.streams:
         stream.events = ledger
     return ledger
@@ -277,7 +334,7 @@ class Auditor:
     """Re-runs a random sample of a session's steps on other nodes; `reports` keeps every check's outcome."""
 
     client: SwarmClient
-    probability: float = DEFAULT_PROBABILITY  # chance that a step is checked (one stage of it, picked at random)
+    probability: float = DEFAULT_PROBABILITY  # chance that a step is checked (one stage of it: see pick_stage)
     wire: str = "none"
     step_timeout_s: float = 30.0
     rng: random.Random = field(default_factory=random.Random)
@@ -297,7 +354,18 @@ class Auditor:
         return self.probability > 0 and self.rng.random() < self.probability
 
     def pick_stage(self, session: ChainSession) -> int:
-        return self.rng.randrange(len(session.chain))
+        """The stage a sampled step checks: the chain's stages in turn, from a random one, so each of n stages is
+        checked once every n sampled steps. Picked at random each time, a stage goes unchecked over long runs by
+        chance: a liar at one stage of two, p = 0.3, went unchecked through a 32-token answer in 0.85^32 = 0.55% of
+        answers (2 of 50 in benchmarks/verification.py), in turn in 0.7^32 + 32 x 0.3 x 0.7^31 / 2 = 0.009%. A stage
+        cannot see the turn: the checks run on other nodes, after it has sent its step."""
+        ledger, stages = session.ledger, len(session.chain)
+        if ledger is None:  # a session without receipts cannot be checked anyway
+            return self.rng.randrange(stages)
+        if ledger.check_turn is None:
+            ledger.check_turn = self.rng.randrange(stages)
+        index, ledger.check_turn = ledger.check_turn % stages, ledger.check_turn + 1
+        return index
 
     async def check(self, session: ChainSession, index: int, position: int, *, chain_inputs: torch.Tensor | None = None,
                     token_ids: list[int] | None = None) -> VerificationReport:
@@ -357,9 +425,10 @@ class Auditor:
         elif outvoted:
             verdict = "liar"
             self.client.ban(hop.node_id, for_s=PROVEN_BAN_S)
-            if relative_error(claimed, second.output) > tolerance:  # a sampled token alone is not signed: no proof
-                accused = ledger.witness(index, position, session.streams[index].opened.get("endorsement"))
-                await self._publish(hop, inputs, [accused, first.witness, second.witness])
+            accused = ledger.witness(index, position, session.streams[index].opened.get("endorsement"))
+            token_lie = relative_error(claimed, second.output) <= tolerance  # its output is right, its token is not
+            await self._publish(hop, inputs, [accused, first.witness, second.witness],
+                                sampling=session.sampling if token_lie else None)
         elif second is not None and agree(claimed, sampled, second) and not agree(
                 first.output, self._token(first), second):
             verdict = "verifier_lied"
@@ -410,16 +479,22 @@ class Auditor:
             ledger.credited[index] = end
             self.client.checked_credit[peer] = self.client.checked_credit.get(peer, 0) + gained
 
-    async def _publish(self, hop: Hop, inputs: torch.Tensor | list[int], witnesses: list[Witness | None]) -> None:
+    async def _publish(self, hop: Hop, inputs: torch.Tensor | list[int], witnesses: list[Witness | None], *,
+                       sampling: SamplingParams | None = None) -> None:
         """Publishes the proof that `hop` lied (node.net.evidence), so that other clients and the planners drop it
-        without catching it themselves; a lie whose proof would not check out (too long to carry, unsigned) stays
-        this client's to know."""
+        without catching it themselves: about its output, or with `sampling` about the token it sampled (the three
+        witnesses' signed tokens). A lie whose proof would not check out (too long to carry, unsigned) stays this
+        client's to know."""
         if any(w is None for w in witnesses):
             logger.info("no proof to publish against %s: a witness did not sign its step", hop.node_id)
             return
         end = witnesses[0].steps[-1][0] + witnesses[0].steps[-1][1]
-        proof = build_proof(self.client.model, hop.node_id, hop.start, hop.end,
-                            inputs[:end] if isinstance(inputs, list) else inputs[:, :end], witnesses)
+        inputs = inputs[:end] if isinstance(inputs, list) else inputs[:, :end]
+        if sampling is None:
+            proof = build_proof(self.client.model, hop.node_id, hop.start, hop.end, inputs, witnesses)
+        else:
+            proof = build_token_proof(self.client.model, hop.node_id, hop.start, hop.end, inputs, witnesses, {
+                "temperature": float(sampling.temperature), "top_p": float(sampling.top_p), "seed": sampling.seed})
         try:
             async with asyncio.timeout(self.step_timeout_s):
                 stored = await self.client.peer.proof_book(self.client.model).publish(proof)

@@ -36,7 +36,7 @@ from hivemind.utils import MSGPackSerializer
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from node.net.identity import peer_id_from_owner_key
-from node.net.protocol import digest, is_receipt, token_digest
+from node.net.protocol import digest, is_receipt, is_token_receipt, token_digest
 from node.net.tolerance import announced_dtype, relative_error, tolerance_for
 from node.net.wire import decode as wire_decode
 from node.net.wire import encode as wire_encode
@@ -47,6 +47,7 @@ MAX_PROOF_BYTES = 512 << 10  # ~200 positions of a 576-wide fp32 stage's inputs;
 MAX_PROOF_STEPS = 4096
 _ENDORSEMENT = b"layerhive-session-key-v1"
 _RECEIPT = b"layerhive-receipt-v1"
+_TOKEN = b"layerhive-token-v1"
 _ENDORSED_FIELDS = ("owner", "key", "session", "client", "start", "end", "dtype", "quant", "wire")
 
 
@@ -86,6 +87,18 @@ class ReceiptSigner:
                                            "sig": signature}
         return self._signed[output_digest]
 
+    def token(self, output_digest: str, position: int, token: int, sampling: bytes) -> dict[str, Any]:
+        """A ring's last stage's signed token receipt {"token", "out", "chain", "sig"}: the token it sampled at
+        `position` from the current step's output (of digest `output_digest`) with the sampling parameters
+        `sampling` (`sampling_bytes`). It rides the token to the first stage and to the client alike."""
+        signature = self._key.sign(_token_bytes(position, token, output_digest, self.chain, sampling))
+        return {"token": token, "out": output_digest, "chain": self.chain, "sig": signature}
+
+
+def sampling_bytes(temperature: float, top_p: float, seed: int | None) -> bytes:
+    """What a token's signature commits to of the sampling parameters: those that pick it (node.model.sampling)."""
+    return msgpack.packb([float(temperature), float(top_p), seed])
+
 
 def chain_link(chain: bytes, position: int, tokens: int, input_digest: str) -> bytes:
     return hashlib.blake2b(chain + msgpack.packb([position, tokens, input_digest]), digest_size=16).digest()
@@ -104,6 +117,22 @@ def _receipt_bytes(position: int, tokens: int, input_digest: str, output_digest:
     return msgpack.packb([_RECEIPT, position, tokens, input_digest, output_digest, chain])
 
 
+def _token_bytes(position: int, token: int, output_digest: str, chain: bytes, sampling: bytes) -> bytes:
+    return msgpack.packb([_TOKEN, position, token, output_digest, chain, sampling])
+
+
+def check_token(key: Ed25519PublicKey, position: int, receipt: Any, sampling: bytes) -> None:
+    """EvidenceError unless `receipt` is a well-formed token receipt for `position`, signed with `key` for these
+    sampling parameters (a ring's first stage checks the token pushed to it before it runs it)."""
+    if not is_token_receipt(receipt):
+        raise EvidenceError("the token is not signed: a token receipt is {'token', 'out', 'chain', 'sig'}")
+    try:
+        key.verify(receipt["sig"], _token_bytes(position, receipt["token"], receipt["out"], receipt["chain"],
+                                                sampling))
+    except InvalidSignature:
+        raise EvidenceError("the token is not signed by the sampling stage's session key") from None
+
+
 def check_receipt(key: Ed25519PublicKey, position: int, tokens: int, receipt: Any, output_digest: str) -> None:
     """EvidenceError unless `receipt` is a well-formed receipt for an output of `output_digest` at (`position`,
     `tokens`), signed with `key` (a pushed step's, checked by its receiver before it runs the step)."""
@@ -120,10 +149,7 @@ def session_key(endorsement: Any, *, peer: str, session: str, client: str | None
     if endorsed_peer(endorsement) != peer or endorsement["session"] != session or (
             client is not None and endorsement["client"] != client):
         raise EvidenceError(f"the endorsement is not {peer}'s for this session")
-    try:
-        return Ed25519PublicKey.from_public_bytes(endorsement["key"])
-    except ValueError:
-        raise EvidenceError("the endorsed key is not an Ed25519 key") from None
+    return _endorsed_key(endorsement)
 
 
 def endorsed_peer(endorsement: Any) -> str:
@@ -157,10 +183,11 @@ class Witness:
     steps: list[tuple[int, int]]
     receipt: dict[str, Any]  # {"out", "chain", "sig"}
     output: torch.Tensor
+    token: dict[str, Any] | None = None  # a ring's last stage: its token receipt for the token sampled right after
 
     def to_wire(self) -> dict[str, Any]:
         return {"endorsement": self.endorsement, "steps": [list(s) for s in self.steps], "receipt": self.receipt,
-                "output": _tensor_bytes(self.output)}
+                "output": _tensor_bytes(self.output), **({"token": self.token} if self.token is not None else {})}
 
 
 def build_proof(model: str, accused: str, start: int, end: int, inputs: torch.Tensor | list[int],
@@ -169,6 +196,14 @@ def build_proof(model: str, accused: str, start: int, end: int, inputs: torch.Te
     encoded = {"tokens": list(inputs)} if isinstance(inputs, list) else {"hidden": _tensor_bytes(inputs)}
     return {"v": 1, "model": model, "accused": accused, "start": start, "end": end, "inputs": encoded,
             "witnesses": [w.to_wire() for w in witnesses]}
+
+
+def build_token_proof(model: str, accused: str, start: int, end: int, inputs: torch.Tensor | list[int],
+                      witnesses: list[Witness], sampling: dict[str, Any]) -> dict[str, Any]:
+    """A proof that `witnesses[0]` (a ring's last stage) sampled another token than its step's output gives: the
+    two others, re-running the step, sampled a token of their own from it with the same `sampling`
+    ({"temperature", "top_p", "seed"}), and each signed it; check it with `verify_proof`."""
+    return {**build_proof(model, accused, start, end, inputs, witnesses), "kind": "token", "sampling": sampling}
 
 
 def verify_proof(proof: Any, *, model: str, accused: str | None = None) -> str:
@@ -181,6 +216,30 @@ def verify_proof(proof: Any, *, model: str, accused: str | None = None) -> str:
         raise EvidenceError(f"the proof accuses {str(proof.get('accused'))[:64]!r}, not {accused}")
     if proof.get("kind") == "equivocation":
         return _verify_equivocation(proof)
+    if proof.get("kind") == "token_equivocation":
+        return _verify_token_equivocation(proof)
+    if proof.get("kind") not in (None, "token"):
+        raise EvidenceError("a proof's kind is a lie (none given), 'token', 'equivocation' or 'token_equivocation'")
+    peers, witnesses, outputs, tolerance = _witnessed_step(proof)
+    claimed, first, second = outputs
+    agreement, difference = relative_error(first, second), min(relative_error(claimed, first),
+                                                               relative_error(claimed, second))
+    if proof.get("kind") == "token":
+        tokens = _signed_tokens(proof, witnesses, inputs_length=_length(_inputs(proof["inputs"])))
+        if not (agreement <= tolerance and tokens[1] == tokens[2] != tokens[0]):
+            raise EvidenceError(f"the witnesses do not convict: the two others sampled {tokens[1]} and {tokens[2]} "
+                                f"from outputs {agreement:.2e} apart (tolerance {tolerance:.1e}), the accused "
+                                f"{tokens[0]}")
+        return peers[0]
+    if not agreement <= tolerance < difference:
+        raise EvidenceError(f"the witnesses do not convict: the two others differ by {agreement:.2e}, the accused "
+                            f"from them by {difference:.2e} (tolerance {tolerance:.1e})")
+    return peers[0]
+
+
+def _witnessed_step(proof: dict[str, Any]) -> tuple[list[str], list[dict], list[torch.Tensor], float]:
+    """A proof's three witnesses' peers, the witnesses, their outputs of the step once every digest, chain and
+    signature checks out, and the tolerance between those outputs (from what all three endorsed)."""
     witnesses = proof.get("witnesses")
     if not isinstance(witnesses, list) or len(witnesses) != 3 or not all(isinstance(w, dict) for w in witnesses):
         raise EvidenceError("a proof has exactly three witnesses: the accused's and two others'")
@@ -200,13 +259,38 @@ def verify_proof(proof: Any, *, model: str, accused: str | None = None) -> str:
         tolerance = max(tolerance_for(announced_dtype(e["dtype"]), e["wire"], quants) for e in endorsements)
     except KeyError:
         raise EvidenceError("a witness endorsed an unknown wire codec or quantization") from None
-    claimed, first, second = outputs
-    agreement, difference = relative_error(first, second), min(relative_error(claimed, first),
-                                                               relative_error(claimed, second))
-    if not agreement <= tolerance < difference:
-        raise EvidenceError(f"the witnesses do not convict: the two others differ by {agreement:.2e}, the accused "
-                            f"from them by {difference:.2e} (tolerance {tolerance:.1e})")
-    return peers[0]
+    return peers, witnesses, list(outputs), tolerance
+
+
+def _signed_tokens(proof: dict[str, Any], witnesses: list[dict], *, inputs_length: int) -> list[int]:
+    """The token each witness signed it sampled right after the step (at the position that ends the inputs), with
+    the proof's sampling parameters, from the output it signed. Tokens count only between fp32 nodes of unquantized
+    layers and a plain wire (node.client.verify.Auditor._exact: elsewhere honest noise flips near-tied tokens), and
+    only for parameters that pick one token (greedy, or seeded)."""
+    sampling = proof.get("sampling")
+    if not isinstance(sampling, dict) or set(sampling) != {"temperature", "top_p", "seed"}:
+        raise EvidenceError("a token proof names its sampling parameters: temperature, top_p, seed")
+    temperature, top_p, seed = sampling["temperature"], sampling["top_p"], sampling["seed"]
+    if not all(isinstance(v, float) for v in (temperature, top_p)) or not (seed is None or _is_int(seed)):
+        raise EvidenceError("a token proof's temperature and top_p are floats, its seed an integer or none")
+    if temperature != 0 and seed is None:
+        raise EvidenceError("an unseeded draw cannot be re-derived: no token proof")
+    signed = sampling_bytes(temperature, top_p, seed)
+    tokens = []
+    for witness in witnesses:
+        endorsement, token = witness["endorsement"], witness.get("token")
+        if (endorsement["dtype"], endorsement["quant"], endorsement["wire"]) != ("float32", "none", "none"):
+            raise EvidenceError("tokens are compared only between fp32 nodes of unquantized layers on a plain wire")
+        receipt = witness["receipt"]
+        if not is_token_receipt(token) or (token["out"], token["chain"]) != (receipt["out"], receipt["chain"]):
+            raise EvidenceError("every witness of a token proof signs the token it sampled from its step's output")
+        check_token(_endorsed_key(endorsement), inputs_length, token, signed)
+        tokens.append(token["token"])
+    return tokens
+
+
+def _length(inputs: torch.Tensor | list[int]) -> int:
+    return len(inputs) if isinstance(inputs, list) else inputs.shape[1]
 
 
 def equivocation_proof(model: str, accused: str, endorsement: dict[str, Any], position: int, tokens: int,
@@ -215,6 +299,38 @@ def equivocation_proof(model: str, accused: str, endorsement: dict[str, Any], po
     different outputs: what it pushed to its neighbour, and what it told the client it sent."""
     return {"v": 1, "kind": "equivocation", "model": model, "accused": accused, "endorsement": endorsement,
             "position": position, "tokens": tokens, "receipts": receipts}
+
+
+def token_equivocation_proof(model: str, accused: str, endorsement: dict[str, Any], position: int, sampling: bytes,
+                             receipts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A proof that a ring's last stage `accused` signed two different tokens at one position from one output of
+    one step (same output digest, same chain): the one it fed the first stage, and the one it told the client."""
+    return {"v": 1, "kind": "token_equivocation", "model": model, "accused": accused, "endorsement": endorsement,
+            "position": position, "sampling": sampling, "receipts": receipts}
+
+
+def _verify_token_equivocation(proof: dict[str, Any]) -> str:
+    peer = endorsed_peer(proof.get("endorsement"))
+    position, sampling, receipts = proof.get("position"), proof.get("sampling"), proof.get("receipts")
+    if peer != proof["accused"] or not _is_int(position) or not isinstance(sampling, bytes) or len(sampling) > 64:
+        raise EvidenceError("a token equivocation proof names the accused's endorsement, a position and sampling")
+    if not isinstance(receipts, list) or len(receipts) != 2 or not all(is_token_receipt(r) for r in receipts):
+        raise EvidenceError("a token equivocation proof holds two token receipts")
+    first, second = receipts
+    if (first["out"], first["chain"]) != (second["out"], second["chain"]) or first["token"] == second["token"]:
+        raise EvidenceError("the two token receipts are not of one output with different tokens")
+    key = _endorsed_key(proof["endorsement"])
+    for receipt in receipts:
+        check_token(key, position, receipt, sampling)
+    return peer
+
+
+def _endorsed_key(endorsement: dict[str, Any]) -> Ed25519PublicKey:
+    """The session key of an endorsement already checked (`endorsed_peer`)."""
+    try:
+        return Ed25519PublicKey.from_public_bytes(endorsement["key"])
+    except ValueError:
+        raise EvidenceError("the endorsed key is not an Ed25519 key") from None
 
 
 def _verify_equivocation(proof: dict[str, Any]) -> str:
@@ -227,10 +343,7 @@ def _verify_equivocation(proof: dict[str, Any]) -> str:
     first, second = receipts
     if first["in"] != second["in"] or first["chain"] != second["chain"] or first["out"] == second["out"]:
         raise EvidenceError("the two receipts are not of one step with different outputs")
-    try:
-        key = Ed25519PublicKey.from_public_bytes(proof["endorsement"]["key"])
-    except ValueError:
-        raise EvidenceError("the endorsed key is not an Ed25519 key") from None
+    key = _endorsed_key(proof["endorsement"])
     for receipt in receipts:
         check_receipt(key, position, tokens, receipt, receipt["out"])
     return peer
@@ -242,7 +355,7 @@ def _checked_output(witness: dict[str, Any], inputs: torch.Tensor | list[int]) -
     if (not isinstance(steps, list) or not 0 < len(steps) <= MAX_PROOF_STEPS or not isinstance(receipt, dict)
             or not all(isinstance(s, list) and len(s) == 2 and all(_is_int(n) for n in s) for s in steps)):
         raise EvidenceError("a witness lists its steps as [position, tokens] pairs and one receipt")
-    length = len(inputs) if isinstance(inputs, list) else inputs.shape[1]
+    length = _length(inputs)
     chain, expected, in_digest = b"", 0, ""
     for position, tokens in steps:
         if position != expected or tokens < 1 or position + tokens > length:

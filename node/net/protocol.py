@@ -45,7 +45,11 @@ session's messages tells a stage which steps are checked. The open's `audit` fla
 Receipts are signed (`node.net.evidence`): the open's answer carries the stage's `endorsement` (a session key its
 identity endorses), and every receipt adds `"out"` (the output's digest), `"chain"` and `"sig"`. A push stream's
 opening carries the pusher's endorsement too, and each pushed step of hidden states its signed `"receipt"`,
-which the receiver checks before running the step and names as `"prev"` in its own receipt.
+which the receiver checks before running the step and names as `"prev"` in its own receipt. A ring's last stage
+signs each token it samples: a token receipt `{"token", "out", "chain", "sig"}` (the output it sampled from, the
+session's chain, and the sampling parameters, `node.net.evidence.ReceiptSigner.token`) rides the token to the client
+(`{"token", "position", "receipt"}`) and the token it pushes to the first stage (`"receipt"`), which checks it
+before running the token and names it as `"prev"` in its own receipt.
 Speculation (a ring opened with `speculate: k`, k <= 16, at every stage): the first stage appends to a
 sampled step a draft of up to k token ids (`node.model.speculative`), which every stage passes on with the
 step's output (`"draft": [...]`); the last stage computes the logits of the draft's positions and the one
@@ -152,7 +156,7 @@ class Step:
     token_ids: torch.Tensor | None = None  # [1, tokens] int64, for a session opened with `embed`
     sample: bool = False  # a ring's last stage samples a token after this step
     draft: tuple[int, ...] = ()  # speculation: the step's last len(draft) tokens are a draft to verify
-    receipt: dict[str, Any] | None = None  # a pushed step of hidden states: its sender's signed receipt
+    receipt: dict[str, Any] | None = None  # a pushed step: its sender's signed receipt (of hidden states, or a token)
 
     @property
     def tokens(self) -> int:
@@ -287,6 +291,15 @@ def is_receipt(receipt: Any) -> bool:
             and isinstance(receipt["sig"], bytes) and len(receipt["sig"]) == 64)
 
 
+def is_token_receipt(receipt: Any) -> bool:
+    """A signed token receipt's shape (node.net.evidence): the token, its output's digest, the chain, a signature."""
+    return (isinstance(receipt, dict) and set(receipt) == {"token", "out", "chain", "sig"}
+            and isinstance(receipt["token"], int) and not isinstance(receipt["token"], bool) and receipt["token"] >= 0
+            and isinstance(receipt["out"], str) and len(receipt["out"]) <= 64
+            and isinstance(receipt["chain"], bytes) and len(receipt["chain"]) <= 64
+            and isinstance(receipt["sig"], bytes) and len(receipt["sig"]) == 64)
+
+
 def parse_push_open(message: runtime_pb2.ExpertRequest) -> tuple[str, str | None]:
     """The first message of a stage-to-stage push stream names the session it feeds: its id and the client that
     opened it (session ids are the client's own, so another peer may use the same id). `client` is None from a
@@ -317,7 +330,13 @@ def parse_step(
         raise ProtocolError("bad_request", f"'sample' must be a boolean, got {_short(sample)}")
     draft = _draft(metadata, speculate, model_vocab_size)
     if vocab_size is not None:
-        step = Step(None, position, _token_ids(metadata, message, vocab_size, position, max_length), sample, draft)
+        token_ids = _token_ids(metadata, message, vocab_size, position, max_length)
+        receipt = metadata.get("receipt")  # a ring's last stage signs the token it pushes
+        if receipt is not None and not (is_token_receipt(receipt) and token_ids.shape[1] == 1
+                                        and receipt["token"] == int(token_ids[0, -1])):
+            raise ProtocolError("bad_request", "'receipt' of a token must be {'token': the token, 'out': digest, "
+                                "'chain': bytes, 'sig': 64 bytes}")
+        step = Step(None, position, token_ids, sample, draft, receipt)
     else:
         size = _tensor_header(message, "hidden states", [1, None, hidden_size])
         _check_chunk(size[1])

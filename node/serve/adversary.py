@@ -11,6 +11,8 @@ benchmarks/verification.py); an honest node has no `Adversary`. Each kind is one
 - "missampler": a ring's last stage that computes honestly but samples another token than (seed, position) and the
   logits give (the next id up), announcing and feeding that one alike; it declines to share the LM head's work
   with the first stage (which would sample instead of it).
+- "forker": a ring's last stage that samples honestly and announces that token to the client, but feeds the first
+  stage another (the next id up), signing each; it declines to share the LM head's work too.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-KINDS = ("liar", "equivocator", "rare", "sly", "blamer", "missampler")
+KINDS = ("liar", "equivocator", "rare", "sly", "blamer", "missampler", "forker")
 RARE_ONE_IN = 50
 BLAME_AT_STEP = 3
 
@@ -39,7 +41,7 @@ class Adversary:
     def outputs(self, hidden: torch.Tensor, *, audited: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(what this node sends on and samples from, what it echoes to the client) for an honest output."""
         lies = {"liar": True, "equivocator": True, "rare": self.rng.randrange(RARE_ONE_IN) == 0,
-                "sly": not audited, "blamer": False, "missampler": False}[self.kind]
+                "sly": not audited, "blamer": False, "missampler": False, "forker": False}[self.kind]
         if not lies:
             return hidden, hidden
         noisy = perturb(hidden, self.scale)
@@ -49,9 +51,13 @@ class Adversary:
         """The tokens this node says it sampled, for those it did."""
         return [(t + 1) % vocab_size for t in tokens] if self.kind == "missampler" else tokens
 
+    def fed(self, token: int, vocab_size: int) -> int:
+        """The token this node feeds the first stage, for the one it announces to the client."""
+        return (token + 1) % vocab_size if self.kind == "forker" else token
+
     @property
     def shares_head(self) -> bool:
-        return self.kind != "missampler"
+        return self.kind not in ("missampler", "forker")
 
     def blames_now(self, session_id: str) -> bool:
         """Counts the session's steps; a blamer accuses its neighbour instead of running the BLAME_AT_STEP-th."""

@@ -31,7 +31,15 @@ from node.model.sampling import SamplingParams, sample
 from node.model.speculative import MAX_DRAFT_TOKENS, DraftLength, propose_draft, verify_draft
 from node.model.stage import Stage
 from node.net.direct import DirectLinkError, DirectListener, DirectOffer, DirectWriter, dial, maddr_hosts
-from node.net.evidence import EvidenceError, ReceiptSigner, check_receipt, session_key, wire_digest
+from node.net.evidence import (
+    EvidenceError,
+    ReceiptSigner,
+    check_receipt,
+    check_token,
+    sampling_bytes,
+    session_key,
+    wire_digest,
+)
 from node.net.protocol import (
     MAX_ERROR_CHARS,
     PUSH_HANDLER,
@@ -651,19 +659,24 @@ class StageServer:
             # A bad step is refused without touching the cache; the session stays usable.
             session.outbox.put(_error_for(e))
             return
-        if pushed and role.ring is Ring.FIRST:
-            session.produced += 1  # the last stage sampled this token (it did not share the head for it)
         in_digest = digest(step.hidden if step.token_ids is None else step.token_ids)
-        if pushed and step.hidden is not None:  # what the previous stage pushed must be what it signed for
+        if pushed:  # what the previous stage pushed must be what it signed for: hidden states, or a ring's token
             try:
                 session.pusher_key = session.pusher_key or session_key(
                     session.pusher_endorsement, peer=session.opened.prev_peer, session=session.session_id,
                     client=session.client)
-                check_receipt(session.pusher_key, step.position, step.tokens, step.receipt, in_digest)
+                if step.hidden is not None:
+                    check_receipt(session.pusher_key, step.position, step.tokens, step.receipt, in_digest)
+                else:
+                    params = session.opened.sampling
+                    check_token(session.pusher_key, step.position, step.receipt,
+                                sampling_bytes(params.temperature, params.top_p, params.seed))
             except EvidenceError as e:
                 session.outbox.put(error_response("bad_receipt", f"the step pushed at position {step.position}: {e}",
                                                   peer=session.opened.prev_peer))
                 return
+        if pushed and role.ring is Ring.FIRST:
+            session.produced += 1  # the last stage sampled this token (it did not share the head for it)
         await self._run_step(session, step, in_digest)
 
     async def _run_step(self, session: Session, step: Step, in_digest: str | None = None) -> None:
@@ -738,7 +751,7 @@ class StageServer:
                    **({"prev": step.receipt} if step.receipt is not None else {})}
         if role.samples:
             if tokens:  # a ring's last stage sends tokens (or its head's part), not hidden states
-                self._feed_tokens(session, tokens, next_position)
+                self._feed_tokens(session, tokens, next_position, signed_from=receipt["out"])
             self._echo(session, receipt, echoed)  # what it sampled from, for the client's checks
             return
         metadata = {"position": step.position, **({"sample": True} if step.sample else {}),
@@ -881,12 +894,26 @@ class StageServer:
         if session.key in self.sessions:
             self._feed_tokens(session, [token], session.position)
 
-    def _feed_tokens(self, session: Session, tokens: list[int], position: int) -> None:
+    def _feed_tokens(self, session: Session, tokens: list[int], position: int, signed_from: str | None = None
+                     ) -> None:
         """The tokens this stage sampled, from `position` on (several when a draft was kept), up to the one that
         ends generation: the last goes to the first stage (first, as that is the critical path) as the next step,
         unless generation ends with it, then all go to the client. A stage that embeds is the first one (a
-        one-stage ring, or a ring's first stage sharing the head) and feeds itself; else it pushes the token."""
+        one-stage ring, or a ring's first stage sharing the head) and feeds itself; else it pushes the token.
+        `signed_from`: the digest of the output they were sampled from (this step's): each token then goes with
+        a token receipt (node.net.evidence) signing it, its position, the session's chain and the sampling
+        parameters, to the first stage and the client alike, so that a token lie, or feeding one token and
+        announcing another, is a proof others can check. (A first stage that merged the head's parts signs none.)"""
         params, max_length = session.opened.sampling, session.opened.max_length
+        receipts: dict[tuple[int, int], dict] = {}  # (position, token) -> its receipt: one signature for both
+
+        def signed(at: int, token: int) -> dict:
+            if signed_from is None:
+                return {}
+            if (at, token) not in receipts:
+                receipts[at, token] = self._token_receipt(session, signed_from, at, token)
+            return {"receipt": receipts[at, token]}
+
         for count, token in enumerate(tokens, 1):
             session.produced += 1
             if params.is_last(token, session.produced) or position + count - 1 >= max_length:
@@ -898,9 +925,18 @@ class StageServer:
                 step = Step(None, at, torch.tensor([[token]]), sample=True)
                 session.feeding = asyncio.create_task(self._run_step(session, step))
             elif session.push_link is not None:  # else a check of a ring's sampling: the token goes to the client
-                session.push_link.send(pack({"position": at, "tokens": [token], "sample": True}))
+                vocab = self.stage.source.config.vocab_size
+                fed = token if self.adversary is None else self.adversary.fed(token, vocab)
+                session.push_link.send(pack({"position": at, "tokens": [fed], "sample": True, **signed(at, fed)}))
         for offset, token in enumerate(tokens):
-            session.outbox.put(pack_response({"token": token, "position": position + offset}))
+            session.outbox.put(pack_response({"token": token, "position": position + offset,
+                                              **signed(position + offset, token)}))
+
+    @staticmethod
+    def _token_receipt(session: Session, output_digest: str, position: int, token: int) -> dict:
+        params = session.opened.sampling
+        return session.signer.token(output_digest, position, token, sampling_bytes(params.temperature, params.top_p,
+                                                                                   params.seed))
 
     async def _sweep_idle_sessions(self) -> None:
         while True:

@@ -17,7 +17,10 @@ from node.net.evidence import (
     ReceiptSigner,
     Witness,
     build_proof,
+    build_token_proof,
     endorsed_peer,
+    sampling_bytes,
+    token_equivocation_proof,
     verify_proof,
     wire_digest,
 )
@@ -112,6 +115,83 @@ def test_every_forgery_is_refused():
             pytest.fail(f"{name}: a forged proof verified")
     with pytest.raises(EvidenceError):
         verify_proof(proof, model="another model")
+
+
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "seed": None}
+
+
+def _token_witness(key: RSAPrivateKey, inputs: torch.Tensor, steps: list[tuple[int, int]], token: int,
+                   sampling: dict = GREEDY) -> Witness:
+    """A ring's last stage's account of its step (an honest output) and of the token it sampled after it."""
+    signer = ReceiptSigner(key, session="s", client="client", start=3, end=6, dtype="float32", quant="none",
+                           wire="none")
+    for position, tokens in steps:
+        output = _layer(inputs[:, :position + tokens])[:, position:]
+        signer.step(position, tokens, digest(inputs[:, position:position + tokens]))
+        receipt = signer.receipt(wire_digest(output, "none"))
+    end = steps[-1][0] + steps[-1][1]
+    return Witness(signer.endorsement, steps, receipt, output,
+                   signer.token(receipt["out"], end, token, sampling_bytes(**sampling)))
+
+
+def _token_proof(tokens: tuple[int, int, int] = (8, 7, 7), sampling: dict = GREEDY,
+                 signed_sampling: dict = GREEDY) -> dict:
+    inputs = torch.randn(1, 6, 8)
+    witnesses = [_token_witness(KEYS[0], inputs, [(0, 5), (5, 1)], tokens[0], signed_sampling),
+                 _token_witness(KEYS[1], inputs, [(0, 2), (2, 3), (5, 1)], tokens[1], signed_sampling),
+                 _token_witness(KEYS[2], inputs, [(0, 5), (5, 1)], tokens[2], signed_sampling)]
+    return build_token_proof(MODEL, PEERS[0], 3, 6, inputs, witnesses, sampling)
+
+
+def test_a_token_lie_is_proven_by_the_signed_tokens_and_a_forged_one_is_refused():
+    proof = _token_proof()
+    assert verify_proof(MSGPackSerializer.loads(MSGPackSerializer.dumps(proof)), model=MODEL) == PEERS[0]
+    seeded = {"temperature": 0.7, "top_p": 0.9, "seed": 11}
+    assert verify_proof(_token_proof(sampling=seeded, signed_sampling=seeded), model=MODEL) == PEERS[0]
+    forged = {
+        "honest token": _token_proof((7, 7, 7)),
+        "the others disagree": _token_proof((8, 7, 6)),
+        "other sampling than signed": _token_proof(sampling={**GREEDY, "seed": 3}),
+        "unseeded draw": _token_proof(sampling={**seeded, "seed": None},
+                                      signed_sampling={**seeded, "seed": None}),
+    }
+    edited = copy.deepcopy(proof)  # the honest verifier's token changed to the liar's: its signature fails
+    edited["witnesses"][1]["token"]["token"] = 8
+    forged["edited token"] = edited
+    swapped = copy.deepcopy(proof)  # an honest verifier accused, the liar's signed token as a witness against it
+    swapped["accused"], swapped["witnesses"][:2] = PEERS[1], swapped["witnesses"][1::-1]
+    forged["honest accused"] = swapped
+    unsigned = copy.deepcopy(proof)
+    del unsigned["witnesses"][2]["token"]
+    forged["a witness signed no token"] = unsigned
+    bf16 = copy.deepcopy(proof)  # tokens of a bf16 node are not compared (its honest noise flips near ties)
+    bf16["witnesses"][0]["endorsement"]["dtype"] = "bfloat16"
+    forged["a bf16 witness"] = bf16
+    for name, bad in forged.items():
+        with pytest.raises(EvidenceError):
+            verify_proof(bad, model=MODEL)
+            pytest.fail(f"{name}: a forged token proof verified")
+
+
+def test_two_tokens_signed_for_one_output_prove_a_token_equivocation():
+    signer = ReceiptSigner(KEYS[0], session="s", client="client", start=3, end=6, dtype="float32", quant="none",
+                           wire="none")
+    signer.step(5, 1, "in")
+    sampling = sampling_bytes(**GREEDY)
+    fed, told = signer.token("out", 6, 8, sampling), signer.token("out", 6, 7, sampling)
+    proof = token_equivocation_proof(MODEL, PEERS[0], signer.endorsement, 6, sampling, [fed, told])
+    assert verify_proof(MSGPackSerializer.loads(MSGPackSerializer.dumps(proof)), model=MODEL) == PEERS[0]
+    signer.step(6, 1, "in2")  # a later step's token at another position: not the same statement twice
+    later = signer.token("out", 7, 9, sampling)
+    forged = {"same token twice": [fed, fed], "another step": [fed, later],
+              "edited token": [fed, {**told, "token": 9}], "one receipt": [fed]}
+    for name, receipts in forged.items():
+        with pytest.raises(EvidenceError):
+            verify_proof(token_equivocation_proof(MODEL, PEERS[0], signer.endorsement, 6, sampling, receipts),
+                         model=MODEL)
+            pytest.fail(f"{name}: a forged token equivocation verified")
+    with pytest.raises(EvidenceError):  # pinned on another peer
+        verify_proof({**proof, "accused": PEERS[1]}, model=MODEL)
 
 
 def test_a_proof_travels_in_small_parts_and_the_dht_refuses_oversized_or_misplaced_ones():

@@ -35,7 +35,7 @@ PERTURB = 0.01  # noise of 1% of the output's RMS: 100x the fp32 tolerance, smal
 # Nodes of the test swarm (a 6-layer tiny llama): two honest replicas of each half, and one of each adversary.
 HONEST = {0: (0, 3), 1: (0, 3), 2: (3, 6), 3: (3, 6)}
 ADVERSARIES = {4: ((0, 3), "liar"), 5: ((0, 3), "equivocator"), 6: ((0, 3), "blamer"), 7: ((3, 6), "sly"),
-               8: ((3, 6), "missampler")}
+               8: ((3, 6), "missampler"), 9: ((3, 6), "forker")}
 
 
 class PreferringClient(SwarmClient):
@@ -102,6 +102,20 @@ def test_ledger_binds_what_a_stage_sent_to_what_its_neighbour_received():
         assert ledger.inputs(0, 6) is None
 
     asyncio.run(run())
+
+
+def test_sampled_checks_take_the_chain_s_stages_in_turn_from_a_random_one():
+    class Session:
+        chain = ["A", "B", "C"]
+
+    starts = set()
+    for seed in range(20):
+        session, auditor = Session(), Auditor(None, rng=random.Random(seed))
+        session.ledger = Ledger(["A", "B", "C"])
+        picks = [auditor.pick_stage(session) for _ in range(7)]
+        assert picks == [(picks[0] + i) % 3 for i in range(7)]
+        starts.add(picks[0])
+    assert starts == {0, 1, 2}
 
 
 def test_an_accusation_is_not_evidence():
@@ -177,9 +191,10 @@ async def _scenarios(swarm: LocalSwarm, prompt_ids: list[int]) -> None:
                 assert adversary in _long_bans(client)  # outvoted by two honest replicas: proven
                 assert any(r.verdict == "liar" and r.peer == adversary for r in auditor.reports)
                 assert revisions  # tokens made through it were withdrawn
-            if kind == "equivocator":  # at the prompt (nothing to revise), convicted by its own two signatures
+            if kind in ("equivocator", "forker"):  # convicted by its own two signatures, the proof published
                 assert "equivocated" in [e.code for e in session.events] and adversary in _long_bans(client)
-                assert adversary in client.peer.proof_book(swarm.source.name).proven  # and the proof published
+                proof = client.peer.proof_book(swarm.source.name).proven[adversary]
+                assert proof["kind"] == {"equivocator": "equivocation", "forker": "token_equivocation"}[kind]
             if kind == "blamer":
                 assert [e.code for e in session.events] == ["push_failed"] and not revisions
     finally:
@@ -228,7 +243,8 @@ def test_a_revision_rewinds_the_streamed_text_to_what_stands():
     assert text == "adf" and "".join(d for d in deltas if isinstance(d, str))[-1] == "f"
 
 
-async def _proof_scenario(swarm: LocalSwarm, prompt_ids: list[int], liar: str, honest: list[str]) -> None:
+async def _proof_scenario(swarm: LocalSwarm, prompt_ids: list[int], liar: str, honest: list[str], kind: str
+                          ) -> None:
     peers = []
 
     def fresh_client() -> PreferringClient:  # a new DHT peer: no bans, nothing learned
@@ -248,6 +264,8 @@ async def _proof_scenario(swarm: LocalSwarm, prompt_ids: list[int], liar: str, h
         assert tokens == reference and auditor.published, auditor.reports
         proof = auditor.published[0]
         assert verify_proof(proof, model=swarm.source.name) == liar
+        # A missampler's output is honest: its proof is the token it signed against two others' signed tokens.
+        assert proof.get("kind") == ("token" if kind == "missampler" else None)
 
         # B, fresh, never routes through the liar, nor checks with it: the proof is enough. Its answer, unchecked,
         # is the honest one.
@@ -287,12 +305,14 @@ async def _proof_scenario(swarm: LocalSwarm, prompt_ids: list[int], liar: str, h
             peer.shutdown()
 
 
-def test_a_published_proof_keeps_every_client_off_the_liar_and_a_forged_one_changes_nothing(tiny_checkpoint):
+@pytest.mark.parametrize("kind, layers", [("liar", (0, 3)), ("missampler", (3, 6))])
+def test_a_published_proof_keeps_every_client_off_the_liar_and_a_forged_one_changes_nothing(tiny_checkpoint, kind,
+                                                                                             layers):
     path = tiny_checkpoint("llama", num_layers=6)
-    ranges = [*HONEST.values(), (0, 3)]
-    with LocalSwarm(str(path), ranges, threads_per_node=1, per_node_args={4: adversary_args("liar")}) as swarm:
+    ranges = [*HONEST.values(), layers]
+    with LocalSwarm(str(path), ranges, threads_per_node=1, per_node_args={4: adversary_args(kind)}) as swarm:
         liar, honest = swarm.peer_id(4), [swarm.peer_id(i) for i in HONEST]
-        asyncio.run(_proof_scenario(swarm, list(range(5, 25)), liar, honest))
+        asyncio.run(_proof_scenario(swarm, list(range(5, 25)), liar, honest, kind))
         # `layerhive status` leaves the proven liar out, names it, and shows each node's checked credit.
         env = {**os.environ, "LAYERHIVE_INITIAL_PEERS": ",".join(swarm.initial_peers)}
         shown = subprocess.run([sys.executable, "-m", "node.app.cli", "status", "--json", "--model", str(path)],
