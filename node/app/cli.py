@@ -111,7 +111,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from node.model.checkpoint import resolve_model
-    from node.net.credit import read_credit
     from node.net.membership import open_dht
     from node.serve.assignment import model_spec, swarm_status
 
@@ -124,7 +123,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     async def read() -> SwarmStatus:
         records = await peer.list_servers(source.name, num_layers=source.num_layers)
         liars = await peer.proof_book(source.name).liars(r.peer_id for r in records)
-        return swarm_status(model_spec(source), records, credit=await read_credit(peer, source.name), liars=liars)
+        return swarm_status(model_spec(source), records, credit=await peer.read_credit(source.name), liars=liars)
 
     try:
         status = asyncio.run(read())

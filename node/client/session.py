@@ -22,7 +22,6 @@ from hivemind.proto import runtime_pb2
 from node.client.routing import believed, plan_chains
 from node.model.checkpoint import ModelSource
 from node.model.sampling import SamplingParams
-from node.net.credit import publish_credit
 from node.net.membership import SwarmPeer, open_dht
 from node.net.probe import measure_rtt
 from node.net.protocol import (
@@ -305,7 +304,7 @@ class SwarmClient:
         """Publishes this client's checked-credit tally if it grew since it was last published."""
         if self.checked_credit != self._credit_published:
             tally = dict(self.checked_credit)
-            if await publish_credit(self.peer, self.model, tally):
+            if await self.peer.publish_credit(self.model, tally):
                 self._credit_published = tally
 
     async def session_room(self) -> int | None:

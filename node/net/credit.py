@@ -4,7 +4,8 @@ A client's auditor credits a stage, in each session, with the tokens it ran up t
 passed (`node.client.verify.Auditor`); unchecked work earns nothing, as BOINC grants credit only after validation.
 Each client publishes its running tally under one DHT key per model, in a subkey signed by its own identity
 (`owner_subkey`: no one can write another client's tally), and a reader sums the tallies per node
-(`read_credit`), counting how many clients vouch for each. A tally about the publisher's own node is not counted.
+(`SwarmPeer.read_credit`), counting how many clients vouch for each. A tally about the publisher's own node is
+not counted.
 
 Limits, said plainly: a tally is a client's word. A node's operator can run clients that vouch for it (a Sybil
 client is free), so credit ranks honest work only among honest clients; the number of distinct clients vouching is
@@ -15,15 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from hivemind.utils import get_dht_time
-
-from node.net.dhtkeys import owner_subkey, subkey_owner
+from node.net.dhtkeys import subkey_owner
 from swarm.records import RecordError
-
-if TYPE_CHECKING:  # membership's validators check tallies (node.net.dhtbounds), so it imports this module
-    from node.net.membership import SwarmPeer
 
 CREDIT_TTL_S = 24 * 3600.0
 MAX_CREDIT_PEERS = 128  # a tally names at most this many nodes (its largest): a DHT call stays under 16 KB
@@ -40,17 +36,11 @@ def credit_key(model: str) -> str:
     return f"layerhive:{model}:credit"
 
 
-async def publish_credit(peer: SwarmPeer, model: str, tally: Mapping[str, int]) -> bool:
-    """Stores this client's tally (node -> checked tokens), signed by its identity, replacing its previous one. The
-    value names its model, so that DHT peers can tell it belongs under the model's credit key (node.net.dhtbounds)."""
-    largest = dict(sorted(tally.items(), key=lambda item: -item[1])[:MAX_CREDIT_PEERS])
-    value = {"model": model, "credit": largest}
-    return await peer.dht.store(credit_key(model), subkey=owner_subkey(peer.identity), value=value,
-                                expiration_time=get_dht_time() + CREDIT_TTL_S, return_future=True)
-
-
-async def read_credit(peer: SwarmPeer, model: str) -> dict[str, CheckedCredit]:
-    return sum_tallies(await peer.dht.get(credit_key(model), latest=True, return_future=True))
+def credit_value(model: str, tally: Mapping[str, int]) -> dict:
+    """What a client stores as its tally (node -> checked tokens; its largest MAX_CREDIT_PEERS), under its own
+    subkey of `credit_key(model)` (`SwarmPeer.publish_credit`). The value names its model, so that DHT peers can
+    tell it belongs under the model's credit key (node.net.dhtbounds)."""
+    return {"model": model, "credit": dict(sorted(tally.items(), key=lambda item: -item[1])[:MAX_CREDIT_PEERS])}
 
 
 def sum_tallies(found: Any) -> dict[str, CheckedCredit]:

@@ -20,7 +20,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 
 from node.net import dhtbounds
 from node.net.config import load_config
+from node.net.credit import CREDIT_TTL_S, CheckedCredit, credit_key, credit_value, sum_tallies
 from node.net.dhtbounds import BoundsValidator, KindValidator, key_id
 from node.net.dhtkeys import log_rejection, owner_subkey, servers_key, subkey_owner
 from node.net.identity import IdentityError, NodeIdentity, claim, ephemeral_identity
@@ -126,6 +127,17 @@ class SwarmPeer:
         """Live, valid records of `model`'s servers; bad ones are logged with the reason and skipped."""
         found = await self.dht.get(servers_key(model), latest=True, return_future=True)
         return _valid_records(found, model, num_layers)
+
+    async def publish_credit(self, model: str, tally: Mapping[str, int]) -> bool:
+        """Stores this client's tally of checked tokens (node.net.credit), signed by its identity, replacing its
+        previous one."""
+        return await self.dht.store(credit_key(model), subkey=owner_subkey(self.identity),
+                                    value=credit_value(model, tally), expiration_time=get_dht_time() + CREDIT_TTL_S,
+                                    return_future=True)
+
+    async def read_credit(self, model: str) -> dict[str, CheckedCredit]:
+        """Every node's checked credit, summed over the clients' tallies (node.net.credit)."""
+        return sum_tallies(await self.dht.get(credit_key(model), latest=True, return_future=True))
 
     def proof_book(self, model: str) -> ProofBook:
         """The proven liars of `model`'s swarm as this peer reads them (node.net.evidence), shared by its users."""

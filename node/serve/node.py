@@ -26,7 +26,6 @@ from hivemind.proto import runtime_pb2
 from node.model.checkpoint import ModelSource, resolve_model
 from node.model.draft import DraftModel
 from node.model.stage import Stage, default_device, default_dtype
-from node.net.credit import read_credit
 from node.net.direct import DirectListener, listen_host, maddr_hosts
 from node.net.identity import load_identity
 from node.net.membership import DEFAULT_TTL_S, SwarmPeer, open_dht
@@ -423,7 +422,7 @@ class Node:
         if self.peer is None:
             return None
         records = await self.peer.list_servers(self.source.name, num_layers=self.source.num_layers)
-        return swarm_status(self.spec, records, credit=await read_credit(self.peer, self.source.name),
+        return swarm_status(self.spec, records, credit=await self.peer.read_credit(self.source.name),
                             liars=await self.peer.proof_book(self.source.name).liars(r.peer_id for r in records))
 
     async def _records(self) -> list[ServerRecord]:

@@ -22,7 +22,6 @@ from node.client.failover import ResilientSession, Revision
 from node.client.session import StageFailure, SwarmClient
 from node.client.verify import PROVEN_BAN_S, Auditor, Ledger, relative_error, tolerance_for
 from node.model.sampling import SamplingParams
-from node.net.credit import read_credit
 from node.net.evidence import endorsed_peer, verify_proof
 from node.net.membership import open_dht
 from node.net.proofbook import proof_entries, proof_subkey, proofs_key
@@ -297,7 +296,7 @@ async def _proof_scenario(swarm: LocalSwarm, prompt_ids: list[int], liar: str, h
         assert book.refused == 2 and victim not in book.proven and liar in book.proven
 
         # Credit for checked work: A's checks vouched for honest nodes' tokens, and for none of the liar's.
-        credit = await read_credit(skeptic.peer, swarm.source.name)
+        credit = await skeptic.peer.read_credit(swarm.source.name)
         assert liar not in credit and credit and set(credit) <= set(honest), credit
         assert all(c.clients == 1 and c.tokens >= len(prompt_ids) for c in credit.values())
     finally:
