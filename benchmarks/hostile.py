@@ -55,6 +55,9 @@ ATTACKS: dict[str, list[str]] = {
     "direct-squat": ["--count", "70", "--max-length", "16", "--duration", "25"],
     "lying-record": ["--slowdown-ms", "200", "--ttl", "6", "--duration", "40"],
     "api-bodies": [],
+    # The same flood with the flooder at the lowest CPU priority: a stand-in for an attacker on another machine,
+    # whose CPU is not this one's (on this 2-core VM the flooder otherwise takes a third of the cores).
+    "api-bodies-niced": [],
 }
 
 
@@ -148,7 +151,7 @@ def run_node_attack(swarm: LocalSwarm, name: str, args: list[str], tokens: int, 
                crashes(swarm))
 
 
-def run_api_attack(swarm: LocalSwarm, tokens: int) -> Row:
+def run_api_attack(swarm: LocalSwarm, tokens: int, answers: int, *, niced: bool = False) -> Row:
     """A `layerhive api` process flooded with 100 MB Content-Lengths, 64 MB chunked bodies and 200k-character
     prompts from 8 threads, while an honest caller streams small completions through it."""
     port = _free_port()
@@ -159,12 +162,13 @@ def run_api_attack(swarm: LocalSwarm, tokens: int) -> Row:
     url = f"http://127.0.0.1:{port}/v1"
     try:
         _wait_for_api(url)
-        base = _api_steps(url, swarm.source.name, tokens, answers=4)
+        base = _api_steps(url, swarm.source.name, tokens, answers=answers)
         # The flood runs in a process of its own: as threads here it would take the GIL from the honest client
         # whose chunks are being timed, and measure this process rather than the API.
         spawn = multiprocessing.get_context("spawn")
         stop, sent, refused = spawn.Event(), spawn.Value("i", 0), spawn.Value("i", 0)
-        flood = spawn.Process(target=_api_flood_process, args=(port, stop, sent, refused, 8), daemon=True)
+        flood = spawn.Process(target=_api_flood_process, args=(port, stop, sent, refused, 8, 19 if niced else 0),
+                              daemon=True)
         with RssPeak(api.pid) as rss:
             flood.start()
             deadline = time.monotonic() + 120
@@ -173,7 +177,7 @@ def run_api_attack(swarm: LocalSwarm, tokens: int) -> Row:
             parts = {"api": [api.pid], "flooder": [flood.pid], "nodes": [p.pid for p in swarm.processes],
                      "honest client": [-os.getpid()]}  # this process alone: the others are its children
             before, started = {name: _cpu_s(pids) for name, pids in parts.items()}, time.monotonic()
-            during = _api_steps(url, swarm.source.name, tokens, answers=4)
+            during = _api_steps(url, swarm.source.name, tokens, answers=answers)
             spent = {name: _cpu_s(pids) - before[name] for name, pids in parts.items()}
             wall = time.monotonic() - started
             stop.set()
@@ -188,7 +192,8 @@ def run_api_attack(swarm: LocalSwarm, tokens: int) -> Row:
     finally:
         api.terminate()
         api.wait(timeout=60)
-    return Row("api-bodies", rss.idle / 2**20, rss.peak / 2**20, base.p50_ms, during.p50_ms, during.opened,
+    name = "api-bodies-niced" if niced else "api-bodies"
+    return Row(name, rss.idle / 2**20, rss.peak / 2**20, base.p50_ms, during.p50_ms, during.opened,
                during.tried, crashes(swarm) + (not alive), note="API process; step = streamed chunk")
 
 
@@ -221,9 +226,11 @@ def _api_steps(url: str, model: str, tokens: int, answers: int) -> _ApiSteps:
     return _ApiSteps(steps, opened, answers)
 
 
-def _api_flood_process(port: int, stop, sent, refused, threads: int) -> None:
+def _api_flood_process(port: int, stop, sent, refused, threads: int, niceness: int = 0) -> None:
     """`threads` flooders against the API at `port` until `stop` (a multiprocessing Event) is set, counting the
-    requests sent and those the API answered with a 4xx in `sent` and `refused` (multiprocessing Values)."""
+    requests sent and those the API answered with a 4xx in `sent` and `refused` (multiprocessing Values); at
+    `niceness` (os.nice)."""
+    os.nice(niceness)
     flooders = [threading.Thread(target=_api_flood, args=(port, stop, sent, refused), daemon=True)
                 for _ in range(threads)]
     for thread in flooders:
@@ -324,8 +331,8 @@ def main() -> int:
             baseline = HonestLoad(swarm, args.tokens)
             baseline.run(args.answers)  # measured next to each attack: the machine's load drifts
             print(f"{name}: honest step p50 without attack {baseline.p50_ms:.1f} ms", flush=True)
-            if name == "api-bodies":
-                rows.append(run_api_attack(swarm, args.tokens))
+            if name.startswith("api-bodies"):
+                rows.append(run_api_attack(swarm, args.tokens, args.answers, niced=name.endswith("niced")))
             else:
                 rows.append(run_node_attack(swarm, name, ATTACKS[name], args.tokens, baseline.p50_ms))
             print(table(rows[-1:]).splitlines()[1], flush=True)
