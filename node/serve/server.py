@@ -636,8 +636,9 @@ class StageServer:
             self.budget.release(session.reserved_bytes, session.client, session.newcomer)
             self.batcher.forget(session.cache)
             session.cache = None
-            if self.drafter is not None:  # on the thread that drafts, so the two never race
-                self._compute.submit(self.drafter.forget, session.key)
+            if self.drafter is not None:  # on the compute thread: a draft running there holds the drafter's lock
+                with contextlib.suppress(RuntimeError):  # the stage shut down: the drafter goes with it
+                    self._compute.submit(self.drafter.forget, session.key)
             if session.push_link is not None:
                 session.push_link.close()
 

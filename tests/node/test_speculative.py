@@ -183,6 +183,12 @@ def test_a_draft_model_drafts_the_greedy_continuation_and_follows_a_rewritten_hi
     assert drafter.propose("a", list(range(62)), 4) == []  # beyond its context bound: no draft
     with pytest.raises(ValueError, match="tokenizer"):
         DraftModel(source, target_vocab_size=vocab - 1)
+    # A long history is caught up a chunk per round (the compute thread is held for one chunk at a time): no
+    # draft until it is, then the same greedy draft.
+    chunked = DraftModel(source, target_vocab_size=vocab, max_feed=3)
+    assert [chunked.propose("a", prompt, 4) for _ in range(2)] == [[], []]
+    assert chunked._states["a"].tokens == prompt[:6]
+    assert chunked.propose("a", prompt, 4) == greedy(prompt, 4)
 
 
 def test_a_ring_with_a_draft_model_keeps_greedy_output_and_accepts_what_lookup_cannot(tiny_checkpoint):
