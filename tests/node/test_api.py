@@ -452,13 +452,25 @@ def test_a_bearer_token_is_required_when_set(swarm):
 
 
 def test_a_speculating_api_gives_the_same_greedy_answer(swarm, story):
-    """`layerhive api --speculate K`: rings draft by prompt lookup; the greedy text is the plain API's."""
+    """`layerhive api --speculate K`: rings draft by prompt lookup, verified at the last stage; the greedy text is
+    the plain API's."""
+    import asyncio
+
+    from node.client.session import connect
+
+    async def drafts_verified() -> int:
+        async with connect(swarm.initial_peers, swarm.source) as client:
+            infos = [await client.node_info(swarm.peer_id(i)) for i in range(len(swarm.processes))]
+        return sum(info["draft_tokens"] for info in infos)
+
+    before = asyncio.run(drafts_verified())
     with running(create_app(DEFAULT_MODEL, swarm.initial_peers, speculate=6)) as url:
         speculating = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
         reply = speculating.chat.completions.create(model=DEFAULT_MODEL, messages=STORY, max_tokens=MAX_TOKENS,
                                                     temperature=0)
     assert reply.choices[0].message.content == story.choices[0].message.content
     assert reply.usage == story.usage
+    assert asyncio.run(drafts_verified()) > before  # drafts rode the answer's steps
 
 
 def test_a_node_crash_mid_stream_is_an_error_event_then_an_error_status(client, swarm):
