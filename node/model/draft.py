@@ -19,6 +19,7 @@ its successor) share one draft model from their own compute threads: a lock keep
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
@@ -80,6 +81,16 @@ class DraftModel:
                 if len(draft) == k:
                     return draft
                 logits = self._feed(state, [token])
+
+    @property
+    def max_bytes(self) -> int:
+        """The most memory it holds: its weights (layers and head; the embedding rows are read from the mapped
+        checkpoint) and every session's cache at its bound. A node counts it against the KV budget of the stage
+        it drafts for."""
+        head = self.stage.head
+        weights = sum(t.nbytes for module in (self.stage.layers, head.lm_head, head.norm)
+                      for t in itertools.chain(module.parameters(), module.buffers()))
+        return weights + self.max_sessions * self.stage.cache_bytes(self.max_context)
 
     def forget(self, key: Hashable) -> None:
         with self._lock:

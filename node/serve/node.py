@@ -381,6 +381,8 @@ class Node:
         if target.start == 0 and config.draft_model and self.drafter is None:
             self.drafter = await asyncio.get_running_loop().run_in_executor(None, self._load_drafter)
         budget = config.kv_budget_bytes or self._planned_kv_budget(target)
+        if target.start == 0 and self.drafter is not None and not config.kv_budget_bytes:
+            budget = max(0, budget - self.drafter.max_bytes)  # the draft model lives in the same memory
         server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
                              send_delay_s=config.send_delay_s, adversary=_adversary(config),
                              test_slowdown_s=config.test_slowdown_s, send_bandwidth_bps=config.send_bandwidth_bps,

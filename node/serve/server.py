@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -178,6 +179,12 @@ class Session:
     @property
     def session_id(self) -> str:
         return self.opened.session_id
+
+    @functools.cached_property
+    def signed_sampling(self) -> bytes:
+        """The session's sampling parameters as token receipts sign them."""
+        params = self.opened.sampling
+        return sampling_bytes(params.temperature, params.top_p, params.seed)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -663,15 +670,7 @@ class StageServer:
         in_digest = digest(step.hidden if step.token_ids is None else step.token_ids)
         if pushed:  # what the previous stage pushed must be what it signed for: hidden states, or a ring's token
             try:
-                session.pusher_key = session.pusher_key or session_key(
-                    session.pusher_endorsement, peer=session.opened.prev_peer, session=session.session_id,
-                    client=session.client)
-                if step.hidden is not None:
-                    check_receipt(session.pusher_key, step.position, step.tokens, step.receipt, in_digest)
-                else:
-                    params = session.opened.sampling
-                    check_token(session.pusher_key, step.position, step.receipt,
-                                sampling_bytes(params.temperature, params.top_p, params.seed))
+                self._check_pushed(session, step, in_digest)
             except EvidenceError as e:
                 session.outbox.put(error_response("bad_receipt", f"the step pushed at position {step.position}: {e}",
                                                   peer=session.opened.prev_peer))
@@ -679,6 +678,16 @@ class StageServer:
         if pushed and role.ring is Ring.FIRST:
             session.produced += 1  # the last stage sampled this token (it did not share the head for it)
         await self._run_step(session, step, in_digest)
+
+    def _check_pushed(self, session: Session, step: Step, in_digest: str) -> None:
+        """EvidenceError unless the previous stage signed what it pushed: hidden states, or a ring's token."""
+        session.pusher_key = session.pusher_key or session_key(
+            session.pusher_endorsement, peer=session.opened.prev_peer, session=session.session_id,
+            client=session.client)
+        if step.hidden is not None:
+            check_receipt(session.pusher_key, step.position, step.tokens, step.receipt, in_digest)
+        else:
+            check_token(session.pusher_key, step.position, step.receipt, session.signed_sampling)
 
     async def _run_step(self, session: Session, step: Step, in_digest: str | None = None) -> None:
         """Runs one step, then sends its output on: to the next stage or to the client; a ring's last
@@ -935,9 +944,7 @@ class StageServer:
 
     @staticmethod
     def _token_receipt(session: Session, output_digest: str, position: int, token: int) -> dict:
-        params = session.opened.sampling
-        return session.signer.token(output_digest, position, token, sampling_bytes(params.temperature, params.top_p,
-                                                                                   params.seed))
+        return session.signer.token(output_digest, position, token, session.signed_sampling)
 
     async def _sweep_idle_sessions(self) -> None:
         while True:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
 from hivemind import DHT
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
@@ -43,6 +44,7 @@ from node.net.protocol import (
     INFERENCE_HANDLER,
     PUSH_HANDLER,
     PushOffer,
+    digest,
     pack,
     parse_push_offer,
     push_offer,
@@ -340,6 +342,30 @@ async def direct_squat(args: argparse.Namespace) -> dict:
             for writer in held:
                 writer.close()
     return {"most_held": most_held, "refused": refused, "rounds": rounds}
+
+
+@attack("forged-pushes")
+async def forged_pushes(args: argparse.Namespace) -> dict:
+    """Opens a session naming itself the previous stage, then pushes `count` steps whose receipts it did not sign
+    (no endorsed session key, a zero signature), each at the session's next position, and reads every answer."""
+    hidden_size = resolve_model(args.model).config.hidden_size
+    async with attacker(args) as p2p:
+        me, session_id = str(p2p.peer_id), uuid.uuid4().hex
+        reader, writer = await raw_stream(p2p, args.target)
+        await P2P.send_protobuf(opening(args, session_id, relay=False, prev=me), writer)
+        opened = await first_answer(reader)
+        push_reader, push_writer = await raw_stream(p2p, args.target, PUSH_HANDLER)
+        await P2P.send_protobuf(push_open(session_id, me), push_writer)
+        ready()
+        codes: Counter = Counter()
+        for _ in range(args.count):
+            hidden = torch.randn(1, 1, hidden_size)
+            receipt = {"in": "0" * 32, "out": digest(hidden), "chain": b"\0" * 32, "sig": b"\0" * 64}
+            await P2P.send_protobuf(pack({"position": 0, "receipt": receipt}, [hidden]), push_writer)
+            codes[await first_answer(reader)] += 1
+        push_writer.close()
+        writer.close()
+    return {"opened": opened, "codes": dict(codes)}
 
 
 # --- attacks on the DHT ------------------------------------------------------------------------------------

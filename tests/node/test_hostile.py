@@ -299,6 +299,20 @@ def test_idle_connections_at_the_direct_port_do_not_break_honest_links(swarm, re
     assert after >= before + 2  # the ring's last stage pushed to the first over a direct link, each time
 
 
+def test_forged_pushes_are_refused_before_any_compute(swarm, reference):
+    """A pusher whose receipts are forged (no endorsed session key, a zero signature) gets `bad_receipt` for every
+    step, and the stage computes none of them: a receipt is checked before its step runs. (Checked on a second
+    thread while the step ran instead, the verify held the GIL: cryptography's Ed25519 does not release it, so
+    the step waited for it all the same.)"""
+    before = asyncio.run(node_info(swarm, 0))["steps_served"]
+    with hostile("forged-pushes", *attack_args(swarm, "--count", "12", "--max-length", "16")) as attack:
+        result = attack.result()
+    computed = asyncio.run(node_info(swarm, 0))["steps_served"] - before
+    assert result["opened"] == "ok" and result["codes"] == {"bad_receipt": 12}, result
+    assert computed == 0, f"{computed} forged steps were computed"
+    assert asyncio.run(honest_answer(swarm)) == [reference]
+
+
 def test_session_ids_are_scoped_to_the_client_that_opened_them(swarm):
     """A chain member that learns a session id cannot squat it: another client opening the same id gets its own."""
 
