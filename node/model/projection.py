@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 PACKED_FOR_ROWS = 8  # oneDNN's reorder is tuned for a row count: 8 beat 1 and no reorder at every count from 1 to 37
 # oneDNN makes a primitive per input shape and keeps it in two LRU caches (ideep's and oneDNN's own), 1,024 entries
-# each by default, at 0.1-0.6 MB an entry: every row count a step brings (prefills, failover replays, batches of
+# each by default, at about 0.6 MB an entry: every row count a step brings (prefills, failover replays, batches of
 # sessions) adds one per weight shape, so a node's heap grew by 20-50 MB in minutes of churn (benchmarks/soak.py),
 # towards ~600 MB. Decode reuses a few row counts per weight shape, which this many entries keep; a miss makes the
 # primitive again (about 0.1 ms on the tiny model's shapes). Read when the first primitive is made; a user's own wins.
