@@ -2,8 +2,8 @@
 
 A local swarm of the tiny model (two nodes, layers 0:2 and 2:4, a 4 MB KV budget each) serves an honest client
 that keeps generating greedy ring answers, each on a fresh session chosen by the router. Per attack (a real
-hostile process, `tests.node.hostile_peers`, aimed at the first node; the API attack at a `layerhive api`
-process), the table shows:
+hostile process, `tests.node.hostile_peers`, aimed at the first node; the API floods at a `layerhive api`
+process, in the setups of `API_FLOODS`: no keys on loopback, keys, more flooder threads), the table shows:
 - the attacked process's peak RSS (with its DHT process and p2p daemon) against its idle RSS;
 - the honest decode step under attack against without it, measured in the same run (goal <= 1.5x): the median
   over answers of an answer's mean step (a ring's tokens arrive in bursts, so single gaps say little);
@@ -54,11 +54,34 @@ ATTACKS: dict[str, list[str]] = {
     "bad-offer": ["--count", "4", "--max-length", "16", "--duration", "25"],
     "direct-squat": ["--count", "70", "--max-length", "16", "--duration", "25"],
     "lying-record": ["--slowdown-ms", "200", "--ttl", "6", "--duration", "40"],
-    "api-bodies": [],
+}
+
+
+@dataclass(frozen=True)
+class ApiFlood:
+    """A setup of the API flood: flooder threads, their niceness, and who holds which API key."""
+
+    threads: int = 8
+    niceness: int = 0
+    keys: bool = False  # the API requires keys: the honest caller has its own
+    flooder_key: bool = False  # ... and the flooder another (else it sends none)
+
+    def describe(self) -> str:
+        keys = ("keys: honest and flooder each its own" if self.flooder_key else "keys: honest has one, flooder none"
+                ) if self.keys else "no keys, both on 127.0.0.1"
+        return f"API; {keys}; {self.threads} flooder threads" + (f" at nice {self.niceness}" if self.niceness else "")
+
+
+API_FLOODS: dict[str, ApiFlood] = {
+    "api-bodies": ApiFlood(),  # loopback without keys: the honest caller and the flooder are one address
     # The same flood with the flooder at the lowest CPU priority: a stand-in for an attacker on another machine,
     # whose CPU is not this one's (on this 2-core VM the flooder otherwise takes a third of the cores).
-    "api-bodies-niced": [],
+    "api-bodies-niced": ApiFlood(niceness=19),
+    "api-bodies-keyed": ApiFlood(keys=True, flooder_key=True),  # beyond loopback: the flooder holds a key of its own
+    "api-bodies-nokey": ApiFlood(keys=True),  # beyond loopback: the flooder has no key
+    "api-bodies-64": ApiFlood(threads=64),  # more connections than one caller's held refusals (MAX_HELD_PER_CALLER)
 }
+HONEST_KEY, FLOODER_KEY = "honest-key", "flooder-key"
 
 
 @dataclass
@@ -72,6 +95,8 @@ class Row:
     opens_tried: int
     crashes: int
     note: str = ""
+    cpu_s: dict[str, float] | None = None  # API floods: CPU seconds by process while the honest caller was timed
+    hostile_requests: int | None = None  # API floods: sent, all refused
 
 
 class HonestLoad:
@@ -151,24 +176,28 @@ def run_node_attack(swarm: LocalSwarm, name: str, args: list[str], tokens: int, 
                crashes(swarm))
 
 
-def run_api_attack(swarm: LocalSwarm, tokens: int, answers: int, *, niced: bool = False) -> Row:
+def run_api_attack(swarm: LocalSwarm, name: str, tokens: int, answers: int) -> Row:
     """A `layerhive api` process flooded with 100 MB Content-Lengths, 64 MB chunked bodies and 200k-character
-    prompts from 8 threads, while an honest caller streams small completions through it."""
+    prompts from the threads of `API_FLOODS[name]`, while an honest caller streams small completions through it."""
+    setup = API_FLOODS[name]
     port = _free_port()
+    keys = ["--api-key", f"{HONEST_KEY},{FLOODER_KEY}"] if setup.keys else []
     api = subprocess.Popen([sys.executable, "-m", "node.app.cli", "api", "--model", str(swarm.source.root),
-                            "--port", str(port), "--initial-peers", *swarm.initial_peers],
+                            "--port", str(port), *keys, "--initial-peers", *swarm.initial_peers],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}/v1"
+    honest_key = HONEST_KEY if setup.keys else "unused"
+    flooder_key = FLOODER_KEY if setup.flooder_key else None
     try:
-        _wait_for_api(url)
-        base = _api_steps(url, swarm.source.name, tokens, answers=answers)
+        _wait_for_api(url, honest_key)
+        base = _api_steps(url, swarm.source.name, tokens, answers, honest_key)
         # The flood runs in a process of its own: as threads here it would take the GIL from the honest client
         # whose chunks are being timed, and measure this process rather than the API.
         spawn = multiprocessing.get_context("spawn")
         stop, sent, refused = spawn.Event(), spawn.Value("i", 0), spawn.Value("i", 0)
-        flood = spawn.Process(target=_api_flood_process, args=(port, stop, sent, refused, 8, 19 if niced else 0),
-                              daemon=True)
+        flood = spawn.Process(target=_api_flood_process,
+                              args=(port, stop, sent, refused, setup.threads, setup.niceness, flooder_key), daemon=True)
         with RssPeak(api.pid) as rss:
             flood.start()
             deadline = time.monotonic() + 120
@@ -177,14 +206,14 @@ def run_api_attack(swarm: LocalSwarm, tokens: int, answers: int, *, niced: bool 
             parts = {"api": [api.pid], "flooder": [flood.pid], "nodes": [p.pid for p in swarm.processes],
                      "honest client": [-os.getpid()]}  # this process alone: the others are its children
             before, started = {name: _cpu_s(pids) for name, pids in parts.items()}, time.monotonic()
-            during = _api_steps(url, swarm.source.name, tokens, answers=answers)
+            during = _api_steps(url, swarm.source.name, tokens, answers, honest_key)
             spent = {name: _cpu_s(pids) - before[name] for name, pids in parts.items()}
             wall = time.monotonic() - started
             stop.set()
             flood.join(timeout=60)
             if flood.is_alive():
                 flood.kill()
-        print(f"  api-bodies: {sent.value} hostile requests sent, {refused.value} refused (a 4xx, or the connection "
+        print(f"  {name}: {sent.value} hostile requests sent, {refused.value} refused (a 4xx, or the connection "
               "closed on them before their body was sent)", flush=True)
         print(f"  CPU seconds while the honest caller was timed under the flood ({wall:.1f} s wall, 2 cores = "
               f"{2 * wall:.1f} CPU s): " + ", ".join(f"{name} {cpu:.1f}" for name, cpu in spent.items()), flush=True)
@@ -192,9 +221,10 @@ def run_api_attack(swarm: LocalSwarm, tokens: int, answers: int, *, niced: bool 
     finally:
         api.terminate()
         api.wait(timeout=60)
-    name = "api-bodies-niced" if niced else "api-bodies"
     return Row(name, rss.idle / 2**20, rss.peak / 2**20, base.p50_ms, during.p50_ms, during.opened,
-               during.tried, crashes(swarm) + (not alive), note="API process; step = streamed chunk")
+               during.tried, crashes(swarm) + (not alive), note=f"{setup.describe()}; step = streamed chunk",
+               cpu_s={"wall": round(wall, 2), **{part: round(cpu, 2) for part, cpu in spent.items()}},
+               hostile_requests=sent.value)
 
 
 @dataclass
@@ -208,10 +238,10 @@ class _ApiSteps:
         return 1e3 * statistics.median(self.steps_s) if self.steps_s else float("nan")
 
 
-def _api_steps(url: str, model: str, tokens: int, answers: int) -> _ApiSteps:
+def _api_steps(url: str, model: str, tokens: int, answers: int, api_key: str) -> _ApiSteps:
     import openai
 
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=120)
     steps, opened = [], 0
     for _ in range(answers):
         try:
@@ -226,12 +256,13 @@ def _api_steps(url: str, model: str, tokens: int, answers: int) -> _ApiSteps:
     return _ApiSteps(steps, opened, answers)
 
 
-def _api_flood_process(port: int, stop, sent, refused, threads: int, niceness: int = 0) -> None:
+def _api_flood_process(port: int, stop, sent, refused, threads: int, niceness: int = 0,
+                       api_key: str | None = None) -> None:
     """`threads` flooders against the API at `port` until `stop` (a multiprocessing Event) is set, counting the
     requests sent and those the API answered with a 4xx in `sent` and `refused` (multiprocessing Values); at
-    `niceness` (os.nice)."""
+    `niceness` (os.nice), sending `api_key` as a bearer token if given."""
     os.nice(niceness)
-    flooders = [threading.Thread(target=_api_flood, args=(port, stop, sent, refused), daemon=True)
+    flooders = [threading.Thread(target=_api_flood, args=(port, stop, sent, refused, api_key), daemon=True)
                 for _ in range(threads)]
     for thread in flooders:
         thread.start()
@@ -239,13 +270,10 @@ def _api_flood_process(port: int, stop, sent, refused, threads: int, niceness: i
         thread.join()
 
 
-def _api_flood(port: int, stop, sent, refused) -> None:
-    heads = [
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 104857600"
-        "\r\n\r\n",
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked"
-        "\r\n\r\n",
-    ]
+def _api_flood(port: int, stop, sent, refused, api_key: str | None) -> None:
+    start = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + (
+        f"Authorization: Bearer {api_key}\r\n" if api_key else "")
+    heads = [start + "Content-Length: 104857600\r\n\r\n", start + "Transfer-Encoding: chunked\r\n\r\n"]
     big_prompt = json.dumps({"model": "x", "prompt": "hello " * 33_000, "max_tokens": 2}).encode()
     chunk = b"x" * (1 << 20)
     while not stop.is_set():
@@ -255,8 +283,7 @@ def _api_flood(port: int, stop, sent, refused) -> None:
                     sent.value += 1
                 try:
                     if kind == 2:
-                        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                                     + f"\r\nContent-Length: {len(big_prompt)}\r\n\r\n".encode() + big_prompt)
+                        sock.sendall(f"{start}Content-Length: {len(big_prompt)}\r\n\r\n".encode() + big_prompt)
                     else:
                         sock.sendall(heads[kind].encode())
                         for _ in range(64 if kind == 1 else 100):
@@ -290,13 +317,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_for_api(url: str, timeout_s: float = 300) -> None:
+def _wait_for_api(url: str, api_key: str, timeout_s: float = 300) -> None:
     import requests
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{url}/models", timeout=5).ok:
+            if requests.get(f"{url}/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=5).ok:
                 return
         time.sleep(1)
     raise TimeoutError(f"the API at {url} did not come up")
@@ -317,7 +344,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--answers", type=int, default=6, help="honest answers for the baseline")
     parser.add_argument("--tokens", type=int, default=16, help="tokens per honest answer")
-    parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--attacks", default=",".join([*ATTACKS, *API_FLOODS]))
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     from tests.conftest import build_tiny_checkpoint
@@ -331,8 +358,8 @@ def main() -> int:
             baseline = HonestLoad(swarm, args.tokens)
             baseline.run(args.answers)  # measured next to each attack: the machine's load drifts
             print(f"{name}: honest step p50 without attack {baseline.p50_ms:.1f} ms", flush=True)
-            if name.startswith("api-bodies"):
-                rows.append(run_api_attack(swarm, args.tokens, args.answers, niced=name.endswith("niced")))
+            if name in API_FLOODS:
+                rows.append(run_api_attack(swarm, name, args.tokens, args.answers))
             else:
                 rows.append(run_node_attack(swarm, name, ATTACKS[name], args.tokens, baseline.p50_ms))
             print(table(rows[-1:]).splitlines()[1], flush=True)

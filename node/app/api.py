@@ -4,16 +4,11 @@ Any OpenAI client can use the swarm through it. Every request runs on its own ch
 through the same `ChatEngine` the CLI and the chat window use; requests are served concurrently
 (nothing here serialises them). Wire shapes live in `node.app.api_schema`.
 
-Bounds before work (`Guard`, an ASGI middleware in front of every route): with an API key (required when
-the API listens beyond loopback) a request without `Authorization: Bearer <key>` is refused before its body
-is read; a body larger than a prompt the model's context can hold needs (`ServedModel.max_body_bytes`, at most
-`MAX_BODY_BYTES`) is refused by its Content-Length, or as soon as the bytes read pass the limit; a chunked body
-(no Content-Length) is refused by its headers; and a body that trickles in for longer than `BODY_TIMEOUT_S` is
-dropped. Every refusal before the body closes the connection, so the server
-reads no more of what the client goes on sending. A prompt longer than the context could hold at
-`MAX_CHARS_PER_TOKEN` is refused before tokenizing, and tokenizing runs on a worker thread, so one caller's
-prompt never stalls the others. `max_tokens` is bounded by the context and by the longest session the swarm's
-nodes announce room for.
+Bounds before work: `node.app.api_guard.Guard`, in front of every route, checks the API key (required when the
+API listens beyond loopback), the body's size from its headers and each caller's fair share before a byte of the
+body is read. A prompt longer than the context could hold at `MAX_CHARS_PER_TOKEN` is refused before tokenizing,
+and tokenizing runs on a worker thread, so one caller's prompt never stalls the others. `max_tokens` is bounded by
+the context and by the longest session the swarm's nodes announce room for.
 
     app = create_app(DEFAULT_MODEL, initial_peers)   # or: layerhive api --initial-peers ADDR
 """
@@ -21,13 +16,11 @@ nodes announce room for.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import json
 import logging
 import os
 import secrets
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -39,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from node.app.api_guard import MAX_BODY_BYTES, FairShare, Guard
 from node.app.api_schema import (
     APIError,
     ChatCompletionRequest,
@@ -65,8 +59,6 @@ logger = logging.getLogger(__name__)
 # When a request gives no max_tokens: OpenAI would allow the rest of the context, but every node of the
 # chain reserves KV cache for the whole session up front, so an unbounded default would crowd a shared swarm.
 DEFAULT_MAX_TOKENS = 512
-MAX_BODY_BYTES = 4 << 20  # a whole context of text, even JSON-escaped at 6 bytes a character, fits in 1 MB
-BODY_TIMEOUT_S = 30.0  # a body must arrive within this (a client trickling bytes would hold its buffer forever)
 # Refused before tokenizing: a prompt of more characters than the context holds at this many per token (text
 # averages about 4; 16 leaves room for long tokens such as runs of spaces, and bounds the tokenizer's work).
 MAX_CHARS_PER_TOKEN = 16
@@ -457,10 +449,13 @@ def _add_routes(app: FastAPI) -> None:
 
 def create_app(model: str, initial_peers: Sequence[str], *, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",), api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, speculate: int = 0) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, speculate: int = 0, fair_share: FairShare | None = None
+               ) -> FastAPI:
     """The API for `model` in the swarm reached through `initial_peers`. The DHT client starts in the
     lifespan, so its p2p replica belongs to the event loop that serves the requests. With `api_key`, every
-    request must carry it as a bearer token. `speculate`: drafts per ring round (`ChatEngine`)."""
+    request must carry it as a bearer token; several keys, comma-separated, are several callers, each with its
+    own fair share (`fair_share`, by default `api_guard.FairShare()`). `speculate`: drafts per ring round
+    (`ChatEngine`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -475,8 +470,20 @@ def create_app(model: str, initial_peers: Sequence[str], *, default_max_tokens: 
     app = FastAPI(title="Layerhive OpenAI-compatible API", lifespan=lifespan)
     _install_error_handlers(app)
     _add_routes(app)
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(Guard, api_keys=api_keys(api_key), max_body_bytes=max_body_bytes, body_limit=_served_body_limit,
+                       fair_share=fair_share)
     return app
+
+
+def _served_body_limit(scope) -> int | None:
+    """What a body may need for the served model's context (None until the model is served)."""
+    served_model = getattr(getattr(scope.get("app"), "state", None), "served", None)
+    return served_model.max_body_bytes if served_model else None
+
+
+def api_keys(api_key: str | None) -> list[str]:
+    """The keys in `api_key` (comma-separated), none if it is None or empty."""
+    return [key.strip() for key in (api_key or "").split(",") if key.strip()]
 
 
 def is_loopback(host: str) -> bool:
@@ -502,107 +509,16 @@ def serve(model: str, initial_peers: Sequence[str], *, host: str = "127.0.0.1", 
     import uvicorn
 
     uvicorn.run(create_app(model, initial_peers, api_key=api_key, speculate=speculate), host=host, port=port,
-                log_level=log_level)
+                log_level=log_level, http=http_parser(), loop="auto")  # "auto": uvloop where it is installed
     return 0
 
 
-# ------------------------------------------------------------------------------------------- bounds before work
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class Guard:
-    """ASGI middleware: the API key, then the body's size and arrival time, checked before any route runs.
-    A request that passes reaches the app with its body already read (at most `max_body_bytes`)."""
-
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, body_timeout_s: float = BODY_TIMEOUT_S
-                 ) -> None:
-        self.app, self.max_body_bytes, self.body_timeout_s = app, max_body_bytes, body_timeout_s
-        self.api_key = api_key.encode() if api_key else None
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and not self._authorized(headers.get(b"authorization", b"")):
-            await _respond(send, APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer "
-                                          "<key>' (the key `layerhive api` printed, or its --api-key).",
-                                          code="invalid_api_key"))
-            return
-        length = headers.get(b"content-length")
-        if length is None and b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-            # Every OpenAI client sends a Content-Length; a chunked body would have to be read up to the limit
-            # before it could be refused, which a flood of them turns into work (benchmarks/hostile.py).
-            await _respond(send, APIError(411, "Send the request body with a Content-Length: chunked bodies are "
-                                          "not accepted.", code="length_required"))
-            return
-        limit = self._body_limit(scope)
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            await _respond(send, self._too_large(limit))
-            return
-        try:
-            body = await self._read_body(receive, limit)
-        except _BodyTooLarge:
-            await _respond(send, self._too_large(limit))
-            return
-        except asyncio.TimeoutError:
-            await _respond(send, APIError(408, f"The request body did not arrive within {self.body_timeout_s:.0f} s."))
-            return
-        await self.app(scope, _replay(body, receive), send)
-
-    def _authorized(self, header: bytes) -> bool:
-        scheme, _, token = header.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
-
-    def _body_limit(self, scope) -> int:
-        """`max_body_bytes`, or less: what the served model's context can need (once the model is served)."""
-        served_model = getattr(getattr(scope.get("app"), "state", None), "served", None)
-        return min(self.max_body_bytes, served_model.max_body_bytes) if served_model else self.max_body_bytes
-
-    @staticmethod
-    def _too_large(limit: int) -> APIError:
-        return APIError(413, f"The request body is larger than {limit} bytes, more than a prompt this model's "
-                        "context can hold needs.", code="request_too_large")
-
-    async def _read_body(self, receive, limit: int) -> bytes:
-        chunks, size = [], 0
-        deadline = time.monotonic() + self.body_timeout_s
-        while True:
-            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            if message["type"] == "http.disconnect":
-                raise asyncio.TimeoutError  # nobody to answer; end the request
-            size += len(message.get("body", b""))
-            if size > limit:
-                raise _BodyTooLarge
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-
-def _replay(body: bytes, receive):
-    """A `receive` that hands the app the body read already, then passes on what the server sends (disconnect)."""
-    delivered = False
-
-    async def replay():
-        nonlocal delivered
-        if delivered:
-            return await receive()
-        delivered = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay
-
-
-async def _respond(send, error: APIError) -> None:
-    """Answers a request refused before its body was read, and closes its connection: kept open, the server would
-    read (and throw away) the whole body the client goes on sending, 100 MB if it announced 100 MB."""
-    body = json.dumps(error.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
-    if error.status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+def http_parser() -> str:
+    """httptools (a C parser) where it is installed, else h11 (pure Python): under a flood of refused requests,
+    parsing is much of what each costs (benchmarks/hostile.py)."""
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        logger.warning("httptools is not installed: HTTP is parsed in pure Python (h11), which costs more CPU")
+        return "h11"
+    return "httptools"

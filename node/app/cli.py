@@ -100,6 +100,9 @@ async def _run_node(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    from node.app.memtrace import install_from_env
+
+    install_from_env()  # $LAYERHIVE_TRACEMALLOC: a diagnostic of memory growth, off by default
     if args.threads:
         import torch
 
@@ -377,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--model", default=DEFAULT_MODEL)
     api.add_argument("--initial-peers", nargs="*", default=[])
     api.add_argument("--api-key", default=None,
-                     help="require this bearer token (default: $LAYERHIVE_API_KEY; beyond loopback, a generated one)")
+                     help="require this bearer token (default: $LAYERHIVE_API_KEY; beyond loopback, a generated one); "
+                     "several, comma-separated, are several callers with a fair share each")
     api.add_argument("--speculate", type=draft_length, default=0, metavar="K", help=SPECULATE_HELP)
     api.set_defaults(func=cmd_api)
 

@@ -20,16 +20,31 @@ results agree within fp32 rounding (relative ~4e-6 on those matrices), not bit f
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 PACKED_FOR_ROWS = 8  # oneDNN's reorder is tuned for a row count: 8 beat 1 and no reorder at every count from 1 to 37
+# oneDNN makes a primitive per input shape and keeps it in two LRU caches (ideep's and oneDNN's own), 1,024 entries
+# each by default, at about 0.6 MB an entry: every row count a step brings (prefills, failover replays, batches of
+# sessions) adds one per weight shape, so a node's heap grew by 20-50 MB in minutes of churn (benchmarks/soak.py),
+# towards ~600 MB. Decode reuses a few row counts per weight shape, which this many entries keep; a miss makes the
+# primitive again (about 0.1 ms on the tiny model's shapes). Read when the first primitive is made; a user's own wins.
+ONEDNN_CACHE_ENTRIES = 64
+_ONEDNN_CACHE_ENV = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+
+
+def _bound_onednn_caches() -> None:
+    for name in _ONEDNN_CACHE_ENV:
+        os.environ.setdefault(name, str(ONEDNN_CACHE_ENTRIES))
 
 
 def _onednn_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """`weight` reordered for oneDNN's matmul, or None where this torch build or device has none."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return None
+    _bound_onednn_caches()  # before the first primitive is made
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_FOR_ROWS)
         torch.ops.mkldnn._linear_pointwise(weight.new_zeros(1, weight.shape[1]), packed, None, "none", [], "")

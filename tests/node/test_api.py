@@ -23,6 +23,7 @@ from node.app.api import (
     StopSequences,
     create_app,
 )
+from node.app.api_guard import REFUSAL_HALF_LIFE_S, FairShare
 from node.app.local_swarm import LocalSwarm
 from node.model.checkpoint import DEFAULT_MODEL, load_tokenizer
 
@@ -471,6 +472,74 @@ def test_a_speculating_api_gives_the_same_greedy_answer(swarm, story):
     assert reply.choices[0].message.content == story.choices[0].message.content
     assert reply.usage == story.usage
     assert asyncio.run(drafts_verified()) > before  # drafts rode the answer's steps
+
+
+# ---------------------------------------------------------------------------------------------- fair shares
+
+
+def test_a_callers_refusals_wait_longer_the_more_it_is_refused_and_it_is_forgiven_in_time():
+    clock = [0.0]
+    share = FairShare(free_refusals=2, tarpit_step_s=0.5, tarpit_max_s=1.2, clock=lambda: clock[0])
+    delays = [share.refusal_delay_s("address a") for _ in range(6)]
+    assert delays[:2] == [0, 0] and 0 < delays[2] < delays[3] < delays[4] and delays[5] == 1.2
+    assert share.refusal_delay_s("address b") == 0  # another caller's count is its own
+    clock[0] += 10 * REFUSAL_HALF_LIFE_S
+    assert share.refusal_delay_s("address a") == 0  # old refusals are forgotten
+    few = FairShare(max_callers=3, max_in_flight=1)
+    assert few.enter("busy")
+    assert not few.enter("busy")  # one in flight is its whole share
+    for n in range(10):
+        few.refusal_delay_s(f"address {n}")
+    assert len(few.callers) == 3 and "busy" in few.callers  # bounded; one with a request in flight is kept
+
+
+def _wait_for(condition, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def test_a_caller_refused_again_and_again_waits_for_its_refusals_but_not_for_its_answers(swarm):
+    """Past its free refusals, a caller's refusal is held back (no CPU: a sleep), while a good request from the same
+    address is answered meanwhile; once its held slots are taken, refusals go out at once; a held one still comes."""
+    hold_s = 30.0
+    share = FairShare(free_refusals=1, tarpit_step_s=hold_s, tarpit_max_s=hold_s, max_held_per_caller=1)
+    too_large = ("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 "Content-Length: 104857600\r\n\r\n")
+    with running(create_app(DEFAULT_MODEL, swarm.initial_peers, fair_share=share)) as url:
+        assert raw_post(url, too_large)[0] == 413  # the first: at once
+        host, port = url.removeprefix("http://").split("/")[0].split(":")
+        with socket.create_connection((host, int(port)), timeout=120) as held:
+            held.sendall(too_large.encode())
+            _wait_for(lambda: share.held == 1)  # the second: held back
+            assert raw_post(url, too_large, timeout_s=hold_s / 2)[0] == 413  # the caller's one slot is taken
+            local = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+            assert_still_serves(local)  # the same address's good request is not held
+            assert share.held == 1
+            answer = b""
+            while not _whole_answer(answer) and (more := held.recv(65536)):
+                answer += more
+        assert answer.startswith(b"HTTP/1.1 413") and b"request_too_large" in answer
+
+
+def test_each_key_is_a_caller_with_its_own_requests_in_flight(swarm):
+    """With keys "alice,bob" and one request in flight each: alice's second is 429 while her first is still being
+    sent; bob, another caller, is served meanwhile; alice is served again once her first has ended."""
+    share = FairShare(max_in_flight=1)
+    with running(create_app(DEFAULT_MODEL, swarm.initial_peers, api_key="alice,bob", fair_share=share)) as url:
+        host, port = url.removeprefix("http://").split("/")[0].split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as slow:
+            slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer alice\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")  # 99 bytes to come
+            _wait_for(lambda: share.callers.get("key 0") is not None and share.callers["key 0"].in_flight == 1)
+            response = requests.post(f"{url}/completions", json={"model": DEFAULT_MODEL, "prompt": "hi"},
+                                     headers={"Authorization": "Bearer alice"}, timeout=60)
+            assert response.status_code == 429 and response.json()["error"]["code"] == "rate_limit_exceeded"
+            assert_still_serves(openai.OpenAI(base_url=url, api_key="bob", max_retries=0, timeout=120))
+        _wait_for(lambda: share.callers["key 0"].in_flight == 0)
+        assert_still_serves(openai.OpenAI(base_url=url, api_key="alice", max_retries=0, timeout=120))
+        assert response.headers["retry-after"] == "1"
 
 
 def test_a_node_crash_mid_stream_is_an_error_event_then_an_error_status(client, swarm):
