@@ -229,9 +229,7 @@ class ResilientSession:
                 await self._publish_proofs()
         elif failure.code not in REFUSALS:
             self.client.ban(failure.peer)
-        if self.session is not None:
-            await self.session.close()
-        self.session = None
+        await self._close_chain()
 
     async def _publish_proofs(self) -> None:
         """Publishes the chain's proofs of equivocation (node.net.evidence), for other clients and the planners."""
@@ -261,10 +259,16 @@ class ResilientSession:
                                          failure.reporter))
         self._pending_event = None
 
-    async def close(self) -> None:
+    async def _close_chain(self) -> None:
+        """Closes the current chain's session, and the verifier sessions its checks kept open."""
         if self.session is not None:
             await self.session.close()
-            self.session = None
+            if self.auditor is not None:
+                await self.auditor.release(self.session)
+        self.session = None
+
+    async def close(self) -> None:
+        await self._close_chain()
         if self.auditor is not None:  # what its checks vouched for in this session, for everyone to read
             try:
                 await asyncio.wait_for(self.client.publish_credit(), 10.0)
