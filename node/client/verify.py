@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +82,9 @@ ECHO_WAIT_S = 10.0  # an echo leaves a stage right after its push; this is slack
 DEFAULT_PROBABILITY = 0.3  # a liar on every step of a 2-stage chain is checked within 32 tokens in 99.99% of runs
 PROVEN_BAN_S = 24 * 3600.0  # a liar outvoted by two other nodes
 SUSPECT_AVOID_S = 60.0  # both ends of an equivocation or an unresolved dispute: avoided, not banned
+# The swarm's records, read for a check's verifiers, serve the checks of the next seconds too (about 19 checks of a
+# 64-token answer at p = 0.3 would each read the DHT); bans apply at once all the same.
+RECORDS_MAX_AGE_S = 2.0
 # Codes of a StageFailure that mean the chain's output so far cannot be trusted (the answer is rebuilt).
 LIES = {"failed_verification", "equivocation", "equivocated", "disputed"}
 # A verifier closing a kept session that sat idle (node.serve.admission): not a failure, it is opened again.
@@ -345,6 +349,8 @@ class Auditor:
     quants: dict[str, str] = field(default_factory=dict)  # peer -> the quantization its record announces
     published: list[dict] = field(default_factory=list)  # proofs of lies this auditor published
     positions_run: int = 0  # positions its checks sent to verifiers, replays included (what verifying cost them)
+    # (read at, the swarm's records) for the checks' verifiers: see RECORDS_MAX_AGE_S
+    _records: tuple[float, list] = field(default=(float("-inf"), []), init=False, repr=False)
 
     def tolerance_between(self, *nodes: tuple[str | None, torch.dtype]) -> float:
         """Between the outputs of `nodes` (peer, the dtype it announced): the looser of their dtypes', and the
@@ -525,7 +531,11 @@ class Auditor:
     async def _verifiers(self, hop: Hop) -> list[str]:
         """Other online, unbanned nodes that hold all of the hop's layers, in random order, those of the hop's
         quantization first (the tightest tolerance); records every node's quantization on the way."""
-        banned, records = self.client.banned, await self.client.servers()
+        read_at, records = self._records
+        if time.monotonic() - read_at > RECORDS_MAX_AGE_S:
+            records = await self.client.servers()
+            self._records = (time.monotonic(), records)
+        banned = self.client.banned
         self.quants.update({r.peer_id: r.quant for r in records})
         peers = sorted({r.peer_id for r in records
                         if r.state == "online" and r.start <= hop.start and hop.end <= r.end

@@ -11,8 +11,10 @@ import time
 import pytest
 
 from node.app.local_swarm import LocalSwarm
+from node.client.failover import ResilientSession
 from node.client.session import SwarmClient
 from node.client.verify import Auditor
+from node.model.sampling import SamplingParams
 from node.net.evidence import verify_proof
 from node.net.membership import open_dht
 from node.serve.adversary import LATE_FROM_STEP
@@ -78,6 +80,22 @@ async def _scenario(swarm: LocalSwarm) -> None:
         # ... where a fresh session per check replays every prefix again.
         assert 3 * auditor.positions_run < _fresh_cost(auditor)
         await _sessions_end(client, verifiers)  # closed with the answer's session
+
+        # A speculating ring: rejected drafts replace inputs a kept session ran; it is never checked against them.
+        repeating = [5, 6, 7, 8] * 5
+        expected, _, _ = await _ring(client, repeating, verify=False)
+        auditor = Auditor(client, 1.0, rng=random.Random(9))
+        session = ResilientSession(client, max_length=len(repeating) + NEW_TOKENS, step_timeout_s=30, auditor=auditor,
+                                   speculate=4)
+        try:
+            tokens = [t async for t in session.generate(repeating, SamplingParams(max_new_tokens=NEW_TOKENS))]
+        finally:
+            await session.close()
+        print("speculating", len(session.ledger.drafts), "drafts,", [r.verdict for r in auditor.reports])
+        assert tokens == expected and session.ledger.drafts
+        # (a check of a position inside a kept draft finds no step there and is left "unchecked", as before)
+        verdicts = [r.verdict for r in auditor.reports]
+        assert verdicts.count("honest") >= NEW_TOKENS // 2 and set(verdicts) <= {"honest", "unchecked"}
 
         # A liar whose first checks pass (kept sessions run its honest steps), then lies: still outvoted by two
         # honest replicas on the kept sessions, proven, and the answer rebuilt to the honest one.
