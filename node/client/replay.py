@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,12 +99,26 @@ class Replay:
 
 class Replays:
     """The verifier sessions kept for one checked session: per (stage index, whether the check samples), up to
-    POOL_SIZE, each on another verifier. Closed with the checked session (`close`)."""
+    POOL_SIZE, each on another verifier. Closed with the checked session (`close`), once the checks still running
+    on them (`running`: a failed chain's checks go on while the next chain opens) are done."""
 
     def __init__(self) -> None:
         self._pools: dict[tuple[int, bool], dict[str, Replay]] = {}
         self._last_turn: dict[int, asyncio.Future] = {}
+        self._running = 0
+        self._ending = False
         self.closed = False
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Around a check of the session: its kept sessions stay open until it ends."""
+        self._running += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
+            if self._ending and not self._running:
+                await self.close()
 
     def turn(self, index: int) -> tuple[asyncio.Future | None, asyncio.Future]:
         """A place in line for a check of stage `index` that starts now: (the previous check's turn, to await
@@ -131,6 +146,10 @@ class Replays:
             await self.drop(pool, pool[peer])
 
     async def close(self) -> None:
+        """Closes every kept session now, or, while checks run, once the last of them ends."""
+        self._ending = True
+        if self._running:
+            return
         self.closed = True
         for pool in self._pools.values():
             for replay in list(pool.values()):

@@ -382,10 +382,12 @@ class Auditor:
         """Checks stage `index`'s step at `position`: its inputs are the client's (`chain_inputs`, ending with the
         step's, or a ring's `token_ids` through the step) for the first stage, else the previous stage's echoes.
         Raises StageFailure(code="failed_verification") if it lied, ("disputed") if no one can tell."""
-        previous, mine = session.ledger.replays.turn(index)  # now, before any await: in the order checks began
+        replays = session.ledger.replays
+        previous, mine = replays.turn(index)  # now, before any await: in the order checks began
         try:
-            return await self._check(session, index, position, previous, chain_inputs=chain_inputs,
-                                     token_ids=token_ids)
+            async with replays.running():
+                return await self._check(session, index, position, previous, chain_inputs=chain_inputs,
+                                         token_ids=token_ids)
         finally:
             if not mine.done():
                 mine.set_result(None)
@@ -554,7 +556,8 @@ class Auditor:
         return [*kept, *(peer for peer in candidates if peer not in kept)]
 
     async def release(self, session: ChainSession) -> None:
-        """Closes the verifier sessions kept for `session`'s checks: call it when the session ends."""
+        """Closes the verifier sessions kept for `session`'s checks, once those running end: call it when the
+        session ends."""
         if session.ledger is not None:
             await session.ledger.replays.close()
 

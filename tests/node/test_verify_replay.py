@@ -1,6 +1,7 @@
 """Checks re-run on verifier sessions kept between the checks of one session (node.client.replay): each position is
 computed once per verifier, counted on the verifiers' side; the sessions end with the checked one; and a liar is
-still caught, outvoted and proven when its check runs on a verifier session kept warm by earlier checks."""
+still caught, outvoted and proven when its check runs on a verifier session kept warm by earlier checks; and a chain
+that dies with checks pending is replaced at once, its tokens withdrawn when those checks later find a lie."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 import pytest
 
 from node.app.local_swarm import LocalSwarm
-from node.client.failover import ResilientSession
+from node.client.failover import ResilientSession, Revision
 from node.client.session import SwarmClient
 from node.client.verify import Auditor
 from node.model.sampling import SamplingParams
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.timeout(900)
 
 LATE_LIAR = 4  # node index: a liar from its LATE_FROM_STEP-th step of each session on, at layers 0:3
 PROMPT = list(range(5, 25))
+CHECK_DELAY_S = 3.0
 
 
 async def _served(client: SwarmClient, peers: list[str]) -> dict[str, int]:
@@ -112,8 +114,46 @@ async def _scenario(swarm: LocalSwarm) -> None:
         assert liar in _long_bans(client) and not _long_bans(client) & set(honest)
         assert auditor.published and verify_proof(auditor.published[0], model=swarm.source.name) == liar
         assert 2 * auditor.positions_run < _fresh_cost(auditor)
+
+        # The liar lies, then its machine dies before its checks are in: the next chain opens and answers at once
+        # while the dead chain's checks run, and when they find the lie the answer is revised to the honest one.
+        blind = ProofBlindClient(peer, swarm.source)
+        blind.prefer = liar
+        auditor = SlowAuditor(blind, 1.0, rng=random.Random(10))
+        session = ResilientSession(blind, max_length=len(PROMPT) + NEW_TOKENS, step_timeout_s=30, auditor=auditor)
+        tokens, revised_at = [], []
+        try:
+            async for item in session.generate(PROMPT, SamplingParams(max_new_tokens=NEW_TOKENS)):
+                if isinstance(item, Revision):
+                    revised_at.append(len(tokens))
+                    del tokens[item.keep:]
+                    continue
+                tokens.append(item)
+                if len(tokens) == LATE_FROM_STEP + 2 and session.chains[-1][0].node_id == liar:
+                    swarm.kill(LATE_LIAR)
+        finally:
+            await session.close()
+        print("after the crash", [e.code for e in session.events], "revised at", revised_at)
+        assert session.chains[0][0].node_id == liar and len(session.chains) >= 3
+        assert tokens == reference and revised_at and revised_at[0] > LATE_FROM_STEP + 2  # the next chain went on
+        assert any(r.verdict == "liar" and r.peer == liar for r in auditor.reports)
     finally:
         peer.shutdown()
+
+
+class ProofBlindClient(PreferringClient):
+    """A client that has not read the liar's published proof (it was caught above)."""
+
+    async def servers(self):
+        return await self.peer.list_servers(self.model, num_layers=self.num_layers)
+
+
+class SlowAuditor(Auditor):
+    """Checks that take a while to start, as on a loaded machine: a chain can die before they are in."""
+
+    async def check(self, *args, **kwargs):
+        await asyncio.sleep(CHECK_DELAY_S)
+        return await super().check(*args, **kwargs)
 
 
 def test_checks_replay_each_position_once_per_verifier_and_still_catch_a_late_liar(tiny_checkpoint):
