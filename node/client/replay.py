@@ -69,27 +69,30 @@ class Replay:
         """Whether it ran past `position`: it cannot re-run the step there."""
         return self.length > position
 
-    async def run(self, inputs: torch.Tensor | list[int], position: int, end: int, *,
-                  sample: bool = False) -> tuple[torch.Tensor, int | None]:
+    async def run(self, inputs: torch.Tensor | list[int], position: int, end: int, *, sample: bool = False,
+                  merged: bool = False) -> tuple[torch.Tensor, int | None]:
         """Replays inputs [length, position) in prefill chunks, then runs the step [position, end); returns the
         step's output and, with `sample` (a session opened with sampling: a ring's last stage), the token the
-        verifier samples after it. It must follow `inputs` and not be ahead of `position` (the caller checks)."""
+        verifier samples after it. It must follow `inputs` and not be ahead of `position` (the caller checks).
+        `merged`: the replay and the step in one step from `length` (one forward instead of two, when what is
+        replayed fits a chunk), the step's output its last rows; the verifier then signs no step at `position`."""
         session, tokens = self.session, isinstance(inputs, list)
         rows = (lambda a, b: inputs[a:b]) if tokens else (lambda a, b: inputs[:, a:b])
+        start = self.length if merged and end - self.length <= PREFILL_CHUNK_TOKENS else position
         token = None
         if session.sampling is not None:  # hidden states in, the output comes as an echo (the ledger keeps it)
-            for offset in range(self.length, position, PREFILL_CHUNK_TOKENS):
-                await session.sampled_token(rows(offset, min(position, offset + PREFILL_CHUNK_TOKENS)), offset,
+            for offset in range(self.length, start, PREFILL_CHUNK_TOKENS):
+                await session.sampled_token(rows(offset, min(start, offset + PREFILL_CHUNK_TOKENS)), offset,
                                             sample=False)
-            token = await session.sampled_token(rows(position, end), position, sample=sample)
-            output = await self.ledger.output(0, position)
+            token = await session.sampled_token(rows(start, end), start, sample=sample)
+            output = await self.ledger.output(0, start)
         else:
             step = session.embed_step if tokens else session.step
-            for offset in range(self.length, position, PREFILL_CHUNK_TOKENS):
-                await step(rows(offset, min(position, offset + PREFILL_CHUNK_TOKENS)), offset)
-            output = await step(rows(position, end), position)
+            for offset in range(self.length, start, PREFILL_CHUNK_TOKENS):
+                await step(rows(offset, min(start, offset + PREFILL_CHUNK_TOKENS)), offset)
+            output = await step(rows(start, end), start)
         self.ran = list(inputs[:end]) if tokens else inputs[:, :end].clone()
-        return output, token
+        return output[:, position - start:], token
 
     async def close(self) -> None:
         if not self.closed:

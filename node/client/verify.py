@@ -421,7 +421,9 @@ class Auditor:
             await ledger.replays.prune(pool, candidates)
             candidates = self._kept_first(candidates, pool, stage_dtype)
         rerun = {"pool": pool, "max_length": session.max_length, "want": stage_dtype, "sampling": sampling}
-        first = await self._recompute_on_any(candidates, hop, inputs, position, end, **rerun)
+        # The first re-run is signed for no proof (most checks pass: it runs with its catch-up, in one forward);
+        # the tie-breaker's is, and the first verifier's is re-run as a witness if the stage is outvoted.
+        first = await self._recompute_on_any(candidates, hop, inputs, position, end, witnessed=False, **rerun)
         if first is None:
             return self._report(hop, position, None, float("nan"), "unchecked", float("nan"))
         tolerance = self.tolerance_between((hop.node_id, stage_dtype), (first.peer, first.dtype))
@@ -453,6 +455,7 @@ class Auditor:
             verdict = "liar"
             self.client.ban(hop.node_id, for_s=PROVEN_BAN_S)
             accused = ledger.witness(index, position, session.streams[index].opened.get("endorsement"))
+            first = await self._witnessed(first, hop, inputs, position, end, sampling)
             token_lie = relative_error(claimed, second.output) <= tolerance  # its output is right, its token is not
             await self._publish(hop, inputs, [accused, first.witness, second.witness],
                                 sampling=session.sampling if token_lie else None)
@@ -563,8 +566,8 @@ class Auditor:
 
     async def _recompute_on_any(self, candidates: list[str], hop: Hop, inputs: torch.Tensor | list[int],
                                 position: int, end: int, *, want: torch.dtype, sampling: SamplingParams | None = None,
-                                pool: dict[str, Replay] | None = None, max_length: int | None = None
-                                ) -> Recomputed | None:
+                                pool: dict[str, Replay] | None = None, max_length: int | None = None,
+                                witnessed: bool = True) -> Recomputed | None:
         """Recomputes on the first candidate that answers (popping those tried), preferring one that computes at
         least as precisely as `want` (a looser dtype loosens the check); None if none answers. With `sampling`
         (a ring's last stage), the candidate also samples the token after the step. `pool`: the verifier sessions
@@ -576,7 +579,7 @@ class Auditor:
             try:
                 found = await self._recompute(Hop(peer, hop.start, hop.end), inputs, position, end,
                                               at_most=TOLERANCES[want] if precise else None, sampling=sampling,
-                                              pool=pool, max_length=max_length)
+                                              pool=pool, max_length=max_length, witnessed=witnessed)
                 if found is not None:
                     return found
                 looser.append(peer)
@@ -586,7 +589,8 @@ class Auditor:
 
     async def _recompute(self, hop: Hop, inputs: torch.Tensor | list[int], position: int, end: int, *,
                          at_most: float | None = None, sampling: SamplingParams | None = None,
-                         pool: dict[str, Replay] | None = None, max_length: int | None = None) -> Recomputed | None:
+                         pool: dict[str, Replay] | None = None, max_length: int | None = None,
+                         witnessed: bool = True) -> Recomputed | None:
         """Runs the step [position, end) on `hop` after the inputs before it, with the verifier's signed account of
         the step (a witness for a proof); given token ids, the verifier embeds them as the checked first stage did;
         with `sampling` (a ring's last stage: hidden states in) also the token it samples after the step. None,
@@ -604,7 +608,7 @@ class Auditor:
                     await Replays.drop(pool, kept)
                 elif not kept.ahead_of(position):
                     try:
-                        return await self._rerun(kept, inputs, position, end, sampling)
+                        return await self._rerun(kept, inputs, position, end, sampling, witnessed)
                     except StageFailure as e:
                         await Replays.drop(pool, kept)
                         if e.code not in CLOSED_WHEN_IDLE:
@@ -623,13 +627,26 @@ class Auditor:
                 await Replays.drop(pool, replay)
                 return None
             async with replay.lock:
-                return await self._rerun(replay, inputs, position, end, sampling)
+                return await self._rerun(replay, inputs, position, end, sampling, witnessed)
         except BaseException:
             await Replays.drop(pool, replay)
             raise
         finally:
             if not keep:
                 await replay.close()
+
+    async def _witnessed(self, found: Recomputed, hop: Hop, inputs: torch.Tensor | list[int], position: int,
+                         end: int, sampling: SamplingParams | None) -> Recomputed:
+        """`found`, or if it has no witness (a merged re-run), the same verifier's re-run of the step as a step of
+        its own in a fresh session, whose signed account can go in a proof. Unchanged if that fails."""
+        if found.witness is not None:
+            return found
+        try:
+            again = await self._recompute(Hop(found.peer, hop.start, hop.end), inputs, position, end, sampling=sampling)
+        except (StageFailure, TimeoutError) as e:
+            logger.info("verifier %s could not re-run the step as a witness: %s", found.peer, e)
+            return found
+        return again or found
 
     async def _open_replay(self, hop: Hop, inputs: torch.Tensor | list[int], max_length: int, end: int,
                            sampling: SamplingParams | None) -> Replay:
@@ -647,12 +664,16 @@ class Auditor:
         return Replay(session, attach_ledger(session), announced_dtype(session.streams[0].opened.get("dtype")))
 
     async def _rerun(self, replay: Replay, inputs: torch.Tensor | list[int], position: int, end: int,
-                     sampling: SamplingParams | None) -> Recomputed:
-        """The step [position, end) re-run on `replay`, which catches up from where it was."""
+                     sampling: SamplingParams | None, witnessed: bool) -> Recomputed:
+        """The step [position, end) re-run on `replay`, which catches up from where it was: with `witnessed`, as
+        a step of its own, which the verifier signs (a witness for a proof); else in one forward with the catch-up
+        (no witness: see `_check`)."""
         self.positions_run += end - replay.length
-        output, token = await replay.run(inputs, position, end, sample=sampling is not None)
+        merged = not witnessed and replay.length < position
+        output, token = await replay.run(inputs, position, end, sample=sampling is not None, merged=merged)
         endorsement = replay.session.streams[0].opened.get("endorsement")
-        return Recomputed(output, replay.peer, replay.dtype, replay.ledger.witness(0, position, endorsement), token)
+        witness = None if merged else replay.ledger.witness(0, position, endorsement)
+        return Recomputed(output, replay.peer, replay.dtype, witness, token)
 
     def _report(self, hop: Hop, position: int, verifier: str | None, error: float, verdict: str, tolerance: float,
                 tiebreaker: str | None = None) -> VerificationReport:
