@@ -386,15 +386,17 @@ class Auditor:
         previous, mine = replays.turn(index)  # now, before any await: in the order checks began
         try:
             async with replays.running():
-                return await self._check(session, index, position, previous, chain_inputs=chain_inputs,
+                return await self._check(session, index, position, (previous, mine), chain_inputs=chain_inputs,
                                          token_ids=token_ids)
         finally:
             if not mine.done():
                 mine.set_result(None)
 
-    async def _check(self, session: ChainSession, index: int, position: int, previous: asyncio.Future | None, *,
-                     chain_inputs: torch.Tensor | None, token_ids: list[int] | None) -> VerificationReport:
+    async def _check(self, session: ChainSession, index: int, position: int,
+                     turn: tuple[asyncio.Future | None, asyncio.Future], *, chain_inputs: torch.Tensor | None,
+                     token_ids: list[int] | None) -> VerificationReport:
         ledger, hop = session.ledger, session.chain[index]
+        previous, mine = turn
         try:
             claimed = await ledger.output(index, position)
             if index > 0:  # the previous stage's echo of this step may still be on its way
@@ -456,6 +458,8 @@ class Auditor:
             self.client.ban(hop.node_id, for_s=PROVEN_BAN_S)
             accused = ledger.witness(index, position, session.streams[index].opened.get("endorsement"))
             first = await self._witnessed(first, hop, inputs, position, end, sampling)
+            if not mine.done():  # done with the kept sessions: the next check need not wait for the DHT
+                mine.set_result(None)
             token_lie = relative_error(claimed, second.output) <= tolerance  # its output is right, its token is not
             await self._publish(hop, inputs, [accused, first.witness, second.witness],
                                 sampling=session.sampling if token_lie else None)
