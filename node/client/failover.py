@@ -13,7 +13,9 @@ Every chain is checked (`node.client.verify`, docs/trust.md): its stages' receip
 an `Auditor` re-runs a random sample of steps elsewhere. A ring is checked off its critical path: the checks of
 the tokens already yielded run in the background, and a liar found among them (or an equivocation) ends the
 chain; `generate` then yields a `Revision` — the answer keeps only the tokens made before that chain opened —
-and the rest is rebuilt on a chain without the liar, so the final answer is the honest one. A step of the client's
+and the rest is rebuilt on a chain without the liar, so the final answer is the honest one. A chain that fails for
+another reason is replaced at once, its pending checks going on meanwhile: a lie they find later revises the
+answer back to before that chain (its tokens stand only once its checks pass). A step of the client's
 own chain (`step`) is checked before its output is used.
 """
 
@@ -115,46 +117,40 @@ class ResilientSession:
             raise ValueError("a ring is not relayed: pass the client's head")
         produced: list[int] = []
         failovers, chain_from = 0, 0
-        checks: set[asyncio.Task] = set()
+        checks = _Checks()
         try:
             while True:
                 try:
                     if self.session is None:
-                        chain_from = len(produced)  # tokens made by earlier chains: none of those was caught
+                        chain_from = len(produced)  # tokens made by earlier chains (their checks may still run)
                         rest = replace(params, max_new_tokens=params.max_new_tokens - len(produced))
                         self.session = await self._open_new_chain(sampling=rest)
                     async for token in self.session.tokens([*prompt_ids, *produced], 0):
                         produced.append(token)
-                        self._check_ring_step(checks, [*prompt_ids, *produced])
-                        _raise_caught(checks)
+                        self._check_ring_step(checks, [*prompt_ids, *produced], chain_from)
+                        checks.raise_caught()
                         self._record_recovery()
                         yield token
                     self.unfinished_checks += await _settle(checks)  # the answer is final once its checks are in
                     return
                 except (StageFailure, NoChainError) as error:
-                    if not (isinstance(error, StageFailure) and error.code in LIES):
-                        # The failed chain's tokens stand only once their checks are in: a liar that goes silent
-                        # right after lying must not keep its lies by cutting its checks short.
-                        error = await self._caught_among(checks) or error
-                    _cancel(checks)
-                    if isinstance(error, StageFailure) and error.code in LIES and len(produced) > chain_from:
-                        del produced[chain_from:]
-                        yield Revision(chain_from)
+                    # A chain that failed for another reason than a lie: its pending checks go on while the next
+                    # chain opens and continues the answer, and its tokens stand only once they pass (a liar that
+                    # goes silent right after lying must not keep its lies by cutting its checks short): a lie
+                    # found later revises the answer back to before that chain, as below.
+                    if isinstance(error, StageFailure) and error.code in LIES:
+                        keep = checks.caught_from if checks.caught_from is not None else chain_from
+                        _cancel(checks)
+                        if len(produced) > keep:
+                            del produced[keep:]
+                            yield Revision(keep)
                     failovers = await self._recover(error, len(prompt_ids) + len(produced), failovers)
         finally:
             _cancel(checks)
 
-    async def _caught_among(self, checks: set[asyncio.Task]) -> StageFailure | None:
-        """After a chain failed for another reason than a lie: the lie its pending checks find, if any (waiting for
-        them as an answer's end does, so a failover after a crash waits for the crashed chain's checks)."""
-        try:
-            self.unfinished_checks += await _settle(checks)
-        except StageFailure as caught:
-            return caught
-        return None
-
-    def _check_ring_step(self, checks: set[asyncio.Task], ids: list[int]) -> None:
-        """Maybe checks one stage of the ring step that sampled the last of `ids`, in the background."""
+    def _check_ring_step(self, checks: _Checks, ids: list[int], chain_from: int) -> None:
+        """Maybe checks one stage of the ring step that sampled the last of `ids`, in the background; the chain's
+        tokens begin at `chain_from` of the answer's."""
         if self.auditor is None or not self.auditor.sample():
             return
         session, token_at = self.session, len(ids) - 1
@@ -163,7 +159,7 @@ class ResilientSession:
             return
         index = self.auditor.pick_stage(session)
         task = asyncio.create_task(self.auditor.check(session, index, max(steps), token_ids=ids[:token_at]))
-        checks.add(task)
+        checks[task] = chain_from
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         if position != self.history.length:
@@ -229,9 +225,7 @@ class ResilientSession:
                 await self._publish_proofs()
         elif failure.code not in REFUSALS:
             self.client.ban(failure.peer)
-        if self.session is not None:
-            await self.session.close()
-        self.session = None
+        await self._close_chain()
 
     async def _publish_proofs(self) -> None:
         """Publishes the chain's proofs of equivocation (node.net.evidence), for other clients and the planners."""
@@ -261,10 +255,16 @@ class ResilientSession:
                                          failure.reporter))
         self._pending_event = None
 
-    async def close(self) -> None:
+    async def _close_chain(self) -> None:
+        """Closes the current chain's session, and the verifier sessions its checks kept open."""
         if self.session is not None:
             await self.session.close()
-            self.session = None
+            if self.auditor is not None:
+                await self.auditor.release(self.session)
+        self.session = None
+
+    async def close(self) -> None:
+        await self._close_chain()
         if self.auditor is not None:  # what its checks vouched for in this session, for everyone to read
             try:
                 await asyncio.wait_for(self.client.publish_credit(), 10.0)
@@ -300,37 +300,47 @@ class _Inputs:
         self.length += hidden.shape[1]
 
 
-def _raise_caught(checks: set[asyncio.Task]) -> None:
-    """Raises the failure of a finished check that caught a liar; forgets the finished ones."""
-    for task in [t for t in checks if t.done()]:
-        checks.discard(task)
-        if not task.cancelled() and isinstance(task.exception(), StageFailure):
-            raise task.exception()
-        if not task.cancelled() and task.exception() is not None:
-            logger.warning("a check could not run: %r", task.exception())
+class _Checks(dict):
+    """An answer's pending checks, each with where its chain's tokens begin in the answer (those a lie it finds
+    withdraws: the chain's, and the later chains' built on them)."""
+
+    caught_from: int | None = None  # of the check whose failure `raise_caught` raised last
+
+    def raise_caught(self) -> None:
+        """Raises the failure of a finished check that caught a liar; forgets the finished ones."""
+        for task in [t for t in self if t.done()]:
+            chain_from = self.pop(task)
+            if not task.cancelled() and isinstance(task.exception(), StageFailure):
+                self.caught_from = chain_from
+                raise task.exception()
+            if not task.cancelled() and task.exception() is not None:
+                logger.warning("a check could not run: %r", task.exception())
 
 
-async def _settle(checks: set[asyncio.Task], timeout_s: float = SETTLE_TIMEOUT_S) -> int:
+async def _settle(checks: _Checks, timeout_s: float = SETTLE_TIMEOUT_S) -> int:
     """Waits for the answer's checks to end, but not for ever: a check that cannot finish (its verifiers died
     and none answers, or a machine too loaded to run it in time) leaves its step unchecked rather than the answer
     unfinished. Returns how many were left unfinished."""
     late: set[asyncio.Task] = set()
-    if checks:
+    if checks:  # all of them, even after one found a lie: each liar among them is then caught with evidence
         _, late = await asyncio.wait(checks, timeout=timeout_s)
-        if late:
-            logger.warning("%d check(s) of this answer did not finish within %.0f s: left unchecked", len(late),
-                           timeout_s)
-            for task in late:
-                task.cancel()
-            checks.difference_update(late)
-    _raise_caught(checks)
+    if late:
+        logger.warning("%d check(s) of this answer did not finish within %.0f s: left unchecked", len(late),
+                       timeout_s)
+        for task in late:
+            task.cancel()
+            del checks[task]
+    checks.raise_caught()
     return len(late)
 
 
-def _cancel(checks: set[asyncio.Task]) -> None:
+def _cancel(checks: _Checks) -> None:
     for task in checks:
+        if task.done() and not task.cancelled():
+            task.exception()  # seen: the answer is being revised or given up anyway
         task.cancel()
     checks.clear()
+    checks.caught_from = None
 
 
 def _backoff(base_s: float, attempt: int) -> float:

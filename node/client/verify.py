@@ -33,12 +33,14 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hivemind.proto import runtime_pb2
 
+from node.client.replay import POOL_SIZE, Replay, Replays
 from node.client.session import ChainSession, StageFailure, SwarmClient
 from node.model.sampling import SamplingParams
 from node.model.speculative import MAX_DRAFT_TOKENS
@@ -55,7 +57,6 @@ from node.net.evidence import (
     token_equivocation_proof,
 )
 from node.net.protocol import (
-    PREFILL_CHUNK_TOKENS,
     ProtocolError,
     digest,
     is_token_receipt,
@@ -81,8 +82,13 @@ ECHO_WAIT_S = 10.0  # an echo leaves a stage right after its push; this is slack
 DEFAULT_PROBABILITY = 0.3  # a liar on every step of a 2-stage chain is checked within 32 tokens in 99.99% of runs
 PROVEN_BAN_S = 24 * 3600.0  # a liar outvoted by two other nodes
 SUSPECT_AVOID_S = 60.0  # both ends of an equivocation or an unresolved dispute: avoided, not banned
+# The swarm's records, read for a check's verifiers, serve the checks of the next seconds too (about 19 checks of a
+# 64-token answer at p = 0.3 would each read the DHT); bans apply at once all the same.
+RECORDS_MAX_AGE_S = 2.0
 # Codes of a StageFailure that mean the chain's output so far cannot be trusted (the answer is rebuilt).
 LIES = {"failed_verification", "equivocation", "equivocated", "disputed"}
+# A verifier closing a kept session that sat idle (node.serve.admission): not a failure, it is opened again.
+CLOSED_WHEN_IDLE = {"reclaimed", "idle"}
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,7 @@ class Ledger(asyncio.Queue):
         self.equivocations: list[tuple[int, int]] = []  # (receiving stage index, position)
         self.drafts: dict[int, list[int]] = {}  # a speculating ring's first stage: position -> the draft it ran after
         self.check_turn: int | None = None  # whose turn it is to be checked (Auditor.pick_stage)
+        self.replays = Replays()  # the verifier sessions kept for this session's checks (node.client.replay)
         self._arrived = asyncio.Event()
 
     def put_nowait(self, item: tuple[int, object]) -> None:
@@ -341,6 +348,9 @@ class Auditor:
     reports: list[VerificationReport] = field(default_factory=list)
     quants: dict[str, str] = field(default_factory=dict)  # peer -> the quantization its record announces
     published: list[dict] = field(default_factory=list)  # proofs of lies this auditor published
+    positions_run: int = 0  # positions its checks sent to verifiers, replays included (what verifying cost them)
+    # (read at, the swarm's records) for the checks' verifiers: see RECORDS_MAX_AGE_S
+    _records: tuple[float, list] = field(default=(float("-inf"), []), init=False, repr=False)
 
     def tolerance_between(self, *nodes: tuple[str | None, torch.dtype]) -> float:
         """Between the outputs of `nodes` (peer, the dtype it announced): the looser of their dtypes', and the
@@ -372,7 +382,21 @@ class Auditor:
         """Checks stage `index`'s step at `position`: its inputs are the client's (`chain_inputs`, ending with the
         step's, or a ring's `token_ids` through the step) for the first stage, else the previous stage's echoes.
         Raises StageFailure(code="failed_verification") if it lied, ("disputed") if no one can tell."""
+        replays = session.ledger.replays
+        previous, mine = replays.turn(index)  # now, before any await: in the order checks began
+        try:
+            async with replays.running():
+                return await self._check(session, index, position, (previous, mine), chain_inputs=chain_inputs,
+                                         token_ids=token_ids)
+        finally:
+            if not mine.done():
+                mine.set_result(None)
+
+    async def _check(self, session: ChainSession, index: int, position: int,
+                     turn: tuple[asyncio.Future | None, asyncio.Future], *, chain_inputs: torch.Tensor | None,
+                     token_ids: list[int] | None) -> VerificationReport:
         ledger, hop = session.ledger, session.chain[index]
+        previous, mine = turn
         try:
             claimed = await ledger.output(index, position)
             if index > 0:  # the previous stage's echo of this step may still be on its way
@@ -392,8 +416,16 @@ class Auditor:
         if not self._exact(hop.node_id, stage_dtype):
             sampled = None  # its token is not compared (see `_exact`)
         sampling = session.sampling if sampled is not None else None
-        first = await self._recompute_on_any(candidates, hop, inputs, position, end, want=stage_dtype,
-                                             sampling=sampling)
+        if previous is not None:  # the stage's kept sessions are this check's once the checks before it are done
+            await asyncio.wait({previous})
+        pool = None if ledger.replays.closed else ledger.replays.pool(index, sampling is not None)
+        if pool is not None:
+            await ledger.replays.prune(pool, candidates)
+            candidates = self._kept_first(candidates, pool, stage_dtype)
+        rerun = {"pool": pool, "max_length": session.max_length, "want": stage_dtype, "sampling": sampling}
+        # The first re-run is signed for no proof (most checks pass: it runs with its catch-up, in one forward);
+        # the tie-breaker's is, and the first verifier's is re-run as a witness if the stage is outvoted.
+        first = await self._recompute_on_any(candidates, hop, inputs, position, end, witnessed=False, **rerun)
         if first is None:
             return self._report(hop, position, None, float("nan"), "unchecked", float("nan"))
         tolerance = self.tolerance_between((hop.node_id, stage_dtype), (first.peer, first.dtype))
@@ -402,8 +434,7 @@ class Auditor:
             self._credit(ledger, index, hop.node_id, end)
             return self._report(hop, position, first.peer, error, "honest", tolerance)
         # A dispute: a third node decides; no one is called a liar unless two others agree against it.
-        second = await self._recompute_on_any(candidates, hop, inputs, position, end, want=stage_dtype,
-                                              sampling=sampling)
+        second = await self._recompute_on_any(candidates, hop, inputs, position, end, **rerun)
         # One tolerance for the three comparisons: the loosest of the three nodes' dtypes and quantizations.
         tolerance = self.tolerance_between((hop.node_id, stage_dtype), (first.peer, first.dtype),
                                            *(((second.peer, second.dtype),) if second else ()))
@@ -426,6 +457,9 @@ class Auditor:
             verdict = "liar"
             self.client.ban(hop.node_id, for_s=PROVEN_BAN_S)
             accused = ledger.witness(index, position, session.streams[index].opened.get("endorsement"))
+            first = await self._witnessed(first, hop, inputs, position, end, sampling)
+            if not mine.done():  # done with the kept sessions: the next check need not wait for the DHT
+                mine.set_result(None)
             token_lie = relative_error(claimed, second.output) <= tolerance  # its output is right, its token is not
             await self._publish(hop, inputs, [accused, first.witness, second.witness],
                                 sampling=session.sampling if token_lie else None)
@@ -506,7 +540,11 @@ class Auditor:
     async def _verifiers(self, hop: Hop) -> list[str]:
         """Other online, unbanned nodes that hold all of the hop's layers, in random order, those of the hop's
         quantization first (the tightest tolerance); records every node's quantization on the way."""
-        banned, records = self.client.banned, await self.client.servers()
+        read_at, records = self._records
+        if time.monotonic() - read_at > RECORDS_MAX_AGE_S:
+            records = await self.client.servers()
+            self._records = (time.monotonic(), records)
+        banned = self.client.banned
         self.quants.update({r.peer_id: r.quant for r in records})
         peers = sorted({r.peer_id for r in records
                         if r.state == "online" and r.start <= hop.start and hop.end <= r.end
@@ -515,19 +553,37 @@ class Auditor:
         mine = self.quants.get(hop.node_id, "none")
         return sorted(peers, key=lambda peer: self.quants.get(peer, "none") != mine)  # stable: random within each
 
+    @staticmethod
+    def _kept_first(candidates: list[str], pool: dict[str, Replay], want: torch.dtype) -> list[str]:
+        """The order to try verifiers in: `candidates` as drawn (at random), unless the pool of kept sessions is
+        full: then its verifiers first, in that random order, those computing at least as precisely as `want`."""
+        kept = [peer for peer in candidates if peer in pool and TOLERANCES[pool[peer].dtype] <= TOLERANCES[want]]
+        if len(pool) < POOL_SIZE or not kept:
+            return candidates
+        return [*kept, *(peer for peer in candidates if peer not in kept)]
+
+    async def release(self, session: ChainSession) -> None:
+        """Closes the verifier sessions kept for `session`'s checks, once those running end: call it when the
+        session ends."""
+        if session.ledger is not None:
+            await session.ledger.replays.close()
+
     async def _recompute_on_any(self, candidates: list[str], hop: Hop, inputs: torch.Tensor | list[int],
-                                position: int, end: int, *, want: torch.dtype,
-                                sampling: SamplingParams | None = None) -> Recomputed | None:
+                                position: int, end: int, *, want: torch.dtype, sampling: SamplingParams | None = None,
+                                pool: dict[str, Replay] | None = None, max_length: int | None = None,
+                                witnessed: bool = True) -> Recomputed | None:
         """Recomputes on the first candidate that answers (popping those tried), preferring one that computes at
         least as precisely as `want` (a looser dtype loosens the check); None if none answers. With `sampling`
-        (a ring's last stage), the candidate also samples the token after the step."""
+        (a ring's last stage), the candidate also samples the token after the step. `pool`: the verifier sessions
+        kept for these checks (see `_recompute`)."""
         looser: list[str] = []
         while candidates or looser:
             precise = bool(candidates)
             peer = (candidates or looser).pop(0)
             try:
                 found = await self._recompute(Hop(peer, hop.start, hop.end), inputs, position, end,
-                                              at_most=TOLERANCES[want] if precise else None, sampling=sampling)
+                                              at_most=TOLERANCES[want] if precise else None, sampling=sampling,
+                                              pool=pool, max_length=max_length, witnessed=witnessed)
                 if found is not None:
                     return found
                 looser.append(peer)
@@ -536,37 +592,92 @@ class Auditor:
         return None
 
     async def _recompute(self, hop: Hop, inputs: torch.Tensor | list[int], position: int, end: int, *,
-                         at_most: float | None = None, sampling: SamplingParams | None = None) -> Recomputed | None:
-        """Runs the step [position, end) on `hop` after replaying its inputs before it, in a fresh one-stage
-        session (given token ids, the verifier embeds them as the checked first stage did), with the verifier's
-        signed account of the step (a witness for a proof); with `sampling` (a ring's last stage: hidden states in)
-        also the token it samples after the step. None, without running anything, if the node announces a dtype
-        whose tolerance exceeds `at_most`."""
-        tokens = isinstance(inputs, list)
-        session = await self.client.open_session([hop], max_length=end, wire=self.wire, embed=tokens,
-                                                 sampling=sampling, step_timeout_s=self.step_timeout_s)
-        ledger = attach_ledger(session)
-        try:
-            dtype = announced_dtype(session.streams[0].opened.get("dtype"))
-            if at_most is not None and TOLERANCES[dtype] > at_most:
+                         at_most: float | None = None, sampling: SamplingParams | None = None,
+                         pool: dict[str, Replay] | None = None, max_length: int | None = None,
+                         witnessed: bool = True) -> Recomputed | None:
+        """Runs the step [position, end) on `hop` after the inputs before it, with the verifier's signed account of
+        the step (a witness for a proof); given token ids, the verifier embeds them as the checked first stage did;
+        with `sampling` (a ring's last stage: hidden states in) also the token it samples after the step. None,
+        without running anything, if the node announces a dtype whose tolerance exceeds `at_most`.
+
+        In the verifier's session kept in `pool` (node.client.replay), if it has one that ran a prefix of these
+        inputs and not past `position`: it replays only the inputs since. Else in a new one-stage session, opened
+        for `max_length` tokens and kept in the pool if it has room, else opened for `end` and closed after."""
+        kept = pool.get(hop.node_id) if pool is not None else None
+        if kept is not None:
+            if at_most is not None and TOLERANCES[kept.dtype] > at_most:
                 return None
-            token = None
-            if sampling is not None:
-                for offset in range(0, position, PREFILL_CHUNK_TOKENS):
-                    await session.sampled_token(inputs[:, offset:min(position, offset + PREFILL_CHUNK_TOKENS)], offset,
-                                                sample=False)
-                token = await session.sampled_token(inputs[:, position:end], position, sample=True)
-                output = await ledger.output(0, position)
-            else:
-                run = session.embed_step if tokens else session.step
-                for offset in range(0, position, PREFILL_CHUNK_TOKENS):
-                    await run(inputs[:, offset:min(position, offset + PREFILL_CHUNK_TOKENS)] if not tokens
-                              else inputs[offset:min(position, offset + PREFILL_CHUNK_TOKENS)], offset)
-                output = await run(inputs[:, position:end] if not tokens else inputs[position:end], position)
-            return Recomputed(output, hop.node_id, dtype,
-                              ledger.witness(0, position, session.streams[0].opened.get("endorsement")), token)
+            async with kept.lock:
+                if kept.closed or not kept.follows(inputs):  # (inputs replaced since: it cannot rewind)
+                    await Replays.drop(pool, kept)
+                elif not kept.ahead_of(position):
+                    try:
+                        return await self._rerun(kept, inputs, position, end, sampling, witnessed)
+                    except StageFailure as e:
+                        await Replays.drop(pool, kept)
+                        if e.code not in CLOSED_WHEN_IDLE:
+                            raise
+                    except BaseException:
+                        await Replays.drop(pool, kept)
+                        raise
+        # (else ahead of this check, one that ran out of order: this one runs in a session of its own)
+        keep = pool is not None and hop.node_id not in pool and len(pool) < POOL_SIZE
+        replay = await self._open_replay(hop, inputs, max_length if keep and max_length else end, end, sampling)
+        keep = keep and replay.session.max_length > end and hop.node_id not in pool and len(pool) < POOL_SIZE
+        if keep:
+            pool[hop.node_id] = replay
+        try:
+            if at_most is not None and TOLERANCES[replay.dtype] > at_most:
+                await Replays.drop(pool, replay)
+                return None
+            async with replay.lock:
+                return await self._rerun(replay, inputs, position, end, sampling, witnessed)
+        except BaseException:
+            await Replays.drop(pool, replay)
+            raise
         finally:
-            await session.close()
+            if not keep:
+                await replay.close()
+
+    async def _witnessed(self, found: Recomputed, hop: Hop, inputs: torch.Tensor | list[int], position: int,
+                         end: int, sampling: SamplingParams | None) -> Recomputed:
+        """`found`, or if it has no witness (a merged re-run), the same verifier's re-run of the step as a step of
+        its own in a fresh session, whose signed account can go in a proof. Unchanged if that fails."""
+        if found.witness is not None:
+            return found
+        try:
+            again = await self._recompute(Hop(found.peer, hop.start, hop.end), inputs, position, end, sampling=sampling)
+        except (StageFailure, TimeoutError) as e:
+            logger.info("verifier %s could not re-run the step as a witness: %s", found.peer, e)
+            return found
+        return again or found
+
+    async def _open_replay(self, hop: Hop, inputs: torch.Tensor | list[int], max_length: int, end: int,
+                           sampling: SamplingParams | None) -> Replay:
+        """A one-stage session on `hop` for re-running checks; if the verifier has no room for `max_length`
+        tokens, one for `end`, which ends with this check."""
+        embed = isinstance(inputs, list)
+        try:
+            session = await self.client.open_session([hop], max_length=max_length, wire=self.wire, embed=embed,
+                                                     sampling=sampling, step_timeout_s=self.step_timeout_s)
+        except StageFailure as e:
+            if e.code != "no_capacity" or max_length <= end:
+                raise
+            session = await self.client.open_session([hop], max_length=end, wire=self.wire, embed=embed,
+                                                     sampling=sampling, step_timeout_s=self.step_timeout_s)
+        return Replay(session, attach_ledger(session), announced_dtype(session.streams[0].opened.get("dtype")))
+
+    async def _rerun(self, replay: Replay, inputs: torch.Tensor | list[int], position: int, end: int,
+                     sampling: SamplingParams | None, witnessed: bool) -> Recomputed:
+        """The step [position, end) re-run on `replay`, which catches up from where it was: with `witnessed`, as
+        a step of its own, which the verifier signs (a witness for a proof); else in one forward with the catch-up
+        (no witness: see `_check`)."""
+        self.positions_run += end - replay.length
+        merged = not witnessed and replay.length < position
+        output, token = await replay.run(inputs, position, end, sample=sampling is not None, merged=merged)
+        endorsement = replay.session.streams[0].opened.get("endorsement")
+        witness = None if merged else replay.ledger.witness(0, position, endorsement)
+        return Recomputed(output, replay.peer, replay.dtype, witness, token)
 
     def _report(self, hop: Hop, position: int, verifier: str | None, error: float, verdict: str, tolerance: float,
                 tiebreaker: str | None = None) -> VerificationReport:

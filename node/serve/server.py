@@ -448,6 +448,7 @@ class StageServer:
             "queue_len": self.queue_len,
             "free_kv_tokens": self.free_kv_tokens,
             "steps_served": self.batcher.steps_done,
+            "tokens_served": self.tokens_served,
             "compute_s": round(self.batcher.compute_s, 3),
             "decode_batches": {str(size): n for size, n in sorted(self.batcher.batch_sizes.items())},
             "gather_waits": self.batcher.gather_waits,
@@ -721,7 +722,8 @@ class StageServer:
                 await asyncio.sleep(self.test_slowdown_s)
             echoed = hidden
             if self.adversary is not None:
-                hidden, echoed = self.adversary.outputs(hidden, audited=session.opened.audit)
+                hidden, echoed = self.adversary.outputs(hidden, audited=session.opened.audit,
+                                                        session=session.session_id)
             if shared is not None and self._share_pays(session, shared):
                 await self._share_head(session, hidden, step.position + step.tokens, shared)
                 sampling = None  # the first stage samples
