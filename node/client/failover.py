@@ -140,7 +140,7 @@ class ResilientSession:
                     # found later revises the answer back to before that chain, as below.
                     if isinstance(error, StageFailure) and error.code in LIES:
                         keep = checks.caught_from if checks.caught_from is not None else chain_from
-                        _cancel(checks)
+                        checks.retire()
                         if len(produced) > keep:
                             del produced[keep:]
                             yield Revision(keep)
@@ -306,6 +306,23 @@ class _Checks(dict):
 
     caught_from: int | None = None  # of the check whose failure `raise_caught` raised last
 
+    def __init__(self) -> None:
+        super().__init__()
+        # Checks of tokens a revision withdrew: they run on, since a lie they find still bans its liar and publishes
+        # the proof (a colluding pair's second liar is caught in the same answer as the first), but they revise
+        # nothing more. `_settle` waits for them too.
+        self.retired: set[asyncio.Task] = set()
+
+    def retire(self) -> None:
+        """After a revision: the pending checks go on as `retired`, the finished ones are forgotten."""
+        for task in self:
+            if task.done():
+                _seen(task)
+            else:
+                self.retired.add(task)
+        self.clear()
+        self.caught_from = None
+
     def raise_caught(self) -> None:
         """Raises the failure of a finished check that caught a liar; forgets the finished ones."""
         for task in [t for t in self if t.done()]:
@@ -322,25 +339,35 @@ async def _settle(checks: _Checks, timeout_s: float = SETTLE_TIMEOUT_S) -> int:
     and none answers, or a machine too loaded to run it in time) leaves its step unchecked rather than the answer
     unfinished. Returns how many were left unfinished."""
     late: set[asyncio.Task] = set()
-    if checks:  # all of them, even after one found a lie: each liar among them is then caught with evidence
-        _, late = await asyncio.wait(checks, timeout=timeout_s)
+    if checks or checks.retired:  # all of them, even after one found a lie: each liar is then caught with evidence
+        _, late = await asyncio.wait([*checks, *checks.retired], timeout=timeout_s)
     if late:
         logger.warning("%d check(s) of this answer did not finish within %.0f s: left unchecked", len(late),
                        timeout_s)
         for task in late:
             task.cancel()
-            del checks[task]
+            checks.pop(task, None)
+    for task in checks.retired:
+        if task.done():
+            _seen(task)
+    checks.retired.clear()
     checks.raise_caught()
     return len(late)
 
 
 def _cancel(checks: _Checks) -> None:
-    for task in checks:
-        if task.done() and not task.cancelled():
-            task.exception()  # seen: the answer is being revised or given up anyway
+    for task in [*checks, *checks.retired]:
+        _seen(task)
         task.cancel()
     checks.clear()
+    checks.retired.clear()
     checks.caught_from = None
+
+
+def _seen(task: asyncio.Task) -> None:
+    """Marks a finished check's exception as seen: what it found was acted on already, or no longer matters."""
+    if task.done() and not task.cancelled():
+        task.exception()
 
 
 def _backoff(base_s: float, attempt: int) -> float:
