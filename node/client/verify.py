@@ -457,12 +457,13 @@ class Auditor:
             verdict = "liar"
             self.client.ban(hop.node_id, for_s=PROVEN_BAN_S)
             accused = ledger.witness(index, position, session.streams[index].opened.get("endorsement"))
-            first = await self._witnessed(first, hop, inputs, position, end, sampling)
-            if not mine.done():  # done with the kept sessions: the next check need not wait for the DHT
-                mine.set_result(None)
-            token_lie = relative_error(claimed, second.output) <= tolerance  # its output is right, its token is not
-            await self._publish(hop, inputs, [accused, first.witness, second.witness],
-                                sampling=session.sampling if token_lie else None)
+            if not any(proof["accused"] == hop.node_id for proof in self.published):  # one proof is enough
+                first = await self._witnessed(first, hop, inputs, position, end, sampling)
+                if not mine.done():  # done with the kept sessions: the next check need not wait for the DHT
+                    mine.set_result(None)
+                token_lie = relative_error(claimed, second.output) <= tolerance  # right output, wrong token
+                await self._publish(hop, inputs, [accused, first.witness, second.witness],
+                                    sampling=session.sampling if token_lie else None)
         elif second is not None and agree(claimed, sampled, second) and not agree(
                 first.output, self._token(first), second):
             verdict = "verifier_lied"
