@@ -224,10 +224,11 @@ def caught_at(adversary: Adversary, hostile_peers: set[str], auditor: Auditor, s
             found[peer] = min(found.get(peer, position), position)
 
     for report in auditor.reports:
+        at = report.position if report.found_at is None else report.found_at  # (the check's step, not the lie's)
         if report.verdict == "liar":
-            note(report.peer, report.position)
+            note(report.peer, at)
         elif report.verdict == "verifier_lied":
-            note(report.verifier, report.position)
+            note(report.verifier, at)
     for event in session.events:
         if event.code == "equivocated":
             note(event.peer, event.position)

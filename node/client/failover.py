@@ -131,6 +131,7 @@ class ResilientSession:
                         checks.raise_caught()
                         self._record_recovery()
                         yield token
+                    self._check_ring_tail(checks, [*prompt_ids, *produced], chain_from)
                     self.unfinished_checks += await _settle(checks)  # the answer is final once its checks are in
                     return
                 except (StageFailure, NoChainError) as error:
@@ -153,12 +154,31 @@ class ResilientSession:
         tokens begin at `chain_from` of the answer's."""
         if self.auditor is None or not self.auditor.sample():
             return
-        session, token_at = self.session, len(ids) - 1
-        steps = [p for p in self.ledger.fed.get(0, {}) if p < token_at]
-        if not steps:
+        if (step := self._last_ring_step(ids)) is not None:
+            self._start_ring_check(checks, self.auditor.pick_stage(self.session), step, ids, chain_from)
+
+    def _check_ring_tail(self, checks: _Checks, ids: list[int], chain_from: int) -> None:
+        """At the answer's end, one more check of each stage whose last step no check was started at. A check
+        compares every position its verifier replays (`Auditor._replayed_lie`), so every position up to a stage's
+        last check is compared; these cover the rest, the answer's last tokens. Price: per stage, one forward of
+        the positions since its last check, on a verifier, before the answer is final."""
+        if self.auditor is None or self.auditor.probability <= 0:
             return
-        index = self.auditor.pick_stage(session)
-        task = asyncio.create_task(self.auditor.check(session, index, max(steps), token_ids=ids[:token_at]))
+        if (step := self._last_ring_step(ids)) is not None:
+            for index in range(len(self.session.chain)):
+                if self.ledger.checked_through.get(index, -1) < step:
+                    self._start_ring_check(checks, index, step, ids, chain_from)
+
+    def _last_ring_step(self, ids: list[int]) -> int | None:
+        """The position of the ring's step that sampled the last of `ids`."""
+        steps = [p for p in self.ledger.fed.get(0, {}) if p < len(ids) - 1]
+        return max(steps) if steps else None
+
+    def _start_ring_check(self, checks: _Checks, index: int, step: int, ids: list[int], chain_from: int) -> None:
+        """Checks stage `index`'s ring step at `step` in the background."""
+        through = self.ledger.checked_through
+        through[index] = max(through.get(index, step), step)
+        task = asyncio.create_task(self.auditor.check(self.session, index, step, token_ids=ids[:len(ids) - 1]))
         checks[task] = chain_from
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:

@@ -72,27 +72,29 @@ class Replay:
     async def run(self, inputs: torch.Tensor | list[int], position: int, end: int, *, sample: bool = False,
                   merged: bool = False) -> tuple[torch.Tensor, int | None]:
         """Replays inputs [length, position) in prefill chunks, then runs the step [position, end); returns the
-        step's output and, with `sample` (a session opened with sampling: a ring's last stage), the token the
-        verifier samples after it. It must follow `inputs` and not be ahead of `position` (the caller checks).
-        `merged`: the replay and the step in one step from `length` (one forward instead of two, when what is
-        replayed fits a chunk), the step's output its last rows; the verifier then signs no step at `position`."""
+        verifier's outputs for every position it ran, [length, end) as it was before (the catch-up's rows, which the
+        caller compares too, then the step's) and, with `sample` (a session opened with sampling: a ring's last
+        stage), the token the verifier samples after the step. It must follow `inputs` and not be ahead of
+        `position` (the caller checks). `merged`: the replay and the step in one step from `length` (one forward
+        instead of two, when what is replayed fits a chunk); the verifier then signs no step at `position`."""
         session, tokens = self.session, isinstance(inputs, list)
         rows = (lambda a, b: inputs[a:b]) if tokens else (lambda a, b: inputs[:, a:b])
         start = self.length if merged and end - self.length <= PREFILL_CHUNK_TOKENS else position
-        token = None
+        token, outputs = None, []
         if session.sampling is not None:  # hidden states in, the output comes as an echo (the ledger keeps it)
             for offset in range(self.length, start, PREFILL_CHUNK_TOKENS):
                 await session.sampled_token(rows(offset, min(start, offset + PREFILL_CHUNK_TOKENS)), offset,
                                             sample=False)
+                outputs.append(await self.ledger.output(0, offset))
             token = await session.sampled_token(rows(start, end), start, sample=sample)
-            output = await self.ledger.output(0, start)
+            outputs.append(await self.ledger.output(0, start))
         else:
             step = session.embed_step if tokens else session.step
             for offset in range(self.length, start, PREFILL_CHUNK_TOKENS):
-                await step(rows(offset, min(start, offset + PREFILL_CHUNK_TOKENS)), offset)
-            output = await step(rows(start, end), start)
+                outputs.append(await step(rows(offset, min(start, offset + PREFILL_CHUNK_TOKENS)), offset))
+            outputs.append(await step(rows(start, end), start))
         self.ran = list(inputs[:end]) if tokens else inputs[:, :end].clone()
-        return output[:, position - start:], token
+        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], token
 
     async def close(self) -> None:
         if not self.closed:

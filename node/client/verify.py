@@ -71,6 +71,7 @@ from node.net.tolerance import (  # noqa: F401 (re-exported: the checks' toleran
     WIRE_TOLERANCES,
     announced_dtype,
     relative_error,
+    relative_errors,
     tolerance_for,
 )
 from node.net.wire import decode as wire_decode
@@ -102,6 +103,9 @@ class VerificationReport:
     tolerance: float
     verdict: str  # "honest", "liar" (peer lied), "verifier_lied", "unresolved" (no one banned), "unchecked"
     tiebreaker: str | None = None
+    # The step whose check found it (its first position), when that is not `position`: the disputed step was one the
+    # verifier replayed before the checked one.
+    found_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,10 @@ class Recomputed:
     dtype: torch.dtype  # the dtype the verifier announced
     witness: Witness | None  # its signed account of the step (node.net.evidence)
     token: int | None = None  # a check of a ring's last stage: the token it sampled after the step
+    # Its outputs for the positions it replayed before the step, [since, position): a kept session's catch-up since
+    # its last check, or a new session's whole prefix. The check compares them too (`Auditor._replayed_lie`).
+    replayed: torch.Tensor | None = None
+    since: int = 0
 
 
 class Ledger(asyncio.Queue):
@@ -145,6 +153,7 @@ class Ledger(asyncio.Queue):
         self.equivocations: list[tuple[int, int]] = []  # (receiving stage index, position)
         self.drafts: dict[int, list[int]] = {}  # a speculating ring's first stage: position -> the draft it ran after
         self.check_turn: int | None = None  # whose turn it is to be checked (Auditor.pick_stage)
+        self.checked_through: dict[int, int] = {}  # a ring: stage index -> the latest step a check was started at
         self.replays = Replays()  # the verifier sessions kept for this session's checks (node.client.replay)
         self._arrived = asyncio.Event()
 
@@ -349,6 +358,9 @@ class Auditor:
     quants: dict[str, str] = field(default_factory=dict)  # peer -> the quantization its record announces
     published: list[dict] = field(default_factory=list)  # proofs of lies this auditor published
     positions_run: int = 0  # positions its checks sent to verifiers, replays included (what verifying cost them)
+    # Positions compared with the stage's echoes: the checked steps' and those the verifiers replayed before them.
+    positions_compared: int = 0
+    rows_returned: int = 0  # rows of outputs the verifiers sent back (the replayed rows' included)
     # (read at, the swarm's records) for the checks' verifiers: see RECORDS_MAX_AGE_S
     _records: tuple[float, list] = field(default=(float("-inf"), []), init=False, repr=False)
 
@@ -429,8 +441,19 @@ class Auditor:
         if first is None:
             return self._report(hop, position, None, float("nan"), "unchecked", float("nan"))
         tolerance = self.tolerance_between((hop.node_id, stage_dtype), (first.peer, first.dtype))
+        found_at, provable = None, True
+        if (lie := self._replayed_lie(ledger, index, first, position, tolerance)) is not None:
+            # An earlier step disagrees: that step is disputed, evidence and all, as if it had been the one sampled.
+            found_at, (position, end, provable) = position, lie
+            claimed = ledger.inputs(index, end)[:, position:]
+            first = Recomputed(first.replayed[:, position - first.since:end - first.since], first.peer, first.dtype,
+                               None)
+            sampled, announcer = self._sampled_token(session, index, end) if sampling is not None else (None, None)
+            logger.warning("check of %s (layers %d:%d) at position %d: its replayed step at position %d disagrees",
+                           hop.node_id, hop.start, hop.end, found_at, position)
         error = relative_error(claimed, first.output)
         if error <= tolerance and self._token(first) in (None, sampled):
+            self.positions_compared += end - position
             self._credit(ledger, index, hop.node_id, end)
             return self._report(hop, position, first.peer, error, "honest", tolerance)
         # A dispute: a third node decides; no one is called a liar unless two others agree against it.
@@ -457,7 +480,9 @@ class Auditor:
             verdict = "liar"
             self.client.ban(hop.node_id, for_s=PROVEN_BAN_S)
             accused = ledger.witness(index, position, session.streams[index].opened.get("endorsement"))
-            if not any(proof["accused"] == hop.node_id for proof in self.published):  # one proof is enough
+            # One proof is enough; a step a speculating ring's rejected draft partly replaced makes none (the stage
+            # signed inputs that are no longer the session's).
+            if provable and not any(proof["accused"] == hop.node_id for proof in self.published):
                 first = await self._witnessed(first, hop, inputs, position, end, sampling)
                 if not mine.done():  # done with the kept sessions: the next check need not wait for the DHT
                     mine.set_result(None)
@@ -472,7 +497,7 @@ class Auditor:
             verdict = "unresolved"
             for peer in (hop.node_id, first.peer):
                 self.client.ban(peer, for_s=SUSPECT_AVOID_S)
-        report = self._report(hop, position, first.peer, error, verdict, tolerance, second and second.peer)
+        report = self._report(hop, position, first.peer, error, verdict, tolerance, second and second.peer, found_at)
         checked = self._token(first)
         tokens = f", sampled {sampled} where the check sampled {checked}" if checked not in (None, sampled) else ""
         logger.warning("check of %s (layers %d:%d) at position %d: error %.2e (tolerance %.2e)%s: %s", hop.node_id,
@@ -506,9 +531,31 @@ class Auditor:
             return None, None  # (a one-stage ring embeds: its check takes token ids and samples nothing)
         return session.ledger.announced.get(end, (None, None))
 
+    def _replayed_lie(self, ledger: Ledger, index: int, found: Recomputed, position: int, tolerance: float
+                      ) -> tuple[int, int, bool] | None:
+        """The earliest of stage `index`'s steps before `position` whose echoed output disagrees, beyond
+        `tolerance`, with the rows `found`'s verifier replayed before the checked step: (its position, the end of
+        its rows that still stand, whether they all do), or None. A check thereby covers every position its verifier
+        computed, not only the sampled step: all of them up to the step, as a kept session replays what it has not
+        run yet and a new one the whole prefix."""
+        if found.replayed is None or not found.replayed.shape[1]:
+            return None
+        claimed = ledger.inputs(index, position)  # the stage's outputs as they stand (replaced drafts replaced)
+        if claimed is None or claimed.shape[1] != position or claimed.shape[2:] != found.replayed.shape[2:]:
+            return None
+        self.positions_compared += position - found.since
+        bad = (relative_errors(claimed[:, found.since:], found.replayed) > tolerance).nonzero()
+        if not len(bad):
+            return None
+        row, steps = found.since + int(bad[0]), ledger.outputs[index]
+        start = max(p for p in steps if p <= row)  # the step whose output stands at `row` (see Ledger.inputs)
+        stop = min([start + steps[start].shape[1], *(p for p in steps if p > start), position])
+        return start, stop, stop == start + steps[start].shape[1]
+
     def _credit(self, ledger: Ledger, index: int, peer: str, end: int) -> None:
         """A check passed at a stage: the tokens it ran in this session through the checked step, not credited yet,
-        count as its checked work (node.net.credit); those between two checks on the strength of the sample."""
+        count as its checked work (node.net.credit). Each was compared: the check's verifier replayed every position
+        since its own last check of the stage (`_replayed_lie`), and checked the positions before then."""
         gained = end - ledger.credited.get(index, 0)
         if gained > 0:
             ledger.credited[index] = end
@@ -673,16 +720,19 @@ class Auditor:
         """The step [position, end) re-run on `replay`, which catches up from where it was: with `witnessed`, as
         a step of its own, which the verifier signs (a witness for a proof); else in one forward with the catch-up
         (no witness: see `_check`)."""
-        self.positions_run += end - replay.length
-        merged = not witnessed and replay.length < position
-        output, token = await replay.run(inputs, position, end, sample=sampling is not None, merged=merged)
+        since = replay.length
+        self.positions_run += end - since
+        merged = not witnessed and since < position
+        rows, token = await replay.run(inputs, position, end, sample=sampling is not None, merged=merged)
+        self.rows_returned += rows.shape[1]
         endorsement = replay.session.streams[0].opened.get("endorsement")
         witness = None if merged else replay.ledger.witness(0, position, endorsement)
-        return Recomputed(output, replay.peer, replay.dtype, witness, token)
+        return Recomputed(rows[:, position - since:], replay.peer, replay.dtype, witness, token,
+                          replayed=rows[:, :position - since], since=since)
 
     def _report(self, hop: Hop, position: int, verifier: str | None, error: float, verdict: str, tolerance: float,
-                tiebreaker: str | None = None) -> VerificationReport:
+                tiebreaker: str | None = None, found_at: int | None = None) -> VerificationReport:
         report = VerificationReport(hop.node_id, hop.start, hop.end, position, verifier, error, tolerance, verdict,
-                                    tiebreaker)
+                                    tiebreaker, found_at)
         self.reports.append(report)
         return report

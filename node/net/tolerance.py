@@ -46,8 +46,12 @@ def announced_dtype(name: object) -> torch.dtype:
 
 def relative_error(claimed: torch.Tensor, reference: torch.Tensor) -> float:
     """Max over tokens of ‖claimed − reference‖ / ‖reference‖ (scale-free, so one tolerance fits all layers)."""
-    claimed, reference = claimed.float(), reference.float()
     if claimed.shape != reference.shape:
         return float("inf")
-    per_token = (claimed - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-12)
-    return per_token.max().item()
+    return relative_errors(claimed, reference).max().item()
+
+
+def relative_errors(claimed: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per token (position), ‖claimed − reference‖ / ‖reference‖, of two outputs of one shape [1, tokens, hidden]."""
+    claimed, reference = claimed.float(), reference.float()
+    return ((claimed - reference).norm(dim=-1) / reference.norm(dim=-1).clamp_min(1e-12)).flatten()

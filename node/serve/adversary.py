@@ -6,6 +6,7 @@ benchmarks/verification.py); an honest node has no `Adversary`. Each kind is one
   sampled from alike, as a consistent cheat would).
 - "equivocator": pushes (or answers) the noisy output but echoes the honest one to the client.
 - "rare": lies as "liar" on about one step in 50, at random.
+- "once": lies as "liar" on the ONCE_AT_STEP-th step of each session only (a rare liar whose lie tests can place).
 - "late": lies as "liar" from the LATE_FROM_STEP-th step of each session on (honest before: its first checks pass).
 - "sly": lies as "liar" only in sessions opened without the `audit` flag (which no client sets any more).
 - "blamer": answers its third step with an error whose `peer` names its neighbour, to get that one banned.
@@ -23,9 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-KINDS = ("liar", "equivocator", "rare", "late", "sly", "blamer", "missampler", "forker")
+KINDS = ("liar", "equivocator", "rare", "once", "late", "sly", "blamer", "missampler", "forker")
 RARE_ONE_IN = 50
 LATE_FROM_STEP = 6
+ONCE_AT_STEP = 4
 BLAME_AT_STEP = 3
 
 
@@ -43,8 +45,9 @@ class Adversary:
     def outputs(self, hidden: torch.Tensor, *, audited: bool, session: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """(what this node sends on and samples from, what it echoes to the client) for an honest output of a step
         of `session` (whose steps `blames_now` counted)."""
+        steps = self.steps.get(session, 0)
         lies = {"liar": True, "equivocator": True, "rare": self.rng.randrange(RARE_ONE_IN) == 0,
-                "late": self.steps.get(session, 0) >= LATE_FROM_STEP,
+                "once": steps == ONCE_AT_STEP, "late": steps >= LATE_FROM_STEP,
                 "sly": not audited, "blamer": False, "missampler": False, "forker": False}[self.kind]
         if not lies:
             return hidden, hidden
