@@ -170,9 +170,15 @@ class ResilientSession:
                     self._start_ring_check(checks, index, step, ids, chain_from)
 
     def _last_ring_step(self, ids: list[int]) -> int | None:
-        """The position of the ring's step that sampled the last of `ids`."""
-        steps = [p for p in self.ledger.fed.get(0, {}) if p < len(ids) - 1]
-        return max(steps) if steps else None
+        """The position of the ring's step that sampled the last of `ids`. In a speculating ring, a kept draft token
+        was fed to the first stage in no step of its own: the step is the one that ran the draft."""
+        ledger = self.ledger
+        steps = [p for p in ledger.fed.get(0, {}) if p < len(ids) - 1]
+        if not steps:
+            return None
+        step, echoed = max(steps), ledger.outputs.get(0, {})
+        within = [p for p, rows in echoed.items() if p < step < p + rows.shape[1]]  # a row of an earlier step
+        return max(within) if within and step not in echoed else step
 
     def _start_ring_check(self, checks: _Checks, index: int, step: int, ids: list[int], chain_from: int) -> None:
         """Checks stage `index`'s ring step at `step` in the background."""

@@ -70,11 +70,14 @@ class Replay:
         return self.length > position
 
     async def run(self, inputs: torch.Tensor | list[int], position: int, end: int, *, sample: bool = False,
-                  merged: bool = False) -> tuple[torch.Tensor, int | None]:
+                  merged: bool = False, draft: tuple[int, ...] = ()
+                  ) -> tuple[torch.Tensor, int | tuple[int, ...] | None]:
         """Replays inputs [length, position) in prefill chunks, then runs the step [position, end); returns the
         verifier's outputs for every position it ran, [length, end) as it was before (the catch-up's rows, which the
         caller compares too, then the step's) and, with `sample` (a session opened with sampling: a ring's last
-        stage), the token the verifier samples after the step. It must follow `inputs` and not be ahead of
+        stage), the token the verifier samples after the step; with a `draft` (a speculating ring's step, whose last
+        rows ran it), the tokens it samples for the draft's positions and after, as a speculating last stage does
+        (`_kept`). It must follow `inputs` and not be ahead of
         `position` (the caller checks). `merged`: the replay and the step in one step from `length` (one forward
         instead of two, when what is replayed fits a chunk); the verifier then signs no step at `position`."""
         session, tokens = self.session, isinstance(inputs, list)
@@ -86,8 +89,10 @@ class Replay:
                 await session.sampled_token(rows(offset, min(start, offset + PREFILL_CHUNK_TOKENS)), offset,
                                             sample=False)
                 outputs.append(await self.ledger.output(0, offset))
-            token = await session.sampled_token(rows(start, end), start, sample=sample)
+            token = await session.sampled_token(rows(start, end), start, sample=sample, draft=draft)
             outputs.append(await self.ledger.output(0, start))
+            if sample and draft:
+                token = await self._kept(token, end - len(draft), draft)
         else:
             step = session.embed_step if tokens else session.step
             for offset in range(self.length, start, PREFILL_CHUNK_TOKENS):
@@ -95,6 +100,16 @@ class Replay:
             outputs.append(await step(rows(start, end), start))
         self.ran = list(inputs[:end]) if tokens else inputs[:, :end].clone()
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0], token
+
+    async def _kept(self, first: int, position: int, draft: tuple[int, ...]) -> tuple[int, ...]:
+        """The tokens the verifier sampled from `position` on for a step that ran `draft` there, starting with
+        `first`: the draft's tokens it kept, then its own (node.model.speculative.verify_draft), each at its position,
+        up to the one that ends generation, as the server sends them (`_feed_tokens`)."""
+        tokens, params = [first], self.session.sampling
+        while (len(tokens) <= len(draft) and tokens[-1] == draft[len(tokens) - 1]
+               and tokens[-1] not in params.stop_token_ids and position + len(tokens) - 1 < self.session.max_length):
+            tokens.append(await self.session.next_token(position + len(tokens)))
+        return tuple(tokens)
 
     async def close(self) -> None:
         if not self.closed:

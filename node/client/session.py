@@ -177,21 +177,30 @@ class ChainSession:
         self.streams[0].send(pack({"position": position, "tokens": list(token_ids)}))
         return wire_decode((await self._answer_from((0,), position))[1].tensors[0])
 
-    async def sampled_token(self, hidden: torch.Tensor, position: int, *, sample: bool) -> int | None:
+    async def sampled_token(self, hidden: torch.Tensor, position: int, *, sample: bool,
+                            draft: Sequence[int] = ()) -> int | None:
         """A one-stage check of a ring's sampling (opened with `sampling` at the model's end, not at layer 0): sends
         `hidden` from `position`; with `sample`, returns the token the stage samples after it. Its output comes as
-        an echo (a ledger keeps it)."""
-        self._send(self.streams[0], hidden, position, sample=sample)
+        an echo (a ledger keeps it). With `draft` (a check of a speculating ring's step: its last len(draft) rows
+        ran the draft; the session opened with `speculate`), the first token it samples, at the draft's first
+        position: the draft tokens it keeps, then its own, come one a position (`next_token`)."""
+        self._send(self.streams[0], hidden, position, sample=sample, draft=draft)
         if not sample:
             return None
-        metadata, _, _ = await self._answer_from((0,), position + hidden.shape[1], "token")
+        return await self.next_token(position + hidden.shape[1] - len(draft))
+
+    async def next_token(self, position: int) -> int:
+        """The token a check of a ring's sampling sampled at `position`."""
+        metadata, _, _ = await self._answer_from((0,), position, "token")
         token = metadata["token"]
         if not isinstance(token, int) or isinstance(token, bool) or token < 0:
             raise StageFailure(self.chain[0].node_id, f"sent a malformed token {token!r}", code="bad_response")
         return token
 
-    def _send(self, stream: _Stream, hidden: torch.Tensor, position: int, *, sample: bool = False) -> None:
-        message = pack({"position": position, **({"sample": True} if sample else {})}, [hidden], wire=self.wire)
+    def _send(self, stream: _Stream, hidden: torch.Tensor, position: int, *, sample: bool = False,
+              draft: Sequence[int] = ()) -> None:
+        message = pack({"position": position, **({"sample": True} if sample else {}),
+                        **({"draft": list(draft)} if draft else {})}, [hidden], wire=self.wire)
         if self.ledger is not None:  # what the stage will say it received: the tensor as it decodes it
             self.ledger.feed(stream.index, position, digest(wire_decode(message.tensors[0])))
         stream.send(message)

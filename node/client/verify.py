@@ -34,7 +34,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -116,7 +116,9 @@ class Recomputed:
     peer: str
     dtype: torch.dtype  # the dtype the verifier announced
     witness: Witness | None  # its signed account of the step (node.net.evidence)
-    token: int | None = None  # a check of a ring's last stage: the token it sampled after the step
+    # A check of a ring's last stage: the token it sampled after the step; after a speculating ring's draft, the
+    # tokens it sampled from the draft's first position (node.client.replay.Replay._kept).
+    token: int | tuple[int, ...] | None = None
     # Its outputs for the positions it replayed before the step, [since, position): a kept session's catch-up since
     # its last check, or a new session's whole prefix. The check compares them too (`Auditor._replayed_lie`).
     replayed: torch.Tensor | None = None
@@ -309,6 +311,15 @@ class Ledger(asyncio.Queue):
         token = self.tokens.get(index, {}).get(position + outputs[position].shape[1])  # sampled right after it
         return Witness(endorsement, steps, self.signed.get(index, {}).get(position, {}), outputs[position], token)
 
+    def step_inputs(self, index: int, position: int) -> torch.Tensor | None:
+        """What stage `index` (> 0) ran through its step at `position`: the inputs before it as they stand, then the
+        previous stage's output of that very step. Not `inputs(index - 1, end)`: in a speculating ring the rows of a
+        draft the last stage rejected are replaced by the next step's, which may have come in since."""
+        before, step = self.inputs(index - 1, position), self.outputs.get(index - 1, {}).get(position)
+        if step is None or (before is None and position > 0):
+            return None
+        return step if before is None else torch.cat([before, step], dim=1)
+
     def inputs(self, index: int, end: int) -> torch.Tensor | None:
         """Stage `index + 1`'s inputs for positions [0, end): stage `index`'s outputs, in order. A step that starts
         before the previous one's rows end replaces them from there (a speculating ring's rejected draft: the
@@ -419,12 +430,13 @@ class Auditor:
         if index == 0 and token_ids is not None and position in ledger.drafts:  # a speculating ring's first stage
             draft = ledger.drafts[position]  # it ran the tokens it was fed, then its draft
             token_ids = [*token_ids[:end - len(draft)], *draft]
-        inputs = (chain_inputs if token_ids is None else token_ids) if index == 0 else ledger.inputs(index - 1, end)
+        inputs = ((chain_inputs if token_ids is None else token_ids) if index == 0
+                  else ledger.step_inputs(index, position))
         if inputs is None or claimed is None:
             return self._report(hop, position, None, float("nan"), "unchecked", float("nan"))
         stage_dtype = announced_dtype(session.streams[index].opened.get("dtype"))
         candidates = await self._verifiers(hop)  # (which also learns every node's quantization)
-        sampled, announcer = self._sampled_token(session, index, end)
+        sampled, announcer = self._sampled_token(session, index, position, end)
         if not self._exact(hop.node_id, stage_dtype):
             sampled = None  # its token is not compared (see `_exact`)
         sampling = session.sampling if sampled is not None else None
@@ -434,12 +446,16 @@ class Auditor:
         if pool is not None:
             await ledger.replays.prune(pool, candidates)
             candidates = self._kept_first(candidates, pool, stage_dtype)
-        rerun = {"pool": pool, "max_length": session.max_length, "want": stage_dtype, "sampling": sampling}
+        rerun = {"pool": pool, "max_length": session.max_length, "want": stage_dtype, "sampling": sampling,
+                 "draft": self._draft(ledger, position, sampling)}
         # The first re-run is signed for no proof (most checks pass: it runs with its catch-up, in one forward);
         # the tie-breaker's is, and the first verifier's is re-run as a witness if the stage is outvoted.
         first = await self._recompute_on_any(candidates, hop, inputs, position, end, witnessed=False, **rerun)
         if first is None:
             return self._report(hop, position, None, float("nan"), "unchecked", float("nan"))
+        if isinstance(sampled, tuple):  # a speculating step's tokens: re-read, all announced by now (they come at once)
+            sampled, announcer = self._sampled_token(session, index, position, end)
+            first = self._cut_at_answer_end(first, sampled, end - len(rerun["draft"]), ledger.announced)
         tolerance = self.tolerance_between((hop.node_id, stage_dtype), (first.peer, first.dtype))
         found_at, provable = None, True
         if (lie := self._replayed_lie(ledger, index, first, position, tolerance)) is not None:
@@ -448,7 +464,7 @@ class Auditor:
             claimed = ledger.inputs(index, end)[:, position:]
             first = Recomputed(first.replayed[:, position - first.since:end - first.since], first.peer, first.dtype,
                                None)
-            sampled, announcer = self._sampled_token(session, index, end) if sampling is not None else (None, None)
+            sampled, announcer, rerun["draft"] = None, None, ()  # (outputs disagree: tokens are not compared)
             logger.warning("check of %s (layers %d:%d) at position %d: its replayed step at position %d disagrees",
                            hop.node_id, hop.start, hop.end, found_at, position)
         error = relative_error(claimed, first.output)
@@ -458,6 +474,8 @@ class Auditor:
             return self._report(hop, position, first.peer, error, "honest", tolerance)
         # A dispute: a third node decides; no one is called a liar unless two others agree against it.
         second = await self._recompute_on_any(candidates, hop, inputs, position, end, **rerun)
+        if second is not None:
+            second = self._cut_at_answer_end(second, sampled, end - len(rerun["draft"]), ledger.announced)
         # One tolerance for the three comparisons: the loosest of the three nodes' dtypes and quantizations.
         tolerance = self.tolerance_between((hop.node_id, stage_dtype), (first.peer, first.dtype),
                                            *(((second.peer, second.dtype),) if second else ()))
@@ -487,8 +505,12 @@ class Auditor:
                 if not mine.done():  # done with the kept sessions: the next check need not wait for the DHT
                     mine.set_result(None)
                 token_lie = relative_error(claimed, second.output) <= tolerance  # right output, wrong token
-                await self._publish(hop, inputs, [accused, first.witness, second.witness],
-                                    sampling=session.sampling if token_lie else None)
+                if token_lie and isinstance(sampled, tuple):  # (a token proof signs one token after one step)
+                    logger.warning("no proof of %s's tokens of a speculating step: its ban is this client's",
+                                   hop.node_id)
+                else:
+                    await self._publish(hop, inputs, [accused, first.witness, second.witness],
+                                        sampling=session.sampling if token_lie else None)
         elif second is not None and agree(claimed, sampled, second) and not agree(
                 first.output, self._token(first), second):
             verdict = "verifier_lied"
@@ -520,16 +542,57 @@ class Auditor:
         return found.token if found.token is not None and self._exact(found.peer, found.dtype) else None
 
     @staticmethod
-    def _sampled_token(session: ChainSession, index: int, end: int) -> tuple[int | None, int | None]:
-        """At a ring's last stage (`index`): the token sampled after its step ending at `end`, which its check
-        re-derives, and the stage that announced it (itself, or the first stage when they shared the LM head).
-        (None, None) when there is none to check: not a ring's last stage, a speculating ring, or sampling with no
-        seed (each draw is fresh: no one can re-derive it)."""
-        params = session.sampling
-        if params is None or index == 0 or index != len(session.chain) - 1 or session.ledger.drafts or (
+    def _sampled_token(session: ChainSession, index: int, position: int, end: int
+                       ) -> tuple[int | tuple[int, ...] | None, int | None]:
+        """At a ring's last stage (`index`): the token sampled after its step [position, end), which its check
+        re-derives, and the stage that announced it (itself, or the first stage when they shared the LM head); after
+        a speculating ring's step that ran a draft, the tokens sampled for the draft's positions and after
+        (`_kept_run`). (None, None) when there is none to check: not a ring's last stage, or sampling with no seed
+        (each draw is fresh: no one can re-derive it)."""
+        params, ledger = session.sampling, session.ledger
+        if params is None or index == 0 or index != len(session.chain) - 1 or (
                 params.temperature > 0 and params.seed is None):
             return None, None  # (a one-stage ring embeds: its check takes token ids and samples nothing)
-        return session.ledger.announced.get(end, (None, None))
+        draft = ledger.drafts.get(position)
+        if draft and len(draft) < end - position:
+            return Auditor._kept_run(ledger.announced, end - len(draft), draft)
+        return ledger.announced.get(end, (None, None))
+
+    @staticmethod
+    def _kept_run(announced: dict[int, tuple[int, int]], at: int, draft: list[int]
+                  ) -> tuple[tuple[int, ...] | None, int | None]:
+        """The tokens announced from position `at` on for a step that ran `draft` there: each kept draft token, then
+        the stage's own one (node.model.speculative.verify_draft): (those tokens, who announced them), or (None,
+        None) if none was announced."""
+        tokens: list[int] = []
+        announcer = None
+        while (found := announced.get(at + len(tokens))) is not None:
+            token, announcer = found
+            tokens.append(token)
+            if len(tokens) > len(draft) or token != draft[len(tokens) - 1]:
+                break
+        return (tuple(tokens), announcer) if tokens else (None, None)
+
+    @staticmethod
+    def _draft(ledger: Ledger, position: int, sampling: SamplingParams | None) -> tuple[int, ...]:
+        """The draft a speculating ring's step at `position` ran, for a check that samples after it."""
+        return tuple(ledger.drafts.get(position, ())) if sampling is not None else ()
+
+    @staticmethod
+    def _cut_at_answer_end(found: Recomputed, sampled: object, at: int, announced: dict[int, tuple[int, int]]
+                           ) -> Recomputed:
+        """`found`, its tokens for a speculating step cut to the stage's run `sampled` (from position `at`) where the
+        answer ended with
+        that run: the ring stops at its max_new_tokens, which a check's session does not count (`_open_replay`).
+        Only a shorter run that agrees and after which nothing was announced: a stage that wrongly rejected a draft
+        token announced another token there than the check's."""
+        tokens = found.token
+        if not (isinstance(tokens, tuple) and isinstance(sampled, tuple) and len(sampled) < len(tokens)
+                and tokens[:len(sampled)] == sampled):
+            return found
+        if any(q >= at + len(sampled) for q in announced):
+            return found
+        return replace(found, token=sampled)
 
     def _replayed_lie(self, ledger: Ledger, index: int, found: Recomputed, position: int, tolerance: float
                       ) -> tuple[int, int, bool] | None:
@@ -619,11 +682,11 @@ class Auditor:
     async def _recompute_on_any(self, candidates: list[str], hop: Hop, inputs: torch.Tensor | list[int],
                                 position: int, end: int, *, want: torch.dtype, sampling: SamplingParams | None = None,
                                 pool: dict[str, Replay] | None = None, max_length: int | None = None,
-                                witnessed: bool = True) -> Recomputed | None:
+                                witnessed: bool = True, draft: tuple[int, ...] = ()) -> Recomputed | None:
         """Recomputes on the first candidate that answers (popping those tried), preferring one that computes at
         least as precisely as `want` (a looser dtype loosens the check); None if none answers. With `sampling`
-        (a ring's last stage), the candidate also samples the token after the step. `pool`: the verifier sessions
-        kept for these checks (see `_recompute`)."""
+        (a ring's last stage), the candidate also samples the token after the step (the tokens, after a `draft`).
+        `pool`: the verifier sessions kept for these checks (see `_recompute`)."""
         looser: list[str] = []
         while candidates or looser:
             precise = bool(candidates)
@@ -631,7 +694,7 @@ class Auditor:
             try:
                 found = await self._recompute(Hop(peer, hop.start, hop.end), inputs, position, end,
                                               at_most=TOLERANCES[want] if precise else None, sampling=sampling,
-                                              pool=pool, max_length=max_length, witnessed=witnessed)
+                                              pool=pool, max_length=max_length, witnessed=witnessed, draft=draft)
                 if found is not None:
                     return found
                 looser.append(peer)
@@ -642,10 +705,11 @@ class Auditor:
     async def _recompute(self, hop: Hop, inputs: torch.Tensor | list[int], position: int, end: int, *,
                          at_most: float | None = None, sampling: SamplingParams | None = None,
                          pool: dict[str, Replay] | None = None, max_length: int | None = None,
-                         witnessed: bool = True) -> Recomputed | None:
+                         witnessed: bool = True, draft: tuple[int, ...] = ()) -> Recomputed | None:
         """Runs the step [position, end) on `hop` after the inputs before it, with the verifier's signed account of
         the step (a witness for a proof); given token ids, the verifier embeds them as the checked first stage did;
-        with `sampling` (a ring's last stage: hidden states in) also the token it samples after the step. None,
+        with `sampling` (a ring's last stage: hidden states in) also the token it samples after the step, or for
+        a speculating ring's step that ran a `draft`, the tokens it keeps of the draft and its own after them. None,
         without running anything, if the node announces a dtype whose tolerance exceeds `at_most`.
 
         In the verifier's session kept in `pool` (node.client.replay), if it has one that ran a prefix of these
@@ -660,7 +724,7 @@ class Auditor:
                     await Replays.drop(pool, kept)
                 elif not kept.ahead_of(position):
                     try:
-                        return await self._rerun(kept, inputs, position, end, sampling, witnessed)
+                        return await self._rerun(kept, inputs, position, end, sampling, witnessed, draft)
                     except StageFailure as e:
                         await Replays.drop(pool, kept)
                         if e.code not in CLOSED_WHEN_IDLE:
@@ -679,7 +743,7 @@ class Auditor:
                 await Replays.drop(pool, replay)
                 return None
             async with replay.lock:
-                return await self._rerun(replay, inputs, position, end, sampling, witnessed)
+                return await self._rerun(replay, inputs, position, end, sampling, witnessed, draft)
         except BaseException:
             await Replays.drop(pool, replay)
             raise
@@ -703,27 +767,34 @@ class Auditor:
     async def _open_replay(self, hop: Hop, inputs: torch.Tensor | list[int], max_length: int, end: int,
                            sampling: SamplingParams | None) -> Replay:
         """A one-stage session on `hop` for re-running checks; if the verifier has no room for `max_length`
-        tokens, one for `end`, which ends with this check."""
+        tokens, one for `end`, which ends with this check. A check of sampling may re-run a speculating ring's
+        drafts, and samples at most one token a position (no count of them ends it early: `Replay._kept`)."""
         embed = isinstance(inputs, list)
+        speculate = MAX_DRAFT_TOKENS if sampling is not None else 0
+        if sampling is not None:
+            sampling = replace(sampling, max_new_tokens=max_length + 1)
         try:
             session = await self.client.open_session([hop], max_length=max_length, wire=self.wire, embed=embed,
-                                                     sampling=sampling, step_timeout_s=self.step_timeout_s)
+                                                     sampling=sampling, step_timeout_s=self.step_timeout_s,
+                                                     speculate=speculate)
         except StageFailure as e:
             if e.code != "no_capacity" or max_length <= end:
                 raise
             session = await self.client.open_session([hop], max_length=end, wire=self.wire, embed=embed,
-                                                     sampling=sampling, step_timeout_s=self.step_timeout_s)
+                                                     sampling=sampling, step_timeout_s=self.step_timeout_s,
+                                                     speculate=speculate)
         return Replay(session, attach_ledger(session), announced_dtype(session.streams[0].opened.get("dtype")))
 
     async def _rerun(self, replay: Replay, inputs: torch.Tensor | list[int], position: int, end: int,
-                     sampling: SamplingParams | None, witnessed: bool) -> Recomputed:
+                     sampling: SamplingParams | None, witnessed: bool, draft: tuple[int, ...] = ()) -> Recomputed:
         """The step [position, end) re-run on `replay`, which catches up from where it was: with `witnessed`, as
         a step of its own, which the verifier signs (a witness for a proof); else in one forward with the catch-up
         (no witness: see `_check`)."""
         since = replay.length
         self.positions_run += end - since
         merged = not witnessed and since < position
-        rows, token = await replay.run(inputs, position, end, sample=sampling is not None, merged=merged)
+        rows, token = await replay.run(inputs, position, end, sample=sampling is not None, merged=merged,
+                                       draft=draft if sampling is not None else ())
         self.rows_returned += rows.shape[1]
         endorsement = replay.session.streams[0].opened.get("endorsement")
         witness = None if merged else replay.ledger.witness(0, position, endorsement)

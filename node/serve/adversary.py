@@ -13,6 +13,8 @@ benchmarks/verification.py); an honest node has no `Adversary`. Each kind is one
 - "missampler": a ring's last stage that computes honestly but samples another token than (seed, position) and the
   logits give (the next id up), announcing and feeding that one alike; it declines to share the LM head's work
   with the first stage (which would sample instead of it).
+- "overkeeper": a speculating ring's last stage that keeps every draft token, also those the model rejects
+  (announcing and feeding alike: the first stage ran them, so only the kept tokens are a lie).
 - "forker": a ring's last stage that samples honestly and announces that token to the client, but feeds the first
   stage another (the next id up), signing each; it declines to share the LM head's work too.
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-KINDS = ("liar", "equivocator", "rare", "once", "late", "sly", "blamer", "missampler", "forker")
+KINDS = ("liar", "equivocator", "rare", "once", "late", "sly", "blamer", "missampler", "overkeeper", "forker")
 RARE_ONE_IN = 50
 LATE_FROM_STEP = 6
 ONCE_AT_STEP = 4
@@ -48,14 +50,17 @@ class Adversary:
         steps = self.steps.get(session, 0)
         lies = {"liar": True, "equivocator": True, "rare": self.rng.randrange(RARE_ONE_IN) == 0,
                 "once": steps == ONCE_AT_STEP, "late": steps >= LATE_FROM_STEP,
-                "sly": not audited, "blamer": False, "missampler": False, "forker": False}[self.kind]
+                "sly": not audited, "blamer": False, "missampler": False, "overkeeper": False,
+                "forker": False}[self.kind]
         if not lies:
             return hidden, hidden
         noisy = perturb(hidden, self.scale)
         return noisy, hidden if self.kind == "equivocator" else noisy
 
-    def sampled(self, tokens: list[int], vocab_size: int) -> list[int]:
-        """The tokens this node says it sampled, for those it did."""
+    def sampled(self, tokens: list[int], vocab_size: int, draft: tuple[int, ...] = ()) -> list[int]:
+        """The tokens this node says it sampled, for those it did (after a step that ran `draft`)."""
+        if self.kind == "overkeeper" and len(tokens) <= len(draft):  # the model rejected a draft token
+            return [*draft, tokens[-1]]
         return [(t + 1) % vocab_size for t in tokens] if self.kind == "missampler" else tokens
 
     def fed(self, token: int, vocab_size: int) -> int:
@@ -64,7 +69,7 @@ class Adversary:
 
     @property
     def shares_head(self) -> bool:
-        return self.kind not in ("missampler", "forker")
+        return self.kind not in ("missampler", "overkeeper", "forker")
 
     def blames_now(self, session_id: str) -> bool:
         """Counts the session's steps; a blamer accuses its neighbour instead of running the BLAME_AT_STEP-th."""

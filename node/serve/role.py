@@ -50,6 +50,12 @@ class SessionRole:
         """Samples a token after a step flagged `sample`: the ring's stage at the model's last layer."""
         return self.ring in (Ring.LAST, Ring.WHOLE)
 
+    @property
+    def checks_sampling(self) -> bool:
+        """A check of a ring's sampling (node.client.verify): the client sends the steps, with a speculating ring's
+        drafts, and takes the tokens; it feeds no one."""
+        return self.ring is Ring.LAST and self.client_steps and not self.takes_pushes
+
 
 def session_role(opened: OpenSession, *, num_layers: int, has_embedder: bool, has_head: bool,
                  has_head_share: bool) -> SessionRole:

@@ -661,7 +661,7 @@ class StageServer:
                 request, hidden_size=self.stage.shape.hidden_size, expected_position=session.position,
                 max_length=session.opened.max_length,
                 vocab_size=self.stage.embedder.vocab_size if role.embeds else None,
-                speculate=session.opened.speculate if pushed else 0,
+                speculate=session.opened.speculate if pushed or role.checks_sampling else 0,
                 model_vocab_size=self.stage.source.config.vocab_size,
             )
         except ProtocolError as e:
@@ -733,7 +733,7 @@ class StageServer:
             else:
                 tokens = [await self._sample(hidden, sampling, next_position)] if sampling else []
             if self.adversary is not None:
-                tokens = self.adversary.sampled(tokens, self.stage.source.config.vocab_size)
+                tokens = self.adversary.sampled(tokens, self.stage.source.config.vocab_size, step.draft)
         except Exception as e:  # a compute failure: end the session rather than trust its cache
             logger.exception("step failed in session %s", session.session_id)
             session.outbox.put(error_response("internal", f"step failed: {type(e).__name__}: {e}"))

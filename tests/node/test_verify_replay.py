@@ -95,7 +95,7 @@ async def _scenario(swarm: LocalSwarm) -> None:
             await session.close()
         print("speculating", len(session.ledger.drafts), "drafts,", [r.verdict for r in auditor.reports])
         assert tokens == expected and session.ledger.drafts
-        # (a check of a position inside a kept draft finds no step there and is left "unchecked", as before)
+        # (a check is "unchecked" only when a step's echo or verifiers do not come in time)
         verdicts = [r.verdict for r in auditor.reports]
         assert verdicts.count("honest") >= NEW_TOKENS // 2 and set(verdicts) <= {"honest", "unchecked"}
 
