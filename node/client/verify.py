@@ -582,10 +582,9 @@ class Auditor:
     def _cut_at_answer_end(found: Recomputed, sampled: object, at: int, announced: dict[int, tuple[int, int]]
                            ) -> Recomputed:
         """`found`, its tokens for a speculating step cut to the stage's run `sampled` (from position `at`) where the
-        answer ended with
-        that run: the ring stops at its max_new_tokens, which a check's session does not count (`_open_replay`).
-        Only a shorter run that agrees and after which nothing was announced: a stage that wrongly rejected a draft
-        token announced another token there than the check's."""
+        answer ended with that run: the ring stops at its max_new_tokens, which a check's session does not count
+        (`_open_replay`). Only a shorter run that agrees and after which nothing was announced: a stage that wrongly
+        rejected a draft token announced another token there than the check's."""
         tokens = found.token
         if not (isinstance(tokens, tuple) and isinstance(sampled, tuple) and len(sampled) < len(tokens)
                 and tokens[:len(sampled)] == sampled):
