@@ -123,9 +123,9 @@ def test_an_accusation_is_not_evidence():
 
 
 async def _ring(client: SwarmClient, prompt_ids: list[int], *, auditor: Auditor | None = None,
-                verify: bool = True) -> tuple[list[int], ResilientSession, list[Revision]]:
+                verify: bool = True, speculate: int = 0) -> tuple[list[int], ResilientSession, list[Revision]]:
     session = ResilientSession(client, max_length=len(prompt_ids) + NEW_TOKENS, step_timeout_s=30,
-                               auditor=auditor, verify=verify)
+                               auditor=auditor, verify=verify, speculate=speculate)
     tokens, revisions = [], []
     try:
         async for item in session.generate(prompt_ids, SamplingParams(max_new_tokens=NEW_TOKENS)):

@@ -11,33 +11,15 @@ import random
 import pytest
 
 from node.app.local_swarm import LocalSwarm
-from node.client.failover import ResilientSession, Revision
+from node.client.failover import ResilientSession
 from node.client.verify import Auditor
-from node.model.sampling import SamplingParams
 from node.net.membership import open_dht
-from tests.node.test_verify import HONEST, NEW_TOKENS, PreferringClient, _long_bans, _wait_for_nodes, adversary_args
+from tests.node.test_verify import HONEST, PreferringClient, _long_bans, _ring, _wait_for_nodes, adversary_args
 
 pytestmark = pytest.mark.timeout(900)
 
 OVERKEEPER = 4  # node index: at layers 3:6 (the ring's last stage), it keeps every draft token
 PROMPT = [5, 6, 7, 8] * 5  # a repeating prompt: the first stage's drafts continue it
-
-
-async def _speculating(client: PreferringClient, auditor: Auditor | None, speculate: int
-                       ) -> tuple[list[int], ResilientSession, list[Revision]]:
-    session = ResilientSession(client, max_length=len(PROMPT) + NEW_TOKENS, step_timeout_s=30, auditor=auditor,
-                               verify=auditor is not None, speculate=speculate)
-    tokens, revisions = [], []
-    try:
-        async for item in session.generate(PROMPT, SamplingParams(max_new_tokens=NEW_TOKENS)):
-            if isinstance(item, Revision):
-                revisions.append(item)
-                del tokens[item.keep:]
-            else:
-                tokens.append(item)
-    finally:
-        await session.close()
-    return tokens, session, revisions
 
 
 def _draft_checks(auditor: Auditor, session: ResilientSession, last_stage: set[str]) -> list[str]:
@@ -55,11 +37,11 @@ async def _scenario(swarm: LocalSwarm) -> None:
         client = PreferringClient(peer, swarm.source)
         await _wait_for_nodes(client, len(honest) + 1)
         client.ban(liar, for_s=1e6)
-        reference, _, _ = await _speculating(client, None, 0)
+        reference, _, _ = await _ring(client, PROMPT, verify=False)
 
         # An honest speculating ring, every step checked: the kept tokens are re-derived, and agree.
         auditor = Auditor(client, 1.0, rng=random.Random(5))
-        tokens, session, revisions = await _speculating(client, auditor, 4)
+        tokens, session, revisions = await _ring(client, PROMPT, auditor=auditor, speculate=4)
         verdicts = _draft_checks(auditor, session, last_stage)
         print("honest: drafts", len(session.ledger.drafts), "checks of a draft step at the last stage", verdicts,
               "all", {r.verdict for r in auditor.reports})
@@ -71,7 +53,7 @@ async def _scenario(swarm: LocalSwarm) -> None:
         client._banned_until.clear()
         client.prefer = liar
         auditor = Auditor(client, 1.0, rng=random.Random(6))
-        tokens, session, revisions = await _speculating(client, auditor, 4)
+        tokens, session, revisions = await _ring(client, PROMPT, auditor=auditor, speculate=4)
         caught = [r for r in auditor.reports if r.verdict == "liar"]
         print("overkeeper:", [(r.peer[-6:], r.position, r.verdict) for r in auditor.reports])
         assert session.chains[0][-1].node_id == liar
