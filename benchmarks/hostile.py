@@ -65,11 +65,14 @@ class ApiFlood:
     niceness: int = 0
     keys: bool = False  # the API requires keys: the honest caller has its own
     flooder_key: bool = False  # ... and the flooder another (else it sends none)
+    source: str = "127.0.0.1"  # the flooder's source address (the honest caller's is 127.0.0.1)
 
     def describe(self) -> str:
         keys = ("keys: honest and flooder each its own" if self.flooder_key else "keys: honest has one, flooder none"
-                ) if self.keys else "no keys, both on 127.0.0.1"
-        return f"API; {keys}; {self.threads} flooder threads" + (f" at nice {self.niceness}" if self.niceness else "")
+                ) if self.keys else "no keys"
+        where = "both on 127.0.0.1" if self.source == "127.0.0.1" else f"flooder from {self.source}"
+        return f"API; {keys}; {where}; {self.threads} flooder threads" + (
+            f" at nice {self.niceness}" if self.niceness else "")
 
 
 API_FLOODS: dict[str, ApiFlood] = {
@@ -80,6 +83,10 @@ API_FLOODS: dict[str, ApiFlood] = {
     "api-bodies-keyed": ApiFlood(keys=True, flooder_key=True),  # beyond loopback: the flooder holds a key of its own
     "api-bodies-nokey": ApiFlood(keys=True),  # beyond loopback: the flooder has no key
     "api-bodies-64": ApiFlood(threads=64),  # more connections than one caller's held refusals (MAX_HELD_PER_CALLER)
+    # The same from another source address (127.0.0.2, still loopback): a stand-in for a flooder on another machine,
+    # whose connections the gate (node.app.api_gate) counts apart from the honest caller's.
+    "api-bodies-64-apart": ApiFlood(threads=64, source="127.0.0.2"),
+    "api-bodies-256": ApiFlood(threads=256),  # beyond the gate's served and parked connections of one address
 }
 HONEST_KEY, FLOODER_KEY = "honest-key", "flooder-key"
 
@@ -196,8 +203,8 @@ def run_api_attack(swarm: LocalSwarm, name: str, tokens: int, answers: int) -> R
         # whose chunks are being timed, and measure this process rather than the API.
         spawn = multiprocessing.get_context("spawn")
         stop, sent, refused = spawn.Event(), spawn.Value("i", 0), spawn.Value("i", 0)
-        flood = spawn.Process(target=_api_flood_process,
-                              args=(port, stop, sent, refused, setup.threads, setup.niceness, flooder_key), daemon=True)
+        flood = spawn.Process(target=_api_flood_process, daemon=True, args=(
+            port, stop, sent, refused, setup.threads, setup.niceness, flooder_key, setup.source))
         with RssPeak(api.pid) as rss:
             flood.start()
             deadline = time.monotonic() + 120
@@ -257,12 +264,12 @@ def _api_steps(url: str, model: str, tokens: int, answers: int, api_key: str) ->
 
 
 def _api_flood_process(port: int, stop, sent, refused, threads: int, niceness: int = 0,
-                       api_key: str | None = None) -> None:
+                       api_key: str | None = None, source: str = "127.0.0.1") -> None:
     """`threads` flooders against the API at `port` until `stop` (a multiprocessing Event) is set, counting the
     requests sent and those the API answered with a 4xx in `sent` and `refused` (multiprocessing Values); at
-    `niceness` (os.nice), sending `api_key` as a bearer token if given."""
+    `niceness` (os.nice), sending `api_key` as a bearer token if given, from the address `source`."""
     os.nice(niceness)
-    flooders = [threading.Thread(target=_api_flood, args=(port, stop, sent, refused, api_key), daemon=True)
+    flooders = [threading.Thread(target=_api_flood, args=(port, stop, sent, refused, api_key, source), daemon=True)
                 for _ in range(threads)]
     for thread in flooders:
         thread.start()
@@ -270,7 +277,7 @@ def _api_flood_process(port: int, stop, sent, refused, threads: int, niceness: i
         thread.join()
 
 
-def _api_flood(port: int, stop, sent, refused, api_key: str | None) -> None:
+def _api_flood(port: int, stop, sent, refused, api_key: str | None, source: str) -> None:
     start = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + (
         f"Authorization: Bearer {api_key}\r\n" if api_key else "")
     heads = [start + "Content-Length: 104857600\r\n\r\n", start + "Transfer-Encoding: chunked\r\n\r\n"]
@@ -278,7 +285,8 @@ def _api_flood(port: int, stop, sent, refused, api_key: str | None) -> None:
     chunk = b"x" * (1 << 20)
     while not stop.is_set():
         for kind in range(3):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=30,
+                                                                      source_address=(source, 0)) as sock:
                 with sent.get_lock():
                     sent.value += 1
                 try:

@@ -4,11 +4,13 @@ Any OpenAI client can use the swarm through it. Every request runs on its own ch
 through the same `ChatEngine` the CLI and the chat window use; requests are served concurrently
 (nothing here serialises them). Wire shapes live in `node.app.api_schema`.
 
-Bounds before work: `node.app.api_guard.Guard`, in front of every route, checks the API key (required when the
-API listens beyond loopback), the body's size from its headers and each caller's fair share before a byte of the
-body is read. A prompt longer than the context could hold at `MAX_CHARS_PER_TOKEN` is refused before tokenizing,
-and tokenizing runs on a worker thread, so one caller's prompt never stalls the others. `max_tokens` is bounded by
-the context and by the longest session the swarm's nodes announce room for.
+Bounds before work: at accept, before any HTTP is parsed, `node.app.api_gate.ConnectionGate` bounds the
+connections served and parked per source address and in all (`serve`). `node.app.api_guard.Guard`, in front of
+every route, checks the API key (required when the API listens beyond loopback), the body's size from its headers
+and each caller's fair share before a byte of the body is read. A prompt longer than the context could hold at
+`MAX_CHARS_PER_TOKEN` is refused before tokenizing, and tokenizing runs on a worker thread, so one caller's prompt
+never stalls the others. `max_tokens` is bounded by the context and by the longest session the swarm's nodes
+announce room for.
 
     app = create_app(DEFAULT_MODEL, initial_peers)   # or: layerhive api --initial-peers ADDR
 """
@@ -32,6 +34,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from node.app.api_gate import ConnectionGate, gated_protocol, uvicorn_protocol
 from node.app.api_guard import MAX_BODY_BYTES, FairShare, Guard
 from node.app.api_schema import (
     APIError,
@@ -508,8 +511,10 @@ def serve(model: str, initial_peers: Sequence[str], *, host: str = "127.0.0.1", 
           log_level: str = "info", api_key: str | None = None, speculate: int = 0) -> int:
     import uvicorn
 
+    # Every connection passes the gate at accept, before its HTTP is parsed (node.app.api_gate).
+    http = gated_protocol(uvicorn_protocol(http_parser()), ConnectionGate())
     uvicorn.run(create_app(model, initial_peers, api_key=api_key, speculate=speculate), host=host, port=port,
-                log_level=log_level, http=http_parser(), loop="auto")  # "auto": uvloop where it is installed
+                log_level=log_level, http=http, loop="auto")  # "auto": uvloop where it is installed
     return 0
 
 
