@@ -66,13 +66,14 @@ class ApiFlood:
     keys: bool = False  # the API requires keys: the honest caller has its own
     flooder_key: bool = False  # ... and the flooder another (else it sends none)
     source: str = "127.0.0.1"  # the flooder's source address (the honest caller's is 127.0.0.1)
+    gate: bool = True  # the API's connection gate (node.app.api_gate) on; off: what it was without
 
     def describe(self) -> str:
         keys = ("keys: honest and flooder each its own" if self.flooder_key else "keys: honest has one, flooder none"
                 ) if self.keys else "no keys"
         where = "both on 127.0.0.1" if self.source == "127.0.0.1" else f"flooder from {self.source}"
         return f"API; {keys}; {where}; {self.threads} flooder threads" + (
-            f" at nice {self.niceness}" if self.niceness else "")
+            f" at nice {self.niceness}" if self.niceness else "") + ("" if self.gate else "; NO connection gate")
 
 
 API_FLOODS: dict[str, ApiFlood] = {
@@ -86,6 +87,7 @@ API_FLOODS: dict[str, ApiFlood] = {
     # The same from another source address (127.0.0.2, still loopback): a stand-in for a flooder on another machine,
     # whose connections the gate (node.app.api_gate) counts apart from the honest caller's.
     "api-bodies-64-apart": ApiFlood(threads=64, source="127.0.0.2"),
+    "api-bodies-64-nogate": ApiFlood(threads=64, gate=False),  # the same without the gate, in the same run
     "api-bodies-256": ApiFlood(threads=256),  # beyond the gate's served and parked connections of one address
 }
 HONEST_KEY, FLOODER_KEY = "honest-key", "flooder-key"
@@ -189,8 +191,14 @@ def run_api_attack(swarm: LocalSwarm, name: str, tokens: int, answers: int) -> R
     setup = API_FLOODS[name]
     port = _free_port()
     keys = ["--api-key", f"{HONEST_KEY},{FLOODER_KEY}"] if setup.keys else []
-    api = subprocess.Popen([sys.executable, "-m", "node.app.cli", "api", "--model", str(swarm.source.root),
-                            "--port", str(port), *keys, "--initial-peers", *swarm.initial_peers],
+    command = [sys.executable, "-m", "node.app.cli", "api", "--model", str(swarm.source.root), "--port", str(port),
+               *keys, "--initial-peers", *swarm.initial_peers]
+    if not setup.gate:  # `layerhive api` has no switch for it: `serve` as the CLI calls it, gate off
+        assert not setup.keys
+        command = [sys.executable, "-c", "import sys; from node.app.api import serve; serve(sys.argv[1], sys.argv[3:], "
+                   "port=int(sys.argv[2]), connection_gate=False)", str(swarm.source.root), str(port),
+                   *swarm.initial_peers]
+    api = subprocess.Popen(command,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}/v1"

@@ -508,11 +508,13 @@ def api_key_for(host: str, given: str | None) -> tuple[str | None, bool]:
 
 
 def serve(model: str, initial_peers: Sequence[str], *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", api_key: str | None = None, speculate: int = 0) -> int:
+          log_level: str = "info", api_key: str | None = None, speculate: int = 0, connection_gate: bool = True
+          ) -> int:
+    """Serves the API with uvicorn. Every connection passes a `ConnectionGate` at accept, before its HTTP is parsed
+    (`connection_gate=False` only to measure what the gate saves: benchmarks/hostile.py)."""
     import uvicorn
 
-    # Every connection passes the gate at accept, before its HTTP is parsed (node.app.api_gate).
-    http = gated_protocol(uvicorn_protocol(http_parser()), ConnectionGate())
+    http = gated_protocol(uvicorn_protocol(http_parser()), ConnectionGate()) if connection_gate else http_parser()
     uvicorn.run(create_app(model, initial_peers, api_key=api_key, speculate=speculate), host=host, port=port,
                 log_level=log_level, http=http, loop="auto")  # "auto": uvloop where it is installed
     return 0
