@@ -106,6 +106,7 @@ class Row:
     note: str = ""
     cpu_s: dict[str, float] | None = None  # API floods: CPU seconds by process while the honest caller was timed
     hostile_requests: int | None = None  # API floods: sent, all refused
+    first_chunk_p50_ms: dict[str, float] | None = None  # API floods: request to first streamed chunk, base/attack
 
 
 class HonestLoad:
@@ -232,6 +233,8 @@ def run_api_attack(swarm: LocalSwarm, name: str, tokens: int, answers: int) -> R
               "closed on them before their body was sent)", flush=True)
         print(f"  CPU seconds while the honest caller was timed under the flood ({wall:.1f} s wall, 2 cores = "
               f"{2 * wall:.1f} CPU s): " + ", ".join(f"{name} {cpu:.1f}" for name, cpu in spent.items()), flush=True)
+        print(f"  honest request to first chunk, p50: {base.first_chunk_p50_ms:.0f} ms without the flood, "
+              f"{during.first_chunk_p50_ms:.0f} ms under it", flush=True)
         alive = api.poll() is None
     finally:
         api.terminate()
@@ -239,7 +242,9 @@ def run_api_attack(swarm: LocalSwarm, name: str, tokens: int, answers: int) -> R
     return Row(name, rss.idle / 2**20, rss.peak / 2**20, base.p50_ms, during.p50_ms, during.opened,
                during.tried, crashes(swarm) + (not alive), note=f"{setup.describe()}; step = streamed chunk",
                cpu_s={"wall": round(wall, 2), **{part: round(cpu, 2) for part, cpu in spent.items()}},
-               hostile_requests=sent.value)
+               hostile_requests=sent.value,
+               first_chunk_p50_ms={"base": round(base.first_chunk_p50_ms, 1),
+                                   "attack": round(during.first_chunk_p50_ms, 1)})
 
 
 @dataclass
@@ -247,18 +252,24 @@ class _ApiSteps:
     steps_s: list[float]
     opened: int
     tried: int
+    first_chunk_s: list[float]  # request sent to first chunk: includes any wait for a connection to be served
 
     @property
     def p50_ms(self) -> float:
         return 1e3 * statistics.median(self.steps_s) if self.steps_s else float("nan")
+
+    @property
+    def first_chunk_p50_ms(self) -> float:
+        return 1e3 * statistics.median(self.first_chunk_s) if self.first_chunk_s else float("nan")
 
 
 def _api_steps(url: str, model: str, tokens: int, answers: int, api_key: str) -> _ApiSteps:
     import openai
 
     client = openai.OpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=120)
-    steps, opened = [], 0
+    steps, opened, firsts = [], 0, []
     for _ in range(answers):
+        sent = time.perf_counter()
         try:
             stream = client.completions.create(model=model, prompt="hello hello", max_tokens=tokens, temperature=0,
                                                stream=True)
@@ -266,9 +277,11 @@ def _api_steps(url: str, model: str, tokens: int, answers: int, api_key: str) ->
             continue
         opened += 1
         arrived = [time.perf_counter() for _chunk in stream]
+        if arrived:
+            firsts.append(arrived[0] - sent)
         if len(arrived) > 1:  # chunks come in bursts: the answer's mean step, as for the node attacks
             steps.append((arrived[-1] - arrived[0]) / (len(arrived) - 1))
-    return _ApiSteps(steps, opened, answers)
+    return _ApiSteps(steps, opened, answers, firsts)
 
 
 def _api_flood_process(port: int, stop, sent, refused, threads: int, niceness: int = 0,
