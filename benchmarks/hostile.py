@@ -65,11 +65,15 @@ class ApiFlood:
     niceness: int = 0
     keys: bool = False  # the API requires keys: the honest caller has its own
     flooder_key: bool = False  # ... and the flooder another (else it sends none)
+    source: str = "127.0.0.1"  # the flooder's source address (the honest caller's is 127.0.0.1)
+    gate: bool = True  # the API's connection gate (node.app.api_gate) on; off: what it was without
 
     def describe(self) -> str:
         keys = ("keys: honest and flooder each its own" if self.flooder_key else "keys: honest has one, flooder none"
-                ) if self.keys else "no keys, both on 127.0.0.1"
-        return f"API; {keys}; {self.threads} flooder threads" + (f" at nice {self.niceness}" if self.niceness else "")
+                ) if self.keys else "no keys"
+        where = "both on 127.0.0.1" if self.source == "127.0.0.1" else f"flooder from {self.source}"
+        return f"API; {keys}; {where}; {self.threads} flooder threads" + (
+            f" at nice {self.niceness}" if self.niceness else "") + ("" if self.gate else "; NO connection gate")
 
 
 API_FLOODS: dict[str, ApiFlood] = {
@@ -80,6 +84,11 @@ API_FLOODS: dict[str, ApiFlood] = {
     "api-bodies-keyed": ApiFlood(keys=True, flooder_key=True),  # beyond loopback: the flooder holds a key of its own
     "api-bodies-nokey": ApiFlood(keys=True),  # beyond loopback: the flooder has no key
     "api-bodies-64": ApiFlood(threads=64),  # more connections than one caller's held refusals (MAX_HELD_PER_CALLER)
+    # The same from another source address (127.0.0.2, still loopback): a stand-in for a flooder on another machine,
+    # whose connections the gate (node.app.api_gate) counts apart from the honest caller's.
+    "api-bodies-64-apart": ApiFlood(threads=64, source="127.0.0.2"),
+    "api-bodies-64-nogate": ApiFlood(threads=64, gate=False),  # the same without the gate, in the same run
+    "api-bodies-256": ApiFlood(threads=256),  # beyond the gate's served and parked connections of one address
 }
 HONEST_KEY, FLOODER_KEY = "honest-key", "flooder-key"
 
@@ -97,6 +106,7 @@ class Row:
     note: str = ""
     cpu_s: dict[str, float] | None = None  # API floods: CPU seconds by process while the honest caller was timed
     hostile_requests: int | None = None  # API floods: sent, all refused
+    first_chunk_p50_ms: dict[str, float] | None = None  # API floods: request to first streamed chunk, base/attack
 
 
 class HonestLoad:
@@ -182,8 +192,14 @@ def run_api_attack(swarm: LocalSwarm, name: str, tokens: int, answers: int) -> R
     setup = API_FLOODS[name]
     port = _free_port()
     keys = ["--api-key", f"{HONEST_KEY},{FLOODER_KEY}"] if setup.keys else []
-    api = subprocess.Popen([sys.executable, "-m", "node.app.cli", "api", "--model", str(swarm.source.root),
-                            "--port", str(port), *keys, "--initial-peers", *swarm.initial_peers],
+    command = [sys.executable, "-m", "node.app.cli", "api", "--model", str(swarm.source.root), "--port", str(port),
+               *keys, "--initial-peers", *swarm.initial_peers]
+    if not setup.gate:  # `layerhive api` has no switch for it: `serve` as the CLI calls it, gate off
+        assert not setup.keys
+        command = [sys.executable, "-c", "import sys; from node.app.api import serve; serve(sys.argv[1], sys.argv[3:], "
+                   "port=int(sys.argv[2]), connection_gate=False)", str(swarm.source.root), str(port),
+                   *swarm.initial_peers]
+    api = subprocess.Popen(command,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}/v1"
@@ -196,8 +212,8 @@ def run_api_attack(swarm: LocalSwarm, name: str, tokens: int, answers: int) -> R
         # whose chunks are being timed, and measure this process rather than the API.
         spawn = multiprocessing.get_context("spawn")
         stop, sent, refused = spawn.Event(), spawn.Value("i", 0), spawn.Value("i", 0)
-        flood = spawn.Process(target=_api_flood_process,
-                              args=(port, stop, sent, refused, setup.threads, setup.niceness, flooder_key), daemon=True)
+        flood = spawn.Process(target=_api_flood_process, daemon=True, args=(
+            port, stop, sent, refused, setup.threads, setup.niceness, flooder_key, setup.source))
         with RssPeak(api.pid) as rss:
             flood.start()
             deadline = time.monotonic() + 120
@@ -217,6 +233,8 @@ def run_api_attack(swarm: LocalSwarm, name: str, tokens: int, answers: int) -> R
               "closed on them before their body was sent)", flush=True)
         print(f"  CPU seconds while the honest caller was timed under the flood ({wall:.1f} s wall, 2 cores = "
               f"{2 * wall:.1f} CPU s): " + ", ".join(f"{name} {cpu:.1f}" for name, cpu in spent.items()), flush=True)
+        print(f"  honest request to first chunk, p50: {base.first_chunk_p50_ms:.0f} ms without the flood, "
+              f"{during.first_chunk_p50_ms:.0f} ms under it", flush=True)
         alive = api.poll() is None
     finally:
         api.terminate()
@@ -224,7 +242,9 @@ def run_api_attack(swarm: LocalSwarm, name: str, tokens: int, answers: int) -> R
     return Row(name, rss.idle / 2**20, rss.peak / 2**20, base.p50_ms, during.p50_ms, during.opened,
                during.tried, crashes(swarm) + (not alive), note=f"{setup.describe()}; step = streamed chunk",
                cpu_s={"wall": round(wall, 2), **{part: round(cpu, 2) for part, cpu in spent.items()}},
-               hostile_requests=sent.value)
+               hostile_requests=sent.value,
+               first_chunk_p50_ms={"base": round(base.first_chunk_p50_ms, 1),
+                                   "attack": round(during.first_chunk_p50_ms, 1)})
 
 
 @dataclass
@@ -232,18 +252,24 @@ class _ApiSteps:
     steps_s: list[float]
     opened: int
     tried: int
+    first_chunk_s: list[float]  # request sent to first chunk: includes any wait for a connection to be served
 
     @property
     def p50_ms(self) -> float:
         return 1e3 * statistics.median(self.steps_s) if self.steps_s else float("nan")
+
+    @property
+    def first_chunk_p50_ms(self) -> float:
+        return 1e3 * statistics.median(self.first_chunk_s) if self.first_chunk_s else float("nan")
 
 
 def _api_steps(url: str, model: str, tokens: int, answers: int, api_key: str) -> _ApiSteps:
     import openai
 
     client = openai.OpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=120)
-    steps, opened = [], 0
+    steps, opened, firsts = [], 0, []
     for _ in range(answers):
+        sent = time.perf_counter()
         try:
             stream = client.completions.create(model=model, prompt="hello hello", max_tokens=tokens, temperature=0,
                                                stream=True)
@@ -251,18 +277,20 @@ def _api_steps(url: str, model: str, tokens: int, answers: int, api_key: str) ->
             continue
         opened += 1
         arrived = [time.perf_counter() for _chunk in stream]
+        if arrived:
+            firsts.append(arrived[0] - sent)
         if len(arrived) > 1:  # chunks come in bursts: the answer's mean step, as for the node attacks
             steps.append((arrived[-1] - arrived[0]) / (len(arrived) - 1))
-    return _ApiSteps(steps, opened, answers)
+    return _ApiSteps(steps, opened, answers, firsts)
 
 
 def _api_flood_process(port: int, stop, sent, refused, threads: int, niceness: int = 0,
-                       api_key: str | None = None) -> None:
+                       api_key: str | None = None, source: str = "127.0.0.1") -> None:
     """`threads` flooders against the API at `port` until `stop` (a multiprocessing Event) is set, counting the
     requests sent and those the API answered with a 4xx in `sent` and `refused` (multiprocessing Values); at
-    `niceness` (os.nice), sending `api_key` as a bearer token if given."""
+    `niceness` (os.nice), sending `api_key` as a bearer token if given, from the address `source`."""
     os.nice(niceness)
-    flooders = [threading.Thread(target=_api_flood, args=(port, stop, sent, refused, api_key), daemon=True)
+    flooders = [threading.Thread(target=_api_flood, args=(port, stop, sent, refused, api_key, source), daemon=True)
                 for _ in range(threads)]
     for thread in flooders:
         thread.start()
@@ -270,7 +298,7 @@ def _api_flood_process(port: int, stop, sent, refused, threads: int, niceness: i
         thread.join()
 
 
-def _api_flood(port: int, stop, sent, refused, api_key: str | None) -> None:
+def _api_flood(port: int, stop, sent, refused, api_key: str | None, source: str) -> None:
     start = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + (
         f"Authorization: Bearer {api_key}\r\n" if api_key else "")
     heads = [start + "Content-Length: 104857600\r\n\r\n", start + "Transfer-Encoding: chunked\r\n\r\n"]
@@ -278,7 +306,8 @@ def _api_flood(port: int, stop, sent, refused, api_key: str | None) -> None:
     chunk = b"x" * (1 << 20)
     while not stop.is_set():
         for kind in range(3):
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=30,
+                                                                      source_address=(source, 0)) as sock:
                 with sent.get_lock():
                     sent.value += 1
                 try:

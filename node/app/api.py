@@ -4,11 +4,13 @@ Any OpenAI client can use the swarm through it. Every request runs on its own ch
 through the same `ChatEngine` the CLI and the chat window use; requests are served concurrently
 (nothing here serialises them). Wire shapes live in `node.app.api_schema`.
 
-Bounds before work: `node.app.api_guard.Guard`, in front of every route, checks the API key (required when the
-API listens beyond loopback), the body's size from its headers and each caller's fair share before a byte of the
-body is read. A prompt longer than the context could hold at `MAX_CHARS_PER_TOKEN` is refused before tokenizing,
-and tokenizing runs on a worker thread, so one caller's prompt never stalls the others. `max_tokens` is bounded by
-the context and by the longest session the swarm's nodes announce room for.
+Bounds before work: at accept, before any HTTP is parsed, `node.app.api_gate.ConnectionGate` bounds the
+connections served and parked per source address and in all (`serve`). `node.app.api_guard.Guard`, in front of
+every route, checks the API key (required when the API listens beyond loopback), the body's size from its headers
+and each caller's fair share before a byte of the body is read. A prompt longer than the context could hold at
+`MAX_CHARS_PER_TOKEN` is refused before tokenizing, and tokenizing runs on a worker thread, so one caller's prompt
+never stalls the others. `max_tokens` is bounded by the context and by the longest session the swarm's nodes
+announce room for.
 
     app = create_app(DEFAULT_MODEL, initial_peers)   # or: layerhive api --initial-peers ADDR
 """
@@ -32,6 +34,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from node.app.api_gate import ConnectionGate, gated_protocol, uvicorn_protocol
 from node.app.api_guard import MAX_BODY_BYTES, FairShare, Guard
 from node.app.api_schema import (
     APIError,
@@ -505,11 +508,18 @@ def api_key_for(host: str, given: str | None) -> tuple[str | None, bool]:
 
 
 def serve(model: str, initial_peers: Sequence[str], *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", api_key: str | None = None, speculate: int = 0) -> int:
+          log_level: str = "info", api_key: str | None = None, speculate: int = 0, connection_gate: bool = True
+          ) -> int:
+    """Serves the API with uvicorn. Every connection passes a `ConnectionGate` at accept, before its HTTP is parsed
+    (`connection_gate=False` only to measure what the gate saves: benchmarks/hostile.py)."""
     import uvicorn
 
+    http = gated_protocol(uvicorn_protocol(http_parser()), ConnectionGate()) if connection_gate else http_parser()
+    # asyncio's loop, not uvloop: uvloop starts reading a connection after connection_made whatever the protocol
+    # asked, so each parked connection would cost a read and its bytes held (up to 256 kB); asyncio reads none
+    # (benchmarks/api_gate.py: 0.06 ms of CPU per parked connection against uvloop's 0.12 ms).
     uvicorn.run(create_app(model, initial_peers, api_key=api_key, speculate=speculate), host=host, port=port,
-                log_level=log_level, http=http_parser(), loop="auto")  # "auto": uvloop where it is installed
+                log_level=log_level, http=http, loop="asyncio")
     return 0
 
 

@@ -15,7 +15,8 @@ A caller is its API key when it sends a valid one, else its source address. Refu
 `TARPIT_MAX_S` (an asyncio sleep: no CPU). A client that waits for its answers (any HTTP client) then sends a few
 requests a second instead of a thousand. Only refusals wait: a caller's requests that pass are never held, so an
 honest caller sharing an address with a flooder (both on loopback) loses nothing. Held refusals are bounded per
-caller and in all (each holds a connection); beyond, refusals go out at once.
+caller and in all (each holds a connection); beyond, refusals go out at once. An address's connections beyond what
+can be held are parked at accept, before any parsing, by `node.app.api_gate.ConnectionGate` (in `api.serve`).
 """
 
 from __future__ import annotations
