@@ -46,6 +46,11 @@ T = TypeVar("T")
 # Answers that blame no stage: a refusal, a session reclaimed for being idle, a direct link between stages that
 # broke (either end could be at fault). The client retries without banning anyone.
 REFUSALS = {"no_capacity", "busy", "draining", "link_failed", "reclaimed", "idle"}
+# Under churn a gap in the swarm's layers closes within seconds (a killed node restarts, the rebalancer moves one
+# in): an answer that finds no chain waits this long for one, re-reading the swarm every COVER_POLL_S, before it
+# fails. A model no node serves at all fails at once.
+COVER_WAIT_S = 20.0
+COVER_POLL_S = 1.0
 SETTLE_TIMEOUT_S = 60.0  # an answer waits this long at most for its last checks (each one tries several verifiers)
 
 
@@ -72,7 +77,8 @@ class ResilientSession:
 
     def __init__(self, client: SwarmClient, *, max_length: int, relay: bool = False, wire: str = "none",
                  max_failovers: int = 5, backoff_s: float = 0.2, step_timeout_s: float = 30.0,
-                 auditor: Auditor | None = None, verify: bool = True, speculate: int = 0) -> None:
+                 auditor: Auditor | None = None, verify: bool = True, speculate: int = 0,
+                 cover_wait_s: float = COVER_WAIT_S) -> None:
         self.client, self.max_length = client, max_length
         # Checks of the stages' work (node.client.verify): on unless `verify` is False (benchmarks' baseline).
         self.auditor = auditor or (Auditor(client, step_timeout_s=step_timeout_s) if verify else None)
@@ -80,6 +86,8 @@ class ResilientSession:
         self.relay, self.wire = relay, wire
         self.speculate = speculate  # a ring's draft length limit (node.net.protocol: speculation); 0: none
         self.max_failovers, self.backoff_s, self.step_timeout_s = max_failovers, backoff_s, step_timeout_s
+        self.cover_wait_s = cover_wait_s
+        self._uncovered_since: float | None = None  # when the current wait for a chain began (`_wait_for_cover`)
         self.session: ChainSession | None = None
         self.history = _Inputs()  # chain inputs fed so far, in position order
         self.events: list[FailoverEvent] = []
@@ -225,10 +233,7 @@ class ResilientSession:
         """After a failed attempt: the failed stage is banned (unless it only refused) and its chain dropped,
         so the next attempt routes around it. Returns the failovers so far; re-raises after `max_failovers`."""
         if isinstance(error, NoChainError):
-            if failovers == 0 or failovers > self.max_failovers:
-                raise error
-            failovers += 1
-            await asyncio.sleep(_backoff(self.backoff_s, failovers))  # the swarm may still be re-forming
+            await self._wait_for_cover(error)
             return failovers
         failovers += 1
         started = time.perf_counter()
@@ -273,7 +278,22 @@ class ResilientSession:
         for offset in range(0, inputs.shape[1], PREFILL_CHUNK_TOKENS):
             await self.session.step(inputs[:, offset : offset + PREFILL_CHUNK_TOKENS], offset)
 
+    async def _wait_for_cover(self, error: NoChainError) -> None:
+        """No chain now: waits `COVER_POLL_S` for the swarm to re-form, or re-raises `error` once it has waited
+        `cover_wait_s` since the first miss, or at once when no layer of the model is served at all (nothing to wait
+        for: a model nobody serves, not a gap)."""
+        now = time.monotonic()
+        if self._uncovered_since is None:
+            self._uncovered_since = now
+        nobody_serves = len(error.uncovered_layers) == self.client.num_layers
+        if nobody_serves or now - self._uncovered_since >= self.cover_wait_s:
+            self._uncovered_since = None
+            raise error
+        logger.info("no chain yet (%s); waiting for the swarm to re-form", error)
+        await asyncio.sleep(COVER_POLL_S)
+
     def _record_recovery(self) -> None:
+        self._uncovered_since = None
         if self._pending_event is None:
             return
         failure, position, started = self._pending_event

@@ -9,7 +9,8 @@ from hivemind.proto import runtime_pb2
 
 from node.app.chaos import ChaosRunner
 from node.app.local_swarm import LocalSwarm
-from node.client.session import StageFailure, connect
+from node.client.failover import ResilientSession
+from node.client.session import NoChainError, StageFailure, connect
 from node.model.checkpoint import resolve_model
 from node.model.head import ClientHead
 from node.model.sampling import SamplingParams
@@ -107,3 +108,38 @@ def test_a_stage_that_never_answers_the_opening_fails_the_open_in_time(tiny_chec
 
     failure = asyncio.run(main())
     assert failure.code == "timeout" and "opening" in str(failure)
+
+
+def test_an_answer_begun_in_a_gap_waits_for_the_swarm_to_re_form(tiny_checkpoint):
+    """Churn leaves a range with no node for a few seconds (a killed node restarting): an answer begun then waits
+    for the gap to close and completes with the undisturbed tokens, where it used to fail at once (the churn
+    soak's only failed answers); without the wait (`cover_wait_s=0`) the same gap fails it."""
+    path = tiny_checkpoint("llama", num_layers=4)
+    source = resolve_model(str(path))
+    prompt_ids = list(range(5, 20))
+    params = SamplingParams(max_new_tokens=8)
+
+    async def answer(client, cover_wait_s: float) -> list[int]:
+        session = ResilientSession(client, max_length=len(prompt_ids) + 8, cover_wait_s=cover_wait_s)
+        try:
+            return [t async for t in session.generate(prompt_ids, params, None)]
+        finally:
+            await session.close()
+
+    async def main(swarm: LocalSwarm) -> tuple[list[int], list[int]]:
+        async with connect(swarm.initial_peers, source) as client:
+            undisturbed = await answer(client, cover_wait_s=0)
+            swarm.kill(1)  # layers 2:4 now have no node
+            client.ban(swarm.peer_id(1))  # as a failed open would: the dead node's record outlives it
+            with pytest.raises(NoChainError) as gap:
+                await answer(client, cover_wait_s=0)
+            assert gap.value.uncovered_layers == (2, 3)
+            restart = asyncio.get_running_loop().call_later(1.0, swarm.respawn, 1)
+            try:
+                return undisturbed, await answer(client, cover_wait_s=120)
+            finally:
+                restart.cancel()
+
+    with LocalSwarm(str(path), [(0, 2), (2, 4)], threads_per_node=1) as swarm:
+        undisturbed, waited = asyncio.run(main(swarm))
+    assert waited == undisturbed and len(undisturbed) == 8
