@@ -472,6 +472,11 @@ class Auditor:
             self.positions_compared += end - position
             self._credit(ledger, index, hop.node_id, end)
             return self._report(hop, position, first.peer, error, "honest", tolerance)
+        if any(at == index and p < end for at, p in ledger.equivocations):
+            # What the stage received is itself in dispute: its sender signed one thing to it and told this client
+            # another (a ring's token forker, an equivocator). The client's view of its inputs is then no evidence
+            # against it; the equivocation's own path settles who lied, by their signatures (`Ledger._compare`).
+            return self._report(hop, position, first.peer, error, "unchecked", tolerance)
         # A dispute: a third node decides; no one is called a liar unless two others agree against it.
         second = await self._recompute_on_any(candidates, hop, inputs, position, end, **rerun)
         if second is not None:
