@@ -608,8 +608,9 @@ class Auditor:
         if found.replayed is None or not found.replayed.shape[1]:
             return None
         claimed = ledger.inputs(index, position)  # the stage's outputs as they stand (replaced drafts replaced)
-        if claimed is None or claimed.shape[1] != position or claimed.shape[2:] != found.replayed.shape[2:]:
-            return None
+        if (claimed is None or claimed.shape[1] != position
+                or claimed[:, found.since:].shape != found.replayed.shape):  # a verifier's rows are a peer's input:
+            return None  # a wrong count would broadcast (one row against all); the step's own comparison flags it
         self.positions_compared += position - found.since
         bad = (relative_errors(claimed[:, found.since:], found.replayed) > tolerance).nonzero()
         if not len(bad):

@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from node.app.local_swarm import LocalSwarm
 from node.client.failover import ResilientSession, Revision
 from node.client.session import StageFailure, SwarmClient
-from node.client.verify import PROVEN_BAN_S, Auditor, Ledger, relative_error, tolerance_for
+from node.client.verify import PROVEN_BAN_S, Auditor, Ledger, Recomputed, relative_error, tolerance_for
 from node.model.sampling import SamplingParams
 from node.net.evidence import endorsed_peer, verify_proof
 from node.net.membership import open_dht
@@ -320,3 +321,28 @@ def test_a_published_proof_keeps_every_client_off_the_liar_and_a_forged_one_chan
         status = json.loads(shown.stdout)
         assert status["proven_liars"] == [liar] and {n["peer_id"] for n in status["nodes"]} == set(honest)
         assert any(n["checked_tokens"] > 0 and n["checked_by"] == 1 for n in status["nodes"]), status["nodes"]
+
+
+class _StoodLedger:
+    """The stage's echoed outputs as they stand (`Ledger.inputs`, `Ledger.outputs`): one-position steps."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows, self.outputs = rows, {0: {p: rows[:, p:p + 1] for p in range(rows.shape[1])}}
+
+    def inputs(self, index: int, end: int) -> torch.Tensor:
+        return self.rows[:, :end]
+
+
+def test_a_verifier_s_replayed_rows_of_the_wrong_count_dispute_no_step():
+    """A verifier's rows are a peer's input: one that sends back one row for a four-position catch-up must not
+    have that row broadcast against every position and put the stage's honest steps in dispute."""
+    torch.manual_seed(0)
+    honest = torch.randn(1, 4, 8)
+    lied = honest.clone()
+    lied[:, 2] += 1.0
+    auditor = Auditor(None, 1.0)
+    found = Recomputed(honest[:, 3:], "verifier", torch.float32, None, replayed=honest[:, :3].clone(), since=0)
+    assert auditor._replayed_lie(_StoodLedger(honest), 0, found, 3, 1e-4) is None
+    assert auditor._replayed_lie(_StoodLedger(lied), 0, found, 3, 1e-4) == (2, 3, True)
+    one_row = replace(found, replayed=honest[:, :1].clone())
+    assert auditor._replayed_lie(_StoodLedger(honest), 0, one_row, 3, 1e-4) is None
