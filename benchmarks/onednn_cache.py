@@ -8,7 +8,11 @@ batches of sessions) is a new shape for each weight shape of a layer. This is th
 (benchmarks/soak.py; `memray attach --native` on a soak node: 28 of the 31.5 MB allocated in 200 s and still live
 were oneDNN primitive descriptors and kernels): the caches filling up to their bound, not a leak.
 
+With `--cycle K [K ...]` it also times what a smaller cache costs: steps cycling over row counts 1..K (as decode
+batches of 1..K sessions would), per step, against the largest size given (measured in the same run).
+
 Usage: python benchmarks/onednn_cache.py [--rows 160] [--entries 16 64 1024] [--layers 3] [--model NAME]
+                                         [--cycle 4 12]
 (--model: a model `layerhive` resolves, e.g. SmolLM2-135M-Instruct; the default is the tests' tiny llama)
 """
 
@@ -37,9 +41,8 @@ def anonymous_mb() -> float:
         return next(int(line.split()[1]) for line in rollup if line.startswith("Anonymous:")) / 1024
 
 
-def measure(rows: int, layers: int, model: str | None) -> dict[int, float]:
-    """In this process: a stage of `layers` layers of `model` (None: the tiny one) stepped at row counts 1..`rows`;
-    growth (MB) by count."""
+def _stage(layers: int, model: str | None):
+    """A stage of the first `layers` layers of `model` (None: the tests' tiny llama) on 1 CPU thread; its width."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -51,14 +54,51 @@ def measure(rows: int, layers: int, model: str | None) -> dict[int, float]:
     if model is None:
         model = str(build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="onednn-tiny-")), "llama", num_layers=layers))
     source = resolve_model(model)
-    stage = Stage(source, 0, layers, dtype=torch.float32, device=torch.device("cpu"))
+    return Stage(source, 0, layers, dtype=torch.float32, device=torch.device("cpu")), source.hidden_size
+
+
+def measure(rows: int, layers: int, model: str | None) -> dict[int, float]:
+    """In this process: a stage of `layers` layers of `model` (None: the tiny one) stepped at row counts 1..`rows`;
+    growth (MB) by count."""
+    import torch
+
+    stage, hidden = _stage(layers, model)
     start, growth = anonymous_mb(), {}
     for count in range(1, rows + 1):
         with torch.no_grad():
-            stage.forward(torch.randn(1, count, source.hidden_size), 0, stage.new_cache(count))
+            stage.forward(torch.randn(1, count, hidden), 0, stage.new_cache(count))
         if count in CHECKPOINTS or count == rows:
             growth[count] = anonymous_mb() - start
     return growth
+
+
+def time_cycles(rows: int, layers: int, model: str | None, cycles: list[int], rounds: int = 60) -> dict[int, float]:
+    """Milliseconds per step of `layers` layers cycling over row counts 1..K, for each K in `cycles` (median of
+    `rounds` rounds, after one round to warm up)."""
+    import statistics
+    import time
+
+    import torch
+
+    stage, hidden = _stage(layers, model)
+    per_step = {}
+    for k in cycles:
+        inputs = {count: torch.randn(1, count, hidden) for count in range(1, k + 1)}
+        times = []
+        for _ in range(rounds + 1):
+            caches = {count: stage.new_cache(count) for count in inputs}  # made before the clock starts
+            started = time.perf_counter()
+            with torch.no_grad():
+                for count, cache in caches.items():
+                    stage.forward(inputs[count], 0, cache)
+            times.append((time.perf_counter() - started) / k)
+        per_step[k] = 1e3 * statistics.median(times[1:])
+    return per_step
+
+
+def _child(args: list[str], env: dict[str, str]) -> dict[int, float]:
+    out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=True).stdout
+    return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
 
 
 def main() -> int:
@@ -68,24 +108,35 @@ def main() -> int:
                         help="cache sizes to compare (64: node.model.projection's; 1024: oneDNN's default)")
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--model", default=None, help="a model to load instead of the tiny one")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cycle", type=int, nargs="*", default=[], help="also time steps cycling over 1..K rows")
+    parser.add_argument("--child", choices=["growth", "time"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
+    if args.child == "growth":
         print(json.dumps(measure(args.rows, args.layers, args.model)))
         return 0
-    results = {}
+    if args.child == "time":
+        print(json.dumps(time_cycles(args.rows, args.layers, args.model, args.cycle)))
+        return 0
+    results, timings = {}, {}
+    common = ["--rows", str(args.rows), "--layers", str(args.layers), *(["--model", args.model] if args.model else [])]
     for entries in args.entries:
         env = {**os.environ, "PYTHONPATH": str(ROOT), **dict.fromkeys(CACHE_ENV, str(entries))}
-        model = ["--model", args.model] if args.model else []
-        out = subprocess.run([sys.executable, __file__, "--child", "--rows", str(args.rows), "--layers",
-                              str(args.layers), *model], env=env, capture_output=True, text=True, check=True).stdout
-        results[entries] = {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
+        results[entries] = _child(["--child", "growth", *common], env)
+        if args.cycle:  # in a process of its own: the growth is measured from empty caches
+            timings[entries] = _child(["--child", "time", *common, "--cycle", *map(str, args.cycle)], env)
     counts = sorted(next(iter(results.values())))
     print(f"anonymous memory grown (MB) after steps of row counts 1..N, {args.layers} layers of "
           f"{args.model or 'the tiny llama'}, 1 thread")
     print(f"{'cache entries':>14} " + " ".join(f"{'N=' + str(n):>7}" for n in counts))
     for entries, growth in results.items():
         print(f"{entries:>14} " + " ".join(f"{growth[n]:7.1f}" for n in counts))
+    if args.cycle:
+        largest = max(args.entries)
+        print(f"\nms per step cycling over row counts 1..K, and its ratio to {largest} entries")
+        print(f"{'cache entries':>14} " + " ".join(f"{'K=' + str(k):>14}" for k in args.cycle))
+        for entries, per_step in timings.items():
+            print(f"{entries:>14} " + " ".join(f"{per_step[k]:7.2f} {per_step[k] / timings[largest][k]:5.2f}x"
+                                              for k in args.cycle))
     return 0
 
 
