@@ -9,9 +9,13 @@ through `ResilientSession` (failover and replay), each answer compared with the 
 in one process. Reported: answers done, answers failed (goal 0), answers differing from the reference
 (goal 0), seconds during which some layer had no live node, and the RSS drift of every node process that lived
 at least `--min-life` seconds (its RSS with its DHT process and p2p daemon, last sample minus the one a minute after
-start), in all and by part; every minute, the median RSS by part of the nodes up since the start.
+start), in all and by part; every minute, the median RSS by part of the nodes up since the start. The node
+process's anonymous memory (its heap: `Anonymous` in /proc/PID/smaps_rollup, Linux) is reported beside its RSS,
+which tells heap growth from file pages (libraries paged in). `--spare N` keeps the first N nodes out of the churn
+(they still serve, and carry the load of the churned ones), so that every run has N drifts of its full length.
 
-Usage: python benchmarks/soak.py [--minutes 15] [--interval 10] [--clients 4] [--tokens 24] [--json out.json]
+Usage: python benchmarks/soak.py [--minutes 15] [--interval 10] [--clients 4] [--tokens 24] [--spare 0]
+                                 [--json out.json]
 """
 
 from __future__ import annotations
@@ -68,10 +72,23 @@ class Lifetime:
 
 
 PARTS = ("node", "dht", "p2pd")  # a node's process, its DHT process, the DHT's p2p daemon
+HEAP = "node_anon"  # also sampled, not a part (it is inside "node"): the node process's anonymous memory
+
+
+def anonymous_bytes(pid: int) -> int | None:
+    """A process's anonymous memory (heap, stacks, anonymous mmaps) from /proc/PID/smaps_rollup; None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Anonymous:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _part_bytes(rss: dict[str, int], part: str | None) -> int:
-    return sum(rss.values()) if part is None else rss.get(part, 0)
+    return sum(rss.get(name, 0) for name in PARTS) if part is None else rss.get(part, 0)
 
 
 @dataclass
@@ -86,8 +103,8 @@ class Tally:
 class Churn:
     """Kills or restarts a random live node every interval; brings killed ones back after `down_s`."""
 
-    def __init__(self, swarm: LocalSwarm, interval_s: float, down_s: float, seed: int = 7) -> None:
-        self.swarm, self.interval_s, self.down_s = swarm, interval_s, down_s
+    def __init__(self, swarm: LocalSwarm, interval_s: float, down_s: float, seed: int = 7, spare: int = 0) -> None:
+        self.swarm, self.interval_s, self.down_s, self.spare = swarm, interval_s, down_s, spare
         self.rng = random.Random(seed)
         self.down_until: dict[int, float] = {}
         self.kills = self.restarts = 0
@@ -99,7 +116,8 @@ class Churn:
             if now >= until:
                 self._start(slot)
                 del self.down_until[slot]
-        live = [i for i, p in enumerate(self.swarm.processes) if p.poll() is None and i not in self.down_until]
+        live = [i for i, p in enumerate(self.swarm.processes)
+                if i >= self.spare and p.poll() is None and i not in self.down_until]
         if not live:
             return
         victim = self.rng.choice(live)
@@ -130,6 +148,7 @@ class Churn:
                 rss["node"] = process.memory_info().rss
                 for child in process.children(recursive=True):
                     rss["p2pd" if child.name().startswith("p2pd") else "dht"] += child.memory_info().rss
+                rss[HEAP] = anonymous_bytes(life.pid) or 0
             except psutil.Error:
                 continue
             if process.status() != psutil.STATUS_ZOMBIE:
@@ -197,7 +216,7 @@ def rss_report(lifetimes: list[Lifetime], elapsed_s: float) -> str:
                  if life.samples and life.samples[-1][0] >= elapsed_s - 5 and life.pid in _first_pids(lifetimes)]
     if not originals:
         return "RSS: no node has lived since the start"
-    medians = {part: statistics.median(rss[part] for rss in originals) / 2**20 for part in PARTS}
+    medians = {part: statistics.median(rss.get(part, 0) for rss in originals) / 2**20 for part in (*PARTS, HEAP)}
     return (f"RSS of the {len(originals)} nodes up since the start (median MB): "
             + ", ".join(f"{part} {mb:.0f}" for part, mb in medians.items()))
 
@@ -218,6 +237,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=24)
     parser.add_argument("--min-life", type=float, default=300.0,
                         help="seconds a node must have lived for its RSS drift to be reported")
+    parser.add_argument("--spare", type=int, default=0, help="the first N nodes are never killed or restarted")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     from tests.conftest import build_tiny_checkpoint
@@ -230,7 +250,7 @@ def main() -> int:
     stop = threading.Event()
     with LocalSwarm(str(model), RANGES * REPLICAS, threads_per_node=1, node_args=["--ttl", str(TTL_S)]) as swarm:
         print(f"{len(swarm.processes)} nodes online; logs in {swarm.log_dir}", flush=True)
-        churn = Churn(swarm, args.interval, args.down)
+        churn = Churn(swarm, args.interval, args.down, spare=args.spare)
         clients = [threading.Thread(target=chat_forever, args=(swarm, p, r, args.tokens, t, stop), daemon=True)
                    for p, r, t in zip(prompts, references, tallies, strict=True)]
         for thread in clients:
@@ -259,10 +279,10 @@ def main() -> int:
     drifts = {f"slot {life.slot} pid {life.pid}": round(d, 1) for life in churn.lifetimes
               if (d := life.drift_mb(args.min_life)) is not None}
     drift_by_part = {part: [round(d, 1) for life in churn.lifetimes if (d := life.drift_mb(args.min_life, part))
-                            is not None] for part in PARTS}
+                            is not None] for part in (*PARTS, HEAP)}
     errors = sum((t.errors for t in tallies), Counter())
     summary = {
-        "minutes": args.minutes, "nodes": len(RANGES) * REPLICAS, "clients": args.clients,
+        "minutes": args.minutes, "spare": args.spare, "nodes": len(RANGES) * REPLICAS, "clients": args.clients,
         "kills": churn.kills, "restarts": churn.restarts,
         "answers": sum(t.answers for t in tallies), "answers_failed": sum(t.failed for t in tallies),
         "answers_differing": sum(t.differing for t in tallies), "failovers": sum(t.failovers for t in tallies),
