@@ -35,16 +35,19 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.soak import anonymous_bytes  # noqa: E402
+from node.model.projection import ONEDNN_CACHE_ENV  # noqa: E402
+
 CHECKPOINTS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 256, 512)
-CACHE_ENV = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")  # as node.model.projection sets them
 
 
 def anonymous_mb() -> float:
     """This process's anonymous memory, after glibc has returned its free pages (what is left is in use)."""
     with contextlib.suppress(OSError, AttributeError):  # glibc only
         ctypes.CDLL(None).malloc_trim(0)
-    with open("/proc/self/smaps_rollup") as rollup:
-        return next(int(line.split()[1]) for line in rollup if line.startswith("Anonymous:")) / 1024
+    return anonymous_bytes(os.getpid()) / 2**20
 
 
 def _stage(layers: int, model: str | None):
@@ -126,7 +129,7 @@ def main() -> int:
     results, timings = {}, {}
     common = ["--rows", str(args.rows), "--layers", str(args.layers), *(["--model", args.model] if args.model else [])]
     for entries in args.entries:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **dict.fromkeys(CACHE_ENV, str(entries))}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **dict.fromkeys(ONEDNN_CACHE_ENV, str(entries))}
         results[entries] = _child(["--child", "growth", *common], env)
         if args.cycle:  # in a process of its own: the growth is measured from empty caches
             timings[entries] = _child(["--child", "time", *common, "--cycle", *map(str, args.cycle)], env)

@@ -32,11 +32,11 @@ PACKED_FOR_ROWS = 8  # oneDNN's reorder is tuned for a row count: 8 beat 1 and n
 # towards ~600 MB. Decode reuses a few row counts per weight shape, which this many entries keep; a miss makes the
 # primitive again (about 0.1 ms on the tiny model's shapes). Read when the first primitive is made; a user's own wins.
 ONEDNN_CACHE_ENTRIES = 64
-_ONEDNN_CACHE_ENV = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+ONEDNN_CACHE_ENV = ("LRU_CACHE_CAPACITY", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")
 
 
 def _bound_onednn_caches() -> None:
-    for name in _ONEDNN_CACHE_ENV:
+    for name in ONEDNN_CACHE_ENV:
         os.environ.setdefault(name, str(ONEDNN_CACHE_ENTRIES))
 
 
