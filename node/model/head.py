@@ -78,7 +78,6 @@ class LMHead:
         del weight  # on CPU in fp32 the projection holds a transposed copy
         # last positions waiting for the head, by the rows they need
         self._pending: dict[tuple[int, int], list[tuple[torch.Tensor, asyncio.Future]]] = {}
-        self._batches: set[asyncio.Task] = set()  # batches running (a reference keeps each task alive)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -103,30 +102,39 @@ class LMHead:
         pending = self._pending.setdefault(rows, [])
         pending.append((hidden[0, -1:], future))
         if len(pending) == 1:  # the first caller starts the batch; later ones join it until it starts
-            # The batch runs in a task of its own, not in the first caller's: a caller cancelled meanwhile (its
-            # session closed mid-step) would otherwise leave the batch's other callers waiting forever, and every
-            # later caller too, joining a batch no one would start (a node stopped answering for good).
-            batch = loop.create_task(self._run_batch(rows, compute, alone_on_loop))
-            self._batches.add(batch)
-            batch.add_done_callback(self._batches.discard)
+            try:
+                await asyncio.sleep(0)
+            finally:  # even if this caller was cancelled meanwhile (its session closed): others may have joined
+                self._start_batch(rows, compute, alone_on_loop)
         return await future
 
-    async def _run_batch(self, rows: tuple[int, int], compute: ThreadPoolExecutor, alone_on_loop: bool) -> None:
-        batch = self._pending.pop(rows)  # a task starts a loop turn later: callers of this turn have joined
+    def _start_batch(self, rows: tuple[int, int], compute: ThreadPoolExecutor, alone_on_loop: bool) -> None:
+        """Runs the batch waiting for `rows`, here on the loop if it is one caller `alone_on_loop`, else on
+        `compute`, and answers each caller's future. Nothing here is awaited: a caller cancelled mid-batch cannot
+        stop the others' answers (when the first caller ran the batch and awaited it, its cancellation left the
+        callers that had joined, and every later one, waiting forever: a node stopped answering for good)."""
+        batch = self._pending.pop(rows)
         rows_in = torch.cat([h for h, _ in batch]).unsqueeze(0)
-        try:
-            if alone_on_loop and len(batch) == 1:
-                out = self.logits(rows_in, rows)
-            else:
-                out = await asyncio.get_running_loop().run_in_executor(compute, self.logits, rows_in, rows)
-        except Exception as e:
-            for _, waiter in batch:
-                if not waiter.done():
-                    waiter.set_exception(e)
+        if alone_on_loop and len(batch) == 1:
+            try:
+                _answer(batch, self.logits(rows_in, rows))
+            except Exception as e:
+                _answer(batch, e)
+            return
+        computing = asyncio.get_running_loop().run_in_executor(compute, self.logits, rows_in, rows)
+        computing.add_done_callback(lambda done: _answer(batch, RuntimeError("the head's compute thread shut down")
+                                                         if done.cancelled() else done.exception() or done.result()))
+
+
+def _answer(batch: list[tuple[torch.Tensor, asyncio.Future]], out: torch.Tensor | BaseException) -> None:
+    """Each caller of `batch` gets its row of the logits `out`, or the error; a cancelled caller nothing."""
+    for index, (_, waiter) in enumerate(batch):
+        if waiter.done():
+            continue
+        if isinstance(out, BaseException):
+            waiter.set_exception(out)
         else:
-            for index, (_, waiter) in enumerate(batch):
-                if not waiter.done():
-                    waiter.set_result(out[0, index])
+            waiter.set_result(out[0, index])
 
 
 class ClientHead:
