@@ -45,6 +45,9 @@ PING_AFTER_S = (0.05, 0.5)
 SPEED_MAX_AGE_S = 300.0  # a node's measured speed is re-measured after this
 SPEED_PROBE_TIMEOUT_S = 10.0
 SPEED_PROBE_STEPS = 4
+# Answers past the awaited position a client keeps per stage (a ring's tokens a stage sends ahead of another's,
+# a speculating stage's kept draft): more than a stage honestly has in flight.
+MAX_AHEAD_PER_STAGE = 64
 
 
 class NoChainError(RuntimeError):
@@ -159,6 +162,10 @@ class ChainSession:
         self.sampling = sampling
         self._ping_after_s = PING_AFTER_S[1]
         self._last_answer_at: float | None = None
+        # Answers for positions past the one awaited, kept until it is their turn: the streams of different stages
+        # do not keep order between them (a ring's first token comes from its last stage, the next ones from its
+        # first stage when they share the head, and the second may arrive first).
+        self._ahead: list[tuple[int, dict[str, Any], runtime_pb2.ExpertResponse]] = []
         self.ledger = None  # the stages' receipts, once `node.client.verify.attach_ledger` swapped the queue for one
 
     async def step(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
@@ -241,6 +248,8 @@ class ChainSession:
         silence raises StageFailure."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.step_timeout_s
+        if (found := self._take_ahead(indices, position, field)) is not None:
+            return found
         while True:
             wait_s = max(0.0, min(self._ping_after_s, deadline - loop.time()))
             try:
@@ -259,19 +268,48 @@ class ChainSession:
                 metadata = raise_if_error(peer, item)
             except RemoteError as e:
                 raise StageFailure(e.peer, e.message, code=e.code, reporter=e.reporter) from e
-            if source not in indices or metadata.get("position") != position:
-                continue
-            if (field in metadata) if field is not None else len(item.tensors) == 1:
-                now = loop.time()
-                if self._last_answer_at is not None:
-                    low, high = PING_AFTER_S
-                    self._ping_after_s = min(high, max(low, 4 * (now - self._last_answer_at)))
-                self._last_answer_at = now
-                return metadata, item, source
+            at = metadata.get("position")
+            if type(at) is int and at > position:
+                self._hold_ahead(source, metadata, item)
+            elif source in indices and at == position and _answers(metadata, item, field):
+                return self._answered(metadata, item, source)
+
+    def _answered(self, metadata: dict[str, Any], item: runtime_pb2.ExpertResponse, source: int
+                  ) -> tuple[dict[str, Any], runtime_pb2.ExpertResponse, int]:
+        now = asyncio.get_running_loop().time()
+        if self._last_answer_at is not None:
+            low, high = PING_AFTER_S
+            self._ping_after_s = min(high, max(low, 4 * (now - self._last_answer_at)))
+        self._last_answer_at = now
+        return metadata, item, source
+
+    def _hold_ahead(self, source: int, metadata: dict[str, Any], item: runtime_pb2.ExpertResponse) -> None:
+        """Keeps an answer that came before its turn; a stage gets MAX_AHEAD_PER_STAGE of them, and what it sends
+        past that is dropped (it can only delay its own answers so)."""
+        if sum(held == source for held, _, _ in self._ahead) < MAX_AHEAD_PER_STAGE:
+            self._ahead.append((source, metadata, item))
+
+    def _take_ahead(self, indices: Sequence[int], position: int, field: str | None
+                    ) -> tuple[dict[str, Any], runtime_pb2.ExpertResponse, int] | None:
+        """The held answer awaited now, if one is held; answers held for positions now past are dropped."""
+        found, kept = None, []
+        for source, metadata, item in self._ahead:
+            at = metadata["position"]
+            if found is None and source in indices and at == position and _answers(metadata, item, field):
+                found = (metadata, item, source)
+            elif at > position:
+                kept.append((source, metadata, item))
+        self._ahead = kept
+        return None if found is None else self._answered(*found)
 
     async def close(self) -> None:
         for stream in self.streams:
             stream.close()
+
+
+def _answers(metadata: dict[str, Any], item: runtime_pb2.ExpertResponse, field: str | None) -> bool:
+    """Whether an answer at the awaited position is the kind awaited: one carrying `field`, or hidden states."""
+    return field in metadata if field is not None else len(item.tensors) == 1
 
 
 class SwarmClient:
