@@ -51,6 +51,11 @@ REFUSALS = {"no_capacity", "busy", "draining", "link_failed", "reclaimed", "idle
 # fails. A model no node serves at all fails at once.
 COVER_WAIT_S = 20.0
 COVER_POLL_S = 1.0
+# A stage that timed out but still answers a probe of its info (within LIVENESS_PROBE_S) is alive, only slow or
+# stalled for this session: it is avoided this long, not banned, so an answer whose only node of a range stalled
+# once resumes on it within the cover wait. A stage that does not answer (dead, frozen, cut off) is banned.
+LIVENESS_PROBE_S = 2.0
+STALLED_AVOID_S = 5.0
 SETTLE_TIMEOUT_S = 60.0  # an answer waits this long at most for its last checks (each one tries several verifiers)
 
 
@@ -256,9 +261,19 @@ class ResilientSession:
             if failure.code == "equivocated":  # its own signatures convict it (node.client.verify.Ledger._culprit)
                 self.client.ban(failure.peer, for_s=PROVEN_BAN_S)
                 await self._publish_proofs()
+        elif failure.code == "timeout" and await self._answers(failure.peer):
+            self.client.ban(failure.peer, for_s=STALLED_AVOID_S)
         elif failure.code not in REFUSALS:
             self.client.ban(failure.peer)
         await self._close_chain()
+
+    async def _answers(self, peer: str) -> bool:
+        """Whether `peer` answers a probe of its info within LIVENESS_PROBE_S."""
+        try:
+            await self.client.node_info(peer, timeout_s=LIVENESS_PROBE_S)
+            return True
+        except Exception:  # a timeout, a broken connection or a malformed answer alike: not alive for us
+            return False
 
     async def _publish_proofs(self) -> None:
         """Publishes the chain's proofs of equivocation (node.net.evidence), for other clients and the planners."""
