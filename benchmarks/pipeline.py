@@ -12,8 +12,10 @@ LM head's work), whole (a ring whose last stage computes the whole head), push (
 embeds and samples: stages + 1 legs) and relay (through the client: 2 x stages legs). With --delay-ms D every
 message any peer sends is held D ms (an emulated WAN link per leg; this kernel has no
 netem) and the table compares each against its physical limit: the single-process Stage's
-compute at the nodes' thread count + legs x D. A run's decode rate is one over the median
-gap between two tokens (a shared VM stalls now and then; the median keeps a stall out).
+compute at the nodes' thread count + legs x D. With D, a third baseline runs the engine in a ring's rhythm
+without its messages: the layers in the nodes' parts with D asleep after each, so that the ring against it is
+what the messages cost, and it against the limit what idling costs (caches gone cold). A run's decode rate is
+one over the median gap between two tokens (a shared VM stalls now and then; the median keeps a stall out).
 
 The price of checks: --modes unchecked checked --replicas 2 (a ring through ResilientSession without and with
 its default checks; the checks need a second node per layer range).
@@ -94,10 +96,41 @@ def engine_run(stage: Stage, prompt_ids: list[int], new_tokens: int) -> tuple[fl
     return times[0] - t0, decode_rate(times)
 
 
+def engine_idle_run(stage: Stage, prompt_ids: list[int], new_tokens: int, stages: int, delay_s: float
+                    ) -> tuple[float, float]:
+    """The engine doing a ring's work in a ring's rhythm, minus its messages: each token's layers in `stages` even
+    parts, asleep `delay_s` after each part but the last and after the head (the legs). Compute plus legs, paid on
+    the caches a ring stage finds after idling through its legs (benchmarks/idle_cost.py); so the ring against this
+    is what its messages cost (packing, signing, sockets, parsing, checking), and this against compute + legs is
+    what the idling costs."""
+    assert stage.embedder is not None and stage.head is not None
+    parts = even_split(stage.source.num_layers, stages)
+    caches = [stage.new_cache(len(prompt_ids) + new_tokens, layers=part) for part in parts]
+
+    def through(hidden: torch.Tensor, position: int) -> torch.Tensor:
+        for index, (part, cache) in enumerate(zip(parts, caches, strict=True)):
+            hidden = stage.forward(hidden, position, cache, layers=part)
+            if index < len(parts) - 1:
+                time.sleep(delay_s)
+        token = stage.head.logits(hidden[:, -1:])[0, -1].argmax().view(1, 1)
+        time.sleep(delay_s)
+        return token
+
+    t0 = time.perf_counter()
+    token = through(stage.embedder.embed(torch.tensor([prompt_ids])), 0)
+    times = [time.perf_counter()]
+    for position in range(len(prompt_ids), len(prompt_ids) + new_tokens - 1):
+        token = through(stage.embedder.embed(token), position)
+        times.append(time.perf_counter())
+    return times[0] - t0, decode_rate(times)
+
+
 BASELINES = ("transformers", "engine")
+IDLE_ENGINE = "engine idling its legs"  # measured only with --delay-ms, at the nodes' thread count
 
 
-def _local_worker(root: str, threads: int, prompt_ids: list[int], new_tokens: int, conn) -> None:
+def _local_worker(root: str, threads: int, prompt_ids: list[int], new_tokens: int, conn,
+                  idle_legs: tuple[int, float] | None = None) -> None:
     """Serves local runs in a process of its own: a single process means one that nothing else ran torch
     in. (In the benchmark's own process the client head's thread would start a second OpenMP team, and
     with 2 teams on 2 cores libgomp stops spinning between parallel regions: 32 -> 55 ms/token here.)"""
@@ -107,6 +140,8 @@ def _local_worker(root: str, threads: int, prompt_ids: list[int], new_tokens: in
     stage = Stage(source, 0, source.num_layers, dtype=torch.float32, device=torch.device("cpu"))
     runs = {"transformers": lambda n: local_run(model, prompt_ids, n),
             "engine": lambda n: engine_run(stage, prompt_ids, n)}
+    if idle_legs is not None:
+        runs[IDLE_ENGINE] = lambda n: engine_idle_run(stage, prompt_ids, n, *idle_legs)
     for run in runs.values():
         run(4)  # warm-up
     while conn.recv():
@@ -119,23 +154,30 @@ class LocalBaseline:
     baseline, the best TTFT and the best decode rate of its thread counts: single-process generation at its
     best at that moment (on this 2-core VM a second thread gains 0-40%, depending on the hour and the code)."""
 
-    def __init__(self, root: str, threads: list[int], prompt_ids: list[int], new_tokens: int) -> None:
+    def __init__(self, root: str, threads: list[int], prompt_ids: list[int], new_tokens: int,
+                 idle_legs: tuple[int, int, float] | None = None) -> None:
+        """`idle_legs` = (thread count, stages, delay_s): that worker also runs `engine_idle_run`."""
         spawn = mp.get_context("spawn")  # a fresh interpreter: no torch state inherited from this one
         self._workers = []
         for count in threads:
             conn, child = spawn.Pipe()
+            idle = idle_legs[1:] if idle_legs is not None and idle_legs[0] == count else None
             process = spawn.Process(
-                target=_local_worker, args=(root, count, prompt_ids, new_tokens, child), daemon=True)
+                target=_local_worker, args=(root, count, prompt_ids, new_tokens, child, idle), daemon=True)
             process.start()
             self._workers.append((count, conn, process))
         self.runs: dict[str, dict[int, list[tuple[float, float]]]] = {
             name: {count: [] for count in threads} for name in BASELINES}
+        self.idle_runs: list[tuple[float, float]] = []  # IDLE_ENGINE's, if measured
 
     def __call__(self) -> dict[str, tuple[float, float]]:
         for count, conn, _ in self._workers:
             conn.send(True)
             for name, run in conn.recv().items():
-                self.runs[name][count].append(run)
+                if name == IDLE_ENGINE:
+                    self.idle_runs.append(run)
+                else:
+                    self.runs[name][count].append(run)
         latest = {name: [runs[-1] for runs in self.runs[name].values()] for name in BASELINES}
         return {name: (min(ttft for ttft, _ in runs), max(rate for _, rate in runs)) for name, runs in latest.items()}
 
@@ -355,7 +397,8 @@ def main() -> None:
         if args.speculation_only:
             print_speculation(speculation, args.speculate, args.delay_ms, drafts)
             return
-        local = LocalBaseline(str(source.root), args.local_threads, prompt_ids, args.new_tokens)
+        idle_legs = (args.threads, args.nodes, delay_s) if delay_s and args.threads in args.local_threads else None
+        local = LocalBaseline(str(source.root), args.local_threads, prompt_ids, args.new_tokens, idle_legs)
         try:
             swarm_results, rates, passes = asyncio.run(measure_swarm(
                 swarm, local, prompt_ids, args.new_tokens, args.runs, delay_s, args.concurrency, args.modes))
@@ -389,11 +432,20 @@ def main() -> None:
                   f"{1000 / med(runs, 1):9.1f}")
         print(f"{label + ' best':34} {med(baselines[name], 0) * 1000:9.1f} {med(baselines[name], 1):13.2f} "
               f"{1000 / med(baselines[name], 1):9.1f}")
+    limit_ms = {name: 1000 / engine_decode + legs[name] * args.delay_ms for name in swarm_results}  # compute + legs
+    if local.idle_runs:
+        idle_ms = 1000 / med(local.idle_runs, 1)
+        idle_limit_ms = 1000 / engine_decode + args.nodes * args.delay_ms  # a ring's legs
+        print(f"{'single process, ' + IDLE_ENGINE:34} {med(local.idle_runs, 0) * 1000:9.1f} "
+              f"{med(local.idle_runs, 1):13.2f} {idle_ms:9.1f} {idle_limit_ms:9.1f} {idle_ms / idle_limit_ms:8.2f}x")
     for name, results in swarm_results.items():
         ttft, decode = med(results, 0), med(results, 1)
-        limit_ms = 1000 / engine_decode + legs[name] * args.delay_ms  # the chain's compute + one-way legs
         print(f"{args.nodes}-node swarm, {name:5} ({legs[name]} legs)     {ttft * 1000:9.1f} {decode:13.2f} "
-              f"{1000 / decode:9.1f} {limit_ms:9.1f} {1000 / decode / limit_ms:8.2f}x")
+              f"{1000 / decode:9.1f} {limit_ms[name]:9.1f} {1000 / decode / limit_ms[name]:8.2f}x")
+    if local.idle_runs and "ring" in swarm_results:
+        print(f"ring against the engine idling its legs: {1000 / med(swarm_results['ring'], 1) / idle_ms:.2f}x "
+              "(what the ring's messages cost; the engine idling its legs against compute + legs is what idling "
+              "costs)")
     first = args.modes[0]
     for baseline in BASELINES:
         runs = ", ".join(f"{ratio:.2f}" for ratio in against(first, baseline))
