@@ -53,9 +53,12 @@ COVER_WAIT_S = 20.0
 COVER_POLL_S = 1.0
 # A stage that timed out but still answers a probe of its info (within LIVENESS_PROBE_S) is alive, only slow or
 # stalled for this session: it is avoided this long, not banned, so an answer whose only node of a range stalled
-# once resumes on it within the cover wait. A stage that does not answer (dead, frozen, cut off) is banned.
+# once resumes on it within the cover wait. A stage that does not answer (dead, frozen, cut off) is banned, and so
+# is one that stalls again within STALL_MEMORY_S: a node answering probes but no steps would otherwise hold each
+# answer it is picked for a step timeout, every STALLED_AVOID_S.
 LIVENESS_PROBE_S = 2.0
 STALLED_AVOID_S = 5.0
+STALL_MEMORY_S = 120.0
 SETTLE_TIMEOUT_S = 60.0  # an answer waits this long at most for its last checks (each one tries several verifiers)
 
 
@@ -261,7 +264,8 @@ class ResilientSession:
             if failure.code == "equivocated":  # its own signatures convict it (node.client.verify.Ledger._culprit)
                 self.client.ban(failure.peer, for_s=PROVEN_BAN_S)
                 await self._publish_proofs()
-        elif failure.code == "timeout" and await self._answers(failure.peer):
+        elif (failure.code == "timeout" and self.client.first_stall(failure.peer, within_s=STALL_MEMORY_S)
+              and await self._answers(failure.peer)):
             self.client.ban(failure.peer, for_s=STALLED_AVOID_S)
         elif failure.code not in REFUSALS:
             self.client.ban(failure.peer)

@@ -323,6 +323,7 @@ class SwarmClient:
         self.send_delay_s = send_delay_s  # emulated one-way latency on every message this client sends
         self._p2p: P2P | None = None
         self._banned_until: dict[str, float] = {}
+        self._stalled_at: dict[str, float] = {}  # peer -> when it last stalled a session of this client (alive)
         self.checked_credit: dict[str, int] = {}  # node -> tokens this client's checks vouch for (node.net.credit)
         self._credit_published: dict[str, int] = {}
         self._rtt_s: dict[str, tuple[float, float]] = {}  # peer -> (rtt, measured at)
@@ -369,6 +370,14 @@ class SwarmClient:
         """Keeps a failed peer out of this client's chains (its DHT record may outlive it by a TTL); a longer ban
         already in force stays."""
         self._banned_until[peer] = max(self._banned_until.get(peer, 0.0), time.monotonic() + for_s)
+
+    def first_stall(self, peer: str, within_s: float) -> bool:
+        """Records that `peer` stalled a session now; True unless it already had within the last `within_s`."""
+        now = time.monotonic()
+        self._stalled_at = {p: at for p, at in self._stalled_at.items() if now - at < within_s}  # bounded by time
+        first = peer not in self._stalled_at
+        self._stalled_at[peer] = now
+        return first
 
     @property
     def banned(self) -> frozenset[str]:
