@@ -121,7 +121,11 @@ class LMHead:
             except Exception as e:
                 _answer(batch, e)
             return
-        computing = asyncio.get_running_loop().run_in_executor(compute, self.logits, rows_in, rows)
+        try:
+            computing = asyncio.get_running_loop().run_in_executor(compute, self.logits, rows_in, rows)
+        except RuntimeError as e:  # the compute thread was shut down (the stage is closing): every caller hears
+            _answer(batch, e)
+            return
         computing.add_done_callback(lambda done: _answer(batch, RuntimeError("the head's compute thread shut down")
                                                          if done.cancelled() else done.exception() or done.result()))
 

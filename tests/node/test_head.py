@@ -40,3 +40,19 @@ def test_a_caller_cancelled_mid_batch_leaves_the_others_and_later_callers_answer
         compute.shutdown()
     torch.testing.assert_close(answered, head.logits(hidden[1])[0, -1])
     torch.testing.assert_close(later, head.logits(hidden[2])[0, -1])
+
+
+def test_callers_of_a_batch_hear_when_the_compute_thread_is_gone(tiny_checkpoint):
+    """A stage shutting down closes its compute thread: a batch that cannot start there fails every caller of it,
+    not only the one that started it (the others would wait forever)."""
+    head = LMHead(resolve_model(str(tiny_checkpoint("llama", num_layers=2))))
+    hidden = torch.randn(2, 1, 1, head.norm.weight.shape[0])
+    compute = ThreadPoolExecutor(max_workers=1)
+    compute.shutdown()
+
+    async def main() -> list[BaseException | torch.Tensor]:
+        callers = [head.next_logits(h, compute) for h in hidden]
+        return await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 10)
+
+    outcomes = asyncio.run(main())
+    assert all(isinstance(outcome, RuntimeError) for outcome in outcomes), outcomes
