@@ -432,16 +432,16 @@ def main() -> None:
                   f"{1000 / med(runs, 1):9.1f}")
         print(f"{label + ' best':34} {med(baselines[name], 0) * 1000:9.1f} {med(baselines[name], 1):13.2f} "
               f"{1000 / med(baselines[name], 1):9.1f}")
-    limit_ms = {name: 1000 / engine_decode + legs[name] * args.delay_ms for name in swarm_results}  # compute + legs
     if local.idle_runs:
         idle_ms = 1000 / med(local.idle_runs, 1)
-        idle_limit_ms = 1000 / engine_decode + args.nodes * args.delay_ms  # a ring's legs
+        limit_ms = 1000 / engine_decode + legs["ring"] * args.delay_ms
         print(f"{'single process, ' + IDLE_ENGINE:34} {med(local.idle_runs, 0) * 1000:9.1f} "
-              f"{med(local.idle_runs, 1):13.2f} {idle_ms:9.1f} {idle_limit_ms:9.1f} {idle_ms / idle_limit_ms:8.2f}x")
+              f"{med(local.idle_runs, 1):13.2f} {idle_ms:9.1f} {limit_ms:9.1f} {idle_ms / limit_ms:8.2f}x")
     for name, results in swarm_results.items():
         ttft, decode = med(results, 0), med(results, 1)
+        limit_ms = 1000 / engine_decode + legs[name] * args.delay_ms  # the chain's compute + one-way legs
         print(f"{args.nodes}-node swarm, {name:5} ({legs[name]} legs)     {ttft * 1000:9.1f} {decode:13.2f} "
-              f"{1000 / decode:9.1f} {limit_ms[name]:9.1f} {1000 / decode / limit_ms[name]:8.2f}x")
+              f"{1000 / decode:9.1f} {limit_ms:9.1f} {1000 / decode / limit_ms:8.2f}x")
     if local.idle_runs and "ring" in swarm_results:
         print(f"ring against the engine idling its legs: {1000 / med(swarm_results['ring'], 1) / idle_ms:.2f}x "
               "(what the ring's messages cost; the engine idling its legs against compute + legs is what idling "
