@@ -39,6 +39,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hivemind.proto import runtime_pb2
 
+from node.net.steptrace import mark
+
 logger = logging.getLogger(__name__)
 
 TICKET_BYTES = 16
@@ -136,6 +138,7 @@ class DirectReader:
                 raise DirectLinkError(f"a frame of {size} bytes")
             try:
                 sealed = await self._reader.readexactly(size)
+                mark("rx")
                 request = runtime_pb2.ExpertRequest.FromString(self._aead.decrypt(_nonce(counter), sealed, None))
             except (asyncio.IncompleteReadError, ConnectionError) as e:
                 raise DirectLinkError(f"the link broke mid-message: {e}") from None

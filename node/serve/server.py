@@ -67,6 +67,7 @@ from node.net.protocol import (
     push_open,
     unpack_metadata,
 )
+from node.net.steptrace import mark
 from node.serve.admission import RECLAIM_IDLE_S, CapacityError, FairBudget
 from node.serve.adversary import Adversary
 from node.serve.batching import StepBatcher
@@ -668,6 +669,7 @@ class StageServer:
             # A bad step is refused without touching the cache; the session stays usable.
             session.outbox.put(_error_for(e))
             return
+        mark("parsed", step.position)
         in_digest = digest(step.hidden if step.token_ids is None else step.token_ids)
         if pushed:  # what the previous stage pushed must be what it signed for: hidden states, or a ring's token
             try:
@@ -715,9 +717,11 @@ class StageServer:
             session.outbox.put(error_response("push_failed", "the neighbour stopped answering", peer=neighbour))
             return
         try:
+            mark("run", step.position)
             hidden = step.hidden if step.token_ids is None else await self._embed(step.token_ids)
             hidden = await self.batcher.run(session.cache, hidden, step.position,
                                             layers=(session.opened.start, session.opened.end))
+            mark("computed", step.position)
             if self.test_slowdown_s:
                 await asyncio.sleep(self.test_slowdown_s)
             echoed = hidden
@@ -771,6 +775,7 @@ class StageServer:
         if role.pushes:
             pushed = receipt if output is told else session.signer.receipt(wire_digest(output, session.opened.wire))
             signed = {key: pushed[key] for key in ("in", "out", "chain", "sig")}
+            mark("push", step.position)
             session.push_link.send(pack({**metadata, "receipt": signed}, [output], wire=session.opened.wire))
             self._echo(session, receipt, echoed)  # after the push, which is on the critical path
         else:
@@ -859,6 +864,7 @@ class StageServer:
         """A ring's last stage sharing the head: its output goes to the first stage at once, then the part of the
         logits for rows [split, vocab) this stage computes meanwhile (see node.net.protocol)."""
         wire = session.opened.wire
+        mark("push_head", position)
         session.push_link.send(pack({"position": position, "head": "input"}, [hidden[:, -1:].contiguous()], wire=wire))
         rows = (split, self.stage.head.vocab_size)
         # On the loop when alone (StepBatcher.alone) only if the input is already on the wire: otherwise the loop
@@ -888,8 +894,10 @@ class StageServer:
             return
         try:
             if isinstance(message, HeadInput):
+                mark("head_in", message.position)
                 logits = await head.next_logits(message.hidden, self._compute, alone_on_loop=self.batcher.alone)
                 session.own_head_logits = (message.position, logits)
+                mark("head_own", message.position)
                 return
             session.own_head_logits = None
             if message.best is not None:  # greedy: the better of two argmaxes, ties to the lower id as argmax does
@@ -902,6 +910,7 @@ class StageServer:
             session.outbox.put(error_response("internal", f"head merge failed: {type(e).__name__}: {e}"))
             session.outbox.put(None)
             return
+        mark("token", message.position)
         self.head_merges += 1
         if session.key in self.sessions:
             self._feed_tokens(session, [token], session.position)
