@@ -34,6 +34,7 @@ from node.net.protocol import (
     ping,
     raise_if_error,
 )
+from node.net.timers import call_later_precisely
 from node.net.wire import decode as wire_decode
 from node.net.wire import for_links as wire_for_links
 from swarm.records import ServerRecord
@@ -135,7 +136,7 @@ class _Stream:
 
     def send(self, request: runtime_pb2.ExpertRequest) -> None:
         if self.send_delay_s > 0:  # emulated one-way link latency (tests and benchmarks)
-            asyncio.get_running_loop().call_later(self.send_delay_s, self._outbox.put_nowait, request)
+            call_later_precisely(self.send_delay_s, self._outbox.put_nowait, request)
         else:
             self._outbox.put_nowait(request)
 

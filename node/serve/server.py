@@ -68,6 +68,7 @@ from node.net.protocol import (
     unpack_metadata,
 )
 from node.net.steptrace import mark
+from node.net.timers import call_later_precisely
 from node.serve.admission import RECLAIM_IDLE_S, CapacityError, FairBudget
 from node.serve.adversary import Adversary
 from node.serve.batching import StepBatcher
@@ -125,8 +126,7 @@ class Outbox:
         self.items, self.bytes = self.items + 1, self.bytes + size
         if self.link is not None and self.link.active:
             # Arrival times only grow, so messages stay in order; the sender is not held up meanwhile.
-            delay = self.link.arrival_in(size)
-            asyncio.get_running_loop().call_later(delay, self.queue.put_nowait, item)
+            call_later_precisely(self.link.arrival_in(size), self.queue.put_nowait, item)
         else:
             self.queue.put_nowait(item)
 
@@ -291,8 +291,7 @@ class PushLink:
         if self._direct is None:
             self.outbox.put(request)
         elif self.link.active:  # emulated WAN: the same link's delays, so arrivals stay in order
-            asyncio.get_running_loop().call_later(self.link.arrival_in(request.ByteSize()), self._direct.send,
-                                                  request)
+            call_later_precisely(self.link.arrival_in(request.ByteSize()), self._direct.send, request)
         else:
             self._direct.send(request)
 
