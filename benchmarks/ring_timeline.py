@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from idle_cost import timed  # noqa: E402
 from pipeline import swarm_run  # noqa: E402
 
 from node.app.local_swarm import LocalSwarm, even_split  # noqa: E402
@@ -149,13 +150,7 @@ def layers_baseline(legs_s: float, steps: int = 20) -> list[tuple[float, float]]
 
 def _step_times(stage: Stage, hidden: torch.Tensor, steps: int, idle_s: float) -> float:
     cache = stage.new_cache(steps + 4)
-    times = []
-    for position in range(steps + 4):
-        time.sleep(idle_s)
-        began = time.perf_counter()
-        stage.forward(hidden, position, cache)
-        times.append(time.perf_counter() - began)
-    return statistics.median(times[4:]) * 1e3
+    return timed(lambda position: stage.forward(hidden, position, cache), steps, time.sleep if idle_s else None, idle_s)
 
 
 def main() -> None:
