@@ -71,6 +71,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 from hivemind.proto import runtime_pb2
 
@@ -86,6 +87,7 @@ INFERENCE_HANDLER = "layerhive.inference"
 PUSH_HANDLER = "layerhive.push"
 INFO_HANDLER = "layerhive.info"
 WIRE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+_NUMPY_FLOATS = (torch.float32, torch.float16)
 _WIRE_DTYPE_NAMES = frozenset(str(d).removeprefix("torch.") for d in WIRE_DTYPES)
 MAX_PEER_ID_LEN = 128
 MAX_SESSION_ID_LEN = 64
@@ -391,7 +393,9 @@ def _tensor(message: runtime_pb2.ExpertRequest, what: str, size: list[int]) -> t
         raise ProtocolError("bad_tensor", f"cannot decode {what}: {e}") from None
     if list(tensor.shape) != size:
         raise ProtocolError("bad_tensor", f"tensor buffer holds shape {list(tensor.shape)}, header says {size}")
-    if not torch.isfinite(tensor).all():
+    # numpy where it has the dtype: on an idling stage's cold caches, one numpy call costs about half of torch's two
+    finite = np.isfinite(tensor.numpy()).all() if tensor.dtype in _NUMPY_FLOATS else torch.isfinite(tensor).all()
+    if not finite:
         raise ProtocolError("bad_tensor", f"{what} contain NaN or infinity")
     return tensor
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 
+from node.net.protocol import ProtocolError, pack, parse_step
 from node.net.wire import INT8_COMPRESSION, WireError, decode, encode, for_links
 
 
@@ -67,3 +68,16 @@ def test_an_uncompressed_buffer_that_does_not_fit_its_shape_is_refused():
         decode(proto)
     proto.buffer, proto.size[:] = b"", [0, 4]
     assert decode(proto).shape == (0, 4)
+
+
+def test_non_finite_hidden_states_are_refused_in_every_wire_dtype():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            hidden = torch.zeros(1, 2, 8, dtype=dtype)
+            hidden[0, 1, 3] = bad
+            with pytest.raises(ProtocolError, match="NaN or infinity"):
+                parse_step(pack({"position": 0}, [hidden]), hidden_size=8, expected_position=0, max_length=64)
+        step = parse_step(pack({"position": 0}, [torch.ones(1, 2, 8, dtype=dtype)]), hidden_size=8,
+                          expected_position=0, max_length=64)
+        assert step.hidden.dtype == dtype and torch.equal(step.hidden, torch.ones(1, 2, 8, dtype=dtype))
+        step.hidden.add_(1)  # a received tensor is the stage's own, writable copy
