@@ -78,7 +78,7 @@ from hivemind.proto import runtime_pb2
 from node.model.sampling import SamplingParams
 from node.model.speculative import MAX_DRAFT_TOKENS
 from node.net.direct import DirectOffer
-from node.net.wire import ACCEPTED_COMPRESSIONS
+from node.net.wire import ACCEPTED_COMPRESSIONS, NUMPY_DTYPES
 from node.net.wire import CODECS as WIRE_CODECS
 from node.net.wire import decode as wire_decode
 from node.net.wire import encode as wire_encode
@@ -87,7 +87,6 @@ INFERENCE_HANDLER = "layerhive.inference"
 PUSH_HANDLER = "layerhive.push"
 INFO_HANDLER = "layerhive.info"
 WIRE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
-_NUMPY_FLOATS = (torch.float32, torch.float16)
 _WIRE_DTYPE_NAMES = frozenset(str(d).removeprefix("torch.") for d in WIRE_DTYPES)
 MAX_PEER_ID_LEN = 128
 MAX_SESSION_ID_LEN = 64
@@ -394,7 +393,7 @@ def _tensor(message: runtime_pb2.ExpertRequest, what: str, size: list[int]) -> t
     if list(tensor.shape) != size:
         raise ProtocolError("bad_tensor", f"tensor buffer holds shape {list(tensor.shape)}, header says {size}")
     # numpy where it has the dtype: on an idling stage's cold caches, one numpy call costs about half of torch's two
-    finite = np.isfinite(tensor.numpy()).all() if tensor.dtype in _NUMPY_FLOATS else torch.isfinite(tensor).all()
+    finite = np.isfinite(tensor.numpy()).all() if tensor.dtype in NUMPY_DTYPES else torch.isfinite(tensor).all()
     if not finite:
         raise ProtocolError("bad_tensor", f"{what} contain NaN or infinity")
     return tensor

@@ -44,7 +44,7 @@ def _libc() -> ctypes.CDLL | None:
 
 
 class PreciseTimers:
-    """`call_at(when, callback, *args)` on the running event loop, firing within ~0.1 ms of `when` (its loop.time()
+    """`call_later(delay_s, callback, *args)` on the loop, firing within ~0.1 ms of its moment (on the loop.time()
     clock) if the loop is free then. Callbacks due at the same moment run in the order they were scheduled."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
