@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
-import glob
 import multiprocessing as mp
 import os
 import statistics
@@ -68,10 +67,10 @@ def read_marks(prefix: str, pids: list[int]) -> list[list[tuple[int, str, int]]]
     """Each stage's marks, in the order of `pids` (the nodes' processes, first stage first), sorted by time."""
     stages = []
     for pid in pids:
-        marks = []
-        for path in glob.glob(f"{prefix}.{pid}"):
+        path, marks = f"{prefix}.{pid}", []
+        if os.path.exists(path):  # a node that never marked (it ran no step) wrote no file
             with open(path) as lines:
-                marks += [(int(at), event, int(position)) for at, event, position in map(str.split, lines)]
+                marks = [(int(at), event, int(position)) for at, event, position in map(str.split, lines)]
         stages.append(sorted(marks))
     return stages
 
