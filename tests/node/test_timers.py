@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from node.net.timers import call_later_precisely
+from node.net.timers import MAX_LEAD_S, call_later_precisely, precise_timers
 
 
 def test_callbacks_run_once_each_never_early_and_in_order_of_their_moments() -> None:
@@ -37,3 +37,37 @@ def test_each_event_loop_gets_its_own_timers() -> None:
             return await asyncio.wait_for(done, 5)
 
         assert asyncio.run(main())
+
+
+def test_a_failing_callback_is_reported_and_the_later_ones_still_run() -> None:
+    async def main() -> tuple[list[int], list[dict]]:
+        loop = asyncio.get_running_loop()
+        reported: list[dict] = []
+        loop.set_exception_handler(lambda _, context: reported.append(context))
+        ran: list[int] = []
+
+        def fail() -> None:
+            raise ValueError("a broken callback")
+
+        for index in range(20):  # enough wake-ups for the timers to learn how early to arm
+            call_later_precisely(0.002 + index * 0.001, ran.append, index)
+        call_later_precisely(0.0105, fail)
+        await asyncio.sleep(0.05)
+        return ran, reported
+
+    ran, reported = asyncio.run(main())
+    assert ran == list(range(20))
+    assert len(reported) == 1 and isinstance(reported[0]["exception"], ValueError)
+
+
+def test_the_lead_is_learned_from_wake_ups_and_bounded() -> None:
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        for _ in range(12):
+            done = loop.create_future()
+            call_later_precisely(0.003, done.set_result, None)
+            await done
+        return precise_timers().lead_s
+
+    lead = asyncio.run(main())
+    assert 0 < lead <= MAX_LEAD_S  # an idle loop always wakes after the moment it was armed for
