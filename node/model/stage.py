@@ -33,6 +33,7 @@ from transformers import AutoModel, PretrainedConfig
 
 from node.model.checkpoint import ModelSource, load_layers, stage_config
 from node.model.head import Embedder, LMHead
+from node.model.hugepages import HUGE_PAGES_FROM_BYTES, move_weights_to_huge_pages
 from node.model.quant import FUSED_PROJECTIONS, check_quant, quantized_projection
 
 LayerSpan = tuple[int, int]  # absolute [a, b) model layer indices
@@ -215,12 +216,14 @@ class Stage:
     def __init__(
         self, source: ModelSource, start: int, end: int, *, dtype: torch.dtype, device: torch.device,
         with_ends: bool = True, share_head: bool = True, quant: str = "none", quant_backend: str | None = None,
+        huge_pages: bool = True,
     ) -> None:
         """`with_ends=False`: layers only, even at the model's ends (timing layers, nothing served).
         `share_head=False`: a first stage holds no share of the LM head (`head_share`).
         `quant`: how the layers' projections are held ("none", "int8", "int4": `node.model.quant`, whose
         `quantized_projection` picks the kernels unless `quant_backend` names them); the embedding, norms and
-        LM head stay at `dtype`."""
+        LM head stay at `dtype`.
+        `huge_pages=False`: the weights stay on the pages they were allocated on (`node.model.hugepages`)."""
         if not 0 <= start < end <= source.num_layers:
             raise ValueError(
                 f"layer range {start}:{end} is outside {source.name}, which has {source.num_layers} layers"
@@ -260,6 +263,10 @@ class Stage:
             num_layers=end - start,
             kv_bytes_per_token=kv_bytes_per_token(self.config, dtype) * (end - start),
         )
+        # Decode streams these weights every token: on 2 MB pages, without page walks. Only weights that outgrow the
+        # TLB's reach with small pages (~8 MB here) gain, and moving costs ~3 ms a MB at load.
+        if huge_pages and self.device.type == "cpu" and self.layer_bytes * (end - start) >= HUGE_PAGES_FROM_BYTES:
+            move_weights_to_huge_pages()
 
     def _load_layer(self, model: torch.nn.Module, index: int) -> None:
         """Reads model layer `index` into `model` (its layer `index - start`), then fuses (and quantizes) it."""
