@@ -3,9 +3,9 @@
 Decode streams every weight of a stage once per token: 140 MB for 10 SmolLM2 layers, 35,000 pages of 4 KB, far
 more than the TLB holds, so each page costs a page-table walk. Back to back the page tables (280 KB) stay in the
 caches; after a stage idles through its network legs they do not, and every walk goes to memory. On 2 MB pages the
-same weights are 70 pages. Measured here (2-core AMD EPYC VM, 1 torch thread, two copies of 10 SmolLM2 layers in
-one process, their decode steps interleaved, 60 each, medians; /work scratch): back to back 17.05 -> 15.77 ms
-(0.92x), after 100 ms asleep 19.58 -> 17.39 ms (0.89x).
+same weights are 70 pages. Measured with benchmarks/huge_pages.py (2-core AMD EPYC VM, 1 torch thread, two copies of
+10 SmolLM2 layers in one process, their decode steps interleaved, medians of 30-60 each; three runs): after 100 ms
+asleep 0.86x, 0.90x and 0.90x the time on small pages; back to back 0.89x, 1.01x and 0.89x.
 
 Where the kernel's transparent huge pages are only on request (`madvise`, the usual default) the weights' memory
 must ask: MADV_HUGEPAGE marks a mapping, and MADV_COLLAPSE (Linux 6.1+) moves what it already holds onto huge pages
@@ -27,7 +27,6 @@ from dataclasses import dataclass
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
 HUGE_PAGES_FROM_BYTES = 32 << 20  # a stage with fewer weight bytes is left as it is (tiny test models)
-MIN_RESIDENT = 0.95  # of a mapping's size, for it to be moved whole (else only its chunks that are all resident)
 MAX_SCANNED = 4 << 30  # a partly resident mapping larger than this (a reservation) is not read page by page
 PAGE = mmap.PAGESIZE
 
@@ -119,7 +118,7 @@ def move_weights_to_huge_pages(leave: Collection[tuple[int, int]] = ()) -> int:
             end = mapping.end // HUGE_PAGE * HUGE_PAGE
             if end <= start or mapping.resident < HUGE_PAGE or mapping.huge >= end - start:
                 continue
-            if mapping.resident >= MIN_RESIDENT * (mapping.end - mapping.start):
+            if mapping.resident >= mapping.end - mapping.start:
                 ranges = [(start, end)]
             elif end - start <= MAX_SCANNED:  # partly resident (the kernel merges neighbouring mappings): by chunk
                 ranges = _present_chunks(pagemap, start, end)
