@@ -62,7 +62,9 @@ def _collapse_supported() -> bool:
     start = -(-address // HUGE_PAGE) * HUGE_PAGE
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(start, HUGE_PAGE, MADV_COLLAPSE) == 0
+    supported = libc.madvise(start, HUGE_PAGE, MADV_COLLAPSE) == 0
+    probe.close()
+    return supported
 
 
 def test_smaps_are_read_for_private_anonymous_mappings_only():
