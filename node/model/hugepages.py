@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
-import threading
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -131,11 +130,3 @@ def move_weights_to_huge_pages(leave: Collection[tuple[int, int]] = ()) -> int:
                 madvise(a, b - a, MADV_HUGEPAGE)
                 madvise(a, b - a, MADV_COLLAPSE)
     return max(0, huge_page_bytes() - before)
-
-
-def move_in_background(leave: Collection[tuple[int, int]] = ()) -> threading.Thread:
-    """`move_weights_to_huge_pages(leave)` on a daemon thread: a stage serves meanwhile (the kernel copies ~3 ms a MB,
-    a minute for a 7B model's fp32 weights; the weights stay readable throughout), and madvise runs without the GIL."""
-    thread = threading.Thread(target=move_weights_to_huge_pages, args=(leave,), name="huge-pages", daemon=True)
-    thread.start()
-    return thread

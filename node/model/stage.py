@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,12 +33,7 @@ from transformers import AutoModel, PretrainedConfig
 
 from node.model.checkpoint import ModelSource, load_layers, stage_config
 from node.model.head import Embedder, LMHead
-from node.model.hugepages import (
-    HUGE_PAGES_FROM_BYTES,
-    move_in_background,
-    move_weights_to_huge_pages,
-    private_anonymous_spans,
-)
+from node.model.hugepages import HUGE_PAGES_FROM_BYTES, move_weights_to_huge_pages
 from node.model.quant import FUSED_PROJECTIONS, check_quant, quantized_projection
 
 LayerSpan = tuple[int, int]  # absolute [a, b) model layer indices
@@ -222,15 +216,14 @@ class Stage:
     def __init__(
         self, source: ModelSource, start: int, end: int, *, dtype: torch.dtype, device: torch.device,
         with_ends: bool = True, share_head: bool = True, quant: str = "none", quant_backend: str | None = None,
-        huge_pages: bool = True, huge_pages_behind: bool = False,
+        huge_pages: bool = True,
     ) -> None:
         """`with_ends=False`: layers only, even at the model's ends (timing layers, nothing served).
         `share_head=False`: a first stage holds no share of the LM head (`head_share`).
         `quant`: how the layers' projections are held ("none", "int8", "int4": `node.model.quant`, whose
         `quantized_projection` picks the kernels unless `quant_backend` names them); the embedding, norms and
         LM head stay at `dtype`.
-        `huge_pages=False`: the weights stay on the pages they were allocated on (`node.model.hugepages`);
-        `huge_pages_behind`: they move on a thread of their own (`huge_pages_move`) while the stage serves."""
+        `huge_pages=False`: the weights stay on the pages they were allocated on (`node.model.hugepages`)."""
         if not 0 <= start < end <= source.num_layers:
             raise ValueError(
                 f"layer range {start}:{end} is outside {source.name}, which has {source.num_layers} layers"
@@ -239,9 +232,6 @@ class Stage:
         self.dtype, self.device, self.quant = dtype, torch.device(device), check_quant(quant)
         self.quant_backend = quant_backend
         self.config = stage_config(source.config, start, end)
-        # The process's memory before this stage's weights: what was there stays on the pages it has (a test process
-        # that loads many stages would otherwise move every earlier allocation still resident, again and again).
-        earlier = private_anonymous_spans() if huge_pages and self.device.type == "cpu" else set()
         with torch.device("meta"):
             model = AutoModel.from_config(self.config, dtype=dtype)
         model.embed_tokens = None
@@ -274,13 +264,9 @@ class Stage:
             kv_bytes_per_token=kv_bytes_per_token(self.config, dtype) * (end - start),
         )
         # Decode streams these weights every token: on 2 MB pages, without page walks. Only weights that outgrow the
-        # TLB's reach with small pages (~8 MB here) gain; moving them costs ~3 ms a MB.
-        self.huge_pages_move: threading.Thread | None = None
+        # TLB's reach with small pages (~8 MB here) gain, and moving costs ~3 ms a MB at load.
         if huge_pages and self.device.type == "cpu" and self.layer_bytes * (end - start) >= HUGE_PAGES_FROM_BYTES:
-            if huge_pages_behind:
-                self.huge_pages_move = move_in_background(leave=earlier)
-            else:
-                move_weights_to_huge_pages(leave=earlier)
+            move_weights_to_huge_pages()
 
     def _load_layer(self, model: torch.nn.Module, index: int) -> None:
         """Reads model layer `index` into `model` (its layer `index - start`), then fuses (and quantizes) it."""

@@ -376,7 +376,7 @@ class Node:
         config = self.config
         stage = await asyncio.get_running_loop().run_in_executor(
             None, lambda: Stage(self.source, target.start, target.end, dtype=self.dtype, device=self.device,
-                                quant=self._capabilities.get("quant", "none"), huge_pages_behind=True)
+                                quant=self._capabilities.get("quant", "none"))
         )
         if target.start == 0 and config.draft_model and self.drafter is None:
             self.drafter = await asyncio.get_running_loop().run_in_executor(None, self._load_drafter)

@@ -96,8 +96,8 @@ def test_resident_memory_moves_and_untouched_memory_stays_small():
 
 
 def test_a_cpu_stage_of_the_model_holds_its_weights_on_huge_pages(smollm2):
-    """Three SmolLM2 layers (42 MB): their weights are on huge pages once the stage's move (behind its load) is done,
-    where the kernel moves memory when asked (this machine's does; elsewhere the stage loads as before)."""
+    """Three SmolLM2 layers (42 MB): their weights are on huge pages once the stage has loaded, where the kernel
+    moves memory when asked (this machine's does; elsewhere the stage loads as before)."""
     supported = sys.platform.startswith("linux") and _collapse_supported()
     before = huge_page_bytes()
     stage = Stage(smollm2, 0, 3, dtype=torch.float32, device=torch.device("cpu"), with_ends=False)
@@ -105,21 +105,3 @@ def test_a_cpu_stage_of_the_model_holds_its_weights_on_huge_pages(smollm2):
     assert moved >= 0.8 * stage.layer_bytes * 3 if supported else moved >= 0
     cache = stage.new_cache(8)
     assert torch.isfinite(stage.forward(torch.randn(1, 2, smollm2.config.hidden_size), 0, cache)).all()
-
-
-def test_a_serving_stage_moves_its_weights_while_it_serves(smollm2):
-    """A node's stage (`huge_pages_behind`) answers at once, with the same output, while its move runs behind."""
-    supported = sys.platform.startswith("linux") and _collapse_supported()
-    hidden = torch.randn(1, 2, smollm2.config.hidden_size)
-    reference = Stage(smollm2, 3, 6, dtype=torch.float32, device=torch.device("cpu"), with_ends=False,
-                      huge_pages=False)
-    before = huge_page_bytes()
-    stage = Stage(smollm2, 3, 6, dtype=torch.float32, device=torch.device("cpu"), with_ends=False,
-                  huge_pages_behind=True)
-    assert stage.huge_pages_move is not None
-    during = stage.forward(hidden, 0, stage.new_cache(8))
-    stage.huge_pages_move.join(120)
-    moved = huge_page_bytes() - before
-    assert moved >= 0.8 * stage.layer_bytes * 3 if supported else moved >= 0
-    expected = reference.forward(hidden, 0, reference.new_cache(8))
-    assert torch.equal(during, expected) and torch.equal(stage.forward(hidden, 0, stage.new_cache(8)), expected)
