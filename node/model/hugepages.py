@@ -31,34 +31,34 @@ MAX_SCANNED = 4 << 30  # a partly resident mapping larger than this (a reservati
 PAGE = mmap.PAGESIZE
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Mapping:
     start: int
     end: int
-    resident: int  # bytes
-    huge: int  # bytes already on huge pages
+    resident: int = 0  # bytes
+    huge: int = 0  # bytes already on huge pages
 
 
 def _private_anonymous_mappings(smaps: str) -> list[_Mapping]:
     """The private, writable, anonymous mappings (no file, not the stack) of a /proc/<pid>/smaps text."""
     mappings: list[_Mapping] = []
-    current: dict | None = None
+    current: _Mapping | None = None
     for line in smaps.splitlines():
         fields = line.split()
         if not fields:
             continue
         if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):  # a mapping's header line
-            start, end = (int(x, 16) for x in fields[0].split("-"))
             anonymous = len(fields) == 5 or fields[5] == "[heap]" or fields[5].startswith("[anon")
-            current = {"start": start, "end": end, "rss": 0, "huge": 0} \
-                if anonymous and fields[1].startswith("rw") and fields[1].endswith("p") else None
-            if current is not None:
-                mappings.append(current)  # type: ignore[arg-type]
+            current = None
+            if anonymous and fields[1].startswith("rw") and fields[1].endswith("p"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                current = _Mapping(start, end)
+                mappings.append(current)
         elif current is not None and fields[0] == "Rss:":
-            current["rss"] = int(fields[1]) << 10
+            current.resident = int(fields[1]) << 10
         elif current is not None and fields[0] == "AnonHugePages:":
-            current["huge"] = int(fields[1]) << 10
-    return [_Mapping(m["start"], m["end"], m["rss"], m["huge"]) for m in mappings]  # type: ignore[index]
+            current.huge = int(fields[1]) << 10
+    return mappings
 
 
 def huge_page_bytes() -> int:
