@@ -4,6 +4,7 @@ Gemma 3 270M Q4_K_M (from PyPI) read by offset, layer by layer, against transfor
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import gguf
 import numpy as np
 import psutil
 import pytest
@@ -101,14 +103,20 @@ def gemma():
 
 @pytest.fixture(scope="module")
 def gemma_greedy(gemma) -> dict[str, list[int]]:
-    """transformers' own greedy tokens, loading the very same GGUF file (its own de-quantisation)."""
+    """transformers' own greedy tokens, loading the very same GGUF file (its own de-quantisation).
+
+    transformers reads the file twice, for its config and then its tensors, and gguf's reader takes ~17 s here
+    for each read of Gemma's 262k-token vocabulary (~50 s in the loaded suite): the second read gets the first's
+    reader. What transformers makes of the file is unchanged."""
     from transformers import AutoModelForCausalLM
 
     from node.model.checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(gemma)
-    model = AutoModelForCausalLM.from_pretrained(gemma.gguf.parent, gguf_file=gemma.gguf.name,
-                                                 dtype=torch.float32).eval()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", functools.lru_cache(maxsize=1)(gguf.GGUFReader))
+        model = AutoModelForCausalLM.from_pretrained(gemma.gguf.parent, gguf_file=gemma.gguf.name,
+                                                     dtype=torch.float32).eval()
     out = {}
     for prompt in PROMPTS:
         ids = tokenizer(prompt)["input_ids"]
