@@ -184,20 +184,45 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _rotary_tables(rotary_emb: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor,
-                   layer_types: Sequence[str] | None) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
-    """cos/sin [tokens, 1, r] at `positions`, by layer type where the model turns each type by its own
-    frequencies (Gemma 3: local layers base 10k, global ones 1M), else under the key None."""
-    if "layer_type" not in inspect.signature(rotary_emb.forward).parameters:
-        kinds: list[str | None] = [None]
-    else:
-        kinds = sorted(set(layer_types or ()))
-    tables = {}
-    for kind in kinds:
-        extra = {} if kind is None else {"layer_type": kind}
-        cos, sin = rotary_emb(x, positions.unsqueeze(0), **extra)
-        tables[kind] = (cos[0, :, None], sin[0, :, None])
-    return tables
+class RotaryTables:
+    """cos/sin [tokens, 1, r] at given positions, by layer type where the model turns each type by its own
+    frequencies (Gemma 3: local layers base 10k, global ones 1M), else under the key None.
+
+    The model's own rotary module computes them. With a static rope type its frequencies never change, so it
+    computes them once for a block of positions and a step indexes that block (gpt-fast's precomputed table):
+    calling the module per pass (its autocast context, its checks, and a signature lookup) cost ~50 us warm
+    here, several times that on the cold caches of a stage that idled between steps, and a ring pays it at
+    every stage. Dynamic rope types (NTK "dynamic", "longrope") rescale with the sequence: those call per pass."""
+
+    MIN_POSITIONS = 256
+
+    def __init__(self, rotary_emb: torch.nn.Module, layer_types: Sequence[str] | None, dtype: torch.dtype) -> None:
+        self.rotary_emb, self.dtype = rotary_emb, dtype
+        typed = "layer_type" in inspect.signature(rotary_emb.forward).parameters
+        self.kinds: list[str | None] = sorted(set(layer_types or ())) if typed else [None]
+        rope_types = getattr(rotary_emb, "rope_type", "default")
+        rope_types = list(rope_types.values()) if isinstance(rope_types, dict) else [rope_types]
+        self.static = not any("dynamic" in kind or kind == "longrope" for kind in rope_types)
+        self._tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._positions = 0  # the tables cover positions [0, _positions)
+
+    def at(self, positions: torch.Tensor) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
+        if not self.static:
+            return self._computed(positions)
+        needed = int(positions.max()) + 1
+        if needed > self._positions:
+            self._positions = max(self.MIN_POSITIONS, 1 << (needed - 1).bit_length())
+            self._tables = self._computed(torch.arange(self._positions, device=positions.device))
+        return {kind: (cos[positions], sin[positions]) for kind, (cos, sin) in self._tables.items()}
+
+    def _computed(self, positions: torch.Tensor) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
+        x = torch.empty(0, dtype=self.dtype, device=positions.device)  # the module reads only its dtype and device
+        tables = {}
+        for kind in self.kinds:
+            extra = {} if kind is None else {"layer_type": kind}
+            cos, sin = self.rotary_emb(x, positions.unsqueeze(0), **extra)
+            tables[kind] = (cos[0, :, None], sin[0, :, None])
+        return tables
 
 
 @dataclass
@@ -241,6 +266,7 @@ class Stage:
         # Non-persistent buffers (rotary frequencies) cannot live on the meta device.
         model.rotary_emb = type(model.rotary_emb)(config=self.config).to(self.device)
         self.model = model.eval()
+        self.rotary = RotaryTables(model.rotary_emb, getattr(self.config, "layer_types", None), dtype)
         self.layers = model.layers
         self.windows = sliding_windows(self.config)
         self.head_dim, self.kv_heads = _head_dim(self.config), _kv_heads(self.config)
@@ -366,7 +392,7 @@ class Stage:
             rows.append(_Rows(begin, step.tokens, step.position, step.cache))
             begin += step.tokens
         positions = torch.cat([torch.arange(r.position, r.position + r.tokens) for r in rows]).to(self.device)
-        rotary = _rotary_tables(self.model.rotary_emb, x, positions, self.layer_types)
+        rotary = self.rotary.at(positions)
 
         bounds = sorted({b for step in steps for b in step.cache.layers})
         for seg_start, seg_end in itertools.pairwise(bounds):

@@ -83,6 +83,40 @@ def test_prefill_and_decode_match_transformers(arch, tiny_checkpoint, qwen2_slid
         assert not torch.allclose(run_incrementally(whole, x), states[4], atol=1e-3)
 
 
+@pytest.mark.parametrize("arch", ["llama", "llama3", "phi3", "gemma3"])
+def test_rotary_tables_hold_the_rotary_modules_own_values(arch, tiny_checkpoint):
+    """A step looks its positions up in tables the model's rotary module computed (by layer type for Gemma 3),
+    grown when a position passes them."""
+    stage = make_stage(tiny_checkpoint(arch, num_layers=4), 0, 4)
+    module, rotary = stage.model.rotary_emb, stage.rotary
+    assert rotary.static and rotary.kinds == (["full_attention", "sliding_attention"] if arch == "gemma3" else [None])
+    for positions in (torch.tensor([3]), torch.arange(250, 262), torch.tensor([1000, 7])):
+        tables = rotary.at(positions)
+        for kind in rotary.kinds:
+            cos, sin = module(torch.empty(0), positions[None], **({} if kind is None else {"layer_type": kind}))
+            torch.testing.assert_close(tables[kind], (cos[0, :, None], sin[0, :, None]), rtol=0, atol=1e-6)
+    assert rotary._positions == 1024  # grown to the next power of two past position 1000
+
+
+def test_a_dynamic_rope_is_computed_for_every_pass():
+    """NTK-dynamic rope rescales its frequencies once a sequence outgrows the trained context: no table."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from node.model.stage import RotaryTables
+    from tests.conftest import tiny_config
+
+    config = tiny_config("llama", 2)
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    module = LlamaRotaryEmbedding(config)
+    rotary = RotaryTables(module, None, F32)
+    assert not rotary.static
+    late = rotary.at(torch.arange(300, 304))[None]  # past max_position_embeddings (256): rescaled
+    assert rotary._positions == 0
+    torch.testing.assert_close(late[0], module(torch.empty(0), torch.arange(300, 304)[None])[0][0, :, None])
+    unscaled = LlamaRotaryEmbedding(tiny_config("llama", 2))(torch.empty(0), torch.arange(300, 304)[None])[0]
+    assert not torch.allclose(late[0], unscaled[0, :, None])
+
+
 def test_sub_range_equals_the_stage_layers(tiny_checkpoint):
     path = tiny_checkpoint("mistral", num_layers=4)
     x = torch.randn(1, 24, 64, generator=torch.Generator().manual_seed(1))
