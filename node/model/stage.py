@@ -206,12 +206,12 @@ class RotaryTables:
         self._tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
         self._positions = 0  # the tables cover positions [0, _positions)
 
-    def at(self, positions: torch.Tensor) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
+    def at(self, positions: torch.Tensor, end: int) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
+        """The tables at `positions`, all below `end` (an int, so that a GPU need not be asked for their max)."""
         if not self.static:
             return self._computed(positions)
-        needed = int(positions.max()) + 1
-        if needed > self._positions:
-            self._positions = max(self.MIN_POSITIONS, 1 << (needed - 1).bit_length())
+        if end > self._positions:
+            self._positions = max(self.MIN_POSITIONS, 1 << (end - 1).bit_length())
             self._tables = self._computed(torch.arange(self._positions, device=positions.device))
         return {kind: (cos[positions], sin[positions]) for kind, (cos, sin) in self._tables.items()}
 
@@ -392,7 +392,7 @@ class Stage:
             rows.append(_Rows(begin, step.tokens, step.position, step.cache))
             begin += step.tokens
         positions = torch.cat([torch.arange(r.position, r.position + r.tokens) for r in rows]).to(self.device)
-        rotary = self.rotary.at(positions)
+        rotary = self.rotary.at(positions, end=max(r.position + r.tokens for r in rows))
 
         bounds = sorted({b for step in steps for b in step.cache.layers})
         for seg_start, seg_end in itertools.pairwise(bounds):

@@ -91,7 +91,7 @@ def test_rotary_tables_hold_the_rotary_modules_own_values(arch, tiny_checkpoint)
     module, rotary = stage.model.rotary_emb, stage.rotary
     assert rotary.static and rotary.kinds == (["full_attention", "sliding_attention"] if arch == "gemma3" else [None])
     for positions in (torch.tensor([3]), torch.arange(250, 262), torch.tensor([1000, 7])):
-        tables = rotary.at(positions)
+        tables = rotary.at(positions, end=int(positions.max()) + 1)
         for kind in rotary.kinds:
             cos, sin = module(torch.empty(0), positions[None], **({} if kind is None else {"layer_type": kind}))
             torch.testing.assert_close(tables[kind], (cos[0, :, None], sin[0, :, None]), rtol=0, atol=1e-6)
@@ -110,7 +110,7 @@ def test_a_dynamic_rope_is_computed_for_every_pass():
     module = LlamaRotaryEmbedding(config)
     rotary = RotaryTables(module, None, F32)
     assert not rotary.static
-    late = rotary.at(torch.arange(300, 304))[None]  # past max_position_embeddings (256): rescaled
+    late = rotary.at(torch.arange(300, 304), end=304)[None]  # past max_position_embeddings (256): rescaled
     assert rotary._positions == 0
     torch.testing.assert_close(late[0], module(torch.empty(0), torch.arange(300, 304)[None])[0][0, :, None])
     unscaled = LlamaRotaryEmbedding(tiny_config("llama", 2))(torch.empty(0), torch.arange(300, 304)[None])[0]
