@@ -190,7 +190,7 @@ class RotaryTables:
 
     The model's own rotary module computes them. With a static rope type its frequencies never change, so it
     computes them once for a block of positions and a step indexes that block (gpt-fast's precomputed table):
-    calling the module per pass (its autocast context, its checks, and a signature lookup) cost ~50 us warm
+    calling the module per pass (its autocast context, its checks, and a signature lookup) cost ~40 us warm
     here, several times that on the cold caches of a stage that idled between steps, and a ring pays it at
     every stage. Dynamic rope types (NTK "dynamic", "longrope") rescale with the sequence: those call per pass."""
 
@@ -210,9 +210,10 @@ class RotaryTables:
         """The tables at `positions`, all below `end` (an int, so that a GPU need not be asked for their max)."""
         if not self.static:
             return self._computed(positions)
-        if end > self._positions:
-            self._positions = max(self.MIN_POSITIONS, 1 << (end - 1).bit_length())
-            self._tables = self._computed(torch.arange(self._positions, device=positions.device))
+        if end > self._positions:  # the tables before their bound: a reader never indexes past a table
+            size = max(self.MIN_POSITIONS, 1 << (end - 1).bit_length())
+            self._tables = self._computed(torch.arange(size, device=positions.device))
+            self._positions = size
         return {kind: (cos[positions], sin[positions]) for kind, (cos, sin) in self._tables.items()}
 
     def _computed(self, positions: torch.Tensor) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
