@@ -194,7 +194,7 @@ class RotaryTables:
     here, several times that on the cold caches of a stage that idled between steps, and a ring pays it at
     every stage. Dynamic rope types (NTK "dynamic", "longrope") rescale with the sequence: those call per pass."""
 
-    MIN_POSITIONS = 256
+    BLOCK = 256  # positions computed at a time: a decode step computes its block once every 256 tokens
 
     def __init__(self, rotary_emb: torch.nn.Module, layer_types: Sequence[str] | None, dtype: torch.dtype) -> None:
         self.rotary_emb, self.dtype = rotary_emb, dtype
@@ -203,18 +203,38 @@ class RotaryTables:
         rope_types = getattr(rotary_emb, "rope_type", "default")
         rope_types = list(rope_types.values()) if isinstance(rope_types, dict) else [rope_types]
         self.static = not any("dynamic" in kind or kind == "longrope" for kind in rope_types)
-        self._tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._positions = 0  # the tables cover positions [0, _positions)
+        self._tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}  # rows past _positions: not yet
+        self._positions = 0  # the tables hold positions [0, _positions)
 
     def at(self, positions: torch.Tensor, end: int) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
         """The tables at `positions`, all below `end` (an int, so that a GPU need not be asked for their max)."""
         if not self.static:
             return self._computed(positions)
-        if end > self._positions:  # the tables before their bound: a reader never indexes past a table
-            size = max(self.MIN_POSITIONS, 1 << (end - 1).bit_length())
-            self._tables = self._computed(torch.arange(size, device=positions.device))
-            self._positions = size
+        if end > self._positions:
+            self._extend(end, positions.device)
         return {kind: (cos[positions], sin[positions]) for kind, (cos, sin) in self._tables.items()}
+
+    def _extend(self, end: int, device: torch.device) -> None:
+        """Computes the blocks of positions from the tables' end past `end` only, into tables whose room doubles
+        when full: each position is computed once, and no growth recomputes or stalls on what was there (from
+        scratch, 128k positions took ~2 s here). Rows are written before the bound moves past them, so a reader
+        never indexes a row not yet written."""
+        size = -(-end // self.BLOCK) * self.BLOCK
+        new = self._computed(torch.arange(self._positions, size, device=device))
+        tables = {}
+        for kind, rows in new.items():
+            held = self._tables.get(kind)
+            if held is None or held[0].shape[0] < size:
+                room = max(size, 2 * held[0].shape[0]) if held is not None else size
+                grown = tuple(torch.empty((room, *row.shape[1:]), dtype=row.dtype, device=row.device) for row in rows)
+                if held is not None:
+                    for table, old in zip(grown, held, strict=True):
+                        table[: self._positions] = old[: self._positions]
+                held = grown
+            for table, row in zip(held, rows, strict=True):
+                table[self._positions: size] = row
+            tables[kind] = held
+        self._tables, self._positions = tables, size
 
     def _computed(self, positions: torch.Tensor) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
         x = torch.empty(0, dtype=self.dtype, device=positions.device)  # the module reads only its dtype and device

@@ -95,7 +95,7 @@ def test_rotary_tables_hold_the_rotary_modules_own_values(arch, tiny_checkpoint)
         for kind in rotary.kinds:
             cos, sin = module(torch.empty(0), positions[None], **({} if kind is None else {"layer_type": kind}))
             torch.testing.assert_close(tables[kind], (cos[0, :, None], sin[0, :, None]), rtol=0, atol=1e-6)
-    assert rotary._positions == 1024  # grown to the next power of two past position 1000
+    assert rotary._positions == 1024  # whole blocks of 256 past position 1000, the earlier rows (7) kept
 
 
 def test_a_dynamic_rope_is_computed_for_every_pass():
