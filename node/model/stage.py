@@ -287,12 +287,12 @@ class Stage:
         # Non-persistent buffers (rotary frequencies) cannot live on the meta device.
         model.rotary_emb = type(model.rotary_emb)(config=self.config).to(self.device)
         self.model = model.eval()
-        self.rotary = RotaryTables(model.rotary_emb, getattr(self.config, "layer_types", None), dtype)
         self.layers = model.layers
         self.windows = sliding_windows(self.config)
         self.head_dim, self.kv_heads = _head_dim(self.config), _kv_heads(self.config)
         self.num_heads = self.config.num_attention_heads
         self.layer_types = getattr(self.config, "layer_types", None)
+        self.rotary = RotaryTables(model.rotary_emb, self.layer_types, dtype)
         self.qk_norms = hasattr(self.layers[0].self_attn, "q_norm")
         self.sandwich_norms = hasattr(self.layers[0], "pre_feedforward_layernorm")
         # A chain's ends, so it can close into a ring (node.serve.server): the first stage embeds the tokens it

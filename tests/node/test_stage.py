@@ -90,12 +90,14 @@ def test_rotary_tables_hold_the_rotary_modules_own_values(arch, tiny_checkpoint)
     stage = make_stage(tiny_checkpoint(arch, num_layers=4), 0, 4)
     module, rotary = stage.model.rotary_emb, stage.rotary
     assert rotary.static and rotary.kinds == (["full_attention", "sliding_attention"] if arch == "gemma3" else [None])
-    for positions in (torch.tensor([3]), torch.arange(250, 262), torch.tensor([1000, 7])):
+    # Tables of 256 positions, then 512 (room doubled, rows copied), 768 (room 1024), 1024 (written in that room).
+    for positions in (torch.tensor([3]), torch.arange(250, 262), torch.tensor([600]), torch.tensor([1000, 7])):
         tables = rotary.at(positions, end=int(positions.max()) + 1)
         for kind in rotary.kinds:
             cos, sin = module(torch.empty(0), positions[None], **({} if kind is None else {"layer_type": kind}))
             torch.testing.assert_close(tables[kind], (cos[0, :, None], sin[0, :, None]), rtol=0, atol=1e-6)
     assert rotary._positions == 1024  # whole blocks of 256 past position 1000, the earlier rows (7) kept
+    assert all(cos.shape[0] == 1024 for cos, _ in rotary._tables.values())  # 768 -> 1024 grew in place
 
 
 def test_a_dynamic_rope_is_computed_for_every_pass():
