@@ -236,6 +236,22 @@ class RotaryTables:
             tables[kind] = held
         self._tables, self._positions = tables, size
 
+    @property
+    def nbytes(self) -> int:
+        """What the tables hold now (their whole room, rows not yet computed included)."""
+        return sum(table.nbytes for tables in self._tables.values() for table in tables)
+
+    def max_bytes(self, positions: int) -> int:
+        """The most the tables can hold while steps stay below `positions`: whole blocks, in a room that at most
+        doubles past them (`_extend`). Memory a node's KV budget leaves room for, as the tables are never shrunk:
+        for SmolLM2 (64 rotary dims, fp32) 8 MB at 8,192 positions. Dynamic rope types keep no tables: 0."""
+        if not self.static or positions <= 0:
+            return 0
+        device = next(self.rotary_emb.buffers(), torch.empty(0)).device
+        row = self._computed(torch.arange(1, device=device))  # one position of each kind: its width and dtype
+        per_position = sum(cos.nbytes + sin.nbytes for cos, sin in row.values())
+        return 2 * -(-positions // self.BLOCK) * self.BLOCK * per_position
+
     def _computed(self, positions: torch.Tensor) -> dict[str | None, tuple[torch.Tensor, torch.Tensor]]:
         x = torch.empty(0, dtype=self.dtype, device=positions.device)  # the module reads only its dtype and device
         tables = {}

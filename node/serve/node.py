@@ -380,9 +380,12 @@ class Node:
         )
         if target.start == 0 and config.draft_model and self.drafter is None:
             self.drafter = await asyncio.get_running_loop().run_in_executor(None, self._load_drafter)
-        budget = config.kv_budget_bytes or self._planned_kv_budget(target)
-        if target.start == 0 and self.drafter is not None and not config.kv_budget_bytes:
-            budget = max(0, budget - self.drafter.max_bytes)  # the draft model lives in the same memory
+        budget = config.kv_budget_bytes
+        if not budget:  # what the plan leaves for KV caches, less what else grows here with the sessions
+            budget = self._planned_kv_budget(target) - stage.rotary.max_bytes(config.max_length)
+            if target.start == 0 and self.drafter is not None:
+                budget -= self.drafter.max_bytes  # the draft model lives in the same memory
+            budget = max(0, budget)
         server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
                              send_delay_s=config.send_delay_s, adversary=_adversary(config),
                              test_slowdown_s=config.test_slowdown_s, send_bandwidth_bps=config.send_bandwidth_bps,

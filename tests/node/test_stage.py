@@ -100,6 +100,21 @@ def test_rotary_tables_hold_the_rotary_modules_own_values(arch, tiny_checkpoint)
     assert all(cos.shape[0] == 1024 for cos, _ in rotary._tables.values())  # 768 -> 1024 grew in place
 
 
+def test_rotary_tables_stay_within_the_bytes_a_node_budgets_for_them(tiny_checkpoint):
+    """Grown one decode position at a time, the tables never hold more than `max_bytes` of the positions reached
+    (what a node takes off its KV budget for them), and that bound is at most twice what they come to hold."""
+    stage = make_stage(tiny_checkpoint("llama", num_layers=2), 0, 2)
+    rotary = stage.rotary
+    assert rotary.nbytes == 0 and rotary.max_bytes(0) == 0
+    per_position = 2 * stage.head_dim * 4  # cos and sin rows, fp32
+    assert rotary.max_bytes(1) == 2 * rotary.BLOCK * per_position
+    for position in range(1300):
+        rotary.at(torch.tensor([position]), end=position + 1)
+        assert rotary.nbytes <= rotary.max_bytes(position + 1), position
+    assert rotary.nbytes == 2048 * per_position  # rooms 256, 512, 1024, 2048
+    assert rotary.max_bytes(1300) == 2 * 1536 * per_position
+
+
 def test_a_dynamic_rope_is_computed_for_every_pass():
     """NTK-dynamic rope rescales its frequencies once a sequence outgrows the trained context: no table."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
