@@ -385,6 +385,8 @@ class Node:
             budget = self._planned_kv_budget(target) - stage.rotary.max_bytes(config.max_length)
             if target.start == 0 and self.drafter is not None:
                 budget -= self.drafter.max_bytes  # the draft model lives in the same memory
+            if budget <= 0:
+                logger.warning("layers %s leave no memory for KV caches: sessions will be refused", target)
             budget = max(0, budget)
         server = StageServer(stage, kv_budget_bytes=budget, max_length=config.max_length,
                              send_delay_s=config.send_delay_s, adversary=_adversary(config),
@@ -406,12 +408,8 @@ class Node:
 
     def _planned_kv_budget(self, layers: LayerRange) -> int:
         """The KV share of our announced memory that the plan leaves us once we hold `layers`."""
-        budget = planned_kv_budget(self.spec, self.record.memory_bytes, layers, self.dtype,
-                                   layer_bytes=node_spec(self.record, self.spec).layer_bytes)
-        if budget == 0:
-            logger.warning("layers %s take all the memory offered: no KV cache is left, sessions will be refused",
-                           layers)
-        return budget
+        return planned_kv_budget(self.spec, self.record.memory_bytes, layers, self.dtype,
+                                 layer_bytes=node_spec(self.record, self.spec).layer_bytes)
 
     def _drop(self, server: StageServer) -> None:
         self._retired_tokens += server.tokens_served
